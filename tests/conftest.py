@@ -1,0 +1,22 @@
+"""Test set-up: 8 fake CPU devices and strict numerics, before JAX starts its backend.
+
+Every test runs with JAX's dtype promotion set to ``strict`` and rank promotion set to ``raise``,
+so silent upcasts and implicit broadcasting are bugs here; warnings are errors (see pyproject).
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+NUM_DEVICES = 8
+
+
+def pytest_configure(config):
+  del config
+  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
