@@ -1,0 +1,1 @@
+"""margins: margin-based softmax losses and metric-learning losses in JAX."""

@@ -1,0 +1,102 @@
+"""Input checks and numerically safe primitives shared by every loss.
+
+Checks run at trace time on shapes and dtypes, so they cost nothing under ``jit``. Label values are
+checked only when they are concrete; under ``jit`` an out-of-range label turns that example's loss
+into NaN instead (see :func:`nan_where_invalid`).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def check_floating(name: str, x: Any, rank: int | tuple[int, ...]) -> None:
+  """Raises unless ``x`` is a floating array of the given rank(s)."""
+  ranks = (rank,) if isinstance(rank, int) else rank
+  shape = np.shape(x)
+  if len(shape) not in ranks:
+    want = " or ".join(str(r) for r in ranks)
+    raise ValueError(f"`{name}` must have rank {want}, got shape {shape}.")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"`{name}` must be a floating array, got dtype {jnp.result_type(x)}.")
+
+
+def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> None:
+  """Raises unless ``labels`` is an integer vector of length ``batch_size``.
+
+  When the labels are concrete (not traced) and ``num_classes`` is given, values outside
+  ``[0, num_classes)`` raise too.
+  """
+  shape = np.shape(labels)
+  if len(shape) != 1:
+    raise ValueError(f"`labels` must have rank 1 ([batch]), got shape {shape}.")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(f"`labels` must be integers, got dtype {jnp.result_type(labels)}.")
+  if shape[0] != batch_size:
+    raise ValueError(f"`labels` has length {shape[0]} but the batch has {batch_size} examples.")
+  if num_classes is not None and not isinstance(labels, jax.core.Tracer):
+    values = np.asarray(labels)
+    bad = (values < 0) | (values >= num_classes)
+    if bad.any():
+      raise ValueError(
+          f"`labels` must lie in [0, {num_classes}); got {values[bad][:5].tolist()} "
+          f"at positions {np.flatnonzero(bad)[:5].tolist()}.")
+
+
+def check_classification_inputs(
+    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
+  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
+  check_floating("embeddings", embeddings, 2)
+  check_floating("weights", weights, weights_rank)
+  batch_size, dim = np.shape(embeddings)
+  if np.shape(weights)[-1] != dim:
+    raise ValueError(
+        f"`weights` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
+        f"(weights are [num_classes, dim], one row per class).")
+  check_labels(labels, batch_size, np.shape(weights)[0])
+
+
+def compute_dtype(*arrays: Any) -> jnp.dtype:
+  """Float32, or wider when an input is wider: softmax statistics never run in 16 bits."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def safe_norm_floor(dtype: Any) -> float:
+  """Smallest norm a vector of ``dtype`` is divided by: ``sqrt(tiny)``.
+
+  Normalising a zero (or tiny) vector divides by this instead of by zero, which keeps the value
+  (zero) and the gradient (bounded by ``1 / floor``) finite, also once cast back to float16.
+  """
+  return float(np.sqrt(jnp.finfo(dtype).tiny))
+
+
+def inverse_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
+  """``1 / max(|x|, floor)`` along ``axis`` (keepdims), computed in ``x.dtype``.
+
+  ``floor_dtype`` (default ``x.dtype``) picks the floor: pass the caller's input dtype when ``x``
+  was upcast, so a float16 input keeps a float16-safe gradient.
+  """
+  floor = safe_norm_floor(x.dtype if floor_dtype is None else floor_dtype)
+  squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return jax.lax.rsqrt(jnp.maximum(squared, jnp.asarray(floor * floor, x.dtype)))
+
+
+def l2_normalize(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
+  """``x / max(|x|, floor)``: unit vectors, and zero for a zero vector (finite gradient)."""
+  return x * inverse_norm(x, axis=axis, floor_dtype=floor_dtype)
+
+
+def safe_sqrt(x: Array) -> Array:
+  """``sqrt(max(x, 0))`` whose gradient stays finite at 0 (it is 0 there)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def nan_where_invalid(values: Array, labels: Array, num_classes: int) -> Array:
+  """Per-example ``values``, with NaN where the label is outside ``[0, num_classes)``."""
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
