@@ -1,1 +1,41 @@
-"""margins: margin-based softmax losses and metric-learning losses in JAX."""
+"""margins: margin-based softmax losses and metric-learning losses in JAX.
+
+The public API at a glance: the loss zoo (one function per paper), the margins they are built
+from, and the softmax engines that run any margin dense, chunked, class-sharded or sampled.
+"""
+
+from margins.losses.classification import AdaFaceState
+from margins.losses.classification import adaface_loss
+from margins.losses.classification import arcface_loss
+from margins.losses.classification import combined_margin_loss
+from margins.losses.classification import cosface_loss
+from margins.losses.classification import curricularface_loss
+from margins.losses.classification import elasticface_loss
+from margins.losses.classification import lsoftmax_loss
+from margins.losses.classification import magface_loss
+from margins.losses.classification import normface_loss
+from margins.losses.classification import softmax_loss
+from margins.losses.classification import sphereface_loss
+from margins.losses.classification import subcenter_arcface_loss
+from margins.losses.margin import AdaFace
+from margins.losses.margin import ArcFace
+from margins.losses.margin import CombinedMargin
+from margins.losses.margin import CosFace
+from margins.losses.margin import CurricularFace
+from margins.losses.margin import ElasticFace
+from margins.losses.margin import LSoftmax
+from margins.losses.margin import MagFace
+from margins.losses.margin import Margin
+from margins.losses.margin import NormFace
+from margins.losses.margin import Rows
+from margins.losses.margin import Softmax
+from margins.losses.margin import SphereFace
+from margins.losses.margin import arcface_cos
+from margins.losses.margin import multiplicative_psi
+from margins.losses.margin import sphereface_lambda
+from margins.parallel import SoftmaxEngine
+from margins.parallel import chunked
+from margins.parallel import dense
+from margins.parallel import margin_softmax_loss
+from margins.parallel import padded_num_classes
+from margins.parallel import sharded

@@ -60,34 +60,54 @@ def check_classification_inputs(
   check_labels(labels, batch_size, np.shape(weights)[0])
 
 
+def common_float_dtype(*arrays: Any) -> jnp.dtype:
+  """The float dtype all ``arrays`` fit in: the widest, or float32 for a 16-bit mix.
+
+  Written out because strict dtype promotion (rightly) refuses to mix float widths implicitly.
+  """
+  dtypes = {jnp.dtype(jnp.result_type(array)) for array in arrays}
+  if len(dtypes) == 1:
+    return dtypes.pop()
+  widest = max(dtypes, key=lambda dtype: dtype.itemsize)
+  return widest if widest.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
 def compute_dtype(*arrays: Any) -> jnp.dtype:
   """Float32, or wider when an input is wider: softmax statistics never run in 16 bits."""
-  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+  return common_float_dtype(jnp.zeros((), jnp.float32), *arrays)
 
 
 def safe_norm_floor(dtype: Any) -> float:
-  """Smallest norm a vector of ``dtype`` is divided by: ``sqrt(tiny)``.
+  """Smallest norm a vector of ``dtype`` is divided by when it is normalised.
 
-  Normalising a zero (or tiny) vector divides by this instead of by zero, which keeps the value
-  (zero) and the gradient (bounded by ``1 / floor``) finite, also once cast back to float16.
+  1e-12 (as ``torch.nn.functional.normalize``), and 1e-2 for float16, whose gradients would
+  otherwise overflow: the gradient of ``x / |x|`` is about ``1 / |x|`` times the incoming one.
   """
-  return float(np.sqrt(jnp.finfo(dtype).tiny))
+  return 1e-2 if jnp.dtype(dtype) == jnp.float16 else 1e-12
 
 
-def inverse_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
-  """``1 / max(|x|, floor)`` along ``axis`` (keepdims), computed in ``x.dtype``.
+def safe_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
+  """``max(|x|, floor)`` along ``axis`` (keepdims), computed in ``x.dtype``.
 
-  ``floor_dtype`` (default ``x.dtype``) picks the floor: pass the caller's input dtype when ``x``
-  was upcast, so a float16 input keeps a float16-safe gradient.
+  ``floor_dtype`` (default ``x.dtype``) picks the floor (:func:`safe_norm_floor`): pass the
+  caller's input dtype when ``x`` was upcast. Below the floor the gradient is exactly zero;
+  above it, ``sqrt`` then divide keeps the gradient of huge norms from underflowing (an
+  ``rsqrt`` would take ``|x|^-3``).
   """
   floor = safe_norm_floor(x.dtype if floor_dtype is None else floor_dtype)
   squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return jax.lax.rsqrt(jnp.maximum(squared, jnp.asarray(floor * floor, x.dtype)))
+  above = squared > floor * floor
+  return jnp.where(above, jnp.sqrt(jnp.where(above, squared, 1)), floor)
+
+
+def inverse_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
+  """``1 / max(|x|, floor)`` along ``axis`` (keepdims); see :func:`safe_norm`."""
+  return 1 / safe_norm(x, axis=axis, floor_dtype=floor_dtype)
 
 
 def l2_normalize(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
   """``x / max(|x|, floor)``: unit vectors, and zero for a zero vector (finite gradient)."""
-  return x * inverse_norm(x, axis=axis, floor_dtype=floor_dtype)
+  return x / safe_norm(x, axis=axis, floor_dtype=floor_dtype)
 
 
 def safe_sqrt(x: Array) -> Array:

@@ -1,0 +1,391 @@
+r"""The margin-softmax loss zoo, one function per paper, on one device.
+
+Each function is a :class:`~margins.Margin` run by the dense engine: per-example losses ``[B]``,
+hyperparameters keyword-only with the papers' defaults. For millions of classes, the same margin
+runs on the chunked, sharded and sampled engines of :mod:`margins.parallel`.
+
+Shapes everywhere: ``embeddings [B, D]``, ``weights [C, D]`` (one row per class, as insightface
+stores them), integer ``labels [B]``. Losses are computed in float32 (or float64 when the inputs
+are) whatever the input dtype.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from margins import parallel
+from margins.losses import _common
+from margins.losses import margin as margin_lib
+
+Array = jax.Array
+
+
+def _dense_loss(embeddings, weights, labels, margin):
+  return parallel.dense()(embeddings, weights, labels, margin)
+
+
+def softmax_loss(embeddings: Array, weights: Array, labels: Array, *,
+                 bias: Array | None = None) -> Array:
+  r"""Softmax cross-entropy on the logits :math:`W_j \cdot x + b_j`.
+
+  .. math:: \ell = -\log \frac{e^{W_y \cdot x + b_y}}{\sum_j e^{W_j \cdot x + b_j}}
+
+  Args:
+    embeddings: ``[B, D]``.
+    weights: ``[C, D]``.
+    labels: ``[B]`` integers in ``[0, C)``.
+    bias: optional ``[C]``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> float(margins.softmax_loss(x, w, jnp.array([0])))  # log(1 + e^-1)
+  0.3132...
+
+  References:
+    The softmax loss of every classifier; see NormFace (Wang et al., 2017) for its geometry.
+  """
+  if bias is not None:
+    _common.check_floating("bias", bias, 1)
+    if np.shape(bias)[0] != np.shape(weights)[0]:
+      raise ValueError(f"`bias` has {np.shape(bias)[0]} entries but `weights` has "
+                       f"{np.shape(weights)[0]} classes.")
+    _common.check_classification_inputs(embeddings, weights, labels)
+    # x.W_j + b_j is the dot product of [x, 1] and [W_j, b_j].
+    embeddings = jnp.concatenate([embeddings, jnp.ones_like(embeddings[:, :1])], axis=1)
+    weights = jnp.concatenate([weights, bias[:, None].astype(weights.dtype)], axis=1)
+  return _dense_loss(embeddings, weights, labels, margin_lib.Softmax())[0]
+
+
+def normface_loss(embeddings: Array, weights: Array, labels: Array, *,
+                  scale: float = 16.0) -> Array:
+  r"""NormFace: softmax on scaled cosines, :math:`\ell = -\log\frac{e^{s\cos\theta_y}}{\sum_j e^{s\cos\theta_j}}`.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[2.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 3.0]])
+  >>> float(margins.normface_loss(x, w, jnp.array([0]), scale=1.0))  # log(1 + e^-1)
+  0.3132...
+
+  References:
+    Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017.
+  """
+  return _dense_loss(embeddings, weights, labels, margin_lib.NormFace(scale=scale))[0]
+
+
+def lsoftmax_loss(embeddings: Array, weights: Array, labels: Array, *, margin: int = 4,
+                  annealing: float | Array = 0.0) -> Array:
+  r"""L-Softmax: the target logit :math:`|W_y||x|\psi(\theta_y)`, others :math:`W_j \cdot x`.
+
+  .. math::
+      \psi(\theta) = (-1)^k\cos(m\theta) - 2k,\quad \theta\in[k\pi/m, (k+1)\pi/m]
+
+  With ``annealing`` :math:`\lambda > 0` the target is
+  :math:`|W_y||x|(\lambda\cos\theta_y + \psi(\theta_y))/(1 + \lambda)`.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    margin: integer ``m >= 1`` (1 is plain softmax without bias).
+    annealing: ``lambda``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> float(margins.lsoftmax_loss(x, w, jnp.array([0]), margin=2))  # theta = 0: psi = 1
+  0.3132...
+
+  References:
+    Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
+  """
+  loss_margin = margin_lib.LSoftmax(margin=margin, annealing=annealing)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def sphereface_loss(embeddings: Array, weights: Array, labels: Array, *, margin: int = 4,
+                    scale: float | None = None, annealing: float | Array = 0.0) -> Array:
+  r"""A-Softmax (SphereFace): normalised ``W``, target :math:`|x|\psi(\theta_y)`, others :math:`|x|\cos\theta_j`.
+
+  SphereFace only trains with its annealing: pass ``annealing=margins.sphereface_lambda(step)``,
+  which makes the target :math:`|x|(\lambda\cos\theta_y + \psi(\theta_y))/(1 + \lambda)`. With
+  ``scale`` set, ``x`` is normalised too and ``scale`` replaces :math:`|x|` (SphereFace-R style).
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    margin: integer ``m >= 1``.
+    scale: ``None`` (use ``|x|``) or ``s``.
+    annealing: ``lambda``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 0.0], [0.0, 2.0]])
+  >>> float(margins.sphereface_loss(x, w, jnp.array([0]), annealing=margins.sphereface_lambda(0)))
+  0.3132...
+
+  References:
+    Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
+  """
+  loss_margin = margin_lib.SphereFace(margin=margin, scale=scale, annealing=annealing)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def cosface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: float = 64.0,
+                 margin: float = 0.35) -> Array:
+  r"""CosFace / AM-Softmax: target logit :math:`s(\cos\theta_y - m)`, others :math:`s\cos\theta_j`.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s`` (64 in CosFace, 30 in AM-Softmax).
+    margin: ``m``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> float(margins.cosface_loss(x, w, jnp.array([0]), scale=1.0, margin=1.0))  # log 2
+  0.6931...
+
+  References:
+    Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018;
+    Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
+  """
+  return _dense_loss(embeddings, weights, labels,
+                     margin_lib.CosFace(scale=scale, margin=margin))[0]
+
+
+def arcface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: float = 64.0,
+                 margin: float = 0.5, easy_margin: bool = False,
+                 detach_margin: bool = False) -> Array:
+  r"""ArcFace: target logit :math:`s\cos(\theta_y + m)`, others :math:`s\cos\theta_j`.
+
+  Past :math:`\theta_y > \pi - m` the target is :math:`s(\cos\theta_y - m\sin m)` (the paper's
+  choice); ``easy_margin`` applies the margin only where :math:`\cos\theta_y > 0`;
+  ``detach_margin`` keeps the value but takes the gradient of plain :math:`s\cos\theta_y`.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s``.
+    margin: ``m`` in radians.
+    easy_margin: see above.
+    detach_margin: see above.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+  >>> float(margins.arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2))  # log(1 + e^-1)
+  0.3132...
+
+  References:
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
+  """
+  loss_margin = margin_lib.ArcFace(scale=scale, margin=margin, easy_margin=easy_margin,
+                                   detach_margin=detach_margin)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def combined_margin_loss(embeddings: Array, weights: Array, labels: Array, *,
+                         scale: float = 64.0, m1: float = 1.0, m2: float = 0.3,
+                         m3: float = 0.2) -> Array:
+  r"""The combined margin: target logit :math:`s(\cos(m_1\theta_y + m_2) - m_3)`.
+
+  (1, 0.5, 0) is ArcFace (without its continuation), (1, 0, 0.35) CosFace, (1.35, 0, 0) a
+  SphereFace-like margin. Past :math:`m_1\theta + m_2 = \pi` it continues monotonically (see
+  :class:`~margins.CombinedMargin`).
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s``; m1, m2, m3: the three margins.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> float(margins.combined_margin_loss(x, w, jnp.array([0]), scale=1.0, m2=0.0, m3=1.0))
+  0.6931...
+
+  References:
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
+  """
+  loss_margin = margin_lib.CombinedMargin(scale=scale, m1=m1, m2=m2, m3=m3)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def subcenter_arcface_loss(embeddings: Array, weights: Array, labels: Array, *,
+                           scale: float = 64.0, margin: float = 0.5) -> Array:
+  r"""Sub-center ArcFace: ArcFace on :math:`\max_k \cos\theta_{j,k}` over ``K`` sub-centres.
+
+  Args:
+    embeddings: ``[B, D]``.
+    weights: ``[C, K, D]`` (K = 3 in the paper).
+    labels: ``[B]``.
+    scale: ``s``; margin: ``m``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x = jnp.array([[1.0, 0.0]])
+  >>> w = jnp.array([[[0.0, 1.0], [1.0, 0.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
+  >>> float(margins.subcenter_arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2))
+  0.3132...
+
+  References:
+    Deng et al., "Sub-center ArcFace: Boosting Face Recognition by Large-scale Noisy Web
+    Faces", ECCV 2020.
+  """
+  _common.check_floating("weights", weights, 3)
+  return _dense_loss(embeddings, weights, labels,
+                     margin_lib.ArcFace(scale=scale, margin=margin))[0]
+
+
+def curricularface_loss(embeddings: Array, weights: Array, labels: Array,
+                        t: Array | float = 0.0, *, scale: float = 64.0, margin: float = 0.5,
+                        momentum: float = 0.01) -> tuple[Array, Array]:
+  r"""CurricularFace: ArcFace's target, hard negatives weighted by a learned curriculum ``t``.
+
+  Negatives with :math:`\cos\theta_j > \cos(\theta_y + m)` get the logit
+  :math:`s\cos\theta_j(t + \cos\theta_j)`; ``t`` is first updated with this batch,
+  :math:`t \leftarrow 0.01\,\overline{\cos\theta_y} + 0.99\,t`.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    t: the curriculum state (starts at 0).
+    scale: ``s``; margin: ``m``; momentum: the weight of the batch mean in the update.
+
+  Returns:
+    ``(losses [B], new t)``.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> loss, t = margins.curricularface_loss(x, w, jnp.array([0]))
+  >>> round(float(t), 4)  # 0.01 * cos(0)
+  0.01
+
+  References:
+    Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
+    Recognition", CVPR 2020.
+  """
+  loss_margin = margin_lib.CurricularFace(scale=scale, margin=margin, t=t, momentum=momentum)
+  losses, prepared = _dense_loss(embeddings, weights, labels, loss_margin)
+  return losses, prepared.t
+
+
+class AdaFaceState(NamedTuple):
+  """AdaFace's running mean and std of the feature norms (official initial values)."""
+  norm_mean: Array | float = 20.0
+  norm_std: Array | float = 100.0
+
+
+def adaface_loss(embeddings: Array, weights: Array, labels: Array,
+                 state: AdaFaceState = AdaFaceState(), *, scale: float = 64.0,
+                 margin: float = 0.4, h: float = 0.333,
+                 t_alpha: float = 1.0) -> tuple[Array, AdaFaceState]:
+  r"""AdaFace: an angular and additive margin set by the feature norm, a proxy of image quality.
+
+  :math:`\hat z = \mathrm{clip}(h(|x| - \mu)/(\sigma + \epsilon), -1, 1)`, target logit
+  :math:`s(\cos(\theta_y - m\hat z) - (m + m\hat z))`, where :math:`\mu, \sigma` are running
+  statistics of the batch's norms (``t_alpha`` is their momentum; 1.0 uses this batch's).
+
+  Args:
+    embeddings: ``[B, D]`` *unnormalised* (their norms carry the quality signal).
+    weights: ``[C, D]``; labels: ``[B]``.
+    state: :class:`AdaFaceState`.
+    scale: ``s``; margin: ``m``; h: the concentration ``h``; t_alpha: momentum.
+
+  Returns:
+    ``(losses [B], new state)``.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x = jnp.array([[3.0, 0.0], [0.0, 5.0]])
+  >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> loss, state = margins.adaface_loss(x, w, jnp.array([0, 1]))
+  >>> float(state.norm_mean), round(float(state.norm_std), 4)
+  (4.0, 1.4142)
+
+  References:
+    Kim et al., "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022.
+  """
+  loss_margin = margin_lib.AdaFace(scale=scale, margin=margin, h=h, momentum=t_alpha,
+                                   norm_mean=state.norm_mean, norm_std=state.norm_std)
+  losses, prepared = _dense_loss(embeddings, weights, labels, loss_margin)
+  return losses, AdaFaceState(prepared.norm_mean, prepared.norm_std)
+
+
+def magface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: float = 64.0,
+                 lower_norm: float = 10.0, upper_norm: float = 110.0,
+                 lower_margin: float = 0.45, upper_margin: float = 0.8,
+                 lambda_g: float = 20.0) -> Array:
+  r"""MagFace: ArcFace with the margin :math:`m(a)` growing with :math:`a = |x|`, plus :math:`\lambda_g g(a)`.
+
+  :math:`a` is clipped to :math:`[l_a, u_a]`;
+  :math:`m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)`; :math:`g(a) = 1/a + a/u_a^2`.
+
+  Args:
+    embeddings: ``[B, D]`` unnormalised; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s``; lower_norm, upper_norm: ``l_a, u_a``; lower_margin, upper_margin:
+      ``l_m, u_m``; lambda_g: weight of the regulariser.
+
+  Returns:
+    ``[B]`` losses (cross-entropy + :math:`\lambda_g g(a)`).
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[10.0, 0.0]]), jnp.array([[1.0, 0.0], [-1.0, 0.0]])
+  >>> round(float(margins.magface_loss(x, w, jnp.array([0]), lambda_g=1.0)), 4)  # 1/10 + 10/110^2
+  0.1008
+
+  References:
+    Meng et al., "MagFace: A Universal Representation for Face Recognition and Quality
+    Assessment", CVPR 2021.
+  """
+  loss_margin = margin_lib.MagFace(
+      scale=scale, lower_norm=lower_norm, upper_norm=upper_norm, lower_margin=lower_margin,
+      upper_margin=upper_margin, lambda_g=lambda_g)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def elasticface_loss(embeddings: Array, weights: Array, labels: Array, key: Array, *,
+                     scale: float = 64.0, margin: float = 0.5, sigma: float = 0.0125,
+                     kind: str = "arc", plus: bool = False) -> Array:
+  r"""ElasticFace: ArcFace (``kind='arc'``) or CosFace (``'cos'``) with :math:`m_i \sim N(m, \sigma)` per example.
+
+  ``plus`` (ElasticFace+) gives the larger margins to the examples farther from their centre.
+  The official training config uses ``sigma=0.05``; the loss's default is 0.0125. For
+  ElasticFace-Cos use ``margin=0.35``.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    key: PRNG key drawing the margins (a new one each step).
+    scale: ``s``; margin: mean ``m``; sigma: std; kind: ``'arc'`` or ``'cos'``; plus: see above.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> loss = margins.elasticface_loss(x, w, jnp.array([0]), jax.random.key(0))
+  >>> loss.shape
+  (1,)
+
+  References:
+    Boutros et al., "ElasticFace: Elastic Margin Loss for Deep Face Recognition", CVPRW 2022.
+  """
+  loss_margin = margin_lib.ElasticFace(key=key, scale=scale, margin=margin, sigma=sigma,
+                                       kind=kind, plus=plus)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]

@@ -1,0 +1,427 @@
+"""Margins: how a margin softmax turns cosines into logits.
+
+A margin says *what* the logits are; a softmax engine (:mod:`margins.parallel`) says *how* the
+cross-entropy over all classes is computed (dense, chunked, class-sharded, sampled). The two meet in
+three small methods, evaluated by every engine in the same order:
+
+1. ``prepared = margin.prepare(rows)``: batch statistics (CurricularFace's ``t``, AdaFace's norm
+   statistics) from the whole (global) batch, before any chunking. Most margins return ``self``.
+2. ``prepared.target_logit(rows) -> [B]``: the logit of each example's own class.
+3. ``prepared.nontarget_logits(similarity, rows) -> [B, c]``: the logits of a chunk of other
+   classes, elementwise in the similarity; ``scale * cos`` for most margins.
+
+``rows`` (:class:`Rows`) holds per-example quantities: the cosine to the target class centre and
+the norms of the embedding and of that centre. ``similarity`` is ``<x', W_j'>`` where ``x'`` and
+``W_j'`` are L2-normalised when the margin's ``normalize_embeddings`` / ``normalize_weights`` say so:
+the cosine for NormFace-style margins, ``|x| cos`` for SphereFace, the raw dot product for
+L-Softmax and plain softmax.
+
+A new margin is a small frozen dataclass with a ``target_logit`` method; hyperparameters that
+change during training (SphereFace's annealing ``lambda``, CurricularFace's ``t``) are array fields,
+so a margin is a pytree that passes through ``jit``. Flags and integer margins are static fields.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from margins.losses import _common
+
+Array = jax.Array
+
+
+class Rows(NamedTuple):
+  """Per-example quantities an engine computes once per (global) batch.
+
+  Attributes:
+    cos: ``[B]`` cosine between each embedding and its target class centre, in ``[-1, 1]``.
+    embedding_norm: ``[B]`` ``|x|``.
+    weight_norm: ``[B]`` ``|W_y|``.
+  """
+  cos: Array
+  embedding_norm: Array
+  weight_norm: Array
+
+
+def static_field(default: Any) -> Any:
+  """A dataclass field that is part of the pytree structure (a Python value), not a leaf."""
+  return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def margin_dataclass(cls):
+  """Makes ``cls`` a frozen dataclass registered as a pytree (array fields are leaves)."""
+  return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+class Margin:
+  """Base class of margins: plain ``scale * similarity`` for every class but the target."""
+
+  normalize_embeddings: bool = True
+  normalize_weights: bool = True
+
+  def prepare(self, rows: Rows) -> "Margin":
+    """Returns the margin with batch statistics of the whole batch folded in."""
+    del rows
+    return self
+
+  def target_logit(self, rows: Rows) -> Array:
+    """``[B]`` logit of each example's target class."""
+    raise NotImplementedError
+
+  def nontarget_logits(self, similarity: Array, rows: Rows) -> Array:
+    """``[B, c]`` logits of non-target classes from their ``[B, c]`` similarities."""
+    del rows
+    return getattr(self, "scale", 1.0) * similarity
+
+  def regularizer(self, rows: Rows) -> Array | None:
+    """Optional ``[B]`` term added to each example's loss (MagFace's ``g(|x|)``)."""
+    del rows
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise pieces: functions of the target cosine.
+# ---------------------------------------------------------------------------------------------
+
+
+def sine(cos: Array) -> Array:
+  """``sin(theta) = sqrt(1 - cos^2)`` for ``theta`` in ``[0, pi]``, finite gradient at ``|cos| = 1``."""
+  return _common.safe_sqrt(1 - jnp.square(cos))
+
+
+def angle(cos: Array) -> Array:
+  """``theta = arccos(cos)`` as ``arctan2(sin, cos)``: finite gradient at ``|cos| = 1``."""
+  return jnp.arctan2(sine(cos), cos)
+
+
+def cos_add_angle(cos: Array, angle: Array | float) -> Array:
+  """``cos(theta + angle)`` from ``cos(theta)`` without ``arccos``: ``cos c_m - sin s_m``."""
+  return cos * jnp.cos(angle) - sine(cos) * jnp.sin(angle)
+
+
+def arcface_cos(cos: Array, margin: Array | float, *, easy_margin: bool = False) -> Array:
+  r"""ArcFace's target cosine :math:`\cos(\theta + m)`, kept monotone in :math:`\theta`.
+
+  Past :math:`\theta > \pi - m`, :math:`\cos(\theta + m)` would increase again. By default (the
+  paper, face.evoLVe, pytorch-metric-learning, insightface before 2022) it is replaced there by
+  :math:`\cos\theta - m \sin m`; with ``easy_margin`` the margin is applied only where
+  :math:`\cos\theta > 0`.
+
+  >>> import jax.numpy as jnp
+  >>> float(arcface_cos(jnp.float32(1.0), 0.5))  # theta = 0: cos(0.5)
+  0.8775...
+  """
+  shifted = cos_add_angle(cos, margin)
+  if easy_margin:
+    return jnp.where(cos > 0, shifted, cos)
+  threshold = jnp.cos(math.pi - jnp.asarray(margin, cos.dtype))
+  return jnp.where(cos > threshold, shifted, cos - margin * jnp.sin(margin))
+
+
+def chebyshev(cos: Array, degree: int) -> Array:
+  """``cos(degree * theta)`` as the Chebyshev polynomial ``T_degree(cos theta)``."""
+  previous, current = jnp.ones_like(cos), cos
+  if degree == 0:
+    return previous
+  for _ in range(degree - 1):
+    previous, current = current, 2 * cos * current - previous
+  return current
+
+
+def multiplicative_psi(cos: Array, margin: int) -> Array:
+  r"""L-Softmax / SphereFace's monotone extension of :math:`\cos(m\theta)` to :math:`[0, \pi]`.
+
+  :math:`\psi(\theta) = (-1)^k \cos(m\theta) - 2k` for
+  :math:`\theta \in [k\pi/m, (k+1)\pi/m]`. :math:`\cos(m\theta)` is the Chebyshev polynomial
+  :math:`T_m(\cos\theta)` and :math:`k` counts the thresholds :math:`\cos(j\pi/m)` at or above
+  :math:`\cos\theta`, so no ``arccos`` is needed and ``k`` carries no gradient.
+
+  >>> import jax.numpy as jnp
+  >>> [round(float(multiplicative_psi(jnp.float32(c), 2)), 4) for c in (1.0, 0.0, -1.0)]
+  [1.0, -1.0, -3.0]
+  """
+  thresholds = jnp.cos(jnp.arange(1, margin, dtype=cos.dtype) * (math.pi / margin))
+  thresholds = jnp.expand_dims(thresholds, tuple(range(cos.ndim)))
+  k = jnp.sum((cos[..., None] <= thresholds).astype(cos.dtype), axis=-1)
+  sign = 1 - 2 * jnp.mod(k, 2)
+  return sign * chebyshev(cos, margin) - 2 * k
+
+
+def sphereface_lambda(
+    step: Array | int, *, base: float = 1000.0, gamma: float = 0.12, power: float = 1.0,
+    lambda_min: float = 5.0) -> Array:
+  r"""SphereFace's annealing :math:`\lambda = \max(\lambda_{min}, base (1 + \gamma t)^{-power})`.
+
+  Defaults are the Caffe release's; :math:`\lambda` reaches 5 after about 1,660 steps.
+
+  >>> float(sphereface_lambda(0)), float(sphereface_lambda(10_000))
+  (1000.0, 5.0)
+
+  References:
+    Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.maximum(lambda_min, base * (1 + gamma * step) ** (-power))
+
+
+def annealed(margin_value: Array, plain_value: Array, annealing: Array | float) -> Array:
+  """``(lambda * plain + margin) / (1 + lambda)``: the annealed target of SphereFace/L-Softmax."""
+  return (annealing * plain_value + margin_value) / (1 + annealing)
+
+
+# ---------------------------------------------------------------------------------------------
+# The margins.
+# ---------------------------------------------------------------------------------------------
+
+
+@margin_dataclass
+class Softmax(Margin):
+  """Plain softmax on raw dot products ``<x, W_j>`` (no normalisation, no margin)."""
+  normalize_embeddings = False
+  normalize_weights = False
+
+  def target_logit(self, rows):
+    return rows.embedding_norm * rows.weight_norm * rows.cos
+
+
+@margin_dataclass
+class NormFace(Margin):
+  """NormFace: ``s cos`` for every class (Wang et al., ACM MM 2017)."""
+  scale: Array | float = 16.0
+
+  def target_logit(self, rows):
+    return self.scale * rows.cos
+
+
+@margin_dataclass
+class LSoftmax(Margin):
+  """L-Softmax: target ``|W_y||x| psi(theta_y)``, others ``<x, W_j>`` (Liu et al., ICML 2016).
+
+  ``annealing`` is the lambda of ``(lambda |W||x| cos + |W||x| psi) / (1 + lambda)``, 0 for the
+  plain loss.
+  """
+  margin: int = static_field(4)
+  annealing: Array | float = 0.0
+  normalize_embeddings = False
+  normalize_weights = False
+
+  def target_logit(self, rows):
+    psi = annealed(multiplicative_psi(rows.cos, self.margin), rows.cos, self.annealing)
+    return rows.embedding_norm * rows.weight_norm * psi
+
+
+@margin_dataclass
+class SphereFace(Margin):
+  """A-Softmax: ``W`` normalised, target ``|x| psi(theta_y)``, others ``|x| cos_j``.
+
+  With ``scale`` set, ``x`` is normalised too and ``scale`` replaces ``|x|`` (SphereFace-R style).
+  ``annealing`` is SphereFace's lambda (see :func:`sphereface_lambda`).
+  """
+  margin: int = static_field(4)
+  scale: Array | float | None = None
+  annealing: Array | float = 0.0
+  normalize_weights = True
+
+  @property
+  def normalize_embeddings(self):
+    return self.scale is not None
+
+  def target_logit(self, rows):
+    radius = rows.embedding_norm if self.scale is None else self.scale
+    return radius * annealed(multiplicative_psi(rows.cos, self.margin), rows.cos, self.annealing)
+
+  def nontarget_logits(self, similarity, rows):
+    return similarity if self.scale is None else self.scale * similarity
+
+
+@margin_dataclass
+class CosFace(Margin):
+  """CosFace / AM-Softmax: target ``s (cos_y - m)`` (Wang et al., CVPR 2018)."""
+  scale: Array | float = 64.0
+  margin: Array | float = 0.35
+
+  def target_logit(self, rows):
+    return self.scale * (rows.cos - self.margin)
+
+
+@margin_dataclass
+class ArcFace(Margin):
+  """ArcFace: target ``s cos(theta_y + m)`` (Deng et al., CVPR 2019), see :func:`arcface_cos`.
+
+  ``detach_margin``: the value is ArcFace's, the gradient that of plain ``s cos_y``
+  (``s (cos_y + stop_gradient(cos(theta_y + m) - cos_y))``, opensphere / insightface since 2022).
+  """
+  scale: Array | float = 64.0
+  margin: Array | float = 0.5
+  easy_margin: bool = static_field(False)
+  detach_margin: bool = static_field(False)
+
+  def target_logit(self, rows):
+    target = arcface_cos(rows.cos, self.margin, easy_margin=self.easy_margin)
+    if self.detach_margin:
+      target = rows.cos + jax.lax.stop_gradient(target - rows.cos)
+    return self.scale * target
+
+
+@margin_dataclass
+class CombinedMargin(Margin):
+  r"""The ArcFace paper's combined margin :math:`s(\cos(m_1\theta + m_2) - m_3)`.
+
+  Where :math:`m_1\theta + m_2` passes :math:`\pi` the curve would rise again; there it continues
+  as the line :math:`\cos\theta - \cos\theta^* - 1 - m_3` in :math:`\cos\theta`
+  (:math:`\theta^* = (\pi - m_2)/m_1`), which joins it continuously and keeps decreasing.
+  """
+  scale: Array | float = 64.0
+  m1: Array | float = 1.0
+  m2: Array | float = 0.3
+  m3: Array | float = 0.2
+
+  def target_logit(self, rows):
+    shifted = self.m1 * angle(rows.cos) + self.m2
+    cos_star = jnp.cos((math.pi - self.m2) / self.m1)
+    continued = rows.cos - cos_star - 1
+    target = jnp.where(shifted < math.pi, jnp.cos(jnp.minimum(shifted, math.pi)), continued)
+    return self.scale * (target - self.m3)
+
+
+@margin_dataclass
+class CurricularFace(Margin):
+  """CurricularFace (Huang et al., CVPR 2020): ArcFace target, hard negatives re-weighted.
+
+  A negative is hard when ``cos_j > cos(theta_y + m)``; its logit becomes ``s cos_j (t + cos_j)``.
+  ``t`` follows ``t <- momentum * mean(cos_y) + (1 - momentum) t`` over the batch, updated by
+  :meth:`prepare` before it is used, as in the paper's algorithm.
+  """
+  scale: Array | float = 64.0
+  margin: Array | float = 0.5
+  t: Array | float = 0.0
+  momentum: Array | float = 0.01
+
+  def prepare(self, rows):
+    mean_cos = jax.lax.stop_gradient(jnp.mean(rows.cos))
+    return dataclasses.replace(self, t=self.momentum * mean_cos + (1 - self.momentum) * self.t)
+
+  def target_logit(self, rows):
+    return self.scale * arcface_cos(rows.cos, self.margin)
+
+  def nontarget_logits(self, similarity, rows):
+    threshold = jax.lax.stop_gradient(cos_add_angle(rows.cos, self.margin))
+    hard = similarity > threshold[:, None]
+    t = jax.lax.stop_gradient(self.t)
+    return self.scale * jnp.where(hard, similarity * (t + similarity), similarity)
+
+
+@margin_dataclass
+class AdaFace(Margin):
+  r"""AdaFace (Kim et al., CVPR 2022): a margin that adapts to image quality via ``|x|``.
+
+  With :math:`\hat z = \mathrm{clip}(h (|x| - \mu) / (\sigma + \epsilon), -1, 1)` from the running
+  mean :math:`\mu` and std :math:`\sigma` of the norms, the target is
+  :math:`s(\cos(\mathrm{clip}(\theta - m\hat z, \epsilon, \pi - \epsilon)) - (m + m\hat z))`.
+  :meth:`prepare` updates the statistics with the batch (``momentum`` is the paper's
+  ``t_alpha``: 1.0 uses the batch's own statistics). Initial values are the official ones.
+  """
+  scale: Array | float = 64.0
+  margin: Array | float = 0.4
+  h: Array | float = 0.333
+  momentum: Array | float = 1.0
+  norm_mean: Array | float = 20.0
+  norm_std: Array | float = 100.0
+  eps: float = static_field(1e-3)
+
+  def prepare(self, rows):
+    norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
+    batch_mean = jnp.mean(norms)
+    batch_std = jnp.std(norms, ddof=1 if norms.shape[0] > 1 else 0)
+    return dataclasses.replace(
+        self,
+        norm_mean=self.momentum * batch_mean + (1 - self.momentum) * self.norm_mean,
+        norm_std=self.momentum * batch_std + (1 - self.momentum) * self.norm_std)
+
+  def target_logit(self, rows):
+    norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
+    quality = jnp.clip(self.h * (norms - self.norm_mean) / (self.norm_std + self.eps), -1, 1)
+    theta = jnp.arccos(jnp.clip(rows.cos, -1 + self.eps, 1 - self.eps))
+    shifted = jnp.clip(theta - self.margin * quality, self.eps, math.pi - self.eps)
+    return self.scale * (jnp.cos(shifted) - (self.margin + self.margin * quality))
+
+
+@margin_dataclass
+class MagFace(Margin):
+  r"""MagFace (Meng et al., CVPR 2021): ArcFace with a margin growing with ``|x|``.
+
+  :math:`a = \mathrm{clip}(|x|, l_a, u_a)`, :math:`m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)`,
+  target :math:`s\cos(\theta + m(a))` (ArcFace's continuation past :math:`\pi - m`), and
+  :meth:`regularizer` adds :math:`\lambda_g g(a)` with :math:`g(a) = 1/a + a/u_a^2` to each loss.
+  """
+  scale: Array | float = 64.0
+  lower_norm: Array | float = 10.0
+  upper_norm: Array | float = 110.0
+  lower_margin: Array | float = 0.45
+  upper_margin: Array | float = 0.8
+  lambda_g: Array | float = 20.0
+
+  def _clipped_norm(self, rows):
+    return jnp.clip(rows.embedding_norm, self.lower_norm, self.upper_norm)
+
+  def adaptive_margin(self, rows: Rows) -> Array:
+    """``[B]`` per-example margin ``m(a)``."""
+    slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
+    return self.lower_margin + slope * (self._clipped_norm(rows) - self.lower_norm)
+
+  def target_logit(self, rows):
+    return self.scale * arcface_cos(rows.cos, self.adaptive_margin(rows))
+
+  def regularizer(self, rows):
+    norm = self._clipped_norm(rows)
+    return self.lambda_g * (1 / norm + norm / self.upper_norm**2)
+
+
+@margin_dataclass
+class ElasticFace(Margin):
+  """ElasticFace (Boutros et al., CVPRW 2022): a margin drawn from ``N(margin, sigma)`` per example.
+
+  ``kind='arc'``: target ``s cos(theta_y + m_i)`` (ElasticFace-Arc); ``kind='cos'``:
+  ``s (cos_y - m_i)`` (ElasticFace-Cos). ``plus`` (ElasticFace+) hands the larger margins to the
+  examples farther from their centre. ``key`` draws the margins; pass a new key each step.
+  """
+  key: Array
+  scale: Array | float = 64.0
+  margin: Array | float = 0.5
+  sigma: Array | float = 0.0125
+  kind: str = static_field("arc")
+  plus: bool = static_field(False)
+
+  def __post_init__(self):
+    if self.kind not in ("arc", "cos"):
+      raise ValueError(f"ElasticFace `kind` must be 'arc' or 'cos', got {self.kind!r}.")
+
+  def sampled_margins(self, rows: Rows) -> Array:
+    """``[B]`` margins for this batch, from ``key``."""
+    draws = self.margin + self.sigma * jax.random.normal(self.key, rows.cos.shape, rows.cos.dtype)
+    if not self.plus:
+      return draws
+    # The k-th largest cosine gets the k-th smallest margin.
+    order = jnp.argsort(-jax.lax.stop_gradient(rows.cos))
+    return jnp.zeros_like(draws).at[order].set(jnp.sort(draws))
+
+  def target_logit(self, rows):
+    margins = self.sampled_margins(rows)
+    if self.kind == "arc":
+      return self.scale * cos_add_angle(rows.cos, margins)
+    return self.scale * (rows.cos - margins)
+
+
+def check_margin(margin: Any) -> Margin:
+  """Raises a clear error unless ``margin`` is a :class:`Margin`."""
+  if not isinstance(margin, Margin):
+    raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
+  if isinstance(margin, (LSoftmax, SphereFace)) and (
+      not isinstance(margin.margin, (int, np.integer)) or margin.margin < 1):
+    raise ValueError(f"`margin` of {type(margin).__name__} must be an integer >= 1, got "
+                     f"{margin.margin!r}.")
+  return margin

@@ -1,0 +1,412 @@
+"""Softmax engines: the cross-entropy of a margin softmax over many classes.
+
+Every engine computes the same per-example loss for every :class:`~margins.Margin`,
+
+.. math::
+    \\ell_b = \\log\\Big(e^{t_b} + \\sum_{j \\ne y_b} e^{f(s_{bj})}\\Big) - t_b
+              (+ \\text{the margin's regulariser}),
+
+with the target logit :math:`t_b` and the non-target logits :math:`f(s_{bj})` of the margin; they
+differ in how the sum over classes is formed:
+
+- ``dense``: one ``[B, C]`` matrix of logits (plain autodiff: three matmuls, ``B x C`` memory);
+- ``chunked``: classes in chunks with an online log-sum-exp and a ``custom_vjp`` that recomputes
+  each chunk in the backward pass (``B x chunk`` memory, four matmuls);
+- ``sharded``: ``W`` split over the devices of a mesh on the class axis (model-parallel FC, as
+  Partial FC): inside ``jax.shard_map`` the embeddings and labels are all-gathered, each device
+  scores the global batch against its slice (dense or chunked), the row statistics are combined
+  with ``pmax``/``psum`` of ``[B]`` vectors, and the gradient of ``W`` never leaves its device;
+- any of them with ``sample_rate < 1`` (Partial FC sampling): per device, the classes of the global
+  batch plus uniformly drawn negatives, a fixed number, reproducible from a PRNG key.
+
+The target class's row of ``W`` is gathered (``[B, D]``) to form ``t_b`` once per batch, so
+margins that need the target before scoring negatives (CurricularFace) work chunk by chunk, and
+the ``[B, C]`` logits are never gathered or scattered.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from margins.losses import _common
+from margins.losses.margin import Margin, Rows, check_margin
+
+Array = jax.Array
+AxisName = str | tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxEngine:
+  """How the softmax over classes is computed; see the module docstring.
+
+  Attributes:
+    chunk_size: classes scored at once; ``None`` scores all (local) classes in one ``[B, C]`` block.
+    mesh: shard classes (and the batch) over this mesh; ``None`` runs on one device.
+    axis_name: mesh axis (or axes) the classes and the batch are split over.
+    sample_rate: Partial FC's fraction of (local) classes kept per step; 1.0 keeps all.
+    matmul_dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); accumulation and softmax
+      statistics stay in float32. ``None`` uses the inputs' dtype.
+  """
+  chunk_size: int | None = None
+  mesh: jax.sharding.Mesh | None = None
+  axis_name: AxisName | None = None
+  sample_rate: float = 1.0
+  matmul_dtype: Any = None
+
+  def __post_init__(self):
+    if self.chunk_size is not None and self.chunk_size < 1:
+      raise ValueError(f"`chunk_size` must be a positive integer or None, got {self.chunk_size}.")
+    if not 0 < self.sample_rate <= 1:
+      raise ValueError(f"`sample_rate` must be in (0, 1], got {self.sample_rate}.")
+    if (self.mesh is None) != (self.axis_name is None):
+      raise ValueError("`mesh` and `axis_name` go together: give both (sharded) or neither.")
+    if self.mesh is not None:
+      missing = set(_axes(self.axis_name)) - set(self.mesh.axis_names)
+      if missing:
+        raise ValueError(f"`axis_name` {sorted(missing)} not in the mesh axes {self.mesh.axis_names}.")
+
+  @property
+  def num_shards(self) -> int:
+    """How many pieces ``W`` is split into."""
+    if self.mesh is None:
+      return 1
+    return math.prod(self.mesh.shape[a] for a in _axes(self.axis_name))
+
+  def __call__(
+      self, embeddings: Array, weights: Array, labels: Array, margin: Margin, *,
+      num_classes: int | None = None, key: Array | None = None) -> tuple[Array, Margin]:
+    """Per-example margin softmax losses.
+
+    Args:
+      embeddings: ``[B, D]``.
+      weights: class centres ``[C', D]`` (``[C', K, D]`` for sub-centres), ``C' >= num_classes``:
+        rows past ``num_classes`` are padding (a sharded ``W`` needs ``C'`` divisible by the
+        number of shards, see :func:`padded_num_classes`) and never score.
+      labels: ``[B]`` integers in ``[0, num_classes)``; an out-of-range label gives NaN (or an
+        error when the labels are concrete).
+      margin: a :class:`~margins.Margin`.
+      num_classes: the number of real classes; default ``C'``.
+      key: PRNG key, required when ``sample_rate < 1``.
+
+    Returns:
+      ``(losses [B], margin)``: float32 (or wider) losses, and the margin with this batch's
+      statistics folded in (the new state of CurricularFace / AdaFace).
+    """
+    check_margin(margin)
+    _common.check_classification_inputs(
+        embeddings, weights, labels, weights_rank=(2, 3))
+    rows_total = np.shape(weights)[0]
+    num_classes = rows_total if num_classes is None else num_classes
+    if not 0 < num_classes <= rows_total:
+      raise ValueError(f"`num_classes` must be in [1, {rows_total}] (rows of `weights`), got "
+                       f"{num_classes}.")
+    _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
+    if self.sample_rate < 1 and key is None:
+      raise ValueError("`key` is required when `sample_rate` < 1 (Partial FC sampling).")
+    if self.mesh is None:
+      losses, margin = _local_loss(
+          embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)
+    else:
+      losses, margin = _sharded_loss(
+          embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)
+    return _common.nan_where_invalid(losses, labels, num_classes), margin
+
+
+def dense(*, matmul_dtype: Any = None, sample_rate: float = 1.0) -> SoftmaxEngine:
+  """All ``[B, C]`` logits at once on one device."""
+  return SoftmaxEngine(matmul_dtype=matmul_dtype, sample_rate=sample_rate)
+
+
+def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None,
+            sample_rate: float = 1.0) -> SoftmaxEngine:
+  """``chunk_size`` classes at a time on one device: memory ``B x chunk_size`` whatever ``C``."""
+  return SoftmaxEngine(chunk_size=chunk_size, matmul_dtype=matmul_dtype, sample_rate=sample_rate)
+
+
+def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
+            chunk_size: int | None = None, sample_rate: float = 1.0,
+            matmul_dtype: Any = None) -> SoftmaxEngine:
+  """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel."""
+  axis_name = tuple(mesh.axis_names) if axis_name is None else axis_name
+  return SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
+                       sample_rate=sample_rate, matmul_dtype=matmul_dtype)
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+  """Rows to allocate for ``W`` so that it splits evenly into ``num_shards`` pieces."""
+  return -(-num_classes // num_shards) * num_shards
+
+
+def margin_softmax_loss(
+    embeddings: Array, weights: Array, labels: Array, margin: Margin, *,
+    engine: SoftmaxEngine | None = None, num_classes: int | None = None,
+    key: Array | None = None) -> Array:
+  """Per-example loss ``[B]`` of ``margin`` computed by ``engine`` (default :func:`dense`).
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+  >>> w = jax.random.normal(jax.random.key(1), (10, 8))
+  >>> y = jnp.array([0, 3, 3, 9])
+  >>> dense = margins.margin_softmax_loss(x, w, y, margins.ArcFace())
+  >>> chunks = margins.margin_softmax_loss(x, w, y, margins.ArcFace(), engine=margins.chunked(4))
+  >>> bool(jnp.allclose(dense, chunks, rtol=1e-5))
+  True
+  """
+  engine = dense() if engine is None else engine
+  return engine(embeddings, weights, labels, margin, num_classes=num_classes, key=key)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, shared by all engines.
+# ---------------------------------------------------------------------------------------------
+
+
+def _axes(axis_name: AxisName) -> tuple[str, ...]:
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
+  """``[B, c]`` float32 ``<x_in, W_j>`` (``W_j`` normalised if asked; max over sub-centres)."""
+  batch, dim = x_in.shape
+  flat = w.reshape(-1, dim)
+  out_dtype = _common.compute_dtype(x_in, w)
+  sim = jax.lax.dot_general(
+      x_in, flat.astype(x_in.dtype), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+  if normalize_weights:
+    inverse = _common.inverse_norm(flat.astype(out_dtype), floor_dtype=floor_dtype)
+    sim = sim * inverse.reshape(1, -1)
+  if w.ndim == 3:
+    sim = jnp.max(sim.reshape(batch, w.shape[0], w.shape[1]), axis=-1)
+  return sim
+
+
+def _chunk_logits(x_in, w, start, rows, margin, local_labels, num_valid, floor_dtype):
+  """``[B, c]`` non-target logits of classes ``start .. start + c``; target and padding ``-inf``."""
+  sim = _similarity(x_in, w, normalize_weights=margin.normalize_weights, floor_dtype=floor_dtype)
+  logits = margin.nontarget_logits(sim, rows)
+  ids = start + jnp.arange(w.shape[0], dtype=local_labels.dtype)
+  excluded = (local_labels[:, None] == ids[None, :]) | (ids >= num_valid)[None, :]
+  return jnp.where(excluded, -jnp.inf, logits)
+
+
+def _target_rows(x_unit, norms, w, local_labels, floor_dtype, axis_name) -> Rows:
+  """Cosine to the target centre and the norms, from the gathered target rows of ``w``.
+
+  ``local_labels`` is -1 where the target class lives on another shard; the owner's values are
+  summed over ``axis_name``.
+  """
+  owned = local_labels >= 0
+  target_w = w[jnp.maximum(local_labels, 0)].astype(x_unit.dtype)  # [B, D] or [B, K, D]
+  if w.ndim == 3:
+    norms_k = _common.safe_norm(target_w, floor_dtype=floor_dtype)[..., 0]
+    cos_k = jnp.einsum("bd,bkd->bk", x_unit, target_w) / norms_k
+    best = jnp.argmax(cos_k, axis=-1)[:, None]
+    cos = jnp.take_along_axis(cos_k, best, axis=-1)[:, 0]
+    weight_norm = jnp.take_along_axis(norms_k, best, axis=-1)[:, 0]
+  else:
+    weight_norm = _common.safe_norm(target_w, floor_dtype=floor_dtype)[:, 0]
+    cos = jnp.sum(x_unit * target_w, axis=-1) / weight_norm
+  zero = jnp.zeros_like(cos)
+  cos, weight_norm = jnp.where(owned, cos, zero), jnp.where(owned, weight_norm, zero)
+  if axis_name is not None:
+    cos, weight_norm = jax.lax.psum((cos, weight_norm), axis_name)
+  return Rows(cos=jnp.clip(cos, -1, 1), embedding_norm=norms, weight_norm=weight_norm)
+
+
+def _combine(max_, sum_, axis_name):
+  """Merges per-shard row statistics ``(max, sum of exp(logit - max))`` over ``axis_name``."""
+  if axis_name is None:
+    return max_, sum_
+  global_max = jax.lax.pmax(max_, axis_name)
+  return global_max, jax.lax.psum(sum_ * jnp.exp(max_ - global_max), axis_name)
+
+
+def _for_each_chunk(num_rows: int, chunk_size: int, body: Callable, carry):
+  """``carry = body(carry, start, size)`` over ``[0, num_rows)`` in chunks (static ``size``)."""
+  num_full = num_rows // chunk_size
+  if num_full:
+    carry = jax.lax.fori_loop(
+        0, num_full, lambda i, c: body(c, i * chunk_size, chunk_size), carry)
+  remainder = num_rows - num_full * chunk_size
+  if remainder:
+    carry = body(carry, num_full * chunk_size, remainder)
+  return carry
+
+
+def _rows_slice(w, start, size):
+  return jax.lax.dynamic_slice_in_dim(w, start, size, axis=0)
+
+
+def _dense_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, floor_dtype,
+                 axis_name):
+  """Row statistics ``(max, sum exp(logit - max))`` of the non-target logits, in one block.
+
+  The max starts from ``stabilizer`` (the target logit) so that it is finite; it carries no
+  gradient (the loss does not depend on it).
+  """
+  logits = _chunk_logits(x_in, w, 0, rows, margin, local_labels, num_valid, floor_dtype)
+  max_ = jax.lax.stop_gradient(jnp.maximum(stabilizer, jnp.max(logits, axis=1)))
+  sum_ = jnp.sum(jnp.exp(logits - max_[:, None]), axis=1)
+  return _combine(max_, sum_, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                   chunk_size, floor_dtype, axis_name):
+  """:func:`_dense_stats` chunk by chunk (online); the backward pass recomputes each chunk."""
+  return _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                            chunk_size, floor_dtype, axis_name)[0]
+
+
+def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                     chunk_size, floor_dtype, axis_name):
+  def body(carry, start, size):
+    max_, sum_ = carry
+    logits = _chunk_logits(x_in, _rows_slice(w, start, size), start, rows, margin, local_labels,
+                           num_valid, floor_dtype)
+    new_max = jnp.maximum(max_, jnp.max(logits, axis=1))
+    sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
+    return new_max, sum_
+
+  stabilizer = jax.lax.stop_gradient(stabilizer)
+  init = (stabilizer, jnp.zeros_like(stabilizer))
+  max_, sum_ = _combine(*_for_each_chunk(w.shape[0], chunk_size, body, init), axis_name)
+  return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_)
+
+
+def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, residuals, cotangents):
+  del axis_name  # Each shard's gradient is local: the combined max is a residual.
+  x_in, w, rows, margin, local_labels, num_valid, max_ = residuals
+  _, g = cotangents  # The max carries no gradient.
+
+  def body(carry, start, size):
+    dx, dw, drows = carry
+    logits, pullback = jax.vjp(
+        lambda x_, w_, r_: _chunk_logits(x_, w_, start, r_, margin, local_labels, num_valid,
+                                         floor_dtype),
+        x_in, _rows_slice(w, start, size), rows)
+    probs = jnp.exp(logits - max_[:, None]) * g[:, None]
+    ddx, ddw, ddrows = pullback(probs)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.astype(dw.dtype), start, axis=0)
+    return dx + ddx, dw, jax.tree.map(jnp.add, drows, ddrows)
+
+  init = (jnp.zeros_like(x_in), jnp.zeros_like(w), jax.tree.map(jnp.zeros_like, rows))
+  dx, dw, drows = _for_each_chunk(w.shape[0], chunk_size, body, init)
+  return dx, dw, drows, None, None, None, None
+
+
+_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+
+
+def _select_classes(w, local_labels, num_valid, num_sampled, key):
+  """Partial FC: the local classes of the batch plus random negatives, ``num_sampled`` in all.
+
+  Returns ``(w[index], labels remapped to positions in index, number of real rows kept)``.
+  """
+  num_rows = w.shape[0]
+  ids = jnp.arange(num_rows, dtype=local_labels.dtype)
+  positive = jnp.zeros(num_rows, bool).at[jnp.maximum(local_labels, 0)].max(local_labels >= 0)
+  priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))
+  priority = jnp.where(ids < num_valid, priority, -1.0)
+  index = jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
+  position = jnp.full(num_rows, -1, local_labels.dtype).at[index].set(
+      jnp.arange(num_sampled, dtype=local_labels.dtype))
+  sampled_labels = jnp.where(local_labels >= 0, position[jnp.maximum(local_labels, 0)], -1)
+  return w[index], sampled_labels, jnp.sum(index < num_valid)
+
+
+def sampled_count(num_local: int, global_batch: int, sample_rate: float) -> int:
+  """Classes kept per shard: ``sample_rate * num_local``, but never fewer than the batch.
+
+  Every class of the global batch must fit, so the count is at least ``min(global_batch,
+  num_local)``; it is static, so shapes do not change from step to step.
+  """
+  if sample_rate >= 1:
+    return num_local
+  return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
+
+
+def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_name):
+  """Per-example losses of the whole (global) batch ``x`` against this shard's classes ``w``.
+
+  ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid).
+  """
+  floor_dtype = _common.common_float_dtype(x, w)  # float16 anywhere: the float16 floor
+  dtype = _common.compute_dtype(x)
+  x_wide = x.astype(dtype)
+  norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
+  x_unit = x_wide / norms
+  num_sampled = sampled_count(w.shape[0], x.shape[0], engine.sample_rate)
+  if num_sampled < w.shape[0]:
+    if axis_name is not None:
+      key = jax.random.fold_in(key, _shard_index(axis_name))
+    w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key)
+  rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name)
+  margin = margin.prepare(rows)
+  target = margin.target_logit(rows).astype(dtype)
+  matmul_dtype = engine.matmul_dtype or _common.common_float_dtype(x, w)
+  x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)
+  w = w.astype(matmul_dtype)
+  scored_rows, stabilizer = rows, target
+  if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
+    x_in, scored_rows, stabilizer = jax.lax.pcast(
+        (x_in, rows, target), _axes(axis_name), to="varying")
+  args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
+  if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:
+    max_, sum_ = _dense_stats(*args, floor_dtype, axis_name)
+  else:
+    max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name)
+  # max_ >= target and max_ is one of the logits, so the sum below is >= 1.
+  max_ = jax.lax.stop_gradient(max_)
+  losses = max_ + jnp.log(sum_ + jnp.exp(target - max_)) - target
+  extra = margin.regularizer(rows)
+  return (losses if extra is None else losses + extra), margin
+
+
+def _local_loss(x, w, labels, margin, key, *, engine, num_classes):
+  local_labels = jnp.where((labels >= 0) & (labels < num_classes), labels, -1)
+  return _scored_loss(x, w, local_labels, num_classes, margin, key, engine=engine, axis_name=None)
+
+
+def _shard_index(axis_name):
+  index = 0
+  for axis in _axes(axis_name):
+    index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+  return index
+
+
+def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
+  axis_name = engine.axis_name
+  shards = engine.num_shards
+  if w.shape[0] % shards:
+    raise ValueError(
+        f"`weights` has {w.shape[0]} rows, not divisible by the {shards} shards of "
+        f"{axis_name!r}; allocate padded_num_classes({num_classes}, {shards}) rows.")
+  if x.shape[0] % shards:
+    raise ValueError(f"The batch ({x.shape[0]}) must be divisible by the {shards} shards of "
+                     f"{axis_name!r}.")
+  rows_per_shard = w.shape[0] // shards
+  spec = jax.P(axis_name)
+  key = jax.random.key(0) if key is None else key
+  margin = jax.tree.map(jnp.asarray, margin)
+
+  def body(x, w, labels, margin, key):
+    shard = _shard_index(axis_name)
+    start = shard * rows_per_shard
+    num_valid = jnp.clip(num_classes - start, 0, rows_per_shard)
+    x_global, labels = jax.lax.all_gather((x, labels), axis_name, tiled=True, to="invarying")
+    local = labels - start
+    local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
+    losses, margin = _scored_loss(x_global, w, local_labels, num_valid, margin, key,
+                                  engine=engine, axis_name=axis_name)
+    batch = x.shape[0]
+    return jax.lax.dynamic_slice_in_dim(losses, shard * batch, batch), margin
+
+  return jax.shard_map(
+      body, mesh=engine.mesh, in_specs=(spec, spec, spec, jax.P(), jax.P()),
+      out_specs=(spec, jax.P()))(x, w, labels, margin, key)

@@ -1,0 +1,347 @@
+"""The loss zoo against float64 references, gradients, edge cases, dtypes and bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import margins
+from tests import reference
+
+B, D, C = 6, 5, 7
+
+
+def make_inputs(seed=0, *, batch=B, dim=D, classes=C, subcenters=None, norm_scale=1.0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, dim)) * norm_scale
+  w_shape = (classes, subcenters, dim) if subcenters else (classes, dim)
+  w = rng.normal(size=w_shape)
+  labels = rng.integers(0, classes, size=batch)
+  labels[:2] = [0, classes - 1]
+  return x.astype(np.float32), w.astype(np.float32), labels.astype(np.int32)
+
+
+# (name, package loss, reference, kwargs, the loss takes 3-D weights)
+CASES = [
+    ("softmax", margins.softmax_loss, reference.softmax, {}),
+    ("normface", margins.normface_loss, reference.normface, {"scale": 16.0}),
+    ("lsoftmax2", margins.lsoftmax_loss, reference.lsoftmax, {"margin": 2}),
+    ("lsoftmax4", margins.lsoftmax_loss, reference.lsoftmax, {"margin": 4}),
+    ("lsoftmax3_annealed", margins.lsoftmax_loss, reference.lsoftmax,
+     {"margin": 3, "annealing": 2.0}),
+    ("sphereface", margins.sphereface_loss, reference.sphereface, {"margin": 4}),
+    ("sphereface_annealed", margins.sphereface_loss, reference.sphereface,
+     {"margin": 4, "annealing": 5.0}),
+    ("sphereface_scaled", margins.sphereface_loss, reference.sphereface,
+     {"margin": 2, "scale": 30.0}),
+    ("cosface", margins.cosface_loss, reference.cosface, {"scale": 64.0, "margin": 0.35}),
+    ("arcface", margins.arcface_loss, reference.arcface, {"scale": 64.0, "margin": 0.5}),
+    ("arcface_big_margin", margins.arcface_loss, reference.arcface,
+     {"scale": 8.0, "margin": 1.4}),
+    ("arcface_easy", margins.arcface_loss, reference.arcface,
+     {"scale": 8.0, "margin": 0.5, "easy_margin": True}),
+    ("combined", margins.combined_margin_loss, reference.combined, {}),
+    ("combined_m1", margins.combined_margin_loss, reference.combined,
+     {"scale": 4.0, "m1": 1.35, "m2": 0.0, "m3": 0.0}),
+    ("magface", margins.magface_loss, reference.magface, {}),
+]
+
+
+@pytest.mark.parametrize("name,loss_fn,reference_fn,kwargs", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("norm_scale", [1.0, 30.0])
+def test_values_match_float64_reference(name, loss_fn, reference_fn, kwargs, norm_scale):
+  del name
+  x, w, labels = make_inputs(norm_scale=norm_scale)
+  got = jax.jit(functools.partial(loss_fn, **kwargs))(x, w, labels)
+  want = reference_fn(x, w, labels, **kwargs)
+  assert got.shape == (B,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+
+
+def test_softmax_bias():
+  x, w, labels = make_inputs()
+  bias = np.linspace(-1, 1, C).astype(np.float32)
+  np.testing.assert_allclose(margins.softmax_loss(x, w, labels, bias=bias),
+                             reference.softmax(x, w, labels, bias), rtol=2e-5, atol=1e-5)
+
+
+def test_arcface_detach_margin_keeps_value_and_takes_cosface_free_gradient():
+  x, w, labels = make_inputs()
+  detached = functools.partial(margins.arcface_loss, scale=8.0, detach_margin=True)
+  np.testing.assert_allclose(detached(x, w, labels), margins.arcface_loss(x, w, labels, scale=8.0),
+                             rtol=1e-6)
+  # The gradient is that of s*cos_y as target logit, evaluated at ArcFace's probabilities.
+  grad = jax.grad(lambda x_: detached(x_, w, labels).sum())(x)
+  cos = reference.cosines(x, w)
+  target = np.array([reference.arc_target(cos[b, y], 0.5) for b, y in enumerate(labels)])
+
+  def surrogate(x_):
+    unit = x_ / jnp.linalg.norm(x_, axis=1, keepdims=True)
+    cos_ = unit @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    cos_y = jnp.take_along_axis(cos_, labels[:, None], axis=1)[:, 0]
+    shift = jnp.asarray(target, jnp.float32) - jax.lax.stop_gradient(cos_y)
+    logits = 8.0 * (cos_ + jax.nn.one_hot(labels, C, dtype=jnp.float32) * shift[:, None])
+    return (jax.nn.logsumexp(logits, axis=1) - 8.0 * (cos_y + shift)).sum()
+
+  np.testing.assert_allclose(grad, jax.grad(surrogate)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_subcenter_arcface_matches_reference():
+  x, w, labels = make_inputs(subcenters=3)
+  got = margins.subcenter_arcface_loss(x, w, labels)
+  np.testing.assert_allclose(got, reference.arcface(x, w, labels), rtol=2e-5, atol=2e-4)
+
+
+def test_curricularface_value_and_state():
+  x, w, labels = make_inputs()
+  losses, t = margins.curricularface_loss(x, w, labels, 0.3)
+  want, want_t = reference.curricularface(x, w, labels, t=0.3)
+  np.testing.assert_allclose(losses, want, rtol=2e-5, atol=2e-4)
+  np.testing.assert_allclose(t, want_t, rtol=1e-6)
+
+
+def test_adaface_value_and_state():
+  x, w, labels = make_inputs(norm_scale=10.0)
+  state = margins.AdaFaceState(norm_mean=15.0, norm_std=40.0)
+  losses, new_state = margins.adaface_loss(x, w, labels, state, t_alpha=0.3)
+  want, (mean, std) = reference.adaface(x, w, labels, 15.0, 40.0, t_alpha=0.3)
+  np.testing.assert_allclose(losses, want, rtol=2e-5, atol=2e-4)
+  np.testing.assert_allclose(new_state, (mean, std), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True)])
+def test_elasticface_draws_margins_from_key(kind, plus):
+  x, w, labels = make_inputs()
+  key = jax.random.key(3)
+  draws = 0.5 + 0.1 * np.asarray(jax.random.normal(key, (B,), jnp.float32), np.float64)
+  got = margins.elasticface_loss(x, w, labels, key, margin=0.5, sigma=0.1, kind=kind, plus=plus)
+  want = reference.elasticface(x, w, labels, draws, kind=kind, plus=plus)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+  other = margins.elasticface_loss(x, w, labels, jax.random.key(4), sigma=0.1, kind=kind)
+  assert not np.allclose(got, other)
+
+
+def test_psi_is_monotone_and_continuous():
+  theta = np.linspace(0, np.pi, 2001)
+  for m in (1, 2, 3, 4, 5):
+    values = np.asarray(margins.multiplicative_psi(jnp.asarray(np.cos(theta), jnp.float32), m))
+    np.testing.assert_allclose(values, reference.psi(np.cos(theta), m), atol=2e-4)
+    assert np.all(np.diff(values) <= 1e-5)
+    assert np.max(np.abs(np.diff(values))) < 0.02 * m
+
+
+def test_sphereface_lambda_schedule():
+  steps = np.array([0, 1, 100, 1000, 1659, 1700, 100000])
+  want = np.maximum(5.0, 1000.0 * (1 + 0.12 * steps) ** -1.0)
+  np.testing.assert_allclose(margins.sphereface_lambda(steps), want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients.
+# ---------------------------------------------------------------------------------------------
+
+GRAD_CASES = [
+    (margins.softmax_loss, {}), (margins.normface_loss, {}),
+    (margins.lsoftmax_loss, {"margin": 3}), (margins.sphereface_loss, {"annealing": 1.0}),
+    (margins.cosface_loss, {"scale": 8.0}), (margins.arcface_loss, {"scale": 8.0}),
+    (margins.arcface_loss, {"scale": 8.0, "easy_margin": True}),
+    (margins.combined_margin_loss, {"scale": 8.0}), (margins.magface_loss, {"scale": 8.0}),
+]
+
+
+@pytest.mark.parametrize("loss_fn,kwargs", GRAD_CASES,
+                         ids=[f"{f.__name__}{k}" for f, k in GRAD_CASES])
+def test_gradients_match_finite_differences(loss_fn, kwargs):
+  x, w, labels = make_inputs(seed=1, norm_scale=12.0 if loss_fn is margins.magface_loss else 1.0)
+  with jax.enable_x64(True):
+    x64, w64 = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
+    fn = lambda x_, w_: loss_fn(x_, w_, jnp.asarray(labels), **kwargs)  # noqa: E731
+    check_grads(fn, (x64, w64), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_stateful_and_subcenter_gradients_match_finite_differences():
+  # The papers detach the batch statistics (CurricularFace's t, AdaFace's norms), which finite
+  # differences would see move: freeze them (momentum 0) to compare the rest of the gradient.
+  with jax.enable_x64(True):
+    x, w, labels = make_inputs(seed=2)
+    x, w = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
+    curricular = lambda x_, w_: margins.curricularface_loss(  # noqa: E731
+        x_, w_, labels, 0.2, scale=8.0, momentum=0.0)[0]
+    check_grads(curricular, (x, w), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+    state = margins.AdaFaceState(norm_mean=2.0, norm_std=1.0)
+    ada = lambda w_: margins.adaface_loss(x, w_, labels, state, scale=8.0, t_alpha=0.0)[0]  # noqa
+    check_grads(ada, (w,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+    _, w3, _ = make_inputs(seed=2, subcenters=3)
+    sub = lambda x_, w_: margins.subcenter_arcface_loss(x_, w_, labels, scale=8.0)  # noqa: E731
+    check_grads(sub, (x, jnp.asarray(w3, jnp.float64)), order=1, modes=["rev"], atol=1e-5,
+                rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases in every dtype: cos = +-1, zero vectors, huge and tiny norms, duplicate centres.
+# ---------------------------------------------------------------------------------------------
+
+ALL_LOSSES = [
+    ("softmax", lambda x, w, y: margins.softmax_loss(x, w, y)),
+    ("normface", lambda x, w, y: margins.normface_loss(x, w, y)),
+    ("lsoftmax", lambda x, w, y: margins.lsoftmax_loss(x, w, y)),
+    ("sphereface", lambda x, w, y: margins.sphereface_loss(x, w, y, annealing=5.0)),
+    ("sphereface_scaled", lambda x, w, y: margins.sphereface_loss(x, w, y, scale=30.0)),
+    ("cosface", lambda x, w, y: margins.cosface_loss(x, w, y)),
+    ("arcface", lambda x, w, y: margins.arcface_loss(x, w, y)),
+    ("arcface_easy", lambda x, w, y: margins.arcface_loss(x, w, y, easy_margin=True)),
+    ("arcface_detach", lambda x, w, y: margins.arcface_loss(x, w, y, detach_margin=True)),
+    ("combined", lambda x, w, y: margins.combined_margin_loss(x, w, y)),
+    ("curricularface", lambda x, w, y: margins.curricularface_loss(x, w, y, 0.5)[0]),
+    ("adaface", lambda x, w, y: margins.adaface_loss(x, w, y)[0]),
+    ("magface", lambda x, w, y: margins.magface_loss(x, w, y)),
+    ("elasticface", lambda x, w, y: margins.elasticface_loss(x, w, y, jax.random.key(0))),
+]
+
+
+def edge_inputs(case, dtype):
+  """Embeddings/centres hitting one numerical edge; labels [0, 1, 2, 0]."""
+  e = np.eye(4, 3)
+  w = np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0]])
+  if case == "cos_plus_one":  # x exactly along its centre
+    x = np.array([[2.0, 0, 0], [0, 3, 0], [0, 0, 0.5], [1, 0, 0]])
+  elif case == "cos_minus_one":  # x exactly opposite its centre
+    x = -np.array([[2.0, 0, 0], [0, 3, 0], [0, 0, 0.5], [1, 0, 0]])
+  elif case == "zero_embeddings":
+    x = np.zeros((4, 3)); x[3] = [1.0, 0, 0]
+  elif case == "zero_centres":
+    x = e + 0.1; w = w.copy(); w[0] = 0; w[2] = 0
+  elif case == "huge_norms":
+    big = {"float16": 3e2, "bfloat16": 1e15, "float32": 1e15}[dtype]
+    x = (e + 0.1) * big; w = w * big
+  elif case == "tiny_norms":
+    tiny = {"float16": 1e-4, "bfloat16": 1e-30, "float32": 1e-30}[dtype]
+    x = (e + 0.1) * tiny; w = w * tiny
+  elif case == "duplicate_centres":
+    x = e + 0.1; w = np.stack([w[0], w[0], w[0], w[0]])
+  else:
+    raise ValueError(case)
+  return (jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.array([0, 1, 2, 0], jnp.int32))
+
+
+EDGE_CASES = ["cos_plus_one", "cos_minus_one", "zero_embeddings", "zero_centres", "huge_norms",
+              "tiny_norms", "duplicate_centres"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_edge_cases_finite_values_and_gradients(dtype):
+  # All cases stacked and all losses in one program: one compilation per dtype.
+  xs, ws, ys = (jnp.stack(parts) for parts in zip(*(edge_inputs(c, dtype) for c in EDGE_CASES)))
+
+  def values_and_grads(x, w, y):
+    return {name: jax.value_and_grad(lambda x_, w_: fn(x_, w_, y).sum(), argnums=(0, 1))(x, w)
+            for name, fn in ALL_LOSSES}
+
+  results = jax.jit(jax.vmap(values_and_grads))(xs, ws, ys)
+  for name, (values, grads) in results.items():
+    for g in grads:
+      assert g.dtype == jnp.dtype(dtype)
+    for i, case in enumerate(EDGE_CASES):
+      assert np.isfinite(float(values[i])), (name, case, dtype)
+      for g in grads:
+        assert np.all(np.isfinite(np.asarray(g[i], np.float32))), (name, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_close_to_float32(dtype):
+  x, w, labels = make_inputs(seed=4)
+  for name, loss_fn in ALL_LOSSES:
+    full = loss_fn(x, w, labels)
+    low = loss_fn(jnp.asarray(x, dtype), jnp.asarray(w, dtype), labels)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, full, rtol=0.05, atol=0.3, err_msg=name)
+
+
+def test_cos_plus_one_has_exact_value():
+  x, w, labels = edge_inputs("cos_plus_one", "float32")
+  got = margins.arcface_loss(x, w, labels, scale=8.0)
+  np.testing.assert_allclose(got, reference.arcface(x, w, labels, scale=8.0), rtol=1e-5, atol=1e-6)
+
+
+def test_huge_scale_is_finite():
+  x, w, labels = make_inputs()
+  for scale in (1e3, 1e4):
+    value, grad = jax.value_and_grad(
+        lambda x_: margins.arcface_loss(x_, w, labels, scale=scale).sum())(x)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(margins.arcface_loss(x, w, labels, scale=scale),
+                               reference.arcface(x, w, labels, scale=scale), rtol=1e-4)
+
+
+def test_float64_with_x64():
+  with jax.enable_x64(True):
+    x, w, labels = make_inputs()
+    got = margins.arcface_loss(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), labels)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, reference.arcface(x, w, labels), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations and bad input.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,loss_fn", ALL_LOSSES, ids=[n for n, _ in ALL_LOSSES])
+def test_jit_and_vmap_agree_with_eager(name, loss_fn):
+  del name
+  xs, ws, ys = zip(*(make_inputs(seed=s, norm_scale=20.0) for s in range(3)))
+  xs, ws, ys = np.stack(xs), np.stack(ws), np.stack(ys)
+  eager = np.stack([loss_fn(x, w, y) for x, w, y in zip(xs, ws, ys)])
+  np.testing.assert_allclose(jax.vmap(loss_fn)(xs, ws, ys), eager, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(loss_fn)(xs[0], ws[0], ys[0]), eager[0], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_out_of_range_label_raises_when_concrete():
+  x, w, labels = make_inputs()
+  for bad in (C, -1):
+    labels_bad = labels.copy(); labels_bad[3] = bad
+    with pytest.raises(ValueError, match="labels"):
+      margins.arcface_loss(x, w, labels_bad)
+
+
+def test_out_of_range_label_is_nan_under_jit():
+  x, w, labels = make_inputs()
+  labels_bad = labels.copy(); labels_bad[3] = C + 5
+  for _, loss_fn in ALL_LOSSES:
+    got = np.asarray(jax.jit(loss_fn)(x, w, labels_bad))
+    assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,labels,error,match", [
+    ((B,), (C, D), np.zeros(B, np.int32), ValueError, "embeddings"),
+    ((B, D, 1), (C, D), np.zeros(B, np.int32), ValueError, "embeddings"),
+    ((B, D), (C,), np.zeros(B, np.int32), ValueError, "weights"),
+    ((B, D), (C, D + 1), np.zeros(B, np.int32), ValueError, "dimension"),
+    ((B, D), (C, D), np.zeros(B, np.float32), TypeError, "labels"),
+    ((B, D), (C, D), np.zeros(B + 1, np.int32), ValueError, "labels"),
+    ((B, D), (C, D), np.zeros((B, 1), np.int32), ValueError, "labels"),
+])
+def test_bad_input_is_named(x_shape, w_shape, labels, error, match):
+  x, w = np.ones(x_shape, np.float32), np.ones(w_shape, np.float32)
+  with pytest.raises(error, match=match):
+    margins.arcface_loss(x, w, labels)
+
+
+def test_bad_types_and_hyperparameters():
+  x, w, labels = make_inputs()
+  with pytest.raises(TypeError, match="embeddings"):
+    margins.cosface_loss(x.astype(np.int32), w, labels)
+  with pytest.raises(ValueError, match="integer"):
+    margins.lsoftmax_loss(x, w, labels, margin=2.5)
+  with pytest.raises(ValueError, match="integer"):
+    margins.sphereface_loss(x, w, labels, margin=0)
+  with pytest.raises(ValueError, match="kind"):
+    margins.elasticface_loss(x, w, labels, jax.random.key(0), kind="sphere")
+  with pytest.raises(ValueError, match="bias"):
+    margins.softmax_loss(x, w, labels, bias=np.zeros(C + 1, np.float32))
+  with pytest.raises(ValueError, match="weights"):
+    margins.subcenter_arcface_loss(x, w, labels)
