@@ -1,0 +1,574 @@
+"""Tests for margins.models: parameter counts against the published topologies, shapes, modes,
+dtypes, gradients and argument checks.
+
+Big models are only built abstractly (``nnx.eval_shape``). Models that run for real get their
+variables from NumPy (``_concrete``) rather than from their own initialisers, which are XLA
+programs that take seconds each to compile on CPU (``test_initializers`` runs IResNet's on one
+block). Jitted functions are compiled at XLA optimisation level 0: these tests check values, not
+speed, and compiling is most of their cost.
+"""
+
+import functools
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import jax.test_util
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+import pytest
+
+from margins import models
+from margins.models import iresnet
+from margins.models import small_cnn
+from margins.models import vit
+
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+# Independent parameter counts, layer by layer from the published topologies (insightface
+# arcface_torch backbones/iresnet.py, mobilefacenet.py, vit.py; the center-loss Caffe prototxt).
+
+
+class _Tally:
+  """Trainable parameters and BatchNorm running statistics (not parameters), counted apart."""
+
+  def __init__(self):
+    self.params = 0
+    self.stats = 0
+
+  def conv(self, cin, cout, kernel, *, groups=1, bias=False):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    self.params += kh * kw * (cin // groups) * cout + (cout if bias else 0)
+
+  def linear(self, fin, fout, *, bias):
+    self.params += fin * fout + (fout if bias else 0)
+
+  def batch_norm(self, c, *, trainable_weight=True):
+    self.params += (2 if trainable_weight else 1) * c
+    self.stats += 2 * c  # running mean and var
+
+  def prelu(self, c):
+    self.params += c
+
+  def layer_norm(self, c):
+    self.params += 2 * c
+
+
+def _iresnet_tally(layers, embedding_dim=512, final=(7, 7)):
+  t = _Tally()
+  t.conv(3, 64, 3)
+  t.batch_norm(64)
+  t.prelu(64)
+  cin = 64
+  for width, depth in zip((64, 128, 256, 512), layers):
+    for block in range(depth):
+      t.batch_norm(cin)
+      t.conv(cin, width, 3)
+      t.batch_norm(width)
+      t.prelu(width)
+      t.conv(width, width, 3)
+      t.batch_norm(width)
+      if block == 0:  # stride 2: conv1x1 + BN downsample
+        t.conv(cin, width, 1)
+        t.batch_norm(width)
+      cin = width
+  t.batch_norm(512)
+  t.linear(512 * final[0] * final[1], embedding_dim, bias=True)
+  # insightface: BatchNorm1d whose weight is set to 1.0 with requires_grad=False. ptflops (their
+  # flops.py) counts requires_grad parameters only, so only the bias is a parameter here.
+  t.batch_norm(embedding_dim, trainable_weight=False)
+  return t
+
+
+def _mobilefacenet_tally(blocks=(1, 4, 6, 2), scale=2, embedding_dim=512, final=(7, 7)):
+  t = _Tally()
+
+  def conv_block(cin, cout, kernel, groups=1, prelu=True):
+    t.conv(cin, cout, kernel, groups=groups)
+    t.batch_norm(cout)
+    if prelu:
+      t.prelu(cout)
+
+  def depthwise(cin, cout, hidden):
+    conv_block(cin, hidden, 1)
+    conv_block(hidden, hidden, 3, groups=hidden)
+    conv_block(hidden, cout, 1, prelu=False)
+
+  c64, c128 = 64 * scale, 128 * scale
+  conv_block(3, c64, 3)
+  if blocks[0] == 1:
+    conv_block(c64, c64, 3, groups=64)
+  else:
+    for _ in range(blocks[0]):
+      depthwise(c64, c64, 128)
+  for cin, cout, hidden, repeats, repeat_hidden in (
+      (c64, c64, 128, blocks[1], 128), (c64, c128, 256, blocks[2], 256),
+      (c128, c128, 512, blocks[3], 256)):
+    depthwise(cin, cout, hidden)
+    for _ in range(repeats):
+      depthwise(cout, cout, repeat_hidden)
+  conv_block(c128, 512, 1)
+  conv_block(512, 512, final, groups=512, prelu=False)
+  t.linear(512, embedding_dim, bias=False)
+  t.batch_norm(embedding_dim)
+  return t
+
+
+def _vit_tally(width, depth, embedding_dim=512, patch=9, tokens=144, mlp_ratio=4):
+  t = _Tally()
+  t.conv(3, width, patch, bias=True)
+  t.params += tokens * width  # position embedding
+  t.params += width  # mask token
+  for _ in range(depth):
+    t.layer_norm(width)
+    t.linear(width, 3 * width, bias=False)
+    t.linear(width, width, bias=True)
+    t.layer_norm(width)
+    t.linear(width, mlp_ratio * width, bias=True)
+    t.linear(mlp_ratio * width, width, bias=True)
+  t.layer_norm(width)
+  t.linear(tokens * width, width, bias=False)
+  t.batch_norm(width)
+  t.linear(width, embedding_dim, bias=False)
+  t.batch_norm(embedding_dim)
+  return t
+
+
+def _lenets_tally(embedding_dim=2, size=28, widths=(32, 64, 128)):
+  t = _Tally()
+  cin = 1
+  for width, window in zip(widths, (2, 2, 3)):
+    t.conv(cin, width, 5, bias=True)
+    t.prelu(width)
+    t.conv(width, width, 5, bias=True)
+    t.prelu(width)
+    cin = width
+    size = math.ceil((size - window) / 2) + 1  # Caffe pooling rounds up
+  t.linear(size * size * cin, embedding_dim, bias=True)
+  t.prelu(embedding_dim)
+  return t
+
+
+EXPECTED = {
+    "iresnet18": _iresnet_tally((2, 2, 2, 2)),
+    "iresnet34": _iresnet_tally((3, 4, 6, 3)),
+    "iresnet50": _iresnet_tally((3, 4, 14, 3)),
+    "iresnet100": _iresnet_tally((3, 13, 30, 3)),
+    "iresnet200": _iresnet_tally((6, 26, 60, 6)),
+    "mobilefacenet": _mobilefacenet_tally(),
+    "mobilefacenet_large": _mobilefacenet_tally(blocks=(2, 8, 12, 4), scale=4),
+    "small_cnn": _lenets_tally(),
+    "vit_t": _vit_tally(256, 12),
+    "vit_s": _vit_tally(512, 12),
+    "vit_b": _vit_tally(512, 24),
+}
+INPUT_SHAPES = {name: (112, 112, 3) for name in EXPECTED} | {"small_cnn": (28, 28, 1)}
+
+
+@functools.cache
+def _abstract(name):
+  return nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))
+
+
+def _size(model, kind):
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
+def test_names_cover_the_expected_table():
+  assert set(models.NAMES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_parameter_and_statistics_counts(name):
+  model = _abstract(name)
+  assert _size(model, nnx.Param) == EXPECTED[name].params
+  assert _size(model, nnx.BatchStat) == EXPECTED[name].stats
+
+
+def test_published_iresnet_sizes():
+  # AdaDistill (Boutros et al., ECCV 2024) prints insightface's ResNet50 as 43.59M parameters.
+  # OpenVINO's model zoo lists the MXNet ArcFace LResNet100E-IR export at 65.132M and
+  # LResNet34E-IR at 34.129M (a different, converted graph: within 0.04% of these).
+  # insightface's own `sum(p.numel() for p in model.parameters())` adds the 512 frozen weights.
+  assert EXPECTED["iresnet50"].params == 43_590_336
+  assert round(EXPECTED["iresnet50"].params / 1e6, 2) == 43.59
+  assert EXPECTED["iresnet100"].params == 65_155_648
+  assert EXPECTED["iresnet100"].params + 512 == 65_156_160
+  assert abs(EXPECTED["iresnet100"].params / 65.132e6 - 1) < 4e-4
+  assert abs(EXPECTED["iresnet34"].params / 34.129e6 - 1) < 4e-4
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_output_shape(name):
+  images = jax.ShapeDtypeStruct((2, *INPUT_SHAPES[name]), jnp.float32)
+  out = nnx.eval_shape(lambda m, x: m(x), _abstract(name), images)
+  assert out.shape == (2, 2 if name == "small_cnn" else 512)
+  assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name, kwargs, images_shape, layer, kernel_shape", [
+    ("iresnet18", {"input_size": (112, 96)}, (3, 112, 96, 3), "fc", (7 * 6 * 512, 128)),
+    ("iresnet18", {"input_size": 32}, (3, 32, 32, 3), "fc", (2 * 2 * 512, 128)),
+    ("mobilefacenet", {"input_size": (112, 96)}, (3, 112, 96, 3), "gdc", (7, 6, 1, 512)),
+    ("vit_t", {"input_size": 36, "depth": 1}, (3, 36, 36, 3), "fc1", (16 * 256, 256)),
+    ("small_cnn", {"input_size": 32}, (3, 32, 32, 1), "fc", (4 * 4 * 128, 128)),
+])
+def test_input_size_and_embedding_dim(name, kwargs, images_shape, layer, kernel_shape):
+  model = nnx.eval_shape(
+      lambda: models.create(name, embedding_dim=128, rngs=nnx.Rngs(0), **kwargs))
+  out = nnx.eval_shape(
+      lambda m, x: m(x), model, jax.ShapeDtypeStruct(images_shape, jnp.float32))
+  assert out.shape == (3, 128)
+  sublayer = getattr(model, layer)
+  kernel = sublayer.conv.kernel if name == "mobilefacenet" else sublayer.kernel
+  assert kernel.shape == kernel_shape
+
+
+# Real forward and backward passes on small configurations.
+
+
+def _rngs():
+  # RBG keys: dropout and masking compile much faster on CPU than with threefry.
+  return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
+def _concrete(make, seed=0):
+  """``make()`` with NumPy-drawn variables (positive running variances, fresh RNG streams)."""
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  rng = np.random.default_rng(seed)
+
+  def value(path, variable):
+    name = path[-1].key
+    shape = variable.get_value().shape
+    if isinstance(variable, nnx.RngCount):
+      return np.zeros(shape, np.uint32)
+    if name == "var":
+      return rng.uniform(0.5, 1.5, shape)
+    if name == "scale":
+      return 1.0 + 0.1 * rng.normal(size=shape)
+    if name in ("bias", "mean"):
+      return 0.1 * rng.normal(size=shape)
+    if name == "negative_slope":
+      return 0.25 + 0.05 * rng.normal(size=shape)
+    return rng.normal(size=shape) / math.sqrt(math.prod(shape[:-1]))
+
+  def fill(path, variable):
+    if isinstance(variable, nnx.RngKey):
+      return variable.replace(jax.random.key(seed, impl="rbg"))
+    return variable.replace(jnp.asarray(value(path, variable), variable.get_value().dtype))
+
+  state = jax.tree.map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+@functools.partial(_jit, static_argnums=0)
+def _apply(graphdef, state, images):
+  model = nnx.merge(graphdef, state)
+  return model(images), nnx.state(model)
+
+
+def _run(model, images):
+  """The model's output, through ``nnx.split`` + ``jax.jit``, updating its state like a call."""
+  out, state = _apply(*nnx.split(model), images)
+  nnx.update(model, state)
+  return np.asarray(out)
+
+
+def _images(shape, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, shape), jnp.float32)
+
+
+SMALL = {  # name -> (create kwargs, image shape)
+    "iresnet": ("iresnet18", {"layers": (1, 1, 1, 1), "input_size": 16, "dropout": 0.5},
+                (4, 16, 16, 3)),
+    "mobilefacenet": ("mobilefacenet", {"blocks": (1, 1, 1, 1), "input_size": 32},
+                      (4, 32, 32, 3)),
+    "small_cnn": ("small_cnn", {}, (4, 28, 28, 1)),
+    "vit": ("vit_t", {"depth": 2, "input_size": 18, "mask_ratio": 0.5}, (4, 18, 18, 3)),
+}
+
+
+def _small(key, seed=0, **overrides):
+  name, kwargs, shape = SMALL[key]
+  model = _concrete(
+      lambda: models.create(name, embedding_dim=8, rngs=_rngs(), **(kwargs | overrides)), seed)
+  return model, _images(shape)
+
+
+def _np_conv(x, kernel, *, stride=1, pad=0):
+  """NHWC convolution with a ``[kh, kw, cin, cout]`` kernel and PyTorch-style symmetric padding."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  windows = sliding_window_view(x, kernel.shape[:2], axis=(1, 2))[:, ::stride, ::stride]
+  return np.einsum("bhwcij,ijco->bhwo", windows, kernel)
+
+
+def _np_prelu(x, slope):
+  return np.where(x >= 0, x, slope * x)
+
+
+def _np_batch_norm(x, scale, bias, eps=1e-5):
+  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _f64(variable):
+  return np.asarray(variable[...], np.float64)
+
+
+def test_prelu_and_batch_norm_match_numpy():
+  x = np.random.default_rng(0).normal(size=(3, 2, 2, 4)) * 3 + 1
+  prelu = iresnet.PReLU(4)
+  prelu.negative_slope[...] = jnp.array([0.1, 0.2, 0.3, 0.4], jnp.float32)
+  np.testing.assert_allclose(
+      prelu(jnp.asarray(x, jnp.float32)), _np_prelu(x, _f64(prelu.negative_slope)), rtol=1e-6)
+
+  bn = iresnet.BatchNorm(4)
+  bn.scale[...] = jnp.array([1.0, 2.0, 0.5, -1.0], jnp.float32)
+  bn.bias[...] = jnp.array([0.0, 1.0, -1.0, 0.5], jnp.float32)
+  train = bn(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(train, _np_batch_norm(x, _f64(bn.scale), _f64(bn.bias)), atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * x.var(axis=(0, 1, 2)), rtol=1e-5)
+  mean, var = _f64(bn.mean), _f64(bn.var)
+  bn.eval()
+  expected = (x - mean) / np.sqrt(var + 1e-5) * _f64(bn.scale) + _f64(bn.bias)
+  np.testing.assert_allclose(bn(jnp.asarray(x, jnp.float32)), expected, atol=1e-5)
+  np.testing.assert_array_equal(bn.mean[...], mean.astype(np.float32))  # no update in eval
+  half = bn(jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), expected, atol=0.05, rtol=0.02)
+
+
+def test_prelu_and_batch_norm_gradients():
+  x = np.random.default_rng(3).normal(size=(5, 3))
+  x = jnp.asarray(np.where(np.abs(x) < 0.1, 0.5, x), jnp.float32)  # away from PReLU's kink
+
+  def layers(x, slope, scale, bias):
+    prelu, bn = iresnet.PReLU(3), iresnet.BatchNorm(3)
+    prelu.negative_slope[...] = slope
+    bn.scale[...], bn.bias[...] = scale, bias
+    return bn(prelu(x))
+
+  args = (x, jnp.array([0.1, 0.2, 0.3]), jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, 1.0, 2.0]))
+  jax.test_util.check_grads(jax.jit(layers), args, order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+def test_iresnet_block_matches_numpy():
+  # An even input side tells PyTorch's padding=1 (a zero row on each side) from 'SAME' (0 before,
+  # 1 after) in the stride-2 convolution.
+  block = _concrete(lambda: iresnet.IBasicBlock(3, 5, strides=2, rngs=_rngs()))
+  x = np.asarray(_images((2, 6, 6, 3)), np.float64)
+  out = _run(block, jnp.asarray(x, jnp.float32))
+
+  def bn(layer, y):
+    return _np_batch_norm(y, _f64(layer.scale), _f64(layer.bias))
+
+  y = _np_conv(bn(block.bn1, x), _f64(block.conv1.kernel), pad=1)
+  y = _np_prelu(bn(block.bn2, y), _f64(block.prelu.negative_slope))
+  y = bn(block.bn3, _np_conv(y, _f64(block.conv2.kernel), stride=2, pad=1))
+  conv, norm = block.downsample.layers
+  y = y + bn(norm, _np_conv(x, _f64(conv.kernel), stride=2))
+  assert out.shape == (2, 3, 3, 5)
+  np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
+
+
+def test_vit_encoder_block_matches_numpy():
+  # Pre-norm residual branches, qkv split as [3, heads, head_dim] (insightface's layout), ReLU6.
+  block = _concrete(lambda: vit.EncoderBlock(8, num_heads=2, drop_path=0.5, rngs=_rngs()))
+  block.eval()  # no drop path
+  block.fc1.kernel[...] = 10 * block.fc1.kernel[...]  # so that ReLU6 clips
+  x = np.asarray(_images((3, 5, 8)), np.float64)
+  out = _run(block, jnp.asarray(x, jnp.float32))
+
+  def layer_norm(norm, y):
+    mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    return (y - mean) / np.sqrt(var + 1e-5) * _f64(norm.scale) + _f64(norm.bias)
+
+  attn = block.attn
+  qkv = (layer_norm(block.norm1, x) @ _f64(attn.qkv.kernel)).reshape(3, 5, 3, 2, 4)
+  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, N, head_dim]
+  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(4)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  heads = (weights @ v).transpose(0, 2, 1, 3).reshape(3, 5, 8)
+  y = x + heads @ _f64(attn.proj.kernel) + _f64(attn.proj.bias)
+  hidden = np.clip(layer_norm(block.norm2, y) @ _f64(block.fc1.kernel) + _f64(block.fc1.bias), 0, 6)
+  y = y + hidden @ _f64(block.fc2.kernel) + _f64(block.fc2.bias)
+  np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-5)
+
+
+def test_small_cnn_matches_numpy():
+  # 32x32 makes the last pool round up (8 -> 4), as Caffe does; the network is LeNets++.
+  model = _concrete(lambda: small_cnn.SmallCNN(
+      embedding_dim=3, input_size=32, widths=(4, 6, 8), rngs=_rngs()))
+  x = np.asarray(_images((2, 32, 32, 1)), np.float64)
+  out = _run(model, jnp.asarray(x, jnp.float32))
+  y = x
+  for stage, window in enumerate((2, 2, 3)):
+    for unit in model.units[2 * stage: 2 * stage + 2]:
+      y = _np_conv(y, _f64(unit.conv.kernel), pad=2) + _f64(unit.conv.bias)
+      y = _np_prelu(y, _f64(unit.prelu.negative_slope))
+    size = y.shape[1]
+    pooled = math.ceil((size - window) / 2) + 1
+    high = (pooled - 1) * 2 + window - size
+    y = np.pad(y, ((0, 0), (0, high), (0, high), (0, 0)), constant_values=-np.inf)
+    y = sliding_window_view(y, (window, window), axis=(1, 2))[:, ::2, ::2].max(axis=(-2, -1))
+  assert y.shape == (2, 4, 4, 8)
+  y = y.reshape(2, -1) @ _f64(model.fc.kernel) + _f64(model.fc.bias)
+  y = _np_prelu(y, _f64(model.prelu.negative_slope))
+  np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-5)
+
+
+def _snapshot(model, kind):
+  return [np.array(x) for x in jax.tree.leaves(nnx.state(model, kind))]
+
+
+@pytest.mark.parametrize("key", ["iresnet", "mobilefacenet", "vit"])
+def test_train_and_eval_modes(key):
+  model, images = _small(key)
+  running = _snapshot(model, nnx.BatchStat)
+  train1 = _run(model, images)
+  train2 = _run(model, images)
+  updated = _snapshot(model, nnx.BatchStat)
+  assert all(not np.allclose(a, b) for a, b in zip(running, updated))
+  if key == "mobilefacenet":  # No randomness: batch statistics only.
+    np.testing.assert_allclose(train1, train2, rtol=1e-5, atol=1e-5)
+  else:  # Dropout / drop path and token masking draw new masks on every call.
+    assert not np.allclose(train1, train2)
+  # With batch statistics, the last BatchNorm centres every embedding coordinate on its bias.
+  np.testing.assert_allclose(train1.mean(axis=0), _f64(model.features.bias), atol=1e-4)
+
+  eval_view = nnx.view(
+      model, use_running_average=True, deterministic=True, raise_if_not_found=False)
+  model.eval()
+  eval1 = _run(model, images)
+  eval2 = _run(model, images)
+  np.testing.assert_array_equal(eval1, eval2)
+  np.testing.assert_array_equal(_run(eval_view, images), eval1)
+  assert not np.allclose(eval1, train1)
+  for before, after in zip(updated, _snapshot(model, nnx.BatchStat)):
+    np.testing.assert_array_equal(before, after)
+  model.train()
+  assert not np.allclose(_run(model, images), eval1)
+
+
+@pytest.mark.parametrize("key", ["iresnet", "small_cnn", "vit"])
+def test_training_step_gradients(key):
+  """One step as the training loop takes it: ``nnx.split`` + ``jax.jit(jax.grad)``."""
+  model, images = _small(key)
+  target = jnp.asarray(np.random.default_rng(2).normal(size=(images.shape[0], 8)), jnp.float32)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, rest):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
+    embeddings = model(images)
+    unit = embeddings / jnp.linalg.norm(embeddings, axis=1, keepdims=True)
+    return -jnp.mean(jnp.sum(unit * target, axis=1)), nnx.state(model, nnx.Not(nnx.Param))
+
+  (loss, new_rest), grads = _jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest)
+  assert np.isfinite(loss)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  grads, old, new = (dict(nnx.to_flat_state(s)) for s in (grads, rest, new_rest))
+  first_kernel = {"iresnet": ("conv1", "kernel"), "small_cnn": ("units", 0, "conv", "kernel"),
+                  "vit": ("patch_embed", "kernel")}[key]
+  assert np.abs(grads[first_kernel][...]).max() > 0
+  if key == "vit":  # Half of the tokens are masked in training: the mask token learns.
+    assert np.abs(grads[("masking", "mask_token")][...]).max() > 0
+  if key == "iresnet":  # The step moved the running statistics and drew a dropout key.
+    assert not np.allclose(old[("bn1", "mean")][...], new[("bn1", "mean")][...])
+    count = ("dropout", "rngs", "count")
+    assert int(new[count][...]) == int(old[count][...]) + 1
+
+
+@pytest.mark.parametrize("key", ["iresnet", "mobilefacenet", "vit"])
+def test_bfloat16_compute(key):
+  model, images = _small(key)
+  half, _ = _small(key, dtype=jnp.bfloat16)
+  for x in jax.tree.leaves(nnx.state(half, nnx.Param)):
+    assert x.dtype == jnp.float32
+  graphdef, state = nnx.split(nnx.view(
+      half, use_running_average=True, deterministic=True, raise_if_not_found=False))
+  jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images))
+  products = [line for line in jaxpr.splitlines()
+              if "conv_general_dilated[" in line or "dot_general[" in line]
+  assert any(line.split("=")[0].count("bf16[") for line in products)
+  if key == "vit":  # Training mode too: drop path and token masking on bfloat16 activations.
+    assert np.isfinite(_run(half, images)).all()
+  model.eval()
+  half.eval()
+  full, reduced = _run(model, images), _run(half, images)
+  assert reduced.dtype == np.float32
+  cosine = np.sum(full * reduced, axis=1) / (
+      np.linalg.norm(full, axis=1) * np.linalg.norm(reduced, axis=1))
+  assert cosine.min() > 0.99, cosine
+
+
+def test_vit_token_masking_matches_numpy():
+  masking = _concrete(lambda: vit.TokenMasking(3, mask_ratio=0.4, rngs=_rngs()))
+  tokens = _images((5, 6, 3))
+  kept, restore_ids = masking.keep(tokens)
+  restored = np.asarray(masking.restore(kept, restore_ids))
+  assert kept.shape == (5, 3, 3)  # int(6 * 0.6) = 3 tokens go through the encoder
+  mask_token = np.asarray(masking.mask_token[...])
+  orders = set()
+  for sample in range(5):
+    is_kept = np.all(restored[sample] == np.asarray(tokens[sample]), axis=1)
+    is_mask = np.all(restored[sample] == mask_token, axis=1)
+    assert is_kept.sum() == 3 and is_mask.sum() == 3 and np.all(is_kept | is_mask)
+    np.testing.assert_array_equal(np.asarray(kept[sample]), np.asarray(tokens[sample])[is_kept]
+                                  [np.argsort(np.asarray(restore_ids[sample])[is_kept])])
+    orders.add(tuple(is_kept))
+  assert len(orders) > 1  # a fresh draw per sample
+
+
+def test_initializers():
+  block = iresnet.IBasicBlock(64, 64, rngs=nnx.Rngs(0))
+  assert block.downsample is None
+  assert abs(np.std(block.conv1.kernel[...]) - 0.1) < 0.005  # insightface: N(0, 0.1^2)
+  np.testing.assert_array_equal(block.prelu.negative_slope[...], np.full(64, 0.25, np.float32))
+  for variable, value in ((block.bn1.scale, 1), (block.bn1.bias, 0), (block.bn1.mean, 0),
+                          (block.bn1.var, 1)):
+    np.testing.assert_array_equal(variable[...], np.full(64, value, np.float32))
+
+
+def test_create_passes_arguments_and_presets():
+  model = nnx.eval_shape(lambda: models.create("vit_s", depth=2, rngs=nnx.Rngs(0)))
+  assert len(model.blocks) == 2 and model.pos_embed.shape == (144, 512)
+  assert _abstract("mobilefacenet_large").layers[0].conv.kernel.shape == (3, 3, 3, 256)
+  model = nnx.eval_shape(lambda: models.create("small_cnn", embedding_dim=3, rngs=nnx.Rngs(0)))
+  assert model.fc.kernel.shape == (3 * 3 * 128, 3)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda r: models.create("resnet50", rngs=r), ValueError, "iresnet50.*vit_b"),
+    (lambda r: models.create("iresnet50", depth=3, rngs=r), TypeError, "depth"),
+    (lambda r: models.create("iresnet50", embedding_dim=0, rngs=r), ValueError, "embedding_dim"),
+    (lambda r: models.create("iresnet50", dropout=1.0, rngs=r), ValueError, "dropout"),
+    (lambda r: models.create("iresnet50", dtype=jnp.int32, rngs=r), TypeError, "dtype"),
+    (lambda r: models.create("iresnet50", input_size=(112,), rngs=r), ValueError, "input_size"),
+    (lambda r: iresnet.IResNet((2, 2, 2), rngs=r), ValueError, "layers"),
+    (lambda r: models.create("mobilefacenet", blocks=(1, 4, 6), rngs=r), ValueError, "blocks"),
+    (lambda r: models.create("small_cnn", input_size=4, rngs=r), ValueError, "too small"),
+    (lambda r: models.create("small_cnn", widths=(8, 8), rngs=r), ValueError, "widths"),
+    (lambda r: models.create("vit_t", num_heads=3, rngs=r), ValueError, "num_heads"),
+    (lambda r: models.create("vit_t", input_size=8, rngs=r), ValueError, "patch_size"),
+    (lambda r: models.create("vit_t", mask_ratio=1.0, rngs=r), ValueError, "mask_ratio"),
+    (lambda r: models.create("vit_t", input_size=9, mask_ratio=0.5, rngs=r), ValueError,
+     "all 1 tokens"),
+])
+def test_bad_arguments(make, error, match):
+  with pytest.raises(error, match=match):
+    nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("images, error, match", [
+    (jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32), ValueError, r"\[batch, 28, 28, 1\]"),
+    (jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32), ValueError, "images"),
+    (jax.ShapeDtypeStruct((28, 28, 1), jnp.float32), ValueError, "rank 4"),
+    (jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.uint8), TypeError, "floating"),
+])
+def test_bad_images(images, error, match):
+  with pytest.raises(error, match=match):
+    nnx.eval_shape(lambda m, x: m(x), _abstract("small_cnn"), images)
