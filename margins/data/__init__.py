@@ -1,0 +1,15 @@
+"""Data sources and the grain input pipeline.
+
+Sources are grain random-access data sources of ``{"image": uint8 [H, W, C], "label": int32 []}``
+with ``num_classes`` and ``image_shape``; the pipeline turns one into batches of ``float32``
+images in ``[-1, 1]``.
+"""
+
+from margins.data.pipeline import RandomFlipAndCrop
+from margins.data.pipeline import eval_dataset
+from margins.data.pipeline import measure_throughput
+from margins.data.pipeline import normalize_images
+from margins.data.pipeline import train_dataset
+from margins.data.sources import ArraySource
+from margins.data.sources import SyntheticSource
+from margins.data.sources import digits
