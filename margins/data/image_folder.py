@@ -1,0 +1,240 @@
+"""Image folders (one sub-folder per identity), and the image codec every data source shares.
+
+A face dataset unpacked to disk is a folder ``root/<identity>/<image>`` (CASIA-WebFace, VGGFace2,
+insightface's datasets after unpacking). :class:`ImageFolderSource` reads it as a grain
+random-access data source: identities sorted by name get labels ``0..K-1``, and each image is
+decoded in ``__getitem__``, i.e. in grain's worker processes.
+
+Every source of ``margins.data`` yields records ``{"image": uint8 [H, W, C], "label": int32 []}``
+and exposes ``num_classes`` and ``image_shape``; :func:`decode_image` gives all of them the same
+decoding (Pillow) and the same resizing to ``image_shape``.
+"""
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+_MODES = {1: "L", 3: "RGB"}
+
+
+def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+  """``image_shape`` as a tuple of ints, checked to be ``(height, width, 1 or 3)``."""
+  shape = tuple(int(n) for n in image_shape)
+  if len(shape) != 3 or min(shape) <= 0 or shape[2] not in _MODES:
+    raise ValueError(
+        f"`image_shape` must be (height, width, channels) with 1 or 3 channels, got {image_shape}.")
+  return shape
+
+
+def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
+  """Decodes an encoded image (JPEG, PNG, BMP, WebP) into ``uint8 [H, W, C]``.
+
+  Args:
+    data: the encoded bytes.
+    image_shape: ``(H, W, C)``: the image is converted to ``C`` channels (1: grey, 3: RGB) and,
+      when its size differs, resized to ``H x W`` (bilinear). ``None``: RGB at the stored size.
+
+  Returns:
+    ``uint8 [H, W, C]``.
+
+  Raises:
+    ValueError: ``data`` is not an image Pillow can decode.
+
+  >>> import numpy as np
+  >>> from margins.data.image_folder import decode_image, encode_image
+  >>> image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+  >>> data = encode_image(image, image_format="png")
+  >>> bool((decode_image(data) == image).all())
+  True
+  >>> decode_image(data, image_shape=(4, 6, 1)).shape
+  (4, 6, 1)
+
+  References:
+    Pillow, https://pillow.readthedocs.io (the decoder).
+  """
+  shape = None if image_shape is None else check_image_shape(image_shape)
+  channels = 3 if shape is None else shape[2]
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as opened:
+      image = opened.convert(_MODES[channels])
+  except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad image data.
+    raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
+  if shape is not None and image.size != (shape[1], shape[0]):
+    image = image.resize((shape[1], shape[0]), PIL.Image.Resampling.BILINEAR)
+  width, height = image.size
+  return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+
+
+def encode_image(image: np.ndarray, *, image_format: str = "jpeg", quality: int = 95) -> bytes:
+  """Encodes ``uint8 [H, W, 3]``, ``[H, W, 1]`` or ``[H, W]`` as JPEG or PNG bytes.
+
+  Args:
+    image: the pixels.
+    image_format: ``"jpeg"`` (lossy, what insightface's datasets store) or ``"png"`` (lossless).
+    quality: JPEG quality in ``[1, 100]`` (ignored for PNG); 95 as MXNet's ``pack_img``.
+
+  Returns:
+    The encoded bytes.
+
+  >>> import numpy as np
+  >>> from margins.data.image_folder import encode_image
+  >>> encode_image(np.zeros((8, 8, 3), np.uint8))[:3]  # the JPEG start-of-image marker
+  b'\\xff\\xd8\\xff'
+
+  References:
+    Pillow, https://pillow.readthedocs.io (the encoder).
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise TypeError(f"`image` must be uint8, got dtype {image.dtype}.")
+  if image.ndim == 3 and image.shape[2] == 1:
+    image = image[:, :, 0]
+  if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+    raise ValueError(f"`image` must have shape [H, W, 3], [H, W, 1] or [H, W], got {image.shape}.")
+  image_format = image_format.lower()
+  if image_format not in ("jpeg", "png"):
+    raise ValueError(f"`image_format` must be 'jpeg' or 'png', got {image_format!r}.")
+  if not 1 <= quality <= 100:
+    raise ValueError(f"`quality` must lie in [1, 100], got {quality}.")
+  buffer = io.BytesIO()
+  options = dict(quality=quality) if image_format == "jpeg" else {}
+  PIL.Image.fromarray(image).save(buffer, format=image_format.upper(), **options)
+  return buffer.getvalue()
+
+
+def list_image_folder(
+    root: str | os.PathLike[str], *, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> tuple[list[str], np.ndarray, list[str]]:
+  """Lists ``root/<identity>/**/<image>``: image paths, their labels and the identity names.
+
+  Identities are the sub-folders of ``root`` (hidden ones skipped), sorted by name: the ``k``-th
+  gets label ``k``. Images are the files below each identity folder whose extension (any case) is
+  in ``extensions``, sorted by path, so the listing is the same on every machine.
+
+  Args:
+    root: the dataset folder.
+    extensions: file name endings counted as images.
+
+  Returns:
+    ``(paths, labels, class_names)``: ``paths[i]`` has label ``labels[i]`` (``int32 [N]``, grouped
+    and ascending); ``class_names[k]`` is the folder of identity ``k``.
+
+  Raises:
+    ValueError: ``root`` is not a folder, has no identity folders, or an identity has no images.
+
+  >>> import os, tempfile
+  >>> from margins.data.image_folder import list_image_folder
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> for name in ("bob/1.jpg", "bob/2.png", "alice/1.jpg", "alice/notes.txt"):
+  ...   os.makedirs(os.path.dirname(os.path.join(tmp.name, name)), exist_ok=True)
+  ...   open(os.path.join(tmp.name, name), "wb").close()
+  >>> paths, labels, names = list_image_folder(tmp.name)
+  >>> [os.path.relpath(p, tmp.name) for p in paths], labels.tolist(), names
+  (['alice/1.jpg', 'bob/1.jpg', 'bob/2.png'], [0, 1, 1], ['alice', 'bob'])
+  >>> tmp.cleanup()
+
+  References:
+    The layout of torchvision's ``ImageFolder`` and of unpacked insightface datasets.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise ValueError(f"`root` must be a folder with one sub-folder per identity, got {root!r}.")
+  suffixes = tuple(extension.lower() for extension in extensions)
+  with os.scandir(root) as entries:
+    class_names = sorted(
+        entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
+  if not class_names:
+    raise ValueError(f"{root}: no identity sub-folders found.")
+  paths, labels, empty = [], [], []
+  for label, name in enumerate(class_names):
+    found = sorted(
+        os.path.join(folder, file_name)
+        for folder, _, file_names in os.walk(os.path.join(root, name), followlinks=True)
+        for file_name in file_names if file_name.lower().endswith(suffixes))
+    if not found:
+      empty.append(name)
+    paths.extend(found)
+    labels.extend([label] * len(found))
+  if empty:
+    raise ValueError(
+        f"{root}: {len(empty)} identity folder(s) hold no image with an extension in "
+        f"{list(suffixes)}: {empty[:5]}.")
+  return paths, np.asarray(labels, dtype=np.int32), class_names
+
+
+class ImageFolderSource:
+  """Grain random-access source over a folder with one sub-folder per identity.
+
+  Records are ``{"image": uint8 [H, W, C], "label": int32 []}``; images are decoded (and, when
+  their size differs from ``image_shape``, resized) in ``__getitem__``. The source holds only
+  paths and labels, so it pickles cheaply into grain's worker processes.
+
+  Attributes:
+    root: the dataset folder.
+    paths: image paths (see :func:`list_image_folder` for the order).
+    labels: ``int32 [N]`` label of each path.
+    class_names: identity folder of each label.
+    num_classes: number of identities ``K``.
+    image_shape: ``(H, W, C)`` of every image returned.
+
+  >>> import os, tempfile, numpy as np
+  >>> from margins.data.image_folder import ImageFolderSource, encode_image
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> for name in ("alice", "bob"):
+  ...   os.makedirs(os.path.join(tmp.name, name))
+  ...   with open(os.path.join(tmp.name, name, "0.png"), "wb") as f:
+  ...     _ = f.write(encode_image(np.zeros((6, 4, 3), np.uint8), image_format="png"))
+  >>> source = ImageFolderSource(tmp.name)
+  >>> len(source), source.num_classes, source.image_shape
+  (2, 2, (6, 4, 3))
+  >>> record = source[1]
+  >>> record["image"].shape, record["label"]
+  ((6, 4, 3), np.int32(1))
+  >>> tmp.cleanup()
+
+  References:
+    grain's random-access data source protocol (``__len__``, ``__getitem__``).
+  """
+
+  def __init__(self, root: str | os.PathLike[str], *,
+               image_shape: Sequence[int] | None = None,
+               extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    """Lists the folder.
+
+    Args:
+      root: folder with one sub-folder per identity.
+      image_shape: ``(H, W, C)`` of the returned images (C = 1 or 3); ``None``: the size of the
+        first image, RGB.
+      extensions: file name endings counted as images.
+    """
+    self.root = os.fspath(root)
+    self.paths, self.labels, self.class_names = list_image_folder(root, extensions=extensions)
+    self.num_classes = len(self.class_names)
+    if image_shape is None:
+      height, width, channels = self._decode(0, None).shape
+      image_shape = (height, width, channels)
+    self.image_shape = check_image_shape(image_shape)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": self._decode(index, self.image_shape), "label": self.labels[index]}
+
+  def _decode(self, index: int, image_shape: tuple[int, int, int] | None) -> np.ndarray:
+    path = self.paths[index]
+    with open(path, "rb") as file:
+      data = file.read()
+    try:
+      return decode_image(data, image_shape=image_shape)
+    except ValueError as error:
+      raise ValueError(f"{path}: {error}") from error
+
+  def __repr__(self) -> str:
+    return (f"ImageFolderSource({self.root!r}, {len(self)} images, {self.num_classes} classes, "
+            f"image_shape={self.image_shape})")

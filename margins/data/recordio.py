@@ -1,0 +1,575 @@
+"""RecordIO ``.rec`` + ``.idx`` files (MXNet, dmlc-core) in pure Python, and insightface's datasets.
+
+MXNet does not install beside NumPy 2, so the format is read and written here byte for byte.
+
+**Records.** A ``.rec`` file is a sequence of records, each framed as little-endian
+``u32 magic = 0xCED7230A``, ``u32 lrec = cflag << 29 | length``, ``length`` payload bytes and zero
+padding to a multiple of 4 bytes. The magic word never appears 4-aligned inside a frame: a writer
+cuts the payload wherever it does, drops that word and writes the pieces as parts with
+``cflag`` 1 (first), 2 (middle), 3 (last); a reader joins the parts with the magic word between
+them. ``cflag`` 0 is a record in one piece.
+
+**Index.** A ``.idx`` file has one text line ``key<TAB>byte_offset`` per record.
+
+**Image records.** The payload starts with an ``IRHeader`` (``struct '<IfQQ'``: flag, label, id,
+id2). When ``flag > 0``, ``flag`` float32 labels follow and the header's label is 0. The encoded
+image (JPEG/PNG) is the rest.
+
+**insightface's layout** (MS1MV2/V3, Glint360K, WebFace42M: ``train.rec``, ``train.idx``,
+``property``): key 0 is a header record whose labels ``[N + 1, N + 1 + K]`` give the range of
+identity keys; keys ``1..N`` are images (label: the class, or a list starting with it); keys
+``N + 1..N + K`` hold each identity's ``[start, end)`` range of image keys; ``property`` holds
+``num_classes,height,width``. Without a header record (``flag == 0`` at key 0), every key is an
+image, as in MXNet's ``im2rec`` output.
+"""
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from margins.data import image_folder
+
+MAGIC = 0xCED7230A
+MAX_PART_LENGTH = (1 << 29) - 1
+
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_FRAME = struct.Struct("<II")
+_IR_HEADER = struct.Struct("<IfQQ")
+_CFLAG_SHIFT = 29
+_WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
+
+
+class RecordIOError(ValueError):
+  """A ``.rec`` or ``.idx`` file is corrupt or truncated; the message names the file and offset."""
+
+
+class IRHeader(NamedTuple):
+  """The header MXNet puts in front of an image record.
+
+  Attributes:
+    flag: number of float32 labels that follow the header (0: the label is ``label``).
+    label: a float, or a float32 array when there are several labels.
+    id: the record's id (insightface: its key).
+    id2: high bits of the id, usually 0.
+  """
+  flag: int
+  label: float | np.ndarray
+  id: int
+  id2: int = 0
+
+
+def _padded(length: int) -> int:
+  return (length + 3) & ~3
+
+
+def pack(header: IRHeader, data: bytes) -> bytes:
+  """Prepends an :class:`IRHeader` (and its labels) to ``data``.
+
+  A scalar ``header.label`` is stored in the header (flag 0); a sequence or array is stored as
+  ``flag = len(label)`` float32 values after the header, and the header's label becomes 0.
+  ``header.flag`` is ignored, as in MXNet.
+
+  Args:
+    header: the header.
+    data: usually an encoded image.
+
+  Returns:
+    The record payload.
+
+  >>> from margins.data import recordio
+  >>> payload = recordio.pack(recordio.IRHeader(0, [3.0, 7.0], 12), b"jpeg")
+  >>> len(payload)  # 24-byte header, two float32 labels, the data
+  36
+  >>> recordio.unpack(payload)
+  (IRHeader(flag=2, label=array([3., 7.], dtype=float32), id=12, id2=0), b'jpeg')
+
+  References:
+    MXNet, ``mxnet.recordio.pack``.
+  """
+  if np.ndim(header.label) == 0:
+    return _IR_HEADER.pack(0, float(header.label), header.id, header.id2) + bytes(data)
+  labels = np.asarray(header.label, dtype="<f4")
+  if labels.ndim != 1 or labels.size == 0:
+    raise ValueError(
+        f"`header.label` must be a number or a non-empty 1-D sequence, got {labels!r}.")
+  return _IR_HEADER.pack(labels.size, 0.0, header.id, header.id2) + labels.tobytes() + bytes(data)
+
+
+def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
+  """Splits a record payload into its :class:`IRHeader` and the data after it.
+
+  Args:
+    payload: a record as read from a ``.rec`` file.
+
+  Returns:
+    ``(header, data)``; ``header.label`` is a float when ``flag == 0`` and a float32 array of
+    ``flag`` labels otherwise.
+
+  Raises:
+    ValueError: the payload is shorter than its header says.
+
+  >>> from margins.data import recordio
+  >>> recordio.unpack(recordio.pack(recordio.IRHeader(0, 5, 1), b"png"))
+  (IRHeader(flag=0, label=5.0, id=1, id2=0), b'png')
+
+  References:
+    MXNet, ``mxnet.recordio.unpack``.
+  """
+  if len(payload) < _IR_HEADER.size:
+    raise ValueError(f"record of {len(payload)} bytes is shorter than an IRHeader "
+                     f"({_IR_HEADER.size} bytes).")
+  header = IRHeader(*_IR_HEADER.unpack_from(payload))
+  data_start = _IR_HEADER.size + 4 * header.flag
+  if header.flag > 0:
+    if len(payload) < data_start:
+      raise ValueError(f"record of {len(payload)} bytes is too short for the {header.flag} "
+                       f"labels its IRHeader announces.")
+    labels = np.frombuffer(payload, dtype="<f4", count=header.flag, offset=_IR_HEADER.size)
+    header = header._replace(label=labels.astype(np.float32))
+  return header, bytes(payload[data_start:])
+
+
+def frame(payload: bytes) -> bytes:
+  """The bytes a RecordIO writer stores for one record (one or more framed parts).
+
+  The payload is cut wherever the magic word sits at a 4-aligned offset, and that word is
+  dropped; each piece is written as ``magic, cflag << 29 | length, piece, zero padding to 4``.
+
+  Args:
+    payload: the record.
+
+  Returns:
+    The framed bytes, a multiple of 4 long.
+
+  >>> from margins.data import recordio
+  >>> recordio.frame(b"abcde").hex(" ", 4)
+  '0a23d7ce 05000000 61626364 65000000'
+
+  References:
+    dmlc-core, ``RecordIOWriter::WriteRecord`` (``src/recordio.cc``).
+  """
+  payload = bytes(payload)
+  words = np.frombuffer(payload, dtype="<u4", count=len(payload) // 4)
+  cuts = (4 * np.flatnonzero(words == MAGIC)).tolist()
+  starts = [0] + [cut + 4 for cut in cuts]
+  ends = cuts + [len(payload)]
+  cflags = [_FIRST] + [_MIDDLE] * (len(cuts) - 1) + [_LAST] if cuts else [_WHOLE]
+  pieces = []
+  for cflag, start, end in zip(cflags, starts, ends):
+    if end - start > MAX_PART_LENGTH:
+      raise ValueError(f"a RecordIO record part holds at most {MAX_PART_LENGTH} bytes, "
+                       f"got {end - start}.")
+    pieces.append(_FRAME.pack(MAGIC, cflag << _CFLAG_SHIFT | (end - start)))
+    pieces.append(payload[start:end])
+    pieces.append(bytes(_padded(end - start) - (end - start)))
+  return b"".join(pieces)
+
+
+def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a ``.idx`` file: lines ``key<TAB>byte_offset``.
+
+  Args:
+    idx_path: the index.
+
+  Returns:
+    ``(keys, offsets)``, ``int64 [N]`` each, in file order.
+
+  Raises:
+    RecordIOError: a line is not two integers, or a key repeats.
+
+  >>> import os, tempfile
+  >>> from margins.data import recordio
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> with open(os.path.join(tmp.name, "a.idx"), "w") as f:
+  ...   _ = f.write("0\\t0\\n1\\t32\\n")
+  >>> keys, offsets = recordio.read_index(os.path.join(tmp.name, "a.idx"))
+  >>> keys.tolist(), offsets.tolist()
+  ([0, 1], [0, 32])
+  >>> tmp.cleanup()
+
+  References:
+    MXNet, ``mxnet.recordio.MXIndexedRecordIO``.
+  """
+  idx_path = os.fspath(idx_path)
+  if os.path.getsize(idx_path) == 0:
+    return np.zeros([0], np.int64), np.zeros([0], np.int64)
+  try:
+    table = np.loadtxt(idx_path, dtype=np.int64, ndmin=2)
+  except ValueError as error:
+    raise RecordIOError(f"{idx_path}: not a RecordIO index ({error}).") from error
+  if table.shape[1] != 2:
+    raise RecordIOError(f"{idx_path}: index lines must be 'key<TAB>byte_offset', found "
+                        f"{table.shape[1]} columns.")
+  keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+  unique, counts = np.unique(keys, return_counts=True)
+  if (counts > 1).any():
+    raise RecordIOError(f"{idx_path}: keys repeat, e.g. {unique[counts > 1][:5].tolist()}.")
+  return keys, offsets
+
+
+class RecordIOWriter:
+  """Writes a ``.rec`` file, and its ``.idx`` index when ``idx_path`` is given.
+
+  >>> import os, tempfile
+  >>> from margins.data import recordio
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> rec, idx = os.path.join(tmp.name, "a.rec"), os.path.join(tmp.name, "a.idx")
+  >>> with recordio.RecordIOWriter(rec, idx) as writer:
+  ...   [writer.write(payload, key=key) for key, payload in enumerate([b"first", b"second"])]
+  [0, 16]
+  >>> with recordio.RecordIOReader(rec, idx) as reader:
+  ...   reader.read(1), [payload for _, payload in reader.iter_records()]
+  (b'second', [b'first', b'second'])
+  >>> tmp.cleanup()
+
+  References:
+    MXNet, ``mxnet.recordio.MXRecordIO`` / ``MXIndexedRecordIO`` (``write``, ``write_idx``).
+  """
+
+  def __init__(self, rec_path: str | os.PathLike[str],
+               idx_path: str | os.PathLike[str] | None = None):
+    """Creates (truncates) the files.
+
+    Args:
+      rec_path: the ``.rec`` file.
+      idx_path: the ``.idx`` file, or ``None`` to write records without an index.
+    """
+    self.rec_path = os.fspath(rec_path)
+    self.idx_path = None if idx_path is None else os.fspath(idx_path)
+    self._rec = open(self.rec_path, "wb")
+    self._idx = None if idx_path is None else open(self.idx_path, "w", encoding="ascii")
+    self._offset = 0
+    self._keys: set[int] = set()
+
+  def write(self, payload: bytes, *, key: int | None = None) -> int:
+    """Appends a record; with ``key``, adds the line ``key<TAB>offset`` to the index.
+
+    Args:
+      payload: the record (e.g. from :func:`pack`).
+      key: the record's key in the index (integers, unique).
+
+    Returns:
+      The byte offset of the record in the ``.rec`` file.
+    """
+    if key is not None:
+      if self._idx is None:
+        raise ValueError("`key` needs an index: pass `idx_path` to RecordIOWriter.")
+      key = int(key)
+      if key in self._keys:
+        raise ValueError(f"`key` {key} was already written to {self.idx_path}.")
+      self._keys.add(key)
+    offset = self._offset
+    framed = frame(payload)
+    self._rec.write(framed)
+    self._offset += len(framed)
+    if key is not None:
+      self._idx.write(f"{key}\t{offset}\n")
+    return offset
+
+  def close(self) -> None:
+    """Flushes and closes the files."""
+    self._rec.close()
+    if self._idx is not None:
+      self._idx.close()
+
+  def __enter__(self) -> "RecordIOWriter":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+class RecordIOReader:
+  """Reads records of a ``.rec`` file: by key through its ``.idx``, or in sequence without one.
+
+  The file is opened lazily, once per process, and read with ``os.pread`` (no shared file
+  position), so one reader can be used from several threads, be pickled into grain's worker
+  processes (the handle is not pickled) and survive a fork. The index is parsed once, when the
+  reader is created.
+
+  Attributes:
+    rec_path: the ``.rec`` file.
+    idx_path: the ``.idx`` file, or ``None``.
+    keys: ``int64 [N]`` keys in index order (empty without an index).
+    offsets: ``int64 [N]`` byte offset of each key's record.
+
+  See :class:`RecordIOWriter` for an example.
+
+  References:
+    dmlc-core, ``RecordIOReader::ReadRecord`` (``src/recordio.cc``); MXNet,
+    ``mxnet.recordio.MXIndexedRecordIO``.
+  """
+
+  _fd: int | None = None  # This process's file descriptor, opened on the first read.
+  _close_fd = staticmethod(os.close)  # Still reachable in __del__ at interpreter exit.
+
+  def __init__(self, rec_path: str | os.PathLike[str],
+               idx_path: str | os.PathLike[str] | None = None):
+    """Parses the index and checks that every offset lies inside the ``.rec`` file.
+
+    Args:
+      rec_path: the ``.rec`` file.
+      idx_path: its ``.idx`` file, or ``None`` for sequential reading only.
+
+    Raises:
+      RecordIOError: the index is malformed or points past the end of the ``.rec`` file.
+    """
+    self.rec_path = os.fspath(rec_path)
+    self.idx_path = None if idx_path is None else os.fspath(idx_path)
+    size = os.path.getsize(self.rec_path)
+    if self.idx_path is None:
+      self.keys, self.offsets = np.zeros([0], np.int64), np.zeros([0], np.int64)
+    else:
+      self.keys, self.offsets = read_index(self.idx_path)
+    bad = (self.offsets < 0) | (self.offsets >= size)
+    if bad.any():
+      first = int(np.flatnonzero(bad)[0])
+      raise RecordIOError(
+          f"{self.idx_path}: key {self.keys[first]} points to byte offset {self.offsets[first]}, "
+          f"past the end of {self.rec_path} ({size} bytes).")
+    # Keys are usually written in order; then lookups need no permutation (and pickles carry
+    # the keys once).
+    in_order = bool(np.all(self.keys[1:] > self.keys[:-1]))
+    self._order = None if in_order else np.argsort(self.keys)
+    self._sorted_keys = self.keys if in_order else self.keys[self._order]
+
+  def offset(self, key: int) -> int:
+    """Byte offset of the record with this key (``KeyError`` when the index lacks it)."""
+    position = int(np.searchsorted(self._sorted_keys, key))
+    if position == len(self._sorted_keys) or self._sorted_keys[position] != key:
+      where = "no index was given" if self.idx_path is None else f"not in {self.idx_path}"
+      raise KeyError(f"record key {key}: {where}.")
+    return int(self.offsets[position if self._order is None else self._order[position]])
+
+  def read(self, key: int) -> bytes:
+    """The payload of the record with this key."""
+    payload, _ = self.read_at(self.offset(key))
+    return payload
+
+  def read_at(self, offset: int) -> tuple[bytes, int]:
+    """Reads the record starting at byte ``offset``.
+
+    Returns:
+      ``(payload, next_offset)``: the record (parts joined) and where the next record starts.
+
+    Raises:
+      RecordIOError: bad magic word, bad part sequence or truncated record; the message names
+      the file and the byte offset.
+    """
+    if self._fd is None:
+      self._fd = os.open(self.rec_path, os.O_RDONLY)
+    parts, position = [], offset
+    while True:
+      head = os.pread(self._fd, _FRAME.size, position)
+      if len(head) < _FRAME.size:
+        raise RecordIOError(f"{self.rec_path}: truncated record header at byte offset {position} "
+                            f"({len(head)} of {_FRAME.size} bytes before the end of the file).")
+      magic, lrec = _FRAME.unpack(head)
+      if magic != MAGIC:
+        raise RecordIOError(f"{self.rec_path}: bad magic word 0x{magic:08X} at byte offset "
+                            f"{position} (expected 0x{MAGIC:08X}): corrupt file or wrong offset.")
+      cflag, length = lrec >> _CFLAG_SHIFT, lrec & MAX_PART_LENGTH
+      allowed = (_MIDDLE, _LAST) if parts else (_WHOLE, _FIRST)
+      if cflag not in allowed:
+        raise RecordIOError(f"{self.rec_path}: part flag {cflag} at byte offset {position}, "
+                            f"expected one of {allowed}: corrupt file.")
+      data = os.pread(self._fd, length, position + _FRAME.size)
+      if len(data) < length:
+        raise RecordIOError(f"{self.rec_path}: record at byte offset {position} is truncated: "
+                            f"{length} bytes announced, {len(data)} before the end of the file.")
+      parts.append(data)
+      position += _FRAME.size + _padded(length)
+      if cflag in (_WHOLE, _LAST):
+        return _MAGIC_BYTES.join(parts), position
+
+  def iter_records(self) -> Iterator[tuple[int, bytes]]:
+    """Yields ``(byte_offset, payload)`` of every record in file order; needs no index."""
+    size = os.path.getsize(self.rec_path)
+    offset = 0
+    while offset < size:
+      payload, next_offset = self.read_at(offset)
+      yield offset, payload
+      offset = next_offset
+
+  def close(self) -> None:
+    """Closes this process's file handle (reading again reopens it)."""
+    if self._fd is not None:
+      self._close_fd(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "RecordIOReader":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def __del__(self):
+    self.close()
+
+  def __getstate__(self) -> dict:
+    state = self.__dict__.copy()
+    state.pop("_fd", None)  # A descriptor means nothing in another process.
+    return state
+
+
+def _read_property(path: str) -> tuple[int, int, int]:
+  with open(path, encoding="utf-8") as file:
+    text = file.read()
+  try:
+    num_classes, height, width = (int(field) for field in text.strip().split(","))
+  except ValueError as error:
+    raise RecordIOError(
+        f"{path}: expected 'num_classes,height,width', got {text.strip()[:80]!r}.") from error
+  return num_classes, height, width
+
+
+class RecordIOSource:
+  """Grain random-access source over an insightface RecordIO dataset (or any image ``.rec``).
+
+  Records are ``{"image": uint8 [H, W, C], "label": int32 []}``: the image is decoded (and resized
+  when its size differs from ``image_shape``) in ``__getitem__``; the label is the record's
+  label, or the first of its labels. The source pickles into grain's worker processes without
+  its file handle (each process opens the file once).
+
+  Attributes:
+    rec_path, idx_path: the files read.
+    image_keys: ``int64 [N]`` keys of the image records, in order: ``source[i]`` reads key
+      ``image_keys[i]``.
+    num_classes: number of identities.
+    image_shape: ``(H, W, C)`` of every image returned.
+
+  >>> import os, tempfile, numpy as np
+  >>> from margins.data import recordio
+  >>> from margins.data.image_folder import encode_image
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> image = encode_image(np.zeros((4, 4, 3), np.uint8), image_format="png")
+  >>> with recordio.RecordIOWriter(os.path.join(tmp.name, "train.rec"),
+  ...                              os.path.join(tmp.name, "train.idx")) as writer:
+  ...   _ = writer.write(recordio.pack(recordio.IRHeader(0, [3, 5], 0), b""), key=0)
+  ...   for key, label in [(1, 0), (2, 1)]:
+  ...     _ = writer.write(recordio.pack(recordio.IRHeader(0, label, key), image), key=key)
+  ...   _ = writer.write(recordio.pack(recordio.IRHeader(0, [1, 2], 3), b""), key=3)
+  ...   _ = writer.write(recordio.pack(recordio.IRHeader(0, [2, 3], 4), b""), key=4)
+  >>> source = recordio.RecordIOSource(tmp.name)
+  >>> len(source), source.num_classes, source.image_shape, int(source[1]["label"])
+  (2, 2, (4, 4, 3), 1)
+  >>> source.identity_ranges().tolist()
+  [[1, 2], [2, 3]]
+  >>> tmp.cleanup()
+
+  References:
+    insightface, ``recognition/arcface_torch/dataset.py`` (``MXFaceDataset``).
+  """
+
+  def __init__(self, path: str | os.PathLike[str], *,
+               image_shape: Sequence[int] | None = None, num_classes: int | None = None):
+    """Opens a dataset.
+
+    Args:
+      path: a folder holding ``train.rec``, ``train.idx`` (and ``property``), or a ``.rec`` file
+        whose index is the ``.idx`` file beside it with the same stem.
+      image_shape: ``(H, W, C)`` of the returned images (C = 1 or 3). ``None``: ``(H, W, 3)``
+        from ``property``, else the size of the first image.
+      num_classes: ``None``: from ``property`` (a file beside the ``.rec``), else from the
+        identity range of the header record; give it for files that have neither.
+
+    Raises:
+      RecordIOError: a file is malformed, or an image key is missing from the index.
+      ValueError: ``num_classes`` is not given and the files do not say it.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      self.rec_path = os.path.join(path, "train.rec")
+    else:
+      self.rec_path = path
+    self.idx_path = os.path.splitext(self.rec_path)[0] + ".idx"
+    self.reader = RecordIOReader(self.rec_path, self.idx_path)
+
+    # The header record: key 0, with labels and no image (MXFaceDataset checks only flag > 0;
+    # an image record at key 0 with several labels, as im2rec writes, has data after them).
+    header, data = self._unpack(0) if 0 in self.reader.keys else (None, None)
+    self._identity_keys = None
+    if header is not None and header.flag > 0 and not data:
+      image_end = int(header.label[0])
+      self.image_keys = np.arange(1, image_end, dtype=np.int64)
+      missing = np.setdiff1d(self.image_keys, self.reader.keys)
+      if missing.size:
+        raise RecordIOError(
+            f"{self.idx_path}: the header record (key 0) announces image keys 1..{image_end - 1}, "
+            f"but keys {missing[:5].tolist()} are not in the index.")
+      # Identity records [N + 1, N + 1 + K), when the header gives their range and they exist
+      # (some tools write labels [N + 1, K] and no identity records).
+      identity_end = int(header.label[1]) if header.flag > 1 else image_end
+      identity_keys = np.arange(image_end, identity_end, dtype=np.int64)
+      if identity_keys.size and np.isin(identity_keys, self.reader.keys).all():
+        self._identity_keys = identity_keys
+    else:
+      self.image_keys = self.reader.keys
+    if len(self.image_keys) == 0:
+      raise RecordIOError(f"{self.idx_path}: the index lists no image records.")
+
+    property_path = os.path.join(os.path.dirname(self.rec_path), "property")
+    stored = _read_property(property_path) if os.path.exists(property_path) else None
+    if num_classes is None:
+      if stored is not None:
+        num_classes = stored[0]
+      elif self._identity_keys is not None:
+        num_classes = len(self._identity_keys)
+      else:
+        raise ValueError(f"`num_classes` is needed: {self.rec_path} has no `property` file "
+                         "beside it and no header record with identity ranges.")
+    if num_classes <= 0:
+      raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
+    self.num_classes = int(num_classes)
+    if image_shape is None:
+      if stored is not None:
+        image_shape = (stored[1], stored[2], 3)
+      else:
+        key = int(self.image_keys[0])
+        image_shape = self._decode(key, self._unpack(key)[1], None).shape
+    self.image_shape = image_folder.check_image_shape(image_shape)
+
+  def __len__(self) -> int:
+    return len(self.image_keys)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    key = int(self.image_keys[index])
+    header, data = self._unpack(key)
+    label = header.label if header.flag == 0 else header.label[0]
+    if not 0 <= label < self.num_classes:
+      raise RecordIOError(f"{self.rec_path}: record key {key} (byte offset "
+                          f"{self.reader.offset(key)}) has label {label}, outside "
+                          f"[0, {self.num_classes}).")
+    return {"image": self._decode(key, data, self.image_shape), "label": np.int32(label)}
+
+  def identity_ranges(self) -> np.ndarray | None:
+    """``int64 [K, 2]``: identity ``k``'s images are keys ``[start, end)``; ``None`` when the
+    files hold no identity records."""
+    if self._identity_keys is None:
+      return None
+    ranges = [self._unpack(int(key))[0].label[:2] for key in self._identity_keys]
+    return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+
+  def _unpack(self, key: int) -> tuple[IRHeader, bytes]:
+    try:
+      return unpack(self.reader.read(key))
+    except ValueError as error:
+      if isinstance(error, RecordIOError):
+        raise
+      raise RecordIOError(f"{self.rec_path}: record key {key} (byte offset "
+                          f"{self.reader.offset(key)}): {error}") from error
+
+  def _decode(self, key: int, data: bytes,
+              image_shape: tuple[int, int, int] | None) -> np.ndarray:
+    try:
+      return image_folder.decode_image(data, image_shape=image_shape)
+    except ValueError as error:
+      raise RecordIOError(f"{self.rec_path}: record key {key} (byte offset "
+                          f"{self.reader.offset(key)}): {error}") from error
+
+  def __repr__(self) -> str:
+    return (f"RecordIOSource({self.rec_path!r}, {len(self)} images, {self.num_classes} classes, "
+            f"image_shape={self.image_shape})")

@@ -1,0 +1,144 @@
+"""Tests of the image codec and the image-folder source."""
+
+import os
+import pickle
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from margins.data import image_folder
+
+
+def _random_image(seed, shape=(6, 5, 3)):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _save(path, image, image_format="PNG"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  PIL.Image.fromarray(image).save(path, format=image_format)
+
+
+# Codec.
+
+
+def test_png_round_trip_is_exact_and_jpeg_is_a_jpeg():
+  image = _random_image(0)
+  png = image_folder.encode_image(image, image_format="png")
+  assert png.startswith(b"\x89PNG")
+  np.testing.assert_array_equal(image_folder.decode_image(png), image)
+  grey = image[:, :, :1]
+  np.testing.assert_array_equal(
+      image_folder.decode_image(image_folder.encode_image(grey, image_format="png"),
+                                image_shape=(6, 5, 1)), grey)
+  assert image_folder.encode_image(image, quality=50).startswith(b"\xff\xd8\xff")
+
+
+def test_decode_converts_and_resizes_like_pillow():
+  image = _random_image(1, (8, 12, 3))
+  png = image_folder.encode_image(image, image_format="png")
+  # Independent reference: Pillow called directly.
+  pil = PIL.Image.fromarray(image)
+  expected_grey = np.asarray(pil.convert("L"))[:, :, None]
+  np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(8, 12, 1)),
+                                expected_grey)
+  expected_small = np.asarray(pil.resize((6, 4), PIL.Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(4, 6, 3)),
+                                expected_small)
+
+
+def test_codec_rejects_bad_input():
+  with pytest.raises(ValueError, match="cannot decode image \\(7 bytes\\)"):
+    image_folder.decode_image(b"garbage")
+  with pytest.raises(ValueError, match="`image_shape`"):
+    image_folder.decode_image(b"", image_shape=(4, 4, 2))
+  with pytest.raises(TypeError, match="uint8"):
+    image_folder.encode_image(np.zeros((2, 2, 3), np.float32))
+  with pytest.raises(ValueError, match="`image`"):
+    image_folder.encode_image(np.zeros((2, 2, 4), np.uint8))
+  with pytest.raises(ValueError, match="`image_format`"):
+    image_folder.encode_image(np.zeros((2, 2, 3), np.uint8), image_format="gif")
+  with pytest.raises(ValueError, match="`quality`"):
+    image_folder.encode_image(np.zeros((2, 2, 3), np.uint8), quality=0)
+
+
+# Listing.
+
+
+def test_listing_sorts_identities_and_images_and_filters_extensions(tmp_path):
+  for name in ["zed/b.JPG", "zed/a.png", "amy/nested/x.jpeg", "amy/c.bmp", "amy/readme.txt",
+               ".hidden/a.png", "mid/1.webp"]:
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).touch()
+  (tmp_path / "stray.png").touch()  # Files at the top level are not identities.
+  paths, labels, names = image_folder.list_image_folder(tmp_path)
+  assert names == ["amy", "mid", "zed"]
+  assert [os.path.relpath(path, tmp_path) for path in paths] == [
+      "amy/c.bmp", "amy/nested/x.jpeg", "mid/1.webp", "zed/a.png", "zed/b.JPG"]
+  assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_listing_errors(tmp_path):
+  with pytest.raises(ValueError, match="`root` must be a folder"):
+    image_folder.list_image_folder(tmp_path / "missing")
+  with pytest.raises(ValueError, match="no identity sub-folders"):
+    image_folder.list_image_folder(tmp_path)
+  os.makedirs(tmp_path / "a")
+  (tmp_path / "a" / "x.png").touch()
+  os.makedirs(tmp_path / "b")
+  (tmp_path / "b" / "notes.txt").touch()
+  with pytest.raises(ValueError, match="1 identity folder\\(s\\) hold no image.*\\['b'\\]"):
+    image_folder.list_image_folder(tmp_path)
+
+
+# Source.
+
+
+def _folder(tmp_path, shapes):
+  """``tmp/<identity>/<k>.png`` with random images; returns them by (identity, k)."""
+  images = {}
+  for identity, identity_shapes in shapes.items():
+    for k, shape in enumerate(identity_shapes):
+      images[identity, k] = _random_image(len(images), shape)
+      _save(str(tmp_path / identity / f"{k}.png"), images[identity, k])
+  return images
+
+
+def test_source_contract_and_values(tmp_path):
+  images = _folder(tmp_path, {"b": [(6, 5, 3)], "a": [(6, 5, 3), (6, 5, 3)]})
+  source = image_folder.ImageFolderSource(tmp_path)
+  assert (len(source), source.num_classes, source.image_shape) == (3, 2, (6, 5, 3))
+  assert source.class_names == ["a", "b"]
+  expected = [(images["a", 0], 0), (images["a", 1], 0), (images["b", 0], 1)]
+  for index, (image, label) in enumerate(expected):
+    record = source[index]
+    assert set(record) == {"image", "label"}
+    assert record["image"].dtype == np.uint8 and record["label"].dtype == np.int32
+    assert record["label"].shape == () and record["label"] == label
+    np.testing.assert_array_equal(record["image"], image)
+
+  copy = pickle.loads(pickle.dumps(source))
+  np.testing.assert_array_equal(copy[2]["image"], source[2]["image"])
+  assert copy[2]["label"] == source[2]["label"]
+
+
+def test_source_resizes_images_to_image_shape(tmp_path):
+  images = _folder(tmp_path, {"a": [(6, 5, 3), (9, 7, 3)]})
+  source = image_folder.ImageFolderSource(tmp_path)  # Shape of the first image.
+  assert source.image_shape == (6, 5, 3)
+  expected = np.asarray(
+      PIL.Image.fromarray(images["a", 1]).resize((5, 6), PIL.Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(source[1]["image"], expected)
+  grey = image_folder.ImageFolderSource(tmp_path, image_shape=(4, 4, 1))
+  assert grey[0]["image"].shape == (4, 4, 1) and grey[1]["image"].shape == (4, 4, 1)
+
+
+def test_source_names_an_undecodable_file(tmp_path):
+  _folder(tmp_path, {"a": [(4, 4, 3)]})
+  with open(tmp_path / "a" / "1.jpg", "wb") as file:
+    file.write(b"not a jpeg")
+  source = image_folder.ImageFolderSource(tmp_path)
+  path = re.escape(str(tmp_path / "a" / "1.jpg"))
+  with pytest.raises(ValueError, match=f"{path}: cannot decode image"):
+    source[1]

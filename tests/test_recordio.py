@@ -1,0 +1,414 @@
+"""Tests of the pure-Python RecordIO reader/writer, the insightface layout and the pack tool.
+
+Expected bytes are written out by hand from the format (dmlc-core's framing, MXNet's IRHeader),
+not produced by the code under test.
+"""
+
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from margins.data import recordio
+from margins.data.image_folder import encode_image
+from margins.tools import pack_recordio
+
+MAGIC = struct.pack("<I", 0xCED7230A)
+
+
+def _part(cflag, data):
+  """One framed part, from the format: magic, cflag << 29 | length, data, zero padding to 4."""
+  padding = b"\0" * (-len(data) % 4)
+  return MAGIC + struct.pack("<I", cflag << 29 | len(data)) + data + padding
+
+
+def _write(tmp_path, payloads, keys=None):
+  rec, idx = str(tmp_path / "data.rec"), str(tmp_path / "data.idx")
+  keys = range(len(payloads)) if keys is None else keys
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    offsets = [writer.write(payload, key=key) for key, payload in zip(keys, payloads)]
+  return rec, idx, offsets
+
+
+# Framing.
+
+
+def test_frame_of_a_plain_record_matches_the_format():
+  assert recordio.frame(b"abcde") == (
+      bytes.fromhex("0a23d7ce") + bytes.fromhex("05000000") + b"abcde" + b"\0\0\0")
+  assert recordio.frame(b"abcd") == MAGIC + struct.pack("<I", 4) + b"abcd"
+  assert recordio.frame(b"") == MAGIC + struct.pack("<I", 0)
+
+
+def test_frame_splits_where_the_magic_word_is_4_aligned():
+  payload = b"abcd" + MAGIC + b"efgh" + MAGIC + b"ij"
+  assert recordio.frame(payload) == _part(1, b"abcd") + _part(2, b"efgh") + _part(3, b"ij")
+
+
+@pytest.mark.parametrize("position", [1, 2, 3, 5])
+def test_frame_keeps_a_magic_word_that_is_not_4_aligned(position):
+  payload = b"x" * position + MAGIC + b"tail"
+  assert recordio.frame(payload) == _part(0, payload)
+
+
+def test_frame_edge_cases_of_splitting():
+  # Magic word first: an empty first part. Last: an empty last part. Twice in a row: empty middle.
+  assert recordio.frame(MAGIC + b"ab") == _part(1, b"") + _part(3, b"ab")
+  assert recordio.frame(b"abcd" + MAGIC) == _part(1, b"abcd") + _part(3, b"")
+  assert recordio.frame(MAGIC + MAGIC) == _part(1, b"") + _part(2, b"") + _part(3, b"")
+
+
+TRICKY_PAYLOADS = [
+    b"",
+    b"a",
+    b"abcdefg",
+    MAGIC,
+    MAGIC + MAGIC + MAGIC,
+    b"abcd" + MAGIC + b"efgh" + MAGIC + b"ij",
+    b"ab" + MAGIC + b"cd",
+    b"\0" * 12 + MAGIC + b"\0" * 3,
+    bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8)),
+]
+
+
+def test_multi_part_records_round_trip_by_key_and_in_sequence(tmp_path):
+  rec, idx, offsets = _write(tmp_path, TRICKY_PAYLOADS)
+  with recordio.RecordIOReader(rec, idx) as reader:
+    assert [reader.read(key) for key in range(len(TRICKY_PAYLOADS))] == TRICKY_PAYLOADS
+    assert list(reader.iter_records()) == list(zip(offsets, TRICKY_PAYLOADS))
+  # Without the index, sequential reading still works.
+  with recordio.RecordIOReader(rec) as reader:
+    assert [payload for _, payload in reader.iter_records()] == TRICKY_PAYLOADS
+    with pytest.raises(KeyError, match="no index"):
+      reader.read(0)
+
+
+def test_file_bytes_and_index_lines_match_the_format(tmp_path):
+  payloads = [b"hello", b"ab" + MAGIC + b"cd", b"abcd" + MAGIC + b"efg"]
+  rec, idx, _ = _write(tmp_path, payloads, keys=[7, 3, 11])
+  expected = [_part(0, b"hello"), _part(0, b"ab" + MAGIC + b"cd"),
+              _part(1, b"abcd") + _part(3, b"efg")]
+  with open(rec, "rb") as file:
+    assert file.read() == b"".join(expected)
+  offsets = np.cumsum([0] + [len(part) for part in expected[:-1]])
+  with open(idx) as file:
+    assert file.read() == "".join(f"{key}\t{offset}\n" for key, offset in zip([7, 3, 11], offsets))
+  keys, read_offsets = recordio.read_index(idx)
+  assert keys.tolist() == [7, 3, 11] and read_offsets.tolist() == offsets.tolist()
+  with recordio.RecordIOReader(rec, idx) as reader:  # Keys out of order: looked up all the same.
+    assert [reader.read(key) for key in (3, 7, 11)] == [payloads[1], payloads[0], payloads[2]]
+    with pytest.raises(KeyError, match="record key 5: not in"):
+      reader.read(5)
+
+
+def test_writer_rejects_repeated_keys_and_keys_without_index(tmp_path):
+  with recordio.RecordIOWriter(str(tmp_path / "a.rec"), str(tmp_path / "a.idx")) as writer:
+    writer.write(b"x", key=1)
+    with pytest.raises(ValueError, match="already written"):
+      writer.write(b"y", key=1)
+  with recordio.RecordIOWriter(str(tmp_path / "b.rec")) as writer:
+    assert writer.write(b"x") == 0
+    with pytest.raises(ValueError, match="idx_path"):
+      writer.write(b"y", key=0)
+
+
+# IRHeader.
+
+
+def test_pack_matches_mxnet_layout_for_scalar_and_list_labels():
+  scalar = recordio.pack(recordio.IRHeader(0, 4, 2574), b"img")
+  assert scalar == struct.pack("<IfQQ", 0, 4.0, 2574, 0) + b"img"
+  listed = recordio.pack(recordio.IRHeader(0, [3, 7.5], 12, 1), b"img")
+  assert listed == struct.pack("<IfQQ", 2, 0.0, 12, 1) + struct.pack("<2f", 3.0, 7.5) + b"img"
+
+  header, data = recordio.unpack(scalar)
+  assert (header.flag, header.label, header.id, header.id2, data) == (0, 4.0, 2574, 0, b"img")
+  header, data = recordio.unpack(listed)
+  assert header.flag == 2 and header.label.dtype == np.float32 and data == b"img"
+  np.testing.assert_array_equal(header.label, [3.0, 7.5])
+
+
+def test_unpack_rejects_short_records():
+  with pytest.raises(ValueError, match="shorter than an IRHeader"):
+    recordio.unpack(b"\0" * 23)
+  with pytest.raises(ValueError, match="3 labels"):
+    recordio.unpack(struct.pack("<IfQQ", 3, 0.0, 0, 0) + b"\0" * 8)
+  with pytest.raises(ValueError, match="non-empty 1-D"):
+    recordio.pack(recordio.IRHeader(0, [], 0), b"")
+
+
+# Corrupt and truncated files.
+
+
+def test_bad_magic_names_file_and_offset(tmp_path):
+  rec, idx, offsets = _write(tmp_path, [b"first", b"second", b"third"])
+  with open(rec, "r+b") as file:
+    file.seek(offsets[1])
+    file.write(b"JUNK")
+  reader = recordio.RecordIOReader(rec, idx)
+  assert reader.read(0) == b"first"
+  with pytest.raises(recordio.RecordIOError,
+                     match=f"{re.escape(rec)}: bad magic word 0x4B4E554A at byte offset "
+                           f"{offsets[1]}"):
+    reader.read(1)
+  with pytest.raises(recordio.RecordIOError, match=f"byte offset {offsets[1]}"):
+    list(reader.iter_records())
+  reader.close()
+
+
+def test_truncated_payload_and_header_name_file_and_offset(tmp_path):
+  rec, idx, offsets = _write(tmp_path, [b"first", b"x" * 40])
+  os.truncate(rec, offsets[1] + 8 + 10)
+  with recordio.RecordIOReader(rec, idx) as reader:
+    with pytest.raises(recordio.RecordIOError,
+                       match=f"{re.escape(rec)}: record at byte offset {offsets[1]} is "
+                             "truncated: 40 bytes "
+                             "announced, 10 before"):
+      reader.read(1)
+  os.truncate(rec, offsets[1] + 4)
+  with recordio.RecordIOReader(rec) as reader:
+    with pytest.raises(recordio.RecordIOError,
+                       match=f"truncated record header at byte offset {offsets[1]}"):
+      list(reader.iter_records())
+
+
+def test_truncated_multi_part_record_names_the_part_offset(tmp_path):
+  rec, idx, offsets = _write(tmp_path, [b"abcd" + MAGIC + b"efghijkl"])
+  second_part = offsets[0] + len(_part(1, b"abcd"))
+  os.truncate(rec, second_part + 8 + 3)
+  with recordio.RecordIOReader(rec, idx) as reader:
+    with pytest.raises(recordio.RecordIOError, match=f"byte offset {second_part} is truncated"):
+      reader.read(0)
+
+
+def test_out_of_sequence_part_flag_is_an_error(tmp_path):
+  rec = str(tmp_path / "bad.rec")
+  with open(rec, "wb") as file:
+    file.write(_part(0, b"ok") + _part(3, b"orphan"))
+  with recordio.RecordIOReader(rec) as reader:
+    with pytest.raises(recordio.RecordIOError, match="part flag 3 at byte offset 12"):
+      list(reader.iter_records())
+
+
+def test_index_errors_name_the_index_file(tmp_path):
+  rec, idx, _ = _write(tmp_path, [b"first", b"second"])
+  size = os.path.getsize(rec)
+  with open(idx, "a") as file:
+    file.write(f"5\t{size}\n")
+  with pytest.raises(recordio.RecordIOError,
+                     match=f"{re.escape(idx)}: key 5 points to byte offset {size}, past the "
+                           f"end of {re.escape(rec)}"):
+    recordio.RecordIOReader(rec, idx)
+
+  for text, message in [("0\t0\n1\tabc\n", "not a RecordIO index"),
+                        ("0\t0\n0\t16\n", "keys repeat"),
+                        ("0\t0\t9\n", "3 columns")]:
+    with open(idx, "w") as file:
+      file.write(text)
+    with pytest.raises(recordio.RecordIOError, match=f"{re.escape(idx)}: .*{message}"):
+      recordio.RecordIOReader(rec, idx)
+
+
+def test_reader_pickles_without_its_file_handle(tmp_path):
+  rec, idx, _ = _write(tmp_path, TRICKY_PAYLOADS)
+  reader = recordio.RecordIOReader(rec, idx)
+  assert reader.read(4) == TRICKY_PAYLOADS[4]  # Opens the file in this process.
+  copy = pickle.loads(pickle.dumps(reader))
+  assert copy._fd is None  # pylint: disable=protected-access
+  assert copy.read(5) == TRICKY_PAYLOADS[5]
+  reader.close()
+  copy.close()
+
+
+# insightface's layout and the source.
+
+
+def _smooth_image(seed, size=16):
+  """A smooth RGB image, so that JPEG keeps it within a few grey levels."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:size, 0:size] / size
+  channels = [rng.uniform(60, 190) + rng.uniform(10, 60) * np.sin(np.pi * (a * x + b * y))
+              for a, b in rng.uniform(0.2, 1.0, (3, 2))]
+  return np.stack(channels, axis=-1).clip(0, 255).round().astype(np.uint8)
+
+
+def _make_folder(root, counts, size=16):
+  """``root/<identity>/<k>.png``; returns {identity: [images]} in sorted order."""
+  images = {}
+  for identity, count in counts.items():
+    os.makedirs(root / identity)
+    images[identity] = []
+    for k in range(count):
+      image = _smooth_image(10 * sum(map(ord, identity)) + k, size)
+      with open(root / identity / f"{k}.png", "wb") as file:
+        file.write(encode_image(image, image_format="png"))
+      images[identity].append(image)
+  return dict(sorted(images.items()))
+
+
+COUNTS = {"carol": 1, "alice": 3, "bob": 2}
+
+
+def test_pack_tool_writes_the_insightface_layout(tmp_path):
+  images = _make_folder(tmp_path / "faces", COUNTS)
+  num_images, num_classes = pack_recordio.pack_image_folder(
+      tmp_path / "faces", str(tmp_path / "train"), quality=95, num_threads=2)
+  assert (num_images, num_classes) == (6, 3)
+  with open(tmp_path / "property") as file:
+    assert file.read() == "3,16,16"
+
+  # Read the raw files without the reader: index lines, then the header and identity records.
+  with open(tmp_path / "train.idx") as file:
+    index = dict(tuple(int(field) for field in line.split("\t")) for line in file)
+  assert sorted(index) == list(range(1 + 6 + 3))
+  with open(tmp_path / "train.rec", "rb") as file:
+    data = file.read()
+
+  def header_at(key):
+    magic, lrec, flag, label, record_id, _ = struct.unpack_from("<IIIfQQ", data, index[key])
+    assert magic == 0xCED7230A and lrec >> 29 == 0
+    labels = struct.unpack_from(f"<{flag}f", data, index[key] + 32)
+    return flag, label, record_id, labels
+
+  assert header_at(0) == (2, 0.0, 0, (7.0, 10.0))  # Identity keys 7..9.
+  # Identities sorted by name: alice (keys 1-3), bob (4-5), carol (6).
+  assert [header_at(key)[3] for key in (7, 8, 9)] == [(1.0, 4.0), (4.0, 6.0), (6.0, 7.0)]
+  assert [header_at(key) for key in range(1, 7)] == [
+      (0, 0.0, 1, ()), (0, 0.0, 2, ()), (0, 0.0, 3, ()), (0, 1.0, 4, ()), (0, 1.0, 5, ()),
+      (0, 2.0, 6, ())]
+
+  source = recordio.RecordIOSource(tmp_path)
+  assert (len(source), source.num_classes, source.image_shape) == (6, 3, (16, 16, 3))
+  np.testing.assert_array_equal(source.identity_ranges(), [[1, 4], [4, 6], [6, 7]])
+  expected = [(image, label) for label, identity in enumerate(images)
+              for image in images[identity]]
+  for index, (image, label) in enumerate(expected):
+    record = source[index]
+    assert record["image"].dtype == np.uint8 and record["image"].shape == (16, 16, 3)
+    assert record["label"].dtype == np.int32 and record["label"].shape == ()
+    assert record["label"] == label
+    error = np.abs(record["image"].astype(int) - image.astype(int))
+    assert error.mean() < 2 and error.max() < 24  # JPEG (4:2:0 chroma) of a smooth image.
+
+
+def test_pack_tool_command_line(tmp_path):
+  _make_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=20)
+  result = subprocess.run(
+      [sys.executable, "-m", "margins.tools.pack_recordio", "--image_dir",
+       str(tmp_path / "faces"), "--output", str(tmp_path / "new" / "ds"), "--quality", "90",
+       "--image_size", "12,10"],
+      capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr
+  assert "Packed 3 images of 2 identities" in result.stdout
+  source = recordio.RecordIOSource(tmp_path / "new" / "ds.rec")
+  assert (len(source), source.num_classes, source.image_shape) == (3, 2, (12, 10, 3))
+  assert [int(source[i]["label"]) for i in range(3)] == [0, 0, 1]
+  with pytest.raises(SystemExit):
+    pack_recordio.main(["--image_dir", "x", "--output", "y", "--image_size", "12"])
+
+
+def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path):
+  _make_folder(tmp_path / "faces", {"a": 1}, size=16)
+  _make_folder(tmp_path / "faces", {"b": 1}, size=12)
+  with pytest.raises(ValueError, match=r"b/0.png: image is \(12, 12\).*--image_size"):
+    pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
+
+
+def test_source_is_picklable_and_the_copy_reads_the_same(tmp_path):
+  _make_folder(tmp_path / "faces", COUNTS)
+  pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
+  source = recordio.RecordIOSource(tmp_path / "train.rec")
+  first = source[4]  # The file is now open in this process.
+  copy = pickle.loads(pickle.dumps(source))
+  again = copy[4]
+  np.testing.assert_array_equal(again["image"], first["image"])
+  assert again["label"] == first["label"] and again["label"].dtype == np.int32
+
+
+def _write_image_records(tmp_path, labels, *, header=None, size=8):
+  """Image records at keys 0.. (or 1.. after a header record), PNG-encoded."""
+  rec, idx = str(tmp_path / "plain.rec"), str(tmp_path / "plain.idx")
+  images = [_smooth_image(k, size) for k in range(len(labels))]
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    if header is not None:
+      writer.write(recordio.pack(recordio.IRHeader(0, header, 0), b""), key=0)
+    first_key = 0 if header is None else 1
+    for key, (label, image) in enumerate(zip(labels, images), start=first_key):
+      png = encode_image(image, image_format="png")
+      writer.write(recordio.pack(recordio.IRHeader(0, label, key), png), key=key)
+  return rec, images
+
+
+def test_source_without_header_record_reads_every_key_and_list_labels(tmp_path):
+  rec, images = _write_image_records(tmp_path, [[2, 9.0], [0, 5.0], [1, 1.0]])
+  with pytest.raises(ValueError, match="`num_classes` is needed"):
+    recordio.RecordIOSource(rec)
+  source = recordio.RecordIOSource(rec, num_classes=3)
+  assert source.image_keys.tolist() == [0, 1, 2] and source.identity_ranges() is None
+  assert [int(source[i]["label"]) for i in range(3)] == [2, 0, 1]  # The first label of each.
+  for i in range(3):
+    np.testing.assert_array_equal(source[i]["image"], images[i])  # PNG: exact.
+
+
+def test_source_header_variants(tmp_path):
+  # Image keys 1..3 announced, only 1..2 written.
+  rec, _ = _write_image_records(tmp_path, [0, 1], header=[4, 4])
+  with pytest.raises(recordio.RecordIOError, match="keys \\[3\\] are not in the index"):
+    recordio.RecordIOSource(rec, num_classes=2)
+  # Labels [N + 1, K] and no identity records, as some packing scripts write: keys 1..N are the
+  # images, and num_classes must come from elsewhere.
+  rec, _ = _write_image_records(tmp_path, [0, 1], header=[3, 2])
+  source = recordio.RecordIOSource(rec, num_classes=2)
+  assert source.image_keys.tolist() == [1, 2] and source.identity_ranges() is None
+
+
+def test_source_without_images_is_an_error(tmp_path):
+  rec, idx = str(tmp_path / "empty.rec"), str(tmp_path / "empty.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    writer.write(recordio.pack(recordio.IRHeader(0, [1, 1], 0), b""), key=0)
+  with pytest.raises(recordio.RecordIOError, match=f"{re.escape(idx)}: .*no image records"):
+    recordio.RecordIOSource(rec, num_classes=1)
+
+
+def test_source_resizes_to_image_shape_and_converts_channels(tmp_path):
+  rec, _ = _write_image_records(tmp_path, [0, 1], header=[3, 3])
+  source = recordio.RecordIOSource(rec, image_shape=(5, 7, 1), num_classes=2)
+  record = source[1]
+  assert record["image"].shape == (5, 7, 1) and record["image"].dtype == np.uint8
+
+
+def test_source_rejects_labels_outside_num_classes(tmp_path):
+  rec, _ = _write_image_records(tmp_path, [0, 4])
+  source = recordio.RecordIOSource(rec, num_classes=3)
+  assert int(source[0]["label"]) == 0
+  with pytest.raises(recordio.RecordIOError,
+                     match=f"{re.escape(rec)}: record key 1 \\(byte offset \\d+\\) has "
+                           "label 4.0"):
+    source[1]
+
+
+def test_source_names_the_record_of_an_undecodable_image(tmp_path):
+  rec, idx = str(tmp_path / "bad.rec"), str(tmp_path / "bad.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    writer.write(recordio.pack(recordio.IRHeader(0, 0, 0), b"not an image"), key=0)
+  with pytest.raises(recordio.RecordIOError,
+                     match=f"{re.escape(rec)}: record key 0 \\(byte offset 0\\): cannot decode"):
+    recordio.RecordIOSource(rec, num_classes=1)
+
+
+def test_property_file_gives_num_classes_and_shape(tmp_path):
+  rec, _ = _write_image_records(tmp_path, [0, 1], size=8)
+  with open(tmp_path / "property", "w") as file:
+    file.write("10,6,4\n")
+  source = recordio.RecordIOSource(rec)
+  assert source.num_classes == 10 and source.image_shape == (6, 4, 3)
+  assert source[0]["image"].shape == (6, 4, 3)
+  with open(tmp_path / "property", "w") as file:
+    file.write("10;6;4")
+  with pytest.raises(recordio.RecordIOError, match="property: expected 'num_classes,height"):
+    recordio.RecordIOSource(rec)
