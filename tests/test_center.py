@@ -1,0 +1,183 @@
+"""Center loss and the centre update rule against float64 loops over the batch."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from margins.losses import center
+
+B, D, C = 7, 3, 5
+# Class 0 three times, class 3 twice, class 4 once; classes 1 and 2 are absent.
+LABELS = np.array([0, 3, 0, 4, 3, 0, 3], np.int32)[:B]
+
+
+def make_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, D)).astype(np.float32)
+  centers = rng.normal(size=(C, D)).astype(np.float32)
+  return x, centers
+
+
+def ref_center_loss(x, centers, labels):
+  x, centers = np.asarray(x, np.float64), np.asarray(centers, np.float64)
+  return np.array([0.5 * sum((x[i, k] - centers[labels[i], k]) ** 2 for k in range(x.shape[1]))
+                   for i in range(len(labels))])
+
+
+def ref_update_centers(centers, x, labels, alpha):
+  """Wen et al., Algorithm 1: c_j -= alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)."""
+  centers, x = np.asarray(centers, np.float64), np.asarray(x, np.float64)
+  new = centers.copy()
+  for j in range(len(centers)):
+    members = [i for i in range(len(labels)) if labels[i] == j]
+    if members:
+      delta = sum(centers[j] - x[i] for i in members) / (1 + len(members))
+      new[j] = centers[j] - alpha * delta
+  return new
+
+
+def test_center_loss_matches_reference():
+  x, centers = make_inputs()
+  got = jax.jit(center.center_loss)(x, centers, LABELS)
+  assert got.shape == (B,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_center_loss(x, centers, LABELS), rtol=1e-6)
+
+
+def test_center_loss_gradient_reaches_embeddings_only():
+  x, centers = make_inputs(1)
+  with jax.enable_x64(True):
+    x64, c64 = jnp.asarray(x, jnp.float64), jnp.asarray(centers, jnp.float64)
+    weights = jnp.linspace(0.5, 1.5, B, dtype=jnp.float64)
+    fn = jax.jit(lambda x_, c_: jnp.sum(center.center_loss(x_, c_, LABELS) * weights))
+    check_grads(lambda x_: fn(x_, c64), (x64,), order=1, modes=["rev"], atol=1e-7, rtol=1e-7)
+    grad_x, grad_c = jax.grad(fn, argnums=(0, 1))(x64, c64)
+  # d/dx_i = w_i (x_i - c_{y_i}); the centres are moved by `update_centers`, not by gradients.
+  np.testing.assert_allclose(grad_x, np.asarray(weights)[:, None] * (x - centers[LABELS]),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(grad_c, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_center_loss_in_16_bits(dtype):
+  x, centers = make_inputs(2)
+  x, centers = jnp.asarray(x, dtype), jnp.asarray(centers * 10, dtype)
+  loss, grad = jax.value_and_grad(lambda x_: center.center_loss(x_, centers, LABELS).sum())(x)
+  assert loss.dtype == jnp.float32 and grad.dtype == dtype
+  # Computed in float32 from the 16-bit inputs, not in 16 bits.
+  want = ref_center_loss(np.asarray(x, np.float64), np.asarray(centers, np.float64), LABELS)
+  np.testing.assert_allclose(loss, want.sum(), rtol=1e-6)
+
+
+def test_out_of_range_labels():
+  x, centers = make_inputs()
+  bad = LABELS.copy()
+  bad[2] = C
+  with pytest.raises(ValueError, match="`labels`"):
+    center.center_loss(x, centers, bad)
+  with pytest.raises(ValueError, match="`labels`"):
+    center.update_centers(centers, x, bad)
+  # Under jit the loss of that example is NaN, and the update ignores it.
+  bad[4] = -1
+  loss = jax.jit(center.center_loss)(x, centers, bad)
+  assert np.isnan(loss[2]) and np.isnan(loss[4])
+  assert np.all(np.isfinite(np.delete(loss, [2, 4])))
+  got = jax.jit(center.update_centers)(centers, x, bad)
+  keep = np.array([i for i in range(B) if i not in (2, 4)])
+  np.testing.assert_allclose(got, ref_update_centers(centers, x[keep], LABELS[keep], 0.5),
+                             rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.1, 1.0])
+def test_update_centers_matches_the_paper(alpha):
+  x, centers = make_inputs(3)
+  # `alpha` is traced here (jit arguments are), as it is when it follows a schedule.
+  got = jax.jit(center.update_centers)(centers, x, LABELS, alpha=alpha)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_update_centers(centers, x, LABELS, alpha), rtol=1e-6,
+                             atol=1e-7)
+  # Classes absent from the batch keep their centres bit for bit.
+  np.testing.assert_array_equal(np.asarray(got)[[1, 2]], centers[[1, 2]])
+
+
+def test_update_centers_moves_towards_the_class_mean():
+  # With alpha = 1 and n examples, a centre ends n / (n + 1) of the way to their mean.
+  centers = jnp.zeros((2, 2))
+  x = jnp.array([[3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])
+  got = jax.jit(center.update_centers)(centers, x, jnp.array([1, 1, 1]), alpha=1.0)
+  np.testing.assert_allclose(got, [[0, 0], [1.5, 1.5]], rtol=1e-6)
+  assert center.center_loss(x, got, jnp.array([1, 1, 1])).sum() < center.center_loss(
+      x, centers, jnp.array([1, 1, 1])).sum()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_update_centers_keeps_the_centres_dtype_and_rounds_once(dtype):
+  x, centers = make_inputs(5)
+  centers = jnp.asarray(centers, dtype)
+  got = jax.jit(center.update_centers)(centers, jnp.asarray(x, dtype), LABELS)
+  assert got.dtype == dtype
+  # Computed in float32 and rounded once: the float64 result rounded to `dtype`, within an ulp.
+  want = ref_update_centers(np.asarray(centers, np.float64), np.asarray(x, dtype).astype(
+      np.float64), LABELS, 0.5)
+  ulp = np.asarray(jnp.finfo(dtype).eps, np.float64) * np.abs(want)
+  np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - want), ulp)
+
+
+def test_update_centers_cost_does_not_grow_with_classes_times_batch():
+  # No [B, C] one-hot: every intermediate of the update is at most the size of the centres.
+  batch, dim, num_classes = 16, 4, 1000
+  centers = jnp.zeros((num_classes, dim))
+  x = jnp.zeros((batch, dim))
+  labels = jnp.arange(batch, dtype=jnp.int32) * 7
+
+  def sizes(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        yield int(np.prod(var.aval.shape))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from sizes(sub)
+
+  def primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn.primitive.name
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from primitives(sub)
+
+  jaxpr = jax.make_jaxpr(center.update_centers)(centers, x, labels).jaxpr
+  assert max(sizes(jaxpr)) <= num_classes * dim < batch * num_classes
+  # Only the rows of classes in the batch are written: a scatter, not a dense rewrite.
+  assert "scatter" in set(primitives(jaxpr))
+
+
+def test_update_centers_under_vmap():
+  # E.g. several independent centre sets (one per task or per device shard of the batch).
+  x, centers = make_inputs(6)
+  stacked_x = np.stack([x, x[::-1]])
+  stacked_labels = np.stack([LABELS, LABELS[::-1] % 2])
+  got = jax.jit(jax.vmap(center.update_centers))(np.stack([centers, centers]), stacked_x,
+                                                 stacked_labels)
+  for k in range(2):
+    want = ref_update_centers(centers, stacked_x[k], stacked_labels[k], 0.5)
+    np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_input_names_the_argument():
+  x, centers = make_inputs()
+  for fn in (lambda *a: center.center_loss(*a), lambda x_, c_, l_: center.update_centers(
+      c_, x_, l_)):
+    with pytest.raises(ValueError, match="`centers`"):
+      fn(x, centers[:, :2], LABELS)
+    with pytest.raises(ValueError, match="`centers`"):
+      fn(x, centers[0], LABELS)
+    with pytest.raises(TypeError, match="`centers`"):
+      fn(x, centers.astype(np.int32), LABELS)
+    with pytest.raises(ValueError, match="`embeddings`"):
+      fn(x[None], centers, LABELS)
+    with pytest.raises(TypeError, match="`labels`"):
+      fn(x, centers, LABELS.astype(np.float32))
+    with pytest.raises(ValueError, match="`labels`"):
+      fn(x, centers, LABELS[:-1])
+  with pytest.raises(ValueError, match="`alpha`"):
+    center.update_centers(centers, x, LABELS, alpha=1.5)

@@ -1,0 +1,416 @@
+"""Contrastive, triplet and circle losses against float64 loops over pairs and triplets."""
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from margins.losses import pairwise
+
+# Label 2 is a singleton (an anchor without positives); the others have 2-3 examples.
+LABELS = np.array([0, 0, 1, 1, 1, 2, 3, 3], np.int32)
+B, D = len(LABELS), 4
+AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero")
+
+
+def make_embeddings(seed=7, *, batch=B, dim=D, scale=3.0):
+  """Seed 7 gives zero and non-zero terms in every mining mode and both semi-hard branches."""
+  return (np.random.default_rng(seed).normal(size=(batch, dim)) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float64 references, one pair or triplet at a time.
+
+
+def ref_unit(x):
+  x = np.asarray(x, np.float64)
+  out = np.zeros_like(x)
+  for i, row in enumerate(x):
+    norm = np.sqrt(np.sum(row * row))
+    if norm > 0:
+      out[i] = row / norm
+  return out
+
+
+def ref_distance(x, i, j, squared):
+  diff = x[i] - x[j]
+  squared_distance = float(np.sum(diff * diff))
+  return squared_distance if squared else np.sqrt(squared_distance)
+
+
+def ref_positives(labels, a):
+  return [p for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+
+
+def ref_negatives(labels, a):
+  return [n for n in range(len(labels)) if labels[n] != labels[a]]
+
+
+def ref_average(terms_per_anchor, average):
+  """Per-anchor value from each anchor's list of terms."""
+  total_non_zero = sum(sum(t > 0 for t in terms) for terms in terms_per_anchor)
+  out = []
+  for terms in terms_per_anchor:
+    if average == "anchor":
+      count = len(terms)
+    elif average == "anchor_non_zero":
+      count = sum(t > 0 for t in terms)
+    else:
+      count = total_non_zero
+    out.append(sum(terms) / count if count else 0.0)
+  return np.array(out)
+
+
+def ref_contrastive_terms(x, labels, pos_margin, neg_margin, squared, normalize):
+  x = ref_unit(x) if normalize else np.asarray(x, np.float64)
+  positives, negatives = [], []
+  for a in range(len(labels)):
+    positives.append([max(ref_distance(x, a, p, squared) - pos_margin, 0.0)
+                      for p in ref_positives(labels, a)])
+    negatives.append([max(neg_margin - ref_distance(x, a, n, squared), 0.0)
+                      for n in ref_negatives(labels, a)])
+  return positives, negatives
+
+
+def ref_contrastive(x, labels, *, pos_margin=0.0, neg_margin=1.0, squared=False, normalize=True,
+                    average="anchor"):
+  positives, negatives = ref_contrastive_terms(x, labels, pos_margin, neg_margin, squared,
+                                               normalize)
+  return ref_average(positives, average) + ref_average(negatives, average)
+
+
+def ref_triplet_terms(x, labels, *, margin, mining, squared, normalize):
+  """Each anchor's triplet terms, and how many semi-hard choices fell back to the farthest."""
+  x = ref_unit(x) if normalize else np.asarray(x, np.float64)
+  d = lambda i, j: ref_distance(x, i, j, squared)
+  terms_per_anchor, fallbacks = [], 0
+  for a in range(len(labels)):
+    positives, negatives = ref_positives(labels, a), ref_negatives(labels, a)
+    terms = []
+    if positives and negatives:
+      if mining == "all":
+        terms = [max(d(a, p) - d(a, n) + margin, 0.0) for p in positives for n in negatives]
+      elif mining == "batch_hard":
+        hardest_p = max(d(a, p) for p in positives)
+        hardest_n = min(d(a, n) for n in negatives)
+        terms = [max(hardest_p - hardest_n + margin, 0.0)]
+      else:
+        for p in positives:
+          farther = [d(a, n) for n in negatives if d(a, n) > d(a, p)]
+          fallbacks += not farther
+          chosen = min(farther) if farther else max(d(a, n) for n in negatives)
+          terms.append(max(d(a, p) - chosen + margin, 0.0))
+    terms_per_anchor.append(terms)
+  return terms_per_anchor, fallbacks
+
+
+def ref_triplet(x, labels, *, margin=0.2, mining="all", squared=True, normalize=True,
+                average="anchor"):
+  terms, _ = ref_triplet_terms(x, labels, margin=margin, mining=mining, squared=squared,
+                               normalize=normalize)
+  return ref_average(terms, average)
+
+
+def ref_logsumexp(values):
+  top = max(values)
+  return top + np.log(sum(np.exp(v - top) for v in values))
+
+
+def ref_circle(x, labels, *, margin=0.25, gamma=256.0, frozen_at=None):
+  """Circle loss; ``frozen_at`` evaluates the weights alpha at other embeddings (gradient stop)."""
+  unit = ref_unit(x)
+  alpha_unit = unit if frozen_at is None else ref_unit(frozen_at)
+  out = []
+  for a in range(len(labels)):
+    positives, negatives = ref_positives(labels, a), ref_negatives(labels, a)
+    if not positives or not negatives:
+      out.append(0.0)
+      continue
+    logits_p = [-gamma * max(1 + margin - alpha_unit[a] @ alpha_unit[p], 0.0)
+                * (unit[a] @ unit[p] - (1 - margin)) for p in positives]
+    logits_n = [gamma * max(alpha_unit[a] @ alpha_unit[n] + margin, 0.0)
+                * (unit[a] @ unit[n] - margin) for n in negatives]
+    out.append(np.logaddexp(0.0, ref_logsumexp(logits_p) + ref_logsumexp(logits_n)))
+  return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values.
+
+CONTRASTIVE_CASES = [
+    dict(average=average, squared=squared) for average in AVERAGES for squared in (False, True)
+] + [dict(pos_margin=0.3, neg_margin=1.2), dict(normalize=False, pos_margin=1.0, neg_margin=6.0)]
+
+
+@pytest.mark.parametrize("kwargs", CONTRASTIVE_CASES, ids=str)
+def test_contrastive_matches_reference(kwargs):
+  x = make_embeddings()
+  got = pairwise.contrastive_loss(x, LABELS, **kwargs)
+  assert got.shape == (B,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_contrastive(x, LABELS, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+def test_contrastive_batch_non_zero_sums_to_pml_reduction():
+  # pytorch-metric-learning: mean of the non-zero positive-pair terms plus the mean of the
+  # non-zero negative-pair terms, over all ordered pairs of the batch.
+  x = make_embeddings(1)
+  positives, negatives = ref_contrastive_terms(x, LABELS, 0.0, 1.0, False, True)
+  non_zero_mean = lambda terms: np.mean([t for ts in terms for t in ts if t > 0])
+  want = non_zero_mean(positives) + non_zero_mean(negatives)
+  got = pairwise.contrastive_loss(x, LABELS, average="batch_non_zero").sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+TRIPLET_CASES = [
+    dict(mining=mining, average=average, squared=squared)
+    for mining in ("all", "semi_hard") for average, squared in zip(AVERAGES, (True, False, True))
+] + [dict(mining="all", squared=False), dict(mining="semi_hard", squared=False),
+     dict(mining="batch_hard"), dict(mining="batch_hard", squared=False, average="batch_non_zero"),
+     dict(mining="all", margin=2.0, normalize=False),
+     dict(mining="semi_hard", margin=1.0, squared=False, average="anchor_non_zero")]
+
+
+@pytest.mark.parametrize("kwargs", TRIPLET_CASES, ids=str)
+def test_triplet_matches_brute_force_mining(kwargs):
+  x = make_embeddings()
+  got = pairwise.triplet_loss(x, LABELS, **kwargs)
+  assert got.shape == (B,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_triplet(x, LABELS, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("mining", ["all", "batch_hard", "semi_hard"])
+def test_triplet_data_exercise_zero_and_non_zero_terms_and_the_semi_hard_fallback(mining, squared):
+  # Guards the value tests above against data that cannot tell the conventions apart.
+  terms, fallbacks = ref_triplet_terms(make_embeddings(), LABELS, margin=0.2, mining=mining,
+                                       squared=squared, normalize=True)
+  flat = [t for ts in terms for t in ts]
+  assert 0 < sum(t > 0 for t in flat) < len(flat)
+  if mining == "semi_hard":
+    assert 0 < fallbacks < len(flat)
+
+
+def test_triplet_batch_non_zero_sums_to_pml_reduction():
+  # pytorch-metric-learning's TripletMarginLoss(margin=0.05): unsquared distances of unit
+  # vectors, mean over the triplets with a non-zero loss.
+  x = make_embeddings(2)
+  terms, _ = ref_triplet_terms(x, LABELS, margin=0.05, mining="all", squared=False,
+                               normalize=True)
+  want = np.mean([t for ts in terms for t in ts if t > 0])
+  got = pairwise.triplet_loss(x, LABELS, margin=0.05, squared=False, average="batch_non_zero")
+  np.testing.assert_allclose(got.sum(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(margin=0.4, gamma=80.0)], ids=str)
+def test_circle_matches_reference(kwargs):
+  x = make_embeddings()
+  got = pairwise.circle_loss(x, LABELS, **kwargs)
+  assert got.shape == (B,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref_circle(x, LABELS, **kwargs), rtol=2e-5, atol=2e-5)
+  assert got[LABELS == 2] == 0  # the singleton has no positive pair
+
+
+LOSSES = [
+    ("contrastive", pairwise.contrastive_loss, {}),
+    ("contrastive_non_zero", pairwise.contrastive_loss, dict(average="anchor_non_zero")),
+    ("triplet_all", pairwise.triplet_loss, {}),
+    ("triplet_all_unsquared", pairwise.triplet_loss, dict(squared=False)),
+    ("triplet_batch_hard", pairwise.triplet_loss, dict(mining="batch_hard", squared=False)),
+    ("triplet_semi_hard", pairwise.triplet_loss, dict(mining="semi_hard")),
+    ("triplet_batch_non_zero", pairwise.triplet_loss, dict(average="batch_non_zero")),
+    ("circle", pairwise.circle_loss, dict(gamma=32.0)),
+]
+LOSS_IDS = [case[0] for case in LOSSES]
+
+
+def all_losses(x, labels):
+  return {name: loss_fn(x, labels, **kwargs) for name, loss_fn, kwargs in LOSSES}
+
+
+def test_jit_matches_eager():
+  x = make_embeddings(8)
+  eager = all_losses(x, LABELS)
+  jitted = jax.jit(all_losses)(x, LABELS)  # one program for all losses keeps the test fast
+  for name in LOSS_IDS:
+    # XLA fuses the jitted program differently: equal up to float32 rounding.
+    np.testing.assert_allclose(jitted[name], eager[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_vmap_matches_a_loop_over_batches():
+  stacked = np.stack([make_embeddings(seed) for seed in range(3)])
+  labels = np.stack([LABELS, LABELS[::-1], np.zeros_like(LABELS)])
+  cases = [("contrastive", pairwise.contrastive_loss, {}),
+           ("semi_hard", pairwise.triplet_loss, dict(mining="semi_hard")),
+           ("circle", pairwise.circle_loss, {})]
+  vmapped = jax.jit(lambda xs, ls: {
+      name: jax.vmap(functools.partial(loss_fn, **kwargs))(xs, ls)
+      for name, loss_fn, kwargs in cases})(stacked, labels)
+  for name, loss_fn, kwargs in cases:
+    looped = np.stack([loss_fn(x, l, **kwargs) for x, l in zip(stacked, labels)])
+    np.testing.assert_allclose(vmapped[name], looped, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients.
+
+def numerical_gradient(fn, x0, eps=1e-6):
+  """Central differences of a float64 function, one coordinate at a time."""
+  grad = np.zeros_like(x0)
+  for index in np.ndindex(*x0.shape):
+    step = np.zeros_like(x0)
+    step[index] = eps
+    grad[index] = (fn(x0 + step) - fn(x0 - step)) / (2 * eps)
+  return grad
+
+
+# (name, loss, reference(x, x0, **kwargs), kwargs). The circle reference keeps its weights alpha
+# at the base point x0: the loss treats them as constants.
+GRADIENT_CASES = [
+    ("contrastive", pairwise.contrastive_loss,
+     lambda x, x0, **kw: ref_contrastive(x, LABELS, **kw), {}),
+    ("contrastive_squared_unnormalized_non_zero", pairwise.contrastive_loss,
+     lambda x, x0, **kw: ref_contrastive(x, LABELS, **kw),
+     dict(squared=True, normalize=False, neg_margin=60.0, average="anchor_non_zero")),
+    ("triplet_all", pairwise.triplet_loss, lambda x, x0, **kw: ref_triplet(x, LABELS, **kw), {}),
+    ("triplet_all_unsquared_non_zero", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw),
+     dict(squared=False, average="anchor_non_zero")),
+    ("triplet_batch_hard", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw), dict(mining="batch_hard", squared=False)),
+    ("triplet_semi_hard", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw), dict(mining="semi_hard")),
+    ("triplet_semi_hard_unsquared_batch_non_zero", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw),
+     dict(mining="semi_hard", squared=False, average="batch_non_zero")),
+    ("circle", pairwise.circle_loss,
+     lambda x, x0, **kw: ref_circle(x, LABELS, frozen_at=x0, **kw), dict(gamma=32.0)),
+]
+
+
+@pytest.mark.parametrize("name,loss_fn,ref_fn,kwargs", GRADIENT_CASES,
+                         ids=[c[0] for c in GRADIENT_CASES])
+def test_gradients_match_differences_of_the_float64_reference(name, loss_fn, ref_fn, kwargs):
+  del name
+  x0 = make_embeddings(3).astype(np.float64)
+  weights = np.linspace(0.5, 1.5, B)
+  want = numerical_gradient(lambda x: ref_fn(x, x0, **kwargs) @ weights, x0)
+  got = jax.grad(lambda x: loss_fn(x, LABELS, **kwargs) @ weights.astype(np.float32))(
+      x0.astype(np.float32))
+  assert np.abs(want).max() > 1e-2  # the case has a gradient to check
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_check_grads_in_float64():
+  # The subtlest gradient: all triplets through sorted negatives, prefix sums and gathers.
+  weights = np.linspace(0.5, 1.5, B)
+  with jax.enable_x64(True):
+    x = jnp.asarray(make_embeddings(3), jnp.float64)
+    fn = jax.jit(lambda x_: jnp.sum(pairwise.triplet_loss(x_, LABELS, squared=False) * weights))
+    assert jax.eval_shape(pairwise.triplet_loss, x, LABELS).dtype == jnp.float64
+    check_grads(fn, (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases: duplicated and zero embeddings, anchors without pairs, 16-bit inputs.
+
+
+def edge_case_batch(dtype):
+  """Duplicates within and across classes, a zero embedding, a singleton class."""
+  x = make_embeddings(5, batch=8)
+  x[1] = x[0]            # duplicate positive pair
+  x[3] = x[2] = x[6]     # duplicates across classes 1 and 3
+  x[4] = 0.0             # zero embedding
+  return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name,loss_fn,kwargs", LOSSES, ids=LOSS_IDS)
+def test_duplicates_zeros_and_low_precision_stay_finite(name, loss_fn, kwargs, dtype):
+  x = edge_case_batch(dtype)
+  fn = functools.partial(loss_fn, **kwargs)
+  loss = fn(x, LABELS)
+  grad = jax.grad(lambda x_: fn(x_, LABELS).sum())(x)
+  assert loss.dtype == jnp.float32 and grad.dtype == dtype
+  assert np.all(np.isfinite(loss)) and np.all(np.isfinite(np.asarray(grad, np.float32)))
+  # Against the reference on the same (rounded) inputs, for the losses that are continuous in the
+  # distances: the zero embedding is exactly 1 from every unit vector, a tie with the margin that
+  # float32 resolves either way, which moves the non-zero counts and the mined triplets.
+  x64 = np.asarray(x, np.float64)
+  if name == "contrastive":
+    want = ref_contrastive(x64, LABELS, **kwargs)
+    np.testing.assert_allclose(loss, want, rtol=1e-3, atol=2e-3)
+  elif name == "circle":
+    np.testing.assert_allclose(loss, ref_circle(x64, LABELS, **kwargs), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,loss_fn,kwargs", LOSSES, ids=LOSS_IDS)
+def test_anchors_without_pairs_give_zero_loss_and_zero_gradient(name, loss_fn, kwargs):
+  fn = functools.partial(loss_fn, **kwargs)
+  x = make_embeddings(6)
+  # All one label: no negatives. Contrastive losses still pull the positives together.
+  same = np.zeros(B, np.int32)
+  loss = fn(x, same)
+  grad = jax.grad(lambda x_: fn(x_, same).sum())(x)
+  assert np.all(np.isfinite(grad))
+  if name.startswith("contrastive"):
+    np.testing.assert_allclose(loss, ref_contrastive(x, same, **kwargs), rtol=1e-5, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(loss, 0)
+    np.testing.assert_array_equal(grad, 0)
+    # The singleton of LABELS has no positive: its own loss is 0 and depends on no embedding.
+    singleton = int(np.flatnonzero(LABELS == 2)[0])
+    assert fn(x, LABELS)[singleton] == 0
+    np.testing.assert_array_equal(jax.grad(lambda x_: fn(x_, LABELS)[singleton])(x), 0)
+
+
+def test_memory_is_quadratic_in_the_batch():
+  # No intermediate of the loss or its gradient (jaxpr and sub-jaxprs) holds B^3 elements.
+  batch, dim = 16, 3
+  x = jnp.zeros((batch, dim))
+  labels = jnp.arange(batch, dtype=jnp.int32) % 4
+
+  def sizes(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        yield int(np.prod(var.aval.shape))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from sizes(sub)
+
+  for name, loss_fn, kwargs in LOSSES:
+    fn = lambda x_: loss_fn(x_, labels, **kwargs).sum()
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(x).jaxpr
+    assert max(sizes(jaxpr)) <= batch * (batch + 1), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("loss_fn", [pairwise.contrastive_loss, pairwise.triplet_loss,
+                                     pairwise.circle_loss])
+def test_bad_input_names_the_argument(loss_fn):
+  x = make_embeddings()
+  with pytest.raises(ValueError, match="`embeddings`"):
+    loss_fn(x[0], LABELS)
+  with pytest.raises(TypeError, match="`embeddings`"):
+    loss_fn(x.astype(np.int32), LABELS)
+  with pytest.raises(TypeError, match="`labels`"):
+    loss_fn(x, LABELS.astype(np.float32))
+  with pytest.raises(ValueError, match="`labels`"):
+    loss_fn(x, LABELS[:-1])
+  with pytest.raises(ValueError, match="`labels`"):
+    loss_fn(x, LABELS[:, None])
+
+
+def test_bad_options_name_the_argument():
+  x = make_embeddings()
+  with pytest.raises(ValueError, match="`mining`"):
+    pairwise.triplet_loss(x, LABELS, mining="hard")
+  with pytest.raises(ValueError, match="`average`"):
+    pairwise.triplet_loss(x, LABELS, average="mean")
+  with pytest.raises(ValueError, match="`average`"):
+    pairwise.contrastive_loss(x, LABELS, average="non_zero")
