@@ -1,0 +1,15 @@
+"""Evaluation: face verification (LFW protocol), open-set retrieval metrics and plots.
+
+Everything here runs on the host in NumPy, after the embeddings have been computed.
+"""
+
+from margins.evaluation.plots import plot_angle_histograms
+from margins.evaluation.plots import plot_embeddings
+from margins.evaluation.plots import plot_roc
+from margins.evaluation.retrieval import format_retrieval
+from margins.evaluation.retrieval import retrieval_metrics
+from margins.evaluation.verification import VerificationResult
+from margins.evaluation.verification import evaluate_verification
+from margins.evaluation.verification import flip_embeddings
+from margins.evaluation.verification import format_verification
+from margins.evaluation.verification import make_pairs

@@ -1,0 +1,258 @@
+"""Plots of verification ROC curves and of learned features, written to PNG files.
+
+Figures are drawn with matplotlib's Agg canvas, never pyplot, so nothing needs a display and no
+global figure state is left behind. Each class keeps one colour in every plot: ``tab10`` indexed
+by ``label % 10``.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+import sklearn.preprocessing
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from margins.data.sources import check_int
+from margins.evaluation.verification import VerificationResult
+from margins.evaluation.verification import _check_embeddings
+from margins.losses import _common
+
+_MAX_LEGEND_CLASSES = 20
+
+
+def _class_colour(label: int):
+  return matplotlib.colormaps["tab10"](int(label) % 10)
+
+
+def _save(figure: Figure, path) -> str:
+  """Writes ``figure`` to ``path`` (creating its directory) with the Agg canvas."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=100, bbox_inches="tight")
+  return path
+
+
+def _check_labelled(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
+  embeddings = _check_embeddings("embeddings", embeddings)
+  _common.check_labels(labels, embeddings.shape[0])
+  return embeddings, np.asarray(labels)
+
+
+def plot_roc(results_by_name: Mapping[str, VerificationResult], path, *,
+             title: str = "Verification ROC") -> str:
+  """ROC curves (TAR against FAR on a log axis) of one or more verification results.
+
+  Operating points at FAR 0 cannot appear on the log axis and are left out; each legend entry
+  gives the curve's AUC and EER.
+
+  Args:
+    results_by_name: ``{name: VerificationResult}``, e.g. one per benchmark or per loss.
+    path: the PNG file to write.
+    title: the figure title.
+
+  Returns:
+    ``path``, as a string.
+
+  >>> import os, tempfile, numpy as np
+  >>> from margins.evaluation import evaluate_verification, plot_roc
+  >>> rng = np.random.default_rng(0)
+  >>> issame = np.arange(200) % 2 == 0
+  >>> first = rng.normal(size=(200, 8))
+  >>> second = np.where(issame[:, None], first + rng.normal(size=(200, 8)),
+  ...                   rng.normal(size=(200, 8)))
+  >>> result = evaluate_verification(np.stack([first, second], 1).reshape(400, 8), issame)
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> path = plot_roc({"toy": result}, os.path.join(tmp.name, "roc.png"))
+  >>> os.path.getsize(path) > 10_000
+  True
+  >>> tmp.cleanup()
+
+  References:
+    insightface, ``recognition/arcface_torch`` (IJB ROC plots on a log FAR axis).
+  """
+  if not results_by_name:
+    raise ValueError("`results_by_name` must hold at least one result.")
+  for name, result in results_by_name.items():
+    if not isinstance(result, VerificationResult):
+      raise TypeError(
+          f"`results_by_name[{name!r}]` must be a VerificationResult, got "
+          f"{type(result).__name__}.")
+  figure = Figure(figsize=(6.5, 5))
+  axes = figure.add_subplot()
+  smallest_far = 1.0
+  for name, result in results_by_name.items():
+    measurable = result.fpr > 0
+    axes.plot(result.fpr[measurable], result.tpr[measurable],
+              label=f"{name} (AUC {result.auc:.4f}, EER {result.eer:.2%})")
+    smallest_far = min(smallest_far, result.fpr[measurable].min())
+  axes.set_xscale("log")
+  axes.set_xlim(smallest_far, 1)
+  axes.set_ylim(0, 1.01)
+  axes.set_xlabel("False accept rate (FAR)")
+  axes.set_ylabel("True accept rate (TAR)")
+  axes.set_title(title)
+  axes.grid(True, which="both", alpha=0.3)
+  axes.legend(loc="lower right")
+  return _save(figure, path)
+
+
+def _scatter_classes(axes, points: np.ndarray, labels: np.ndarray, names) -> None:
+  for label in np.unique(labels):
+    chosen = labels == label
+    axes.scatter(*points[chosen].T, s=6, alpha=0.7, color=_class_colour(label),
+                 label=names[label] if names is not None else str(label))
+
+
+def _legend(axes, labels: np.ndarray) -> None:
+  if np.unique(labels).size <= _MAX_LEGEND_CLASSES:
+    axes.legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=3)
+
+
+def plot_embeddings(embeddings, labels, path, *, title: str = "Embeddings",
+                    class_names: Sequence[str] | None = None) -> str:
+  """Scatter plot of 2-D or 3-D features coloured by class.
+
+  2-D features are drawn twice, side by side: as they are, and L2-normalised onto the unit
+  circle, where angular margins show as gaps between the classes' arcs. 3-D features are drawn
+  normalised onto the unit sphere. The legend (classes by colour) is drawn for up to 20 classes.
+
+  Args:
+    embeddings: ``[N, 2]`` or ``[N, 3]`` features.
+    labels: ``[N]`` integer class of each feature.
+    path: the PNG file to write.
+    title: the figure title.
+    class_names: legend name of each label value (default: the label).
+
+  Returns:
+    ``path``, as a string.
+
+  >>> import os, tempfile, numpy as np
+  >>> from margins.evaluation import plot_embeddings
+  >>> rng = np.random.default_rng(0)
+  >>> labels = np.repeat(np.arange(4), 25)
+  >>> centres = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+  >>> features = 3 * centres[labels] + rng.normal(size=(100, 2))
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> path = plot_embeddings(features, labels, os.path.join(tmp.name, "features.png"))
+  >>> os.path.getsize(path) > 10_000
+  True
+  >>> tmp.cleanup()
+
+  References:
+    W. Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016
+    (the 2-D feature plots); W. Liu et al., "SphereFace", CVPR 2017 (features on the sphere).
+  """
+  embeddings, labels = _check_labelled(embeddings, labels)
+  dim = embeddings.shape[1]
+  if dim not in (2, 3):
+    raise ValueError(f"`embeddings` must be 2-D or 3-D features ([N, 2] or [N, 3]), got {dim}.")
+  unit = sklearn.preprocessing.normalize(embeddings)
+  if dim == 2:
+    figure = Figure(figsize=(12, 5))
+    raw_axes, unit_axes = figure.subplots(1, 2)
+    _scatter_classes(raw_axes, embeddings, labels, class_names)
+    raw_axes.set_title("Features")
+    _scatter_classes(unit_axes, unit, labels, class_names)
+    angles = np.linspace(0, 2 * np.pi, 361)
+    unit_axes.plot(np.cos(angles), np.sin(angles), color="0.7", linewidth=0.8, zorder=0)
+    unit_axes.set_title("L2-normalised features (unit circle)")
+    for axes in (raw_axes, unit_axes):
+      axes.set_aspect("equal", adjustable="datalim")
+      axes.set_xlabel("feature 1")
+      axes.set_ylabel("feature 2")
+      axes.grid(True, alpha=0.3)
+    _legend(unit_axes, labels)
+  else:
+    figure = Figure(figsize=(7, 6))
+    axes = figure.add_subplot(projection="3d")
+    polar, azimuth = np.meshgrid(np.linspace(0, np.pi, 19), np.linspace(0, 2 * np.pi, 37))
+    axes.plot_wireframe(np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
+                        np.cos(polar), color="0.85", linewidth=0.4)
+    _scatter_classes(axes, unit, labels, class_names)
+    axes.set_box_aspect((1, 1, 1), zoom=0.9)
+    axes.set_title("L2-normalised features (unit sphere)")
+    axes.set_xlabel("feature 1")
+    axes.set_ylabel("feature 2")
+    axes.set_zlabel("feature 3")
+    _legend(axes, labels)
+  figure.suptitle(title)
+  return _save(figure, path)
+
+
+def _pair_angle_histograms(unit: np.ndarray, labels: np.ndarray, edges: np.ndarray,
+                           chunk_size: int = 1024):
+  """Histograms and sums of the angles (degrees) of all pairs ``i < j``: same class, other class."""
+  counts = {True: np.zeros(edges.size - 1), False: np.zeros(edges.size - 1)}
+  sums = {True: 0.0, False: 0.0}
+  for start in range(0, unit.shape[0], chunk_size):
+    rows = np.arange(start, min(start + chunk_size, unit.shape[0]))
+    cosines = np.clip(unit[rows] @ unit.T, -1, 1)
+    later = rows[:, None] < np.arange(unit.shape[0])[None, :]
+    same = labels[rows][:, None] == labels[None, :]
+    for is_same in (True, False):
+      angles = np.degrees(np.arccos(cosines[later & (same == is_same)]))
+      counts[is_same] += np.histogram(angles, bins=edges)[0]
+      sums[is_same] += angles.sum()
+  return counts, sums
+
+
+def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles between embeddings",
+                          bins: int = 90) -> str:
+  """Histograms of the angle between two embeddings of one class and of two different classes.
+
+  Every pair ``i < j`` counts once; each histogram is normalised to fractions of its pairs, and
+  the legend gives the mean angle. A margin loss pushes the two apart: intra-class angles small,
+  inter-class angles near 90 degrees and beyond.
+
+  Args:
+    embeddings: ``[N, D]`` embeddings (any ``D``).
+    labels: ``[N]`` integer class of each embedding; needs a pair of each kind.
+    path: the PNG file to write.
+    title: the figure title.
+    bins: number of histogram bins over ``[0, 180]`` degrees.
+
+  Returns:
+    ``path``, as a string.
+
+  >>> import os, tempfile, numpy as np
+  >>> from margins.evaluation import plot_angle_histograms
+  >>> rng = np.random.default_rng(0)
+  >>> labels = np.repeat(np.arange(5), 20)
+  >>> embeddings = 2 * rng.normal(size=(5, 16))[labels] + rng.normal(size=(100, 16))
+  >>> tmp = tempfile.TemporaryDirectory()
+  >>> path = plot_angle_histograms(embeddings, labels, os.path.join(tmp.name, "angles.png"))
+  >>> os.path.getsize(path) > 10_000
+  True
+  >>> tmp.cleanup()
+
+  References:
+    J. Deng et al., "ArcFace", CVPR 2019 (angle distributions of positive and negative pairs).
+  """
+  embeddings, labels = _check_labelled(embeddings, labels)
+  bins = check_int(bins, "bins", minimum=1)
+  _, class_counts = np.unique(labels, return_counts=True)
+  if class_counts.size < 2 or class_counts.max() < 2:
+    raise ValueError(
+        "`labels` must give at least one same-class pair and two classes, got class sizes "
+        f"{class_counts.tolist()[:10]}.")
+  edges = np.linspace(0, 180, bins + 1)
+  counts, sums = _pair_angle_histograms(
+      sklearn.preprocessing.normalize(embeddings), labels, edges)
+  figure = Figure(figsize=(7, 4.5))
+  axes = figure.add_subplot()
+  for is_same, name, colour in ((True, "intra-class", "tab:blue"),
+                                (False, "inter-class", "tab:red")):
+    total = counts[is_same].sum()
+    axes.stairs(counts[is_same] / total, edges, fill=True, alpha=0.45, color=colour,
+                label=f"{name} ({int(total)} pairs, mean {sums[is_same] / total:.1f}°)")
+  axes.set_xlim(0, 180)
+  axes.set_xticks(np.arange(0, 181, 30))
+  axes.set_xlabel("Angle between embeddings (degrees)")
+  axes.set_ylabel("Fraction of pairs")
+  axes.set_title(title)
+  axes.grid(True, alpha=0.3)
+  axes.legend()
+  return _save(figure, path)
