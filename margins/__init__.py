@@ -4,6 +4,8 @@ The public API at a glance: the loss zoo (one function per paper), the margins t
 from, and the softmax engines that run any margin dense, chunked, class-sharded or sampled.
 """
 
+from margins.losses.center import center_loss
+from margins.losses.center import update_centers
 from margins.losses.classification import AdaFaceState
 from margins.losses.classification import adaface_loss
 from margins.losses.classification import arcface_loss
@@ -17,6 +19,9 @@ from margins.losses.classification import normface_loss
 from margins.losses.classification import softmax_loss
 from margins.losses.classification import sphereface_loss
 from margins.losses.classification import subcenter_arcface_loss
+from margins.losses.pairwise import circle_loss
+from margins.losses.pairwise import contrastive_loss
+from margins.losses.pairwise import triplet_loss
 from margins.losses.margin import AdaFace
 from margins.losses.margin import ArcFace
 from margins.losses.margin import CombinedMargin
@@ -38,4 +43,5 @@ from margins.parallel import chunked
 from margins.parallel import dense
 from margins.parallel import margin_softmax_loss
 from margins.parallel import padded_num_classes
+from margins.parallel import sample_classes
 from margins.parallel import sharded

@@ -303,18 +303,36 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, residuals, cotangents
 _chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 
 
-def _select_classes(w, local_labels, num_valid, num_sampled, key):
-  """Partial FC: the local classes of the batch plus random negatives, ``num_sampled`` in all.
+def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
+                   num_sampled: int, key: Array) -> Array:
+  """Partial FC's classes for one shard: every class of the batch, then random negatives.
 
-  Returns ``(w[index], labels remapped to positions in index, number of real rows kept)``.
+  Args:
+    local_labels: ``[B]`` row of each example's class in this shard, -1 if it lives elsewhere.
+    num_rows: rows of the shard's ``W``.
+    num_valid: rows before the padding; padding rows are drawn only if nothing else is left.
+    num_sampled: how many to keep (static; see :func:`sampled_count`).
+    key: PRNG key; the same key gives the same sample.
+
+  Returns:
+    ``[num_sampled]`` sorted, distinct row indices.
+
+  >>> import jax, jax.numpy as jnp
+  >>> index = sample_classes(jnp.array([7, -1, 2]), 10, 10, 4, jax.random.key(0))
+  >>> bool(jnp.isin(jnp.array([2, 7]), index).all()), index.shape
+  (True, (4,))
   """
-  num_rows = w.shape[0]
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
   positive = jnp.zeros(num_rows, bool).at[jnp.maximum(local_labels, 0)].max(local_labels >= 0)
   priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))
   priority = jnp.where(ids < num_valid, priority, -1.0)
-  index = jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
-  position = jnp.full(num_rows, -1, local_labels.dtype).at[index].set(
+  return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
+
+
+def _select_classes(w, local_labels, num_valid, num_sampled, key):
+  """``(w[index], labels remapped to positions in index, real rows kept)`` for a sample."""
+  index = sample_classes(local_labels, w.shape[0], num_valid, num_sampled, key)
+  position = jnp.full(w.shape[0], -1, local_labels.dtype).at[index].set(
       jnp.arange(num_sampled, dtype=local_labels.dtype))
   sampled_labels = jnp.where(local_labels >= 0, position[jnp.maximum(local_labels, 0)], -1)
   return w[index], sampled_labels, jnp.sum(index < num_valid)

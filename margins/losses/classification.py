@@ -43,7 +43,7 @@ def softmax_loss(embeddings: Array, weights: Array, labels: Array, *,
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  >>> float(margins.softmax_loss(x, w, jnp.array([0])))  # log(1 + e^-1)
+  >>> float(margins.softmax_loss(x, w, jnp.array([0]))[0])  # log(1 + e^-1)
   0.3132...
 
   References:
@@ -74,7 +74,7 @@ def normface_loss(embeddings: Array, weights: Array, labels: Array, *,
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[2.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 3.0]])
-  >>> float(margins.normface_loss(x, w, jnp.array([0]), scale=1.0))  # log(1 + e^-1)
+  >>> float(margins.normface_loss(x, w, jnp.array([0]), scale=1.0)[0])  # log(1 + e^-1)
   0.3132...
 
   References:
@@ -103,7 +103,7 @@ def lsoftmax_loss(embeddings: Array, weights: Array, labels: Array, *, margin: i
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  >>> float(margins.lsoftmax_loss(x, w, jnp.array([0]), margin=2))  # theta = 0: psi = 1
+  >>> float(margins.lsoftmax_loss(x, w, jnp.array([0]), margin=2)[0])  # theta = 0: psi = 1
   0.3132...
 
   References:
@@ -132,7 +132,7 @@ def sphereface_loss(embeddings: Array, weights: Array, labels: Array, *, margin:
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 0.0], [0.0, 2.0]])
-  >>> float(margins.sphereface_loss(x, w, jnp.array([0]), annealing=margins.sphereface_lambda(0)))
+  >>> float(margins.sphereface_loss(x, w, jnp.array([0]), annealing=margins.sphereface_lambda(0))[0])
   0.3132...
 
   References:
@@ -156,7 +156,7 @@ def cosface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: flo
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  >>> float(margins.cosface_loss(x, w, jnp.array([0]), scale=1.0, margin=1.0))  # log 2
+  >>> float(margins.cosface_loss(x, w, jnp.array([0]), scale=1.0, margin=1.0)[0])  # log 2
   0.6931...
 
   References:
@@ -188,7 +188,7 @@ def arcface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: flo
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [-1.0, 0.0]])
-  >>> float(margins.arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2))  # log(1 + e^-1)
+  >>> float(margins.arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2)[0])  # log(1 + e^-1)
   0.3132...
 
   References:
@@ -217,7 +217,7 @@ def combined_margin_loss(embeddings: Array, weights: Array, labels: Array, *,
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  >>> float(margins.combined_margin_loss(x, w, jnp.array([0]), scale=1.0, m2=0.0, m3=1.0))
+  >>> float(margins.combined_margin_loss(x, w, jnp.array([0]), scale=1.0, m2=0.0, m3=1.0)[0])
   0.6931...
 
   References:
@@ -243,7 +243,7 @@ def subcenter_arcface_loss(embeddings: Array, weights: Array, labels: Array, *,
   >>> import jax.numpy as jnp, margins
   >>> x = jnp.array([[1.0, 0.0]])
   >>> w = jnp.array([[[0.0, 1.0], [1.0, 0.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
-  >>> float(margins.subcenter_arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2))
+  >>> float(margins.subcenter_arcface_loss(x, w, jnp.array([0]), scale=1.0, margin=jnp.pi / 2)[0])
   0.3132...
 
   References:
@@ -347,7 +347,7 @@ def magface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: flo
 
   >>> import jax.numpy as jnp, margins
   >>> x, w = jnp.array([[10.0, 0.0]]), jnp.array([[1.0, 0.0], [-1.0, 0.0]])
-  >>> round(float(margins.magface_loss(x, w, jnp.array([0]), lambda_g=1.0)), 4)  # 1/10 + 10/110^2
+  >>> round(float(margins.magface_loss(x, w, jnp.array([0]), lambda_g=1.0)[0]), 4)  # 1/10 + 10/110^2
   0.1008
 
   References:

@@ -1,0 +1,299 @@
+"""Every margin on every engine equals the dense loss of the zoo; sampling; memory; collectives.
+
+To keep compilation cheap, each engine configuration compiles one program that computes every
+margin's loss and gradients at once.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+
+import margins
+from margins import parallel
+
+B, D = 16, 6
+KEY = jax.random.key(7)
+
+MARGINS = {
+    "softmax": margins.Softmax(),
+    "normface": margins.NormFace(scale=8.0),
+    "lsoftmax": margins.LSoftmax(margin=3),
+    "sphereface": margins.SphereFace(annealing=3.0),
+    "sphereface_scaled": margins.SphereFace(margin=2, scale=8.0),
+    "cosface": margins.CosFace(scale=8.0),
+    "arcface": margins.ArcFace(scale=8.0),
+    "arcface_easy": margins.ArcFace(scale=8.0, easy_margin=True),
+    "arcface_detach": margins.ArcFace(scale=8.0, detach_margin=True),
+    "combined": margins.CombinedMargin(scale=8.0),
+    "curricularface": margins.CurricularFace(scale=8.0, t=0.3),
+    "adaface": margins.AdaFace(scale=8.0),
+    "magface": margins.MagFace(scale=8.0),
+    "elasticface": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1),
+    "subcenter_arcface": margins.ArcFace(scale=8.0),  # run with weights [C, K, D]
+}
+
+
+def make_inputs(num_classes, padded_classes, seed=0):
+  """The same examples and centres whatever the padding (padding rows are random too)."""
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(size=(B, D)) * 3).astype(np.float32)
+  w2 = rng.normal(size=(64, D)).astype(np.float32)[:padded_classes]
+  w3 = rng.normal(size=(64, 3, D)).astype(np.float32)[:padded_classes]
+  labels = rng.integers(0, num_classes, size=B).astype(np.int32)
+  labels[:2] = [0, num_classes - 1]
+  return x, w2, w3, labels
+
+
+FEW_MARGINS = ("arcface", "curricularface", "lsoftmax", "subcenter_arcface")
+
+
+def all_losses_and_grads(engine, num_classes, key=None, names=tuple(MARGINS)):
+  """One program: the margins' losses, gradients (x, W) and updated margins."""
+
+  def run(x, w2, w3, labels):
+    out = {}
+    for name in names:
+      margin = MARGINS[name]
+      w = w3 if name == "subcenter_arcface" else w2
+
+      def mean_loss(x_, w_, margin=margin):
+        losses, new_margin = engine(x_, w_, labels, margin, num_classes=num_classes, key=key)
+        return jnp.mean(losses), (losses, new_margin)
+
+      (_, (losses, new_margin)), grads = jax.value_and_grad(
+          mean_loss, argnums=(0, 1), has_aux=True)(x, w)
+      out[name] = (losses, grads, new_margin)
+    return out
+
+  return jax.jit(run)
+
+
+@pytest.fixture(scope="module")
+def dense_results():
+  """Dense single-device reference for both class counts used below."""
+  results = {}
+  for num_classes in (13, 16):
+    x, w2, w3, labels = make_inputs(num_classes, num_classes)
+    results[num_classes] = all_losses_and_grads(margins.dense(), num_classes)(x, w2, w3, labels)
+  return results
+
+
+def assert_matches_dense(got, want, num_classes):
+  for name, (losses, (gx, gw), new_margin) in got.items():
+    want_losses, (want_gx, want_gw), want_margin = want[name]
+    gw = np.asarray(gw)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(gw[:num_classes], want_gw, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.any(gw[num_classes:]), f"{name}: padding rows got a gradient"
+    for leaf, want_leaf in zip(jax.tree.leaves(new_margin), jax.tree.leaves(want_margin)):
+      if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, err_msg=name)
+
+
+def make_mesh(num_devices, axis_type=AxisType.Auto):
+  return jax.make_mesh((num_devices,), ("devices",), axis_types=(axis_type,),
+                       devices=jax.devices()[:num_devices])
+
+
+def test_every_margin_chunked_equals_dense(dense_results):
+  x, w2, w3, labels = make_inputs(13, 13)
+  got = all_losses_and_grads(margins.chunked(5), 13)(x, w2, w3, labels)  # 2 chunks + 3 left
+  assert_matches_dense(got, dense_results[13], 13)
+  assert set(got) == set(MARGINS)
+
+
+@pytest.mark.parametrize("num_devices,num_classes,chunk_size", [(8, 13, 1), (4, 16, None)])
+def test_every_margin_sharded_equals_dense(dense_results, num_devices, num_classes, chunk_size):
+  padded = margins.padded_num_classes(num_classes, num_devices)
+  x, w2, w3, labels = make_inputs(num_classes, padded)
+  engine = margins.sharded(make_mesh(num_devices), "devices", chunk_size=chunk_size)
+  got = all_losses_and_grads(engine, num_classes)(x, w2, w3, labels)
+  assert_matches_dense(got, dense_results[num_classes], num_classes)
+
+
+# (devices, real classes, local chunk): every device count with C divisible and not, and with
+# the local scoring both in one block and in chunks.
+SHARDED_CASES = [(1, 13, 5), (2, 13, None), (2, 16, 3), (4, 13, 3), (4, 16, None),
+                 (8, 13, None), (8, 16, 1)]
+
+
+@pytest.mark.parametrize("num_devices,num_classes,chunk_size", SHARDED_CASES)
+def test_sharded_on_1_2_4_8_devices(dense_results, num_devices, num_classes, chunk_size):
+  padded = margins.padded_num_classes(num_classes, num_devices)
+  assert (padded != num_classes) == (num_classes % num_devices != 0)
+  x, w2, w3, labels = make_inputs(num_classes, padded)
+  engine = margins.sharded(make_mesh(num_devices), "devices", chunk_size=chunk_size)
+  got = all_losses_and_grads(engine, num_classes, names=FEW_MARGINS)(x, w2, w3, labels)
+  assert_matches_dense(got, dense_results[num_classes], num_classes)
+
+
+def test_sharded_explicit_axes_with_sharded_inputs(dense_results):
+  mesh = make_mesh(8, AxisType.Explicit)
+  x, w2, w3, labels = make_inputs(13, 16)
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, jax.P("devices")))  # noqa: E731
+  run = all_losses_and_grads(margins.sharded(mesh, chunk_size=1), 13, names=FEW_MARGINS)
+  with jax.set_mesh(mesh):
+    got = run(put(x), put(w2), put(w3), put(labels))
+  assert_matches_dense(got, dense_results[13], 13)
+  assert got["arcface"][1][1].sharding.spec[0] == "devices"  # dW stays sharded
+
+
+def test_sharded_program_never_gathers_weights():
+  mesh = make_mesh(8)
+  num_classes, rows = 50, 64  # W [64, 6] is sharded 8 x [8, 6]; the batch is [16, 6]
+  engine = margins.sharded(mesh, chunk_size=3)
+  x = jax.ShapeDtypeStruct((B, D), jnp.float32)
+  w = jax.ShapeDtypeStruct((rows, D), jnp.float32)
+  labels = jax.ShapeDtypeStruct((B,), jnp.int32)
+  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=50)[0])  # noqa
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile().as_text()
+  gathers = re.findall(r"= (\w+\[[\d,]*\])[^=]* all-gather\(", hlo)
+  assert gathers, "the embeddings and labels should be all-gathered"
+  assert set(gathers) <= {f"f32[{B},{D}]", f"s32[{B}]"}, gathers
+  collectives = re.findall(r"= \(?(\w+\[[\d,]*\])[^=]* (?:all-reduce|reduce-scatter|all-to-all|"
+                           r"collective-permute)\(", hlo)
+  assert all(not shape.startswith(f"f32[{rows}") and f"[{rows // 8},{D}]" not in shape
+             for shape in collectives), collectives
+
+
+def test_sharded_rejects_bad_shapes():
+  mesh = make_mesh(8)
+  x, w2, _, labels = make_inputs(13, 13)
+  with pytest.raises(ValueError, match="padded_num_classes"):
+    margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(), engine=margins.sharded(mesh))
+  x, w2, _, labels = make_inputs(13, 16)
+  with pytest.raises(ValueError, match="batch"):
+    margins.margin_softmax_loss(x[:12], w2, labels[:12], margins.ArcFace(),
+                                engine=margins.sharded(mesh), num_classes=13)
+  with pytest.raises(ValueError, match="axis_name"):
+    margins.sharded(mesh, "model")
+  with pytest.raises(ValueError, match="num_classes"):
+    margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(), num_classes=17)
+
+
+def test_engine_rejects_bad_settings():
+  with pytest.raises(ValueError, match="chunk_size"):
+    margins.chunked(0)
+  with pytest.raises(ValueError, match="sample_rate"):
+    margins.dense(sample_rate=0.0)
+  x, w2, _, labels = make_inputs(13, 13)
+  with pytest.raises(ValueError, match="key"):
+    margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(),
+                                engine=margins.dense(sample_rate=0.5))
+  with pytest.raises(TypeError, match="margin"):
+    margins.margin_softmax_loss(x, w2, labels, "arcface")
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial FC sampling.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sample_classes_keeps_positives_fixed_count_and_is_reproducible():
+  labels = jnp.array([3, 3, 40, -1, 99, 0], jnp.int32)
+  draw = jax.jit(parallel.sample_classes, static_argnums=(1, 3))
+  first = np.asarray(draw(labels, 100, 100, 20, jax.random.key(1)))
+  assert first.shape == (20,) and len(set(first)) == 20
+  assert np.all(np.diff(first) > 0)
+  assert {0, 3, 40, 99} <= set(first)
+  np.testing.assert_array_equal(first, draw(labels, 100, 100, 20, jax.random.key(1)))
+  assert not np.array_equal(first, draw(labels, 100, 100, 20, jax.random.key(2)))
+  # Padding rows (>= num_valid) are never drawn while real rows are left.
+  assert np.all(np.asarray(draw(labels, 100, 90, 20, jax.random.key(3))) < 90)
+
+
+def test_sampled_count():
+  assert parallel.sampled_count(1000, 64, 1.0) == 1000
+  assert parallel.sampled_count(1000, 64, 0.1) == 100
+  assert parallel.sampled_count(1000, 256, 0.1) == 256  # every class of the batch fits
+  assert parallel.sampled_count(100, 256, 0.1) == 100
+
+
+def test_sampled_loss_is_the_dense_loss_over_the_sample():
+  num_classes, batch = 40, 8
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, D)).astype(np.float32)
+  w = rng.normal(size=(num_classes, D)).astype(np.float32)
+  labels = rng.integers(0, num_classes, size=batch).astype(np.int32)
+  key = jax.random.key(5)
+  engine = margins.dense(sample_rate=0.25)  # keeps max(10, batch) = 10 classes
+  margin = margins.CurricularFace(scale=8.0)
+
+  def loss(w_):
+    losses, _ = engine(x, w_, labels, margin, key=key)
+    return jnp.mean(losses), losses
+
+  (_, losses), grad = jax.value_and_grad(loss, has_aux=True)(w)
+  index = np.asarray(parallel.sample_classes(jnp.asarray(labels), num_classes, num_classes, 10,
+                                             key))
+  position = {c: i for i, c in enumerate(index)}
+  sub_labels = np.array([position[c] for c in labels], np.int32)
+  want = margins.margin_softmax_loss(x, w[index], sub_labels, margin)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+  assert set(np.flatnonzero(np.any(grad != 0, axis=1))) <= set(index)
+  unsampled = np.setdiff1d(np.arange(num_classes), index)
+  assert np.all(grad[unsampled] == 0)  # exactly zero, not small
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_sampled_sharded_is_the_dense_loss_over_each_shards_sample(chunk_size):
+  num_devices, num_classes, rows = 4, 30, 32
+  x, w, _, labels = make_inputs(num_classes, rows)
+  key = jax.random.key(11)
+  mesh = make_mesh(num_devices)
+  engine = margins.sharded(mesh, chunk_size=chunk_size, sample_rate=0.5)
+  margin = margins.ArcFace(scale=8.0)
+  losses, _ = jax.jit(lambda x_, w_: engine(x_, w_, labels, margin, num_classes=num_classes,
+                                            key=key))(x, w)
+  per_shard = rows // num_devices
+  kept = parallel.sampled_count(per_shard, B, 0.5)
+  assert kept == per_shard  # with B = 16 > 8 rows per shard, everything is kept
+  np.testing.assert_allclose(losses, margins.margin_softmax_loss(x, w[:num_classes], labels,
+                                                                 margin), rtol=1e-5)
+  # A smaller batch than the shard: now the shards really sample.
+  mesh = make_mesh(2)
+  engine = margins.sharded(mesh, chunk_size=chunk_size, sample_rate=0.25)
+  x, labels = x[:4], labels[:4]
+  losses = jax.jit(lambda x_, w_: engine(x_, w_, labels, margin, num_classes=num_classes,
+                                         key=key)[0])(x, w)
+  union = []
+  for shard in range(2):
+    start = shard * 16
+    local = np.where((labels >= start) & (labels < min(start + 16, num_classes)),
+                     labels - start, -1).astype(np.int32)
+    index = parallel.sample_classes(jnp.asarray(local), 16, min(16, num_classes - start),
+                                    parallel.sampled_count(16, 4, 0.25),
+                                    jax.random.fold_in(key, shard))
+    union.extend(int(i) + start for i in index if int(i) + start < num_classes)
+  position = {c: i for i, c in enumerate(union)}
+  want = margins.margin_softmax_loss(x, w[np.array(union)],
+                                     np.array([position[c] for c in labels], np.int32), margin)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the chunked engine's temporaries do not grow with the number of classes.
+# ---------------------------------------------------------------------------------------------
+
+
+def compiled_temp_bytes(engine, num_classes, batch=256, dim=512):
+  x = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
+  w = jax.ShapeDtypeStruct((num_classes, dim), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace())[0])  # noqa: E731
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_temporaries_do_not_grow_with_classes():
+  engine = margins.chunked(8192)
+  small, large = compiled_temp_bytes(engine, 100_000), compiled_temp_bytes(engine, 1_000_000)
+  assert large <= small * 1.05 + (1 << 20), (small, large)
+  assert large < 64 * 2**20, large  # the [B, C] logits alone would be 1 GB
+  dense_bytes = compiled_temp_bytes(margins.dense(), 1_000_000)
+  assert dense_bytes > 256 * 2**20 * 4, dense_bytes
