@@ -170,16 +170,55 @@ def _axes(axis_name: AxisName) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
+def _dot(a: Array, b: Array, contract: tuple[int, int], out_dtype: Any) -> Array:
+  """``a . b`` over dimensions ``contract`` of each, accumulated in ``out_dtype``."""
+  return jax.lax.dot_general(a, b.astype(a.dtype), (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _normalized_dot(x_in: Array, w: Array, floor_dtype: Any) -> Array:
+  """``[B, c]`` ``<x_in, W_j / |W_j|>`` without materialising the normalised ``W``.
+
+  The backward pass forms ``dW`` from the matmul ``H = (g / |W|)^T x`` and a row-wise dot,
+  ``dW_j = H_j - (W_j . H_j) W_j / |W_j|^2``, instead of reducing the ``[B, c]`` cotangent over
+  the batch (a slow column reduction): one pass over ``[c, D]`` after the matmul.
+  """
+  return _normalized_dot_fwd(x_in, w, floor_dtype)[0]
+
+
+def _normalized_dot_fwd(x_in, w, floor_dtype):
+  out_dtype = _common.compute_dtype(x_in, w)
+  norms = _common.safe_norm(w.astype(out_dtype), floor_dtype=floor_dtype)[:, 0]
+  inverse = 1 / norms
+  # Below the norm floor the norm is a constant: no radial gradient there.
+  radial = jnp.where(norms > _common.safe_norm_floor(floor_dtype), inverse * inverse, 0)
+  sim = _dot(x_in, w, (1, 1), out_dtype) * inverse[None, :]
+  return sim, (x_in, w, inverse, radial)
+
+
+def _normalized_dot_bwd(floor_dtype, residuals, g):
+  del floor_dtype
+  x_in, w, inverse, radial = residuals
+  scaled = (g * inverse[None, :]).astype(x_in.dtype)
+  dx = _dot(scaled, w, (1, 0), g.dtype)
+  h = _dot(scaled, x_in, (0, 0), g.dtype)
+  w_wide = w.astype(g.dtype)
+  dw = h - (jnp.sum(w_wide * h, axis=1) * radial)[:, None] * w_wide
+  return dx.astype(x_in.dtype), dw.astype(w.dtype)
+
+
+_normalized_dot.defvjp(_normalized_dot_fwd, _normalized_dot_bwd)
+
+
 def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
   """``[B, c]`` float32 ``<x_in, W_j>`` (``W_j`` normalised if asked; max over sub-centres)."""
   batch, dim = x_in.shape
   flat = w.reshape(-1, dim)
-  out_dtype = _common.compute_dtype(x_in, w)
-  sim = jax.lax.dot_general(
-      x_in, flat.astype(x_in.dtype), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
   if normalize_weights:
-    inverse = _common.inverse_norm(flat.astype(out_dtype), floor_dtype=floor_dtype)
-    sim = sim * inverse.reshape(1, -1)
+    sim = _normalized_dot(x_in, flat, floor_dtype)
+  else:
+    sim = _dot(x_in, flat, (1, 1), _common.compute_dtype(x_in, w))
   if w.ndim == 3:
     sim = jnp.max(sim.reshape(batch, w.shape[0], w.shape[1]), axis=-1)
   return sim
