@@ -45,3 +45,4 @@ from margins.parallel import margin_softmax_loss
 from margins.parallel import padded_num_classes
 from margins.parallel import sample_classes
 from margins.parallel import sharded
+from margins.parallel import similarity

@@ -224,6 +224,23 @@ def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: 
   return sim
 
 
+def similarity(x: Array, w: Array, margin: Margin) -> Array:
+  """``[B, C]`` float32 scores for closed-set prediction: the similarity the margin scores with.
+
+  ``cos(x, W_j)`` when the margin normalises both, ``<x, W_j / |W_j|>`` or ``<x, W_j>`` otherwise;
+  the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class.
+  """
+  margin = check_margin(margin)
+  _common.check_floating("embeddings", x, 2)
+  _common.check_floating("weights", w, (2, 3))
+  floor_dtype = _common.common_float_dtype(x, w)
+  x_wide = x.astype(_common.compute_dtype(x))
+  if margin.normalize_embeddings:
+    x_wide = _common.l2_normalize(x_wide, floor_dtype=floor_dtype)
+  return _similarity(x_wide, w, normalize_weights=margin.normalize_weights,
+                     floor_dtype=floor_dtype)
+
+
 def _chunk_logits(x_in, w, start, rows, margin, local_labels, num_valid, floor_dtype):
   """``[B, c]`` non-target logits of classes ``start .. start + c``; target and padding ``-inf``."""
   sim = _similarity(x_in, w, normalize_weights=margin.normalize_weights, floor_dtype=floor_dtype)
@@ -407,8 +424,9 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
   matmul_dtype = engine.matmul_dtype or _common.common_float_dtype(x, w)
+  # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
+  # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)
-  w = w.astype(matmul_dtype)
   scored_rows, stabilizer = rows, target
   if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
     x_in, scored_rows, stabilizer = jax.lax.pcast(
