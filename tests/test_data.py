@@ -107,14 +107,23 @@ def test_digits_open_set_holds_out_classes_and_remaps_labels(sklearn_digits):
   assert (open_train.num_classes, open_test.num_classes) == (6, 4)
   assert open_train.class_names == ["0", "1", "2", "3", "4", "5"]
   assert open_test.class_names == ["6", "7", "8", "9"]
-  assert len(open_train) == np.isin(target, range(6)).sum()
+  open_val = data.digits("open_val")
+  assert open_val.class_names == open_train.class_names
+  assert len(open_train) + len(open_val) == np.isin(target, range(6)).sum()
+  # open_val holds the closed-set test examples of the training digits.
+  test = data.digits("test", image_size=8)
+  np.testing.assert_array_equal(
+      data.digits("open_val", image_size=8).images, test.images[test.labels < 6])
   assert len(open_test) == np.isin(target, range(6, 10)).sum()
   np.testing.assert_array_equal(open_test.labels, target[target >= 6] - 6)
   # A custom list, unsorted: labels follow ascending digit order.
   custom = data.digits("open_train", open_set_train_classes=(7, 2, 9), image_size=8)
   assert custom.class_names == ["2", "7", "9"]
   digit_of_label = np.array([2, 7, 9])
-  np.testing.assert_array_equal(digit_of_label[custom.labels], target[np.isin(target, [2, 7, 9])])
+  custom_val = data.digits("open_val", open_set_train_classes=(7, 2, 9), image_size=8)
+  np.testing.assert_array_equal(
+      np.sort(np.concatenate([digit_of_label[custom.labels], digit_of_label[custom_val.labels]])),
+      np.sort(target[np.isin(target, [2, 7, 9])]))
   rest = data.digits("open_test", open_set_train_classes=(7, 2, 9))
   assert rest.class_names == ["0", "1", "3", "4", "5", "6", "8"]
   assert set(rest.class_names).isdisjoint(custom.class_names)

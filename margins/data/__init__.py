@@ -13,3 +13,8 @@ from margins.data.pipeline import train_dataset
 from margins.data.sources import ArraySource
 from margins.data.sources import SyntheticSource
 from margins.data.sources import digits
+from margins.data.image_folder import ImageFolderSource
+from margins.data.recordio import RecordIOSource
+from margins.data.tfds_source import TfdsSource
+from margins.data.verification_bin import load_bin
+from margins.data.verification_bin import write_bin

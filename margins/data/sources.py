@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
-DIGITS_SPLITS = ("train", "test", "open_train", "open_test")
+DIGITS_SPLITS = ("train", "test", "open_train", "open_val", "open_test")
 
 _DIGITS_MAX_PIXEL = 16  # load_digits pixels count the set bits of a 4x4 block of a 32x32 bitmap.
 
@@ -134,8 +134,10 @@ def digits(
   - ``"train"`` / ``"test"`` (closed set): all ten classes; in each class,
     ``round(test_fraction * n)`` examples drawn with ``seed`` go to ``"test"``, the rest to
     ``"train"``. Labels are the digits, ``num_classes = 10``. For classification accuracy.
-  - ``"open_train"`` (open set): every example of the digits in ``open_set_train_classes``,
-    labels remapped to ``0..k-1`` in ascending digit order, ``num_classes = k``.
+  - ``"open_train"`` / ``"open_val"`` (open set): the examples of the digits in
+    ``open_set_train_classes``, split by example as ``"train"`` / ``"test"`` are (so
+    ``"open_val"`` measures classification accuracy on identities seen in training), labels
+    remapped to ``0..k-1`` in ascending digit order, ``num_classes = k``.
   - ``"open_test"``: every example of the other digits, identities never seen in training (as
     faces in a verification benchmark): for verification pairs and retrieval. Labels are
     remapped the same way, to ``0..10-k-1``.
@@ -144,11 +146,12 @@ def digits(
   digit means: train on digits without flip augmentation.
 
   Args:
-    split: one of ``"train"``, ``"test"``, ``"open_train"``, ``"open_test"``.
+    split: one of ``"train"``, ``"test"``, ``"open_train"``, ``"open_val"``, ``"open_test"``.
     image_size: height and width of the returned images (8 keeps the original size).
     open_set_train_classes: the digits of ``"open_train"``; the others make ``"open_test"``.
     test_fraction: fraction of each class in the closed-set ``"test"`` split, in ``(0, 1)``.
-    seed: draws the closed-set test examples (the open-set splits do not depend on it).
+    seed: draws the test examples of ``"test"`` and ``"open_val"`` (``"open_test"`` does not
+      depend on it).
 
   Returns:
     An :class:`ArraySource` of ``{"image": uint8 [image_size, image_size, 1], "label": int32 []}``.
@@ -182,13 +185,16 @@ def digits(
 
   bunch = load_digits()
   digit_labels = bunch.target.astype(np.int32)
+  is_test = _stratified_test_mask(digit_labels, test_fraction=test_fraction, seed=seed)
   if split in ("train", "test"):
     classes = list(range(10))
-    is_test = _stratified_test_mask(digit_labels, test_fraction=test_fraction, seed=seed)
     selected = np.flatnonzero(is_test if split == "test" else ~is_test)
+  elif split in ("open_train", "open_val"):
+    classes = train_classes
+    in_split = is_test if split == "open_val" else ~is_test
+    selected = np.flatnonzero(np.isin(digit_labels, classes) & in_split)
   else:
-    held_out = [digit for digit in range(10) if digit not in train_classes]
-    classes = train_classes if split == "open_train" else held_out
+    classes = [digit for digit in range(10) if digit not in train_classes]
     selected = np.flatnonzero(np.isin(digit_labels, classes))
   label_of_digit = np.full(10, -1, dtype=np.int32)
   label_of_digit[classes] = np.arange(len(classes), dtype=np.int32)

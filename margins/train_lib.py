@@ -1,0 +1,709 @@
+"""Training and evaluation of an embedding network with any margin loss.
+
+:func:`train_and_evaluate` is the whole job, called by ``train.py`` (flags only), the tests and
+the notebooks. It reads top to bottom:
+
+1. a device mesh from ``config.mesh``; the batch is split over all its devices, and with the
+   ``sharded`` engine so are the rows of the class centres ``W`` (model-parallel FC);
+2. the data: a grain pipeline over the source named by ``config.data``;
+3. the backbone (``margins.models``), the head ``W [C, D]``, the margin and the softmax engine,
+   the optax optimizer; parameters are created already sharded (``jit`` with ``out_shardings``);
+4. orbax checkpoints (saved every ``checkpoint_every`` steps and at the end, asynchronously,
+   with the data iterator's position): a run restarts from the latest one in ``workdir`` and
+   continues exactly as if it had not stopped;
+5. the loop: one jitted step, a progress line, ``metrics.jsonl`` and TensorBoard events;
+6. evaluation every ``eval_every`` steps and at the end: closed-set accuracy, open-set
+   verification (LFW protocol) and retrieval on held-out identities, ``.bin`` verification files;
+   at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from flax import struct
+from jax.experimental import multihost_utils
+
+from margins import data as data_lib
+from margins import evaluation
+from margins import models
+from margins import parallel
+from margins.losses import center as center_lib
+from margins.losses import margin as margin_lib
+
+Array = jax.Array
+
+# Loss names of ``config.loss.name`` and the margin each one builds.
+MARGINS = {
+    "softmax": margin_lib.Softmax,
+    "normface": margin_lib.NormFace,
+    "lsoftmax": margin_lib.LSoftmax,
+    "sphereface": margin_lib.SphereFace,
+    "cosface": margin_lib.CosFace,
+    "arcface": margin_lib.ArcFace,
+    "combined": margin_lib.CombinedMargin,
+    "subcenter_arcface": margin_lib.ArcFace,
+    "curricularface": margin_lib.CurricularFace,
+    "adaface": margin_lib.AdaFace,
+    "magface": margin_lib.MagFace,
+    "elasticface": margin_lib.ElasticFace,
+}
+# Fields of ``config.loss`` read by the training loop rather than passed to the margin.
+_LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes, and all that a checkpoint holds (with the data position)."""
+  step: Array
+  params: dict[str, Any]  # {"backbone": nnx.State, "head": W [C', D] or [C', K, D]}
+  model_state: Any  # the backbone's non-parameter state: batch statistics, RNG counters
+  opt_state: Any
+  margin: margin_lib.Margin  # carries CurricularFace's t, AdaFace's norm statistics
+  centers: Array | None  # center loss's class centres, when its weight is non-zero
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, from the config.
+# ---------------------------------------------------------------------------------------------
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the training loop reads, with the digits ArcFace run's values.
+
+  Experiment files in ``configs/`` start from this and change what differs; a field they do not
+  set keeps the value here, and a field not here is an error on the command line.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Source and its fields: "digits" (image_size, open_set_train_classes) or "synthetic"
+  # (num_classes, num_images, image_shape, seed, eval_classes, eval_images).
+  c.data = dict(name="digits", image_size=16, open_set_train_classes=(0, 1, 2, 3, 4, 5))
+  c.batch_size = 128  # Global, over all devices and processes.
+  c.num_steps = 400
+  c.input = dict(random_flip=False, crop_padding=2, worker_count=0)
+  # LeNets++ at half the paper's widths: the 8x8 digits need no more, and it trains 6x faster.
+  c.model = dict(name="small_cnn", embedding_dim=32, kwargs=dict(widths=(16, 32, 64)))
+  # ``name`` is a key of ``MARGINS``; the other fields are the margin's, plus ``subcenters``
+  # (sub-centre ArcFace's K) and ``lambda_schedule`` (SphereFace's annealing, a dict of
+  # ``sphereface_lambda``'s keywords).
+  c.loss = dict(name="arcface", scale=16.0, margin=0.5)
+  c.center_loss = dict(weight=0.0, alpha=0.5)
+  # ``kind``: dense, chunked or sharded (``W`` split over all the mesh's axes).
+  c.engine = dict(kind="dense", chunk_size=8192, sample_rate=1.0, freeze_unsampled=False)
+  c.mesh = dict(shape=(-1,), axis_names=("data",))
+  c.optimizer = dict(
+      name="sgd", learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
+      grad_clip_norm=5.0, head_lr_scale=1.0,
+      head_weight_decay=ml_collections.config_dict.placeholder(float), b1=0.9, b2=0.999,
+      warmup_steps=0, decay_power=2.0)
+  c.compute_dtype = "float32"  # or "bfloat16": backbone activations and the head's matmuls.
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  c.eval_every = 0  # 0: only at the end.
+  # ``flip``: the flip test (sum of an image's and its mirror's embedding); not for digits.
+  # ``bins``: paths of insightface ``.bin`` verification sets.
+  c.eval = dict(batch_size=256, flip=False, num_pairs=3000, bins=())
+  return c
+
+
+def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same experiment in a seconds-long smoke run (``get_config("quick")``)."""
+  config.num_steps = 20
+  config.batch_size = 64
+  config.log_every = 5
+  config.checkpoint_every = 10
+  config.eval.num_pairs = 300
+  config.eval.batch_size = 128
+  return config
+
+
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh``: ``shape`` (-1: all the devices left) and ``axis_names``.
+
+  One process may use fewer devices than it has (the first ones); several processes use all.
+  """
+  shape = list(config.mesh.shape)
+  axis_names = tuple(config.mesh.axis_names)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"config.mesh.shape {tuple(shape)} and config.mesh.axis_names {axis_names} "
+                     "differ in length.")
+  devices = jax.devices()
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    shape[shape.index(-1)] = len(devices) // known
+  size = math.prod(shape)
+  if size > len(devices) or (size < len(devices) and jax.process_count() > 1):
+    raise ValueError(f"config.mesh.shape {tuple(config.mesh.shape)} needs {size} devices; there "
+                     f"are {len(devices)} (a multi-process run must use them all).")
+  return jax.make_mesh(tuple(shape), axis_names, devices=devices[:size],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def make_margin(loss_config: ml_collections.ConfigDict) -> margin_lib.Margin:
+  """The margin named ``loss_config.name`` with the hyperparameters given beside it."""
+  name = loss_config.name
+  if name not in MARGINS:
+    raise ValueError(f"Unknown loss {name!r} in config.loss.name; valid: {', '.join(MARGINS)}.")
+  cls = MARGINS[name]
+  kwargs = {k: v for k, v in loss_config.items() if k not in _LOOP_LOSS_FIELDS}
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.loss has field(s) {unknown} that loss {name!r} does not take; "
+                     f"it takes {sorted(fields - {'key'})}.")
+  if cls is margin_lib.ElasticFace:
+    kwargs["key"] = jax.random.key_data(jax.random.key(0))  # replaced every step
+  return cls(**kwargs)
+
+
+def _step_margin(margin, loss_config, step, key):
+  """The margin for this step: SphereFace's annealed lambda, ElasticFace's draw."""
+  schedule = loss_config.get("lambda_schedule")
+  if schedule is not None:
+    margin = dataclasses.replace(margin, annealing=margin_lib.sphereface_lambda(step, **schedule))
+  if isinstance(margin, margin_lib.ElasticFace):
+    margin = dataclasses.replace(margin, key=jax.random.key_data(key))
+  return margin
+
+
+def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngine:
+  """The softmax engine of ``config.engine`` (``kind``: dense, chunked or sharded)."""
+  engine = config.engine
+  matmul_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
+  if engine.kind == "dense":
+    return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
+  if engine.kind == "chunked":
+    return parallel.chunked(engine.chunk_size, sample_rate=engine.sample_rate,
+                            matmul_dtype=matmul_dtype)
+  if engine.kind == "sharded":
+    return parallel.sharded(mesh, chunk_size=engine.chunk_size, sample_rate=engine.sample_rate,
+                            matmul_dtype=matmul_dtype)
+  raise ValueError(f"Unknown config.engine.kind {engine.kind!r}; valid: dense, chunked, sharded.")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """insightface's schedule: linear warm-up, then polynomial decay (power 2) to zero."""
+  opt = config.optimizer
+  warmup = opt.warmup_steps
+  decay = optax.polynomial_schedule(opt.learning_rate, 0.0, power=opt.decay_power,
+                                    transition_steps=max(config.num_steps - warmup, 1))
+  if not warmup:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, opt.learning_rate, warmup), decay], [warmup])
+
+
+def freeze_untouched_rows(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Leaves the rows of ``W`` whose gradient is exactly zero (Partial FC: not sampled) alone.
+
+  Without it, SGD's momentum keeps moving an unsampled row and weight decay shrinks it every
+  step (what insightface's current Partial FC does); with it, such a row keeps its value and
+  its optimizer state until it is sampled again (what Partial FC v1 did). Optimizer state leaves
+  shaped like ``W`` are selected row by row; the others (step counts) update as usual.
+  """
+
+  def update(updates, state, params=None):
+    touched = jnp.any(updates != 0, axis=tuple(range(1, updates.ndim)))
+    new_updates, new_state = inner.update(updates, state, params)
+
+    def select(new, old):
+      if getattr(new, "shape", None) != updates.shape:
+        return new
+      return jnp.where(touched.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    new_state = jax.tree.map(select, new_state, state)
+    return select(new_updates, jnp.zeros_like(new_updates)), new_state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """SGD with momentum or AdamW, weight decay, backbone clipping; the head may differ.
+
+  ``config.optimizer``: ``name`` (sgd, adamw), ``learning_rate``, ``momentum``, ``weight_decay``,
+  ``grad_clip_norm`` (backbone only, as insightface; 0 or None: off), ``head_lr_scale`` and
+  ``head_weight_decay`` (None: same as the backbone).
+  """
+  opt = config.optimizer
+  schedule = learning_rate_schedule(config)
+
+  def group(lr_scale, weight_decay, clip):
+    lr = (lambda step: lr_scale * schedule(step)) if lr_scale != 1 else schedule
+    if opt.name == "sgd":
+      steps = [optax.add_decayed_weights(weight_decay),
+               optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov)]
+    elif opt.name == "adamw":
+      steps = [optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=weight_decay)]
+    else:
+      raise ValueError(f"Unknown config.optimizer.name {opt.name!r}; valid: sgd, adamw.")
+    return optax.chain(*([optax.clip_by_global_norm(clip)] if clip else []), *steps)
+
+  head_decay = opt.weight_decay if opt.head_weight_decay is None else opt.head_weight_decay
+  head = group(opt.head_lr_scale, head_decay, None)
+  if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
+    head = freeze_untouched_rows(head)
+  labels = lambda params: {"backbone": jax.tree.map(lambda _: "backbone", params["backbone"]),  # noqa
+                           "head": "head"}
+  return optax.multi_transform(
+      {"backbone": group(1.0, opt.weight_decay, opt.grad_clip_norm), "head": head}, labels)
+
+
+def make_sources(data_config: ml_collections.ConfigDict):
+  """``(train source, {eval name: source})`` of ``config.data``.
+
+  Eval sources: ``"closed"``, held-out examples of the training identities (accuracy), and
+  ``"open"``, identities never seen in training (verification and retrieval). Face datasets
+  (``recordio``, ``image_folder``, ``tfds``) have neither: they are evaluated on ``.bin``
+  verification sets (``config.eval.bins``).
+  """
+  name = data_config.name
+  if name == "digits":
+    kwargs = dict(image_size=data_config.image_size,
+                  open_set_train_classes=tuple(data_config.open_set_train_classes))
+    return data_lib.digits("open_train", **kwargs), {
+        "closed": data_lib.digits("open_val", **kwargs),
+        "open": data_lib.digits("open_test", **kwargs)}
+  if name == "synthetic":
+    shape = tuple(data_config.image_shape)
+    train = data_lib.SyntheticSource(num_classes=data_config.num_classes,
+                                     num_images=data_config.num_images, image_shape=shape,
+                                     seed=data_config.seed)
+    held_out = data_lib.SyntheticSource(num_classes=data_config.eval_classes,
+                                        num_images=data_config.eval_images, image_shape=shape,
+                                        seed=data_config.seed + 1)
+    return train, {"open": held_out}
+  shape = tuple(data_config.image_shape)
+  if name == "recordio":  # ``path``: the folder of train.rec, train.idx (and property).
+    return data_lib.RecordIOSource(data_config.path, image_shape=shape), {}
+  if name == "image_folder":  # ``path``: one sub-folder per identity.
+    return data_lib.ImageFolderSource(data_config.path, image_shape=shape), {}
+  if name == "tfds":  # ``tfds_name``, ``split``, ``data_dir``: a dataset prepared locally.
+    return data_lib.TfdsSource(data_config.tfds_name, split=data_config.split,
+                               data_dir=data_config.data_dir, image_shape=shape), {}
+  raise ValueError(f"Unknown config.data.name {name!r}; valid: digits, synthetic, recordio, "
+                   "image_folder, tfds.")
+
+
+# ---------------------------------------------------------------------------------------------
+# State and steps.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_head(path) -> bool:
+  return any(getattr(entry, "key", None) == "head" for entry in path)
+
+
+def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
+  """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  if engine.mesh is None:
+    return jax.tree.map(lambda _: replicated, state_shapes)
+  rows = jax.sharding.NamedSharding(mesh, jax.P(engine.axis_name))
+  head_shape = state_shapes.params["head"].shape
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: rows if _is_head(path) and leaf.shape == head_shape else replicated,
+      state_shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What the jitted functions close over: the static parts of a run."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  engine: parallel.SoftmaxEngine
+  optimizer: optax.GradientTransformation
+  num_classes: int
+  image_shape: tuple[int, int, int]  # [H, W, C] of the model's input
+
+  @property
+  def batch_sharding(self):
+    return jax.sharding.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
+
+
+def _model_fn(config, image_shape):
+  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  return lambda: models.create(
+      config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
+      input_size=tuple(image_shape[:2]), in_channels=image_shape[2], dtype=dtype,
+      **config.model.kwargs)
+
+
+def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, int, int]):
+  """``(experiment, state)``: the state created on the devices, already sharded."""
+  model_fn = _model_fn(config, image_shape)
+  graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+  engine = make_engine(config, mesh)
+  optimizer = make_optimizer(config)
+  margin = make_margin(config.loss)
+  rows = parallel.padded_num_classes(num_classes, engine.num_shards)
+  subcenters = config.loss.get("subcenters")
+  head_shape = (rows, subcenters, config.model.embedding_dim) if subcenters else (
+      rows, config.model.embedding_dim)
+  center_weight = config.center_loss.weight
+
+  def init():
+    _, params, model_state = nnx.split(model_fn(), nnx.Param, ...)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    # insightface initialises the FC weight with N(0, 0.01).
+    params = {"backbone": params, "head": 0.01 * jax.random.normal(key, head_shape)}
+    centers = jnp.zeros((num_classes, config.model.embedding_dim)) if center_weight else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
+                      centers=centers)
+
+  shardings = state_shardings(jax.eval_shape(init), mesh, engine)
+  state = jax.jit(init, out_shardings=shardings)()
+  return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
+                    tuple(image_shape)), state
+
+
+def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Array]):
+  """One optimizer step on a global batch; returns the new state and the step's metrics."""
+  config = experiment.config
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
+  margin = _step_margin(state.margin, config.loss, state.step, key)
+  labels = batch["label"]
+
+  def loss_fn(params):
+    model = nnx.merge(experiment.graphdef, params["backbone"], state.model_state, copy=True)
+    embeddings = model(batch["image"]).astype(jnp.float32)
+    losses, new_margin = experiment.engine(embeddings, params["head"], labels, margin,
+                                           num_classes=experiment.num_classes, key=key)
+    loss = jnp.mean(losses)
+    metrics = {"softmax_loss": loss}
+    if state.centers is not None:
+      center = jnp.mean(center_lib.center_loss(embeddings, state.centers, labels))
+      loss = loss + config.center_loss.weight * center
+      metrics["center_loss"] = center
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    return loss, (model_state, new_margin, embeddings, metrics)
+
+  (loss, (model_state, new_margin, embeddings, metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  centers = state.centers
+  if centers is not None:
+    centers = center_lib.update_centers(centers, jax.lax.stop_gradient(embeddings), labels,
+                                        alpha=config.center_loss.alpha)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, margin=jax.tree.map(jnp.asarray, new_margin),
+                            centers=centers)
+  metrics = dict(metrics, loss=loss, learning_rate=learning_rate_schedule(config)(state.step),
+                 grad_norm=optax.tree.norm(grads["backbone"]),
+                 embedding_norm=jnp.mean(jnp.linalg.norm(embeddings, axis=-1)))
+  return new_state, metrics
+
+
+def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
+  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout)."""
+  model = nnx.merge(experiment.graphdef, state.params["backbone"], state.model_state)
+  model.eval()
+  return model(images).astype(jnp.float32)
+
+
+def class_scores(experiment: Experiment, state: TrainState, embeddings: Array) -> Array:
+  """``[B, C]`` scores of each class for closed-set prediction: the margin's similarity."""
+  margin = state.margin
+  weights = state.params["head"][:experiment.num_classes]
+  return parallel.similarity(embeddings, weights, margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (on the host, after embedding on the devices).
+# ---------------------------------------------------------------------------------------------
+
+
+def _global_batch(experiment, local_batch):
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(experiment.batch_sharding, a), local_batch)
+
+
+def _to_host(array) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn) -> np.ndarray:
+  """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's)."""
+  per_process = experiment.config.eval.batch_size // jax.process_count()
+  dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
+                                  shard_index=jax.process_index(),
+                                  shard_count=jax.process_count())
+  embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
+  for batch in dataset:
+    local = {k: batch[k] for k in ("image", "index", "mask")}
+    if flip:
+      local["image_flipped"] = batch["image_flipped"]
+    global_batch = _global_batch(experiment, local)
+    out = embed_fn(state, global_batch["image"])
+    if flip:
+      out = out + embed_fn(state, global_batch["image_flipped"])
+    out, index, mask = (_to_host(a) for a in (out, global_batch["index"], global_batch["mask"]))
+    embeddings[index[mask]] = out[mask]
+  return embeddings
+
+
+def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[str, Any]:
+  """Closed-set accuracy, open-set verification and retrieval, ``.bin`` verification sets.
+
+  Returns flat metrics (``name/metric``: float) plus ``"_results"`` (the verification results and
+  embeddings, for plots).
+  """
+  eval_config = experiment.config.eval
+  metrics, results = {}, {}
+  if "closed" in eval_sources:
+    source = eval_sources["closed"]
+    embeddings = compute_embeddings(experiment, state, source, flip=False, embed_fn=embed_fn)
+    predictions = np.argmax(np.asarray(scores_fn(state, jnp.asarray(embeddings))), axis=-1)
+    metrics["closed/accuracy"] = float(np.mean(predictions == source.labels))
+    results["closed"] = (embeddings, source.labels)
+  if "open" in eval_sources:
+    source = eval_sources["open"]
+    embeddings = compute_embeddings(experiment, state, source, flip=eval_config.flip,
+                                    embed_fn=embed_fn)
+    labels = np.asarray([source[i]["label"] for i in range(len(source))])
+    pairs, issame = evaluation.make_pairs(labels, eval_config.num_pairs, seed=0)
+    result = evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame)
+    metrics.update(_verification_metrics("open", result))
+    metrics.update({f"open/{k}": v for k, v in evaluation.retrieval_metrics(
+        embeddings, labels).items()})
+    results["open"] = (embeddings, labels, result)
+  for path in eval_config.bins:
+    name = os.path.splitext(os.path.basename(path))[0]
+    images, issame = data_lib.load_bin(path, image_size=experiment.image_shape[:2])
+    source = data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1)
+    embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
+    result = evaluation.evaluate_verification(embeddings, issame)
+    metrics.update(_verification_metrics(name, result))
+    results[name] = (None, None, result)
+  metrics["_results"] = results
+  return metrics
+
+
+def _verification_metrics(name, result) -> dict[str, float]:
+  metrics = {f"{name}/verification_accuracy": result.accuracy,
+             f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc}
+  metrics.update({f"{name}/tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
+  return metrics
+
+
+def write_plots(workdir: str, metrics: Mapping[str, Any]) -> list[str]:
+  """ROC curves of every verification set; features on the circle/sphere for 2-D/3-D ones."""
+  results = metrics["_results"]
+  paths = []
+  curves = {name: r[2] for name, r in results.items() if len(r) == 3}
+  if curves:
+    paths.append(evaluation.plot_roc(curves, os.path.join(workdir, "roc.png")))
+  for name, result in results.items():
+    embeddings, labels = result[0], result[1]
+    if embeddings is not None and embeddings.shape[1] in (2, 3):
+      paths.append(evaluation.plot_embeddings(
+          embeddings, labels, os.path.join(workdir, f"features_{name}.png"),
+          title=f"Features of the {name}-set identities"))
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """``metrics.jsonl`` and TensorBoard events in ``workdir``, written by process 0 only.
+
+  On resume, lines past the restored step are dropped, so the file reads as one run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tensorboard = None
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+def report(line: str) -> None:
+  """Prints a progress or result line (process 0 only) where a person running the job reads."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _progress_line(step, num_steps, metrics, images_per_second, seconds_left) -> str:
+  eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+  return (f"step {step}/{num_steps} | loss {float(metrics['loss']):.4f} | "
+          f"lr {float(metrics['learning_rate']):.4g} | {images_per_second:,.0f} img/s | ETA {eta}")
+
+
+def _summary_lines(metrics: Mapping[str, Any]) -> list[str]:
+  lines = []
+  if "closed/accuracy" in metrics:
+    lines.append(f"[closed set] accuracy: {metrics['closed/accuracy']:.4f}")
+  for name, result in metrics["_results"].items():
+    if len(result) == 3:
+      lines.append(evaluation.format_verification(name, result[2], flip=name != "open"))
+  return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Errors that name the problem, before anything is built."""
+  if config.loss.name not in MARGINS:
+    raise ValueError(f"Unknown loss {config.loss.name!r} in config.loss.name; valid: "
+                     f"{', '.join(MARGINS)}.")
+  if config.model.name not in models.NAMES:
+    raise ValueError(f"Unknown model {config.model.name!r} in config.model.name; valid: "
+                     f"{', '.join(models.NAMES)}.")
+  for name in ("batch_size", "eval.batch_size"):
+    value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
+    if value % mesh.size:
+      raise ValueError(f"config.{name} = {value} is not divisible by the {mesh.size} devices "
+                       "of the mesh (the batch is split evenly over them).")
+    if value % jax.process_count():
+      raise ValueError(f"config.{name} = {value} is not divisible by the "
+                       f"{jax.process_count()} processes.")
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The run's orbax checkpoints, in ``workdir/checkpoints``."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainState]:
+  """The experiment and state of a run's checkpoint (the latest one by default), for inference.
+
+  The mesh is rebuilt on the devices present now, which may differ from the training run's.
+  """
+  config = load_config(workdir)
+  config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
+  mesh = make_mesh(config)
+  train_source, _ = make_sources(config.data)
+  experiment, state = create_train_state(config, mesh, train_source.num_classes,
+                                         train_source.image_shape)
+  with checkpoint_manager(workdir, config) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+  return experiment, restored.state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains and evaluates as ``config`` says, in ``workdir``; returns the final metrics.
+
+  Restarting with the same ``workdir`` resumes from its latest checkpoint.
+  """
+  mesh = make_mesh(config)
+  check_config(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  train_source, eval_sources = make_sources(config.data)
+  experiment, state = create_train_state(config, mesh, train_source.num_classes,
+                                         train_source.image_shape)
+
+  per_process = config.batch_size // jax.process_count()
+  dataset = data_lib.train_dataset(
+      train_source, batch_size=per_process, seed=config.seed, random_flip=config.input.random_flip,
+      crop_padding=config.input.crop_padding, worker_count=config.input.worker_count,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  iterator = iter(dataset)
+
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
+    state = restored.state
+    report(f"Resumed from step {int(state.step)} in {workdir}.")
+  start = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = MetricWriter(workdir, start)
+
+  step_fn = jax.jit(lambda s, b: train_step(experiment, s, b), donate_argnums=0)
+  embed_fn = jax.jit(lambda s, x: embed(experiment, s, x))
+  scores_fn = jax.jit(lambda s, x: class_scores(experiment, s, x))
+
+  num_steps = config.num_steps
+  final = {}
+  timer_start, timer_step = time.perf_counter(), start
+  for step in range(start + 1, num_steps + 1):
+    batch = _global_batch(experiment, next(iterator))
+    state, metrics = step_fn(state, batch)
+    if step % config.log_every == 0 or step == num_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - timer_start
+      speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
+      report(_progress_line(step, num_steps, metrics, speed,
+                            (num_steps - step) * elapsed / max(step - timer_step, 1)))
+      writer.write(step, metrics)
+      timer_start, timer_step = time.perf_counter(), step
+    if step % config.checkpoint_every == 0 or step == num_steps:
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+    if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
+      final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
+      writer.write(step, final)
+      for line in _summary_lines(final):
+        report(f"[step {step}] {line}")
+  manager.wait_until_finished()
+  manager.close()
+  if not final:  # Nothing left to train: evaluate the restored state.
+    final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
+  if jax.process_index() == 0:
+    final["_plots"] = write_plots(workdir, final)
+  writer.close()
+  return final

@@ -1,0 +1,192 @@
+"""The training loop: every config runs, loss falls, kill -9 resumes exactly, 8 devices = 1."""
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from margins import parallel
+from margins import train_lib
+from margins.losses import margin as margin_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load_config(path: str, arg: str | None = "quick") -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def losses_by_step(workdir: str) -> dict[int, float]:
+  return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def tiny(config: ml_collections.ConfigDict, num_steps: int = 2) -> ml_collections.ConfigDict:
+  config.num_steps = num_steps
+  config.log_every = 1
+  config.checkpoint_every = num_steps
+  config.eval.num_pairs = 100
+  return config
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
+def test_every_config_runs_in_quick_mode(path, tmp_path):
+  config = tiny(load_config(path))
+  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  metrics = read_metrics(str(tmp_path))
+  assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+  assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+  assert 0 <= final["open/verification_accuracy"] <= 1
+  assert np.isfinite(final["open/auc"])
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  assert os.path.exists(tmp_path / "roc.png")
+  if config.model.embedding_dim in (2, 3):
+    assert os.path.exists(tmp_path / "features_open.png")
+
+
+def test_digits_arcface_learns(tmp_path):
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.num_steps, config.log_every = 60, 10
+  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  losses = losses_by_step(str(tmp_path))
+  assert losses[60] < 0.5 * losses[10], losses
+  assert final["closed/accuracy"] > 0.8  # 6 classes: chance is 1/6.
+  assert final["open/auc"] > 0.75  # Held-out digits: chance is 0.5.
+
+
+def test_eight_devices_sharded_equals_one_device_dense(tmp_path):
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=3)
+  config.batch_size = 64
+  config.mesh.shape = (1,)
+  one = train_lib.train_and_evaluate(config, str(tmp_path / "one"))
+  config.mesh.shape = (8,)
+  config.engine.kind, config.engine.chunk_size = "sharded", 2  # 6 classes on 8 devices.
+  eight = train_lib.train_and_evaluate(config, str(tmp_path / "eight"))
+  np.testing.assert_allclose(list(losses_by_step(str(tmp_path / "one")).values()),
+                             list(losses_by_step(str(tmp_path / "eight")).values()), rtol=1e-4)
+  assert one["open/auc"] == pytest.approx(eight["open/auc"], abs=1e-3)
+
+
+def _train_command(workdir, num_steps, checkpoint_every):
+  return [sys.executable, os.path.join(ROOT, "train.py"),
+          f"--config={os.path.join(ROOT, 'configs', 'digits_arcface.py')}:quick",
+          f"--workdir={workdir}", f"--config.num_steps={num_steps}", "--config.log_every=1",
+          f"--config.checkpoint_every={checkpoint_every}", "--config.eval.num_pairs=100"]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  steps, every = 12, 3
+  subprocess.run(_train_command(tmp_path / "whole", steps, every), env=env, check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_train_command(killed, steps, every), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while not os.path.isdir(killed / "checkpoints" / "6") and time.monotonic() < deadline:
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  assert not os.path.isdir(killed / "checkpoints" / str(steps))
+  result = subprocess.run(_train_command(killed, steps, every), env=env, check=True,
+                          capture_output=True, text=True)
+  assert "Resumed from step" in result.stdout
+  assert losses_by_step(str(killed)) == losses_by_step(str(tmp_path / "whole"))
+
+
+def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
+  # (Overrides that exist are exercised by the kill -9 test.)
+  command = _train_command(tmp_path, 1, 1) + ["--config.loss.not_a_field=1"]
+  result = subprocess.run(command, capture_output=True, text=True, env=dict(
+      os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode != 0
+  assert "not_a_field" in result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.loss.update(name="nope"), "Unknown loss 'nope'"),
+    (lambda c: c.loss.update(name="cosface", gamma=2.0), r"\['gamma'\]"),
+    (lambda c: c.model.update(name="resnet"), "Unknown model 'resnet'"),
+    (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
+    (lambda c: c.mesh.update(shape=(16,)), "needs 16 devices"),
+    (lambda c: c.engine.update(kind="fused"), "Unknown config.engine.kind 'fused'"),
+    (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
+    (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
+])
+def test_bad_config_gives_a_clear_error(change, message, tmp_path):
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.unlock()
+  change(config)
+  with pytest.raises(ValueError, match=message):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+  config = train_lib.default_config()
+  config.num_steps, config.optimizer.warmup_steps = 110, 10
+  config.optimizer.learning_rate, config.optimizer.decay_power = 0.1, 2.0
+  schedule = train_lib.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 0.05, 0.1, 0.1 * 0.5**2, 0.0], atol=1e-7)
+
+
+def test_freeze_untouched_rows_keeps_unsampled_rows_and_their_state():
+  inner = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
+  frozen = train_lib.freeze_untouched_rows(inner)
+  params = jnp.arange(12.0).reshape(4, 3) + 1
+  state = frozen.init(params)
+  history = []
+  for rows in ([0, 1, 2, 3], [1, 3]):
+    grads = jnp.zeros_like(params).at[jnp.array(rows)].set(1.0)
+    inner_updates, _ = inner.update(grads, state, params)
+    updates, state = frozen.update(grads, state, params)
+    np.testing.assert_allclose(updates[jnp.array(rows)], inner_updates[jnp.array(rows)])
+    params = optax.apply_updates(params, updates)
+    history.append((params, state[1][0].trace))
+  (params_1, trace_1), (params_2, trace_2) = history
+  untouched = jnp.array([0, 2])
+  np.testing.assert_array_equal(params_2[untouched], params_1[untouched])
+  np.testing.assert_array_equal(trace_2[untouched], trace_1[untouched])
+  assert np.all(np.asarray(trace_1[untouched]) != 0)  # Plain SGD would have moved them on.
+  assert not np.allclose(params_2[jnp.array([1, 3])], params_1[jnp.array([1, 3])])
+
+
+@pytest.mark.parametrize("margin, weights_shape", [
+    (margin_lib.ArcFace(), (5, 4)), (margin_lib.Softmax(), (5, 4)),
+    (margin_lib.SphereFace(), (5, 4)), (margin_lib.ArcFace(), (5, 3, 4))])
+def test_similarity_is_what_the_margin_scores(margin, weights_shape):
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  w = jax.random.normal(jax.random.key(1), weights_shape)
+  xs = np.asarray(x, np.float64)
+  ws = np.asarray(w, np.float64)
+  if margin.normalize_embeddings:
+    xs = xs / np.linalg.norm(xs, axis=-1, keepdims=True)
+  if margin.normalize_weights:
+    ws = ws / np.linalg.norm(ws, axis=-1, keepdims=True)
+  expected = np.einsum("bd,c...d->bc...", xs, ws)
+  if len(weights_shape) == 3:
+    expected = expected.max(axis=-1)
+  np.testing.assert_allclose(parallel.similarity(x, w, margin), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,46 @@
+r"""Trains an embedding network with a margin loss: ``train.py --config <file> --workdir <dir>``.
+
+Every config field can be overridden on the command line, e.g.::
+
+  python train.py --config configs/digits_arcface.py --workdir /tmp/arcface \
+      --config.loss.margin=0.4 --config.num_steps=3000
+
+``--config configs/<file>.py:quick`` runs the same experiment for a few seconds. Restarting with
+the same ``--workdir`` resumes from its latest checkpoint. See :mod:`margins.train_lib`.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from margins import distributed
+from margins import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (with --num_processes "
+    "and --process_id). Not needed under SLURM or Open MPI.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: processes in all.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Let JAX detect the cluster (Cloud TPU pods, Kubernetes) and start "
+    "the multi-process runtime.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO.
+    logging.set_verbosity(logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_MULTIHOST.value)
+  logging.info("Config:\n%s", _CONFIG.value)
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
