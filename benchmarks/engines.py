@@ -1,0 +1,334 @@
+"""Speed and memory of the softmax engines against the matmul floor.
+
+For each number of classes ``C`` and dtype, prints the time of ``jit(value_and_grad)`` of the mean
+ArcFace loss (w.r.t. the embeddings and ``W``) for the dense, chunked and sampled engines, divided
+by the time of the floor: the three bare matmuls of a forward and backward pass
+(``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). Every function is
+timed in the same run, interleaved round by round, and the ratios are of the medians. The XLA
+temporary memory of each compiled program is printed beside it.
+
+Also timed: ``rowfused``, a PROTOTYPE OF AN ALTERNATIVE DESIGN that lives only in this script (not
+in the library): for a scalar mean loss, batch rows are processed in chunks whose log-sum-exp
+over all ``C`` classes is complete, so the gradient is formed in the forward pass (``dx`` per row
+chunk, ``dW`` accumulated over row chunks) and the backward pass only scales it by the cotangent:
+three matmuls, ``rows x C`` logits memory.
+
+With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
+class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
+
+  python benchmarks/engines.py --classes 100000 1000000 --repeats 3
+  python benchmarks/engines.py --sharded 8 --classes 100000 --dtypes float32
+"""
+
+import argparse
+import functools
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import margins
+
+_GB = 1 << 30
+
+
+def _parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                      choices=["float32", "bfloat16"])
+  parser.add_argument("--chunk-size", type=int, default=8192)
+  parser.add_argument("--row-chunk", type=int, default=128,
+                      help="batch rows per chunk of the rowfused prototype")
+  parser.add_argument("--sample-rate", type=float, default=0.1)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--max-temp-gb", type=float, default=6.0,
+                      help="compile but do not run a program whose XLA temporaries exceed this")
+  parser.add_argument("--sharded", type=int, default=0, metavar="N",
+                      help="compare the sharded engine on N fake CPU devices with chunked")
+  return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# The floor and the engines.
+# ---------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, contract):
+  return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def floor(x, w):
+  """The three matmuls of a forward and backward pass, the logits standing in for ``g``."""
+  g = _dot(x, w, ((1,), (1,))).astype(x.dtype)
+  return _dot(g, w, ((1,), (0,))).astype(x.dtype), _dot(g, x, ((0,), (0,))).astype(w.dtype)
+
+
+def engine_step(engine, x, w, labels, key, num_classes=None):
+  """``(mean ArcFace loss, (dx, dW))`` computed by ``engine``."""
+  def mean_loss(x, w):
+    return jnp.mean(engine(x, w, labels, margins.ArcFace(), num_classes=num_classes,
+                           key=key)[0])
+  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# PROTOTYPE (benchmark only): the gradient of a scalar mean loss formed in the forward pass.
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_losses(cos, labels, margin):
+  """``[r]`` margin softmax losses from the full ``[r, C]`` cosines of ``r`` rows."""
+  target_cos = jnp.take_along_axis(cos, labels[:, None], axis=1)[:, 0]
+  ones = jnp.ones_like(target_cos)
+  rows = margins.Rows(cos=target_cos, embedding_norm=ones, weight_norm=ones)
+  target = margin.target_logit(rows)
+  is_target = labels[:, None] == jnp.arange(cos.shape[1], dtype=labels.dtype)[None, :]
+  logits = jnp.where(is_target, target[:, None], margin.nontarget_logits(cos, rows))
+  return jax.nn.logsumexp(logits, axis=1) - target
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def rowfused_mean_loss(x_unit, w, labels, margin, row_chunk):
+  """Mean loss of unit embeddings ``x_unit [B, D]`` against the normalised rows of ``w [C, D]``."""
+  return _rowfused_fwd(x_unit, w, labels, margin, row_chunk)[0]
+
+
+def _rowfused_fwd(x_unit, w, labels, margin, row_chunk):
+  batch = x_unit.shape[0]
+  if batch % row_chunk:
+    raise ValueError(f"The batch ({batch}) must be divisible by the row chunk ({row_chunk}).")
+  norms = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=1))
+  inverse = 1 / norms
+  scale = 1 / batch  # d(mean)/d(loss_b)
+
+  def body(i, carry):
+    total, dx, h = carry
+    rows = jax.lax.dynamic_slice_in_dim(x_unit, i * row_chunk, row_chunk)
+    row_labels = jax.lax.dynamic_slice_in_dim(labels, i * row_chunk, row_chunk)
+    cos = _dot(rows, w, ((1,), (1,))) * inverse[None, :]
+    losses, pullback = jax.vjp(lambda c: _row_losses(c, row_labels, margin), cos)
+    (dcos,) = pullback(jnp.full_like(losses, scale))
+    scaled = (dcos * inverse[None, :]).astype(x_unit.dtype)
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, _dot(scaled, w, ((1,), (0,))), i * row_chunk, 0)
+    return total + jnp.sum(losses) * scale, dx, h + _dot(scaled, rows, ((0,), (0,)))
+
+  init = (jnp.float32(0), jnp.zeros(x_unit.shape, jnp.float32),
+          jnp.zeros(w.shape, jnp.float32))
+  total, dx, h = jax.lax.fori_loop(0, batch // row_chunk, body, init)
+  return total, (dx.astype(x_unit.dtype), h, w, inverse, labels)
+
+
+def _rowfused_bwd(margin, row_chunk, residuals, g):
+  del margin, row_chunk
+  dx, h, w, inverse, labels = residuals
+  w_wide = w.astype(jnp.float32)
+  # Through W_j / |W_j|: remove the radial part of H_j.
+  dw = g * (h - (jnp.sum(w_wide * h, axis=1) * inverse * inverse)[:, None] * w_wide)
+  return ((g * dx).astype(dx.dtype), dw.astype(w.dtype),
+          np.zeros(labels.shape, jax.dtypes.float0))
+
+
+rowfused_mean_loss.defvjp(_rowfused_fwd, _rowfused_bwd)
+
+
+def rowfused_step(row_chunk, x, w, labels):
+  """``(mean ArcFace loss, (dx, dW))`` of the prototype; ``x`` is normalised outside it."""
+  def mean_loss(x, w):
+    x_wide = x.astype(jnp.float32)
+    x_unit = x_wide / jnp.sqrt(jnp.sum(jnp.square(x_wide), axis=1, keepdims=True))
+    return rowfused_mean_loss(x_unit.astype(x.dtype), w, labels, margins.ArcFace(), row_chunk)
+  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
+
+
+def check_rowfused(row_chunk, batch, dim):
+  """Max relative error of the prototype's loss and gradients against the dense engine."""
+  num_classes = 3000
+  kx, kw, ky = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (batch, dim))
+  w = jax.random.normal(kw, (num_classes, dim))
+  labels = jax.random.randint(ky, (batch,), 0, num_classes)
+  expected = jax.jit(functools.partial(engine_step, margins.dense()))(x, w, labels, None)
+  actual = jax.jit(functools.partial(rowfused_step, row_chunk))(x, w, labels)
+  errors = jax.tree.map(lambda a, e: float(jnp.max(jnp.abs(a - e)) / jnp.max(jnp.abs(e))),
+                        actual, expected)
+  return max(jax.tree.leaves(errors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compile(fn, *args):
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _temp_bytes(compiled):
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _time_once(compiled, args):
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start
+
+
+def measure(programs, repeats):
+  """Median seconds of each ``name: (compiled, args)``, timed interleaved round by round."""
+  for compiled, args in programs.values():  # Warm-up.
+    jax.block_until_ready(compiled(*args))
+  times = {name: [] for name in programs}
+  for _ in range(repeats):
+    for name, (compiled, args) in programs.items():
+      times[name].append(_time_once(compiled, args))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _inputs(num_classes, batch, dim, dtype, seed=0):
+  kx, kw, ky = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (batch, dim), dtype)
+  w = jax.random.normal(kw, (num_classes, dim), dtype)
+  labels = jax.random.randint(ky, (batch,), 0, num_classes)
+  return x, w, labels
+
+
+def _print_table(title, rows):
+  print(f"\n{title}\n")
+  print("| engine | time (ms) | / floor | XLA temp (MB) |")
+  print("| --- | ---: | ---: | ---: |")
+  for name, seconds, ratio, temp in rows:
+    time_text = "skipped" if seconds is None else f"{seconds * 1e3:.0f}"
+    ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+    print(f"| {name} | {time_text} | {ratio_text} | {temp / 2**20:.0f} |")
+
+
+def run_single(args):
+  error = check_rowfused(args.row_chunk, args.batch, args.dim)
+  print(f"rowfused prototype vs dense engine (C=3000, float32): max relative error {error:.1e}")
+  key = jax.random.key(0)
+  engines = {
+      "dense": margins.dense(),
+      f"chunked ({args.chunk_size})": margins.chunked(args.chunk_size),
+      f"sampled (r={args.sample_rate}, chunked)": margins.chunked(
+          args.chunk_size, sample_rate=args.sample_rate),
+  }
+  summary = {}
+  for num_classes in args.classes:
+    for dtype_name in args.dtypes:
+      x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.dtype(dtype_name))
+      candidates = {"floor (3 matmuls)": (floor, (x, w))}
+      for name, engine in engines.items():
+        candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
+      candidates[f"rowfused PROTOTYPE ({args.row_chunk} rows)"] = (
+          functools.partial(rowfused_step, args.row_chunk), (x, w, labels))
+      programs, temps, skipped = {}, {}, []
+      for name, (fn, fn_args) in candidates.items():
+        compiled = _compile(fn, *fn_args)
+        temps[name] = _temp_bytes(compiled)
+        if temps[name] > args.max_temp_gb * _GB:
+          skipped.append(name)
+        else:
+          programs[name] = (compiled, fn_args)
+      seconds = measure(programs, args.repeats)
+      floor_seconds = seconds["floor (3 matmuls)"]
+      rows = [(name, seconds.get(name),
+               seconds[name] / floor_seconds if name in seconds else None, temps[name])
+              for name in candidates]
+      _print_table(f"C={num_classes:,}, B={args.batch}, D={args.dim}, {dtype_name}, "
+                   f"median of {args.repeats} interleaved runs", rows)
+      if skipped:
+        print(f"\nskipped (XLA temporaries > {args.max_temp_gb} GB): {', '.join(skipped)}")
+      summary[(num_classes, dtype_name)] = (seconds, temps)
+      del x, w
+  _print_conclusions(summary, args)
+
+
+def _print_conclusions(summary, args):
+  print("\nXLA temporaries by C (MB):")
+  for dtype_name in args.dtypes:
+    keys = [(c, dtype_name) for c in args.classes if (c, dtype_name) in summary]
+    for name in summary[keys[0]][1]:
+      values = ", ".join(f"C={c:,}: {summary[(c, d)][1][name] / 2**20:.0f}" for c, d in keys)
+      print(f"  {dtype_name} {name}: {values}")
+  chunked_name = f"chunked ({args.chunk_size})"
+  rowfused_name = f"rowfused PROTOTYPE ({args.row_chunk} rows)"
+  verdicts, wins = [], []
+  for (num_classes, dtype_name), (seconds, _) in summary.items():
+    if chunked_name in seconds and rowfused_name in seconds:
+      ratio = seconds[rowfused_name] / seconds[chunked_name]
+      wins.append(ratio < 1)
+      verdicts.append(f"C={num_classes:,} {dtype_name}: {ratio:.2f}x chunked's time")
+  verdict = "beats" if all(wins) else "does not beat" if not any(wins) else "only sometimes beats"
+  print(f"\nConclusion: the rowfused prototype {verdict} the class-chunked engine on this CPU "
+        f"({'; '.join(verdicts)}).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded.
+# ---------------------------------------------------------------------------------------------
+
+
+def _collectives(compiled):
+  ops = re.findall(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                   r"(?:-start)?\(", compiled.as_text())
+  return {op: ops.count(op) for op in sorted(set(ops))}
+
+
+def run_sharded(args):
+  num_devices = args.sharded
+  mesh = jax.make_mesh((num_devices,), ("classes",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  spec = jax.sharding.NamedSharding(mesh, jax.P("classes"))
+  device0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  key = jax.random.key(0)
+  sharded_engine = margins.sharded(mesh, chunk_size=args.chunk_size)
+  for num_classes in args.classes:
+    rows_total = margins.padded_num_classes(num_classes, num_devices)
+    for dtype_name in args.dtypes:
+      x, w, labels = _inputs(rows_total, args.batch, args.dim, jnp.dtype(dtype_name))
+      labels = labels % num_classes
+      one = jax.device_put((x, w, labels), device0)
+      split = jax.device_put((x, w, labels), spec)
+      with jax.set_mesh(mesh):
+        sharded_compiled = _compile(
+            functools.partial(engine_step, sharded_engine, num_classes=num_classes), *split, key)
+      candidates = {
+          "floor (3 matmuls, 1 device)": (_compile(floor, *one[:2]), one[:2]),
+          f"chunked ({args.chunk_size}, 1 device)": (
+              _compile(functools.partial(engine_step, margins.chunked(args.chunk_size)),
+                       *one, key), (*one, key)),
+          f"sharded ({num_devices} devices, chunk {args.chunk_size})": (
+              sharded_compiled, (*split, key)),
+      }
+      seconds = measure(candidates, args.repeats)
+      floor_seconds = seconds["floor (3 matmuls, 1 device)"]
+      rows = [(name, seconds[name], seconds[name] / floor_seconds, _temp_bytes(compiled))
+              for name, (compiled, _) in candidates.items()]
+      _print_table(f"C={num_classes:,} ({rows_total:,} rows), B={args.batch}, D={args.dim}, "
+                   f"{dtype_name}, median of {args.repeats} interleaved runs "
+                   f"(XLA temp of the sharded program is per device)", rows)
+      w_bytes = rows_total // num_devices * args.dim * jnp.dtype(dtype_name).itemsize
+      print(f"\nW per device: {rows_total // num_devices:,} rows, {w_bytes / 2**20:.0f} MB; "
+            f"collectives in the compiled sharded program: {_collectives(sharded_compiled)}")
+
+
+def main():
+  args = _parse_args()
+  if args.sharded:
+    jax.config.update("jax_num_cpu_devices", args.sharded)
+  print(f"jax {jax.__version__}, devices: {jax.devices()}")
+  if args.sharded:
+    run_sharded(args)
+  else:
+    run_single(args)
+
+
+if __name__ == "__main__":
+  main()

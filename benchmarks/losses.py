@@ -1,0 +1,233 @@
+"""Speed of the loss zoo against the matmul floor, beside pytorch-metric-learning.
+
+For B=256, D=512 and each ``C``, float32, prints per loss the time of ``jit(value_and_grad)`` of
+the batch loss (w.r.t. the embeddings, and the centres for the classification losses) and, for the
+classification losses, its ratio to the floor: the three bare matmuls of a forward and backward
+pass (sub-centre ArcFace: with its ``K C`` rows). Beside it, the forward and backward time of the
+PyTorch implementation people use (pytorch-metric-learning, or ``F.cross_entropy`` for plain
+softmax) on the same inputs, its ratio to the same floor, and the relative difference of the two
+loss values, with the hyperparameters and reductions matched (see ``_torch_losses``). All
+timings are interleaved round by round in one run; ratios are of the medians.
+
+  python benchmarks/losses.py --classes 10000 --repeats 5
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import margins
+
+SUB_CENTERS = 3
+ARC_MARGIN = 0.5  # radians; pytorch-metric-learning takes degrees.
+
+
+def _parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--classes", type=int, nargs="+", default=[10_000])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--identities", type=int, default=64,
+                      help="distinct labels in the batch of the pairwise losses")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  parser.add_argument("--no-torch", action="store_true")
+  return parser.parse_args()
+
+
+def _dot(a, b, contract):
+  return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def floor(x, w):
+  """The three matmuls of a forward and backward pass, the logits standing in for ``g``."""
+  g = _dot(x, w, ((1,), (1,)))
+  return _dot(g, w, ((1,), (0,))), _dot(g, x, ((0,), (0,)))
+
+
+def _first(output):
+  return output[0] if isinstance(output, tuple) else output
+
+
+# name: (loss of (x, w, labels) -> [B] losses, weights with sub-centres).
+CLASSIFICATION = {
+    "softmax": (margins.softmax_loss, False),
+    "normface": (margins.normface_loss, False),
+    "cosface": (margins.cosface_loss, False),
+    "arcface": (margins.arcface_loss, False),
+    "sphereface": (margins.sphereface_loss, False),
+    "combined": (margins.combined_margin_loss, False),
+    "curricularface": (lambda x, w, y: margins.curricularface_loss(x, w, y)[0], False),
+    "adaface": (lambda x, w, y: margins.adaface_loss(x, w, y)[0], False),
+    "magface": (margins.magface_loss, False),
+    "subcenter arcface": (margins.subcenter_arcface_loss, True),
+}
+
+
+def _mean_non_zero(losses):
+  return jnp.sum(losses) / jnp.maximum(jnp.sum(losses > 0), 1)
+
+
+# name: (batch loss of (x, labels), as pytorch-metric-learning reduces it).
+PAIRWISE = {
+    "triplet batch-hard": lambda x, y: jnp.sum(margins.triplet_loss(
+        x, y, mining="batch_hard", margin=0.2, squared=False, average="batch_non_zero")),
+    "contrastive": lambda x, y: jnp.sum(margins.contrastive_loss(x, y, average="batch_non_zero")),
+    "circle": lambda x, y: _mean_non_zero(margins.circle_loss(x, y, margin=0.25, gamma=256.0)),
+}
+
+
+def _torch_losses(num_classes, dim):
+  """name: (description, module or function of (x, labels)) with margins' hyperparameters.
+
+  pytorch-metric-learning's classification losses own ``W`` as ``[D, C]`` (sub-centres: column
+  ``c K + k``) and average over the batch; ArcFace's margin is in degrees; NormalizedSoftmaxLoss
+  has a temperature, ``1 / scale``; its SphereFaceLoss is margins' ``sphereface_loss`` with
+  ``scale=None`` and no annealing. Its pairwise losses average the non-zero terms.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from pytorch_metric_learning import losses as pml  # pylint: disable=g-import-not-at-top
+  from pytorch_metric_learning import miners  # pylint: disable=g-import-not-at-top
+  degrees = math.degrees(ARC_MARGIN)
+  batch_hard = miners.BatchHardMiner()
+  triplet = pml.TripletMarginLoss(margin=0.2)
+  return {
+      "softmax": ("torch F.cross_entropy", torch.nn.Linear(dim, num_classes, bias=False)),
+      "normface": ("PML NormalizedSoftmaxLoss(temperature=1/16)",
+                   pml.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / 16)),
+      "cosface": ("PML CosFaceLoss(margin=0.35, scale=64)",
+                  pml.CosFaceLoss(num_classes, dim, margin=0.35, scale=64)),
+      "arcface": (f"PML ArcFaceLoss(margin={degrees:.2f} deg, scale=64)",
+                  pml.ArcFaceLoss(num_classes, dim, margin=degrees, scale=64)),
+      "sphereface": ("PML SphereFaceLoss(margin=4, scale=1)",
+                     pml.SphereFaceLoss(num_classes, dim, margin=4, scale=1)),
+      "subcenter arcface": (
+          f"PML SubCenterArcFaceLoss(margin={degrees:.2f} deg, scale=64, sub_centers=3)",
+          pml.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=degrees,
+                                   scale=64, sub_centers=SUB_CENTERS)),
+      "triplet batch-hard": ("PML TripletMarginLoss(margin=0.2) + BatchHardMiner",
+                             lambda x, y: triplet(x, y, batch_hard(x, y))),
+      "contrastive": ("PML ContrastiveLoss()", pml.ContrastiveLoss()),
+      "circle": ("PML CircleLoss(m=0.25, gamma=256)", pml.CircleLoss(m=0.25, gamma=256)),
+  }
+
+
+class _TorchCase:
+  """One torch loss on fixed inputs: ``step()`` runs forward and backward, ``value()`` the loss."""
+
+  def __init__(self, name, loss, x, w, labels):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.x = torch.tensor(np.asarray(x), requires_grad=True)
+    self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+    self.loss = loss
+    self.params = [self.x]
+    if name == "softmax":
+      loss.weight.data = torch.tensor(np.asarray(w))
+      self.loss = lambda x, y: torch.nn.functional.cross_entropy(loss(x), y)
+      self.params.append(loss.weight)
+    elif w is not None:
+      loss.W.data = torch.tensor(np.asarray(w).reshape(-1, w.shape[-1]).T.copy())
+      self.params.append(loss.W)
+
+  def step(self):
+    for p in self.params:
+      p.grad = None
+    self.loss(self.x, self.labels).backward()
+
+  def value(self):
+    import torch  # pylint: disable=g-import-not-at-top
+    with torch.no_grad():
+      return float(self.loss(self.x, self.labels))
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def run(args, num_classes, torch_losses):
+  kx, kw, ky, kp = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (args.batch, args.dim))
+  w = jax.random.normal(kw, (num_classes, args.dim))
+  w_sub = jax.random.normal(kw, (num_classes, SUB_CENTERS, args.dim))
+  labels = jax.random.randint(ky, (args.batch,), 0, num_classes)
+  pair_labels = jax.random.randint(kp, (args.batch,), 0, args.identities)
+
+  cases = {}  # name: (jax step giving (value, grads), weights or None, labels, floor or None)
+  for name, (loss, sub) in CLASSIFICATION.items():
+    weights = w_sub if sub else w
+    mean_loss = lambda x, w, y, loss=loss: jnp.mean(loss(x, w, y))
+    step = jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
+    cases[name] = (lambda step=step, weights=weights: step(x, weights, labels), weights, labels,
+                   "floor sub" if sub else "floor")
+  for name, loss in PAIRWISE.items():
+    step = jax.jit(jax.value_and_grad(loss))
+    cases[name] = (lambda step=step: step(x, pair_labels), None, pair_labels, None)
+
+  jit_floor = jax.jit(floor)
+  w_flat = w_sub.reshape(-1, args.dim)
+  timers = {"floor": lambda: jax.block_until_ready(jit_floor(x, w)),
+            "floor sub": lambda: jax.block_until_ready(jit_floor(x, w_flat))}
+  torch_cases = {}
+  for name, (step, weights, case_labels, _) in cases.items():
+    timers[name] = lambda step=step: jax.block_until_ready(step())
+    if name in torch_losses:
+      torch_cases[name] = _TorchCase(name, torch_losses[name][1], x, weights, case_labels)
+      timers["torch " + name] = torch_cases[name].step
+
+  for timer in timers.values():  # Warm-up (and compilation).
+    timer()
+  times = {name: [] for name in timers}
+  for _ in range(args.repeats):
+    for name, timer in timers.items():
+      times[name].append(_timed(timer))
+  seconds = {name: statistics.median(t) for name, t in times.items()}
+
+  print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, median of {args.repeats} "
+        f"interleaved runs; floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms "
+        f"(sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)\n")
+  print("| loss | margins (ms) | / floor | torch (ms) | torch / floor | torch / margins "
+        "| rel. diff of values |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for name, (step, _, _, floor_name) in cases.items():
+    floor_seconds = seconds[floor_name] if floor_name else None
+    ratio = f"{seconds[name] / floor_seconds:.2f}x" if floor_seconds else "-"
+    torch_cols = "- | - | - | -"
+    if name in torch_cases:
+      torch_seconds = seconds["torch " + name]
+      value = float(step()[0])
+      reference = torch_cases[name].value()
+      diff = abs(value - reference) / abs(reference)
+      torch_ratio = f"{torch_seconds / floor_seconds:.2f}x" if floor_seconds else "-"
+      torch_cols = (f"{torch_seconds * 1e3:.0f} | {torch_ratio} | "
+                    f"{torch_seconds / seconds[name]:.2f}x | {diff:.1e}")
+    print(f"| {name} | {seconds[name] * 1e3:.1f} | {ratio} | {torch_cols} |")
+
+
+def main():
+  args = _parse_args()
+  print(f"jax {jax.__version__}")
+  torch_losses = {}
+  if not args.no_torch:
+    import pytorch_metric_learning  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"pytorch-metric-learning {pytorch_metric_learning.__version__}")
+  for num_classes in args.classes:
+    if not args.no_torch:
+      torch_losses = _torch_losses(num_classes, args.dim)
+      print("\ntorch references: " + "; ".join(
+          f"{name}: {description}" for name, (description, _) in torch_losses.items()))
+    run(args, num_classes, torch_losses)
+
+
+if __name__ == "__main__":
+  main()
