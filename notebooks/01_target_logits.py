@@ -1,0 +1,350 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Target logits and decision margins
+#
+# Every margin loss in `margins` changes one thing: the logit of an example's own class as a
+# function of the angle $\theta$ between its embedding and the class centre (CurricularFace also
+# re-weights hard negatives). This notebook draws those functions by calling the margin objects
+# themselves, `margin.target_logit(rows)` and `margin.nontarget_logits(similarity, rows)`: the
+# methods every softmax engine evaluates, so the pictures are the library's code, not a copy.
+#
+# With unit-norm embeddings and centres every logit is a function of the cosine alone, and the
+# curves are drawn with `scale=1`: multiply by $s$ for the logits the softmax sees.
+#
+# `MARGINS_QUICK=1` uses coarse grids; figures go to `MARGINS_FIGURES_DIR` (default `docs/figures`).
+
+# %%
+import sys
+
+import jax.numpy as jnp
+import matplotlib.colors
+import matplotlib.pyplot as plt
+import numpy as np
+
+import margins
+from common import LOSS_COLORS, QUICK, save_figure
+from margins.losses.margin import cos_add_angle
+
+theta = np.linspace(0, np.pi, 181 if QUICK else 721)
+degrees = np.degrees(theta)
+cos = jnp.asarray(np.cos(theta), jnp.float32)
+
+
+def unit_rows(cos):
+  """Rows for unit-norm embeddings and centres: ``|x| = |W_y| = 1``."""
+  ones = jnp.ones_like(cos)
+  return margins.Rows(cos=cos, embedding_norm=ones, weight_norm=ones)
+
+
+def target_curve(margin):
+  """The margin's target logit at each angle of ``theta``."""
+  return np.asarray(margin.target_logit(unit_rows(cos)))
+
+
+def variants(color, n):
+  """``n`` tints of ``color`` from light to dark, for the variants of one loss."""
+  rgb = np.asarray(matplotlib.colors.to_rgb(color))
+  light, dark = rgb + (1 - rgb) * 0.6, rgb * 0.55
+  return [tuple(light + (dark - light) * i / max(n - 1, 1)) for i in range(n)]
+
+
+def style_angle_axes(axes, title, ylabel="target logit / s"):
+  axes.set_title(title)
+  axes.set_xlabel(r"$\theta$, angle to the target centre (degrees)")
+  axes.set_ylabel(ylabel)
+  axes.set_xlim(0, 180)
+  axes.set_xticks(range(0, 181, 30))
+  axes.grid(alpha=0.3)
+
+
+# %% [markdown]
+# ## All the target logits on one figure
+#
+# Left: every loss with its usual hyperparameters. Softmax is $|W||x|\cos\theta$ (unit norms
+# here), NormFace $s\cos\theta$: the same curve per unit of scale. ArcFace's $\cos(\theta + m)$
+# would turn back up past $\theta = \pi - m$ (the faint line); the library's default continues it
+# as $\cos\theta - m\sin m$, which steps down from $-1$ to $-\cos m - m\sin m$ there, as in the
+# implementations it follows; `easy_margin=True` applies the margin only while $\cos\theta > 0$
+# (a jump at 90°); the plain formula is drawn dotted for comparison. CurricularFace's target is
+# ArcFace's (its change is on the negatives, below).
+#
+# Right: L-Softmax / SphereFace's $\psi(\theta) = (-1)^k\cos(m\theta) - 2k$ for $m = 1..4$, plain
+# (solid) and annealed (dashed) with $\lambda$: $(\lambda\cos\theta + \psi)/(1 + \lambda)$, the
+# form SphereFace trains with ($\lambda$ falls to 5). L-Softmax's target is $|W||x|\psi$,
+# SphereFace's $|x|\psi$: the same at unit norms.
+
+# %%
+def draw_target_logits(left, right, *, cosface_margin=0.35, arcface_margin=0.5,
+                       sphereface_margin=4, annealing=5.0, m1=1.0, m2=0.3, m3=0.2):
+  """Draws every loss's target logit on ``left`` and SphereFace's psi family on ``right``."""
+  curves = [
+      ("Softmax (unit norms)", margins.Softmax(), LOSS_COLORS["softmax"], "-", 2.5),
+      ("NormFace", margins.NormFace(scale=1.0), LOSS_COLORS["normface"], (0, (4, 4)), 2.0),
+      (f"SphereFace (m={sphereface_margin}, λ={annealing:g})",
+       margins.SphereFace(margin=sphereface_margin, annealing=annealing),
+       LOSS_COLORS["sphereface"], "-", 2.0),
+      (f"CosFace (m={cosface_margin:g})", margins.CosFace(scale=1.0, margin=cosface_margin),
+       LOSS_COLORS["cosface"], "-", 2.0),
+      (f"ArcFace (m={arcface_margin:g}), default",
+       margins.ArcFace(scale=1.0, margin=arcface_margin), LOSS_COLORS["arcface"], "-", 2.0),
+      ("ArcFace, easy_margin", margins.ArcFace(scale=1.0, margin=arcface_margin, easy_margin=True),
+       LOSS_COLORS["arcface"], "-.", 1.5),
+      (f"Combined ({m1:g}, {m2:g}, {m3:g})", margins.CombinedMargin(scale=1.0, m1=m1, m2=m2, m3=m3),
+       LOSS_COLORS["combined_margin"], "-", 2.0),
+      ("CurricularFace (= ArcFace)", margins.CurricularFace(scale=1.0, margin=arcface_margin),
+       LOSS_COLORS["curricularface"], (0, (1, 3)), 2.5),
+  ]
+  for label, margin, color, linestyle, width in curves:
+    left.plot(degrees, target_curve(margin), color=color, linestyle=linestyle, linewidth=width,
+              label=label)
+  left.plot(degrees, np.asarray(cos_add_angle(cos, arcface_margin)), color=LOSS_COLORS["arcface"],
+            linestyle=":", linewidth=1.2, label=r"plain $\cos(\theta + m)$")
+  left.axvline(np.degrees(np.pi - arcface_margin), color=LOSS_COLORS["arcface"], alpha=0.3,
+               linewidth=0.8)
+  left.set_ylim(-2.1, 1.05)
+  style_angle_axes(left, "Target logit of each loss")
+  left.legend(fontsize=8, loc="lower left")
+
+  for m, color in zip(range(1, 5), variants(LOSS_COLORS["sphereface"], 4)):
+    plain = target_curve(margins.SphereFace(margin=m))
+    right.plot(degrees, plain, color=color, linewidth=2, label=f"m={m}")
+    right.plot(degrees, target_curve(margins.SphereFace(margin=m, annealing=annealing)),
+               color=color, linewidth=1.5, linestyle="--", label=f"m={m}, λ={annealing:g}")
+  right.set_ylim(-7.3, 1.2)
+  style_angle_axes(right, r"L-Softmax / SphereFace $\psi(\theta)$, plain and annealed")
+  right.legend(fontsize=8, ncol=2, loc="lower left")
+
+
+figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+draw_target_logits(left, right)
+save_figure(figure, "target_logits.png")
+
+# L-Softmax and SphereFace share psi: at unit norms their targets are equal.
+for m in range(1, 5):
+  np.testing.assert_allclose(target_curve(margins.LSoftmax(margin=m, annealing=5.0)),
+                             target_curve(margins.SphereFace(margin=m, annealing=5.0)), rtol=1e-6)
+
+# %% [markdown]
+# ## Annealing, overflow modes, combined margins and CurricularFace's negatives
+#
+# - SphereFace anneals $\lambda$ with the step (`margins.sphereface_lambda`): the target starts as
+#   plain softmax ($\lambda = 1000$) and bends towards $\psi$ as $\lambda$ falls to 5.
+# - ArcFace past $\pi - m$: the three ways to handle the overflow, zoomed in.
+# - The combined margin $\cos(m_1\theta + m_2) - m_3$ contains SphereFace-like ($m_1$), ArcFace
+#   ($m_2$) and CosFace ($m_3$) margins.
+# - CurricularFace: a negative class $j$ is *hard* when $\cos\theta_j > \cos(\theta_y + m)$; its
+#   logit becomes $\cos\theta_j\,(t + \cos\theta_j)$, where $t$ tracks the mean target cosine:
+#   early in training ($t \approx 0$) hard negatives are played down, later ($t \to 1$) stressed.
+
+# %%
+figure, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+
+steps = [0, 100, 300, 1000, 3000]
+for step, color in zip(steps, variants(LOSS_COLORS["sphereface"], len(steps))):
+  annealing = float(margins.sphereface_lambda(step))
+  axes[0, 0].plot(degrees, target_curve(margins.SphereFace(margin=4, annealing=annealing)),
+                  color=color, linewidth=2, label=f"step {step}: λ = {annealing:.1f}")
+axes[0, 0].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+                linestyle=":", label="softmax")
+style_angle_axes(axes[0, 0], "SphereFace (m=4) as sphereface_lambda anneals")
+axes[0, 0].legend(fontsize=8, loc="lower left")
+
+arcface_margin = 0.5
+modes = [("default: linear past π - m", margins.ArcFace(scale=1.0, margin=arcface_margin), "-"),
+         ("easy_margin", margins.ArcFace(scale=1.0, margin=arcface_margin, easy_margin=True), "-.")]
+for label, margin, linestyle in modes:
+  axes[0, 1].plot(degrees, target_curve(margin), color=LOSS_COLORS["arcface"],
+                  linestyle=linestyle, linewidth=2, label=label)
+axes[0, 1].plot(degrees, np.asarray(cos_add_angle(cos, arcface_margin)),
+                color=LOSS_COLORS["arcface"], linestyle=":", linewidth=2,
+                label=r"plain $\cos(\theta + m)$: not monotone")
+axes[0, 1].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+                linewidth=4, alpha=0.3, label="softmax")
+axes[0, 1].axvline(np.degrees(np.pi - arcface_margin), color="0.5", linewidth=0.8)
+axes[0, 1].annotate(r"$\theta = \pi - m$", (np.degrees(np.pi - arcface_margin), 0.5),
+                    xytext=(5, 0), textcoords="offset points", fontsize=9)
+style_angle_axes(axes[0, 1], f"ArcFace (m={arcface_margin}): the three overflow modes")
+axes[0, 1].set_xlim(60, 180)
+axes[0, 1].legend(fontsize=8, loc="lower left")
+
+combined = [(1.0, 0.3, 0.2), (0.9, 0.4, 0.15), (1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.35, 0.0, 0.0)]
+for (m1, m2, m3), color in zip(combined, variants(LOSS_COLORS["combined_margin"], len(combined))):
+  axes[1, 0].plot(
+      degrees, target_curve(margins.CombinedMargin(scale=1.0, m1=m1, m2=m2, m3=m3)),
+      color=color, linewidth=2, label=f"(m1, m2, m3) = ({m1:g}, {m2:g}, {m3:g})")
+axes[1, 0].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+                linestyle=":", label="softmax")
+axes[1, 0].set_ylim(-2.1, 1.05)
+style_angle_axes(axes[1, 0], r"Combined margin $\cos(m_1\theta + m_2) - m_3$")
+axes[1, 0].legend(fontsize=8, loc="lower left")
+
+target_angle = 60.0
+target_rows = unit_rows(jnp.full((1,), np.cos(np.radians(target_angle)), jnp.float32))
+ts = [0.0, 0.3, 0.6, 1.0]
+for t, color in zip(ts, variants(LOSS_COLORS["curricularface"], len(ts))):
+  curricular = margins.CurricularFace(scale=1.0, margin=arcface_margin, t=t)
+  negatives = curricular.nontarget_logits(cos[None, :], target_rows)[0]
+  axes[1, 1].plot(degrees, np.asarray(negatives), color=color, linewidth=2, label=f"t = {t:g}")
+axes[1, 1].plot(degrees, np.asarray(margins.NormFace(scale=1.0).nontarget_logits(
+    cos[None, :], target_rows)[0]), color=LOSS_COLORS["softmax"], linestyle=":",
+                label="plain cos (every other loss)")
+hard_below = target_angle + np.degrees(arcface_margin)
+axes[1, 1].axvspan(0, hard_below, color=LOSS_COLORS["curricularface"], alpha=0.08)
+axes[1, 1].text(4, -0.9, "hard negatives:\n" + rf"$\theta_j < \theta_y + m$ = {hard_below:.0f}°",
+                fontsize=9)
+style_angle_axes(axes[1, 1],
+                 rf"CurricularFace: negative logits for $\theta_y$ = {target_angle:.0f}°",
+                 ylabel="negative logit / s")
+axes[1, 1].set_xlabel(r"$\theta_j$, angle to a negative centre (degrees)")
+axes[1, 1].legend(fontsize=8, loc="upper right")
+
+figure.tight_layout()
+save_figure(figure, "target_logit_details.png")
+
+# %% [markdown]
+# ## Binary decision margins in angle space
+#
+# Two classes, an embedding at angle $\theta_1$ from centre 1 and $\theta_2$ from centre 2. Class
+# 1 wins with its margin when its target logit beats the logit class 2 gets as a negative,
+# $t(\theta_1) > n(\theta_2)$; the boundary $t(\theta_1) = n(\theta_2)$ is drawn solid, class 2's
+# mirror image dashed. Between them (grey) neither class has cleared its margin: the decision
+# margin of the CosFace and ArcFace papers' figures. Plain softmax at equal norms has none; a
+# negative margin would make both classes win in a band (drawn beige). (Not
+# every point of the square is reachable for a given angle between the two centres; the papers
+# draw the whole square, and so do we.)
+
+# %%
+grid = np.linspace(0, np.pi, 91 if QUICK else 361)
+grid_cos = jnp.asarray(np.cos(grid), jnp.float32)
+
+
+def class_one_advantage(margin):
+  """``[N, N]`` ``t(theta_1) - n(theta_2)`` over ``grid`` (rows: theta_1, columns: theta_2)."""
+  cos1, cos2 = jnp.meshgrid(grid_cos, grid_cos, indexing="ij")
+  rows = unit_rows(cos1.reshape(-1))
+  negative = margin.nontarget_logits(cos2.reshape(-1, 1), rows)[:, 0]
+  return np.asarray(margin.target_logit(rows) - negative).reshape(cos1.shape)
+
+
+def style_angle_plane(axes, title):
+  axes.set_title(title, fontsize=10)
+  axes.set_xlabel(r"$\theta_1$ (degrees)")
+  axes.set_ylabel(r"$\theta_2$ (degrees)")
+  axes.set_xticks(range(0, 181, 45))
+  axes.set_yticks(range(0, 181, 45))
+  axes.set_aspect("equal")
+
+
+def draw_decision_regions(axes, margin, color, title):
+  """Shades where class 1, class 2 or neither clears its margin; draws both boundaries."""
+  one = class_one_advantage(margin)
+  two = one.T  # Class 2's advantage is class 1's with the angles swapped.
+  neither = (one <= 0) & (two <= 0)
+  both = (one > 0) & (two > 0)
+  extent = np.degrees(grid).tolist()
+  axes.contourf(extent, extent, neither.T.astype(float), levels=[0.5, 1.5], colors=["0.85"])
+  if both.any():
+    axes.contourf(extent, extent, both.T.astype(float), levels=[0.5, 1.5], colors=["#fde9c8"])
+  axes.contour(extent, extent, one.T, levels=[0], colors=[color], linewidths=2)
+  axes.contour(extent, extent, two.T, levels=[0], colors=[color], linewidths=2,
+               linestyles="--")
+  axes.plot([0, 180], [0, 180], color="0.6", linewidth=0.6)
+  axes.text(175, 5, "class 2", ha="right", va="bottom", fontsize=9)
+  axes.text(5, 175, "class 1", ha="left", va="top", fontsize=9)
+  style_angle_plane(axes, title)
+
+
+# (title, margin, colour, line style in the overview)
+BOUNDARY_MARGINS = [
+    ("Softmax / NormFace", margins.Softmax(), LOSS_COLORS["softmax"], "-"),
+    ("SphereFace (m=4)", margins.SphereFace(margin=4), LOSS_COLORS["sphereface"], "-"),
+    ("SphereFace (m=4, λ=5)", margins.SphereFace(margin=4, annealing=5.0),
+     LOSS_COLORS["sphereface"], "--"),
+    ("CosFace (m=0.35)", margins.CosFace(scale=1.0, margin=0.35), LOSS_COLORS["cosface"], "-"),
+    ("ArcFace (m=0.5)", margins.ArcFace(scale=1.0, margin=0.5), LOSS_COLORS["arcface"], "-"),
+    ("ArcFace (m=0.5), easy_margin", margins.ArcFace(scale=1.0, margin=0.5, easy_margin=True),
+     LOSS_COLORS["arcface"], "--"),
+    ("Combined (1, 0.3, 0.2)", margins.CombinedMargin(scale=1.0, m1=1.0, m2=0.3, m3=0.2),
+     LOSS_COLORS["combined_margin"], "-"),
+    ("CurricularFace (m=0.5, t=0.2)", margins.CurricularFace(scale=1.0, margin=0.5, t=0.2),
+     LOSS_COLORS["curricularface"], "-"),
+    ("CurricularFace (m=0.5, t=1)", margins.CurricularFace(scale=1.0, margin=0.5, t=1.0),
+     LOSS_COLORS["curricularface"], "--"),
+]
+
+figure, axes = plt.subplots(2, 5, figsize=(21, 9))
+overview = axes[0, 0]
+for (label, margin, color, linestyle), panel in zip(BOUNDARY_MARGINS, axes.flat[1:]):
+  draw_decision_regions(panel, margin, color, label)
+  overview.contour(np.degrees(grid), np.degrees(grid), class_one_advantage(margin).T, levels=[0],
+                   colors=[color], linewidths=1.8, linestyles=linestyle)
+  overview.plot([], [], color=color, linestyle=linestyle, label=label)  # legend entry
+style_angle_plane(overview, "Class 1's boundary, every loss")
+overview.legend(fontsize=6.5, loc="lower right")
+figure.suptitle("Binary decision margins: class 1 clears its margin above the solid line, class 2 "
+                "below the dashed one, neither in the grey band", fontsize=12)
+figure.tight_layout()
+save_figure(figure, "decision_boundaries.png")
+
+# %% [markdown]
+# ## Try your own margin
+#
+# Change `margin` below (any margin of `margins`, with `scale=1.0` to keep the units) and rerun
+# the cell: the left plot shows its target logit against softmax's, the right one its decision
+# margin.
+
+# %%
+margin = margins.ArcFace(scale=1.0, margin=0.5)
+# margin = margins.CosFace(scale=1.0, margin=0.2)
+# margin = margins.CombinedMargin(scale=1.0, m1=0.9, m2=0.4, m3=0.15)
+# margin = margins.SphereFace(margin=2, annealing=1.0)
+
+figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+left.plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"], label="softmax")
+left.plot(degrees, target_curve(margin), color="black", linewidth=2, label=repr(margin))
+style_angle_axes(left, "Your margin's target logit")
+left.legend(fontsize=7, loc="lower left")
+draw_decision_regions(right, margin, "black", "Your margin's decision regions")
+figure.tight_layout()
+
+# %% [markdown]
+# ## Sliders
+#
+# In Jupyter with `ipywidgets` installed, move the sliders to redraw the first figure. (Headless
+# runs, and kernels without `ipywidgets`, skip this cell.)
+
+# %%
+try:
+  import ipywidgets
+except ImportError:
+  ipywidgets = None
+
+if ipywidgets is None or "ipykernel" not in sys.modules:
+  print("Sliders need a Jupyter kernel with ipywidgets; edit the cell above instead.")
+else:
+  def redraw(cosface_margin, arcface_margin, sphereface_margin, annealing, m1, m2, m3):
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    draw_target_logits(left, right, cosface_margin=cosface_margin, arcface_margin=arcface_margin,
+                       sphereface_margin=sphereface_margin, annealing=annealing, m1=m1, m2=m2,
+                       m3=m3)
+    plt.show()
+
+  ipywidgets.interact(
+      redraw, cosface_margin=(0.0, 0.8, 0.05), arcface_margin=(0.0, 1.2, 0.05),
+      sphereface_margin=(1, 6, 1), annealing=(0.0, 20.0, 0.5), m1=(0.5, 2.0, 0.05),
+      m2=(0.0, 1.0, 0.05), m3=(0.0, 0.6, 0.05))

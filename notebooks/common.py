@@ -1,0 +1,36 @@
+"""Settings shared by the notebooks: quick mode, where figures go, one colour per loss.
+
+``MARGINS_QUICK=1`` (set in CI) selects small settings that run in seconds; figures are written
+to ``MARGINS_FIGURES_DIR``, by default the repository's ``docs/figures``. Run a notebook top to
+bottom (or ``python notebooks/NAME.py``) with full settings to regenerate the committed figures.
+"""
+
+import os
+import pathlib
+
+QUICK = os.environ.get("MARGINS_QUICK", "") not in ("", "0")
+FIGURES_DIR = pathlib.Path(
+    os.environ.get("MARGINS_FIGURES_DIR", pathlib.Path(__file__).resolve().parents[1] / "docs"
+                   / "figures"))
+
+# One colour per loss in every notebook, keyed by the loss zoo's names (``margins.<key>_loss``).
+LOSS_COLORS = {
+    "softmax": "tab:gray",
+    "center": "tab:brown",
+    "lsoftmax": "tab:pink",
+    "sphereface": "tab:purple",
+    "normface": "tab:olive",
+    "cosface": "tab:green",
+    "arcface": "tab:red",
+    "combined_margin": "tab:orange",
+    "curricularface": "tab:blue",
+}
+
+
+def save_figure(figure, name: str) -> pathlib.Path:
+  """Writes ``figure`` to ``FIGURES_DIR / name`` (a PNG) and returns the path."""
+  FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+  path = FIGURES_DIR / name
+  figure.savefig(path, dpi=110, bbox_inches="tight")
+  print(f"saved {path}")
+  return path
