@@ -344,8 +344,13 @@ def _model_fn(config, image_shape):
       **config.model.kwargs)
 
 
-def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, int, int]):
-  """``(experiment, state)``: the state created on the devices, already sharded."""
+def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, int, int], *,
+                       abstract: bool = False):
+  """``(experiment, state)``: the state created on the devices, already sharded.
+
+  With ``abstract``, the state's leaves are only ``jax.ShapeDtypeStruct`` with their shardings
+  (what a checkpoint is restored into), and nothing is computed.
+  """
   model_fn = _model_fn(config, image_shape)
   graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   engine = make_engine(config, mesh)
@@ -367,8 +372,13 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
                       opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
                       centers=centers)
 
-  shardings = state_shardings(jax.eval_shape(init), mesh, engine)
-  state = jax.jit(init, out_shardings=shardings)()
+  shapes = jax.eval_shape(init)
+  shardings = state_shardings(shapes, mesh, engine)
+  if abstract:
+    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=sharding), shapes, shardings)
+  else:
+    state = jax.jit(init, out_shardings=shardings)()
   return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
 
@@ -486,14 +496,23 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
     results["open"] = (embeddings, labels, result)
   for path in eval_config.bins:
     name = os.path.splitext(os.path.basename(path))[0]
-    images, issame = data_lib.load_bin(path, image_size=experiment.image_shape[:2])
-    source = data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1)
-    embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
-    result = evaluation.evaluate_verification(embeddings, issame)
+    result = evaluate_bin(experiment, state, path, embed_fn=embed_fn)
     metrics.update(_verification_metrics(name, result))
     results[name] = (None, None, result)
   metrics["_results"] = results
   return metrics
+
+
+def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.VerificationResult:
+  """insightface's protocol on a ``.bin`` verification set, with the flip test.
+
+  Images are decoded to the model's input shape, grey for a one-channel model.
+  """
+  height, width, channels = experiment.image_shape
+  images, issame = data_lib.load_bin(path, image_size=(height, width), channels=channels)
+  source = data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1)
+  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
+  return evaluation.evaluate_verification(embeddings, issame)
 
 
 def _verification_metrics(name, result) -> dict[str, float]:
@@ -611,31 +630,44 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
-  path = os.path.join(workdir, "config.json")
+def _read_json(workdir: str, name: str):
+  path = os.path.join(workdir, name)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a run?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return json.load(f)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
+  return ml_collections.ConfigDict(_read_json(workdir, "config.json"))
+
+
+def _write_run_files(workdir, config, train_source) -> None:
+  """``config.json`` and ``data.json`` (what :func:`restore` needs without the training data)."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "data.json"), "w") as f:
+    json.dump({"num_classes": train_source.num_classes,
+               "image_shape": list(train_source.image_shape)}, f)
 
 
 def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainState]:
   """The experiment and state of a run's checkpoint (the latest one by default), for inference.
 
-  The mesh is rebuilt on the devices present now, which may differ from the training run's.
+  The mesh is rebuilt on the devices present now, which may differ from the training run's;
+  the training data need not be present.
   """
   config = load_config(workdir)
+  data = _read_json(workdir, "data.json")
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
   mesh = make_mesh(config)
-  train_source, _ = make_sources(config.data)
-  experiment, state = create_train_state(config, mesh, train_source.num_classes,
-                                         train_source.image_shape)
+  experiment, abstract = create_train_state(config, mesh, data["num_classes"],
+                                            tuple(data["image_shape"]), abstract=True)
   with checkpoint_manager(workdir, config) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
   return experiment, restored.state
@@ -669,8 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    _write_run_files(workdir, config, train_source)
   writer = MetricWriter(workdir, start)
 
   step_fn = jax.jit(lambda s, b: train_step(experiment, s, b), donate_argnums=0)
@@ -705,5 +736,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
   if jax.process_index() == 0:
     final["_plots"] = write_plots(workdir, final)
+    report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}; plots: "
+           f"{', '.join(final['_plots'])}")
   writer.close()
   return final

@@ -45,17 +45,19 @@ def _encoded_bytes(value) -> bytes:
   raise TypeError(f"expected encoded image bytes, got {type(value).__name__}")
 
 
-def load_bin(path: str | os.PathLike[str], *,
-             image_size: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_bin(path: str | os.PathLike[str], *, image_size: Sequence[int] | None = None,
+             channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
   """Loads a verification ``.bin``: decoded images and the same/different flag of each pair.
 
   Args:
     path: the ``.bin`` file.
     image_size: ``(H, W)`` to resize every image to (bilinear), e.g. the model's input size;
       ``None``: keep the stored size, which must then be the same for every image.
+    channels: 3 (RGB) or 1 (grey, Pillow's conversion), as the model takes; 1 needs
+      ``image_size``.
 
   Returns:
-    ``(images, issame)``: ``uint8 [2P, H, W, 3]`` RGB images, pair ``i`` being images ``2i`` and
+    ``(images, issame)``: ``uint8 [2P, H, W, channels]`` images, pair ``i`` being images ``2i`` and
     ``2i + 1``; ``bool [P]``.
 
   Raises:
@@ -78,6 +80,8 @@ def load_bin(path: str | os.PathLike[str], *,
   path = os.fspath(path)
   if image_size is not None and (len(image_size) != 2 or min(image_size) <= 0):
     raise ValueError(f"`image_size` must be (height, width), got {image_size}.")
+  if channels not in (1, 3) or (channels == 1 and image_size is None):
+    raise ValueError(f"`channels` must be 3, or 1 with `image_size`, got {channels}.")
   with open(path, "rb") as file:
     try:
       loaded = _BinUnpickler(file, encoding="bytes").load()
@@ -99,7 +103,7 @@ def load_bin(path: str | os.PathLike[str], *,
   if len(bins) != 2 * len(issame):
     raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs (expected "
                      f"{2 * len(issame)}).")
-  image_shape = None if image_size is None else (*image_size, 3)
+  image_shape = None if image_size is None else (*image_size, channels)
   images = []
   for number, value in enumerate(bins):
     try:

@@ -1,0 +1,17 @@
+"""Flags that several command-line tools read, defined once so the tools can be imported together.
+
+absl keeps one global set of flags, and a flag name defined by two modules is an error; the tools
+(``python -m margins.evaluate``, ``margins.export``, ``margins.embed_folder``) take these from
+here and define only their own.
+"""
+
+from absl import flags
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its --workdir).")
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 256, "Images per batch (for evaluate: over all devices, a multiple of their "
+    "number).", lower_bound=1)
+OUT = flags.DEFINE_string(
+    "out", None, "Where to write: the exported model's folder (export) or the .npy file "
+    "(embed_folder).")

@@ -1,0 +1,128 @@
+r"""Embeds every image of a folder with an exported model (see :mod:`margins.export`) to ``.npy``.
+
+  python -m margins.embed_folder --model <exported dir> --images <folder> \
+      --out embeddings.npy [--flip] [--batch_size 256]
+
+finds the images below ``--images`` (any depth; ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.webp``),
+decodes each to the model's input (resized, RGB or grey), normalises it as in training and writes
+
+- ``embeddings.npy``: ``float32 [N, D]``, not normalised (with ``--flip``, the sum of an image's
+  and its mirror image's embeddings, insightface's flip test);
+- ``embeddings.txt``: the ``N`` image paths relative to ``--images``, sorted, one per line, in the
+  order of the rows.
+
+Only JAX, NumPy and Pillow run here: the network is the serialized StableHLO the export wrote, so
+neither the training code nor the model definitions are imported.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from margins import cli_flags
+from margins.data import image_folder
+from margins.data import pipeline
+
+# The files of an exported model's folder.
+MODEL_FILE = "model.stablehlo"
+METADATA_FILE = "model.json"
+
+_MODEL = flags.DEFINE_string("model", None, "Folder of an exported model (python -m "
+                             "margins.export).")
+_IMAGES = flags.DEFINE_string("images", None, "Folder of images to embed (searched recursively).")
+_FLIP = flags.DEFINE_bool("flip", False, "Flip test: add the embedding of each mirror image.")
+for _name in ("out", "batch_size"):
+  flags.declare_key_flag(_name)
+
+
+def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, dict]:
+  """``(exported, metadata)`` of a folder written by :func:`margins.export.save_model`."""
+  directory = os.fspath(directory)
+  paths = [os.path.join(directory, name) for name in (MODEL_FILE, METADATA_FILE)]
+  missing = [path for path in paths if not os.path.isfile(path)]
+  if missing:
+    raise FileNotFoundError(f"{', '.join(missing)} not found: is {directory!r} a folder written "
+                            "by python -m margins.export?")
+  with open(paths[0], "rb") as file:
+    exported = jax.export.deserialize(bytearray(file.read()))
+  with open(paths[1]) as file:
+    return exported, json.load(file)
+
+
+def list_images(root: str | os.PathLike[str]) -> list[str]:
+  """The image files below ``root`` (any depth), as sorted paths relative to ``root``."""
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"{root} is not a folder.")
+  suffixes = tuple(image_folder.IMAGE_EXTENSIONS)
+  return sorted(
+      os.path.relpath(os.path.join(folder, name), root)
+      for folder, _, names in os.walk(root, followlinks=True)
+      for name in names if name.lower().endswith(suffixes))
+
+
+def _load_image(path: str, image_shape) -> np.ndarray:
+  with open(path, "rb") as file:
+    data = file.read()
+  try:
+    return image_folder.decode_image(data, image_shape=image_shape)
+  except ValueError as error:
+    raise ValueError(f"{path}: {error}") from error
+
+
+def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_size: int = 256,
+                flip: bool = False) -> np.ndarray:
+  """``float32 [N, D]`` embeddings of image files, by the exported model, ``batch_size`` at a time.
+
+  Every batch has the same size (the last one is padded with black images), so the model is
+  compiled once.
+  """
+  image_shape = tuple(exported.in_avals[0].shape[1:])
+  embed = jax.jit(exported.call)
+  batch_size = min(batch_size, len(paths))
+  embeddings = []
+  for start in range(0, len(paths), batch_size):
+    batch = np.zeros((batch_size, *image_shape), np.uint8)
+    chunk = paths[start:start + batch_size]
+    for row, path in enumerate(chunk):
+      batch[row] = _load_image(path, image_shape)
+    images = pipeline.normalize_images(batch)
+    out = embed(images)
+    if flip:
+      out = out + embed(np.ascontiguousarray(images[:, :, ::-1]))
+    embeddings.append(np.asarray(out)[:len(chunk)])
+  return np.concatenate(embeddings)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name, holder in (("model", _MODEL), ("images", _IMAGES), ("out", cli_flags.OUT)):
+    if not holder.value:
+      raise app.UsageError(f"--{name} is required.")
+  try:
+    exported, _ = load_model(_MODEL.value)
+    names = list_images(_IMAGES.value)
+  except FileNotFoundError as error:
+    raise app.UsageError(str(error)) from error
+  if not names:
+    raise app.UsageError(f"--images {_IMAGES.value}: no image files found.")
+  embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
+                           batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)
+  out = cli_flags.OUT.value
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  np.save(out, embeddings)
+  listing = os.path.splitext(out)[0] + ".txt"
+  with open(listing, "w") as file:
+    file.writelines(name + "\n" for name in names)
+  print(f"{embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]}: {out}, paths: "
+        f"{listing}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

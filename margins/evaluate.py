@@ -1,0 +1,118 @@
+r"""Evaluates a training run's checkpoint on ``.bin`` verification sets (LFW, CFP-FP, AgeDB-30 ...).
+
+  python -m margins.evaluate --workdir <run> --bin lfw.bin --bin cfp_fp.bin \
+      [--step N] [--batch_size 256]
+
+restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
+the flip test and prints one row per set by insightface's protocol (10-fold accuracy mean +- std,
+TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC; ``n/a`` where a set has too few different
+pairs to measure the FAR), then writes the ROC curves to ``<run>/roc_<step>.png``.
+"""
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+from absl import app
+from absl import flags
+
+from margins import cli_flags
+from margins import evaluation
+from margins import train_lib
+
+_BINS = flags.DEFINE_multi_string(
+    "bin", [], "A .bin verification file; repeat the flag for several sets.")
+for _name in ("workdir", "step", "batch_size"):
+  flags.declare_key_flag(_name)
+
+# The columns of the table: TAR at these false-accept rates.
+TABLE_FARS = (1e-3, 1e-4)
+
+
+def set_name(path: str) -> str:
+  """The name a ``.bin`` set is reported under: its file name without extension (``lfw``)."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = None,
+                 batch_size: int = 256,
+                 ) -> tuple[int, dict[str, evaluation.VerificationResult]]:
+  """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets, with the flip test.
+
+  Args:
+    workdir: the training run's directory.
+    bin_paths: ``.bin`` verification files.
+    step: the checkpoint to load; ``None``: the latest.
+    batch_size: images per batch over all devices (a multiple of their number).
+  """
+  experiment, state = train_lib.restore(workdir, step)
+  num_devices = experiment.mesh.size
+  if batch_size % num_devices:
+    raise ValueError(f"--batch_size {batch_size} must be a multiple of the {num_devices} "
+                     "devices.")
+  experiment.config.eval.batch_size = batch_size
+  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  results = {set_name(path): train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+             for path in bin_paths}
+  return int(state.step), results
+
+
+def _cell(value: float) -> str:
+  return "n/a" if math.isnan(value) else f"{value:.5f}"
+
+
+def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
+  """One row per set: ``Accuracy-Flip`` (mean+-std over folds), TAR@FAR 1e-3 and 1e-4, AUC.
+
+  >>> import numpy as np
+  >>> from margins.evaluation import evaluate_verification
+  >>> from margins.evaluate import format_table
+  >>> rng = np.random.default_rng(0)
+  >>> issame = np.arange(2000) % 2 == 0
+  >>> first = rng.normal(size=(2000, 16))
+  >>> second = np.where(issame[:, None], first + 0.8 * rng.normal(size=(2000, 16)),
+  ...                   rng.normal(size=(2000, 16)))
+  >>> result = evaluate_verification(np.stack([first, second], 1).reshape(4000, 16), issame)
+  >>> print(format_table({"toy": result}))
+  | Set | Accuracy-Flip    | TAR@FAR=1e-03 | TAR@FAR=1e-04 | AUC     |
+  |-----|------------------|---------------|---------------|---------|
+  | toy | 0.97750+-0.00873 | 0.75100       | n/a           | 0.99761 |
+  """
+  header = ["Set", "Accuracy-Flip", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC"]
+  rows = [[name, f"{r.accuracy:.5f}+-{r.accuracy_std:.5f}",
+           *(_cell(r.tar_at_far[far]) for far in TABLE_FARS), _cell(r.auc)]
+          for name, r in results.items()]
+  widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+  lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+           for row in [header, *rows]]
+  lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = cli_flags.WORKDIR.value
+  if not workdir:
+    raise app.UsageError("--workdir is required: the training run's directory.")
+  if not _BINS.value:
+    raise app.UsageError("Give at least one --bin verification file.")
+  if not os.path.isdir(workdir):
+    raise app.UsageError(f"--workdir {workdir} is not a directory.")
+  missing = [path for path in _BINS.value if not os.path.isfile(path)]
+  if missing:
+    raise app.UsageError(f"--bin: no such file: {', '.join(missing)}")
+  try:
+    step, results = evaluate_run(workdir, _BINS.value, step=cli_flags.STEP.value,
+                                 batch_size=cli_flags.BATCH_SIZE.value)
+  except FileNotFoundError as error:  # No config.json or no checkpoint: not a run's workdir.
+    raise app.UsageError(str(error)) from error
+  if jax.process_index() == 0:
+    plot = evaluation.plot_roc(results, os.path.join(workdir, f"roc_{step}.png"),
+                               title=f"Verification ROC at step {step}")
+    print(f"{workdir}, step {step}:\n{format_table(results)}\nROC curves: {plot}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

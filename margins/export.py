@@ -1,0 +1,105 @@
+r"""Exports a run's embedding network as serialized StableHLO (``jax.export``), any batch size.
+
+  python -m margins.export --workdir <run> --out <dir> [--step N] [--platforms cpu,cuda]
+
+writes into ``<dir>``:
+
+- ``model.stablehlo``: the network in evaluation mode with its weights, from ``float32
+  [B, H, W, C]`` images in ``[-1, 1]`` to ``float32 [B, D]`` embeddings, for any ``B``; load it with
+  ``jax.export.deserialize`` and call ``exported.call(images)``, on the platforms it was exported
+  for (``--platforms``: any of cpu, cuda, rocm, tpu, whatever machine exports);
+- ``model.json``: what a user needs to feed it: the input shape and dtype, how uint8 pixels are
+  normalised (``x * 2 / 255 - 1``, i.e. ``(x / 255 - 0.5) / 0.5``), the embedding dimension, and
+  the platforms, step and model name.
+
+``python -m margins.embed_folder`` embeds a folder of images with it, without this code.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+
+from margins import cli_flags
+from margins import embed_folder
+from margins import train_lib
+
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", ["cpu"], "Platforms to export for: cpu, cuda, rocm, tpu (any machine can "
+    "export for any of them).")
+for _name in ("workdir", "step", "out"):
+  flags.declare_key_flag(_name)
+
+# How the pipeline (``margins.data.normalize_images``) maps uint8 pixels ``x`` to the input.
+NORMALIZATION = "x * 2 / 255 - 1, i.e. (x / 255 - 0.5) / 0.5, for uint8 pixels x"
+
+
+def export_embedding_model(experiment: train_lib.Experiment, state: train_lib.TrainState, *,
+                           platforms: Sequence[str] = ("cpu",)) -> jax.export.Exported:
+  """The evaluation-mode embedding function with its weights, for a symbolic batch size ``b``.
+
+  Args:
+    experiment: the run's experiment (:func:`margins.train_lib.restore`).
+    state: its state; the backbone's parameters and statistics become constants of the program.
+    platforms: the platforms the program is lowered for, e.g. ``("cpu", "cuda")``.
+
+  Returns:
+    ``jax.export.Exported`` from ``float32 [b, H, W, C]`` images in ``[-1, 1]`` to
+    ``float32 [b, D]``.
+  """
+  # Only the backbone, fetched to the host: the head and optimizer state are not needed, and the
+  # program should not depend on the training mesh.
+  weights = state.replace(params={"backbone": jax.device_get(state.params["backbone"])},
+                          model_state=jax.device_get(state.model_state), opt_state=None,
+                          centers=None)
+  height, width, channels = experiment.image_shape
+  images = jax.ShapeDtypeStruct(
+      jax.export.symbolic_shape(f"b, {height}, {width}, {channels}"), jnp.float32)
+  embed = jax.jit(lambda x: train_lib.embed(experiment, weights, x))
+  return jax.export.export(embed, platforms=tuple(platforms))(images)
+
+
+def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
+               **info) -> None:
+  """Writes ``model.stablehlo`` and ``model.json`` (with ``info``, e.g. the step) in ``directory``.
+
+  :func:`margins.embed_folder.load_model` reads them back.
+  """
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, embed_folder.MODEL_FILE), "wb") as file:
+    file.write(exported.serialize())
+  (images,), (embeddings,) = exported.in_avals, exported.out_avals
+  metadata = dict(
+      input_shape=[str(images.shape[0]), *images.shape[1:]], input_dtype=str(images.dtype),
+      input_normalization=NORMALIZATION, channels="grey" if images.shape[3] == 1 else "RGB",
+      embedding_dim=embeddings.shape[1], platforms=list(exported.platforms), **info)
+  with open(os.path.join(directory, embed_folder.METADATA_FILE), "w") as file:
+    json.dump(metadata, file, indent=2)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir, out = cli_flags.WORKDIR.value, cli_flags.OUT.value
+  if not workdir or not out:
+    raise app.UsageError("--workdir (the training run) and --out (a folder) are required.")
+  if not os.path.isdir(workdir):
+    raise app.UsageError(f"--workdir {workdir} is not a directory.")
+  try:
+    experiment, state = train_lib.restore(workdir, cli_flags.STEP.value)
+  except FileNotFoundError as error:
+    raise app.UsageError(str(error)) from error
+  exported = export_embedding_model(experiment, state, platforms=_PLATFORMS.value)
+  step = int(state.step)
+  save_model(exported, out, step=step, model=experiment.config.model.name)
+  print(f"Exported {experiment.config.model.name} at step {step} for "
+        f"{', '.join(exported.platforms)} to {out}.", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

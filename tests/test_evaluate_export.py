@@ -1,0 +1,157 @@
+"""The evaluation, export and folder-embedding tools, on a two-step digits run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+from absl import app
+from absl import flags
+
+from margins import data as data_lib
+from margins import embed_folder
+from margins import evaluate
+from margins import evaluation
+from margins import export
+from margins import train_lib
+from tests.test_train import ROOT
+from tests.test_train import load_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> str:
+  """The workdir of a two-step ArcFace run on the digits (16 x 16 grey images)."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.num_steps = config.checkpoint_every = 2
+  config.eval.num_pairs = 100
+  config.mesh.shape = (1,)  # Compiles faster; the tools restore it on all 8 devices.
+  train_lib.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def restored(run):
+  return train_lib.restore(run)
+
+
+@pytest.fixture(scope="module")
+def digits_bin(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
+  """``(path, grey images [2P, 16, 16, 1], issame [P])``: held-out digits as an RGB ``.bin``."""
+  source = data_lib.digits("open_test", image_size=16)
+  pairs, issame = evaluation.make_pairs(source.labels, 100, seed=1)
+  grey = source.images[pairs.reshape(-1)]
+  path = str(tmp_path_factory.mktemp("bins") / "digits.bin")
+  data_lib.write_bin(path, np.repeat(grey, 3, axis=-1), issame, image_format="png")
+  return path, grey, issame
+
+
+@pytest.fixture
+def cli():
+  """Runs a tool's ``main`` in this process, on fresh flags."""
+
+  def call(module, *args):
+    flags.FLAGS.unparse_flags()
+    module.main(flags.FLAGS([module.__name__, *args]))
+
+  yield call
+  flags.FLAGS.unparse_flags()
+
+
+def live_embeddings(experiment, state, grey: np.ndarray, *, flip: bool) -> np.ndarray:
+  """The restored model's embeddings of uint8 images, normalised here as insightface does."""
+  images = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)
+  embed = jax.jit(lambda x: train_lib.embed(experiment, state, x))
+  out = np.asarray(embed(images), np.float64)
+  if flip:
+    out = out + np.asarray(embed(np.ascontiguousarray(images[:, :, ::-1])), np.float64)
+  return out
+
+
+def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
+    run, restored, digits_bin, cli, capsys):
+  path, grey, issame = digits_bin
+  expected = evaluation.evaluate_verification(
+      live_embeddings(*restored, grey, flip=True), issame)
+  capsys.readouterr()
+  cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "16")  # 200 images: padded.
+  out = capsys.readouterr().out
+  table = evaluate.format_table({"digits": expected})
+  assert f"{run}, step 2:\n{table}\n" in out, (out, table)
+  assert os.path.getsize(os.path.join(run, "roc_2.png")) > 10_000
+
+
+def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):
+  path = digits_bin[0]
+  missing_bin = str(tmp_path / "lfw.bin")
+  with pytest.raises(app.UsageError, match=f"no such file: {missing_bin}"):
+    cli(evaluate, "--workdir", run, "--bin", path, "--bin", missing_bin)
+  with pytest.raises(app.UsageError, match=f"--workdir {tmp_path}/nowhere is not a directory"):
+    cli(evaluate, "--workdir", str(tmp_path / "nowhere"), "--bin", path)
+  with pytest.raises(app.UsageError, match=f"{tmp_path}/config.json does not exist"):
+    cli(export, "--workdir", str(tmp_path), "--out", str(tmp_path / "model"))
+  with pytest.raises(app.UsageError, match=f"{tmp_path}/model.stablehlo"):
+    cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path),
+        "--out", str(tmp_path / "e.npy"))
+  with pytest.raises(ValueError, match="--batch_size 12 must be a multiple of the 8 devices"):
+    cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "12")
+
+
+def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_path):
+  experiment, state = restored
+  exported = export.export_embedding_model(experiment, state, platforms=("cpu", "cuda"))
+  export.save_model(exported, tmp_path, step=2)
+  loaded, metadata = embed_folder.load_model(tmp_path)
+  assert metadata["input_shape"] == ["b", 16, 16, 1] and metadata["embedding_dim"] == 32
+  assert metadata["platforms"] == ["cpu", "cuda"] and metadata["step"] == 2
+  embed = jax.jit(lambda x: train_lib.embed(experiment, state, x))
+  rng = np.random.default_rng(0)
+  for batch_size in (3, 8):
+    images = rng.uniform(-1, 1, (batch_size, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded.call(images), embed(images), rtol=1e-5, atol=1e-5)
+
+
+def _write_png(path, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  PIL.Image.fromarray(image).save(path)
+
+
+def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli):
+  model_dir = str(tmp_path / "model")
+  cli(export, "--workdir", run, "--out", model_dir)
+  with open(os.path.join(model_dir, "model.json")) as f:
+    assert json.load(f)["model"] == "small_cnn"
+
+  digits = data_lib.digits("open_test", image_size=16).images[:, :, :, 0]
+  small = data_lib.digits("open_test", image_size=8).images[0, :, :, 0]
+  images = tmp_path / "images"
+  names = ["a/0.png", "a/deeper/1.png", "b/2.png", "b/3.png", "c.png"]
+  _write_png(images / names[0], digits[0])
+  _write_png(images / names[1], np.stack([digits[1]] * 3, axis=-1))  # RGB, R = G = B.
+  _write_png(images / names[2], digits[2])
+  _write_png(images / names[3], small)  # 8 x 8: resized to the model's 16 x 16.
+  _write_png(images / names[4], digits[4])
+  (images / "b" / "notes.txt").write_text("not an image")
+  resized = np.asarray(PIL.Image.fromarray(small).resize((16, 16), PIL.Image.Resampling.BILINEAR))
+  grey = np.stack([digits[0], digits[1], digits[2], resized, digits[4]])[..., None]
+
+  out = str(tmp_path / "out" / "embeddings.npy")
+  cli(embed_folder, "--model", model_dir, "--images", str(images), "--out", out, "--flip",
+      "--batch_size", "2")
+  with open(str(tmp_path / "out" / "embeddings.txt")) as f:
+    assert f.read().splitlines() == names
+  np.testing.assert_allclose(np.load(out), live_embeddings(*restored, grey, flip=True),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_embed_folder_needs_no_training_code():
+  code = ("import sys, margins.embed_folder; "
+          "print([m for m in sys.modules if m.startswith(('margins.models', 'margins.train_lib', "
+          "'flax', 'optax'))])")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.stdout.strip() == "[]"
