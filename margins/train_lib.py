@@ -287,16 +287,17 @@ def make_sources(data_config: ml_collections.ConfigDict):
                                         num_images=data_config.eval_images, image_shape=shape,
                                         seed=data_config.seed + 1)
     return train, {"open": held_out}
+  if name not in ("recordio", "image_folder", "tfds"):
+    raise ValueError(f"Unknown config.data.name {name!r}; valid: digits, synthetic, recordio, "
+                     "image_folder, tfds.")
   shape = tuple(data_config.image_shape)
   if name == "recordio":  # ``path``: the folder of train.rec, train.idx (and property).
     return data_lib.RecordIOSource(data_config.path, image_shape=shape), {}
   if name == "image_folder":  # ``path``: one sub-folder per identity.
     return data_lib.ImageFolderSource(data_config.path, image_shape=shape), {}
-  if name == "tfds":  # ``tfds_name``, ``split``, ``data_dir``: a dataset prepared locally.
-    return data_lib.TfdsSource(data_config.tfds_name, split=data_config.split,
-                               data_dir=data_config.data_dir, image_shape=shape), {}
-  raise ValueError(f"Unknown config.data.name {name!r}; valid: digits, synthetic, recordio, "
-                   "image_folder, tfds.")
+  # tfds: ``tfds_name``, ``split``, ``data_dir``: a dataset prepared locally.
+  return data_lib.TfdsSource(data_config.tfds_name, split=data_config.split,
+                             data_dir=data_config.data_dir, image_shape=shape), {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +622,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value % jax.process_count():
       raise ValueError(f"config.{name} = {value} is not divisible by the "
                        f"{jax.process_count()} processes.")
+  missing = [path for path in config.eval.bins if not os.path.exists(path)]
+  if missing:
+    raise FileNotFoundError(f"config.eval.bins: {missing} not found; list the .bin files that "
+                            "exist, e.g. --config.eval.bins=\"('/data/lfw.bin',)\".")
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:

@@ -5,8 +5,15 @@ so silent upcasts and implicit broadcasting are bugs here; warnings are errors (
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, its xdist workers and the subprocesses the
+# tests start (they inherit the environment): the training tests compile the same backbone
+# programs many times, and XLA's CPU compiler takes seconds for each.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "margins-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
