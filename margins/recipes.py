@@ -1,0 +1,88 @@
+r"""insightface arcface_torch's training recipes as ``train_lib`` configs (``configs/recipes/``).
+
+A recipe trains on a dataset in insightface's RecordIO layout: a folder with ``train.rec``,
+``train.idx`` and ``property``, and beside them the ``.bin`` verification sets ``lfw.bin``,
+``cfp_fp.bin`` and ``agedb_30.bin`` (evaluated with the flip test every ``eval_every`` steps and at
+the end). Hyperparameters are those of insightface's ``train_v2.py`` configs: 128 images per GPU on
+8 GPUs (a global batch of 1,024), SGD with momentum 0.9, the learning rate not rescaled with the
+batch, backbone gradients clipped to norm 5, polynomial decay (power 2) to zero over
+``images // batch * epochs`` steps, scale 64, a 512-d embedding, fp16 there and bfloat16 here.
+
+The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains the same number
+of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match).
+"""
+
+import os
+
+import ml_collections
+
+from margins import train_lib
+
+# Images per epoch of insightface's RecordIO datasets (its configs' ``num_image``; identities:
+# 93,431, 360,232 and 2,059,906, REFERENCE.md section 3).
+NUM_IMAGES = {"ms1mv3": 5_179_510, "glint360k": 17_091_657, "webface42m": 42_474_557}
+VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
+GLOBAL_BATCH = 128 * 8
+
+
+def parse_arg(arg: str | None) -> tuple[str, bool]:
+  """``(dataset folder, quick)`` from a config argument ``"<folder>"`` or ``"<folder>,quick"``.
+
+  >>> from margins.recipes import parse_arg
+  >>> parse_arg("/data/ms1m-retinaface-t1,quick")
+  ('/data/ms1m-retinaface-t1', True)
+  """
+  if not arg:
+    raise ValueError("A recipe needs the dataset folder (train.rec, train.idx, property) as its "
+                     "argument: --config configs/recipes/<recipe>.py:/path/to/dataset[,quick]")
+  path, _, flag = arg.rpartition(",")
+  if flag == "quick":
+    return path, True
+  return arg, False
+
+
+def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weight_decay: float,
+                  num_epochs: int, sample_rate: float = 1.0,
+                  eval_every: int = 2000) -> ml_collections.ConfigDict:
+  """The config of one insightface recipe, on the dataset folder named by ``arg``.
+
+  Args:
+    arg: ``"<folder>"`` or ``"<folder>,quick"`` (a seconds-long smoke run: IResNet-18 or the
+      same MobileFaceNet at 32x32 with a 64-d embedding, 20 steps of 64 images, float32,
+      evaluated at the end).
+    dataset: a key of ``NUM_IMAGES``.
+    model: backbone name (``margins.models``).
+    loss: ``config.loss`` (name and margin hyperparameters).
+    weight_decay: SGD weight decay (head included, as insightface).
+    num_epochs: epochs of ``NUM_IMAGES[dataset]`` images.
+    sample_rate: Partial FC's share of negative class centres per step.
+    eval_every: steps between evaluations and checkpoints (insightface's ``verbose``).
+  """
+  path, quick = parse_arg(arg)
+  num_images = NUM_IMAGES[dataset]
+  config = train_lib.default_config()
+  config.data = dict(name="recordio", path=path, image_shape=(112, 112, 3))
+  config.batch_size = GLOBAL_BATCH
+  config.num_steps = num_images // config.get_ref("batch_size") * num_epochs
+  config.input = dict(random_flip=True, crop_padding=0, worker_count=8)
+  config.model = dict(name=model, embedding_dim=512, kwargs={})
+  config.loss = loss
+  config.engine = dict(kind="sharded", chunk_size=8192, sample_rate=sample_rate,
+                       freeze_unsampled=False)
+  config.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=weight_decay,
+                          grad_clip_norm=5.0, warmup_steps=0, decay_power=2.0)
+  config.compute_dtype = "bfloat16"
+  config.log_every = 50
+  config.checkpoint_every = config.eval_every = eval_every
+  config.eval = dict(batch_size=512, flip=True, num_pairs=3000,
+                     bins=tuple(os.path.join(path, f"{name}.bin") for name in VERIFICATION_SETS))
+  if quick:
+    config = train_lib.quick(config)
+    config.data.image_shape = (32, 32, 3)
+    config.input.worker_count = 0
+    config.model.name = "mobilefacenet" if model == "mobilefacenet" else "iresnet18"
+    config.model.embedding_dim = 64
+    config.engine.chunk_size = 256
+    config.compute_dtype = "float32"
+    config.eval_every = 0
+  return config
