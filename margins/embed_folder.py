@@ -66,15 +66,6 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
       for name in names if name.lower().endswith(suffixes))
 
 
-def _load_image(path: str, image_shape) -> np.ndarray:
-  with open(path, "rb") as file:
-    data = file.read()
-  try:
-    return image_folder.decode_image(data, image_shape=image_shape)
-  except ValueError as error:
-    raise ValueError(f"{path}: {error}") from error
-
-
 def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_size: int = 256,
                 flip: bool = False) -> np.ndarray:
   """``float32 [N, D]`` embeddings of image files, by the exported model, ``batch_size`` at a time.
@@ -90,7 +81,7 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_si
     batch = np.zeros((batch_size, *image_shape), np.uint8)
     chunk = paths[start:start + batch_size]
     for row, path in enumerate(chunk):
-      batch[row] = _load_image(path, image_shape)
+      batch[row] = image_folder.read_image(path, image_shape=image_shape)
     images = pipeline.normalize_images(batch)
     out = embed(images)
     if flip:

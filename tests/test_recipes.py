@@ -12,6 +12,7 @@ from margins import train_lib
 from margins.data import recordio
 from margins.data import write_bin
 from margins.data.image_folder import encode_image
+from tests.test_recordio import _smooth_image
 from tests.test_train import ROOT, load_config, read_metrics
 
 RECIPES = os.path.join(ROOT, "configs", "recipes")
@@ -62,15 +63,6 @@ def test_recipe_needs_the_dataset_folder():
   assert recipes.parse_arg("/a,b/ms1m") == ("/a,b/ms1m", False)
 
 
-def _face(seed, size=112):
-  """A smooth 112x112 RGB image (JPEG keeps it close)."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[0:size, 0:size] / size
-  channels = [rng.uniform(60, 190) + rng.uniform(10, 60) * np.sin(np.pi * (a * x + b * y))
-              for a, b in rng.uniform(0.5, 3.0, (3, 2))]
-  return np.stack(channels, axis=-1).clip(0, 255).round().astype(np.uint8)
-
-
 def _write_dataset(folder, num_classes, per_class):
   """insightface's layout: header (key 0), images (1..N), identity ranges, property, .bin sets."""
   num_images = num_classes * per_class
@@ -79,7 +71,7 @@ def _write_dataset(folder, num_classes, per_class):
                                                  0), b""), key=0)
     for key in range(1, num_images + 1):
       label = (key - 1) // per_class
-      jpeg = encode_image(_face(key), image_format="jpeg")
+      jpeg = encode_image(_smooth_image(key, size=112), image_format="jpeg")
       writer.write(recordio.pack(recordio.IRHeader(0, label, key), jpeg), key=key)
     for label in range(num_classes):
       key = num_images + 1 + label
@@ -87,7 +79,7 @@ def _write_dataset(folder, num_classes, per_class):
       writer.write(recordio.pack(recordio.IRHeader(0, [start, start + per_class], key), b""),
                    key=key)
   (folder / "property").write_text(f"{num_classes},112,112")
-  pairs = np.stack([_face(1000 + k) for k in range(40)])
+  pairs = np.stack([_smooth_image(1000 + k, size=112) for k in range(40)])
   for name in recipes.VERIFICATION_SETS:
     write_bin(folder / f"{name}.bin", pairs, [k % 2 == 0 for k in range(20)])
 

@@ -107,6 +107,17 @@ def encode_image(image: np.ndarray, *, image_format: str = "jpeg", quality: int 
   return buffer.getvalue()
 
 
+def read_image(path: str | os.PathLike[str], *,
+               image_shape: Sequence[int] | None = None) -> np.ndarray:
+  """:func:`decode_image` of the file at ``path``; a decoding error names the file."""
+  with open(path, "rb") as file:
+    data = file.read()
+  try:
+    return decode_image(data, image_shape=image_shape)
+  except ValueError as error:
+    raise ValueError(f"{os.fspath(path)}: {error}") from error
+
+
 def list_image_folder(
     root: str | os.PathLike[str], *, extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> tuple[list[str], np.ndarray, list[str]]:
@@ -227,13 +238,7 @@ class ImageFolderSource:
     return {"image": self._decode(index, self.image_shape), "label": self.labels[index]}
 
   def _decode(self, index: int, image_shape: tuple[int, int, int] | None) -> np.ndarray:
-    path = self.paths[index]
-    with open(path, "rb") as file:
-      data = file.read()
-    try:
-      return decode_image(data, image_shape=image_shape)
-    except ValueError as error:
-      raise ValueError(f"{path}: {error}") from error
+    return read_image(self.paths[index], image_shape=image_shape)
 
   def __repr__(self) -> str:
     return (f"ImageFolderSource({self.root!r}, {len(self)} images, {self.num_classes} classes, "

@@ -72,13 +72,14 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
   paths, labels, class_names = image_folder.list_image_folder(image_dir)
   num_images, num_classes = len(paths), len(class_names)
   if image_size is None:
-    height, width, _ = _load(paths[0], None).shape
+    height, width, _ = image_folder.read_image(paths[0]).shape
   else:
     height, width = (int(n) for n in image_size)
   image_shape = (height, width, 3)
 
   def encode(path: str) -> bytes:
-    image = _load(path, image_shape if image_size is not None else None)
+    image = image_folder.read_image(
+        path, image_shape=image_shape if image_size is not None else None)
     if image.shape != image_shape:
       raise ValueError(f"{path}: image is {image.shape[:2]}, but {paths[0]} is "
                        f"{(height, width)}; pass --image_size to resize all images.")
@@ -107,15 +108,6 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
             encoding="ascii") as file:
     file.write(f"{num_classes},{height},{width}")
   return num_images, num_classes
-
-
-def _load(path: str, image_shape: tuple[int, int, int] | None) -> np.ndarray:
-  with open(path, "rb") as file:
-    data = file.read()
-  try:
-    return image_folder.decode_image(data, image_shape=image_shape)
-  except ValueError as error:
-    raise ValueError(f"{path}: {error}") from error
 
 
 def main(argv: Sequence[str] | None = None) -> None:
