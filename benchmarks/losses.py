@@ -37,6 +37,8 @@ def _parse_args():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--losses", nargs="+", default=None,
+                      help="only these losses (default: all), e.g. arcface cosface")
   return parser.parse_args()
 
 
@@ -161,20 +163,26 @@ def run(args, num_classes, torch_losses):
   pair_labels = jax.random.randint(kp, (args.batch,), 0, args.identities)
 
   cases = {}  # name: (jax step giving (value, grads), weights or None, labels, floor or None)
+  wanted = lambda name: args.losses is None or name in args.losses  # noqa: E731
   for name, (loss, sub) in CLASSIFICATION.items():
+    if not wanted(name):
+      continue
     weights = w_sub if sub else w
     mean_loss = lambda x, w, y, loss=loss: jnp.mean(loss(x, w, y))
     step = jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
     cases[name] = (lambda step=step, weights=weights: step(x, weights, labels), weights, labels,
                    "floor sub" if sub else "floor")
   for name, loss in PAIRWISE.items():
+    if not wanted(name):
+      continue
     step = jax.jit(jax.value_and_grad(loss))
     cases[name] = (lambda step=step: step(x, pair_labels), None, pair_labels, None)
 
   jit_floor = jax.jit(floor)
   w_flat = w_sub.reshape(-1, args.dim)
-  timers = {"floor": lambda: jax.block_until_ready(jit_floor(x, w)),
-            "floor sub": lambda: jax.block_until_ready(jit_floor(x, w_flat))}
+  timers = {"floor": lambda: jax.block_until_ready(jit_floor(x, w))}
+  if any(case[3] == "floor sub" for case in cases.values()):
+    timers["floor sub"] = lambda: jax.block_until_ready(jit_floor(x, w_flat))
   torch_cases = {}
   for name, (step, weights, case_labels, _) in cases.items():
     timers[name] = lambda step=step: jax.block_until_ready(step())
@@ -190,9 +198,10 @@ def run(args, num_classes, torch_losses):
       times[name].append(_timed(timer))
   seconds = {name: statistics.median(t) for name, t in times.items()}
 
+  sub_floor = (f" (sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)"
+               if "floor sub" in seconds else "")
   print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, median of {args.repeats} "
-        f"interleaved runs; floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms "
-        f"(sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)\n")
+        f"interleaved runs; floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms{sub_floor}\n")
   print("| loss | margins (ms) | / floor | torch (ms) | torch / floor | torch / margins "
         "| rel. diff of values |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
