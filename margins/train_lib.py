@@ -571,7 +571,8 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
     for name, value in scalars.items():
-      self.tensorboard.add_scalar(name, value, step)
+      if math.isfinite(value):  # e.g. TAR at a FAR the number of pairs cannot resolve: NaN
+        self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
 
   def close(self) -> None:
