@@ -14,4 +14,5 @@ def get_config(arg=None):
   config = train_lib.default_config()
   config.loss = dict(name="lsoftmax", margin=4,
                      lambda_schedule=dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0))
+  config.optimizer.learning_rate = 0.05  # Unnormalised logits, as plain softmax.
   return train_lib.quick(config) if arg == "quick" else config
