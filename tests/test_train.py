@@ -201,3 +201,19 @@ def test_similarity_is_what_the_margin_scores(margin, weights_shape):
   if len(weights_shape) == 3:
     expected = expected.max(axis=-1)
   np.testing.assert_allclose(parallel.similarity(x, w, margin), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_step_is_finite_and_keeps_float32_parameters():
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.compute_dtype = "bfloat16"
+  config.mesh.shape = (1,)
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": margins_data.normalize_images(source.images[:32]),
+           "label": jnp.asarray(source.labels[:32])}
+  experiment, state = train_lib.create_train_state(
+      config, train_lib.make_mesh(config), source.num_classes, source.image_shape)
+  step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
