@@ -30,11 +30,6 @@ for _name in ("workdir", "step", "batch_size"):
 TABLE_FARS = (1e-3, 1e-4)
 
 
-def set_name(path: str) -> str:
-  """The name a ``.bin`` set is reported under: its file name without extension (``lfw``)."""
-  return os.path.splitext(os.path.basename(path))[0]
-
-
 def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = None,
                  batch_size: int = 256,
                  ) -> tuple[int, dict[str, evaluation.VerificationResult]]:
@@ -53,7 +48,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
                      "devices.")
   experiment.config.eval.batch_size = batch_size
   embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
-  results = {set_name(path): train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+  results = {train_lib.bin_set_name(path):
+                 train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
              for path in bin_paths}
   return int(state.step), results
 

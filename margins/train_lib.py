@@ -496,12 +496,17 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
         embeddings, labels).items()})
     results["open"] = (embeddings, labels, result)
   for path in eval_config.bins:
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = bin_set_name(path)
     result = evaluate_bin(experiment, state, path, embed_fn=embed_fn)
     metrics.update(_verification_metrics(name, result))
     results[name] = (None, None, result)
   metrics["_results"] = results
   return metrics
+
+
+def bin_set_name(path: str) -> str:
+  """The name a ``.bin`` set is reported under: its file name without extension (``lfw``)."""
+  return os.path.splitext(os.path.basename(path))[0]
 
 
 def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.VerificationResult:
