@@ -66,6 +66,8 @@ class VerificationResult:
       distance is at most the threshold; the first, ``-inf``, accepts none).
     distances: ``[P]`` squared Euclidean distance of each pair's normalised embeddings.
     issame: ``[P]`` whether each pair shows one identity.
+    fold_index: ``[P]`` the fold each pair was tested in: pair ``i`` is accepted by the protocol
+      when ``distances[i] < fold_thresholds[fold_index[i]]``.
   """
 
   accuracy: float
@@ -84,6 +86,7 @@ class VerificationResult:
   thresholds: np.ndarray
   distances: np.ndarray
   issame: np.ndarray
+  fold_index: np.ndarray
 
 
 def _check_embeddings(name: str, embeddings) -> np.ndarray:
@@ -242,7 +245,9 @@ def evaluate_verification(
   distances = np.sum(np.square(unit[0::2] - unit[1::2]), axis=1)
 
   fold_accuracies, fold_thresholds, vals, fars = [], [], [], []
-  for train, test in _folds(issame.size, num_folds):
+  fold_index = np.zeros(issame.size, np.int64)
+  for fold, (train, test) in enumerate(_folds(issame.size, num_folds)):
+    fold_index[test] = fold
     best = np.argmax(_num_correct(distances[train], issame[train], _ACCURACY_THRESHOLDS))
     fold_thresholds.append(_ACCURACY_THRESHOLDS[best])
     correct = _num_correct(distances[test], issame[test], _ACCURACY_THRESHOLDS[best:best + 1])
@@ -281,6 +286,7 @@ def evaluate_verification(
       thresholds=-score_thresholds,
       distances=distances,
       issame=issame,
+      fold_index=fold_index,
   )
 
 
