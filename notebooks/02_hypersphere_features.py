@@ -37,12 +37,12 @@ import tempfile
 import time
 
 import jax
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
 from common import LOSS_COLORS, QUICK, save_figure
 from margins import data as data_lib
+from margins import evaluation
 from margins import train_lib
 
 CONFIGS = pathlib.Path.cwd().parent / "configs"
@@ -65,7 +65,9 @@ def load_config(name):
 #
 # The configs are those of `configs/`, changed so that all six runs fit in a few minutes on a
 # 2-core CPU: the digits at their native 8x8 pixels, BatchNorm in the CNN (LeNets++ without it
-# trains far more slowly), batches of 64 and a learning rate of 0.05. With a 2-D embedding the
+# trains far more slowly), batches of 64, a learning rate of 0.05 and gradients clipped to norm 1
+# (with 5, the configs' value, 2-D ArcFace reaches 66 % closed-set accuracy in 200 steps instead
+# of 76 %). With a 2-D embedding the
 # six classes share a circle, 60 degrees each: CosFace's margin is 0.1 and ArcFace's 0.2 (the
 # 3-D run keeps 0.3). SphereFace's annealing $\lambda = \max(5, 1000 / (1 + \gamma t))$ is
 # sped up so that $\lambda$ reaches 5 two thirds of the way through the run instead of after
@@ -84,6 +86,7 @@ def digits_config(name, **changes):
   config.model.kwargs = dict(widths=(16, 32, 64), batch_norm=True)
   config.batch_size = 64
   config.optimizer.learning_rate = 0.05
+  config.optimizer.grad_clip_norm = 1.0
   config.num_steps = NUM_STEPS
   config.log_every = max(NUM_STEPS // 4, 1)
   config.checkpoint_every = NUM_STEPS
@@ -137,13 +140,9 @@ digit_names = {split: data_lib.digits(split, image_size=data_config.image_size,
                                       ).class_names for _, _, split in SETS}
 
 
-def scatter_digits(axes, points, labels, names, **kwargs):
-  """One colour per digit (``tab10`` by the digit itself), so 6-9 differ from 0-5."""
-  colours = matplotlib.colormaps["tab10"]
-  for label in np.unique(labels):
-    chosen = labels == label
-    axes.scatter(*points[chosen].T, s=5, alpha=0.6, color=colours(int(names[label])),
-                 label=names[label], **kwargs)
+def digit_labels(labels, split):
+  """Labels as the digits themselves, so that each digit keeps its colour (``tab10[digit]``)."""
+  return np.asarray(digit_names[split], int)[labels]
 
 
 figure, axes = plt.subplots(2, len(RUNS), figsize=(4 * len(RUNS), 8.3))
@@ -152,18 +151,12 @@ for column, (key, title, _) in enumerate(RUNS):
   for row, (name, description, split) in enumerate(SETS):
     embeddings, labels = run_results[name][0], run_results[name][1]
     panel = axes[row, column]
-    scatter_digits(panel, embeddings, labels, digit_names[split])
-    panel.set_aspect("equal", adjustable="datalim")
-    panel.grid(alpha=0.3)
-    panel.set_xlabel("feature 1")
+    evaluation.draw_features(panel, embeddings, digit_labels(labels, split),
+                             legend=column == len(RUNS) - 1)
     if column == 0:
       panel.set_ylabel(f"{description}\nfeature 2")
     if row == 0:
       panel.set_title(title, color=LOSS_COLORS[key], fontweight="bold")
-  for row in range(2):
-    if column == len(RUNS) - 1:
-      axes[row, column].legend(title="digit", loc="center left", bbox_to_anchor=(1.02, 0.5),
-                               markerscale=3)
 figure.suptitle("2-D features of the digits: training digits 0-5 (top) and unseen digits 6-9 "
                 "(bottom)", fontsize=13)
 figure.tight_layout()
@@ -180,15 +173,9 @@ run_results = results[title]["metrics"]["_results"]
 figure = plt.figure(figsize=(12, 5.5))
 for index, (name, description, split) in enumerate(SETS):
   embeddings, labels = run_results[name][0], run_results[name][1]
-  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
   panel = figure.add_subplot(1, 2, index + 1, projection="3d")
-  polar, azimuth = np.meshgrid(np.linspace(0, np.pi, 13), np.linspace(0, 2 * np.pi, 25))
-  panel.plot_wireframe(np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
-                       np.cos(polar), color="0.85", linewidth=0.4)
-  scatter_digits(panel, unit, labels, digit_names[split])
-  panel.set_box_aspect((1, 1, 1))
+  evaluation.draw_features(panel, embeddings, digit_labels(labels, split), normalize=True)
   panel.set_title(description)
-  panel.legend(title="digit", loc="center left", bbox_to_anchor=(1.05, 0.5), markerscale=3)
 figure.suptitle(f"{title}: L2-normalised features on the unit sphere", color=LOSS_COLORS[key])
 figure.tight_layout()
 save_figure(figure, "features_3d.png")
@@ -201,31 +188,16 @@ save_figure(figure, "features_3d.png")
 # between the two histograms is what a verification threshold has to fall into.
 
 # %%
-def pair_angles(embeddings, labels):
-  """Angles (degrees) of all pairs ``i < j``: ``(same digit, different digits)``."""
-  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-  first, second = np.triu_indices(len(labels), k=1)
-  angles = np.degrees(np.arccos(np.clip(np.sum(unit[first] * unit[second], axis=1), -1, 1)))
-  same = labels[first] == labels[second]
-  return angles[same], angles[~same]
-
-
-edges = np.linspace(0, 180, 61)
 runs = RUNS + [RUN_3D]
 figure, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.8), sharey=True)
 for panel, (key, title, _) in zip(axes, runs):
   embeddings, labels, _ = results[title]["metrics"]["_results"]["open"]
-  same, different = pair_angles(embeddings, labels)
-  panel.hist(same, bins=edges, density=True, color=LOSS_COLORS[key], alpha=0.75,
-             label=f"same digit, mean {same.mean():.0f}°")
-  panel.hist(different, bins=edges, density=True, color="0.55", alpha=0.45,
-             label=f"different, mean {different.mean():.0f}°")
+  evaluation.draw_angle_histograms(panel, embeddings, labels, bins=60,
+                                   colors=(LOSS_COLORS[key], "0.55"))
   panel.set_title(title, color=LOSS_COLORS[key], fontsize=10, fontweight="bold")
-  panel.set_xlabel("angle between the features (degrees)")
   panel.set_xticks(range(0, 181, 45))
-  panel.grid(alpha=0.3)
-  panel.legend(fontsize=8, loc="upper right")
-axes[0].set_ylabel("density of pairs")
+  panel.legend(fontsize=7, loc="upper right")
+  panel.set_ylabel("fraction of pairs" if panel is axes[0] else "")
 figure.suptitle("Angles between features of the unseen digits 6-9", fontsize=12)
 figure.tight_layout()
 save_figure(figure, "angle_histograms.png")
@@ -245,8 +217,7 @@ print(header)
 print("-" * len(header))
 for title, run in results.items():
   metrics = run["metrics"]
-  verification = metrics["_results"]["open"][2]
   print(f"{title:<28} {run['dim']:>3} {metrics['closed/accuracy']:>11.3f} "
         f"{metrics['open/verification_accuracy']:>11.3f} ± "
         f"{metrics['open/verification_accuracy_std']:.3f} {metrics['open/auc']:>6.3f} "
-        f"{verification.eer:>6.3f}")
+        f"{metrics['open/eer']:>6.3f}")

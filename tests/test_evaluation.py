@@ -8,6 +8,9 @@ over folds and thresholds; the retrieval reference ranks every query's neighbour
 import math
 import os
 
+import matplotlib
+import matplotlib.colors
+import matplotlib.figure
 import numpy as np
 import PIL.Image
 import pytest
@@ -102,6 +105,12 @@ def test_verification_matches_insightface_protocol(seed, num_pairs, noise):
   np.testing.assert_array_equal(result.fold_thresholds, thresholds)
   assert result.accuracy == np.mean(accuracies)
   assert result.accuracy_std == np.std(accuracies)
+  for fold, (_, test) in enumerate(_contiguous_folds(num_pairs, 10)):
+    np.testing.assert_array_equal(np.flatnonzero(result.fold_index == fold), test)
+  # Each pair judged with its fold's threshold reproduces the fold accuracies.
+  correct = (result.distances < result.fold_thresholds[result.fold_index]) == issame
+  np.testing.assert_array_equal(
+      [correct[result.fold_index == fold].mean() for fold in range(10)], accuracies)
   assert (result.val, result.val_std, result.far) == _reference_val(dist, issame)
 
 
@@ -163,6 +172,7 @@ def test_verification_single_fold_trains_on_everything():
   dist = _reference_distances(embeddings)
   best = max(np.arange(0, 4, 0.01), key=lambda t: _accuracy_at(t, dist, issame))
   assert result.fold_thresholds.tolist() == [best]
+  assert result.fold_index.tolist() == [0] * 50
   assert result.accuracy == _accuracy_at(best, dist, issame)
   assert result.accuracy_std == 0
 
@@ -288,7 +298,8 @@ def test_format_verification():
       accuracy=0.9965, accuracy_std=0.003, fold_accuracies=np.ones(10),
       fold_thresholds=np.ones(10), val=0.98, val_std=0.01, far=0.00105, val_far_target=1e-3,
       tar_at_far={1e-3: 0.97, 1e-4: float("nan")}, auc=0.999, eer=0.0045, fpr=np.zeros(2),
-      tpr=np.zeros(2), thresholds=np.zeros(2), distances=np.zeros(1), issame=np.ones(1, bool))
+      tpr=np.zeros(2), thresholds=np.zeros(2), distances=np.zeros(1), issame=np.ones(1, bool),
+      fold_index=np.zeros(1, int))
   assert evaluation.format_verification("lfw", result).splitlines() == [
       "[lfw] Accuracy-Flip: 0.99650+-0.00300",
       "[lfw] VAL@FAR=1e-03: 0.98000+-0.01000 (FAR 0.00105)  TAR@FAR=1e-03: 0.97000"
@@ -502,3 +513,41 @@ def test_pair_angle_histograms_count_every_pair_once():
               for i in range(23) for j in range(i + 1, 23) if (labels[i] == labels[j]) == is_same]
     np.testing.assert_array_equal(counts[is_same], np.histogram(angles, bins=edges)[0])
     assert sums[is_same] == pytest.approx(sum(angles), rel=1e-12)
+
+
+def test_draw_functions_fill_the_callers_axes():
+  rng = np.random.default_rng(2)
+  labels = np.repeat(np.arange(3), 10)
+  features = 3 * rng.normal(size=(3, 2))[labels] + rng.normal(size=(30, 2))
+  embeddings, issame = _pairs_with_separation(rng, 100, 8, 0.7)
+  result = evaluation.evaluate_verification(embeddings, issame)
+  figure = matplotlib.figure.Figure()
+  roc, flat, sphere_axes, angles = (
+      figure.add_subplot(2, 2, 1), figure.add_subplot(2, 2, 2),
+      figure.add_subplot(2, 2, 3, projection="3d"), figure.add_subplot(2, 2, 4))
+
+  evaluation.draw_roc(roc, {"toy": result})
+  assert roc.get_xscale() == "log" and len(roc.get_lines()) == 1
+  measured = result.fpr > 0
+  np.testing.assert_array_equal(roc.get_lines()[0].get_xdata(), result.fpr[measured])
+
+  evaluation.draw_features(flat, features, labels, normalize=True, class_names=["a", "b", "c"])
+  scattered = [c.get_offsets() for c in flat.collections]
+  assert len(scattered) == 3  # One colour per class,
+  np.testing.assert_allclose(np.linalg.norm(np.concatenate(scattered), axis=1), 1)  # on the circle.
+  assert [t.get_text() for t in flat.get_legend().get_texts()] == ["a", "b", "c"]
+  assert flat.collections[1].get_facecolor()[0, :3].tolist() == list(
+      matplotlib.colormaps["tab10"](1)[:3])
+
+  sphere = np.concatenate([features, np.ones((30, 1))], axis=1)
+  evaluation.draw_features(sphere_axes, sphere, labels, normalize=True, legend=False)
+  assert sphere_axes.get_legend() is None and len(sphere_axes.collections) == 4  # + wireframe
+
+  evaluation.draw_angle_histograms(angles, features, labels, bins=36, colors=("red", "grey"))
+  same, different = angles.patches
+  assert same.get_facecolor()[:3] == matplotlib.colors.to_rgb("red")
+  assert angles.get_legend().get_texts()[0].get_text().startswith("intra-class (135 pairs")
+  with pytest.raises(ValueError, match="2-D or 3-D"):
+    evaluation.draw_features(flat, np.ones((4, 5)), np.zeros(4, np.int32))
+  with pytest.raises(ValueError, match="3-D features need a 3-D `axes`"):
+    evaluation.draw_features(flat, sphere, labels)

@@ -3,6 +3,9 @@
 Everything here runs on the host in NumPy, after the embeddings have been computed.
 """
 
+from margins.evaluation.plots import draw_angle_histograms
+from margins.evaluation.plots import draw_features
+from margins.evaluation.plots import draw_roc
 from margins.evaluation.plots import plot_angle_histograms
 from margins.evaluation.plots import plot_embeddings
 from margins.evaluation.plots import plot_roc

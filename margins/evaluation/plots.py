@@ -1,12 +1,14 @@
-"""Plots of verification ROC curves and of learned features, written to PNG files.
+"""Plots of verification ROC curves and of learned features.
 
-Figures are drawn with matplotlib's Agg canvas, never pyplot, so nothing needs a display and no
-global figure state is left behind. Each class keeps one colour in every plot: ``tab10`` indexed
-by ``label % 10``.
+``draw_*`` draw into a matplotlib ``Axes`` of the caller's figure (a notebook's subplots);
+``plot_*`` draw the same into a figure of their own and write it to a PNG file, with matplotlib's
+Agg canvas, never pyplot, so nothing needs a display and no global figure state is left behind.
+Each class keeps one colour in every plot: ``tab10`` indexed by ``label % 10``.
 """
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -73,6 +75,15 @@ def plot_roc(results_by_name: Mapping[str, VerificationResult], path, *,
   References:
     insightface, ``recognition/arcface_torch`` (IJB ROC plots on a log FAR axis).
   """
+  figure = Figure(figsize=(6.5, 5))
+  axes = figure.add_subplot()
+  draw_roc(axes, results_by_name)
+  axes.set_title(title)
+  return _save(figure, path)
+
+
+def draw_roc(axes, results_by_name: Mapping[str, VerificationResult]) -> None:
+  """Draws :func:`plot_roc`'s curves (log FAR axis, AUC and EER in the legend) into ``axes``."""
   if not results_by_name:
     raise ValueError("`results_by_name` must hold at least one result.")
   for name, result in results_by_name.items():
@@ -80,8 +91,6 @@ def plot_roc(results_by_name: Mapping[str, VerificationResult], path, *,
       raise TypeError(
           f"`results_by_name[{name!r}]` must be a VerificationResult, got "
           f"{type(result).__name__}.")
-  figure = Figure(figsize=(6.5, 5))
-  axes = figure.add_subplot()
   smallest_far = 1.0
   for name, result in results_by_name.items():
     measurable = result.fpr > 0
@@ -93,22 +102,62 @@ def plot_roc(results_by_name: Mapping[str, VerificationResult], path, *,
   axes.set_ylim(0, 1.01)
   axes.set_xlabel("False accept rate (FAR)")
   axes.set_ylabel("True accept rate (TAR)")
-  axes.set_title(title)
   axes.grid(True, which="both", alpha=0.3)
   axes.legend(loc="lower right")
-  return _save(figure, path)
-
-
-def _scatter_classes(axes, points: np.ndarray, labels: np.ndarray, names) -> None:
-  for label in np.unique(labels):
-    chosen = labels == label
-    axes.scatter(*points[chosen].T, s=6, alpha=0.7, color=_class_colour(label),
-                 label=names[label] if names is not None else str(label))
 
 
 def _legend(axes, labels: np.ndarray) -> None:
   if np.unique(labels).size <= _MAX_LEGEND_CLASSES:
     axes.legend(title="class", loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=3)
+
+
+def _check_features(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
+  embeddings, labels = _check_labelled(embeddings, labels)
+  if embeddings.shape[1] not in (2, 3):
+    raise ValueError("`embeddings` must be 2-D or 3-D features ([N, 2] or [N, 3]), got "
+                     f"{embeddings.shape[1]}.")
+  return embeddings, labels
+
+
+def draw_features(axes, embeddings, labels, *, normalize: bool = False,
+                  class_names: Sequence[str] | None = None, legend: bool = True) -> None:
+  """Scatters 2-D or 3-D features into ``axes`` (a 3-D ``Axes`` for 3-D features), by class.
+
+  Args:
+    axes: the matplotlib ``Axes``; ``projection="3d"`` for ``[N, 3]`` features.
+    embeddings: ``[N, 2]`` or ``[N, 3]`` features.
+    labels: ``[N]`` integer class of each feature; its colour is ``tab10[label % 10]``.
+    normalize: L2-normalise the features and draw the unit circle (sphere) behind them.
+    class_names: legend name of each label value (default: the label).
+    legend: draw the legend of classes (up to 20 classes), right of the axes.
+  """
+  embeddings, labels = _check_features(embeddings, labels)
+  if (embeddings.shape[1] == 3) != (axes.name == "3d"):
+    raise ValueError(f"{embeddings.shape[1]}-D features need "
+                     f"{'a 3-D' if embeddings.shape[1] == 3 else 'a 2-D'} `axes` "
+                     f"(projection=\"3d\" for 3-D features), got a {axes.name!r} one.")
+  points = sklearn.preprocessing.normalize(embeddings) if normalize else embeddings
+  if points.shape[1] == 3:
+    if normalize:
+      polar, azimuth = np.meshgrid(np.linspace(0, np.pi, 19), np.linspace(0, 2 * np.pi, 37))
+      axes.plot_wireframe(np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
+                          np.cos(polar), color="0.85", linewidth=0.4)
+    axes.set_box_aspect((1, 1, 1), zoom=0.9)
+    axes.set_zlabel("feature 3")
+  else:
+    if normalize:
+      angles = np.linspace(0, 2 * np.pi, 361)
+      axes.plot(np.cos(angles), np.sin(angles), color="0.7", linewidth=0.8, zorder=0)
+    axes.set_aspect("equal", adjustable="datalim")
+    axes.grid(True, alpha=0.3)
+  for label in np.unique(labels):
+    chosen = labels == label
+    axes.scatter(*points[chosen].T, s=6, alpha=0.7, color=_class_colour(label),
+                 label=class_names[label] if class_names is not None else str(label))
+  axes.set_xlabel("feature 1")
+  axes.set_ylabel("feature 2")
+  if legend:
+    _legend(axes, labels)
 
 
 def plot_embeddings(embeddings, labels, path, *, title: str = "Embeddings",
@@ -145,39 +194,19 @@ def plot_embeddings(embeddings, labels, path, *, title: str = "Embeddings",
     W. Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016
     (the 2-D feature plots); W. Liu et al., "SphereFace", CVPR 2017 (features on the sphere).
   """
-  embeddings, labels = _check_labelled(embeddings, labels)
-  dim = embeddings.shape[1]
-  if dim not in (2, 3):
-    raise ValueError(f"`embeddings` must be 2-D or 3-D features ([N, 2] or [N, 3]), got {dim}.")
-  unit = sklearn.preprocessing.normalize(embeddings)
-  if dim == 2:
+  embeddings, labels = _check_features(embeddings, labels)
+  if embeddings.shape[1] == 2:
     figure = Figure(figsize=(12, 5))
     raw_axes, unit_axes = figure.subplots(1, 2)
-    _scatter_classes(raw_axes, embeddings, labels, class_names)
+    draw_features(raw_axes, embeddings, labels, class_names=class_names, legend=False)
     raw_axes.set_title("Features")
-    _scatter_classes(unit_axes, unit, labels, class_names)
-    angles = np.linspace(0, 2 * np.pi, 361)
-    unit_axes.plot(np.cos(angles), np.sin(angles), color="0.7", linewidth=0.8, zorder=0)
+    draw_features(unit_axes, embeddings, labels, normalize=True, class_names=class_names)
     unit_axes.set_title("L2-normalised features (unit circle)")
-    for axes in (raw_axes, unit_axes):
-      axes.set_aspect("equal", adjustable="datalim")
-      axes.set_xlabel("feature 1")
-      axes.set_ylabel("feature 2")
-      axes.grid(True, alpha=0.3)
-    _legend(unit_axes, labels)
   else:
     figure = Figure(figsize=(7, 6))
     axes = figure.add_subplot(projection="3d")
-    polar, azimuth = np.meshgrid(np.linspace(0, np.pi, 19), np.linspace(0, 2 * np.pi, 37))
-    axes.plot_wireframe(np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth),
-                        np.cos(polar), color="0.85", linewidth=0.4)
-    _scatter_classes(axes, unit, labels, class_names)
-    axes.set_box_aspect((1, 1, 1), zoom=0.9)
+    draw_features(axes, embeddings, labels, normalize=True, class_names=class_names)
     axes.set_title("L2-normalised features (unit sphere)")
-    axes.set_xlabel("feature 1")
-    axes.set_ylabel("feature 2")
-    axes.set_zlabel("feature 3")
-    _legend(axes, labels)
   figure.suptitle(title)
   return _save(figure, path)
 
@@ -231,6 +260,19 @@ def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles betw
   References:
     J. Deng et al., "ArcFace", CVPR 2019 (angle distributions of positive and negative pairs).
   """
+  figure = Figure(figsize=(7, 4.5))
+  axes = figure.add_subplot()
+  draw_angle_histograms(axes, embeddings, labels, bins=bins)
+  axes.set_title(title)
+  return _save(figure, path)
+
+
+def draw_angle_histograms(axes, embeddings, labels, *, bins: int = 90,
+                          colors: tuple[Any, Any] = ("tab:blue", "tab:red")) -> None:
+  """Draws :func:`plot_angle_histograms`'s two histograms into ``axes``.
+
+  ``colors``: of the intra-class and the inter-class histogram.
+  """
   embeddings, labels = _check_labelled(embeddings, labels)
   bins = check_int(bins, "bins", minimum=1)
   _, class_counts = np.unique(labels, return_counts=True)
@@ -241,10 +283,8 @@ def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles betw
   edges = np.linspace(0, 180, bins + 1)
   counts, sums = _pair_angle_histograms(
       sklearn.preprocessing.normalize(embeddings), labels, edges)
-  figure = Figure(figsize=(7, 4.5))
-  axes = figure.add_subplot()
-  for is_same, name, colour in ((True, "intra-class", "tab:blue"),
-                                (False, "inter-class", "tab:red")):
+  for is_same, name, colour in ((True, "intra-class", colors[0]),
+                                (False, "inter-class", colors[1])):
     total = counts[is_same].sum()
     axes.stairs(counts[is_same] / total, edges, fill=True, alpha=0.45, color=colour,
                 label=f"{name} ({int(total)} pairs, mean {sums[is_same] / total:.1f}°)")
@@ -252,7 +292,5 @@ def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles betw
   axes.set_xticks(np.arange(0, 181, 30))
   axes.set_xlabel("Angle between embeddings (degrees)")
   axes.set_ylabel("Fraction of pairs")
-  axes.set_title(title)
   axes.grid(True, alpha=0.3)
   axes.legend()
-  return _save(figure, path)
