@@ -488,7 +488,7 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
     source = eval_sources["open"]
     embeddings = compute_embeddings(experiment, state, source, flip=eval_config.flip,
                                     embed_fn=embed_fn)
-    labels = np.asarray([source[i]["label"] for i in range(len(source))])
+    labels = source.labels
     pairs, issame = evaluation.make_pairs(labels, eval_config.num_pairs, seed=0)
     result = evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame)
     metrics.update(_verification_metrics("open", result))
@@ -523,7 +523,8 @@ def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.Verifi
 
 def _verification_metrics(name, result) -> dict[str, float]:
   metrics = {f"{name}/verification_accuracy": result.accuracy,
-             f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc}
+             f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc,
+             f"{name}/eer": result.eer}
   metrics.update({f"{name}/tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
   return metrics
 
@@ -614,12 +615,8 @@ def _summary_lines(metrics: Mapping[str, Any]) -> list[str]:
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Errors that name the problem, before anything is built."""
-  if config.loss.name not in MARGINS:
-    raise ValueError(f"Unknown loss {config.loss.name!r} in config.loss.name; valid: "
-                     f"{', '.join(MARGINS)}.")
-  if config.model.name not in models.NAMES:
-    raise ValueError(f"Unknown model {config.model.name!r} in config.model.name; valid: "
-                     f"{', '.join(models.NAMES)}.")
+  make_margin(config.loss)
+  models.check_name(config.model.name)
   for name in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
     if value % mesh.size:

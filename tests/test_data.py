@@ -165,6 +165,8 @@ def test_synthetic_is_a_pure_function_of_seed_and_index():
     assert record["label"].dtype == np.int32 and int(record["label"]) == index % 7
     np.testing.assert_array_equal(record["image"], again[index]["image"])
   np.testing.assert_array_equal(source[-1]["image"], source[49]["image"])
+  assert source.labels.dtype == np.int32
+  np.testing.assert_array_equal(source.labels, [source[i]["label"] for i in range(50)])
   other_seed = data.SyntheticSource(num_classes=7, num_images=50, image_shape=(16, 24, 3), seed=4)
   assert not np.array_equal(source[0]["image"], other_seed[0]["image"])
   assert not np.array_equal(source[0]["image"], source[7]["image"])  # same identity, new sample

@@ -294,6 +294,8 @@ def test_pack_tool_writes_the_insightface_layout(tmp_path):
     assert record["label"] == label
     error = np.abs(record["image"].astype(int) - image.astype(int))
     assert error.mean() < 2 and error.max() < 24  # JPEG (4:2:0 chroma) of a smooth image.
+  assert source.labels.dtype == np.int32
+  assert source.labels.tolist() == [label for _, label in expected]
 
 
 def test_pack_tool_command_line(tmp_path):

@@ -82,6 +82,8 @@ def test_source_reads_a_prepared_dataset_without_tensorflow(tmp_path):
     assert len(matches) == 1 and record["label"] == matches[0] % NUM_CLASSES
     seen.add(matches[0])
   assert seen == set(range(7))
+  assert source.labels.dtype == np.int32
+  assert source.labels.tolist() == [source[i]["label"] for i in range(7)]
 
   copy = pickle.loads(pickle.dumps(source))
   np.testing.assert_array_equal(copy[3]["image"], source[3]["image"])

@@ -57,7 +57,7 @@ def test_every_config_runs_in_quick_mode(path, tmp_path):
   assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
   assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
   assert 0 <= final["open/verification_accuracy"] <= 1
-  assert np.isfinite(final["open/auc"])
+  assert np.isfinite(final["open/auc"]) and 0 <= final["open/eer"] <= 1
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert os.path.exists(tmp_path / "roc.png")

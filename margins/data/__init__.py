@@ -1,8 +1,8 @@
 """Data sources and the grain input pipeline.
 
 Sources are grain random-access data sources of ``{"image": uint8 [H, W, C], "label": int32 []}``
-with ``num_classes`` and ``image_shape``; the pipeline turns one into batches of ``float32``
-images in ``[-1, 1]``.
+with ``num_classes``, ``image_shape`` and ``labels`` (``int32 [N]``, read without decoding the
+images); the pipeline turns one into batches of ``float32`` images in ``[-1, 1]``.
 """
 
 from margins.data.pipeline import RandomFlipAndCrop

@@ -23,6 +23,7 @@ identity keys; keys ``1..N`` are images (label: the class, or a list starting wi
 image, as in MXNet's ``im2rec`` output.
 """
 
+import functools
 import os
 import struct
 from collections.abc import Iterator, Sequence
@@ -538,12 +539,22 @@ class RecordIOSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     key = int(self.image_keys[index])
     header, data = self._unpack(key)
+    return {"image": self._decode(key, data, self.image_shape),
+            "label": self._label(key, header)}
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """``int32 [N]`` label of every image record, read from the record headers (no decoding)."""
+    return np.array([self._label(int(key), self._unpack(int(key))[0]) for key in self.image_keys],
+                    np.int32)
+
+  def _label(self, key: int, header: IRHeader) -> np.int32:
     label = header.label if header.flag == 0 else header.label[0]
     if not 0 <= label < self.num_classes:
       raise RecordIOError(f"{self.rec_path}: record key {key} (byte offset "
                           f"{self.reader.offset(key)}) has label {label}, outside "
                           f"[0, {self.num_classes}).")
-    return {"image": self._decode(key, data, self.image_shape), "label": np.int32(label)}
+    return np.int32(label)
 
   def identity_ranges(self) -> np.ndarray | None:
     """``int64 [K, 2]``: identity ``k``'s images are keys ``[start, end)``; ``None`` when the

@@ -262,6 +262,11 @@ class SyntheticSource:
   def __len__(self) -> int:
     return self.num_images
 
+  @property
+  def labels(self) -> np.ndarray:
+    """``int32 [N]`` label of every example, without drawing the images."""
+    return (np.arange(self.num_images, dtype=np.int64) % self.num_classes).astype(np.int32)
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = operator.index(index)
     if not -self.num_images <= index < self.num_images:

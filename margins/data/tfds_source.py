@@ -9,6 +9,7 @@ read undecoded from TFDS and decoded by :func:`margins.data.image_folder.decode_
 Install: ``pip install tensorflow-datasets==4.9.10 array_record==0.8.6 importlib_resources``.
 """
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -104,11 +105,20 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = self.data_source[index]
+    return {"image": self._decode(index, record, self.image_shape),
+            "label": self._label(index, record)}
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """``int32 [N]`` label of every record (images are read but not decoded)."""
+    return np.array([self._label(i, self.data_source[i]) for i in range(len(self))], np.int32)
+
+  def _label(self, index: int, record: dict) -> np.int32:
     label = int(record[self.label_key])
     if not 0 <= label < self.num_classes:
       raise ValueError(f"{self.name}[{self.split}] record {index} has label {label}, outside "
                        f"[0, {self.num_classes}).")
-    return {"image": self._decode(index, record, self.image_shape), "label": np.int32(label)}
+    return np.int32(label)
 
   def _decode(self, index: int, record: dict,
               image_shape: tuple[int, int, int] | None) -> np.ndarray:

@@ -36,6 +36,12 @@ _BUILDERS = {
 NAMES = tuple(_BUILDERS)
 
 
+def check_name(name: str) -> None:
+  """Raises ``ValueError`` naming the valid names unless ``name`` is one of :data:`NAMES`."""
+  if name not in _BUILDERS:
+    raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(NAMES)}.")
+
+
 def create(
     name: str, *, rngs: nnx.Rngs, embedding_dim: int | None = None, **kwargs: Any) -> nnx.Module:
   """Builds the backbone called ``name``; ``kwargs`` go to its constructor (and override presets).
@@ -51,8 +57,7 @@ def create(
 
   References: insightface ``recognition/arcface_torch/backbones/__init__.py``.
   """
-  if name not in _BUILDERS:
-    raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(NAMES)}.")
+  check_name(name)
   builder, preset = _BUILDERS[name]
   if embedding_dim is not None:
     kwargs["embedding_dim"] = embedding_dim
@@ -65,5 +70,6 @@ __all__ = [
     "NAMES",
     "SmallCNN",
     "VisionTransformer",
+    "check_name",
     "create",
 ]
