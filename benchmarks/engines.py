@@ -3,9 +3,12 @@
 For each number of classes ``C`` and dtype, prints the time of ``jit(value_and_grad)`` of the mean
 ArcFace loss (w.r.t. the embeddings and ``W``) for the dense, chunked and sampled engines, divided
 by the time of the floor: the three bare matmuls of a forward and backward pass
-(``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). Every function is
-timed in the same run, interleaved round by round, and the ratios are of the medians. The XLA
-temporary memory of each compiled program is printed beside it.
+(``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). bfloat16 is measured
+as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16`` (each chunk
+cast as it is multiplied), against a floor given bfloat16 inputs. Every function is
+timed in the same run, interleaved round by round; times are medians, ratios the median over the
+rounds of the ratio within a round. The XLA temporary memory of each compiled program is printed
+beside it.
 
 Also timed: ``rowfused``, a PROTOTYPE OF AN ALTERNATIVE DESIGN that lives only in this script (not
 in the library): for a scalar mean loss, batch rows are processed in chunks whose log-sum-exp
@@ -24,13 +27,13 @@ import argparse
 import functools
 import re
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import margins
+import timing
 
 _GB = 1 << 30
 
@@ -174,21 +177,15 @@ def _temp_bytes(compiled):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def _time_once(compiled, args):
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  return time.perf_counter() - start
-
-
 def measure(programs, repeats):
-  """Median seconds of each ``name: (compiled, args)``, timed interleaved round by round."""
-  for compiled, args in programs.values():  # Warm-up.
-    jax.block_until_ready(compiled(*args))
-  times = {name: [] for name in programs}
-  for _ in range(repeats):
-    for name, (compiled, args) in programs.items():
-      times[name].append(_time_once(compiled, args))
-  return {name: statistics.median(t) for name, t in times.items()}
+  """``(median seconds, median per-round ratio to the first program)`` of ``name: (compiled,
+  args)``, timed interleaved round by round."""
+  times = timing.interleaved(
+      {name: functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+       for name, (compiled, args) in programs.items()}, repeats)
+  reference = times[next(iter(programs))]
+  return {name: (statistics.median(t), timing.median_ratio(t, reference))
+          for name, t in times.items()}
 
 
 def _inputs(num_classes, batch, dim, dtype, seed=0):
@@ -213,21 +210,26 @@ def run_single(args):
   error = check_rowfused(args.row_chunk, args.batch, args.dim)
   print(f"rowfused prototype vs dense engine (C=3000, float32): max relative error {error:.1e}")
   key = jax.random.key(0)
-  engines = {
-      "dense": margins.dense(),
-      f"chunked ({args.chunk_size})": margins.chunked(args.chunk_size),
-      f"sampled (r={args.sample_rate}, chunked)": margins.chunked(
-          args.chunk_size, sample_rate=args.sample_rate),
-  }
   summary = {}
   for num_classes in args.classes:
     for dtype_name in args.dtypes:
-      x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.dtype(dtype_name))
-      candidates = {"floor (3 matmuls)": (floor, (x, w))}
+      # bfloat16 as the training loop runs it: float32 x and W, bfloat16 matmul inputs.
+      matmul_dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
+      engines = {
+          "dense": margins.dense(matmul_dtype=matmul_dtype),
+          f"chunked ({args.chunk_size})": margins.chunked(args.chunk_size,
+                                                          matmul_dtype=matmul_dtype),
+          f"sampled (r={args.sample_rate}, chunked)": margins.chunked(
+              args.chunk_size, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype),
+      }
+      x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.float32)
+      floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
+      candidates = {"floor (3 matmuls)": (floor, floor_inputs)}
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
-      candidates[f"rowfused PROTOTYPE ({args.row_chunk} rows)"] = (
-          functools.partial(rowfused_step, args.row_chunk), (x, w, labels))
+      if matmul_dtype is None:
+        candidates[f"rowfused PROTOTYPE ({args.row_chunk} rows)"] = (
+            functools.partial(rowfused_step, args.row_chunk), (x, w, labels))
       programs, temps, skipped = {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
@@ -236,17 +238,15 @@ def run_single(args):
           skipped.append(name)
         else:
           programs[name] = (compiled, fn_args)
-      seconds = measure(programs, args.repeats)
-      floor_seconds = seconds["floor (3 matmuls)"]
-      rows = [(name, seconds.get(name),
-               seconds[name] / floor_seconds if name in seconds else None, temps[name])
-              for name in candidates]
+      measured = measure(programs, args.repeats)
+      seconds = {name: time_ for name, (time_, _) in measured.items()}
+      rows = [(name, *measured.get(name, (None, None)), temps[name]) for name in candidates]
       _print_table(f"C={num_classes:,}, B={args.batch}, D={args.dim}, {dtype_name}, "
-                   f"median of {args.repeats} interleaved runs", rows)
+                   f"{args.repeats} interleaved rounds", rows)
       if skipped:
         print(f"\nskipped (XLA temporaries > {args.max_temp_gb} GB): {', '.join(skipped)}")
       summary[(num_classes, dtype_name)] = (seconds, temps)
-      del x, w
+      del x, w, floor_inputs
   _print_conclusions(summary, args)
 
 
@@ -265,6 +265,8 @@ def _print_conclusions(summary, args):
       ratio = seconds[rowfused_name] / seconds[chunked_name]
       wins.append(ratio < 1)
       verdicts.append(f"C={num_classes:,} {dtype_name}: {ratio:.2f}x chunked's time")
+  if not verdicts:
+    return
   verdict = "beats" if all(wins) else "does not beat" if not any(wins) else "only sometimes beats"
   print(f"\nConclusion: the rowfused prototype {verdict} the class-chunked engine on this CPU "
         f"({'; '.join(verdicts)}).")
@@ -288,33 +290,34 @@ def run_sharded(args):
   spec = jax.sharding.NamedSharding(mesh, jax.P("classes"))
   device0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   key = jax.random.key(0)
-  sharded_engine = margins.sharded(mesh, chunk_size=args.chunk_size)
   for num_classes in args.classes:
     rows_total = margins.padded_num_classes(num_classes, num_devices)
     for dtype_name in args.dtypes:
-      x, w, labels = _inputs(rows_total, args.batch, args.dim, jnp.dtype(dtype_name))
+      matmul_dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
+      sharded_engine = margins.sharded(mesh, chunk_size=args.chunk_size, matmul_dtype=matmul_dtype)
+      x, w, labels = _inputs(rows_total, args.batch, args.dim, jnp.float32)
       labels = labels % num_classes
       one = jax.device_put((x, w, labels), device0)
       split = jax.device_put((x, w, labels), spec)
+      floor_inputs = jax.device_put((x.astype(dtype_name), w.astype(dtype_name)), device0)
       with jax.set_mesh(mesh):
         sharded_compiled = _compile(
             functools.partial(engine_step, sharded_engine, num_classes=num_classes), *split, key)
       candidates = {
-          "floor (3 matmuls, 1 device)": (_compile(floor, *one[:2]), one[:2]),
+          "floor (3 matmuls, 1 device)": (_compile(floor, *floor_inputs), floor_inputs),
           f"chunked ({args.chunk_size}, 1 device)": (
-              _compile(functools.partial(engine_step, margins.chunked(args.chunk_size)),
-                       *one, key), (*one, key)),
+              _compile(functools.partial(engine_step, margins.chunked(
+                  args.chunk_size, matmul_dtype=matmul_dtype)), *one, key), (*one, key)),
           f"sharded ({num_devices} devices, chunk {args.chunk_size})": (
               sharded_compiled, (*split, key)),
       }
-      seconds = measure(candidates, args.repeats)
-      floor_seconds = seconds["floor (3 matmuls, 1 device)"]
-      rows = [(name, seconds[name], seconds[name] / floor_seconds, _temp_bytes(compiled))
+      measured = measure(candidates, args.repeats)
+      rows = [(name, *measured[name], _temp_bytes(compiled))
               for name, (compiled, _) in candidates.items()]
       _print_table(f"C={num_classes:,} ({rows_total:,} rows), B={args.batch}, D={args.dim}, "
-                   f"{dtype_name}, median of {args.repeats} interleaved runs "
+                   f"{dtype_name}, {args.repeats} interleaved rounds "
                    f"(XLA temp of the sharded program is per device)", rows)
-      w_bytes = rows_total // num_devices * args.dim * jnp.dtype(dtype_name).itemsize
+      w_bytes = rows_total // num_devices * args.dim * w.dtype.itemsize
       print(f"\nW per device: {rows_total // num_devices:,} rows, {w_bytes / 2**20:.0f} MB; "
             f"collectives in the compiled sharded program: {_collectives(sharded_compiled)}")
 

@@ -6,22 +6,24 @@ classification losses, its ratio to the floor: the three bare matmuls of a forwa
 pass (sub-centre ArcFace: with its ``K C`` rows). Beside it, the forward and backward time of the
 PyTorch implementation people use (pytorch-metric-learning, or ``F.cross_entropy`` for plain
 softmax) on the same inputs, its ratio to the same floor, and the relative difference of the two
-loss values, with the hyperparameters and reductions matched (see ``_torch_losses``). All
-timings are interleaved round by round in one run; ratios are of the medians.
+loss values, with the hyperparameters and reductions matched (see ``_torch_losses``). The JAX
+steps, then the torch steps, are timed interleaved with the floor round by round in one run;
+times are medians over the rounds, and each ratio to the floor is the median over the rounds of
+the ratio within a round, so that the drifting speed of a shared machine cancels out.
 
-  python benchmarks/losses.py --classes 10000 --repeats 5
+  python benchmarks/losses.py --classes 10000 100000
 """
 
 import argparse
 import math
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import margins
+import timing
 
 SUB_CENTERS = 3
 ARC_MARGIN = 0.5  # radians; pytorch-metric-learning takes degrees.
@@ -34,7 +36,7 @@ def _parse_args():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--identities", type=int, default=64,
                       help="distinct labels in the batch of the pairwise losses")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--losses", nargs="+", default=None,
@@ -148,12 +150,6 @@ class _TorchCase:
       return float(self.loss(self.x, self.labels))
 
 
-def _timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def run(args, num_classes, torch_losses):
   kx, kw, ky, kp = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(kx, (args.batch, args.dim))
@@ -180,44 +176,48 @@ def run(args, num_classes, torch_losses):
 
   jit_floor = jax.jit(floor)
   w_flat = w_sub.reshape(-1, args.dim)
-  timers = {"floor": lambda: jax.block_until_ready(jit_floor(x, w))}
+  floors = {"floor": lambda: jax.block_until_ready(jit_floor(x, w))}
   if any(case[3] == "floor sub" for case in cases.values()):
-    timers["floor sub"] = lambda: jax.block_until_ready(jit_floor(x, w_flat))
-  torch_cases = {}
+    floors["floor sub"] = lambda: jax.block_until_ready(jit_floor(x, w_flat))
+  jax_timers, torch_timers, torch_cases = dict(floors), {}, {}
   for name, (step, weights, case_labels, _) in cases.items():
-    timers[name] = lambda step=step: jax.block_until_ready(step())
+    jax_timers[name] = lambda step=step: jax.block_until_ready(step())
     if name in torch_losses:
       torch_cases[name] = _TorchCase(name, torch_losses[name][1], x, weights, case_labels)
-      timers["torch " + name] = torch_cases[name].step
+      torch_timers["torch " + name] = torch_cases[name].step
 
-  for timer in timers.values():  # Warm-up (and compilation).
-    timer()
-  times = {name: [] for name in timers}
-  for _ in range(args.repeats):
-    for name, timer in timers.items():
-      times[name].append(_timed(timer))
-  seconds = {name: statistics.median(t) for name, t in times.items()}
+  # Two phases, each interleaving its steps with the floors round by round: torch steps slow
+  # down the JAX steps that run after them in one process (by up to 10 % here).
+  times = timing.interleaved(jax_timers, args.repeats)
+  torch_times = timing.interleaved({**floors, **torch_timers}, args.repeats) if torch_timers else {}
+  seconds = {name: statistics.median(t) for name, t in {**torch_times, **times}.items()}
+
+  def ratio(name, floor_name):
+    """Median over the rounds of ``name``'s time over the floor's in the same round."""
+    phase = torch_times if name.startswith("torch ") else times
+    return timing.median_ratio(phase[name], phase[floor_name])
 
   sub_floor = (f" (sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)"
                if "floor sub" in seconds else "")
-  print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, median of {args.repeats} "
-        f"interleaved runs; floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms{sub_floor}\n")
+  print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, {args.repeats} interleaved "
+        f"rounds (medians); floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms{sub_floor}\n")
   print("| loss | margins (ms) | / floor | torch (ms) | torch / floor | torch / margins "
         "| rel. diff of values |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name, (step, _, _, floor_name) in cases.items():
-    floor_seconds = seconds[floor_name] if floor_name else None
-    ratio = f"{seconds[name] / floor_seconds:.2f}x" if floor_seconds else "-"
+    to_floor = f"{ratio(name, floor_name):.2f}x" if floor_name else "-"
     torch_cols = "- | - | - | -"
     if name in torch_cases:
       torch_seconds = seconds["torch " + name]
       value = float(step()[0])
       reference = torch_cases[name].value()
       diff = abs(value - reference) / abs(reference)
-      torch_ratio = f"{torch_seconds / floor_seconds:.2f}x" if floor_seconds else "-"
-      torch_cols = (f"{torch_seconds * 1e3:.0f} | {torch_ratio} | "
-                    f"{torch_seconds / seconds[name]:.2f}x | {diff:.1e}")
-    print(f"| {name} | {seconds[name] * 1e3:.1f} | {ratio} | {torch_cols} |")
+      torch_to_floor = f"{ratio('torch ' + name, floor_name):.2f}x" if floor_name else "-"
+      speedup = (ratio("torch " + name, floor_name) / ratio(name, floor_name) if floor_name
+                 else torch_seconds / seconds[name])
+      torch_cols = (f"{torch_seconds * 1e3:.0f} | {torch_to_floor} | {speedup:.2f}x | "
+                    f"{diff:.1e}")
+    print(f"| {name} | {seconds[name] * 1e3:.1f} | {to_floor} | {torch_cols} |")
 
 
 def main():
