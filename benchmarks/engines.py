@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margins
-import timing
+import common
 
 _GB = 1 << 30
 
@@ -61,16 +61,6 @@ def _parse_args():
 # The floor and the engines.
 # ---------------------------------------------------------------------------------------------
 
-
-def _dot(a, b, contract):
-  return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def floor(x, w):
-  """The three matmuls of a forward and backward pass, the logits standing in for ``g``."""
-  g = _dot(x, w, ((1,), (1,))).astype(x.dtype)
-  return _dot(g, w, ((1,), (0,))).astype(x.dtype), _dot(g, x, ((0,), (0,))).astype(w.dtype)
 
 
 def engine_step(engine, x, w, labels, key, num_classes=None):
@@ -115,12 +105,13 @@ def _rowfused_fwd(x_unit, w, labels, margin, row_chunk):
     total, dx, h = carry
     rows = jax.lax.dynamic_slice_in_dim(x_unit, i * row_chunk, row_chunk)
     row_labels = jax.lax.dynamic_slice_in_dim(labels, i * row_chunk, row_chunk)
-    cos = _dot(rows, w, ((1,), (1,))) * inverse[None, :]
+    cos = common.dot(rows, w, ((1,), (1,))) * inverse[None, :]
     losses, pullback = jax.vjp(lambda c: _row_losses(c, row_labels, margin), cos)
     (dcos,) = pullback(jnp.full_like(losses, scale))
     scaled = (dcos * inverse[None, :]).astype(x_unit.dtype)
-    dx = jax.lax.dynamic_update_slice_in_dim(dx, _dot(scaled, w, ((1,), (0,))), i * row_chunk, 0)
-    return total + jnp.sum(losses) * scale, dx, h + _dot(scaled, rows, ((0,), (0,)))
+    dx = jax.lax.dynamic_update_slice_in_dim(
+        dx, common.dot(scaled, w, ((1,), (0,))), i * row_chunk, 0)
+    return total + jnp.sum(losses) * scale, dx, h + common.dot(scaled, rows, ((0,), (0,)))
 
   init = (jnp.float32(0), jnp.zeros(x_unit.shape, jnp.float32),
           jnp.zeros(w.shape, jnp.float32))
@@ -180,11 +171,11 @@ def _temp_bytes(compiled):
 def measure(programs, repeats):
   """``(median seconds, median per-round ratio to the first program)`` of ``name: (compiled,
   args)``, timed interleaved round by round."""
-  times = timing.interleaved(
+  times = common.interleaved(
       {name: functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
        for name, (compiled, args) in programs.items()}, repeats)
   reference = times[next(iter(programs))]
-  return {name: (statistics.median(t), timing.median_ratio(t, reference))
+  return {name: (statistics.median(t), common.median_ratio(t, reference))
           for name, t in times.items()}
 
 
@@ -224,7 +215,7 @@ def run_single(args):
       }
       x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.float32)
       floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
-      candidates = {"floor (3 matmuls)": (floor, floor_inputs)}
+      candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
       if matmul_dtype is None:
@@ -304,7 +295,7 @@ def run_sharded(args):
         sharded_compiled = _compile(
             functools.partial(engine_step, sharded_engine, num_classes=num_classes), *split, key)
       candidates = {
-          "floor (3 matmuls, 1 device)": (_compile(floor, *floor_inputs), floor_inputs),
+          "floor (3 matmuls, 1 device)": (_compile(common.floor, *floor_inputs), floor_inputs),
           f"chunked ({args.chunk_size}, 1 device)": (
               _compile(functools.partial(engine_step, margins.chunked(
                   args.chunk_size, matmul_dtype=matmul_dtype)), *one, key), (*one, key)),

@@ -1,4 +1,4 @@
-"""Speed of the loss zoo against the matmul floor, beside pytorch-metric-learning.
+"""Speed of the loss zoo against the matmul common.floor, beside pytorch-metric-learning.
 
 For B=256, D=512 and each ``C``, float32, prints per loss the time of ``jit(value_and_grad)`` of
 the batch loss (w.r.t. the embeddings, and the centres for the classification losses) and, for the
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import margins
-import timing
+import common
 
 SUB_CENTERS = 3
 ARC_MARGIN = 0.5  # radians; pytorch-metric-learning takes degrees.
@@ -43,16 +43,6 @@ def _parse_args():
                       help="only these losses (default: all), e.g. arcface cosface")
   return parser.parse_args()
 
-
-def _dot(a, b, contract):
-  return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def floor(x, w):
-  """The three matmuls of a forward and backward pass, the logits standing in for ``g``."""
-  g = _dot(x, w, ((1,), (1,)))
-  return _dot(g, w, ((1,), (0,))), _dot(g, x, ((0,), (0,)))
 
 
 def _first(output):
@@ -174,7 +164,7 @@ def run(args, num_classes, torch_losses):
     step = jax.jit(jax.value_and_grad(loss))
     cases[name] = (lambda step=step: step(x, pair_labels), None, pair_labels, None)
 
-  jit_floor = jax.jit(floor)
+  jit_floor = jax.jit(common.floor)
   w_flat = w_sub.reshape(-1, args.dim)
   floors = {"floor": lambda: jax.block_until_ready(jit_floor(x, w))}
   if any(case[3] == "floor sub" for case in cases.values()):
@@ -188,14 +178,14 @@ def run(args, num_classes, torch_losses):
 
   # Two phases, each interleaving its steps with the floors round by round: torch steps slow
   # down the JAX steps that run after them in one process (by up to 10 % here).
-  times = timing.interleaved(jax_timers, args.repeats)
-  torch_times = timing.interleaved({**floors, **torch_timers}, args.repeats) if torch_timers else {}
+  times = common.interleaved(jax_timers, args.repeats)
+  torch_times = common.interleaved({**floors, **torch_timers}, args.repeats) if torch_timers else {}
   seconds = {name: statistics.median(t) for name, t in {**torch_times, **times}.items()}
 
   def ratio(name, floor_name):
     """Median over the rounds of ``name``'s time over the floor's in the same round."""
     phase = torch_times if name.startswith("torch ") else times
-    return timing.median_ratio(phase[name], phase[floor_name])
+    return common.median_ratio(phase[name], phase[floor_name])
 
   sub_floor = (f" (sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)"
                if "floor sub" in seconds else "")

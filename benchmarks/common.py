@@ -1,8 +1,27 @@
-"""Interleaved timing shared by the benchmarks: robust to a shared machine's drifting speed."""
+"""Shared by the benchmarks: the matmul floor, and interleaved timing robust to a shared
+machine's drifting speed."""
 
 import statistics
 import time
 from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def dot(a, b, contract):
+  """``a . b`` over dimensions ``contract`` (two tuples), accumulated in float32."""
+  return jax.lax.dot_general(a, b, ((contract[0], contract[1]), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def floor(x, w):
+  """The three matmuls of a forward and backward pass, the logits standing in for ``g``.
+
+  Inputs in their dtype, float32 accumulation, outputs in the inputs' dtypes.
+  """
+  g = dot(x, w, ((1,), (1,))).astype(x.dtype)
+  return dot(g, w, ((1,), (0,))).astype(x.dtype), dot(g, x, ((0,), (0,))).astype(w.dtype)
 
 
 def interleaved(timers: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
