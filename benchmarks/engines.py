@@ -10,11 +10,9 @@ timed in the same run, interleaved round by round; times are medians, ratios the
 rounds of the ratio within a round. The XLA temporary memory of each compiled program is printed
 beside it.
 
-Also timed: ``rowfused``, a PROTOTYPE OF AN ALTERNATIVE DESIGN that lives only in this script (not
-in the library): for a scalar mean loss, batch rows are processed in chunks whose log-sum-exp
-over all ``C`` classes is complete, so the gradient is formed in the forward pass (``dx`` per row
-chunk, ``dW`` accumulated over row chunks) and the backward pass only scales it by the cotangent:
-three matmuls, ``rows x C`` logits memory.
+The chunked engine is timed both ways it can run its backward pass: keeping each chunk's scores
+in ``W``'s gradient buffer (the default when ``B <= D``: three matmuls) and recomputing them
+(``keep_scores=False``: four matmuls).
 
 With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
 class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
@@ -30,7 +28,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import margins
 import common
@@ -46,8 +43,6 @@ def _parse_args():
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                       choices=["float32", "bfloat16"])
   parser.add_argument("--chunk-size", type=int, default=8192)
-  parser.add_argument("--row-chunk", type=int, default=128,
-                      help="batch rows per chunk of the rowfused prototype")
   parser.add_argument("--sample-rate", type=float, default=0.1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-temp-gb", type=float, default=6.0,
@@ -62,97 +57,12 @@ def _parse_args():
 # ---------------------------------------------------------------------------------------------
 
 
-
 def engine_step(engine, x, w, labels, key, num_classes=None):
   """``(mean ArcFace loss, (dx, dW))`` computed by ``engine``."""
   def mean_loss(x, w):
     return jnp.mean(engine(x, w, labels, margins.ArcFace(), num_classes=num_classes,
                            key=key)[0])
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
-
-
-# ---------------------------------------------------------------------------------------------
-# PROTOTYPE (benchmark only): the gradient of a scalar mean loss formed in the forward pass.
-# ---------------------------------------------------------------------------------------------
-
-
-def _row_losses(cos, labels, margin):
-  """``[r]`` margin softmax losses from the full ``[r, C]`` cosines of ``r`` rows."""
-  target_cos = jnp.take_along_axis(cos, labels[:, None], axis=1)[:, 0]
-  ones = jnp.ones_like(target_cos)
-  rows = margins.Rows(cos=target_cos, embedding_norm=ones, weight_norm=ones)
-  target = margin.target_logit(rows)
-  is_target = labels[:, None] == jnp.arange(cos.shape[1], dtype=labels.dtype)[None, :]
-  logits = jnp.where(is_target, target[:, None], margin.nontarget_logits(cos, rows))
-  return jax.nn.logsumexp(logits, axis=1) - target
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def rowfused_mean_loss(x_unit, w, labels, margin, row_chunk):
-  """Mean loss of unit embeddings ``x_unit [B, D]`` against the normalised rows of ``w [C, D]``."""
-  return _rowfused_fwd(x_unit, w, labels, margin, row_chunk)[0]
-
-
-def _rowfused_fwd(x_unit, w, labels, margin, row_chunk):
-  batch = x_unit.shape[0]
-  if batch % row_chunk:
-    raise ValueError(f"The batch ({batch}) must be divisible by the row chunk ({row_chunk}).")
-  norms = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=1))
-  inverse = 1 / norms
-  scale = 1 / batch  # d(mean)/d(loss_b)
-
-  def body(i, carry):
-    total, dx, h = carry
-    rows = jax.lax.dynamic_slice_in_dim(x_unit, i * row_chunk, row_chunk)
-    row_labels = jax.lax.dynamic_slice_in_dim(labels, i * row_chunk, row_chunk)
-    cos = common.dot(rows, w, ((1,), (1,))) * inverse[None, :]
-    losses, pullback = jax.vjp(lambda c: _row_losses(c, row_labels, margin), cos)
-    (dcos,) = pullback(jnp.full_like(losses, scale))
-    scaled = (dcos * inverse[None, :]).astype(x_unit.dtype)
-    dx = jax.lax.dynamic_update_slice_in_dim(
-        dx, common.dot(scaled, w, ((1,), (0,))), i * row_chunk, 0)
-    return total + jnp.sum(losses) * scale, dx, h + common.dot(scaled, rows, ((0,), (0,)))
-
-  init = (jnp.float32(0), jnp.zeros(x_unit.shape, jnp.float32),
-          jnp.zeros(w.shape, jnp.float32))
-  total, dx, h = jax.lax.fori_loop(0, batch // row_chunk, body, init)
-  return total, (dx.astype(x_unit.dtype), h, w, inverse, labels)
-
-
-def _rowfused_bwd(margin, row_chunk, residuals, g):
-  del margin, row_chunk
-  dx, h, w, inverse, labels = residuals
-  w_wide = w.astype(jnp.float32)
-  # Through W_j / |W_j|: remove the radial part of H_j.
-  dw = g * (h - (jnp.sum(w_wide * h, axis=1) * inverse * inverse)[:, None] * w_wide)
-  return ((g * dx).astype(dx.dtype), dw.astype(w.dtype),
-          np.zeros(labels.shape, jax.dtypes.float0))
-
-
-rowfused_mean_loss.defvjp(_rowfused_fwd, _rowfused_bwd)
-
-
-def rowfused_step(row_chunk, x, w, labels):
-  """``(mean ArcFace loss, (dx, dW))`` of the prototype; ``x`` is normalised outside it."""
-  def mean_loss(x, w):
-    x_wide = x.astype(jnp.float32)
-    x_unit = x_wide / jnp.sqrt(jnp.sum(jnp.square(x_wide), axis=1, keepdims=True))
-    return rowfused_mean_loss(x_unit.astype(x.dtype), w, labels, margins.ArcFace(), row_chunk)
-  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
-
-
-def check_rowfused(row_chunk, batch, dim):
-  """Max relative error of the prototype's loss and gradients against the dense engine."""
-  num_classes = 3000
-  kx, kw, ky = jax.random.split(jax.random.key(1), 3)
-  x = jax.random.normal(kx, (batch, dim))
-  w = jax.random.normal(kw, (num_classes, dim))
-  labels = jax.random.randint(ky, (batch,), 0, num_classes)
-  expected = jax.jit(functools.partial(engine_step, margins.dense()))(x, w, labels, None)
-  actual = jax.jit(functools.partial(rowfused_step, row_chunk))(x, w, labels)
-  errors = jax.tree.map(lambda a, e: float(jnp.max(jnp.abs(a - e)) / jnp.max(jnp.abs(e))),
-                        actual, expected)
-  return max(jax.tree.leaves(errors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +108,8 @@ def _print_table(title, rows):
 
 
 def run_single(args):
-  error = check_rowfused(args.row_chunk, args.batch, args.dim)
-  print(f"rowfused prototype vs dense engine (C=3000, float32): max relative error {error:.1e}")
   key = jax.random.key(0)
-  summary = {}
+  temps_by_case = {}
   for num_classes in args.classes:
     for dtype_name in args.dtypes:
       # bfloat16 as the training loop runs it: float32 x and W, bfloat16 matmul inputs.
@@ -210,6 +118,8 @@ def run_single(args):
           "dense": margins.dense(matmul_dtype=matmul_dtype),
           f"chunked ({args.chunk_size})": margins.chunked(args.chunk_size,
                                                           matmul_dtype=matmul_dtype),
+          f"chunked ({args.chunk_size}), recompute": margins.chunked(
+              args.chunk_size, matmul_dtype=matmul_dtype, keep_scores=False),
           f"sampled (r={args.sample_rate}, chunked)": margins.chunked(
               args.chunk_size, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype),
       }
@@ -218,9 +128,6 @@ def run_single(args):
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
-      if matmul_dtype is None:
-        candidates[f"rowfused PROTOTYPE ({args.row_chunk} rows)"] = (
-            functools.partial(rowfused_step, args.row_chunk), (x, w, labels))
       programs, temps, skipped = {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
@@ -230,37 +137,23 @@ def run_single(args):
         else:
           programs[name] = (compiled, fn_args)
       measured = measure(programs, args.repeats)
-      seconds = {name: time_ for name, (time_, _) in measured.items()}
       rows = [(name, *measured.get(name, (None, None)), temps[name]) for name in candidates]
       _print_table(f"C={num_classes:,}, B={args.batch}, D={args.dim}, {dtype_name}, "
                    f"{args.repeats} interleaved rounds", rows)
       if skipped:
         print(f"\nskipped (XLA temporaries > {args.max_temp_gb} GB): {', '.join(skipped)}")
-      summary[(num_classes, dtype_name)] = (seconds, temps)
+      temps_by_case[(num_classes, dtype_name)] = temps
       del x, w, floor_inputs
-  _print_conclusions(summary, args)
+  _print_temporaries(temps_by_case, args)
 
 
-def _print_conclusions(summary, args):
+def _print_temporaries(temps_by_case, args):
   print("\nXLA temporaries by C (MB):")
   for dtype_name in args.dtypes:
-    keys = [(c, dtype_name) for c in args.classes if (c, dtype_name) in summary]
-    for name in summary[keys[0]][1]:
-      values = ", ".join(f"C={c:,}: {summary[(c, d)][1][name] / 2**20:.0f}" for c, d in keys)
+    keys = [(c, dtype_name) for c in args.classes if (c, dtype_name) in temps_by_case]
+    for name in temps_by_case[keys[0]]:
+      values = ", ".join(f"C={c:,}: {temps_by_case[(c, d)][name] / 2**20:.0f}" for c, d in keys)
       print(f"  {dtype_name} {name}: {values}")
-  chunked_name = f"chunked ({args.chunk_size})"
-  rowfused_name = f"rowfused PROTOTYPE ({args.row_chunk} rows)"
-  verdicts, wins = [], []
-  for (num_classes, dtype_name), (seconds, _) in summary.items():
-    if chunked_name in seconds and rowfused_name in seconds:
-      ratio = seconds[rowfused_name] / seconds[chunked_name]
-      wins.append(ratio < 1)
-      verdicts.append(f"C={num_classes:,} {dtype_name}: {ratio:.2f}x chunked's time")
-  if not verdicts:
-    return
-  verdict = "beats" if all(wins) else "does not beat" if not any(wins) else "only sometimes beats"
-  print(f"\nConclusion: the rowfused prototype {verdict} the class-chunked engine on this CPU "
-        f"({'; '.join(verdicts)}).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ with the target logit :math:`t_b` and the non-target logits :math:`f(s_{bj})` of
 differ in how the sum over classes is formed:
 
 - ``dense``: one ``[B, C]`` matrix of logits (plain autodiff: three matmuls, ``B x C`` memory);
-- ``chunked``: classes in chunks with an online log-sum-exp and a ``custom_vjp`` that recomputes
-  each chunk in the backward pass (``B x chunk`` memory, four matmuls);
+- ``chunked``: classes in chunks with an online log-sum-exp and a ``custom_vjp``; each chunk's
+  ``[B, c]`` scores wait for the backward pass in the chunk's rows of ``W``'s gradient buffer,
+  which they fit when ``B <= D`` (three matmuls, ``B x chunk`` temporaries), or are recomputed
+  there (four matmuls);
 - ``sharded``: ``W`` split over the devices of a mesh on the class axis (model-parallel FC, as
   Partial FC): inside ``jax.shard_map`` the embeddings and labels are all-gathered, each device
   scores the global batch against its slice (dense or chunked), the row statistics are combined
@@ -51,12 +53,19 @@ class SoftmaxEngine:
     sample_rate: Partial FC's fraction of (local) classes kept per step; 1.0 keeps all.
     matmul_dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); accumulation and softmax
       statistics stay in float32. ``None`` uses the inputs' dtype.
+    keep_scores: chunks only: keep each chunk's ``[B, c]`` scores from the forward pass for the
+      backward pass in the chunk's rows of ``W``'s gradient buffer (three matmuls), when they fit
+      (``B K <= K D`` words: ``B <= D`` for float32 ``W``, ``B <= D / 2`` for 16-bit ``W``);
+      otherwise, or if ``False``, recompute them (four matmuls). Either way the temporaries are
+      bounded by the chunk; keeping holds a ``W``-sized residual between the forward and the
+      backward pass.
   """
   chunk_size: int | None = None
   mesh: jax.sharding.Mesh | None = None
   axis_name: AxisName | None = None
   sample_rate: float = 1.0
   matmul_dtype: Any = None
+  keep_scores: bool = True
 
   def __post_init__(self):
     if self.chunk_size is not None and self.chunk_size < 1:
@@ -122,19 +131,21 @@ def dense(*, matmul_dtype: Any = None, sample_rate: float = 1.0) -> SoftmaxEngin
   return SoftmaxEngine(matmul_dtype=matmul_dtype, sample_rate=sample_rate)
 
 
-def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None,
-            sample_rate: float = 1.0) -> SoftmaxEngine:
+def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None, sample_rate: float = 1.0,
+            keep_scores: bool = True) -> SoftmaxEngine:
   """``chunk_size`` classes at a time on one device: memory ``B x chunk_size`` whatever ``C``."""
-  return SoftmaxEngine(chunk_size=chunk_size, matmul_dtype=matmul_dtype, sample_rate=sample_rate)
+  return SoftmaxEngine(chunk_size=chunk_size, matmul_dtype=matmul_dtype, sample_rate=sample_rate,
+                       keep_scores=keep_scores)
 
 
 def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
             chunk_size: int | None = None, sample_rate: float = 1.0,
-            matmul_dtype: Any = None) -> SoftmaxEngine:
+            matmul_dtype: Any = None, keep_scores: bool = True) -> SoftmaxEngine:
   """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel."""
   axis_name = tuple(mesh.axis_names) if axis_name is None else axis_name
   return SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
-                       sample_rate=sample_rate, matmul_dtype=matmul_dtype)
+                       sample_rate=sample_rate, matmul_dtype=matmul_dtype,
+                       keep_scores=keep_scores)
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
@@ -176,52 +187,80 @@ def _dot(a: Array, b: Array, contract: tuple[int, int], out_dtype: Any) -> Array
                              preferred_element_type=out_dtype)
 
 
+def _inverse_norms(w: Array, floor_dtype: Any, out_dtype: Any) -> tuple[Array, Array]:
+  """``(1 / |W_j|, 1 / |W_j|^2)`` of the rows of ``w [c, D]``; the second is 0 below the norm
+  floor, where the norm is a constant (no radial gradient)."""
+  norms = _common.safe_norm(w.astype(out_dtype), floor_dtype=floor_dtype)[:, 0]
+  inverse = 1 / norms
+  return inverse, jnp.where(norms > _common.safe_norm_floor(floor_dtype), inverse * inverse, 0)
+
+
+def _scores(x_in: Array, w: Array, norms: tuple[Array, Array] | None) -> Array:
+  """``[B, c]`` float32 ``<x_in, W_j>`` of the rows of ``w [c, D]``, divided by their norms when
+  ``norms`` (their :func:`_inverse_norms`) are given."""
+  scores = _dot(x_in, w, (1, 1), _common.compute_dtype(x_in, w))
+  return scores if norms is None else scores * norms[0][None, :]
+
+
+def _scores_pullback(x_in: Array, w: Array, g: Array,
+                     norms: tuple[Array, Array] | None) -> tuple[Array, Array]:
+  """``(dx_in, dW)`` from the cotangent ``g [B, c]`` of :func:`_scores` (``norms``: the
+  :func:`_inverse_norms` of ``w [c, D]`` when they normalise it): two matmuls, no scores needed.
+
+  Through ``W_j / |W_j|``, ``dW_j = H_j - (W_j . H_j) W_j / |W_j|^2`` with the matmul
+  ``H = (g / |W|)^T x``: one pass over ``[c, D]`` instead of reducing ``g`` over the batch (a slow
+  column reduction).
+  """
+  if norms is not None:
+    g = g * norms[0][None, :]
+  scaled = g.astype(x_in.dtype)
+  dx = _dot(scaled, w, (1, 0), g.dtype)
+  dw = _dot(scaled, x_in, (0, 0), g.dtype)
+  if norms is not None:
+    w_wide = w.astype(g.dtype)
+    dw = dw - (jnp.sum(w_wide * dw, axis=1) * norms[1])[:, None] * w_wide
+  return dx.astype(x_in.dtype), dw.astype(w.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _normalized_dot(x_in: Array, w: Array, floor_dtype: Any) -> Array:
-  """``[B, c]`` ``<x_in, W_j / |W_j|>`` without materialising the normalised ``W``.
-
-  The backward pass forms ``dW`` from the matmul ``H = (g / |W|)^T x`` and a row-wise dot,
-  ``dW_j = H_j - (W_j . H_j) W_j / |W_j|^2``, instead of reducing the ``[B, c]`` cotangent over
-  the batch (a slow column reduction): one pass over ``[c, D]`` after the matmul.
-  """
+  """``[B, c]`` ``<x_in, W_j / |W_j|>`` without materialising the normalised ``W``."""
   return _normalized_dot_fwd(x_in, w, floor_dtype)[0]
 
 
 def _normalized_dot_fwd(x_in, w, floor_dtype):
-  out_dtype = _common.compute_dtype(x_in, w)
-  norms = _common.safe_norm(w.astype(out_dtype), floor_dtype=floor_dtype)[:, 0]
-  inverse = 1 / norms
-  # Below the norm floor the norm is a constant: no radial gradient there.
-  radial = jnp.where(norms > _common.safe_norm_floor(floor_dtype), inverse * inverse, 0)
-  sim = _dot(x_in, w, (1, 1), out_dtype) * inverse[None, :]
-  return sim, (x_in, w, inverse, radial)
+  norms = _inverse_norms(w, floor_dtype, _common.compute_dtype(x_in, w))
+  return _scores(x_in, w, norms), (x_in, w, norms)
 
 
 def _normalized_dot_bwd(floor_dtype, residuals, g):
   del floor_dtype
-  x_in, w, inverse, radial = residuals
-  scaled = (g * inverse[None, :]).astype(x_in.dtype)
-  dx = _dot(scaled, w, (1, 0), g.dtype)
-  h = _dot(scaled, x_in, (0, 0), g.dtype)
-  w_wide = w.astype(g.dtype)
-  dw = h - (jnp.sum(w_wide * h, axis=1) * radial)[:, None] * w_wide
-  return dx.astype(x_in.dtype), dw.astype(w.dtype)
+  return _scores_pullback(*residuals[:2], g, residuals[2])
 
 
 _normalized_dot.defvjp(_normalized_dot_fwd, _normalized_dot_bwd)
 
 
+def _best_subcentre(scores: Array, w_shape: tuple[int, ...]) -> Array:
+  """``[B, c]`` best of the sub-centres' ``scores [B, c K]`` for ``w [c, K, D]`` (else as is)."""
+  if len(w_shape) == 2:
+    return scores
+  return jnp.max(scores.reshape(scores.shape[0], *w_shape[:2]), axis=-1)
+
+
+def _all_scores(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
+  """``[B, c K]`` float32 ``<x_in, W_j>`` of every centre of ``w [c, (K,) D]`` (``W_j``
+  normalised if asked)."""
+  flat = w.reshape(-1, x_in.shape[1])
+  if normalize_weights:
+    return _normalized_dot(x_in, flat, floor_dtype)
+  return _scores(x_in, flat, None)
+
+
 def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
   """``[B, c]`` float32 ``<x_in, W_j>`` (``W_j`` normalised if asked; max over sub-centres)."""
-  batch, dim = x_in.shape
-  flat = w.reshape(-1, dim)
-  if normalize_weights:
-    sim = _normalized_dot(x_in, flat, floor_dtype)
-  else:
-    sim = _dot(x_in, flat, (1, 1), _common.compute_dtype(x_in, w))
-  if w.ndim == 3:
-    sim = jnp.max(sim.reshape(batch, w.shape[0], w.shape[1]), axis=-1)
-  return sim
+  scores = _all_scores(x_in, w, normalize_weights=normalize_weights, floor_dtype=floor_dtype)
+  return _best_subcentre(scores, w.shape)
 
 
 def similarity(x: Array, w: Array, margin: Margin) -> Array:
@@ -241,11 +280,11 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
                      floor_dtype=floor_dtype)
 
 
-def _chunk_logits(x_in, w, start, rows, margin, local_labels, num_valid, floor_dtype):
-  """``[B, c]`` non-target logits of classes ``start .. start + c``; target and padding ``-inf``."""
-  sim = _similarity(x_in, w, normalize_weights=margin.normalize_weights, floor_dtype=floor_dtype)
-  logits = margin.nontarget_logits(sim, rows)
-  ids = start + jnp.arange(w.shape[0], dtype=local_labels.dtype)
+def _chunk_logits(scores, w_shape, start, rows, margin, local_labels, num_valid):
+  """``[B, c]`` non-target logits of classes ``start .. start + c`` from their :func:`_scores`
+  (``w_shape``: the chunk's ``[c, D]`` or ``[c, K, D]``); target and padding ``-inf``."""
+  logits = margin.nontarget_logits(_best_subcentre(scores, w_shape), rows)
+  ids = start + jnp.arange(w_shape[0], dtype=local_labels.dtype)
   excluded = (local_labels[:, None] == ids[None, :]) | (ids >= num_valid)[None, :]
   return jnp.where(excluded, -jnp.inf, logits)
 
@@ -305,53 +344,122 @@ def _dense_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, flo
   The max starts from ``stabilizer`` (the target logit) so that it is finite; it carries no
   gradient (the loss does not depend on it).
   """
-  logits = _chunk_logits(x_in, w, 0, rows, margin, local_labels, num_valid, floor_dtype)
+  scores = _all_scores(x_in, w, normalize_weights=margin.normalize_weights,
+                       floor_dtype=floor_dtype)
+  logits = _chunk_logits(scores, w.shape, 0, rows, margin, local_labels, num_valid)
   max_ = jax.lax.stop_gradient(jnp.maximum(stabilizer, jnp.max(logits, axis=1)))
   sum_ = jnp.sum(jnp.exp(logits - max_[:, None]), axis=1)
   return _combine(max_, sum_, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _keeps_scores(batch: int, w: Array, score_dtype: Any) -> bool:
+  """Whether the ``B K`` scores of a class fit in its row of a buffer like ``w [C, (K,) D]``."""
+  row, word = math.prod(w.shape[1:]), jnp.dtype(w.dtype).itemsize
+  needed, score_size = batch * math.prod(w.shape[1:-1]), jnp.dtype(score_dtype).itemsize
+  return needed * score_size <= row * word and score_size % word == 0
+
+
+def _store_scores(buffer: Array, scores: Array, start: Array | int, size: int) -> Array:
+  """``buffer [C, ...]`` with ``scores [B, size K]`` written over its rows ``start ..
+  start + size``, in an order only :func:`_load_scores` reads back (no transpose)."""
+  words = jax.lax.bitcast_convert_type(scores, buffer.dtype).reshape(size, -1)
+  flat = buffer.reshape(buffer.shape[0], -1)
+  return jax.lax.dynamic_update_slice(flat, words, (start, 0)).reshape(buffer.shape)
+
+
+def _load_scores(buffer: Array, start: Array | int, size: int, shape: tuple[int, int],
+                 dtype: Any) -> Array:
+  """The ``scores`` of shape ``shape`` and ``dtype`` that :func:`_store_scores` wrote."""
+  ratio = jnp.dtype(dtype).itemsize // jnp.dtype(buffer.dtype).itemsize
+  flat = buffer.reshape(buffer.shape[0], -1)
+  words = jax.lax.dynamic_slice(flat, (start, 0), (size, math.prod(shape) * ratio // size))
+  return jax.lax.bitcast_convert_type(
+      words.reshape(*shape, ratio) if ratio > 1 else words.reshape(shape), dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                   chunk_size, floor_dtype, axis_name):
-  """:func:`_dense_stats` chunk by chunk (online); the backward pass recomputes each chunk."""
-  return _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                            chunk_size, floor_dtype, axis_name)[0]
+                   chunk_size, floor_dtype, axis_name, keep_scores):
+  """:func:`_dense_stats` chunk by chunk (online).
+
+  The backward pass needs each chunk's ``[B, c]`` scores again. With ``keep_scores`` (and when
+  they fit, :func:`_keeps_scores`: ``B <= D`` for float32 ``W``) the forward pass writes them into
+  the chunk's rows of the buffer that becomes ``W``'s gradient, and the backward pass reads them
+  back, chunk by chunk, before overwriting those rows with the chunk's gradient: three matmuls,
+  and the ``[B, C]`` scores live where the ``[C, D]`` gradient will. Otherwise the backward pass
+  recomputes them: four matmuls.
+  """
+  max_, sum_, _ = _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                                chunk_size, floor_dtype, keep_scores=False)
+  return _combine(max_, sum_, axis_name)
+
+
+def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
+                  floor_dtype, keep_scores):
+  """``(max, sum, buffer)``: the local row statistics and, if ``keep_scores``, a buffer shaped
+  like ``w`` holding every chunk's scores (else ``None``)."""
+  def body(carry, start, size):
+    max_, sum_, buffer = carry
+    w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
+    scores = _scores(x_in, centres, chunk_norms)
+    logits = _chunk_logits(scores, w_chunk.shape, start, rows, margin, local_labels, num_valid)
+    new_max = jnp.maximum(max_, jnp.max(logits, axis=1))
+    sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
+    if buffer is not None:
+      buffer = _store_scores(buffer, scores, start, size)
+    return new_max, sum_, buffer
+
+  stabilizer = jax.lax.stop_gradient(stabilizer)
+  buffer = jnp.zeros_like(w) if keep_scores else None
+  return _for_each_chunk(w.shape[0], chunk_size, body,
+                         (stabilizer, jnp.zeros_like(stabilizer), buffer))
+
+
+def _chunk(x_in, w, start, size, margin, floor_dtype):
+  """Classes ``start .. start + size``: their rows of ``w``, their ``[size K, D]`` centres and,
+  if the margin normalises them, the centres' :func:`_inverse_norms` (else ``None``)."""
+  w_chunk = _rows_slice(w, start, size)
+  centres = w_chunk.reshape(-1, w.shape[-1])
+  norms = None
+  if margin.normalize_weights:
+    norms = _inverse_norms(centres, floor_dtype, _common.compute_dtype(x_in, w))
+  return w_chunk, centres, norms
 
 
 def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                     chunk_size, floor_dtype, axis_name):
-  def body(carry, start, size):
-    max_, sum_ = carry
-    logits = _chunk_logits(x_in, _rows_slice(w, start, size), start, rows, margin, local_labels,
-                           num_valid, floor_dtype)
-    new_max = jnp.maximum(max_, jnp.max(logits, axis=1))
-    sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
-    return new_max, sum_
-
-  stabilizer = jax.lax.stop_gradient(stabilizer)
-  init = (stabilizer, jnp.zeros_like(stabilizer))
-  max_, sum_ = _combine(*_for_each_chunk(w.shape[0], chunk_size, body, init), axis_name)
-  return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_)
+                       chunk_size, floor_dtype, axis_name, keep_scores):
+  keep_scores = keep_scores and _keeps_scores(
+      x_in.shape[0], w, _common.compute_dtype(x_in, w))
+  max_, sum_, buffer = _online_stats(x_in, w, rows, margin, local_labels, num_valid,
+                                     stabilizer, chunk_size, floor_dtype, keep_scores)
+  max_, sum_ = _combine(max_, sum_, axis_name)
+  return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_, buffer)
 
 
-def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, residuals, cotangents):
-  del axis_name  # Each shard's gradient is local: the combined max is a residual.
-  x_in, w, rows, margin, local_labels, num_valid, max_ = residuals
+def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residuals, cotangents):
+  del axis_name, keep_scores  # Each shard's gradient is local; ``buffer`` says what was kept.
+  x_in, w, rows, margin, local_labels, num_valid, max_, buffer = residuals
   _, g = cotangents  # The max carries no gradient.
 
   def body(carry, start, size):
     dx, dw, drows = carry
+    w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
+    if buffer is None:
+      scores = _scores(x_in, centres, chunk_norms)
+    else:
+      scores = _load_scores(dw, start, size, (x_in.shape[0], centres.shape[0]),
+                            _common.compute_dtype(x_in, w))
     logits, pullback = jax.vjp(
-        lambda x_, w_, r_: _chunk_logits(x_, w_, start, r_, margin, local_labels, num_valid,
-                                         floor_dtype),
-        x_in, _rows_slice(w, start, size), rows)
-    probs = jnp.exp(logits - max_[:, None]) * g[:, None]
-    ddx, ddw, ddrows = pullback(probs)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.astype(dw.dtype), start, axis=0)
+        lambda s_, r_: _chunk_logits(s_, w_chunk.shape, start, r_, margin, local_labels,
+                                     num_valid),
+        scores, rows)
+    dscores, ddrows = pullback(jnp.exp(logits - max_[:, None]) * g[:, None])
+    ddx, ddw = _scores_pullback(x_in, centres, dscores, chunk_norms)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
     return dx + ddx, dw, jax.tree.map(jnp.add, drows, ddrows)
 
-  init = (jnp.zeros_like(x_in), jnp.zeros_like(w), jax.tree.map(jnp.zeros_like, rows))
+  init = (jnp.zeros_like(x_in), jnp.zeros_like(w) if buffer is None else buffer,
+          jax.tree.map(jnp.zeros_like, rows))
   dx, dw, drows = _for_each_chunk(w.shape[0], chunk_size, body, init)
   return dx, dw, drows, None, None, None, None
 
@@ -435,7 +543,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:
     max_, sum_ = _dense_stats(*args, floor_dtype, axis_name)
   else:
-    max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name)
+    max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name,
+                                engine.keep_scores)
   # max_ >= target and max_ is one of the logits, so the sum below is >= 1.
   max_ = jax.lax.stop_gradient(max_)
   losses = max_ + jnp.log(sum_ + jnp.exp(target - max_)) - target

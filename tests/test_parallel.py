@@ -15,7 +15,7 @@ from jax.sharding import AxisType, NamedSharding
 import margins
 from margins import parallel
 
-B, D = 16, 6
+B, D = 16, 16  # B <= D: the chunked engines keep their scores (keep_scores=False recomputes)
 KEY = jax.random.key(7)
 
 MARGINS = {
@@ -100,11 +100,42 @@ def make_mesh(num_devices, axis_type=AxisType.Auto):
                        devices=jax.devices()[:num_devices])
 
 
-def test_every_margin_chunked_equals_dense(dense_results):
+@pytest.mark.parametrize("keep_scores", [True, False])
+def test_every_margin_chunked_equals_dense(dense_results, keep_scores):
   x, w2, w3, labels = make_inputs(13, 13)
-  got = all_losses_and_grads(margins.chunked(5), 13)(x, w2, w3, labels)  # 2 chunks + 3 left
+  engine = margins.chunked(5, keep_scores=keep_scores)  # 2 chunks + 3 left
+  got = all_losses_and_grads(engine, 13)(x, w2, w3, labels)
   assert_matches_dense(got, dense_results[13], 13)
   assert set(got) == set(MARGINS)
+
+
+def test_chunked_keeps_scores_in_the_gradient_buffer_only_when_they_fit():
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  w = lambda *shape, dtype=f32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  assert parallel._keeps_scores(16, w(10, 16), f32)  # B <= D
+  assert not parallel._keeps_scores(17, w(10, 16), f32)
+  assert parallel._keeps_scores(16, w(10, 3, 16), f32)  # K scores in K rows of D
+  assert parallel._keeps_scores(8, w(10, 16, dtype=bf16), f32)  # a float32 score is two words
+  assert not parallel._keeps_scores(9, w(10, 16, dtype=bf16), f32)
+  assert not parallel._keeps_scores(4, w(10, 16, dtype=jnp.float64), f32)  # half a word
+
+  rng = np.random.default_rng(1)
+  for batch, w_dtype in [(24, f32), (8, bf16), (12, bf16)]:  # too many rows; 16-bit words
+    x = jnp.asarray(rng.normal(size=(batch, 16)), f32)
+    w = jnp.asarray(rng.normal(size=(11, 16)), w_dtype)
+    labels = jnp.asarray(rng.integers(0, 11, batch), jnp.int32)
+
+    def loss_and_grads(engine, x=x, w=w, labels=labels):
+      loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace(scale=8.0))[0])  # noqa: E731
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+    kept, recomputed = (loss_and_grads(margins.chunked(4, keep_scores=k)) for k in (True, False))
+    dense = loss_and_grads(margins.dense())
+    for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed)):
+      np.testing.assert_array_equal(got, want)  # the kept scores are the recomputed ones, bits
+    for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(dense)):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_devices,num_classes,chunk_size", [(8, 13, 1), (4, 16, None)])
@@ -118,16 +149,18 @@ def test_every_margin_sharded_equals_dense(dense_results, num_devices, num_class
 
 # (devices, real classes, local chunk): every device count with C divisible and not, and with
 # the local scoring both in one block and in chunks.
-SHARDED_CASES = [(1, 13, 5), (2, 13, None), (2, 16, 3), (4, 13, 3), (4, 16, None),
-                 (8, 13, None), (8, 16, 1)]
+# The local chunks keep their scores in the gradient buffer, or recompute them (keep=False).
+SHARDED_CASES = [(1, 13, 5, True), (2, 13, None, True), (2, 16, 3, False), (4, 13, 3, True),
+                 (4, 16, None, True), (8, 13, None, True), (8, 16, 1, True), (8, 13, 1, False)]
 
 
-@pytest.mark.parametrize("num_devices,num_classes,chunk_size", SHARDED_CASES)
-def test_sharded_on_1_2_4_8_devices(dense_results, num_devices, num_classes, chunk_size):
+@pytest.mark.parametrize("num_devices,num_classes,chunk_size,keep", SHARDED_CASES)
+def test_sharded_on_1_2_4_8_devices(dense_results, num_devices, num_classes, chunk_size, keep):
   padded = margins.padded_num_classes(num_classes, num_devices)
   assert (padded != num_classes) == (num_classes % num_devices != 0)
   x, w2, w3, labels = make_inputs(num_classes, padded)
-  engine = margins.sharded(make_mesh(num_devices), "devices", chunk_size=chunk_size)
+  engine = margins.sharded(make_mesh(num_devices), "devices", chunk_size=chunk_size,
+                           keep_scores=keep)
   got = all_losses_and_grads(engine, num_classes, names=FEW_MARGINS)(x, w2, w3, labels)
   assert_matches_dense(got, dense_results[num_classes], num_classes)
 
@@ -281,22 +314,26 @@ def test_sampled_sharded_is_the_dense_loss_over_each_shards_sample(chunk_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def compiled_temp_bytes(engine, num_classes, batch=256, dim=512):
+def compiled_temp_bytes(engine, num_classes, batch=256, dim=512, grad=True):
   x = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
   w = jax.ShapeDtypeStruct((num_classes, dim), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace())[0])  # noqa: E731
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile()
+  fn = jax.grad(loss, argnums=(0, 1)) if grad else loss
+  compiled = jax.jit(fn).lower(x, w, labels).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
-def test_chunked_temporaries_do_not_grow_with_classes(matmul_dtype):
-  engine = margins.chunked(8192, matmul_dtype=matmul_dtype)
+@pytest.mark.parametrize("matmul_dtype,keep_scores", [(None, True), (jnp.bfloat16, True),
+                                                      (None, False)])
+def test_chunked_temporaries_do_not_grow_with_classes(matmul_dtype, keep_scores):
+  # B = 256 <= D = 512: the scores can wait in W's gradient buffer, which is the output.
+  engine = margins.chunked(8192, matmul_dtype=matmul_dtype, keep_scores=keep_scores)
   small, large = compiled_temp_bytes(engine, 100_000), compiled_temp_bytes(engine, 1_000_000)
   assert large <= small * 1.05 + (1 << 20), (small, large)
   assert large < 64 * 2**20, large  # the [B, C] logits alone would be 1 GB
-  if matmul_dtype is not None:
+  if matmul_dtype is not None or not keep_scores:
     return
+  assert compiled_temp_bytes(engine, 1_000_000, grad=False) < 64 * 2**20  # loss alone
   dense_bytes = compiled_temp_bytes(margins.dense(), 1_000_000)
   assert dense_bytes > 256 * 2**20 * 4, dense_bytes
