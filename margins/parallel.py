@@ -11,9 +11,9 @@ differ in how the sum over classes is formed:
 
 - ``dense``: one ``[B, C]`` matrix of logits (plain autodiff: three matmuls, ``B x C`` memory);
 - ``chunked``: classes in chunks with an online log-sum-exp and a ``custom_vjp``; each chunk's
-  ``[B, c]`` scores wait for the backward pass in the chunk's rows of ``W``'s gradient buffer,
-  which they fit when ``B <= D`` (three matmuls, ``B x chunk`` temporaries), or are recomputed
-  there (four matmuls);
+  ``[B, c]`` scores wait for the backward pass in the chunk's rows of ``W``'s gradient buffer
+  (all of them when ``B <= D``: three matmuls, like the floor) and the backward pass recomputes
+  those that did not fit (up to a fourth matmul); temporaries ``O(B x chunk)`` whatever ``C``;
 - ``sharded``: ``W`` split over the devices of a mesh on the class axis (model-parallel FC, as
   Partial FC): inside ``jax.shard_map`` the embeddings and labels are all-gathered, each device
   scores the global batch against its slice (dense or chunked), the row statistics are combined
@@ -54,11 +54,11 @@ class SoftmaxEngine:
     matmul_dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); accumulation and softmax
       statistics stay in float32. ``None`` uses the inputs' dtype.
     keep_scores: chunks only: keep each chunk's ``[B, c]`` scores from the forward pass for the
-      backward pass in the chunk's rows of ``W``'s gradient buffer (three matmuls), when they fit
-      (``B K <= K D`` words: ``B <= D`` for float32 ``W``, ``B <= D / 2`` for 16-bit ``W``);
-      otherwise, or if ``False``, recompute them (four matmuls). Either way the temporaries are
-      bounded by the chunk; keeping holds a ``W``-sized residual between the forward and the
-      backward pass.
+      backward pass in the chunk's rows of ``W``'s gradient buffer, for as many examples as fit
+      there (``D`` for a float32 ``W``, ``D / 2`` for a 16-bit one), and recompute the others'
+      (three matmuls when ``B <= D``, four when all are recomputed: ``False``). Either way the
+      temporaries are bounded by the chunk; keeping holds a ``W``-sized residual between the
+      forward and the backward pass.
   """
   chunk_size: int | None = None
   mesh: jax.sharding.Mesh | None = None
@@ -352,15 +352,18 @@ def _dense_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, flo
   return _combine(max_, sum_, axis_name)
 
 
-def _keeps_scores(batch: int, w: Array, score_dtype: Any) -> bool:
-  """Whether the ``B K`` scores of a class fit in its row of a buffer like ``w [C, (K,) D]``."""
-  row, word = math.prod(w.shape[1:]), jnp.dtype(w.dtype).itemsize
-  needed, score_size = batch * math.prod(w.shape[1:-1]), jnp.dtype(score_dtype).itemsize
-  return needed * score_size <= row * word and score_size % word == 0
+def _kept_rows(batch: int, w: Array, score_dtype: Any) -> int:
+  """How many examples' scores fit in a class's row of a buffer like ``w [C, (K,) D]``: ``K``
+  scores per example in ``K D`` words, so ``D`` examples for a float32 ``w`` (``D / 2`` for
+  16-bit), at most ``batch``."""
+  word, score_size = jnp.dtype(w.dtype).itemsize, jnp.dtype(score_dtype).itemsize
+  if score_size % word:
+    return 0
+  return min(batch, w.shape[-1] * word // score_size)
 
 
 def _store_scores(buffer: Array, scores: Array, start: Array | int, size: int) -> Array:
-  """``buffer [C, ...]`` with ``scores [B, size K]`` written over its rows ``start ..
+  """``buffer [C, ...]`` with ``scores [b, size K]`` written over its rows ``start ..
   start + size``, in an order only :func:`_load_scores` reads back (no transpose)."""
   words = jax.lax.bitcast_convert_type(scores, buffer.dtype).reshape(size, -1)
   flat = buffer.reshape(buffer.shape[0], -1)
@@ -382,12 +385,13 @@ def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
                    chunk_size, floor_dtype, axis_name, keep_scores):
   """:func:`_dense_stats` chunk by chunk (online).
 
-  The backward pass needs each chunk's ``[B, c]`` scores again. With ``keep_scores`` (and when
-  they fit, :func:`_keeps_scores`: ``B <= D`` for float32 ``W``) the forward pass writes them into
-  the chunk's rows of the buffer that becomes ``W``'s gradient, and the backward pass reads them
-  back, chunk by chunk, before overwriting those rows with the chunk's gradient: three matmuls,
-  and the ``[B, C]`` scores live where the ``[C, D]`` gradient will. Otherwise the backward pass
-  recomputes them: four matmuls.
+  The backward pass needs each chunk's ``[B, c]`` scores again. With ``keep_scores`` the forward
+  pass writes the scores of the first :func:`_kept_rows` examples (all of them when ``B <= D``
+  for float32 ``W``) into the chunk's rows of the buffer that becomes ``W``'s gradient, and the
+  backward pass reads them back, chunk by chunk, before overwriting those rows with the chunk's
+  gradient: the ``[B, C]`` scores live where the ``[C, D]`` gradient will. The backward pass
+  recomputes the scores of the other examples (all of them without ``keep_scores``): three
+  matmuls plus a fourth over the recomputed rows.
   """
   max_, sum_, _ = _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
                                 chunk_size, floor_dtype, keep_scores=False)
@@ -397,7 +401,8 @@ def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
 def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
                   floor_dtype, keep_scores):
   """``(max, sum, buffer)``: the local row statistics and, if ``keep_scores``, a buffer shaped
-  like ``w`` holding every chunk's scores (else ``None``)."""
+  like ``w`` holding every chunk's scores of the first :func:`_kept_rows` examples (``None`` if
+  none fit)."""
   def body(carry, start, size):
     max_, sum_, buffer = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
@@ -406,11 +411,12 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
     new_max = jnp.maximum(max_, jnp.max(logits, axis=1))
     sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
     if buffer is not None:
-      buffer = _store_scores(buffer, scores, start, size)
+      buffer = _store_scores(buffer, scores[:kept], start, size)
     return new_max, sum_, buffer
 
+  kept = _kept_rows(x_in.shape[0], w, _common.compute_dtype(x_in, w)) if keep_scores else 0
   stabilizer = jax.lax.stop_gradient(stabilizer)
-  buffer = jnp.zeros_like(w) if keep_scores else None
+  buffer = jnp.zeros_like(w) if kept else None
   return _for_each_chunk(w.shape[0], chunk_size, body,
                          (stabilizer, jnp.zeros_like(stabilizer), buffer))
 
@@ -428,8 +434,6 @@ def _chunk(x_in, w, start, size, margin, floor_dtype):
 
 def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
                        chunk_size, floor_dtype, axis_name, keep_scores):
-  keep_scores = keep_scores and _keeps_scores(
-      x_in.shape[0], w, _common.compute_dtype(x_in, w))
   max_, sum_, buffer = _online_stats(x_in, w, rows, margin, local_labels, num_valid,
                                      stabilizer, chunk_size, floor_dtype, keep_scores)
   max_, sum_ = _combine(max_, sum_, axis_name)
@@ -440,15 +444,16 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residual
   del axis_name, keep_scores  # Each shard's gradient is local; ``buffer`` says what was kept.
   x_in, w, rows, margin, local_labels, num_valid, max_, buffer = residuals
   _, g = cotangents  # The max carries no gradient.
+  score_dtype = _common.compute_dtype(x_in, w)
+  kept = 0 if buffer is None else _kept_rows(x_in.shape[0], w, score_dtype)
 
   def body(carry, start, size):
     dx, dw, drows = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
-    if buffer is None:
-      scores = _scores(x_in, centres, chunk_norms)
-    else:
-      scores = _load_scores(dw, start, size, (x_in.shape[0], centres.shape[0]),
-                            _common.compute_dtype(x_in, w))
+    scores = _scores(x_in[kept:], centres, chunk_norms) if kept < x_in.shape[0] else None
+    if kept:
+      stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
+      scores = stored if scores is None else jnp.concatenate([stored, scores])
     logits, pullback = jax.vjp(
         lambda s_, r_: _chunk_logits(s_, w_chunk.shape, start, r_, margin, local_labels,
                                      num_valid),

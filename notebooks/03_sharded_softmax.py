@@ -21,8 +21,9 @@
 # on one device. `margins` computes the same margin softmax loss with four engines:
 #
 # - `margins.dense()`: all `[B, C]` logits at once;
-# - `margins.chunked(n)`: `n` classes at a time with an online log-sum-exp, recomputed in the
-#   backward pass;
+# - `margins.chunked(n)`: `n` classes at a time with an online log-sum-exp; each chunk's scores
+#   wait for the backward pass in the chunk's rows of `W`'s gradient buffer (the scores of
+#   examples past the first `D` are recomputed there);
 # - `margins.sharded(mesh)`: `W` split over the devices on the class axis; each device scores
 #   the whole (all-gathered) batch against its slice; only the batch and `[B]`-sized statistics
 #   cross devices;

@@ -109,20 +109,21 @@ def test_every_margin_chunked_equals_dense(dense_results, keep_scores):
   assert set(got) == set(MARGINS)
 
 
-def test_chunked_keeps_scores_in_the_gradient_buffer_only_when_they_fit():
+def test_chunked_keeps_the_scores_that_fit_in_the_gradient_buffer():
   f32, bf16 = jnp.float32, jnp.bfloat16
   w = lambda *shape, dtype=f32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
-  assert parallel._keeps_scores(16, w(10, 16), f32)  # B <= D
-  assert not parallel._keeps_scores(17, w(10, 16), f32)
-  assert parallel._keeps_scores(16, w(10, 3, 16), f32)  # K scores in K rows of D
-  assert parallel._keeps_scores(8, w(10, 16, dtype=bf16), f32)  # a float32 score is two words
-  assert not parallel._keeps_scores(9, w(10, 16, dtype=bf16), f32)
-  assert not parallel._keeps_scores(4, w(10, 16, dtype=jnp.float64), f32)  # half a word
+  assert parallel._kept_rows(16, w(10, 16), f32) == 16  # B <= D: all
+  assert parallel._kept_rows(17, w(10, 16), f32) == 16
+  assert parallel._kept_rows(16, w(10, 3, 16), f32) == 16  # K scores in K rows of D
+  assert parallel._kept_rows(12, w(10, 16, dtype=bf16), f32) == 8  # a float32 score: two words
+  assert parallel._kept_rows(4, w(10, 16, dtype=jnp.float64), f32) == 0  # half a word
 
   rng = np.random.default_rng(1)
-  for batch, w_dtype in [(24, f32), (8, bf16), (12, bf16)]:  # too many rows; 16-bit words
+  # All kept; 16 of 24 kept, 8 recomputed (also with 3 sub-centres); 16-bit words, all or 8 of 12.
+  for batch, centre_shape, w_dtype in [(16, (16,), f32), (24, (16,), f32), (24, (3, 16), f32),
+                                       (8, (16,), bf16), (12, (16,), bf16)]:
     x = jnp.asarray(rng.normal(size=(batch, 16)), f32)
-    w = jnp.asarray(rng.normal(size=(11, 16)), w_dtype)
+    w = jnp.asarray(rng.normal(size=(11, *centre_shape)), w_dtype)
     labels = jnp.asarray(rng.integers(0, 11, batch), jnp.int32)
 
     def loss_and_grads(engine, x=x, w=w, labels=labels):
