@@ -10,9 +10,10 @@ timed in the same run, interleaved round by round; times are medians, ratios the
 rounds of the ratio within a round. The XLA temporary memory of each compiled program is printed
 beside it.
 
-The chunked engine is timed both ways it can run its backward pass: keeping each chunk's scores
-in ``W``'s gradient buffer (the default when ``B <= D``: three matmuls) and recomputing them
-(``keep_scores=False``: four matmuls).
+The chunked engine is timed for each ``--chunk-sizes`` and both ways it can run its backward
+pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when ``B <= D``: three
+matmuls) and recomputing them (``keep_scores=False``: four matmuls). The sampled and sharded
+engines use the first chunk size.
 
 With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
 class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
@@ -42,7 +43,9 @@ def _parse_args():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                       choices=["float32", "bfloat16"])
-  parser.add_argument("--chunk-size", type=int, default=8192)
+  parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 8192],
+                      help="classes per chunk; on this CPU, chunks whose rows of W fit in the "
+                      "cache are fastest")
   parser.add_argument("--sample-rate", type=float, default=0.1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-temp-gb", type=float, default=6.0,
@@ -114,15 +117,14 @@ def run_single(args):
     for dtype_name in args.dtypes:
       # bfloat16 as the training loop runs it: float32 x and W, bfloat16 matmul inputs.
       matmul_dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
-      engines = {
-          "dense": margins.dense(matmul_dtype=matmul_dtype),
-          f"chunked ({args.chunk_size})": margins.chunked(args.chunk_size,
-                                                          matmul_dtype=matmul_dtype),
-          f"chunked ({args.chunk_size}), recompute": margins.chunked(
-              args.chunk_size, matmul_dtype=matmul_dtype, keep_scores=False),
-          f"sampled (r={args.sample_rate}, chunked)": margins.chunked(
-              args.chunk_size, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype),
-      }
+      engines = {"dense": margins.dense(matmul_dtype=matmul_dtype)}
+      for size in args.chunk_sizes:
+        engines[f"chunked ({size})"] = margins.chunked(size, matmul_dtype=matmul_dtype)
+        engines[f"chunked ({size}), recompute"] = margins.chunked(
+            size, matmul_dtype=matmul_dtype, keep_scores=False)
+      first = args.chunk_sizes[0]
+      engines[f"sampled (r={args.sample_rate}, chunked {first})"] = margins.chunked(
+          first, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype)
       x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.float32)
       floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
@@ -178,7 +180,8 @@ def run_sharded(args):
     rows_total = margins.padded_num_classes(num_classes, num_devices)
     for dtype_name in args.dtypes:
       matmul_dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
-      sharded_engine = margins.sharded(mesh, chunk_size=args.chunk_size, matmul_dtype=matmul_dtype)
+      chunk_size = args.chunk_sizes[0]
+      sharded_engine = margins.sharded(mesh, chunk_size=chunk_size, matmul_dtype=matmul_dtype)
       x, w, labels = _inputs(rows_total, args.batch, args.dim, jnp.float32)
       labels = labels % num_classes
       one = jax.device_put((x, w, labels), device0)
@@ -189,10 +192,10 @@ def run_sharded(args):
             functools.partial(engine_step, sharded_engine, num_classes=num_classes), *split, key)
       candidates = {
           "floor (3 matmuls, 1 device)": (_compile(common.floor, *floor_inputs), floor_inputs),
-          f"chunked ({args.chunk_size}, 1 device)": (
+          f"chunked ({chunk_size}, 1 device)": (
               _compile(functools.partial(engine_step, margins.chunked(
-                  args.chunk_size, matmul_dtype=matmul_dtype)), *one, key), (*one, key)),
-          f"sharded ({num_devices} devices, chunk {args.chunk_size})": (
+                  chunk_size, matmul_dtype=matmul_dtype)), *one, key), (*one, key)),
+          f"sharded ({num_devices} devices, chunk {chunk_size})": (
               sharded_compiled, (*split, key)),
       }
       measured = measure(candidates, args.repeats)

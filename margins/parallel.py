@@ -133,7 +133,12 @@ def dense(*, matmul_dtype: Any = None, sample_rate: float = 1.0) -> SoftmaxEngin
 
 def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None, sample_rate: float = 1.0,
             keep_scores: bool = True) -> SoftmaxEngine:
-  """``chunk_size`` classes at a time on one device: memory ``B x chunk_size`` whatever ``C``."""
+  """``chunk_size`` classes at a time on one device: memory ``B x chunk_size`` whatever ``C``.
+
+  On a CPU, chunks whose rows of ``W`` stay in the cache (a few hundred classes at ``D = 512``)
+  are fastest (``benchmarks/engines.py``); the default suits accelerators, where every chunk
+  costs kernel launches.
+  """
   return SoftmaxEngine(chunk_size=chunk_size, matmul_dtype=matmul_dtype, sample_rate=sample_rate,
                        keep_scores=keep_scores)
 
