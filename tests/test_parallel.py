@@ -139,6 +139,17 @@ def test_chunked_keeps_the_scores_that_fit_in_the_gradient_buffer():
                                  rtol=1e-5, atol=1e-6)
 
 
+def test_kept_scores_spare_the_backward_pass_a_matmul():
+  x, w, labels = jnp.ones((16, 16)), jnp.ones((12, 16)), jnp.zeros(16, jnp.int32)
+
+  def matmuls(keep_scores):  # In the program's loop bodies: 3 chunks of 4 classes each.
+    engine = margins.chunked(4, keep_scores=keep_scores)
+    loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace())[0])  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text().count("dot_general")
+
+  assert (matmuls(True), matmuls(False)) == (3, 4)  # the floor's three; one more to recompute
+
+
 @pytest.mark.parametrize("num_devices,num_classes,chunk_size", [(8, 13, 1), (4, 16, None)])
 def test_every_margin_sharded_equals_dense(dense_results, num_devices, num_classes, chunk_size):
   padded = margins.padded_num_classes(num_classes, num_devices)
