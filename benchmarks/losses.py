@@ -1,4 +1,4 @@
-"""Speed of the loss zoo against the matmul common.floor, beside pytorch-metric-learning.
+"""Speed of the loss zoo against the matmul floor, beside pytorch-metric-learning.
 
 For B=256, D=512 and each ``C``, float32, prints per loss the time of ``jit(value_and_grad)`` of
 the batch loss (w.r.t. the embeddings, and the centres for the classification losses) and, for the
@@ -42,7 +42,6 @@ def _parse_args():
   parser.add_argument("--losses", nargs="+", default=None,
                       help="only these losses (default: all), e.g. arcface cosface")
   return parser.parse_args()
-
 
 
 def _first(output):
