@@ -451,11 +451,12 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residual
   _, g = cotangents  # The max carries no gradient.
   score_dtype = _common.compute_dtype(x_in, w)
   kept = 0 if buffer is None else _kept_rows(x_in.shape[0], w, score_dtype)
+  rest = x_in[kept:]  # The examples whose scores are recomputed.
 
   def body(carry, start, size):
     dx, dw, drows = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
-    scores = _scores(x_in[kept:], centres, chunk_norms) if kept < x_in.shape[0] else None
+    scores = _scores(rest, centres, chunk_norms) if rest.shape[0] else None
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
       scores = stored if scores is None else jnp.concatenate([stored, scores])
