@@ -7,8 +7,9 @@ by the time of the floor: the three bare matmuls of a forward and backward pass
 as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16`` (each chunk
 cast as it is multiplied), against a floor given bfloat16 inputs. Every function is
 timed in the same run, interleaved round by round; times are medians, ratios the median over the
-rounds of the ratio within a round. The XLA temporary memory of each compiled program is printed
-beside it.
+rounds of the ratio within a round. Beside it: the XLA temporaries of each compiled program, and
+the memory it needs in all (arguments, outputs and temporaries, less what outputs alias), the
+peak a device must hold for the step.
 
 The chunked engine is timed for each ``--chunk-sizes`` and both ways it can run its backward
 pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when ``B <= D``: three
@@ -81,6 +82,13 @@ def _temp_bytes(compiled):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+def _total_bytes(compiled):
+  """Arguments, outputs and temporaries of ``compiled`` (per device), less aliased outputs."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+          - stats.alias_size_in_bytes)
+
+
 def measure(programs, repeats):
   """``(median seconds, median per-round ratio to the first program)`` of ``name: (compiled,
   args)``, timed interleaved round by round."""
@@ -102,12 +110,12 @@ def _inputs(num_classes, batch, dim, dtype, seed=0):
 
 def _print_table(title, rows):
   print(f"\n{title}\n")
-  print("| engine | time (ms) | / floor | XLA temp (MB) |")
-  print("| --- | ---: | ---: | ---: |")
-  for name, seconds, ratio, temp in rows:
+  print("| engine | time (ms) | / floor | XLA temp (MB) | in all (MB) |")
+  print("| --- | ---: | ---: | ---: | ---: |")
+  for name, seconds, ratio, temp, total in rows:
     time_text = "skipped" if seconds is None else f"{seconds * 1e3:.0f}"
     ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
-    print(f"| {name} | {time_text} | {ratio_text} | {temp / 2**20:.0f} |")
+    print(f"| {name} | {time_text} | {ratio_text} | {temp / 2**20:.0f} | {total / 2**20:.0f} |")
 
 
 def run_single(args):
@@ -130,16 +138,17 @@ def run_single(args):
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
-      programs, temps, skipped = {}, {}, []
+      programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
-        temps[name] = _temp_bytes(compiled)
+        temps[name], totals[name] = _temp_bytes(compiled), _total_bytes(compiled)
         if temps[name] > args.max_temp_gb * _GB:
           skipped.append(name)
         else:
           programs[name] = (compiled, fn_args)
       measured = measure(programs, args.repeats)
-      rows = [(name, *measured.get(name, (None, None)), temps[name]) for name in candidates]
+      rows = [(name, *measured.get(name, (None, None)), temps[name], totals[name])
+              for name in candidates]
       _print_table(f"C={num_classes:,}, B={args.batch}, D={args.dim}, {dtype_name}, "
                    f"{args.repeats} interleaved rounds", rows)
       if skipped:
@@ -199,11 +208,11 @@ def run_sharded(args):
               sharded_compiled, (*split, key)),
       }
       measured = measure(candidates, args.repeats)
-      rows = [(name, *measured[name], _temp_bytes(compiled))
+      rows = [(name, *measured[name], _temp_bytes(compiled), _total_bytes(compiled))
               for name, (compiled, _) in candidates.items()]
       _print_table(f"C={num_classes:,} ({rows_total:,} rows), B={args.batch}, D={args.dim}, "
                    f"{dtype_name}, {args.repeats} interleaved rounds "
-                   f"(XLA temp of the sharded program is per device)", rows)
+                   f"(the sharded program's memory is per device)", rows)
       w_bytes = rows_total // num_devices * args.dim * w.dtype.itemsize
       print(f"\nW per device: {rows_total // num_devices:,} rows, {w_bytes / 2**20:.0f} MB; "
             f"collectives in the compiled sharded program: {_collectives(sharded_compiled)}")
