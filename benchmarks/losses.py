@@ -39,8 +39,9 @@ def _parse_args():
   parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--losses", nargs="+", default=None,
-                      help="only these losses (default: all), e.g. arcface cosface")
+  parser.add_argument("--losses", nargs="+", default=None, choices=[*CLASSIFICATION, *PAIRWISE],
+                      metavar="LOSS", help="only these losses (default: all), e.g. arcface "
+                      f"cosface; one of: {', '.join(map(repr, [*CLASSIFICATION, *PAIRWISE]))}")
   return parser.parse_args()
 
 

@@ -1,0 +1,80 @@
+"""The benchmark scripts run end to end on tiny sizes and print their tables.
+
+Their figures are not checked (speed is measured, never asserted); this keeps the scripts the
+README quotes from breaking as the library changes.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+
+
+def _run(script, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
+def _table_rows(output):
+  """``{engine: [cells]}`` of the markdown rows printed by ``engines.py``."""
+  rows = {}
+  for line in output.splitlines():
+    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+    if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("engine", "---"):
+      rows[cells[0]] = cells
+  return rows
+
+
+def test_engines_prints_every_engine_against_the_floor():
+  output = _run("engines.py", "--classes", "20000", "40000", "--batch", "8", "--dim", "16",
+                "--repeats", "1", "--chunk-sizes", "128", "--dtypes", "float32", "bfloat16")
+  assert output.count("| engine | time (ms) | / floor | XLA temp (MB) | in all (MB) |") == 4
+  rows = _table_rows(output)  # The last table's: C = 40000, bfloat16.
+  assert set(rows) == {"floor (3 matmuls)", "dense", "chunked (128)", "chunked (128), recompute",
+                       "sampled (r=0.1, chunked 128)"}
+  assert rows["floor (3 matmuls)"][2] == "1.00x"
+  for cells in rows.values():
+    assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
+    assert float(cells[4]) >= float(cells[3])  # In all: temporaries, arguments and outputs.
+  # W [40000, 16] and its gradient, 2.4 MB each in float32, and a few temporaries.
+  assert 4.5 <= float(rows["chunked (128)"][4]) < 6
+  assert "XLA temporaries by C (MB):" in output
+  assert re.search(r"float32 chunked \(128\): C=20,000: \d+, C=40,000: \d+", output)
+
+
+def test_engines_sharded_prints_the_collectives():
+  output = _run("engines.py", "--sharded", "2", "--classes", "601", "--batch", "8", "--dim",
+                "16", "--repeats", "1", "--chunk-sizes", "128", "--dtypes", "float32")
+  rows = _table_rows(output)
+  assert set(rows) == {"floor (3 matmuls, 1 device)", "chunked (128, 1 device)",
+                       "sharded (2 devices, chunk 128)"}
+  # 601 classes pad to 602 rows, 301 per device.
+  assert "W per device: 301 rows" in output
+  collectives = re.search(r"collectives in the compiled sharded program: (\{.*\})", output)
+  assert collectives and "all-reduce" in collectives.group(1)
+
+
+def test_losses_prints_the_zoo_without_torch():
+  output = _run("losses.py", "--no-torch", "--classes", "50", "--batch", "8", "--dim", "16",
+                "--identities", "4", "--repeats", "1", "--losses", "arcface",
+                "triplet batch-hard")
+  assert re.search(r"^\| arcface \| [\d.]+ \| \d+\.\d\dx \|", output, re.MULTILINE), output
+  assert re.search(r"^\| triplet batch-hard \| [\d.]+ \|", output, re.MULTILINE), output
+
+
+def test_losses_rejects_an_unknown_loss():
+  result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "losses.py"), "--no-torch",
+                           "--losses", "triplet"], capture_output=True, text=True, check=False)
+  assert result.returncode != 0 and "invalid choice: 'triplet'" in result.stderr
+
+
+def test_input_pipeline_prints_images_per_second():
+  output = _run("input_pipeline.py", "--images", "24", "--classes", "3", "--size", "24",
+                "--batch", "8", "--batches", "2", "--workers", "0")
+  assert re.search(r"^\| 0 \| [\d,]+ \|$", output, re.MULTILINE), output
