@@ -78,15 +78,12 @@ def _compile(fn, *args):
   return jax.jit(fn).lower(*args).compile()
 
 
-def _temp_bytes(compiled):
-  return compiled.memory_analysis().temp_size_in_bytes
-
-
-def _total_bytes(compiled):
-  """Arguments, outputs and temporaries of ``compiled`` (per device), less aliased outputs."""
+def _memory_bytes(compiled):
+  """``(temporaries, in all)`` of ``compiled`` (per device); in all: arguments, outputs and
+  temporaries, less aliased outputs."""
   stats = compiled.memory_analysis()
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-          - stats.alias_size_in_bytes)
+  return stats.temp_size_in_bytes, (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                    + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def measure(programs, repeats):
@@ -141,7 +138,7 @@ def run_single(args):
       programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
-        temps[name], totals[name] = _temp_bytes(compiled), _total_bytes(compiled)
+        temps[name], totals[name] = _memory_bytes(compiled)
         if temps[name] > args.max_temp_gb * _GB:
           skipped.append(name)
         else:
@@ -208,7 +205,7 @@ def run_sharded(args):
               sharded_compiled, (*split, key)),
       }
       measured = measure(candidates, args.repeats)
-      rows = [(name, *measured[name], _temp_bytes(compiled), _total_bytes(compiled))
+      rows = [(name, *measured[name], *_memory_bytes(compiled))
               for name, (compiled, _) in candidates.items()]
       _print_table(f"C={num_classes:,} ({rows_total:,} rows), B={args.batch}, D={args.dim}, "
                    f"{dtype_name}, {args.repeats} interleaved rounds "

@@ -13,10 +13,15 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "benchmarks")
 
 
-def _run(script, *args):
+def _completed(script, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
+  return subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
+                        capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def _run(script, *args):
+  """The standard output of a run of ``script`` that must succeed."""
+  result = _completed(script, *args)
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stdout
 
@@ -69,8 +74,7 @@ def test_losses_prints_the_zoo_without_torch():
 
 
 def test_losses_rejects_an_unknown_loss():
-  result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "losses.py"), "--no-torch",
-                           "--losses", "triplet"], capture_output=True, text=True, check=False)
+  result = _completed("losses.py", "--no-torch", "--losses", "triplet")
   assert result.returncode != 0 and "invalid choice: 'triplet'" in result.stderr
 
 
