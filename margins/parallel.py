@@ -399,12 +399,12 @@ def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
   matmuls plus a fourth over the recomputed rows.
   """
   max_, sum_, _ = _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                                chunk_size, floor_dtype, keep_scores=False)
+                                chunk_size, floor_dtype, axis_name, keep_scores=False)
   return _combine(max_, sum_, axis_name)
 
 
 def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
-                  floor_dtype, keep_scores):
+                  floor_dtype, axis_name, keep_scores):
   """``(max, sum, buffer)``: the local row statistics and, if ``keep_scores``, a buffer shaped
   like ``w`` holding every chunk's scores of the first :func:`_kept_rows` examples (``None`` if
   none fit)."""
@@ -421,9 +421,17 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
 
   kept = _kept_rows(x_in.shape[0], w, _common.compute_dtype(x_in, w)) if keep_scores else 0
   stabilizer = jax.lax.stop_gradient(stabilizer)
-  buffer = jnp.zeros_like(w) if kept else None
+  buffer = _scratch_like(w, axis_name) if kept else None
   return _for_each_chunk(w.shape[0], chunk_size, body,
                          (stabilizer, jnp.zeros_like(stabilizer), buffer))
+
+
+def _scratch_like(w: Array, axis_name: AxisName | None) -> Array:
+  """An array like ``w`` (shape, dtype, sharding; varying over ``axis_name`` like a shard of
+  ``W``) whose every element is written before it is read: uninitialised on GPU and TPU, which
+  spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
+  scratch = jax.lax.empty(w.shape, w.dtype, out_sharding=jax.typeof(w).sharding)
+  return scratch if axis_name is None else jax.lax.pcast(scratch, _axes(axis_name), to="varying")
 
 
 def _chunk(x_in, w, start, size, margin, floor_dtype):
@@ -440,13 +448,14 @@ def _chunk(x_in, w, start, size, margin, floor_dtype):
 def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
                        chunk_size, floor_dtype, axis_name, keep_scores):
   max_, sum_, buffer = _online_stats(x_in, w, rows, margin, local_labels, num_valid,
-                                     stabilizer, chunk_size, floor_dtype, keep_scores)
+                                     stabilizer, chunk_size, floor_dtype, axis_name,
+                                     keep_scores)
   max_, sum_ = _combine(max_, sum_, axis_name)
   return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_, buffer)
 
 
 def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residuals, cotangents):
-  del axis_name, keep_scores  # Each shard's gradient is local; ``buffer`` says what was kept.
+  del keep_scores  # ``buffer`` says what was kept.
   x_in, w, rows, margin, local_labels, num_valid, max_, buffer = residuals
   _, g = cotangents  # The max carries no gradient.
   score_dtype = _common.compute_dtype(x_in, w)
@@ -469,7 +478,7 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residual
     dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
     return dx + ddx, dw, jax.tree.map(jnp.add, drows, ddrows)
 
-  init = (jnp.zeros_like(x_in), jnp.zeros_like(w) if buffer is None else buffer,
+  init = (jnp.zeros_like(x_in), _scratch_like(w, axis_name) if buffer is None else buffer,
           jax.tree.map(jnp.zeros_like, rows))
   dx, dw, drows = _for_each_chunk(w.shape[0], chunk_size, body, init)
   return dx, dw, drows, None, None, None, None

@@ -150,6 +150,39 @@ def test_kept_scores_spare_the_backward_pass_a_matmul():
   assert (matmuls(True), matmuls(False)) == (3, 4)  # the floor's three; one more to recompute
 
 
+def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
+  # On GPU and TPU the buffer that holds the kept scores and becomes W's gradient starts
+  # uninitialised; here it starts as NaN, and every element must be written before it is read.
+  made = []
+
+  def nan_scratch(w, axis_name, real=parallel._scratch_like):
+    made.append(w.shape)
+    return real(w, axis_name) + jnp.nan
+
+  monkeypatch.setattr(parallel, "_scratch_like", nan_scratch)
+  x, w2, w3, labels = make_inputs(13, 13)
+  for keep_scores in (True, False):
+    engine = margins.chunked(5, keep_scores=keep_scores)
+    got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(x, w2, w3, labels)
+    assert_matches_dense(got, dense_results[13], 13)
+  x, w2, w3, labels = make_inputs(13, 16)
+  engine = margins.sharded(make_mesh(2), "devices", chunk_size=3)
+  got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(x, w2, w3, labels)
+  assert_matches_dense(got, dense_results[13], 13)
+  assert len(made) == 3 * len(FEW_MARGINS), made
+
+
+@pytest.mark.parametrize("keep_scores", [True, False])
+def test_gradient_buffer_is_not_filled_on_accelerators(keep_scores):
+  x, w, labels = jnp.ones((16, 16)), jnp.ones((12, 16)), jnp.zeros(16, jnp.int32)
+  engine = margins.chunked(4, keep_scores=keep_scores)
+  loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace())[0])  # noqa: E731
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w)
+  for platform, allocations in [("cuda", 1), ("rocm", 1), ("tpu", 1), ("cpu", 0)]:
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert text.count("AllocateBuffer") == allocations, platform
+
+
 @pytest.mark.parametrize("num_devices,num_classes,chunk_size", [(8, 13, 1), (4, 16, None)])
 def test_every_margin_sharded_equals_dense(dense_results, num_devices, num_classes, chunk_size):
   padded = margins.padded_num_classes(num_classes, num_devices)
