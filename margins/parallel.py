@@ -186,10 +186,11 @@ def _axes(axis_name: AxisName) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def _dot(a: Array, b: Array, contract: tuple[int, int], out_dtype: Any) -> Array:
+def _dot(a: Array, b: Array, contract: tuple[int, int], out_dtype: Any,
+         out_sharding: Any = None) -> Array:
   """``a . b`` over dimensions ``contract`` of each, accumulated in ``out_dtype``."""
   return jax.lax.dot_general(a, b.astype(a.dtype), (((contract[0],), (contract[1],)), ((), ())),
-                             preferred_element_type=out_dtype)
+                             preferred_element_type=out_dtype, out_sharding=out_sharding)
 
 
 def _inverse_norms(w: Array, floor_dtype: Any, out_dtype: Any) -> tuple[Array, Array]:
@@ -220,7 +221,7 @@ def _scores_pullback(x_in: Array, w: Array, g: Array,
     g = g * norms[0][None, :]
   scaled = g.astype(x_in.dtype)
   dx = _dot(scaled, w, (1, 0), g.dtype)
-  dw = _dot(scaled, x_in, (0, 0), g.dtype)
+  dw = _dot(scaled, x_in, (0, 0), g.dtype, out_sharding=jax.typeof(w).sharding)  # sums the batch
   if norms is not None:
     w_wide = w.astype(g.dtype)
     dw = dw - (jnp.sum(w_wide * dw, axis=1) * norms[1])[:, None] * w_wide
@@ -301,7 +302,7 @@ def _target_rows(x_unit, norms, w, local_labels, floor_dtype, axis_name) -> Rows
   summed over ``axis_name``.
   """
   owned = local_labels >= 0
-  target_w = w[jnp.maximum(local_labels, 0)].astype(x_unit.dtype)  # [B, D] or [B, K, D]
+  target_w = _common.take_rows(w, jnp.maximum(local_labels, 0)).astype(x_unit.dtype)  # [B, (K,) D]
   if w.ndim == 3:
     norms_k = _common.safe_norm(target_w, floor_dtype=floor_dtype)[..., 0]
     cos_k = jnp.einsum("bd,bkd->bk", x_unit, target_w) / norms_k
@@ -419,7 +420,11 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
       buffer = _store_scores(buffer, scores[:kept], start, size)
     return new_max, sum_, buffer
 
-  kept = _kept_rows(x_in.shape[0], w, _common.compute_dtype(x_in, w)) if keep_scores else 0
+  # Where Explicit mesh axes split the batch over devices that each hold all of ``w`` (data
+  # parallel), the devices' scores differ but a buffer like ``w`` is the same on all: recompute.
+  batch_split = jax.typeof(x_in).sharding.spec[0] is not None
+  kept = 0 if batch_split or not keep_scores else _kept_rows(
+      x_in.shape[0], w, _common.compute_dtype(x_in, w))
   stabilizer = jax.lax.stop_gradient(stabilizer)
   buffer = _scratch_like(w, axis_name) if kept else None
   return _for_each_chunk(w.shape[0], chunk_size, body,

@@ -142,12 +142,23 @@ def test_chunked_keeps_the_scores_that_fit_in_the_gradient_buffer():
 def test_kept_scores_spare_the_backward_pass_a_matmul():
   x, w, labels = jnp.ones((16, 16)), jnp.ones((12, 16)), jnp.zeros(16, jnp.int32)
 
-  def matmuls(keep_scores):  # In the program's loop bodies: 3 chunks of 4 classes each.
-    engine = margins.chunked(4, keep_scores=keep_scores)
-    loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace())[0])  # noqa: E731
-    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text().count("dot_general")
+  def matmuls(engine, *args):  # In the program's loop bodies (chunks of 4 or 2 classes).
+    loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace())[0])  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).as_text().count("dot_general")
 
-  assert (matmuls(True), matmuls(False)) == (3, 4)  # the floor's three; one more to recompute
+  for keep, want in [(True, 3), (False, 4)]:  # the floor's three; one more to recompute
+    assert matmuls(margins.chunked(4, keep_scores=keep), x, w, labels) == want
+    assert matmuls(margins.sharded(make_mesh(2), chunk_size=2, keep_scores=keep),
+                   x, w, labels) == want
+    mesh = make_mesh(2, AxisType.Explicit)
+    split, whole = NamedSharding(mesh, jax.P("devices")), NamedSharding(mesh, jax.P())
+    with jax.set_mesh(mesh):
+      args = jax.device_put((x, w, labels), (split, split, split))
+      assert matmuls(margins.sharded(mesh, chunk_size=2, keep_scores=keep), *args) == want
+      # Data parallel (the batch split, W whole on each device): each device's scores differ,
+      # and W's gradient buffer is the same on all, so they are recomputed.
+      args = jax.device_put((x, w, labels), (split, whole, split))
+      assert matmuls(margins.chunked(4, keep_scores=keep), *args) == 4
 
 
 def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):

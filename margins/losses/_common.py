@@ -120,3 +120,31 @@ def nan_where_invalid(values: Array, labels: Array, num_classes: int) -> Array:
   """Per-example ``values``, with NaN where the label is outside ``[0, num_classes)``."""
   valid = (labels >= 0) & (labels < num_classes)
   return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
+
+
+def take_rows(table: Array, indices: Array) -> Array:
+  """``table[indices]``: ``[B, ...]`` rows of ``table [N, ...]`` at ``indices [B]``, split over
+  the mesh like ``indices`` (with Explicit mesh axes JAX cannot choose: the examples split over
+  devices, the table replicated)."""
+  sharding = jax.typeof(indices).sharding
+  spec = jax.P(*sharding.spec, *(None,) * (table.ndim - 1))
+  return jnp.asarray(table).at[indices].get(out_sharding=sharding.update(spec=spec))
+
+
+def gathered(x: Array) -> Array:
+  """``x`` whole on every device, if Explicit mesh axes split it (else as is): for work that needs
+  the whole batch at once, such as comparing its examples with each other or sorting them."""
+  sharding = jax.typeof(x).sharding
+  if all(axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, sharding.update(spec=jax.P()))
+
+
+def split_like(x: Array, reference: Array) -> Array:
+  """``x [B, ...]`` split over the mesh like ``reference [B, ...]`` on the leading axis, if
+  Explicit mesh axes split ``reference`` (else as is)."""
+  leading = jax.typeof(reference).sharding.spec[0]
+  if leading is None:
+    return x
+  sharding = jax.typeof(x).sharding
+  return jax.sharding.reshard(x, sharding.update(spec=jax.P(leading)))

@@ -56,7 +56,8 @@ def center_loss(embeddings: Array, centers: Array, labels: Array) -> Array:
   """
   _check_center_inputs(embeddings, centers, labels)
   dtype = _common.compute_dtype(embeddings, centers)
-  own_centers = jnp.take(jax.lax.stop_gradient(centers), labels, axis=0, mode="clip")
+  in_range = jnp.clip(labels, 0, np.shape(centers)[0] - 1)  # out-of-range losses become NaN
+  own_centers = _common.take_rows(jax.lax.stop_gradient(centers), in_range)
   differences = embeddings.astype(dtype) - own_centers.astype(dtype)
   loss = 0.5 * jnp.sum(jnp.square(differences), axis=1)
   return _common.nan_where_invalid(loss, labels, np.shape(centers)[0])
@@ -102,6 +103,8 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
   num_classes, batch_size = np.shape(centers)[0], np.shape(labels)[0]
   dtype = _common.compute_dtype(embeddings, centers)
+  # Each class's examples are grouped over the whole batch.
+  embeddings, labels = _common.gathered(embeddings), _common.gathered(labels)
   # Out-of-range labels become `num_classes`, the fill value of the unused slots: both are
   # dropped by the final scatter.
   labels = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)

@@ -23,6 +23,8 @@ Contrastive losses average their positive and negative terms separately, as pyto
 does, so that a batch's many negatives do not drown its few positives.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_pairwise_inputs(embeddings: Array, labels: Array) -> None:
   _common.check_floating("embeddings", embeddings, 2)
   _common.check_labels(labels, np.shape(embeddings)[0])
+
+
+def _whole_batch(loss_fn):
+  """Runs ``loss_fn(embeddings, labels, **hyperparameters)`` on the whole batch on every device
+  when Explicit mesh axes split the batch (an all-gather of ``[B, D]`` and ``[B]``: every pair of
+  the batch counts), and splits its ``[B]`` losses back like the embeddings."""
+  @functools.wraps(loss_fn)
+  def loss_over_whole_batch(embeddings: Array, labels: Array, **hyperparameters) -> Array:
+    losses = loss_fn(_common.gathered(embeddings), _common.gathered(labels), **hyperparameters)
+    return _common.split_like(losses, embeddings)
+  return loss_over_whole_batch
 
 
 def _pair_masks(labels: Array) -> tuple[Array, Array]:
@@ -102,6 +115,7 @@ def _average_pairs(terms: Array, mask: Array, average: str) -> Array:
   return _average(jnp.sum(terms, axis=1), count(mask), count(terms > 0), average)
 
 
+@_whole_batch
 def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.0,
                      neg_margin: float = 1.0, squared: bool = False, normalize: bool = True,
                      average: str = "anchor") -> Array:
@@ -214,6 +228,7 @@ _MINERS = {
 }
 
 
+@_whole_batch
 def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, mining: str = "all",
                  squared: bool = True, normalize: bool = True, average: str = "anchor") -> Array:
   r"""Triplet loss :math:`[d(a, p) - d(a, n) + m]_+` with in-batch mining.
@@ -273,6 +288,7 @@ def _masked_logsumexp(logits: Array, mask: Array) -> Array:
   return jnp.where(has_any, jnp.log(jnp.where(has_any, sum_exp, 1)) + top[:, 0], 0)
 
 
+@_whole_batch
 def circle_loss(embeddings: Array, labels: Array, *, margin: float = 0.25,
                 gamma: float = 256.0) -> Array:
   r"""Circle loss, pair-wise form on the cosine similarities within the batch.

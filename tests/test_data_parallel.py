@@ -1,0 +1,85 @@
+"""Every loss under a data-parallel mesh (the batch split over devices, the centres replicated),
+with Auto and Explicit axes, equals the loss on one device: values, gradients and states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+
+import margins
+
+B, D, C, K = 16, 8, 12, 3
+KEY = jax.random.key(3)
+
+# name: loss(x, w, w3 (sub-centres), labels) -> (per-example losses, anything else to compare)
+LOSSES = {
+    "softmax": lambda x, w, w3, y: (margins.softmax_loss(x, w, y, bias=w[:, 0]), None),
+    "normface": lambda x, w, w3, y: (margins.normface_loss(x, w, y), None),
+    "lsoftmax": lambda x, w, w3, y: (margins.lsoftmax_loss(x, w, y, margin=3), None),
+    "sphereface": lambda x, w, w3, y: (margins.sphereface_loss(x, w, y, annealing=5.0), None),
+    "cosface": lambda x, w, w3, y: (margins.cosface_loss(x, w, y, scale=8.0), None),
+    "arcface": lambda x, w, w3, y: (margins.arcface_loss(x, w, y, scale=8.0), None),
+    "combined": lambda x, w, w3, y: (margins.combined_margin_loss(x, w, y, scale=8.0), None),
+    "subcenter": lambda x, w, w3, y: (margins.subcenter_arcface_loss(x, w3, y, scale=8.0), None),
+    "curricularface": lambda x, w, w3, y: margins.curricularface_loss(x, w, y, 0.2, scale=8.0),
+    "adaface": lambda x, w, w3, y: margins.adaface_loss(x, w, y, scale=8.0),
+    "magface": lambda x, w, w3, y: (margins.magface_loss(x, w, y, scale=8.0), None),
+    "elasticface": lambda x, w, w3, y: (margins.elasticface_loss(x, w, y, KEY, scale=8.0), None),
+    "center": lambda x, w, w3, y: (margins.center_loss(x, w, y),
+                                   margins.update_centers(w, x, y)),
+    "contrastive": lambda x, w, w3, y: (margins.contrastive_loss(x, y), None),
+    "triplet_all": lambda x, w, w3, y: (margins.triplet_loss(x, y), None),
+    "triplet_hard": lambda x, w, w3, y: (margins.triplet_loss(x, y, mining="batch_hard"), None),
+    "triplet_semi": lambda x, w, w3, y: (margins.triplet_loss(x, y, mining="semi_hard"), None),
+    "circle": lambda x, w, w3, y: (margins.circle_loss(x, y, gamma=8.0), None),
+    "dense_engine": lambda x, w, w3, y: margins.dense()(x, w, y, margins.ArcFace(scale=8.0)),
+    "chunked_engine": lambda x, w, w3, y: margins.chunked(5)(x, w, y, margins.ArcFace(scale=8.0)),
+    "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.5)(
+        x, w, y, margins.CosFace(scale=8.0), key=KEY),
+}
+
+
+def inputs():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(B, D)) * 3, jnp.float32)
+  w = jnp.asarray(rng.normal(size=(C, D)), jnp.float32)
+  w3 = jnp.asarray(rng.normal(size=(C, K, D)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, C // 3, B), jnp.int32)  # repeated classes: positive pairs
+  return x, w, w3, labels
+
+
+def losses_and_grads(x, w, w3, labels):
+  """One program: each loss's per-example values, other outputs and gradients (x, w, w3)."""
+  out = {}
+  for name, loss in LOSSES.items():
+    def mean_loss(x_, w_, w3_, loss=loss):
+      losses, other = loss(x_, w_, w3_, labels)
+      return jnp.mean(losses), (losses, other)
+
+    (_, aux), grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2), has_aux=True)(x, w, w3)
+    out[name] = (aux, grads)
+  return out
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return jax.jit(losses_and_grads)(*inputs())
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_every_loss_data_parallel_equals_one_device(single_device, axis_type):
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:4])
+  batch, replicated = NamedSharding(mesh, jax.P("batch")), NamedSharding(mesh, jax.P())
+  x, w, w3, labels = inputs()
+  with jax.set_mesh(mesh):
+    got = jax.jit(losses_and_grads)(jax.device_put(x, batch), jax.device_put(w, replicated),
+                                    jax.device_put(w3, replicated), jax.device_put(labels, batch))
+  for name, ((losses, other), grads) in got.items():
+    want_aux, want_grads = single_device[name]
+    for leaf, want_leaf in zip(jax.tree.leaves(((losses, other), grads)),
+                               jax.tree.leaves((want_aux, want_grads)), strict=True):
+      np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
+    if axis_type == AxisType.Explicit:
+      assert losses.sharding.spec[0] == "batch", (name, losses.sharding)  # stays split
+      assert grads[1].sharding.is_fully_replicated, (name, grads[1].sharding)
