@@ -435,7 +435,9 @@ def _scratch_like(w: Array, axis_name: AxisName | None) -> Array:
   """An array like ``w`` (shape, dtype, sharding; varying over ``axis_name`` like a shard of
   ``W``) whose every element is written before it is read: uninitialised on GPU and TPU, which
   spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
-  scratch = jax.lax.empty(w.shape, w.dtype, out_sharding=jax.typeof(w).sharding)
+  # On the mesh in context, as ``jnp.zeros_like(w)`` would be, even where ``w`` was traced without.
+  spec = None if jax.sharding.get_abstract_mesh().empty else jax.typeof(w).sharding.spec
+  scratch = jax.lax.empty(w.shape, w.dtype, out_sharding=spec)
   return scratch if axis_name is None else jax.lax.pcast(scratch, _axes(axis_name), to="varying")
 
 

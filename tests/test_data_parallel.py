@@ -67,19 +67,25 @@ def single_device():
   return jax.jit(losses_and_grads)(*inputs())
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
-def test_every_loss_data_parallel_equals_one_device(single_device, axis_type):
+@pytest.mark.parametrize("axis_type,placed", [(AxisType.Explicit, True), (AxisType.Auto, True),
+                                              (AxisType.Explicit, False)])
+def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, placed):
+  # ``placed``: the arrays are put on the mesh before the call; else ``jit``'s ``in_shardings``
+  # place them (under Explicit axes, JAX then traces them without a mesh in their type).
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:4])
   batch, replicated = NamedSharding(mesh, jax.P("batch")), NamedSharding(mesh, jax.P())
-  x, w, w3, labels = inputs()
+  shardings = (batch, replicated, replicated, batch)
+  arrays = inputs()
   with jax.set_mesh(mesh):
-    got = jax.jit(losses_and_grads)(jax.device_put(x, batch), jax.device_put(w, replicated),
-                                    jax.device_put(w3, replicated), jax.device_put(labels, batch))
+    if placed:
+      got = jax.jit(losses_and_grads)(*jax.device_put(arrays, shardings))
+    else:
+      got = jax.jit(losses_and_grads, in_shardings=shardings)(*arrays)
   for name, ((losses, other), grads) in got.items():
     want_aux, want_grads = single_device[name]
     for leaf, want_leaf in zip(jax.tree.leaves(((losses, other), grads)),
                                jax.tree.leaves((want_aux, want_grads)), strict=True):
       np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
-    if axis_type == AxisType.Explicit:
+    if axis_type == AxisType.Explicit and placed:
       assert losses.sharding.spec[0] == "batch", (name, losses.sharding)  # stays split
       assert grads[1].sharding.is_fully_replicated, (name, grads[1].sharding)
