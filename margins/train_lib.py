@@ -188,8 +188,10 @@ def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngi
   if engine.kind == "dense":
     return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
   if engine.kind == "chunked":
+    # With the batch split over several devices (Auto axes) and W whole on each, kept scores
+    # would travel between devices chunk by chunk: recompute them instead.
     return parallel.chunked(engine.chunk_size, sample_rate=engine.sample_rate,
-                            matmul_dtype=matmul_dtype)
+                            matmul_dtype=matmul_dtype, keep_scores=mesh.size == 1)
   if engine.kind == "sharded":
     return parallel.sharded(mesh, chunk_size=engine.chunk_size, sample_rate=engine.sample_rate,
                             matmul_dtype=matmul_dtype)

@@ -1,6 +1,8 @@
 """Every loss under a data-parallel mesh (the batch split over devices, the centres replicated),
 with Auto and Explicit axes, equals the loss on one device: values, gradients and states."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,24 @@ def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, pl
     if axis_type == AxisType.Explicit and placed:
       assert losses.sharding.spec[0] == "batch", (name, losses.sharding)  # stays split
       assert grads[1].sharding.is_fully_replicated, (name, grads[1].sharding)
+
+
+@pytest.mark.parametrize("axis_type,keep_scores", [(AxisType.Explicit, True),
+                                                   (AxisType.Auto, False)])
+def test_data_parallel_chunked_moves_only_gradients_between_devices(axis_type, keep_scores):
+  # Explicit axes: the engine sees the split batch and recomputes the scores; Auto axes cannot
+  # tell it, so the training loop asks for keep_scores=False (kept scores would travel).
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:4])
+  batch, replicated = NamedSharding(mesh, jax.P("batch")), NamedSharding(mesh, jax.P())
+  engine = margins.chunked(256, keep_scores=keep_scores)
+  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace())[0])  # noqa: E731
+  args = (jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=batch),
+          jax.ShapeDtypeStruct((4096, 32), jnp.float32, sharding=replicated),
+          jax.ShapeDtypeStruct((64,), jnp.int32, sharding=batch))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+  collectives = re.findall(r"= \(?([\w\[\], ]*?)\)?(?:\{[\d,]*\})? (all-gather|all-reduce|"
+                           r"reduce-scatter|all-to-all|collective-permute)\(", hlo)
+  # W's gradient, per chunk of 256 rows and whole; nothing of the [B, C] scores.
+  assert {kind for _, kind in collectives} == {"all-reduce"}, collectives
+  assert {shape for shape, _ in collectives} <= {"f32[256,32]", "f32[4096,32]"}, collectives

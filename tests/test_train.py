@@ -75,13 +75,14 @@ def test_digits_arcface_learns(tmp_path):
   assert final["open/auc"] > 0.6  # Held-out digits: chance is 0.5.
 
 
-def test_eight_devices_sharded_step_equals_one_device_dense_step():
+def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:64]),
            "label": jnp.asarray(source.labels[:64])}
   results = []
-  for shape, kind in (((1,), "dense"), ((8,), "sharded")):
+  # chunked on 8 devices: data parallel, W whole on each device (its scores recomputed).
+  for shape, kind in (((1,), "dense"), ((8,), "sharded"), ((8,), "chunked")):
     config.mesh.shape, config.engine.kind, config.engine.chunk_size = shape, kind, 2
     mesh = train_lib.make_mesh(config)
     experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
@@ -91,12 +92,15 @@ def test_eight_devices_sharded_step_equals_one_device_dense_step():
         state, global_batch)
     if kind == "sharded":  # W and its momentum live split over the 8 devices.
       assert state.params["head"].sharding.spec == jax.P("data")
+    if kind == "chunked":
+      assert not experiment.engine.keep_scores
     params = jax.device_get(state.params)
     params["head"] = params["head"][:source.num_classes]  # Without the padding rows.
     results.append((params, float(metrics["loss"])))
-  (one, one_loss), (eight, eight_loss) = results
-  assert one_loss == pytest.approx(eight_loss, rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, eight)
+  (one, one_loss), *others = results
+  for eight, eight_loss in others:
+    assert one_loss == pytest.approx(eight_loss, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, eight)
 
 
 def _train_command(workdir, num_steps, checkpoint_every):
