@@ -122,15 +122,6 @@ def nan_where_invalid(values: Array, labels: Array, num_classes: int) -> Array:
   return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
 
 
-def take_rows(table: Array, indices: Array) -> Array:
-  """``table[indices]``: ``[B, ...]`` rows of ``table [N, ...]`` at ``indices [B]``, split over
-  the mesh like ``indices`` (with Explicit mesh axes JAX cannot choose: the examples split over
-  devices, the table replicated)."""
-  sharding = jax.typeof(indices).sharding
-  spec = jax.P(*sharding.spec, *(None,) * (table.ndim - 1))
-  return jnp.asarray(table).at[indices].get(out_sharding=sharding.update(spec=spec))
-
-
 def gathered(x: Array) -> Array:
   """``x`` whole on every device, if Explicit mesh axes split it (else as is): for work that needs
   the whole batch at once, such as comparing its examples with each other or sorting them."""
@@ -148,3 +139,12 @@ def split_like(x: Array, reference: Array) -> Array:
     return x
   sharding = jax.typeof(x).sharding
   return jax.sharding.reshard(x, sharding.update(spec=jax.P(leading)))
+
+
+def take_rows(table: Array, indices: Array) -> Array:
+  """``table[indices]``: ``[B, ...]`` rows of ``table [N, ...]`` at ``indices [B]``, split over
+  the mesh like ``indices``. Where Explicit mesh axes split the batch and each device holds the
+  whole table, each device takes the rows of the whole batch and keeps its own, so that the
+  gradient reaches ``table`` by an all-gather of ``[B, ...]`` rather than a sum of ``[N, ...]``
+  over the devices."""
+  return split_like(jnp.asarray(table)[gathered(indices)], indices)
