@@ -386,9 +386,9 @@ def _load_scores(buffer: Array, start: Array | int, size: int, shape: tuple[int,
       words.reshape(*shape, ratio) if ratio > 1 else words.reshape(shape), dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                   chunk_size, floor_dtype, axis_name, keep_scores):
+                   chunk_size, floor_dtype, axis_name, keep_scores, batch_axes):
   """:func:`_dense_stats` chunk by chunk (online).
 
   The backward pass needs each chunk's ``[B, c]`` scores again. With ``keep_scores`` the forward
@@ -398,14 +398,17 @@ def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
   gradient: the ``[B, C]`` scores live where the ``[C, D]`` gradient will. The backward pass
   recomputes the scores of the other examples (all of them without ``keep_scores``): three
   matmuls plus a fourth over the recomputed rows.
+
+  ``batch_axes``: inside :func:`_data_parallel_stats`, the mesh axes splitting the batch, over
+  which ``w`` was cast to varying.
   """
   max_, sum_, _ = _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                                chunk_size, floor_dtype, axis_name, keep_scores=False)
+                                chunk_size, floor_dtype, (), keep_scores=False)
   return _combine(max_, sum_, axis_name)
 
 
 def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
-                  floor_dtype, axis_name, keep_scores):
+                  floor_dtype, varying_axes, keep_scores):
   """``(max, sum, buffer)``: the local row statistics and, if ``keep_scores``, a buffer shaped
   like ``w`` holding every chunk's scores of the first :func:`_kept_rows` examples (``None`` if
   none fit)."""
@@ -420,25 +423,27 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
       buffer = _store_scores(buffer, scores[:kept], start, size)
     return new_max, sum_, buffer
 
-  # Where Explicit mesh axes split the batch over devices that each hold all of ``w`` (data
-  # parallel), the devices' scores differ but a buffer like ``w`` is the same on all: recompute.
-  batch_split = jax.typeof(x_in).sharding.spec[0] is not None
-  kept = 0 if batch_split or not keep_scores else _kept_rows(
-      x_in.shape[0], w, _common.compute_dtype(x_in, w))
+  kept = _kept_rows(x_in.shape[0], w, _common.compute_dtype(x_in, w)) if keep_scores else 0
   stabilizer = jax.lax.stop_gradient(stabilizer)
-  buffer = _scratch_like(w, axis_name) if kept else None
+  buffer = _scratch_like(w, varying_axes) if kept else None
   return _for_each_chunk(w.shape[0], chunk_size, body,
                          (stabilizer, jnp.zeros_like(stabilizer), buffer))
 
 
-def _scratch_like(w: Array, axis_name: AxisName | None) -> Array:
-  """An array like ``w`` (shape, dtype, sharding; varying over ``axis_name`` like a shard of
-  ``W``) whose every element is written before it is read: uninitialised on GPU and TPU, which
-  spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
+def _varying_axes(axis_name: AxisName | None, batch_axes: tuple[str, ...]) -> tuple[str, ...]:
+  """The mesh axes over which a shard of ``W`` (or its gradient) differs from device to device:
+  those splitting the classes and, inside a data-parallel ``shard_map``, the batch."""
+  return (() if axis_name is None else _axes(axis_name)) + batch_axes
+
+
+def _scratch_like(w: Array, varying_axes: tuple[str, ...]) -> Array:
+  """An array like ``w`` (shape, dtype, sharding; varying over the mesh axes ``varying_axes``
+  like ``w``) whose every element is written before it is read: uninitialised on GPU and TPU,
+  which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
   # On the mesh in context, as ``jnp.zeros_like(w)`` would be, even where ``w`` was traced without.
   spec = None if jax.sharding.get_abstract_mesh().empty else jax.typeof(w).sharding.spec
   scratch = jax.lax.empty(w.shape, w.dtype, out_sharding=spec)
-  return scratch if axis_name is None else jax.lax.pcast(scratch, _axes(axis_name), to="varying")
+  return jax.lax.pcast(scratch, varying_axes, to="varying") if varying_axes else scratch
 
 
 def _chunk(x_in, w, start, size, margin, floor_dtype):
@@ -453,15 +458,16 @@ def _chunk(x_in, w, start, size, margin, floor_dtype):
 
 
 def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                       chunk_size, floor_dtype, axis_name, keep_scores):
+                       chunk_size, floor_dtype, axis_name, keep_scores, batch_axes):
   max_, sum_, buffer = _online_stats(x_in, w, rows, margin, local_labels, num_valid,
-                                     stabilizer, chunk_size, floor_dtype, axis_name,
-                                     keep_scores)
+                                     stabilizer, chunk_size, floor_dtype,
+                                     _varying_axes(axis_name, batch_axes), keep_scores)
   max_, sum_ = _combine(max_, sum_, axis_name)
   return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_, buffer)
 
 
-def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residuals, cotangents):
+def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_axes, residuals,
+                       cotangents):
   del keep_scores  # ``buffer`` says what was kept.
   x_in, w, rows, margin, local_labels, num_valid, max_, buffer = residuals
   _, g = cotangents  # The max carries no gradient.
@@ -485,8 +491,9 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residual
     dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
     return dx + ddx, dw, jax.tree.map(jnp.add, drows, ddrows)
 
-  init = (jnp.zeros_like(x_in), _scratch_like(w, axis_name) if buffer is None else buffer,
-          jax.tree.map(jnp.zeros_like, rows))
+  if buffer is None:
+    buffer = _scratch_like(w, _varying_axes(axis_name, batch_axes))
+  init = (jnp.zeros_like(x_in), buffer, jax.tree.map(jnp.zeros_like, rows))
   dx, dw, drows = _for_each_chunk(w.shape[0], chunk_size, body, init)
   return dx, dw, drows, None, None, None, None
 
@@ -567,16 +574,48 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
     x_in, scored_rows, stabilizer = jax.lax.pcast(
         (x_in, rows, target), _axes(axis_name), to="varying")
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
+  batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
   if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:
     max_, sum_ = _dense_stats(*args, floor_dtype, axis_name)
+  elif batch_axes:
+    max_, sum_ = _data_parallel_stats(*args, engine.chunk_size, floor_dtype, engine.keep_scores,
+                                      batch_axes)
   else:
     max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name,
-                                engine.keep_scores)
+                                engine.keep_scores, ())
   # max_ >= target and max_ is one of the logits, so the sum below is >= 1.
   max_ = jax.lax.stop_gradient(max_)
   losses = max_ + jnp.log(sum_ + jnp.exp(target - max_)) - target
   extra = margin.regularizer(rows)
   return (losses if extra is None else losses + extra), margin
+
+
+def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:
+  """The Explicit mesh axes that split the batch ``x_in`` while every device holds all of
+  ``w`` (data parallel); empty otherwise."""
+  batch_spec, w_spec = jax.typeof(x_in).sharding.spec, jax.typeof(w).sharding.spec
+  if batch_spec[0] is None or any(axis is not None for axis in w_spec):
+    return ()
+  return _axes(batch_spec[0])
+
+
+def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
+                         floor_dtype, keep_scores, batch_axes):
+  """:func:`_chunked_stats` where the mesh axes ``batch_axes`` split the batch and every device
+  holds all of ``w``: each device runs the chunks over its own examples and keeps their scores in
+  a buffer of its own; ``w``'s gradient is summed over the devices once, at the end (the
+  transpose of casting ``w`` to varying)."""
+  split, whole = jax.P(batch_axes), jax.P()
+
+  def local_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer):
+    w = jax.lax.pcast(w, batch_axes, to="varying")
+    return _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
+                          floor_dtype, None, keep_scores, batch_axes)
+
+  margin, num_valid = jax.tree.map(jnp.asarray, (margin, num_valid))
+  return jax.shard_map(local_stats, mesh=jax.typeof(x_in).sharding.mesh,
+                       in_specs=(split, whole, split, whole, split, whole, split),
+                       out_specs=split)(x_in, w, rows, margin, local_labels, num_valid, stabilizer)
 
 
 def _local_loss(x, w, labels, margin, key, *, engine, num_classes):

@@ -37,6 +37,9 @@ LOSSES = {
     "circle": lambda x, w, w3, y: (margins.circle_loss(x, y, gamma=8.0), None),
     "dense_engine": lambda x, w, w3, y: margins.dense()(x, w, y, margins.ArcFace(scale=8.0)),
     "chunked_engine": lambda x, w, w3, y: margins.chunked(5)(x, w, y, margins.ArcFace(scale=8.0)),
+    "chunked_curricularface": lambda x, w, w3, y: margins.chunked(5)(
+        x, w, y, margins.CurricularFace(scale=8.0, t=0.2)),
+    "chunked_subcenter": lambda x, w, w3, y: margins.chunked(5)(x, w3, y, margins.ArcFace(scale=8.0)),
     "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.5)(
         x, w, y, margins.CosFace(scale=8.0), key=KEY),
 }
@@ -93,12 +96,12 @@ def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, pl
       assert grads[1].sharding.is_fully_replicated, (name, grads[1].sharding)
 
 
-# What the data-parallel chunked program may move between devices: W's gradient, summed per chunk
-# of 256 rows; under Explicit axes the labels and the target rows' [B, D] gradient, all-gathered
-# (each device then adds the whole batch's to its W); under Auto axes, GSPMD sums a whole [C, D]
-# for them instead. Nothing of the [B, C] scores.
+# What the data-parallel chunked program may move between devices: W's gradient, summed once
+# under Explicit axes, where the labels and the target rows' [B, D] gradient are all-gathered
+# (each device then adds the whole batch's to its W); under Auto axes GSPMD sums it chunk by
+# chunk (256 rows) and sums a whole [C, D] for the target rows. Nothing of the [B, C] scores.
 DATA_PARALLEL_COLLECTIVES = {
-    AxisType.Explicit: {("all-reduce", "f32[256,32]"), ("all-gather", "s32[64]"),
+    AxisType.Explicit: {("all-reduce", "f32[4096,32]"), ("all-gather", "s32[64]"),
                         ("all-gather", "f32[64,32]")},
     AxisType.Auto: {("all-reduce", "f32[256,32]"), ("all-reduce", "f32[4096,32]")},
 }
@@ -107,8 +110,9 @@ DATA_PARALLEL_COLLECTIVES = {
 @pytest.mark.parametrize("axis_type,keep_scores", [(AxisType.Explicit, True),
                                                    (AxisType.Auto, False)])
 def test_data_parallel_chunked_moves_only_gradients_between_devices(axis_type, keep_scores):
-  # Explicit axes: the engine sees the split batch and recomputes the scores; Auto axes cannot
-  # tell it, so the training loop asks for keep_scores=False (kept scores would travel).
+  # Explicit axes: the engine sees the split batch and runs the chunks on each device's own
+  # examples (kept scores stay there); Auto axes cannot tell it, so the training loop asks for
+  # keep_scores=False (GSPMD would move the kept scores between devices).
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:4])
   batch, replicated = NamedSharding(mesh, jax.P("batch")), NamedSharding(mesh, jax.P())
   engine = margins.chunked(256, keep_scores=keep_scores)

@@ -155,10 +155,9 @@ def test_kept_scores_spare_the_backward_pass_a_matmul():
     with jax.set_mesh(mesh):
       args = jax.device_put((x, w, labels), (split, split, split))
       assert matmuls(margins.sharded(mesh, chunk_size=2, keep_scores=keep), *args) == want
-      # Data parallel (the batch split, W whole on each device): each device's scores differ,
-      # and W's gradient buffer is the same on all, so they are recomputed.
+      # Data parallel (the batch split, W whole on each device): each device keeps its own.
       args = jax.device_put((x, w, labels), (split, whole, split))
-      assert matmuls(margins.chunked(4, keep_scores=keep), *args) == 4
+      assert matmuls(margins.chunked(4, keep_scores=keep), *args) == want
 
 
 def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
@@ -176,11 +175,16 @@ def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
     engine = margins.chunked(5, keep_scores=keep_scores)
     got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(x, w2, w3, labels)
     assert_matches_dense(got, dense_results[13], 13)
-  x, w2, w3, labels = make_inputs(13, 16)
   engine = margins.sharded(make_mesh(2), "devices", chunk_size=3)
-  got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(x, w2, w3, labels)
+  got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(*make_inputs(13, 16))
   assert_matches_dense(got, dense_results[13], 13)
-  assert len(made) == 3 * len(FEW_MARGINS), made
+  mesh = make_mesh(2, AxisType.Explicit)  # data parallel: a buffer on each device
+  split, whole = NamedSharding(mesh, jax.P("devices")), NamedSharding(mesh, jax.P())
+  with jax.set_mesh(mesh):
+    inputs = jax.device_put(make_inputs(13, 13), (split, whole, whole, split))
+    got = all_losses_and_grads(margins.chunked(5), 13, names=FEW_MARGINS)(*inputs)
+  assert_matches_dense(got, dense_results[13], 13)
+  assert len(made) == 4 * len(FEW_MARGINS), made
 
 
 @pytest.mark.parametrize("keep_scores", [True, False])
