@@ -39,7 +39,8 @@ LOSSES = {
     "chunked_engine": lambda x, w, w3, y: margins.chunked(5)(x, w, y, margins.ArcFace(scale=8.0)),
     "chunked_curricularface": lambda x, w, w3, y: margins.chunked(5)(
         x, w, y, margins.CurricularFace(scale=8.0, t=0.2)),
-    "chunked_subcenter": lambda x, w, w3, y: margins.chunked(5)(x, w3, y, margins.ArcFace(scale=8.0)),
+    "chunked_subcenter": lambda x, w, w3, y: margins.chunked(5)(
+        x, w3, y, margins.ArcFace(scale=8.0)),
     "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.5)(
         x, w, y, margins.CosFace(scale=8.0), key=KEY),
 }
