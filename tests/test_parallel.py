@@ -165,9 +165,9 @@ def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
   # uninitialised; here it starts as NaN, and every element must be written before it is read.
   made = []
 
-  def nan_scratch(w, axis_name, real=parallel._scratch_like):
+  def nan_scratch(w, varying_axes, real=parallel._scratch_like):
     made.append(w.shape)
-    return real(w, axis_name) + jnp.nan
+    return real(w, varying_axes) + jnp.nan
 
   monkeypatch.setattr(parallel, "_scratch_like", nan_scratch)
   x, w2, w3, labels = make_inputs(13, 13)
