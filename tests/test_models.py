@@ -482,6 +482,34 @@ def test_training_step_gradients(key):
     assert int(new[count][...]) == int(old[count][...]) + 1
 
 
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_training_step_with_the_batch_split_over_explicit_mesh_axes(key):
+  """Data parallel as the training loop runs it (``jax.make_mesh``'s Explicit axes, the batch
+  split over 4 devices, the variables on each): the same loss, gradients and updated statistics
+  and RNG counts as on one device. Batch statistics, dropout, drop path and token masking must
+  draw and reduce over the whole batch."""
+  model, images = _small(key)
+  images = jnp.concatenate([images, -images])  # 8 examples, 2 per device
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, rest, images):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    return jnp.mean(jnp.square(model(images))), nnx.state(model, nnx.Not(nnx.Param))
+
+  step = _jit(jax.value_and_grad(loss_fn, has_aux=True))
+  one = step(params, rest, images)
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    split = jax.device_put(images, jax.P("batch"))
+    four = step(*jax.device_put((params, rest), jax.P()), split)
+  assert split.sharding.spec[0] == "batch"
+  as_numbers = lambda a: (jax.random.key_data(a)
+                          if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      as_numbers(a), as_numbers(b), rtol=1e-5, atol=1e-6), one, four)
+
+
 @pytest.mark.parametrize("key", ["iresnet", "mobilefacenet", "vit"])
 def test_bfloat16_compute(key):
   model, images = _small(key)

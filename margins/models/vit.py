@@ -174,7 +174,10 @@ class TokenMasking(nnx.Module):
     """``([B, kept, width] tokens, [B, N] permutation indices)`` from ``tokens [B, N, width]``."""
     batch, count, _ = tokens.shape
     kept = int(count * (1 - self.mask_ratio))
-    order = jnp.argsort(jax.random.uniform(self.rngs(), (batch, count)), axis=1)
+    # Drawn split like the tokens (as ``nnx.Dropout`` draws its mask) when a mesh splits the batch.
+    draws = jax.random.uniform(self.rngs(), (batch, count, 1),
+                               out_sharding=jax.typeof(tokens).sharding)
+    order = jnp.argsort(draws[..., 0], axis=1)
     restore_ids = jnp.argsort(order, axis=1)
     return jnp.take_along_axis(tokens, order[:, :kept, None], axis=1), restore_ids
 
@@ -182,7 +185,8 @@ class TokenMasking(nnx.Module):
     """``[B, N, width]``: ``kept`` and mask tokens, back in their original positions."""
     batch, count = restore_ids.shape
     fill = jnp.broadcast_to(
-        self.mask_token[...].astype(kept.dtype), (batch, count - kept.shape[1], kept.shape[2]))
+        self.mask_token[...].astype(kept.dtype), (batch, count - kept.shape[1], kept.shape[2]),
+        out_sharding=jax.typeof(kept).sharding)
     tokens = jnp.concatenate([kept, fill], axis=1)
     return jnp.take_along_axis(tokens, restore_ids[:, :, None], axis=1)
 
