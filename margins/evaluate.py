@@ -48,9 +48,10 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
                      "devices.")
   experiment.config.eval.batch_size = batch_size
   embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
-  results = {train_lib.bin_set_name(path):
-                 train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
-             for path in bin_paths}
+  with jax.set_mesh(experiment.mesh):
+    results = {train_lib.bin_set_name(path):
+                   train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+               for path in bin_paths}
   return int(state.step), results
 
 

@@ -136,6 +136,10 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of ``config.mesh``: ``shape`` (-1: all the devices left) and ``axis_names``.
 
   One process may use fewer devices than it has (the first ones); several processes use all.
+  Its axes are Explicit (``jax.make_mesh``'s default): inside ``jax.jit`` every array's type says
+  how it is split, so the softmax engines see that the batch is split over the devices and
+  run their data-parallel programs. Jitted functions of the state run inside
+  ``jax.set_mesh(mesh)``.
   """
   shape = list(config.mesh.shape)
   axis_names = tuple(config.mesh.axis_names)
@@ -151,7 +155,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     raise ValueError(f"config.mesh.shape {tuple(config.mesh.shape)} needs {size} devices; there "
                      f"are {len(devices)} (a multi-process run must use them all).")
   return jax.make_mesh(tuple(shape), axis_names, devices=devices[:size],
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+                       axis_types=(jax.sharding.AxisType.Explicit,) * len(shape))
 
 
 def make_margin(loss_config: ml_collections.ConfigDict) -> margin_lib.Margin:
@@ -188,10 +192,8 @@ def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngi
   if engine.kind == "dense":
     return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
   if engine.kind == "chunked":
-    # With the batch split over several devices (Auto axes) and W whole on each, kept scores
-    # would travel between devices chunk by chunk: recompute them instead.
     return parallel.chunked(engine.chunk_size, sample_rate=engine.sample_rate,
-                            matmul_dtype=matmul_dtype, keep_scores=mesh.size == 1)
+                            matmul_dtype=matmul_dtype)
   if engine.kind == "sharded":
     return parallel.sharded(mesh, chunk_size=engine.chunk_size, sample_rate=engine.sample_rate,
                             matmul_dtype=matmul_dtype)
@@ -432,10 +434,13 @@ def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
 
 
 def class_scores(experiment: Experiment, state: TrainState, embeddings: Array) -> Array:
-  """``[B, C]`` scores of each class for closed-set prediction: the margin's similarity."""
-  margin = state.margin
-  weights = state.params["head"][:experiment.num_classes]
-  return parallel.similarity(embeddings, weights, margin)
+  """``[B, C]`` scores of each class for closed-set prediction: the margin's similarity.
+
+  Scored against every row of the head, split or not; the padding rows of a split head are
+  cut from the whole scores (a split axis cannot be cut unevenly).
+  """
+  scores = parallel.similarity(embeddings, state.params["head"], state.margin)
+  return jax.sharding.reshard(scores, jax.P())[:, :experiment.num_classes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,7 +670,8 @@ def _write_run_files(workdir, config, train_source) -> None:
 def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainState]:
   """The experiment and state of a run's checkpoint (the latest one by default), for inference.
 
-  The mesh is rebuilt on the devices present now, which may differ from the training run's;
+  The mesh is rebuilt on the devices present now, which may differ from the training run's
+  (``experiment.mesh``: jit functions of the state inside ``jax.set_mesh(experiment.mesh)``);
   the training data need not be present.
   """
   config = load_config(workdir)
@@ -690,6 +696,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   mesh = make_mesh(config)
   check_config(config, mesh)
+  with jax.set_mesh(mesh):
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir, mesh):
   os.makedirs(workdir, exist_ok=True)
   train_source, eval_sources = make_sources(config.data)
   experiment, state = create_train_state(config, mesh, train_source.num_classes,

@@ -66,9 +66,10 @@ def live_embeddings(experiment, state, grey: np.ndarray, *, flip: bool) -> np.nd
   """The restored model's embeddings of uint8 images, normalised here as insightface does."""
   images = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)
   embed = jax.jit(lambda x: train_lib.embed(experiment, state, x))
-  out = np.asarray(embed(images), np.float64)
-  if flip:
-    out = out + np.asarray(embed(np.ascontiguousarray(images[:, :, ::-1])), np.float64)
+  with jax.set_mesh(experiment.mesh):  # The restored state lives on the run's mesh.
+    out = np.asarray(embed(images), np.float64)
+    if flip:
+      out = out + np.asarray(embed(np.ascontiguousarray(images[:, :, ::-1])), np.float64)
   return out
 
 
@@ -112,7 +113,9 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
   rng = np.random.default_rng(0)
   for batch_size in (3, 8):
     images = rng.uniform(-1, 1, (batch_size, 16, 16, 1)).astype(np.float32)
-    np.testing.assert_allclose(loaded.call(images), embed(images), rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(experiment.mesh):
+      live = embed(images)
+    np.testing.assert_allclose(loaded.call(images), live, rtol=1e-5, atol=1e-5)
 
 
 def _write_png(path, image: np.ndarray) -> None:

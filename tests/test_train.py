@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,25 +76,47 @@ def test_digits_arcface_learns(tmp_path):
   assert final["open/auc"] > 0.6  # Held-out digits: chance is 0.5.
 
 
+def _collectives(hlo: str) -> list[tuple[str, str, list[str]]]:
+  """``(computation, op, result shapes)`` of each collective op of compiled HLO text; the
+  computation is ``ENTRY`` for the program's top level."""
+  found, computation = [], None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+    match = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                      r"collective-permute)(?:-start)?\(", line)
+    if match:
+      found.append((computation, match.group(2), re.findall(r"\w+\[[\d,]*\]", match.group(1))))
+  return found
+
+
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:64]),
            "label": jnp.asarray(source.labels[:64])}
   results = []
-  # chunked on 8 devices: data parallel, W whole on each device (its scores recomputed).
+  # chunked on 8 devices: data parallel, W whole on each device.
   for shape, kind in (((1,), "dense"), ((8,), "sharded"), ((8,), "chunked")):
     config.mesh.shape, config.engine.kind, config.engine.chunk_size = shape, kind, 2
     mesh = train_lib.make_mesh(config)
     experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                      source.image_shape)
     global_batch = jax.device_put(batch, experiment.batch_sharding)
-    state, metrics = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))(
-        state, global_batch)
+    step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b)).lower(
+        state, global_batch).compile()
+    state, metrics = step(state, global_batch)
     if kind == "sharded":  # W and its momentum live split over the 8 devices.
-      assert state.params["head"].sharding.spec == jax.P("data")
-    if kind == "chunked":
-      assert not experiment.engine.keep_scores
+      assert state.params["head"].sharding.is_equivalent_to(
+          jax.sharding.NamedSharding(mesh, jax.P("data")), 2)
+    if kind == "chunked":  # The engine's data-parallel program: W's gradient is summed once,
+      # after the chunk loops, and nothing crosses devices chunk by chunk (Auto mesh axes would
+      # sum each chunk's gradient inside the loop).
+      collectives = _collectives(step.as_text())
+      assert {computation for computation, _, _ in collectives} == {"ENTRY"}, collectives
+      head_sums = [s for _, op, shapes in collectives for s in shapes
+                   if op == "all-reduce" and s == f"f32[{source.num_classes},32]"]
+      assert len(head_sums) == 1, collectives
     params = jax.device_get(state.params)
     params["head"] = params["head"][:source.num_classes]  # Without the padding rows.
     results.append((params, float(metrics["loss"])))
