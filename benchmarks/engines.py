@@ -16,17 +16,29 @@ pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when `
 matmuls) and recomputing them (``keep_scores=False``: four matmuls). The sampled and sharded
 engines use the first chunk size.
 
+With ``--profile`` each table is followed by where each program's time goes: its XLA ops
+(thunks on CPU, kernels on GPU) taking the most time in a ``jax.profiler`` trace, each named
+with the JAX operation it came from, and the sums over matmul and other ops.
+
 With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
 class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
 
   python benchmarks/engines.py --classes 100000 1000000 --repeats 3
+  python benchmarks/engines.py --classes 100000 --dtypes float32 --chunk-sizes 256 --profile
   python benchmarks/engines.py --sharded 8 --classes 100000 --dtypes float32
 """
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
+import json
+import os
 import re
 import statistics
+import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +63,8 @@ def _parse_args():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-temp-gb", type=float, default=6.0,
                       help="compile but do not run a program whose XLA temporaries exceed this")
+  parser.add_argument("--profile", action="store_true",
+                      help="after each table, the XLA ops taking each program's time")
   parser.add_argument("--sharded", type=int, default=0, metavar="N",
                       help="compare the sharded engine on N fake CPU devices with chunked")
   return parser.parse_args()
@@ -95,6 +109,49 @@ def measure(programs, repeats):
   reference = times[next(iter(programs))]
   return {name: (statistics.median(t), common.median_ratio(t, reference))
           for name, t in times.items()}
+
+
+def _op_sources(compiled) -> dict[str, str]:
+  """``{instruction: the JAX operation it came from}`` of ``compiled``'s HLO (``"-"`` if none
+  is recorded, as for a buffer's fill), but for loops and calls, whose time is their ops'."""
+  sources = {}
+  for name, rest in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", compiled.as_text(), re.M):
+    if re.search(r"\s(while|conditional|call)\(", rest):
+      continue
+    op_name = re.search(r'metadata=\{op_name="([^"]*)"', rest)
+    sources[name] = op_name.group(1).rsplit("/", 1)[-1] if op_name else "-"
+  return sources
+
+
+def profile(compiled, args, runs=3):
+  """``(seconds, {instruction: (seconds, calls)})`` per run of ``compiled``, from a
+  ``jax.profiler`` trace of ``runs`` runs."""
+  sources = _op_sources(compiled)
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(runs):
+        jax.block_until_ready(compiled(*args))
+      seconds = (time.perf_counter() - start) / runs
+    (path,) = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as file:
+      events = json.load(file)["traceEvents"]
+  totals, calls = collections.Counter(), collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event["name"] in sources:
+      totals[event["name"]] += event["dur"] * 1e-6 / runs  # microseconds
+      calls[event["name"]] += 1
+  return seconds, {name: (totals[name], calls[name] // runs) for name in totals}, sources
+
+
+def _print_profile(name, compiled, args, top=8):
+  seconds, ops, sources = profile(compiled, args)
+  matmuls = sum(t for op, (t, _) in ops.items() if sources[op] == "dot_general")
+  others = sum(t for op, (t, _) in ops.items() if sources[op] != "dot_general")
+  print(f"\n{name}: {seconds * 1e3:.0f} ms per run under the profiler; its XLA ops from "
+        f"matmuls {matmuls * 1e3:.0f} ms, from the rest {others * 1e3:.0f} ms")
+  for op, (t, count) in sorted(ops.items(), key=lambda item: -item[1][0])[:top]:
+    print(f"  {t * 1e3:8.1f} ms {count:6d} calls  {op} ({sources[op]})")
 
 
 def _inputs(num_classes, batch, dim, dtype, seed=0):
@@ -150,6 +207,11 @@ def run_single(args):
                    f"{args.repeats} interleaved rounds", rows)
       if skipped:
         print(f"\nskipped (XLA temporaries > {args.max_temp_gb} GB): {', '.join(skipped)}")
+      if args.profile:
+        print("\nWhere the time goes (per run; ops may run side by side, and a CPU's Eigen "
+              "matmuls may return before they finish: the sums need not make up the run):")
+        for name, (compiled, fn_args) in programs.items():
+          _print_profile(name, compiled, fn_args)
       temps_by_case[(num_classes, dtype_name)] = temps
       del x, w, floor_inputs
   _print_temporaries(temps_by_case, args)

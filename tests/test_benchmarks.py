@@ -53,6 +53,21 @@ def test_engines_prints_every_engine_against_the_floor():
   assert re.search(r"float32 chunked \(128\): C=20,000: \d+, C=40,000: \d+", output)
 
 
+def test_engines_profile_names_each_programs_ops_and_their_calls():
+  output = _run("engines.py", "--classes", "2000", "--batch", "8", "--dim", "16", "--repeats",
+                "1", "--chunk-sizes", "128", "--dtypes", "float32", "--profile")
+  sections = output.split("\n\n")
+  chunked = next(s for s in sections if s.startswith("chunked (128): "))
+  assert re.match(r"chunked \(128\): \d+ ms per run under the profiler; its XLA ops from "
+                  r"matmuls \d+ ms, from the rest \d+ ms\n", chunked)
+  ops = re.findall(r"^ +\d+\.\d ms +(\d+) calls  \S+ \((\S+)\)$", chunked, re.M)
+  assert len(ops) == 8
+  # 2000 classes: 15 full chunks of 128 per loop (the remainder has ops of its own); three
+  # matmuls per chunk, a loop's ops called once per chunk, no loop counted as an op.
+  assert ("15", "dot_general") in ops and all(calls in ("1", "15") for calls, _ in ops)
+  assert "(while)" not in output
+
+
 def test_engines_sharded_prints_the_collectives():
   output = _run("engines.py", "--sharded", "2", "--classes", "601", "--batch", "8", "--dim",
                 "16", "--repeats", "1", "--chunk-sizes", "128", "--dtypes", "float32")
