@@ -16,9 +16,10 @@ pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when `
 matmuls) and recomputing them (``keep_scores=False``: four matmuls). The sampled and sharded
 engines use the first chunk size.
 
-With ``--profile`` each table is followed by where each program's time goes: its XLA ops
-(thunks on CPU, kernels on GPU) taking the most time in a ``jax.profiler`` trace, each named
-with the JAX operation it came from, and the sums over matmul and other ops.
+With ``--profile`` each table is followed by where each program's time goes: the trace events
+of a ``jax.profiler`` trace named after its HLO instructions (on CPU, one per instruction run;
+checked on CPU only), the ones taking the most time, each with the JAX operation it came from,
+and the sums over matmul and other ops.
 
 With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
 class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
@@ -146,6 +147,9 @@ def profile(compiled, args, runs=3):
 
 def _print_profile(name, compiled, args, top=8):
   seconds, ops, sources = profile(compiled, args)
+  if not ops:
+    print(f"\n{name}: no trace event is named after one of its HLO instructions")
+    return
   matmuls = sum(t for op, (t, _) in ops.items() if sources[op] == "dot_general")
   others = sum(t for op, (t, _) in ops.items() if sources[op] != "dot_general")
   print(f"\n{name}: {seconds * 1e3:.0f} ms per run under the profiler; its XLA ops from "
