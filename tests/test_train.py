@@ -96,9 +96,12 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   batch = {"image": margins_data.normalize_images(source.images[:64]),
            "label": jnp.asarray(source.labels[:64])}
   results = []
-  # chunked on 8 devices: data parallel, W whole on each device.
-  for shape, kind in (((1,), "dense"), ((8,), "sharded"), ((8,), "chunked")):
-    config.mesh.shape, config.engine.kind, config.engine.chunk_size = shape, kind, 2
+  # chunked on 8 devices: data parallel, W whole on each device, the batch split over a 2 x 4
+  # mesh's two axes.
+  for shape, axis_names, kind in (((1,), ("data",), "dense"), ((8,), ("data",), "sharded"),
+                                  ((2, 4), ("hosts", "local"), "chunked")):
+    config.mesh.shape, config.mesh.axis_names = shape, axis_names
+    config.engine.kind, config.engine.chunk_size = kind, 2
     mesh = train_lib.make_mesh(config)
     experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                      source.image_shape)
