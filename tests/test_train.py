@@ -4,7 +4,6 @@ import glob
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from margins import data as margins_data
 from margins import parallel
 from margins import train_lib
 from margins.losses import margin as margin_lib
+from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -76,20 +76,6 @@ def test_digits_arcface_learns(tmp_path):
   assert final["open/auc"] > 0.6  # Held-out digits: chance is 0.5.
 
 
-def _collectives(hlo: str) -> list[tuple[str, str, list[str]]]:
-  """``(computation, op, result shapes)`` of each collective op of compiled HLO text; the
-  computation is ``ENTRY`` for the program's top level."""
-  found, computation = [], None
-  for line in hlo.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
-    match = re.search(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
-                      r"collective-permute)(?:-start)?\(", line)
-    if match:
-      found.append((computation, match.group(2), re.findall(r"\w+\[[\d,]*\]", match.group(1))))
-  return found
-
-
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source = margins_data.digits("open_train", image_size=config.data.image_size)
@@ -115,7 +101,7 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
     if kind == "chunked":  # The engine's data-parallel program: W's gradient is summed once,
       # after the chunk loops, and nothing crosses devices chunk by chunk (Auto mesh axes would
       # sum each chunk's gradient inside the loop).
-      collectives = _collectives(step.as_text())
+      collectives = hlo.collectives(step.as_text())
       assert {computation for computation, _, _ in collectives} == {"ENTRY"}, collectives
       head_sums = [s for _, op, shapes in collectives for s in shapes
                    if op == "all-reduce" and s == f"f32[{source.num_classes},32]"]
