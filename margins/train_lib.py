@@ -40,6 +40,7 @@ from margins import data as data_lib
 from margins import evaluation
 from margins import models
 from margins import parallel
+from margins.losses import _common
 from margins.losses import center as center_lib
 from margins.losses import margin as margin_lib
 
@@ -437,10 +438,10 @@ def class_scores(experiment: Experiment, state: TrainState, embeddings: Array) -
   """``[B, C]`` scores of each class for closed-set prediction: the margin's similarity.
 
   Scored against every row of the head, split or not; the padding rows of a split head are
-  cut from the whole scores (a split axis cannot be cut unevenly).
+  cut from the gathered scores (a split axis cannot be cut unevenly).
   """
   scores = parallel.similarity(embeddings, state.params["head"], state.margin)
-  return jax.sharding.reshard(scores, jax.P())[:, :experiment.num_classes]
+  return _common.gathered(scores)[:, :experiment.num_classes]
 
 
 # ---------------------------------------------------------------------------------------------
