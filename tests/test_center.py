@@ -1,13 +1,13 @@
 """Center loss and the centre update rule against float64 loops over the batch."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
 from margins.losses import center
+from tests import hlo
 
 B, D, C = 7, 3, 5
 # Class 0 three times, class 3 twice, class 4 once; classes 1 and 2 are absent.
@@ -132,23 +132,10 @@ def test_update_centers_cost_does_not_grow_with_classes_times_batch():
   x = jnp.zeros((batch, dim))
   labels = jnp.arange(batch, dtype=jnp.int32) * 7
 
-  def sizes(jaxpr):
-    for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        yield int(np.prod(var.aval.shape))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from sizes(sub)
-
-  def primitives(jaxpr):
-    for eqn in jaxpr.eqns:
-      yield eqn.primitive.name
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from primitives(sub)
-
   jaxpr = jax.make_jaxpr(center.update_centers)(centers, x, labels).jaxpr
-  assert max(sizes(jaxpr)) <= num_classes * dim < batch * num_classes
+  assert hlo.largest_intermediate(jaxpr) <= num_classes * dim < batch * num_classes
   # Only the rows of classes in the batch are written: a scatter, not a dense rewrite.
-  assert "scatter" in set(primitives(jaxpr))
+  assert "scatter" in {eqn.primitive.name for eqn in hlo.equations(jaxpr)}
 
 
 def test_update_centers_under_vmap():
