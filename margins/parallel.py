@@ -146,7 +146,10 @@ def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None, sample_rate: fl
 def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
             chunk_size: int | None = None, sample_rate: float = 1.0,
             matmul_dtype: Any = None, keep_scores: bool = True) -> SoftmaxEngine:
-  """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel."""
+  """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel.
+
+  Under Explicit axes the inputs are resharded to that split if they arrive otherwise.
+  """
   axis_name = tuple(mesh.axis_names) if axis_name is None else axis_name
   return SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
                        sample_rate=sample_rate, matmul_dtype=matmul_dtype,
@@ -642,6 +645,11 @@ def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
                      f"{axis_name!r}.")
   rows_per_shard = w.shape[0] // shards
   spec = jax.P(axis_name)
+  axis_types = dict(zip(engine.mesh.axis_names, engine.mesh.axis_types))
+  if all(axis_types[a] == jax.sharding.AxisType.Explicit for a in _axes(axis_name)):
+    # Explicit axes are part of the inputs' types: split them as the engine needs (Auto axes
+    # leave it to ``shard_map``). A replicated input is sliced where it lies, without traffic.
+    x, w, labels = jax.reshard((x, w, labels), spec)
   key = jax.random.key(0) if key is None else key
   margin = jax.tree.map(jnp.asarray, margin)
 
