@@ -478,27 +478,45 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
   kept = 0 if buffer is None else _kept_rows(x_in.shape[0], w, score_dtype)
   rest = x_in[kept:]  # The examples whose scores are recomputed.
 
+  params, with_params = _floating_leaves(margin)
+
   def body(carry, start, size):
-    dx, dw, drows = carry
+    dx, dw, drows, dparams = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
     scores = _scores(rest, centres, chunk_norms) if rest.shape[0] else None
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
       scores = stored if scores is None else jnp.concatenate([stored, scores])
     logits, pullback = jax.vjp(
-        lambda s_, r_: _chunk_logits(s_, w_chunk.shape, start, r_, margin, local_labels,
-                                     num_valid),
-        scores, rows)
-    dscores, ddrows = pullback(jnp.exp(logits - max_[:, None]) * g[:, None])
+        lambda s_, r_, p_: _chunk_logits(s_, w_chunk.shape, start, r_, with_params(p_),
+                                         local_labels, num_valid),
+        scores, rows, params)
+    dscores, ddrows, ddparams = pullback(jnp.exp(logits - max_[:, None]) * g[:, None])
     ddx, ddw = _scores_pullback(x_in, centres, dscores, chunk_norms)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
-    return dx + ddx, dw, jax.tree.map(jnp.add, drows, ddrows)
+    return (dx + ddx, dw, *jax.tree.map(jnp.add, (drows, dparams), (ddrows, ddparams)))
 
   if buffer is None:
     buffer = _scratch_like(w, _varying_axes(axis_name, batch_axes))
-  init = (jnp.zeros_like(x_in), buffer, jax.tree.map(jnp.zeros_like, rows))
-  dx, dw, drows = _for_each_chunk(w.shape[0], chunk_size, body, init)
-  return dx, dw, drows, None, None, None, None
+  init = (jnp.zeros_like(x_in), buffer, *jax.tree.map(jnp.zeros_like, (rows, params)))
+  dx, dw, drows, dparams = _for_each_chunk(w.shape[0], chunk_size, body, init)
+  return dx, dw, drows, with_params(dparams, keep_others=False), None, None, None
+
+
+def _floating_leaves(margin: Margin) -> tuple[list[Array], Callable[..., Margin]]:
+  """``(params, rebuild)``: the floating leaves of ``margin`` (its parameters and state, the
+  ones with a gradient) and ``rebuild(new, keep_others=True)``, the margin with ``new`` in their
+  places and, in every other leaf's (a PRNG key, an integer), its own or ``None``."""
+  leaves, treedef = jax.tree.flatten(margin)
+  floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+
+  def rebuild(new, keep_others=True):
+    new = iter(new)
+    return treedef.unflatten([
+        next(new) if is_floating else (leaf if keep_others else None)
+        for leaf, is_floating in zip(leaves, floating)])
+
+  return [leaf for leaf, is_floating in zip(leaves, floating) if is_floating], rebuild
 
 
 _chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
@@ -649,7 +667,7 @@ def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
   if all(axis_types[a] == jax.sharding.AxisType.Explicit for a in _axes(axis_name)):
     # Explicit axes are part of the inputs' types: split them as the engine needs (Auto axes
     # leave it to ``shard_map``). A replicated input is sliced where it lies, without traffic.
-    x, w, labels = jax.reshard((x, w, labels), spec)
+    x, w, labels = jax.reshard((x, w, labels), jax.NamedSharding(engine.mesh, spec))
   key = jax.random.key(0) if key is None else key
   margin = jax.tree.map(jnp.asarray, margin)
 

@@ -5,6 +5,7 @@ margin's loss and gradients at once.
 """
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,17 @@ def make_inputs(num_classes, padded_classes, seed=0):
 FEW_MARGINS = ("arcface", "curricularface", "lsoftmax", "subcenter_arcface")
 
 
+def floating_fields(margin):
+  """A margin's floating parameters and state by field name: what a gradient reaches."""
+  values = {field.name: getattr(margin, field.name) for field in dataclasses.fields(margin)
+            if not field.metadata.get("static") and getattr(margin, field.name) is not None}
+  return {name: jnp.asarray(value, jnp.float32) for name, value in values.items()
+          if jnp.issubdtype(jnp.result_type(value), jnp.inexact)}
+
+
 def all_losses_and_grads(engine, num_classes, key=None, names=tuple(MARGINS)):
-  """One program: the margins' losses, gradients (x, W) and updated margins."""
+  """One program: the margins' losses, gradients (x, W, the margin's floating fields) and
+  updated margins."""
 
   def run(x, w2, w3, labels):
     out = {}
@@ -61,12 +71,13 @@ def all_losses_and_grads(engine, num_classes, key=None, names=tuple(MARGINS)):
       margin = MARGINS[name]
       w = w3 if name == "subcenter_arcface" else w2
 
-      def mean_loss(x_, w_, margin=margin):
-        losses, new_margin = engine(x_, w_, labels, margin, num_classes=num_classes, key=key)
+      def mean_loss(x_, w_, fields, margin=margin):
+        losses, new_margin = engine(x_, w_, labels, dataclasses.replace(margin, **fields),
+                                    num_classes=num_classes, key=key)
         return jnp.mean(losses), (losses, new_margin)
 
       (_, (losses, new_margin)), grads = jax.value_and_grad(
-          mean_loss, argnums=(0, 1), has_aux=True)(x, w)
+          mean_loss, argnums=(0, 1, 2), has_aux=True)(x, w, floating_fields(margin))
       out[name] = (losses, grads, new_margin)
     return out
 
@@ -84,12 +95,15 @@ def dense_results():
 
 
 def assert_matches_dense(got, want, num_classes):
-  for name, (losses, (gx, gw), new_margin) in got.items():
-    want_losses, (want_gx, want_gw), want_margin = want[name]
+  for name, (losses, (gx, gw, gfields), new_margin) in got.items():
+    want_losses, (want_gx, want_gw, want_gfields), want_margin = want[name]
     gw = np.asarray(gw)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(gw[:num_classes], want_gw, rtol=1e-5, atol=1e-6, err_msg=name)
+    for field, want_g in want_gfields.items():  # e.g. a learnt scale (NormFace)
+      np.testing.assert_allclose(gfields[field], want_g, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name}.{field}")
     assert not np.any(gw[num_classes:]), f"{name}: padding rows got a gradient"
     for leaf, want_leaf in zip(jax.tree.leaves(new_margin), jax.tree.leaves(want_margin)):
       if jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
@@ -262,6 +276,17 @@ def test_sharded_explicit_axes(dense_results, split_inputs):
     got = run(put(x), put(w2), put(w3), put(labels))
   assert_matches_dense(got, dense_results[13], 13)
   assert got["arcface"][1][1].sharding.is_equivalent_to(put(w2).sharding, 2)  # dW is split like W
+
+
+def test_chunked_with_the_batch_split_over_explicit_axes(dense_results):
+  # Data parallel: each device runs the chunks over its examples against the whole of W.
+  mesh = make_mesh(4, AxisType.Explicit)
+  x, w2, w3, labels = make_inputs(13, 13)
+  split = lambda a: jax.device_put(a, NamedSharding(mesh, jax.P("devices")))  # noqa: E731
+  run = all_losses_and_grads(margins.chunked(5), 13, names=FEW_MARGINS)
+  with jax.set_mesh(mesh):
+    got = run(split(x), w2, w3, split(labels))
+  assert_matches_dense(got, dense_results[13], 13)
 
 
 def test_sharded_program_never_gathers_weights():
