@@ -573,7 +573,11 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
 
   ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid).
   """
-  floor_dtype = _common.common_float_dtype(x, w)  # float16 anywhere: the float16 floor
+  matmul_dtype = engine.matmul_dtype or _common.common_float_dtype(x, w)
+  # Norms are floored for the dtype the matmuls run in: float16 multiplies cotangents scaled by
+  # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
+  floor_dtype = (matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16
+                 else _common.common_float_dtype(x, w))
   dtype = _common.compute_dtype(x)
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
@@ -586,7 +590,6 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name)
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
-  matmul_dtype = engine.matmul_dtype or _common.common_float_dtype(x, w)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)

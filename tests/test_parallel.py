@@ -322,6 +322,33 @@ def test_sharded_rejects_bad_shapes():
     margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(), num_classes=17)
 
 
+@pytest.mark.parametrize("engine", [
+    margins.chunked(5), margins.chunked(5, matmul_dtype=jnp.bfloat16),
+    margins.chunked(5, matmul_dtype=jnp.float16), margins.chunked(5, sample_rate=0.5),
+    margins.sharded(make_mesh(2), chunk_size=4)],
+    ids=["chunked", "bfloat16", "float16", "sampled", "sharded"])
+def test_engines_are_finite_at_the_edges(engine):
+  # A zero embedding, embeddings at cos = +1 and -1 to their centre, one on a zero centre, and
+  # a huge scale: finite losses and gradients, as the loss zoo's dense engine gives.
+  w = np.array(jax.random.normal(KEY, (12, 8)))
+  w[3] = 0
+  x = np.stack([np.zeros(8), w[5], -w[7], np.ones(8)]).astype(np.float32)
+  labels = np.array([0, 5, 7, 3], np.int32)
+  edge_margins = [MARGINS[name] for name in (
+      "arcface", "curricularface", "sphereface", "lsoftmax", "cosface", "adaface", "magface")]
+  edge_margins.append(margins.ArcFace(scale=1e4))
+
+  @jax.jit
+  def values_and_grads(x, w):
+    return [jax.value_and_grad(
+        lambda x_, w_, m=margin: jnp.mean(engine(x_, w_, labels, m, key=KEY)[0]),
+        argnums=(0, 1))(x, w) for margin in edge_margins]
+
+  for margin, leaves in zip(edge_margins, values_and_grads(x, w)):
+    for leaf in jax.tree.leaves(leaves):
+      assert np.all(np.isfinite(leaf)), margin
+
+
 def test_engine_rejects_bad_settings():
   with pytest.raises(ValueError, match="chunk_size"):
     margins.chunked(0)
