@@ -289,15 +289,19 @@ def test_chunked_with_the_batch_split_over_explicit_axes(dense_results):
   assert_matches_dense(got, dense_results[13], 13)
 
 
-def test_sharded_program_never_gathers_weights():
-  mesh = make_mesh(8)
-  num_classes, rows = 50, 64  # W [64, 6] is sharded 8 x [8, 6]; the batch is [16, 6]
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_program_never_gathers_weights(axis_type):
+  mesh = make_mesh(8, axis_type)
+  num_classes, rows = 50, 64  # W [64, 16] is sharded 8 x [8, 16]; the batch is [16, 16]
   engine = margins.sharded(mesh, chunk_size=3)
-  x = jax.ShapeDtypeStruct((B, D), jnp.float32)
-  w = jax.ShapeDtypeStruct((rows, D), jnp.float32)
-  labels = jax.ShapeDtypeStruct((B,), jnp.int32)
+  # Under Explicit axes the inputs' types carry the split (Auto: left to the compiler).
+  split = NamedSharding(mesh, jax.P("devices")) if axis_type == AxisType.Explicit else None
+  x = jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=split)
+  w = jax.ShapeDtypeStruct((rows, D), jnp.float32, sharding=split)
+  labels = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=split)
   loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=50)[0])  # noqa
-  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile().as_text()
+  with jax.set_mesh(mesh):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile().as_text()
   found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
   gathers = [shape for op, shape in found if op == "all-gather"]
   assert gathers, "the embeddings and labels should be all-gathered"
