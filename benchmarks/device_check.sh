@@ -6,11 +6,14 @@
 #
 #   bash benchmarks/device_check.sh                  # output also in $OUT/engines.txt if set
 #   CLASSES="20000" bash benchmarks/device_check.sh  # a quick try on any machine
+#
+# Further arguments go to engines.py (e.g. --profile); PYTHON picks the interpreter (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="${OUT:-$(mktemp -d)}/engines.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+python="${PYTHON:-python3}"
+"$python" -c "import jax; print('jax', jax.__version__, jax.devices())"
 # shellcheck disable=SC2086  # CLASSES is a list of numbers
-python3 benchmarks/engines.py --classes ${CLASSES:-1000000 2000000 4000000} --chunk-sizes 8192 \
+"$python" benchmarks/engines.py --classes ${CLASSES:-1000000 2000000 4000000} --chunk-sizes 8192 \
   --max-temp-gb 60 --repeats 5 "$@" 2>&1 | tee "$log"

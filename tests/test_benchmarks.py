@@ -53,6 +53,21 @@ def test_engines_prints_every_engine_against_the_floor():
   assert re.search(r"float32 chunked \(128\): C=20,000: \d+, C=40,000: \d+", output)
 
 
+def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", OUT=str(tmp_path),
+             PYTHON=sys.executable)
+  result = subprocess.run(
+      ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
+       "--repeats", "1", "--dtypes", "float32"],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert result.stdout.startswith("jax ")
+  with open(tmp_path / "engines.txt") as log:
+    output = log.read()
+  assert "C=3,000, B=8, D=16, float32, 1 interleaved rounds" in output
+  assert {"floor (3 matmuls)", "chunked (8192)"} <= set(_table_rows(output))
+
+
 def test_engines_profile_names_each_programs_ops_and_their_calls():
   output = _run("engines.py", "--classes", "2000", "--batch", "8", "--dim", "16", "--repeats",
                 "1", "--chunk-sizes", "128", "--dtypes", "float32", "--profile")
