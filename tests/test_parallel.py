@@ -125,8 +125,8 @@ def test_every_margin_chunked_equals_dense(dense_results, keep_scores):
 
 
 @pytest.mark.parametrize("engine", [
-    margins.dense(), margins.chunked(5), margins.chunked(5, keep_scores=False), margins.chunked(5, sample_rate=0.5),
-    margins.sharded(make_mesh(2), chunk_size=5),
+    margins.dense(), margins.chunked(5), margins.chunked(5, keep_scores=False),
+    margins.chunked(5, sample_rate=0.5), margins.sharded(make_mesh(2), chunk_size=5),
     margins.sharded(make_mesh(2, AxisType.Explicit), chunk_size=5)],
     ids=["dense", "kept", "recomputed", "sampled", "sharded", "sharded-explicit"])
 def test_engines_under_vmap_equal_each_problem_alone(engine):
@@ -275,7 +275,7 @@ def test_sharded_explicit_axes(dense_results, split_inputs):
   with jax.set_mesh(mesh):
     got = run(put(x), put(w2), put(w3), put(labels))
   assert_matches_dense(got, dense_results[13], 13)
-  assert got["arcface"][1][1].sharding.is_equivalent_to(put(w2).sharding, 2)  # dW is split like W
+  assert got["arcface"][1][1].sharding.is_equivalent_to(put(w2).sharding, 2)  # dW sharded like W
 
 
 def test_chunked_with_the_batch_split_over_explicit_axes(dense_results):
