@@ -573,11 +573,11 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
 
   ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid).
   """
-  matmul_dtype = engine.matmul_dtype or _common.common_float_dtype(x, w)
+  input_dtype = _common.common_float_dtype(x, w)
+  matmul_dtype = engine.matmul_dtype or input_dtype
   # Norms are floored for the dtype the matmuls run in: float16 multiplies cotangents scaled by
   # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
-  floor_dtype = (matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16
-                 else _common.common_float_dtype(x, w))
+  floor_dtype = matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16 else input_dtype
   dtype = _common.compute_dtype(x)
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
