@@ -148,7 +148,8 @@ def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
             matmul_dtype: Any = None, keep_scores: bool = True) -> SoftmaxEngine:
   """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel.
 
-  Under Explicit axes the inputs are resharded to that split if they arrive otherwise.
+  Under Explicit mesh axes (all or some) the inputs are resharded to that split if they arrive
+  otherwise, and the losses come back split as the labels came.
   """
   axis_name = tuple(mesh.axis_names) if axis_name is None else axis_name
   return SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
@@ -666,11 +667,16 @@ def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
                      f"{axis_name!r}.")
   rows_per_shard = w.shape[0] // shards
   spec = jax.P(axis_name)
-  axis_types = dict(zip(engine.mesh.axis_names, engine.mesh.axis_types))
-  if all(axis_types[a] == jax.sharding.AxisType.Explicit for a in _axes(axis_name)):
-    # Explicit axes are part of the inputs' types: split them as the engine needs (Auto axes
-    # leave it to ``shard_map``). A replicated input is sliced where it lies, without traffic.
-    x, w, labels = jax.reshard((x, w, labels), jax.NamedSharding(engine.mesh, spec))
+  explicit = [a for a, kind in zip(engine.mesh.axis_names, engine.mesh.axis_types)
+              if kind == jax.sharding.AxisType.Explicit]
+  if explicit:
+    # Explicit axes are part of the inputs' types: split the inputs over the engine's Explicit
+    # axes only (``shard_map`` splits them over its Auto axes) and give the losses back split as
+    # the labels came. A replicated input is sliced where it lies, without traffic.
+    batch_sharding = jax.NamedSharding(engine.mesh, jax.typeof(labels).sharding.spec)
+    engine_explicit = tuple(a for a in _axes(axis_name) if a in explicit)
+    x, w, labels = jax.reshard(
+        (x, w, labels), jax.NamedSharding(engine.mesh, jax.P(engine_explicit or None)))
   key = jax.random.key(0) if key is None else key
   margin = jax.tree.map(jnp.asarray, margin)
 
@@ -686,6 +692,7 @@ def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
     batch = x.shape[0]
     return jax.lax.dynamic_slice_in_dim(losses, shard * batch, batch), margin
 
-  return jax.shard_map(
+  losses, margin = jax.shard_map(
       body, mesh=engine.mesh, in_specs=(spec, spec, spec, jax.P(), jax.P()),
       out_specs=(spec, jax.P()))(x, w, labels, margin, key)
+  return (jax.reshard(losses, batch_sharding) if explicit else losses), margin

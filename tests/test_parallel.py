@@ -278,6 +278,34 @@ def test_sharded_explicit_axes(dense_results, split_inputs):
   assert got["arcface"][1][1].sharding.is_equivalent_to(put(w2).sharding, 2)  # dW sharded like W
 
 
+E, A = AxisType.Explicit, AxisType.Auto
+
+
+@pytest.mark.parametrize("axis_types, engine_axes, batch_axis", [
+    ((E, E), "a", "b"), ((E, E), ("a", "b"), "a"), ((E, A), "b", "a"), ((E, A), ("a", "b"), None),
+    ((A, E), ("a", "b"), "a"), ((A, E), "a", "b")])
+def test_sharded_on_two_axes_of_mixed_types(axis_types, engine_axes, batch_axis):
+  # Classes over some axes of a 2 x 4 mesh, the batch arriving split over another (or none).
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=axis_types, devices=jax.devices()[:8])
+  x, w, _, labels = make_inputs(13, 16)
+  loss = lambda engine: jax.jit(jax.value_and_grad(  # noqa: E731
+      lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=13)[0]),
+      argnums=(0, 1)))
+  want_loss, want_grads = loss(margins.dense())(x, w, labels)
+  batch = NamedSharding(mesh, jax.P(batch_axis))
+  with jax.set_mesh(mesh):
+    x_in, labels_in = jax.device_put((x, labels), batch)
+    losses = jax.jit(lambda *a: margins.sharded(mesh, engine_axes, chunk_size=3)(
+        *a, margins.ArcFace(), num_classes=13)[0])(x_in, w, labels_in)
+    got_loss, got_grads = loss(margins.sharded(mesh, engine_axes, chunk_size=3))(
+        x_in, w, labels_in)
+  if E in axis_types:  # The losses come back split as the labels came.
+    assert losses.sharding.is_equivalent_to(labels_in.sharding, 1)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_with_the_batch_split_over_explicit_axes(dense_results):
   # Data parallel: each device runs the chunks over its examples against the whole of W.
   mesh = make_mesh(4, AxisType.Explicit)
