@@ -118,6 +118,12 @@ class SoftmaxEngine:
     if self.sample_rate < 1 and key is None:
       raise ValueError("`key` is required when `sample_rate` < 1 (Partial FC sampling).")
     if self.mesh is None:
+      class_axes = jax.typeof(weights).sharding.spec[0]
+      if class_axes is not None:
+        raise ValueError(
+            f"`weights` are split over the mesh axes {class_axes!r} on the class dimension (an "
+            f"Explicit sharding); split the classes with margins.sharded(mesh, {class_axes!r}) "
+            "or replicate `weights`.")
       losses, margin = _local_loss(
           embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)
     else:

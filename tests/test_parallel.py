@@ -352,6 +352,13 @@ def test_sharded_rejects_bad_shapes():
     margins.sharded(mesh, "model")
   with pytest.raises(ValueError, match="num_classes"):
     margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(), num_classes=17)
+  explicit = make_mesh(8, AxisType.Explicit)
+  with jax.set_mesh(explicit):  # W split on classes, but a one-device engine
+    split_w = jax.device_put(w2, NamedSharding(explicit, jax.P("devices")))
+    for engine in (margins.dense(), margins.chunked(5)):
+      with pytest.raises(ValueError, match=r"margins.sharded\(mesh, 'devices'\)"):
+        jax.jit(lambda w_, e=engine: margins.margin_softmax_loss(
+            x, w_, labels, margins.ArcFace(), engine=e, num_classes=13))(split_w)
 
 
 @pytest.mark.parametrize("engine", [
