@@ -369,6 +369,36 @@ def test_source_header_variants(tmp_path):
   assert source.image_keys.tolist() == [1, 2] and source.identity_ranges() is None
 
 
+def test_source_past_2_to_the_24_images_where_float32_header_labels_are_rounded(tmp_path):
+  # Glint360K and WebFace42M have more than 2**24 images, so the header's float32 labels
+  # [N + 1, N + 1 + K] are rounded: here 2**24 + 3 is stored as 2**24 + 4. Every image key
+  # points to one image record, so that only the index is large.
+  num_images, num_identities = 2**24 + 2, 2
+  first_identity = num_images + 1
+  header = recordio.IRHeader(0, [first_identity, first_identity + num_identities], 0)
+  assert recordio.unpack(recordio.pack(header, b""))[0].label[0] == first_identity + 1
+  rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+  with open(rec, "wb") as file:
+    file.write(recordio.frame(recordio.pack(header, b"")))
+    image_offset = file.tell()
+    image = encode_image(_smooth_image(0, 8), image_format="png")
+    file.write(recordio.frame(recordio.pack(recordio.IRHeader(0, 1.0, 1), image)))
+    identity_offsets = [file.tell()]
+    file.write(recordio.frame(recordio.pack(recordio.IRHeader(0, [1, 2], 0), b"")))
+    identity_offsets.append(file.tell())
+    file.write(recordio.frame(recordio.pack(recordio.IRHeader(0, [2, first_identity], 0), b"")))
+  with open(idx, "w") as file:
+    file.write("0\t0\n")
+    file.write(f"\t{image_offset}\n".join(map(str, range(1, first_identity))))
+    file.write(f"\t{image_offset}\n")
+    file.writelines(f"{first_identity + k}\t{offset}\n" for k, offset in
+                    enumerate(identity_offsets))
+  source = recordio.RecordIOSource(str(rec), num_classes=2)
+  assert len(source) == num_images and source.image_keys[-1] == num_images
+  assert int(source[num_images - 1]["label"]) == 1  # The last image, not an identity record.
+  assert source.identity_ranges().tolist() == [[1, 2], [2, first_identity + 1]]  # As stored.
+
+
 def test_source_without_images_is_an_error(tmp_path):
   rec, idx = str(tmp_path / "empty.rec"), str(tmp_path / "empty.idx")
   with recordio.RecordIOWriter(rec, idx) as writer:

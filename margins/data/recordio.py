@@ -27,7 +27,7 @@ import functools
 import os
 import struct
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -205,9 +205,10 @@ def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     raise RecordIOError(f"{idx_path}: index lines must be 'key<TAB>byte_offset', found "
                         f"{table.shape[1]} columns.")
   keys, offsets = table[:, 0].copy(), table[:, 1].copy()
-  unique, counts = np.unique(keys, return_counts=True)
-  if (counts > 1).any():
-    raise RecordIOError(f"{idx_path}: keys repeat, e.g. {unique[counts > 1][:5].tolist()}.")
+  if not np.all(keys[1:] > keys[:-1]):  # Keys written in order cannot repeat (no sort needed).
+    unique, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+      raise RecordIOError(f"{idx_path}: keys repeat, e.g. {unique[counts > 1][:5].tolist()}.")
   return keys, offsets
 
 
@@ -337,13 +338,31 @@ class RecordIOReader:
     self._order = None if in_order else np.argsort(self.keys)
     self._sorted_keys = self.keys if in_order else self.keys[self._order]
 
+  def __contains__(self, key: int) -> bool:
+    """Whether the index lists ``key``."""
+    return self._position(key) is not None
+
+  def missing(self, keys: np.ndarray) -> np.ndarray:
+    """The ``keys`` that the index does not list (a binary search each: fast for sorted
+    ``keys``, as a set difference of tens of millions of keys is not)."""
+    if not len(self._sorted_keys):
+      return keys
+    positions = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+    return keys[self._sorted_keys[positions] != keys]
+
   def offset(self, key: int) -> int:
     """Byte offset of the record with this key (``KeyError`` when the index lacks it)."""
-    position = int(np.searchsorted(self._sorted_keys, key))
-    if position == len(self._sorted_keys) or self._sorted_keys[position] != key:
+    position = self._position(key)
+    if position is None:
       where = "no index was given" if self.idx_path is None else f"not in {self.idx_path}"
       raise KeyError(f"record key {key}: {where}.")
     return int(self.offsets[position if self._order is None else self._order[position]])
+
+  def _position(self, key: int) -> int | None:
+    position = int(np.searchsorted(self._sorted_keys, key))
+    if position == len(self._sorted_keys) or self._sorted_keys[position] != key:
+      return None
+    return position
 
   def read(self, key: int) -> bytes:
     """The payload of the record with this key."""
@@ -494,18 +513,20 @@ class RecordIOSource:
     header, data = self._unpack(0) if 0 in self.reader.keys else (None, None)
     self._identity_keys = None
     if header is not None and header.flag > 0 and not data:
-      image_end = int(header.label[0])
+      image_end = self._stored_key(
+          header.label[0], lambda key: key not in self.reader or self._is_identity_record(key))
       self.image_keys = np.arange(1, image_end, dtype=np.int64)
-      missing = np.setdiff1d(self.image_keys, self.reader.keys)
+      missing = self.reader.missing(self.image_keys)
       if missing.size:
         raise RecordIOError(
             f"{self.idx_path}: the header record (key 0) announces image keys 1..{image_end - 1}, "
             f"but keys {missing[:5].tolist()} are not in the index.")
       # Identity records [N + 1, N + 1 + K), when the header gives their range and they exist
       # (some tools write labels [N + 1, K] and no identity records).
-      identity_end = int(header.label[1]) if header.flag > 1 else image_end
+      identity_end = image_end if header.flag < 2 else self._stored_key(
+          header.label[1], lambda key: key not in self.reader or not self._is_identity_record(key))
       identity_keys = np.arange(image_end, identity_end, dtype=np.int64)
-      if identity_keys.size and np.isin(identity_keys, self.reader.keys).all():
+      if identity_keys.size and not self.reader.missing(identity_keys).size:
         self._identity_keys = identity_keys
     else:
       self.image_keys = self.reader.keys
@@ -558,11 +579,33 @@ class RecordIOSource:
 
   def identity_ranges(self) -> np.ndarray | None:
     """``int64 [K, 2]``: identity ``k``'s images are keys ``[start, end)``; ``None`` when the
-    files hold no identity records."""
+    files hold no identity records.
+
+    As stored: float32, so keys past ``2**24`` may be off by the rounding of the writer.
+    """
     if self._identity_keys is None:
       return None
     ranges = [self._unpack(int(key))[0].label[:2] for key in self._identity_keys]
     return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+
+  def _stored_key(self, stored: float, is_key: Callable[[int], bool]) -> int:
+    """The key that a header record's float32 label ``stored`` names.
+
+    float32 holds every integer up to ``2**24``; past that (Glint360K's 17.1M images, WebFace42M's
+    42.5M) the writer rounded the key to the nearest float32, and the key is the first one within
+    that rounding of ``stored`` for which ``is_key`` holds.
+    """
+    rounding = int(np.spacing(np.float32(stored))) // 2
+    for key in range(int(stored) - rounding, int(stored) + rounding + 1):
+      if not rounding or is_key(key):
+        return key
+    raise RecordIOError(
+        f"{self.rec_path}: the header record (key 0) names key {int(stored)} (a float32, "
+        f"exact to +-{rounding}), but no key near it starts or ends the identity records.")
+
+  def _is_identity_record(self, key: int) -> bool:
+    header, data = self._unpack(key)
+    return header.flag > 0 and not data
 
   def _unpack(self, key: int) -> tuple[IRHeader, bytes]:
     try:
