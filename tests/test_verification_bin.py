@@ -77,12 +77,13 @@ def test_python3_pickles_load(tmp_path, protocol):
   assert issame.tolist() == [False, True, True]
 
 
-def test_numpy_buffers_and_bool_array_load(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 5 pickles arrays through ``_frombuffer``
+def test_numpy_buffers_and_bool_array_load(tmp_path, protocol):
   images = _images(2)
   bins = [np.frombuffer(_png(image), np.uint8) for image in images]  # As cv2.imencode returns.
   path = tmp_path / "np.bin"
   with open(path, "wb") as file:
-    pickle.dump((bins, np.array([True])), file)
+    pickle.dump((bins, np.array([True])), file, protocol=protocol)
   loaded, issame = verification_bin.load_bin(path)
   np.testing.assert_array_equal(loaded, images)
   assert issame.tolist() == [True]

@@ -18,13 +18,15 @@ import numpy as np
 from margins.data import image_folder
 
 # Globals a .bin pickle may name: Python 3's protocol-2 encoding of bytes, bytearray, and what
-# NumPy needs to rebuild arrays and scalars (NumPy 1 and 2 module names).
+# NumPy needs to rebuild arrays and scalars (``_frombuffer``: arrays pickled with protocol 5;
+# NumPy 1 and 2 module names).
 _ALLOWED_GLOBALS = frozenset(
     [("_codecs", "encode"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
      ("numpy", "dtype"), ("numpy", "ndarray")]
-    + [(module, name)
-       for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for name in ("_reconstruct", "scalar")])
+    + [(f"numpy.{core}.{module}", name)
+       for core in ("core", "_core")
+       for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                            ("numeric", "_frombuffer"))])
 
 
 class _BinUnpickler(pickle.Unpickler):
@@ -32,8 +34,8 @@ class _BinUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str):
     if (module, name) not in _ALLOWED_GLOBALS:
       raise pickle.UnpicklingError(f"a verification .bin may not reference {module}.{name}")
-    if module == "numpy.core.multiarray":  # NumPy 1's name; NumPy 2 warns when it is imported.
-      module = "numpy._core.multiarray"
+    if module.startswith("numpy.core."):  # NumPy 1's names; NumPy 2 warns when they are imported.
+      module = module.replace("numpy.core.", "numpy._core.", 1)
     return super().find_class(module, name)
 
 
