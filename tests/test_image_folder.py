@@ -1,5 +1,6 @@
 """Tests of the image codec and the image-folder source."""
 
+import io
 import os
 import pickle
 import re
@@ -46,6 +47,16 @@ def test_decode_converts_and_resizes_like_pillow():
   expected_small = np.asarray(pil.resize((6, 4), PIL.Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(4, 6, 3)),
                                 expected_small)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_greyscale_png_is_scaled_to_8_bits(channels):
+  # As OpenCV and MXNet decode it: the high byte (Pillow's own conversion clips at 255).
+  grey = np.arange(0, 256, 16, dtype=np.uint8).reshape(2, 8)
+  encoded = io.BytesIO()
+  PIL.Image.fromarray(grey.astype(np.uint16) * 256 + 100).save(encoded, format="PNG")
+  decoded = image_folder.decode_image(encoded.getvalue(), image_shape=(2, 8, channels))
+  np.testing.assert_array_equal(decoded, np.repeat(grey[:, :, None], channels, axis=2))
 
 
 def test_codec_rejects_bad_input():

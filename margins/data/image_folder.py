@@ -61,13 +61,21 @@ def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np
   channels = 3 if shape is None else shape[2]
   try:
     with PIL.Image.open(io.BytesIO(data)) as opened:
-      image = opened.convert(_MODES[channels])
+      image = _eight_bit(opened).convert(_MODES[channels])
   except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad image data.
     raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
   if shape is not None and image.size != (shape[1], shape[0]):
     image = image.resize((shape[1], shape[0]), PIL.Image.Resampling.BILINEAR)
   width, height = image.size
   return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+
+
+def _eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+  """16-bit greyscale (Pillow's modes ``I;16*`` and ``I``) scaled to 8 bits, as OpenCV and
+  MXNet decode it (Pillow's ``convert`` would clip every value above 255); others as they are."""
+  if image.mode != "I" and not image.mode.startswith("I;16"):
+    return image
+  return PIL.Image.fromarray((np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8))
 
 
 def encode_image(image: np.ndarray, *, image_format: str = "jpeg", quality: int = 95) -> bytes:
