@@ -114,7 +114,7 @@ class SoftmaxEngine:
     if not 0 < num_classes <= rows_total:
       raise ValueError(f"`num_classes` must be in [1, {rows_total}] (rows of `weights`), got "
                        f"{num_classes}.")
-    _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
+    labels = _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
     if self.sample_rate < 1 and key is None:
       raise ValueError("`key` is required when `sample_rate` < 1 (Partial FC sampling).")
     if self.mesh is None:
@@ -325,8 +325,11 @@ def _target_rows(x_unit, norms, w, local_labels, floor_dtype, axis_name) -> Rows
   zero = jnp.zeros_like(cos)
   cos, weight_norm = jnp.where(owned, cos, zero), jnp.where(owned, weight_norm, zero)
   if axis_name is not None:
-    cos, weight_norm = jax.lax.psum((cos, weight_norm), axis_name)
-  return Rows(cos=jnp.clip(cos, -1, 1), embedding_norm=norms, weight_norm=weight_norm)
+    cos, weight_norm, owners = jax.lax.psum(
+        (cos, weight_norm, owned.astype(jnp.int32)), axis_name)
+    owned = owners > 0
+  return Rows(cos=jnp.clip(cos, -1, 1), embedding_norm=norms, weight_norm=weight_norm,
+              valid=owned)
 
 
 def _combine(max_, sum_, axis_name):
@@ -600,10 +603,10 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)
-  scored_rows, stabilizer = rows, target
+  scored_rows, stabilizer = rows._replace(valid=None), target  # Scoring needs no mask.
   if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
     x_in, scored_rows, stabilizer = jax.lax.pcast(
-        (x_in, rows, target), _axes(axis_name), to="varying")
+        (x_in, scored_rows, target), _axes(axis_name), to="varying")
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
   if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:

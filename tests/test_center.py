@@ -90,6 +90,21 @@ def test_out_of_range_labels():
                              rtol=1e-6, atol=1e-7)
 
 
+def test_uint8_labels_of_256_classes_and_numpy_centres():
+  # Every label is valid (255 < 256): the comparison with the class count must not wrap.
+  x, _ = make_inputs()
+  centers = np.random.default_rng(1).normal(size=(256, D)).astype(np.float32)
+  labels = LABELS.copy(); labels[0] = 255
+  want_loss = center.center_loss(x, centers, labels)
+  want_centers = center.update_centers(jnp.asarray(centers), x, labels)
+  for narrow in (labels.astype(np.uint8), jnp.asarray(labels, jnp.uint8)):
+    np.testing.assert_allclose(jax.jit(center.center_loss)(x, centers, narrow), want_loss,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(center.update_centers(centers, x, narrow), want_centers)
+  np.testing.assert_allclose(want_centers, ref_update_centers(centers, x, labels, 0.5),
+                             rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.1, 1.0])
 def test_update_centers_matches_the_paper(alpha):
   x, centers = make_inputs(3)

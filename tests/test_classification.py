@@ -338,6 +338,38 @@ def test_out_of_range_label_is_nan_under_jit():
     assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
 
 
+def test_batch_statistics_leave_out_examples_with_out_of_range_labels():
+  # Under jit an out-of-range label's loss is NaN, and CurricularFace's t and AdaFace's norm
+  # statistics are those of the other examples.
+  x, w, labels = make_inputs(norm_scale=10.0)
+  labels_bad = labels.copy(); labels_bad[3] = C + 5
+  keep = np.delete(np.arange(B), 3)
+  _, t = jax.jit(margins.curricularface_loss)(x, w, labels_bad, 0.3)
+  _, want_t = reference.curricularface(x[keep], w, labels[keep], t=0.3)
+  np.testing.assert_allclose(t, want_t, rtol=1e-6)
+  state = margins.AdaFaceState(norm_mean=15.0, norm_std=40.0)
+  _, new_state = jax.jit(functools.partial(margins.adaface_loss, t_alpha=0.3))(
+      x, w, labels_bad, state)
+  _, want_state = reference.adaface(x[keep], w, labels[keep], 15.0, 40.0, t_alpha=0.3)
+  np.testing.assert_allclose(new_state, want_state, rtol=1e-5)
+  # No valid example: the state stays.
+  _, t = jax.jit(margins.curricularface_loss)(x, w, np.full(B, C, np.int32), 0.3)
+  assert t == np.float32(0.3)
+
+
+@pytest.mark.parametrize("dtype,num_classes", [(np.uint8, 256), (np.int8, 300), (np.int16, 70000)])
+def test_narrow_integer_labels_equal_int32_labels(dtype, num_classes):
+  # Every label is valid: comparing them with the class count must not wrap in their dtype.
+  x, w, labels = make_inputs(classes=num_classes)
+  largest = np.iinfo(dtype).max
+  labels = labels % (largest + 1)
+  labels[2] = largest
+  want = margins.arcface_loss(x, w, labels)
+  for loss_fn in (margins.arcface_loss, jax.jit(margins.arcface_loss)):
+    np.testing.assert_allclose(loss_fn(x, w, labels.astype(dtype)), want, rtol=1e-6)
+  np.testing.assert_array_equal(margins.arcface_loss(x, w, labels.tolist()), want)  # a list
+
+
 @pytest.mark.parametrize("x_shape,w_shape,labels,error,match", [
     ((B,), (C, D), np.zeros(B, np.int32), ValueError, "embeddings"),
     ((B, D, 1), (C, D), np.zeros(B, np.int32), ValueError, "embeddings"),

@@ -362,6 +362,23 @@ def test_sharded_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("engine", [
+    margins.chunked(5), margins.chunked(5, sample_rate=0.5),
+    margins.sharded(make_mesh(4), chunk_size=3)], ids=["chunked", "sampled", "sharded"])
+def test_batch_statistics_leave_out_out_of_range_labels(engine):
+  # Under jit: that example's loss is NaN; the state is that of the others (on every shard).
+  x, w2, _, labels = make_inputs(13, 16)
+  bad = labels.copy(); bad[5] = 13
+  keep = np.delete(np.arange(B), 5)
+  for margin in (MARGINS["curricularface"], MARGINS["adaface"]):
+    losses, state = jax.jit(lambda x_, y_, e=engine, m=margin: e(
+        x_, w2, y_, m, num_classes=13, key=KEY))(x, bad)
+    assert np.isnan(losses[5]) and np.isfinite(np.delete(losses, 5)).all()
+    _, want = margins.dense()(x[keep], w2, labels[keep], margin, num_classes=13)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6)
+
+
+@pytest.mark.parametrize("engine", [
     margins.chunked(5), margins.chunked(5, matmul_dtype=jnp.bfloat16),
     margins.chunked(5, matmul_dtype=jnp.float16), margins.chunked(5, sample_rate=0.5),
     margins.sharded(make_mesh(2), chunk_size=4)],

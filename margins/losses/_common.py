@@ -25,12 +25,18 @@ def check_floating(name: str, x: Any, rank: int | tuple[int, ...]) -> None:
     raise TypeError(f"`{name}` must be a floating array, got dtype {jnp.result_type(x)}.")
 
 
-def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> None:
+def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> Any:
   """Raises unless ``labels`` is an integer vector of length ``batch_size``.
 
   When the labels are concrete (not traced) and ``num_classes`` is given, values outside
   ``[0, num_classes)`` raise too.
+
+  Returns:
+    ``labels`` as an array of at least 32 bits, so that comparing them with a class count cannot
+    overflow their dtype (``uint8`` labels and 256 classes).
   """
+  if not isinstance(labels, (jax.Array, np.ndarray)):
+    labels = np.asarray(labels)
   shape = np.shape(labels)
   if len(shape) != 1:
     raise ValueError(f"`labels` must have rank 1 ([batch]), got shape {shape}.")
@@ -38,6 +44,8 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
     raise TypeError(f"`labels` must be integers, got dtype {jnp.result_type(labels)}.")
   if shape[0] != batch_size:
     raise ValueError(f"`labels` has length {shape[0]} but the batch has {batch_size} examples.")
+  if labels.dtype.itemsize < 4:
+    labels = labels.astype(np.int32)
   if num_classes is not None and not isinstance(labels, jax.core.Tracer):
     values = np.asarray(labels)
     bad = (values < 0) | (values >= num_classes)
@@ -45,11 +53,13 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
       raise ValueError(
           f"`labels` must lie in [0, {num_classes}); got {values[bad][:5].tolist()} "
           f"at positions {np.flatnonzero(bad)[:5].tolist()}.")
+  return labels
 
 
 def check_classification_inputs(
-    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
-  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
+    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> Any:
+  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``;
+  returns the labels as :func:`check_labels` does."""
   check_floating("embeddings", embeddings, 2)
   check_floating("weights", weights, weights_rank)
   batch_size, dim = np.shape(embeddings)
@@ -57,7 +67,7 @@ def check_classification_inputs(
     raise ValueError(
         f"`weights` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
         f"(weights are [num_classes, dim], one row per class).")
-  check_labels(labels, batch_size, np.shape(weights)[0])
+  return check_labels(labels, batch_size, np.shape(weights)[0])
 
 
 def common_float_dtype(*arrays: Any) -> jnp.dtype:

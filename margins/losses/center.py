@@ -19,7 +19,8 @@ from margins.losses import _common
 Array = jax.Array
 
 
-def _check_center_inputs(embeddings: Array, centers: Array, labels: Array) -> None:
+def _check_center_inputs(embeddings: Array, centers: Array, labels: Array) -> Array:
+  """Checks the inputs; returns the labels as ``_common.check_labels`` does."""
   _common.check_floating("embeddings", embeddings, 2)
   _common.check_floating("centers", centers, 2)
   batch_size, dim = np.shape(embeddings)
@@ -27,7 +28,7 @@ def _check_center_inputs(embeddings: Array, centers: Array, labels: Array) -> No
     raise ValueError(
         f"`centers` has feature dimension {np.shape(centers)[1]} but `embeddings` has {dim} "
         f"(centers are [num_classes, dim], one row per class).")
-  _common.check_labels(labels, batch_size, np.shape(centers)[0])
+  return _common.check_labels(labels, batch_size, np.shape(centers)[0])
 
 
 def center_loss(embeddings: Array, centers: Array, labels: Array) -> Array:
@@ -54,7 +55,7 @@ def center_loss(embeddings: Array, centers: Array, labels: Array) -> Array:
   References:
     Wen et al., "A Discriminative Feature Learning Approach for Deep Face Recognition", ECCV 2016.
   """
-  _check_center_inputs(embeddings, centers, labels)
+  labels = _check_center_inputs(embeddings, centers, labels)
   dtype = _common.compute_dtype(embeddings, centers)
   in_range = jnp.clip(labels, 0, np.shape(centers)[0] - 1)  # out-of-range losses become NaN
   own_centers = _common.take_rows(jax.lax.stop_gradient(centers), in_range)
@@ -98,7 +99,8 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
     Wen et al., "A Discriminative Feature Learning Approach for Deep Face Recognition", ECCV 2016
     (Algorithm 1).
   """
-  _check_center_inputs(embeddings, centers, labels)
+  labels = _check_center_inputs(embeddings, centers, labels)
+  centers = jnp.asarray(centers)
   if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
   num_classes, batch_size = np.shape(centers)[0], np.shape(labels)[0]

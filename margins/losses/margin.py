@@ -41,10 +41,23 @@ class Rows(NamedTuple):
     cos: ``[B]`` cosine between each embedding and its target class centre, in ``[-1, 1]``.
     embedding_norm: ``[B]`` ``|x|``.
     weight_norm: ``[B]`` ``|W_y|``.
+    valid: ``[B]`` whether the label is in range; batch statistics (:meth:`Margin.prepare`)
+      count only these examples. ``None``: all.
   """
   cos: Array
   embedding_norm: Array
   weight_norm: Array
+  valid: Array | None = None
+
+
+def batch_moments(values: Array, valid: Array | None) -> tuple[Array, Array, Array]:
+  """``(mean, std, count)`` of ``values [B]`` over the examples with ``valid`` labels (all if
+  ``None``); the std with Bessel's correction from two examples on, 0 for one."""
+  valid = jnp.ones(values.shape, bool) if valid is None else valid
+  count = jnp.sum(valid).astype(values.dtype)
+  mean = jnp.sum(jnp.where(valid, values, 0)) / jnp.maximum(count, 1)
+  squares = jnp.sum(jnp.where(valid, jnp.square(values - mean), 0))
+  return mean, jnp.sqrt(squares / jnp.maximum(count - 1, 1)), count
 
 
 def static_field(default: Any) -> Any:
@@ -303,8 +316,9 @@ class CurricularFace(Margin):
   momentum: Array | float = 0.01
 
   def prepare(self, rows):
-    mean_cos = jax.lax.stop_gradient(jnp.mean(rows.cos))
-    return dataclasses.replace(self, t=self.momentum * mean_cos + (1 - self.momentum) * self.t)
+    mean_cos, _, count = batch_moments(jax.lax.stop_gradient(rows.cos), rows.valid)
+    t = self.momentum * mean_cos + (1 - self.momentum) * self.t
+    return dataclasses.replace(self, t=jnp.where(count > 0, t, self.t))
 
   def target_logit(self, rows):
     return self.scale * arcface_cos(rows.cos, self.margin)
@@ -336,12 +350,11 @@ class AdaFace(Margin):
 
   def prepare(self, rows):
     norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
-    batch_mean = jnp.mean(norms)
-    batch_std = jnp.std(norms, ddof=1 if norms.shape[0] > 1 else 0)
-    return dataclasses.replace(
-        self,
-        norm_mean=self.momentum * batch_mean + (1 - self.momentum) * self.norm_mean,
-        norm_std=self.momentum * batch_std + (1 - self.momentum) * self.norm_std)
+    batch_mean, batch_std, count = batch_moments(norms, rows.valid)
+    norm_mean = self.momentum * batch_mean + (1 - self.momentum) * self.norm_mean
+    norm_std = self.momentum * batch_std + (1 - self.momentum) * self.norm_std
+    return dataclasses.replace(self, norm_mean=jnp.where(count > 0, norm_mean, self.norm_mean),
+                               norm_std=jnp.where(count > 0, norm_std, self.norm_std))
 
   def target_logit(self, rows):
     norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
