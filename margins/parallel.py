@@ -305,18 +305,20 @@ def _chunk_logits(scores, w_shape, start, rows, margin, local_labels, num_valid)
   return jnp.where(excluded, -jnp.inf, logits)
 
 
-def _target_rows(x_unit, norms, w, local_labels, floor_dtype, axis_name) -> Rows:
+def _target_rows(x_unit, norms, w, local_labels, floor_dtype, axis_name,
+                 normalize_weights) -> Rows:
   """Cosine to the target centre and the norms, from the gathered target rows of ``w``.
 
   ``local_labels`` is -1 where the target class lives on another shard; the owner's values are
-  summed over ``axis_name``.
+  summed over ``axis_name``. Of sub-centres, the target's is the one every class is scored
+  with: the best cosine, or the best ``<x, W_k>`` when the margin keeps ``W``'s norms.
   """
   owned = local_labels >= 0
   target_w = _common.take_rows(w, jnp.maximum(local_labels, 0)).astype(x_unit.dtype)  # [B, (K,) D]
   if w.ndim == 3:
     norms_k = _common.safe_norm(target_w, floor_dtype=floor_dtype)[..., 0]
     cos_k = jnp.einsum("bd,bkd->bk", x_unit, target_w) / norms_k
-    best = jnp.argmax(cos_k, axis=-1)[:, None]
+    best = jnp.argmax(cos_k if normalize_weights else cos_k * norms_k, axis=-1)[:, None]
     cos = jnp.take_along_axis(cos_k, best, axis=-1)[:, 0]
     weight_norm = jnp.take_along_axis(norms_k, best, axis=-1)[:, 0]
   else:
@@ -597,7 +599,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
     if axis_name is not None:
       key = jax.random.fold_in(key, _shard_index(axis_name))
     w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key)
-  rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name)
+  rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name,
+                      margin.normalize_weights)
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),

@@ -95,6 +95,22 @@ def test_subcenter_arcface_matches_reference():
   np.testing.assert_allclose(got, reference.arcface(x, w, labels), rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("margin", [margins.Softmax(), margins.NormFace(scale=4.0)],
+                         ids=["softmax", "normface"])
+def test_subcentres_score_the_target_as_every_other_class(margin):
+  # Each class scores with its best sub-centre: the best <x, W_k> when W keeps its norms (which
+  # need not be the best cosine: the centres' lengths differ here), the best cosine otherwise.
+  x, w, labels = make_inputs(subcenters=3)
+  w = w * np.random.default_rng(1).uniform(0.2, 5.0, size=w.shape[:2] + (1,)).astype(np.float32)
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  if margin.normalize_weights:
+    x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+    w64 = margin.scale * w64 / np.linalg.norm(w64, axis=2, keepdims=True)
+  scores = np.einsum("bd,ckd->bck", x64, w64).max(axis=2)
+  want = np.log(np.exp(scores).sum(axis=1)) - scores[np.arange(B), labels]
+  np.testing.assert_allclose(margins.margin_softmax_loss(x, w, labels, margin), want, rtol=1e-5)
+
+
 def test_curricularface_value_and_state():
   x, w, labels = make_inputs()
   losses, t = margins.curricularface_loss(x, w, labels, 0.3)
@@ -282,6 +298,11 @@ def test_float64_with_x64():
     got = margins.arcface_loss(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), labels)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, reference.arcface(x, w, labels), rtol=1e-10)
+    # A float32 annealing schedule anneals float64 inputs (strict promotion would refuse a mix).
+    got = margins.sphereface_loss(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64), labels,
+                                  annealing=margins.sphereface_lambda(0))
+    np.testing.assert_allclose(got, reference.sphereface(x, w, labels, annealing=1000.0),
+                               rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------

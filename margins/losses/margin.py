@@ -183,7 +183,9 @@ def sphereface_lambda(
 
 
 def annealed(margin_value: Array, plain_value: Array, annealing: Array | float) -> Array:
-  """``(lambda * plain + margin) / (1 + lambda)``: the annealed target of SphereFace/L-Softmax."""
+  """``(lambda * plain + margin) / (1 + lambda)``: the annealed target of SphereFace/L-Softmax
+  (``lambda`` in the targets' dtype: a float32 :func:`sphereface_lambda` anneals float64 too)."""
+  annealing = jnp.asarray(annealing, jnp.result_type(plain_value))
   return (annealing * plain_value + margin_value) / (1 + annealing)
 
 
