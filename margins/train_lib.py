@@ -218,21 +218,28 @@ def freeze_untouched_rows(inner: optax.GradientTransformation) -> optax.Gradient
 
   Without it, SGD's momentum keeps moving an unsampled row and weight decay shrinks it every
   step (what insightface's current Partial FC does); with it, such a row keeps its value and
-  its optimizer state until it is sampled again (what Partial FC v1 did). Optimizer state leaves
-  shaped like ``W`` are selected row by row; the others (step counts) update as usual.
+  its optimizer state until it is sampled again (what Partial FC v1 did). ``inner`` updates
+  ``W`` alone (its only array leaf: under ``optax.multi_transform`` the other leaves are masked
+  out); optimizer state leaves shaped like ``W`` are selected row by row, the others (step
+  counts) update as usual.
   """
 
   def update(updates, state, params=None):
-    touched = jnp.any(updates != 0, axis=tuple(range(1, updates.ndim)))
+    leaves = jax.tree.leaves(updates)
+    if len(leaves) != 1:
+      raise ValueError(f"freeze_untouched_rows updates one weight matrix; got {len(leaves)} "
+                       "arrays.")
+    shape = leaves[0].shape
+    touched = jnp.any(leaves[0] != 0, axis=tuple(range(1, len(shape))))
     new_updates, new_state = inner.update(updates, state, params)
 
     def select(new, old):
-      if getattr(new, "shape", None) != updates.shape:
+      if getattr(new, "shape", None) != shape:
         return new
       return jnp.where(touched.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
     new_state = jax.tree.map(select, new_state, state)
-    return select(new_updates, jnp.zeros_like(new_updates)), new_state
+    return jax.tree.map(lambda new: select(new, jnp.zeros_like(new)), new_updates), new_state
 
   return optax.GradientTransformation(inner.init, update)
 
@@ -625,6 +632,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   """Errors that name the problem, before anything is built."""
   make_margin(config.loss)
   models.check_name(config.model.name)
+  if config.compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
+                     f"{config.compute_dtype!r} (float16 training would need loss scaling).")
   for name in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
     if value % mesh.size:

@@ -162,6 +162,7 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
     (lambda c: c.engine.update(kind="fused"), "Unknown config.engine.kind 'fused'"),
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
     (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
+    (lambda c: c.update(compute_dtype="float16"), "compute_dtype must be 'float32' or"),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
@@ -180,25 +181,37 @@ def test_learning_rate_schedule_warms_up_then_decays():
                              [0.0, 0.05, 0.1, 0.1 * 0.5**2, 0.0], atol=1e-7)
 
 
-def test_freeze_untouched_rows_keeps_unsampled_rows_and_their_state():
-  inner = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
-  frozen = train_lib.freeze_untouched_rows(inner)
-  params = jnp.arange(12.0).reshape(4, 3) + 1
-  state = frozen.init(params)
+def test_freeze_unsampled_keeps_unsampled_rows_and_their_state():
+  # Through make_optimizer, as training builds it: the head's transform sees W among masked
+  # backbone leaves.
+  config = train_lib.default_config()
+  config.optimizer.update(weight_decay=0.1, momentum=0.9, learning_rate=0.5, grad_clip_norm=None)
+  config.engine.update(sample_rate=0.5, freeze_unsampled=True)
+  frozen = train_lib.make_optimizer(config)
+  config.engine.freeze_unsampled = False
+  plain = train_lib.make_optimizer(config)
+  params = {"backbone": {"kernel": jnp.ones((2, 3))}, "head": jnp.arange(12.0).reshape(4, 3) + 1}
+  states = [frozen.init(params), plain.init(params)]
   history = []
   for rows in ([0, 1, 2, 3], [1, 3]):
-    grads = jnp.zeros_like(params).at[jnp.array(rows)].set(1.0)
-    inner_updates, _ = inner.update(grads, state, params)
-    updates, state = frozen.update(grads, state, params)
-    np.testing.assert_allclose(updates[jnp.array(rows)], inner_updates[jnp.array(rows)])
+    grads = {"backbone": {"kernel": jnp.full((2, 3), 0.5)},
+             "head": jnp.zeros((4, 3)).at[jnp.array(rows)].set(1.0)}
+    (updates, states[0]), (plain_updates, states[1]) = (
+        optimizer.update(grads, state, params)
+        for optimizer, state in zip((frozen, plain), states))
+    np.testing.assert_allclose(updates["backbone"]["kernel"], plain_updates["backbone"]["kernel"])
+    np.testing.assert_allclose(updates["head"][jnp.array(rows)],
+                               plain_updates["head"][jnp.array(rows)])
     params = optax.apply_updates(params, updates)
-    history.append((params, state[1][0].trace))
-  (params_1, trace_1), (params_2, trace_2) = history
+    traces = [leaf for leaf in jax.tree.leaves(states[0]) if leaf.shape == (4, 3)]
+    assert len(traces) == 1  # The momentum of W.
+    history.append((params["head"], traces[0]))
+  (head_1, trace_1), (head_2, trace_2) = history
   untouched = jnp.array([0, 2])
-  np.testing.assert_array_equal(params_2[untouched], params_1[untouched])
+  np.testing.assert_array_equal(head_2[untouched], head_1[untouched])
   np.testing.assert_array_equal(trace_2[untouched], trace_1[untouched])
   assert np.all(np.asarray(trace_1[untouched]) != 0)  # Plain SGD would have moved them on.
-  assert not np.allclose(params_2[jnp.array([1, 3])], params_1[jnp.array([1, 3])])
+  assert not np.allclose(head_2[jnp.array([1, 3])], head_1[jnp.array([1, 3])])
 
 
 @pytest.mark.parametrize("margin, weights_shape", [
