@@ -695,9 +695,37 @@ def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSta
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-  return experiment, restored.state
+    return experiment, restore_state(manager, step, abstract)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
+                  **items: Any) -> Any:
+  """The state of checkpoint ``step`` restored into ``abstract`` (``items``: other restore args;
+  then the whole ``Composite``).
+
+  ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
+  its rows and their optimizer state are padded with zeros or truncated to this mesh's count
+  (the rows past ``num_classes`` never score). Any other difference of shape is an error.
+  """
+  target = _flat_shapes(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True))
+  stored = _flat_shapes(ocp.StandardCheckpointer().metadata(
+      os.path.join(manager.directory, str(step), "state")).item_metadata.tree)
+  head = abstract.params["head"].shape
+  differ = {path: (stored.get(path), shape) for path, shape in target.items()
+            if stored.get(path) != shape}
+  if set(stored) != set(target) or any(
+      old is None or shape != head or old[1:] != head[1:] for old, shape in differ.values()):
+    raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
+                     f"(stored, wanted) shapes {differ}, leaves only stored "
+                     f"{sorted(set(stored) - set(target))}.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract, strict=not differ), **items))
+  return restored if items else restored.state
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -727,9 +755,8 @@ def _train_and_evaluate(config, workdir, mesh):
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
-    state = restored.state
+    state = restore_state(manager, manager.latest_step(), abstract,
+                          data=grain.checkpoint.CheckpointRestore(iterator)).state
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   if jax.process_index() == 0:

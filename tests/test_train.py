@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,42 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   for eight, eight_loss in others:
     assert one_loss == pytest.approx(eight_loss, rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, eight)
+
+
+def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
+  # 6 classes: W has 6 rows split over 2 devices, 8 over 8 (2 padding rows that never score).
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
+  config.checkpoint_every = 2
+  config.engine.kind, config.engine.chunk_size = "sharded", 2
+  config.mesh.shape = (2,)
+  whole, moved = tmp_path / "whole", tmp_path / "moved"
+  train_lib.train_and_evaluate(config, str(whole))
+  shutil.copytree(whole, moved)
+  shutil.rmtree(moved / "checkpoints" / "4")
+  config.mesh.shape = (8,)
+  train_lib.train_and_evaluate(config, str(moved))  # Resumes from step 2 with W padded.
+  want, got = losses_by_step(str(whole)), losses_by_step(str(moved))
+  np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=1e-5)
+  whole_head, moved_head = (np.asarray(train_lib.restore(str(workdir))[1].params["head"])
+                            for workdir in (whole, moved))
+  assert whole_head.shape == moved_head.shape == (8, 32)
+  np.testing.assert_array_equal(whole_head[6:], 0)  # Padded on the 8 devices.
+  np.testing.assert_allclose(moved_head[:6], whole_head[:6], rtol=1e-4, atol=1e-6)
+  # Back to 2 devices: the 8 rows are truncated to 6; any other change of shape is an error.
+  config.mesh.shape = (2,)
+  source, _ = train_lib.make_sources(config.data)
+  with train_lib.checkpoint_manager(str(moved), config) as manager:
+    for dim, error in ((32, None), (16, "does not fit this config")):
+      config.model.embedding_dim = dim
+      _, abstract = train_lib.create_train_state(
+          config, train_lib.make_mesh(config), source.num_classes, source.image_shape,
+          abstract=True)
+      if error:
+        with pytest.raises(ValueError, match=error):
+          train_lib.restore_state(manager, 4, abstract)
+        continue
+      state = train_lib.restore_state(manager, 4, abstract)
+      np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 
 def _train_command(workdir, num_steps, checkpoint_every):
