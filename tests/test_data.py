@@ -357,18 +357,19 @@ def test_checkpoint_restores_the_exact_position(tmp_path):
 
 
 @pytest.fixture
-def parsed_absl_flags():
-  """Grain reads its absl flags when it starts workers: a program parses them in app.run."""
-  if flags.FLAGS.is_parsed():
-    yield
-  else:
+def unparsed_absl_flags():
+  """As in a notebook: nobody parsed absl's flags, which grain reads when it starts workers."""
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.unparse_flags()
+  yield
+  if was_parsed:
     flags.FLAGS.mark_as_parsed()
-    yield
+  else:
     flags.FLAGS.unparse_flags()
 
 
-def test_worker_processes_give_the_same_batches(parsed_absl_flags):
-  del parsed_absl_flags
+def test_worker_processes_give_the_same_batches_and_resume(unparsed_absl_flags):
+  del unparsed_absl_flags
   source = _indexed_source(num_examples=16)
   make = lambda workers: data.train_dataset(
       source, batch_size=4, num_epochs=1, seed=3, random_flip=True, shard_index=0,
@@ -376,11 +377,19 @@ def test_worker_processes_give_the_same_batches(parsed_absl_flags):
   in_process = list(make(0))
   iterator = iter(make(2))
   try:
-    with_workers = list(iterator)
+    with_workers = [next(iterator), next(iterator)]
+    position = iterator.get_state()
+    with_workers += list(iterator)
   finally:
     iterator.close()
-  assert len(with_workers) == len(in_process) == 4
-  for got, want in zip(with_workers, in_process):
+  resumed = iter(make(2))
+  try:
+    resumed.set_state(position)
+    rest = list(resumed)
+  finally:
+    resumed.close()
+  assert len(with_workers) == len(in_process) == 4 and len(rest) == 2
+  for got, want in zip(with_workers + rest, in_process + in_process[2:]):
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["label"], want["label"])
 

@@ -22,7 +22,8 @@ grain's handler)::
 
 Worker processes (``worker_count > 0``) are started with ``spawn``: the calling program needs an
 ``if __name__ == "__main__":`` guard, and, when it defines absl flags, must parse them before
-iterating (run it through ``absl.app.run``), since grain reads its own flags in the workers.
+iterating (run it through ``absl.app.run``), since grain reads its own flags in the workers
+(unparsed flags, as in a notebook, are marked parsed at their defaults).
 ``worker_count=0`` reads in the calling process (the tests do that).
 
 Multi-host: each process reads its own shard (``shard_index``/``shard_count``, by default
@@ -38,6 +39,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 from margins.data.sources import check_int
@@ -175,6 +177,8 @@ def _iterate(ds: grain.MapDataset, *, worker_count: int, read_threads: int) -> g
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=_PREFETCH_BATCHES if read_threads else 0))
   if worker_count:
+    if not flags.FLAGS.is_parsed():  # Called from Python (a notebook): grain's flags' defaults.
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=_PREFETCH_BATCHES))
   return iter_ds
