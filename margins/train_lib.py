@@ -791,6 +791,7 @@ def _train_and_evaluate(config, workdir, mesh):
         report(f"[step {step}] {line}")
   manager.wait_until_finished()
   manager.close()
+  iterator.close()  # Stops the data workers now, not when the iterator is collected.
   if not final:  # Nothing left to train: evaluate the restored state.
     final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
   if jax.process_index() == 0:
