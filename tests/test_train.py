@@ -152,6 +152,32 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 
+def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path):
+  # 512 classes over 2 devices, a quarter sampled per step (64 of each device's 256 rows, more
+  # than the 64 classes a batch can hold, so that sampling really happens).
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
+  config.data = dict(name="synthetic", num_classes=512, num_images=4096, image_shape=(16, 16, 1),
+                     seed=0, eval_classes=8, eval_images=64)
+  config.checkpoint_every, config.mesh.shape = 2, (2,)
+  config.engine.update(kind="sharded", chunk_size=32, sample_rate=0.25, freeze_unsampled=True)
+  assert parallel.sampled_count(256, config.batch_size, 0.25) == 64
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  train_lib.train_and_evaluate(config, str(whole))
+  shutil.copytree(whole, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  train_lib.train_and_evaluate(config, str(resumed))
+  assert read_metrics(str(resumed)) == read_metrics(str(whole))
+  source, _ = train_lib.make_sources(config.data)
+  mesh = train_lib.make_mesh(config)
+  with jax.set_mesh(mesh):  # As training creates it (bit for bit).
+    _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
+                                              source.image_shape)
+  head, initial_head = (np.asarray(train_lib.restore(str(resumed))[1].params["head"]),
+                        np.asarray(initial.params["head"]))
+  never_sampled = np.all(head == initial_head, axis=1).sum()
+  assert 0 < never_sampled < 512 * 0.75**3  # About 0.75**4 of the rows, left exactly as they were.
+
+
 def _train_command(workdir, num_steps, checkpoint_every):
   return [sys.executable, os.path.join(ROOT, "train.py"),
           f"--config={os.path.join(ROOT, 'configs', 'digits_arcface.py')}:quick",
