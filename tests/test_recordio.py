@@ -104,6 +104,21 @@ def test_file_bytes_and_index_lines_match_the_format(tmp_path):
     assert [reader.read(key) for key in (3, 7, 11)] == [payloads[1], payloads[0], payloads[2]]
     with pytest.raises(KeyError, match="record key 5: not in"):
       reader.read(5)
+    assert reader.key_range is None and reader.keys.tolist() == [7, 3, 11]
+    assert 11 in reader and 5 not in reader
+    assert reader.missing(np.arange(2, 13)).tolist() == [2, 4, 5, 6, 8, 9, 10, 12]
+
+
+def test_consecutive_keys_are_a_range_and_pickle_as_offsets_only(tmp_path):
+  num_records = 2000
+  rec, idx, offsets = _write(tmp_path, [b"x" * 4] * num_records,
+                             keys=range(5, 5 + num_records))
+  reader = recordio.RecordIOReader(rec, idx)
+  assert reader.key_range == range(5, 5 + num_records)
+  assert reader.keys.tolist() == list(range(5, 5 + num_records))
+  assert reader.offset(5 + 1234) == offsets[1234] and 4 not in reader
+  assert reader.missing(np.array([3, 5, 2004, 2005])).tolist() == [3, 2005]
+  assert len(pickle.dumps(reader)) < 8 * num_records + 1000  # The offsets and little else.
 
 
 def test_writer_rejects_repeated_keys_and_keys_without_index(tmp_path):
@@ -330,6 +345,7 @@ def test_source_is_picklable_and_the_copy_reads_the_same(tmp_path):
   again = copy[4]
   np.testing.assert_array_equal(again["image"], first["image"])
   assert again["label"] == first["label"] and again["label"].dtype == np.int32
+  assert copy.image_keys.tolist() == list(range(1, len(source) + 1))  # After the header record.
 
 
 def _write_image_records(tmp_path, labels, *, header=None, size=8):
