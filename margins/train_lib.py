@@ -695,13 +695,13 @@ def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSta
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-    return experiment, restore_state(manager, step, abstract)
+    return experiment, restore_checkpoint(manager, step, abstract).state
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
-                  **items: Any) -> Any:
-  """The state of checkpoint ``step`` restored into ``abstract`` (``items``: other restore args;
-  then the whole ``Composite``).
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
+                       **items: Any) -> ocp.args.Composite:
+  """Checkpoint ``step``: its ``state`` restored into ``abstract``, and the ``items`` given as
+  their restore args (e.g. ``data=grain.checkpoint.CheckpointRestore(iterator)``).
 
   ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
   its rows and their optimizer state are padded with zeros or truncated to this mesh's count
@@ -718,9 +718,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
     raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
                      f"(stored, wanted) shapes {differ}, leaves only stored "
                      f"{sorted(set(stored) - set(target))}.")
-  restored = manager.restore(step, args=ocp.args.Composite(
+  return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract, strict=not differ), **items))
-  return restored if items else restored.state
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -755,8 +754,8 @@ def _train_and_evaluate(config, workdir, mesh):
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore_state(manager, manager.latest_step(), abstract,
-                          data=grain.checkpoint.CheckpointRestore(iterator)).state
+    state = restore_checkpoint(manager, manager.latest_step(), abstract,
+                               data=grain.checkpoint.CheckpointRestore(iterator)).state
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   if jax.process_index() == 0:

@@ -146,9 +146,9 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
           abstract=True)
       if error:
         with pytest.raises(ValueError, match=error):
-          train_lib.restore_state(manager, 4, abstract)
+          train_lib.restore_checkpoint(manager, 4, abstract)
         continue
-      state = train_lib.restore_state(manager, 4, abstract)
+      state = train_lib.restore_checkpoint(manager, 4, abstract).state
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 

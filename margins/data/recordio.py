@@ -337,12 +337,11 @@ class RecordIOReader:
           f"{self.idx_path}: key {keys[first]} points to byte offset {self.offsets[first]}, "
           f"past the end of {self.rec_path} ({size} bytes).")
     in_order = bool(np.all(keys[1:] > keys[:-1]))
-    consecutive = in_order and (not keys.size or int(keys[-1] - keys[0]) == keys.size - 1)
-    self.key_range = range(int(keys[0]), int(keys[-1]) + 1) if consecutive and keys.size else (
-        range(0) if consecutive else None)
     self._order = None if in_order else np.argsort(keys)
-    # Searched when the keys are not consecutive (then held in sorted order).
-    self._sorted_keys = None if consecutive else keys if in_order else keys[self._order]
+    self.key_range, self._sorted_keys = None, keys if in_order else keys[self._order]
+    if in_order and (not keys.size or int(keys[-1] - keys[0]) == keys.size - 1):
+      start = int(keys[0]) if keys.size else 0
+      self.key_range, self._sorted_keys = range(start, start + keys.size), None
 
   @property
   def keys(self) -> np.ndarray:

@@ -57,9 +57,8 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
 
 
 def check_classification_inputs(
-    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> Any:
-  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``;
-  returns the labels as :func:`check_labels` does."""
+    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
+  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
   check_floating("embeddings", embeddings, 2)
   check_floating("weights", weights, weights_rank)
   batch_size, dim = np.shape(embeddings)
@@ -67,7 +66,7 @@ def check_classification_inputs(
     raise ValueError(
         f"`weights` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
         f"(weights are [num_classes, dim], one row per class).")
-  return check_labels(labels, batch_size, np.shape(weights)[0])
+  check_labels(labels, batch_size, np.shape(weights)[0])
 
 
 def common_float_dtype(*arrays: Any) -> jnp.dtype:
