@@ -39,8 +39,8 @@ from typing import Any
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 
 from margins.data.sources import check_int
 

@@ -349,7 +349,7 @@ class RecordIOReader:
     if self.key_range is None:
       return self._sorted_keys if self._order is None else self._sorted_keys[
           np.argsort(self._order)]
-    return np.arange(self.key_range.start, self.key_range.stop, dtype=np.int64)
+    return _key_array(self.key_range)
 
   def __contains__(self, key: int) -> bool:
     """Whether the index lists ``key``."""
@@ -450,6 +450,13 @@ class RecordIOReader:
     state = self.__dict__.copy()
     state.pop("_fd", None)  # A descriptor means nothing in another process.
     return state
+
+
+def _key_array(keys: range | np.ndarray) -> np.ndarray:
+  """``int64 [N]`` keys, from a ``range`` of them or as they are."""
+  if isinstance(keys, range):
+    return np.arange(keys.start, keys.stop, dtype=np.int64)
+  return keys
 
 
 def _read_property(path: str) -> tuple[int, int, int]:
@@ -575,9 +582,7 @@ class RecordIOSource:
   def image_keys(self) -> np.ndarray:
     """``int64 [N]`` keys of the image records, in order: ``source[i]`` reads key
     ``image_keys[i]`` (held as a ``range`` when consecutive)."""
-    if isinstance(self._image_keys, range):
-      return np.arange(self._image_keys.start, self._image_keys.stop, dtype=np.int64)
-    return self._image_keys
+    return _key_array(self._image_keys)
 
   def __len__(self) -> int:
     return len(self._image_keys)
