@@ -261,7 +261,31 @@ def _best_subcentre(scores: Array, w_shape: tuple[int, ...]) -> Array:
   """``[B, c]`` best of the sub-centres' ``scores [B, c K]`` for ``w [c, K, D]`` (else as is)."""
   if len(w_shape) == 2:
     return scores
-  return jnp.max(scores.reshape(scores.shape[0], *w_shape[:2]), axis=-1)
+  return _max_over_last(scores.reshape(scores.shape[0], *w_shape[:2]))
+
+
+@jax.custom_jvp
+def _max_over_last(values: Array) -> Array:
+  """``jnp.max(values, axis=-1)`` over a short last axis (the ``K`` sub-centres) as ``K - 1``
+  elementwise maxima; ties share the derivative equally, as with ``jnp.max``.
+
+  XLA:CPU reduces a minor axis of a few elements, and ``jnp.max``'s derivative (which counts
+  the ties by such a reduction), several times slower than a pass over the array.
+  """
+  return functools.reduce(jnp.maximum, _unstack_last(values))
+
+
+@_max_over_last.defjvp
+def _max_over_last_jvp(primals, tangents):
+  (values,), (dvalues,) = primals, tangents
+  best = _max_over_last(values)
+  hits = values == best[..., None]
+  ties = functools.reduce(jnp.add, _unstack_last(hits.astype(values.dtype)))
+  return best, jnp.sum(jnp.where(hits, dvalues, 0), axis=-1) / ties
+
+
+def _unstack_last(values: Array) -> list[Array]:
+  return [values[..., k] for k in range(values.shape[-1])]
 
 
 def _all_scores(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:

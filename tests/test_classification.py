@@ -111,6 +111,37 @@ def test_subcentres_score_the_target_as_every_other_class(margin):
   np.testing.assert_allclose(margins.margin_softmax_loss(x, w, labels, margin), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(3)], ids=["dense", "chunked"])
+def test_tied_subcentres_share_the_derivative_as_jnp_max_does(engine):
+  # Sub-centres 0 and 1 of every class are equal, and all three of class 1; labels avoid the
+  # tied classes, whose derivative goes to the best sub-centre only. A plain jnp loss over
+  # `jnp.max` of the K scores splits ties equally; so must the engines, in both modes.
+  x, w, _ = make_inputs(subcenters=3)
+  w[:, 1] = w[:, 0]
+  w[1, 2] = w[1, 0]
+  labels = np.full(B, 2, np.int32); labels[:2] = [0, C - 1]
+  w[labels, 1] += 0.5  # The target's own sub-centres are not tied.
+
+  def plain(x, w):
+    scores = jnp.max(jnp.einsum("bd,ckd->bck", x, w), axis=2)
+    return jnp.mean(jax.nn.logsumexp(scores, axis=1) - scores[jnp.arange(B), labels])
+
+  def package(x, w):
+    return jnp.mean(margins.margin_softmax_loss(x, w, labels, margins.Softmax(), engine=engine))
+
+  got, want = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, w) for f in (package, plain))
+  for got_leaf, want_leaf in zip(got, want, strict=True):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+  tied = np.setdiff1d(np.arange(C), labels)
+  np.testing.assert_array_equal(got[1][tied, 0], got[1][tied, 1])
+  assert np.abs(got[1][tied, 0]).min() > 0
+  if engine.chunk_size is None:  # Forward mode (the chunked engine defines reverse mode only).
+    tangent = np.random.default_rng(3).normal(size=w.shape).astype(np.float32)
+    (_, got_jvp), (_, want_jvp) = (jax.jvp(lambda w_: f(x, w_), (w,), (tangent,))
+                                   for f in (package, plain))
+    np.testing.assert_allclose(got_jvp, want_jvp, rtol=1e-5)
+
+
 def test_curricularface_value_and_state():
   x, w, labels = make_inputs()
   losses, t = margins.curricularface_loss(x, w, labels, 0.3)
