@@ -163,6 +163,7 @@ EXPECTED = {
     "vit_t": _vit_tally(256, 12),
     "vit_s": _vit_tally(512, 12),
     "vit_b": _vit_tally(512, 24),
+    "vit_l": _vit_tally(768, 24),
 }
 INPUT_SHAPES = {name: (112, 112, 3) for name in EXPECTED} | {"small_cnn": (28, 28, 1)}
 
@@ -531,6 +532,20 @@ def test_bfloat16_compute(key):
   cosine = np.sum(full * reduced, axis=1) / (
       np.linalg.norm(full, axis=1) * np.linalg.norm(reduced, axis=1))
   assert cosine.min() > 0.99, cosine
+
+
+def test_vit_bfloat16_keeps_the_residual_stream_in_float32():
+  # insightface autocasts only the blocks' linear layers: the patch embedding, the position
+  # embedding and every residual sum stay float32, the branches' outputs are added to them.
+  model, images = _small("vit", dtype=jnp.bfloat16)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images))
+  convs = [line.split("=")[0] for line in jaxpr.splitlines() if "conv_general_dilated[" in line]
+  assert convs and all("f32[" in out for out in convs), convs
+  block = model.blocks[0]
+  tokens = jax.ShapeDtypeStruct((2, 5, block.norm1.num_features), jnp.float32)
+  assert nnx.eval_shape(lambda b, x: b(x), block, tokens).dtype == jnp.float32
 
 
 def test_vit_token_masking_matches_numpy():

@@ -48,8 +48,8 @@ def create(
 
   Names: ``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200`` (insightface
   ``r18`` ... ``r200``), ``mobilefacenet`` (``mbf``), ``mobilefacenet_large`` (``mbf_large``),
-  ``small_cnn`` (LeNets++), ``vit_t``, ``vit_s``, ``vit_b``. ``embedding_dim`` defaults to the
-  model's own (512 for the face models, 2 for ``small_cnn``).
+  ``small_cnn`` (LeNets++), ``vit_t``, ``vit_s``, ``vit_b``, ``vit_l``. ``embedding_dim``
+  defaults to the model's own (512 for the face models, 2 for ``small_cnn``).
 
   >>> model = nnx.eval_shape(lambda: create("iresnet50", embedding_dim=256, rngs=nnx.Rngs(0)))
   >>> len(model.blocks), model.fc.kernel.shape

@@ -12,11 +12,13 @@ learned mask token takes their place before the head; stochastic depth grows lin
 ``drop_path_rate`` over the blocks. Both are off in evaluation mode (``model.eval()`` or
 ``nnx.view(model, deterministic=True, use_running_average=True)``).
 
-Presets (``vit_t``/``vit_s``/``vit_b``): width 256/512/512, depth 12/12/24, 8 heads, patch 9,
-drop path 0.1, mask ratio 0.1.
+Presets (``vit_t``/``vit_s``/``vit_b``/``vit_l``): width 256/512/512/768, depth 12/12/24/24,
+8 heads, patch 9; drop path and mask ratio 0.1, but 0.05 for ``vit_l`` (insightface's
+``vit_l_dp005_mask_005``, for WebFace42M).
 
-``dtype`` is the compute dtype of the patch embedding and of the blocks' linear layers (insightface
-runs those under autocast); LayerNorms, the attention softmax and the feature head run in float32.
+``dtype`` is the compute dtype of the blocks' linear layers, the layers insightface runs under
+autocast. The patch embedding, the residual stream (each block adds its branches to float32
+tokens), the LayerNorms, the attention and the feature head run in float32.
 Linear kernels, the position embedding and the mask token start from N(0, 0.02^2) (timm's
 ``trunc_normal_(std=.02)`` truncates at +-2, i.e. 100 standard deviations), biases at zero; the
 patch embedding uses PyTorch's default U(+-1/sqrt(fan_in)) kernel and a zero bias.
@@ -41,6 +43,8 @@ PRESETS = {
     "vit_t": {"width": 256, "depth": 12, "num_heads": 8},
     "vit_s": {"width": 512, "depth": 12, "num_heads": 8},
     "vit_b": {"width": 512, "depth": 24, "num_heads": 8},
+    "vit_l": {"width": 768, "depth": 24, "num_heads": 8, "drop_path_rate": 0.05,
+              "mask_ratio": 0.05},
 }
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default.
 HEAD_BN_EPSILON = 2e-5
@@ -128,8 +132,9 @@ class EncoderBlock(nnx.Module):
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    return x + self.drop_path(self.fc2(jax.nn.relu6(self.fc1(self.norm2(x)))))
+    # The branches compute in ``dtype``; the residual sums stay in ``x``'s (float32 in the model).
+    x = x + self.drop_path(self.attn(self.norm1(x)).astype(x.dtype))
+    return x + self.drop_path(self.fc2(jax.nn.relu6(self.fc1(self.norm2(x)))).astype(x.dtype))
 
 
 class TokenMasking(nnx.Module):
@@ -206,7 +211,7 @@ class VisionTransformer(nnx.Module):
     drop_path_rate: stochastic depth of the last block (linear from 0 at the first).
     mask_ratio: share of tokens masked in training.
     in_channels: image channels.
-    dtype: compute dtype of the patch embedding and of the blocks' linear layers.
+    dtype: compute dtype of the blocks' linear layers.
     rngs: parameter, dropout and masking randomness (``dropout`` stream).
 
   >>> model = nnx.eval_shape(lambda: VisionTransformer(**PRESETS["vit_t"], rngs=nnx.Rngs(0)))
@@ -247,14 +252,14 @@ class VisionTransformer(nnx.Module):
     if min(self.input_size) < patch_size:
       raise ValueError(f"`input_size` {self.input_size} is smaller than `patch_size` {patch_size}.")
     self.in_channels = in_channels
-    self.dtype = iresnet.check_compute_dtype(dtype)
+    dtype = iresnet.check_compute_dtype(dtype)
     num_tokens = (self.input_size[0] // patch_size) * (self.input_size[1] // patch_size)
     if int(num_tokens * (1 - mask_ratio)) < 1:
       raise ValueError(f"`mask_ratio` {mask_ratio} would mask all {num_tokens} tokens.")
 
     self.patch_embed = nnx.Conv(
         in_channels, width, (patch_size, patch_size), strides=patch_size, padding="VALID",
-        kernel_init=iresnet.TORCH_DEFAULT_KERNEL_INIT, dtype=dtype, rngs=rngs)
+        kernel_init=iresnet.TORCH_DEFAULT_KERNEL_INIT, rngs=rngs)
     self.pos_embed = nnx.Param(_INIT(rngs.params(), (num_tokens, width), jnp.float32))
     self.masking = TokenMasking(width, mask_ratio=mask_ratio, rngs=rngs)
     self.blocks = nnx.List([
@@ -270,15 +275,15 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images: Array) -> Array:
     iresnet.check_images(images, self.input_size, self.in_channels)
-    x = self.patch_embed(images.astype(self.dtype))
+    x = self.patch_embed(images.astype(jnp.float32))
     batch, _, _, width = x.shape
-    x = x.reshape(batch, -1, width) + self.pos_embed[...].astype(x.dtype)[None]
+    x = x.reshape(batch, -1, width) + self.pos_embed[...][None]
     masked = self.masking.active
     if masked:
       x, restore_ids = self.masking.keep(x)
     for block in self.blocks:
       x = block(x)
-    x = self.norm(x.astype(jnp.float32))
+    x = self.norm(x)
     if masked:
       x = self.masking.restore(x, restore_ids)
     x = self.bn1(self.fc1(x.reshape(batch, -1)))  # Token-major flatten, as in PyTorch.
