@@ -269,8 +269,8 @@ def _max_over_last(values: Array) -> Array:
   """``jnp.max(values, axis=-1)`` over a short last axis (the ``K`` sub-centres) as ``K - 1``
   elementwise maxima; ties share the derivative equally, as with ``jnp.max``.
 
-  XLA:CPU reduces a minor axis of a few elements, and ``jnp.max``'s derivative (which counts
-  the ties by such a reduction), several times slower than a pass over the array.
+  On XLA:CPU, reducing a minor axis of a few elements, as ``jnp.max`` and its derivative (which
+  counts the ties) do, is several times slower than one pass over the array.
   """
   return functools.reduce(jnp.maximum, _unstack_last(values))
 

@@ -113,8 +113,8 @@ def test_subcentres_score_the_target_as_every_other_class(margin):
 
 @pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(3)], ids=["dense", "chunked"])
 def test_tied_subcentres_share_the_derivative_as_jnp_max_does(engine):
-  # Sub-centres 0 and 1 of every class are equal, and all three of class 1; labels avoid the
-  # tied classes, whose derivative goes to the best sub-centre only. A plain jnp loss over
+  # Sub-centres 0 and 1 of every class are equal, and all three of class 1. The labels' classes
+  # are untied (a target's derivative goes to its best sub-centre alone). A plain jnp loss over
   # `jnp.max` of the K scores splits ties equally; so must the engines, in both modes.
   x, w, _ = make_inputs(subcenters=3)
   w[:, 1] = w[:, 0]
