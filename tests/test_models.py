@@ -548,6 +548,27 @@ def test_vit_bfloat16_keeps_the_residual_stream_in_float32():
   assert nnx.eval_shape(lambda b, x: b(x), block, tokens).dtype == jnp.float32
 
 
+def test_vit_remat_gives_the_same_outputs_and_gradients():
+  # Training mode: drop path and token masking draw the same randomness with or without remat.
+  def value_grads_and_jaxpr(**overrides):
+    model, images = _small("vit", drop_path_rate=0.5, **overrides)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest):
+      return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(images) ** 2)
+
+    return (*_jit(jax.value_and_grad(loss))(params, rest),
+            str(jax.make_jaxpr(jax.grad(loss))(params, rest)))
+
+  value, grads, jaxpr = value_grads_and_jaxpr()
+  remat_value, remat_grads, remat_jaxpr = value_grads_and_jaxpr(remat=True)
+  assert remat_jaxpr.count("remat2[") == 2 and "remat" not in jaxpr  # one per block
+  np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               remat_grads, grads)
+  assert models.create("vit_b", rngs=nnx.Rngs(0), depth=1).remat
+
+
 def test_vit_token_masking_matches_numpy():
   masking = _concrete(lambda: vit.TokenMasking(3, mask_ratio=0.4, rngs=_rngs()))
   tokens = _images((5, 6, 3))

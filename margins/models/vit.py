@@ -14,7 +14,8 @@ learned mask token takes their place before the head; stochastic depth grows lin
 
 Presets (``vit_t``/``vit_s``/``vit_b``/``vit_l``): width 256/512/512/768, depth 12/12/24/24,
 8 heads, patch 9; drop path and mask ratio 0.1, but 0.05 for ``vit_l`` (insightface's
-``vit_l_dp005_mask_005``, for WebFace42M).
+``vit_l_dp005_mask_005``, for WebFace42M); ``vit_b`` and ``vit_l`` recompute their blocks'
+activations in the backward pass (``remat``), as insightface's do.
 
 ``dtype`` is the compute dtype of the blocks' linear layers, the layers insightface runs under
 autocast. The patch embedding, the residual stream (each block adds its branches to float32
@@ -42,9 +43,9 @@ Array = jax.Array
 PRESETS = {
     "vit_t": {"width": 256, "depth": 12, "num_heads": 8},
     "vit_s": {"width": 512, "depth": 12, "num_heads": 8},
-    "vit_b": {"width": 512, "depth": 24, "num_heads": 8},
+    "vit_b": {"width": 512, "depth": 24, "num_heads": 8, "remat": True},
     "vit_l": {"width": 768, "depth": 24, "num_heads": 8, "drop_path_rate": 0.05,
-              "mask_ratio": 0.05},
+              "mask_ratio": 0.05, "remat": True},
 }
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default.
 HEAD_BN_EPSILON = 2e-5
@@ -137,6 +138,10 @@ class EncoderBlock(nnx.Module):
     return x + self.drop_path(self.fc2(jax.nn.relu6(self.fc1(self.norm2(x)))).astype(x.dtype))
 
 
+def _apply(module: nnx.Module, x: Array) -> Array:
+  return module(x)
+
+
 class TokenMasking(nnx.Module):
   """Random token masking of insightface's ViT (training only).
 
@@ -212,6 +217,9 @@ class VisionTransformer(nnx.Module):
     mask_ratio: share of tokens masked in training.
     in_channels: image channels.
     dtype: compute dtype of the blocks' linear layers.
+    remat: recompute each block's activations in the backward pass instead of keeping them
+      (``nnx.remat``; insightface's ``using_checkpoint``, on in the ``vit_b`` and ``vit_l``
+      presets): less memory, one more forward pass of the blocks.
     rngs: parameter, dropout and masking randomness (``dropout`` stream).
 
   >>> model = nnx.eval_shape(lambda: VisionTransformer(**PRESETS["vit_t"], rngs=nnx.Rngs(0)))
@@ -236,6 +244,7 @@ class VisionTransformer(nnx.Module):
       mask_ratio: float = 0.1,
       in_channels: int = 3,
       dtype: Any = jnp.float32,
+      remat: bool = False,
       rngs: nnx.Rngs,
   ):
     for name, value in (("width", width), ("depth", depth), ("num_heads", num_heads),
@@ -252,6 +261,7 @@ class VisionTransformer(nnx.Module):
     if min(self.input_size) < patch_size:
       raise ValueError(f"`input_size` {self.input_size} is smaller than `patch_size` {patch_size}.")
     self.in_channels = in_channels
+    self.remat = remat
     dtype = iresnet.check_compute_dtype(dtype)
     num_tokens = (self.input_size[0] // patch_size) * (self.input_size[1] // patch_size)
     if int(num_tokens * (1 - mask_ratio)) < 1:
@@ -282,7 +292,7 @@ class VisionTransformer(nnx.Module):
     if masked:
       x, restore_ids = self.masking.keep(x)
     for block in self.blocks:
-      x = block(x)
+      x = nnx.remat(_apply)(block, x) if self.remat else block(x)
     x = self.norm(x)
     if masked:
       x = self.masking.restore(x, restore_ids)
