@@ -11,8 +11,8 @@ decodes each to the model's input (resized, RGB or grey), normalises it as in tr
 - ``embeddings.txt``: the ``N`` image paths relative to ``--images``, sorted, one per line, in the
   order of the rows.
 
-Only JAX, NumPy and Pillow run here: the network is the serialized StableHLO the export wrote, so
-neither the training code nor the model definitions are imported.
+The network is the serialized StableHLO the export wrote: neither the training code nor the
+model definitions are imported (the package's data and loss modules are).
 """
 
 import json
@@ -55,15 +55,26 @@ def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, 
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
-  """The image files below ``root`` (any depth), as sorted paths relative to ``root``."""
+  """The image files below ``root`` (any depth), as sorted paths relative to ``root``.
+
+  Hidden files and folders (``.*``, such as macOS's ``._*`` resource files) are skipped, and a
+  folder that symbolic links reach twice is read once.
+  """
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root} is not a folder.")
   suffixes = tuple(image_folder.IMAGE_EXTENSIONS)
-  return sorted(
-      os.path.relpath(os.path.join(folder, name), root)
-      for folder, _, names in os.walk(root, followlinks=True)
-      for name in names if name.lower().endswith(suffixes))
+  found, seen = [], set()
+  for folder, subfolders, names in os.walk(root, followlinks=True):
+    real = os.path.realpath(folder)
+    if real in seen:  # Reached again through a symbolic link (perhaps a loop).
+      subfolders.clear()
+      continue
+    seen.add(real)
+    subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    found += [os.path.relpath(os.path.join(folder, name), root) for name in names
+              if not name.startswith(".") and name.lower().endswith(suffixes)]
+  return sorted(found)
 
 
 def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_size: int = 256,
@@ -74,6 +85,8 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_si
   compiled once.
   """
   image_shape = tuple(exported.in_avals[0].shape[1:])
+  if not paths:
+    return np.zeros((0, exported.out_avals[0].shape[1]), np.float32)
   embed = jax.jit(exported.call)
   batch_size = min(batch_size, len(paths))
   embeddings = []
@@ -103,14 +116,19 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(str(error)) from error
   if not names:
     raise app.UsageError(f"--images {_IMAGES.value}: no image files found.")
-  embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
-                           batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)
+  try:
+    embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
+                             batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)
+  except ValueError as error:  # An image that does not decode: its path is in the message.
+    raise app.UsageError(str(error)) from error
   out = cli_flags.OUT.value
+  out = out if out.endswith(".npy") else out + ".npy"  # As np.save names it.
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  np.save(out, embeddings)
-  listing = os.path.splitext(out)[0] + ".txt"
-  with open(listing, "w") as file:
+  listing = out[:-len(".npy")] + ".txt"
+  # File names as the file system gave them, undecodable bytes included.
+  with open(listing, "w", encoding="utf-8", errors="surrogateescape") as file:
     file.writelines(name + "\n" for name in names)
+  np.save(out, embeddings)
   print(f"{embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]}: {out}, paths: "
         f"{listing}", flush=True)
 

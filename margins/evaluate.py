@@ -41,6 +41,11 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
     step: the checkpoint to load; ``None``: the latest.
     batch_size: images per batch over all devices (a multiple of their number).
   """
+  names = [train_lib.bin_set_name(path) for path in bin_paths]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise ValueError(f"Several --bin files are named {repeated}: rename one, as results are "
+                     "reported by name.")
   experiment, state = train_lib.restore(workdir, step)
   num_devices = experiment.mesh.size
   if batch_size % num_devices:
@@ -49,9 +54,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
   experiment.config.eval.batch_size = batch_size
   embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    results = {train_lib.bin_set_name(path):
-                   train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
-               for path in bin_paths}
+    results = {name: train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+               for name, path in zip(names, bin_paths)}
   return int(state.step), results
 
 
@@ -103,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     step, results = evaluate_run(workdir, _BINS.value, step=cli_flags.STEP.value,
                                  batch_size=cli_flags.BATCH_SIZE.value)
-  except FileNotFoundError as error:  # No config.json or no checkpoint: not a run's workdir.
+  except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() == 0:
     plot = evaluation.plot_roc(results, os.path.join(workdir, f"roc_{step}.png"),

@@ -29,8 +29,9 @@ from margins import embed_folder
 from margins import train_lib
 
 _PLATFORMS = flags.DEFINE_list(
-    "platforms", ["cpu"], "Platforms to export for: cpu, cuda, rocm, tpu (any machine can "
-    "export for any of them).")
+    "platforms", ["cpu"], "Platforms to export for: cpu, cuda (or gpu), rocm, tpu (any machine "
+    "can export for any of them).")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 for _name in ("workdir", "step", "out"):
   flags.declare_key_flag(_name)
 
@@ -90,11 +91,17 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdir (the training run) and --out (a folder) are required.")
   if not os.path.isdir(workdir):
     raise app.UsageError(f"--workdir {workdir} is not a directory.")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f"--out {out} is a file, not a folder.")
+  platforms = [{"gpu": "cuda"}.get(name.lower(), name.lower()) for name in _PLATFORMS.value]
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown or not platforms:
+    raise app.UsageError(f"--platforms: {unknown or 'none given'}; choose among {PLATFORMS}.")
   try:
     experiment, state = train_lib.restore(workdir, cli_flags.STEP.value)
   except FileNotFoundError as error:
     raise app.UsageError(str(error)) from error
-  exported = export_embedding_model(experiment, state, platforms=_PLATFORMS.value)
+  exported = export_embedding_model(experiment, state, platforms=platforms)
   step = int(state.step)
   save_model(exported, out, step=step, model=experiment.config.model.name)
   print(f"Exported {experiment.config.model.name} at step {step} for "

@@ -692,9 +692,13 @@ def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSta
   experiment, abstract = create_train_state(config, mesh, data["num_classes"],
                                             tuple(data["image_shape"]), abstract=True)
   with checkpoint_manager(workdir, config) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = manager.all_steps()
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
+                              f"{sorted(steps)}.")
     return experiment, restore_checkpoint(manager, step, abstract).state
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -98,8 +99,25 @@ def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):
   with pytest.raises(app.UsageError, match=f"{tmp_path}/model.stablehlo"):
     cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path),
         "--out", str(tmp_path / "e.npy"))
-  with pytest.raises(ValueError, match="--batch_size 12 must be a multiple of the 8 devices"):
+  with pytest.raises(app.UsageError, match="--batch_size 12 must be a multiple of the 8 devices"):
     cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "12")
+
+
+def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
+  path = digits_bin[0]
+  for tool, args in ((evaluate, ("--bin", path)), (export, ("--out", str(tmp_path / "m")))):
+    with pytest.raises(app.UsageError, match=r"No checkpoint 7 in .*; its checkpoints: \[2\]"):
+      cli(tool, "--workdir", run, "--step", "7", *args)
+  twin = tmp_path / "other" / "digits.bin"
+  twin.parent.mkdir()
+  twin.write_bytes(pathlib.Path(path).read_bytes())
+  with pytest.raises(app.UsageError, match=r"Several --bin files are named \['digits'\]"):
+    cli(evaluate, "--workdir", run, "--bin", path, "--bin", str(twin))
+  with pytest.raises(app.UsageError, match=r"--platforms: \['metal'\]; choose among"):
+    cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--platforms", "cpu,metal")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(app.UsageError, match="is a file, not a folder"):
+    cli(export, "--workdir", run, "--out", str(tmp_path / "file"))
 
 
 def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_path):
@@ -142,13 +160,35 @@ def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli):
   resized = np.asarray(PIL.Image.fromarray(small).resize((16, 16), PIL.Image.Resampling.BILINEAR))
   grey = np.stack([digits[0], digits[1], digits[2], resized, digits[4]])[..., None]
 
-  out = str(tmp_path / "out" / "embeddings.npy")
+  (images / "b" / "._2.png").write_bytes(b"\0" * 16)  # Hidden (macOS resource file): skipped,
+  _write_png(images / ".cache" / "x.png", digits[0])  # as is a hidden folder.
+  os.symlink(images / "a", images / "a" / "deeper" / "loop")  # A loop: each folder read once.
+
+  out = str(tmp_path / "out" / "embeddings.v1")  # ".npy" is added, as np.save does.
   cli(embed_folder, "--model", model_dir, "--images", str(images), "--out", out, "--flip",
       "--batch_size", "2")
-  with open(str(tmp_path / "out" / "embeddings.txt")) as f:
+  with open(str(tmp_path / "out" / "embeddings.v1.txt")) as f:
     assert f.read().splitlines() == names
-  np.testing.assert_allclose(np.load(out), live_embeddings(*restored, grey, flip=True),
+  np.testing.assert_allclose(np.load(out + ".npy"), live_embeddings(*restored, grey, flip=True),
                              rtol=1e-5, atol=1e-5)
+
+  exported, _ = embed_folder.load_model(model_dir)
+  assert embed_folder.embed_files(exported, []).shape == (0, 32)
+  (images / "b" / "broken.png").write_bytes(b"\0" * 16)
+  with pytest.raises(app.UsageError, match="broken.png: cannot decode"):
+    cli(embed_folder, "--model", model_dir, "--images", str(images), "--out", out)
+
+
+def test_embed_folder_lists_file_names_the_file_system_gives(run, tmp_path, cli):
+  # A Latin-1 name on a UTF-8 file system: written back byte for byte in the listing.
+  model_dir = str(tmp_path / "model")
+  cli(export, "--workdir", run, "--out", model_dir, "--platforms", "CPU")  # Any case.
+  name = os.fsdecode(b"Jos\xe9.png")
+  _write_png(str(tmp_path / "images" / name), np.zeros((16, 16), np.uint8))
+  out = str(tmp_path / "e.npy")
+  cli(embed_folder, "--model", model_dir, "--images", str(tmp_path / "images"), "--out", out)
+  assert (tmp_path / "e.txt").read_bytes() == b"Jos\xe9.png\n"
+  assert np.load(out).shape == (1, 32)
 
 
 def test_embed_folder_needs_no_training_code():
