@@ -46,7 +46,7 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
   if repeated:
     raise ValueError(f"Several --bin files are named {repeated}: rename one, as results are "
                      "reported by name.")
-  experiment, state = train_lib.restore(workdir, step)
+  experiment, state = train_lib.restore(workdir, step, backbone_only=True)
   num_devices = experiment.mesh.size
   if batch_size % num_devices:
     raise ValueError(f"--batch_size {batch_size} must be a multiple of the {num_devices} "

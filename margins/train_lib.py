@@ -678,12 +678,14 @@ def _write_run_files(workdir, config, train_source) -> None:
                "image_shape": list(train_source.image_shape)}, f)
 
 
-def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainState]:
+def restore(workdir: str, step: int | None = None, *,
+            backbone_only: bool = False) -> tuple[Experiment, TrainState]:
   """The experiment and state of a run's checkpoint (the latest one by default), for inference.
 
   The mesh is rebuilt on the devices present now, which may differ from the training run's
   (``experiment.mesh``: jit functions of the state inside ``jax.set_mesh(experiment.mesh)``);
-  the training data need not be present.
+  the training data need not be present. ``backbone_only``: the head ``W``, the optimizer state
+  and the centres are neither read nor held (``None`` in the state); embedding needs none.
   """
   config = load_config(workdir)
   data = _read_json(workdir, "data.json")
@@ -699,7 +701,21 @@ def restore(workdir: str, step: int | None = None) -> tuple[Experiment, TrainSta
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
                               f"{sorted(steps)}.")
+    if backbone_only:
+      return experiment, _restore_backbone(manager, step, abstract)
     return experiment, restore_checkpoint(manager, step, abstract).state
+
+
+def _restore_backbone(manager: ocp.CheckpointManager, step: int,
+                      abstract: TrainState) -> TrainState:
+  """Checkpoint ``step`` restored into ``abstract`` but for the head, the optimizer state and
+  the centres (``None``), which orbax's partial restore leaves on disk."""
+  wanted = {"step": abstract.step, "params": {"backbone": abstract.params["backbone"]},
+            "model_state": abstract.model_state, "margin": abstract.margin}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+      partial_restore=True))).state
+  return abstract.replace(**restored, opt_state=None, centers=None)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState,

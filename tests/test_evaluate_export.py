@@ -120,6 +120,16 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
     cli(export, "--workdir", run, "--out", str(tmp_path / "file"))
 
 
+def test_backbone_only_restore_leaves_the_head_and_optimizer_state_on_disk(run, restored):
+  experiment, whole = restored
+  _, backbone = train_lib.restore(run, backbone_only=True)
+  assert set(backbone.params) == {"backbone"}
+  assert backbone.opt_state is None and backbone.centers is None
+  assert whole.params["head"].shape[0] >= experiment.num_classes
+  kept = lambda state: (state.step, state.params["backbone"], state.model_state, state.margin)  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(kept(s)) for s in (whole, backbone)))
+
+
 def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_path):
   experiment, state = restored
   exported = export.export_embedding_model(experiment, state, platforms=("cpu", "cuda"))
