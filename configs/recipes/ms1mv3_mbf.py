@@ -20,5 +20,6 @@ from margins import recipes
 
 def get_config(arg=None):
   return recipes.arcface_torch(arg, dataset="ms1mv3", model="mobilefacenet",
-                               loss=dict(name="arcface", scale=64.0, margin=0.5),
+                               loss=dict(name="arcface", scale=64.0, margin=0.5,
+                                         detach_margin=False),
                                weight_decay=1e-4, num_epochs=40)

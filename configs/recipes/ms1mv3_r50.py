@@ -19,5 +19,6 @@ from margins import recipes
 
 def get_config(arg=None):
   return recipes.arcface_torch(arg, dataset="ms1mv3", model="iresnet50",
-                               loss=dict(name="arcface", scale=64.0, margin=0.5),
+                               loss=dict(name="arcface", scale=64.0, margin=0.5,
+                                         detach_margin=False),
                                weight_decay=5e-4, num_epochs=20)
