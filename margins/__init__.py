@@ -36,6 +36,7 @@ from margins.losses.margin import Rows
 from margins.losses.margin import Softmax
 from margins.losses.margin import SphereFace
 from margins.losses.margin import arcface_cos
+from margins.losses.margin import margin_dataclass
 from margins.losses.margin import multiplicative_psi
 from margins.losses.margin import sphereface_lambda
 from margins.parallel import SoftmaxEngine

@@ -11,8 +11,8 @@ batch, backbone gradients clipped to norm 5, polynomial decay (power 2) to zero 
 They follow the insightface code of the published results' time: its earlier ``train_v2.py``
 decays with ``PolyScheduler`` (power 2), and ArcFace's gradient flows through ``cos(theta + m)``.
 insightface's master decays linearly (``PolynomialLRWarmup``, power 1) and, since Dec 2022,
-detaches ArcFace's margin from the gradient: ``--config.optimizer.decay_power=1.0
---config.loss.detach_margin=True`` trains as it does.
+detaches ArcFace's margin from the gradient: ``--config.optimizer.decay_power=1.0`` (and, in the
+ArcFace recipes, ``--config.loss.detach_margin=True``) trains as it does.
 
 The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains the same number
 of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match).

@@ -69,7 +69,7 @@ def load_config(name):
 # (with 5, the configs' value, 2-D ArcFace reaches 66 % closed-set accuracy in 200 steps instead
 # of 76 %). With a 2-D embedding the
 # six classes share a circle, 60 degrees each: CosFace's margin is 0.1 and ArcFace's 0.2 (the
-# 3-D run keeps 0.3). SphereFace's annealing $\lambda = \max(5, 1000 / (1 + \gamma t))$ is
+# 3-D run uses 0.3). SphereFace's annealing $\lambda = \max(5, 1000 / (1 + \gamma t))$ is
 # sped up so that $\lambda$ reaches 5 two thirds of the way through the run instead of after
 # 1,700 steps.
 #

@@ -142,6 +142,34 @@ def test_tied_subcentres_share_the_derivative_as_jnp_max_does(engine):
     np.testing.assert_allclose(got_jvp, want_jvp, rtol=1e-5)
 
 
+@margins.margin_dataclass
+class _UserCosFace(margins.Margin):
+  # A margin defined outside the package, as the README shows: one method.
+  scale: jax.Array | float = 64.0
+  margin: jax.Array | float = 0.35
+
+  def target_logit(self, rows):
+    return self.scale * (rows.cos - self.margin)
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(3)], ids=["dense", "chunked"])
+def test_a_user_margin_runs_on_every_engine_under_jit(engine):
+  x, w, labels = make_inputs()
+
+  @jax.jit
+  def losses_and_grads(x, w, margin):
+    def mean_loss(x, w, margin):
+      return jnp.mean(margins.margin_softmax_loss(x, w, labels, margin, engine=engine))
+    return jax.value_and_grad(mean_loss, argnums=(0, 1, 2))(x, w, margin)
+
+  (value, grads), (want_value, want_grads) = (
+      losses_and_grads(x, w, m(scale=jnp.float32(16.0), margin=jnp.float32(0.2)))
+      for m in (_UserCosFace, margins.CosFace))
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_curricularface_value_and_state():
   x, w, labels = make_inputs()
   losses, t = margins.curricularface_loss(x, w, labels, 0.3)
