@@ -6,8 +6,8 @@ by the time of the floor: the three bare matmuls of a forward and backward pass
 (``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). bfloat16 is measured
 as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16`` (each chunk
 cast as it is multiplied), against a floor given bfloat16 inputs. Every function is
-timed in the same run, interleaved round by round; times are medians, ratios the median over the
-rounds of the ratio within a round. Beside it: the XLA temporaries of each compiled program, and
+timed in the same run, interleaved round by round with the floor alone; times are medians,
+ratios the median over the rounds of the ratio within a round. Beside it: the XLA temporaries of each compiled program, and
 the memory it needs in all (arguments, outputs and temporaries, less what outputs alias), the
 peak a device must hold for the step.
 
@@ -103,13 +103,20 @@ def _memory_bytes(compiled):
 
 def measure(programs, repeats):
   """``(median seconds, median per-round ratio to the first program)`` of ``name: (compiled,
-  args)``, timed interleaved round by round."""
-  times = common.interleaved(
-      {name: functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
-       for name, (compiled, args) in programs.items()}, repeats)
-  reference = times[next(iter(programs))]
-  return {name: (statistics.median(t), common.median_ratio(t, reference))
-          for name, t in times.items()}
+  args)``, each timed interleaved round by round with the first alone (with every program in
+  each round, the floor of ``losses.py`` ran slower than the losses themselves)."""
+  timers = {name: functools.partial(lambda c, a: jax.block_until_ready(c(*a)), compiled, args)
+            for name, (compiled, args) in programs.items()}
+  first, *others = timers
+  reference, results = [], {}
+  for name in others:
+    times = common.interleaved({first: timers[first], name: timers[name]}, repeats)
+    reference += times[first]
+    results[name] = (statistics.median(times[name]),
+                     common.median_ratio(times[name], times[first]))
+  if not others:
+    reference = common.interleaved({first: timers[first]}, repeats)[first]
+  return {first: (statistics.median(reference), 1.0), **results}
 
 
 def _op_sources(compiled) -> dict[str, str]:

@@ -6,10 +6,10 @@ classification losses, its ratio to the floor: the three bare matmuls of a forwa
 pass (sub-centre ArcFace: with its ``K C`` rows). Beside it, the forward and backward time of the
 PyTorch implementation people use (pytorch-metric-learning, or ``F.cross_entropy`` for plain
 softmax) on the same inputs, its ratio to the same floor, and the relative difference of the two
-loss values, with the hyperparameters and reductions matched (see ``_torch_losses``). The JAX
-steps, then the torch steps, are timed interleaved with the floor round by round in one run;
-times are medians over the rounds, and each ratio to the floor is the median over the rounds of
-the ratio within a round, so that the drifting speed of a shared machine cancels out.
+loss values, with the hyperparameters and reductions matched (see ``_torch_losses``). Each step
+is timed interleaved round by round with its floor alone, the JAX steps first, then the torch
+steps; times are medians over the rounds, and each ratio to the floor is the median over the
+rounds of the ratio within a round, so that the drifting speed of a shared machine cancels out.
 
   python benchmarks/losses.py --classes 10000 100000
 """
@@ -169,24 +169,25 @@ def run(args, num_classes, torch_losses):
   floors = {"floor": lambda: jax.block_until_ready(jit_floor(x, w))}
   if any(case[3] == "floor sub" for case in cases.values()):
     floors["floor sub"] = lambda: jax.block_until_ready(jit_floor(x, w_flat))
-  jax_timers, torch_timers, torch_cases = dict(floors), {}, {}
-  for name, (step, weights, case_labels, _) in cases.items():
-    jax_timers[name] = lambda step=step: jax.block_until_ready(step())
+  jax_timers, torch_timers, torch_cases = [], [], {}  # (name, fn, floor name or None)
+  for name, (step, weights, case_labels, floor_name) in cases.items():
+    jax_timers.append((name, lambda step=step: jax.block_until_ready(step()), floor_name))
     if name in torch_losses:
       torch_cases[name] = _TorchCase(name, torch_losses[name][1], x, weights, case_labels)
-      torch_timers["torch " + name] = torch_cases[name].step
+      torch_timers.append(("torch " + name, torch_cases[name].step, floor_name))
 
-  # Two phases, each interleaving its steps with the floors round by round: torch steps slow
-  # down the JAX steps that run after them in one process (by up to 10 % here).
-  times = common.interleaved(jax_timers, args.repeats)
-  torch_times = common.interleaved({**floors, **torch_timers}, args.repeats) if torch_timers else {}
-  seconds = {name: statistics.median(t) for name, t in {**torch_times, **times}.items()}
-
-  def ratio(name, floor_name):
-    """Median over the rounds of ``name``'s time over the floor's in the same round."""
-    phase = torch_times if name.startswith("torch ") else times
-    return common.median_ratio(phase[name], phase[floor_name])
-
+  # Each step is timed interleaved with its floor alone: with all 15 programs in every round,
+  # the floor ran slower than beside a single loss, and the dense losses came out below it.
+  # The JAX steps first: torch steps slow down the JAX steps that run after them (up to 10 %).
+  times, ratios = {name: [] for name in floors}, {}
+  for name, timer, floor_name in jax_timers + torch_timers:
+    group = {name: timer} if floor_name is None else {floor_name: floors[floor_name], name: timer}
+    measured = common.interleaved(group, args.repeats)
+    times[name] = measured[name]
+    if floor_name is not None:
+      times[floor_name] += measured[floor_name]
+      ratios[name] = common.median_ratio(measured[name], measured[floor_name])
+  seconds = {name: statistics.median(t) for name, t in times.items() if t}
   sub_floor = (f" (sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)"
                if "floor sub" in seconds else "")
   print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, {args.repeats} interleaved "
@@ -195,15 +196,15 @@ def run(args, num_classes, torch_losses):
         "| rel. diff of values |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name, (step, _, _, floor_name) in cases.items():
-    to_floor = f"{ratio(name, floor_name):.2f}x" if floor_name else "-"
+    to_floor = f"{ratios[name]:.2f}x" if floor_name else "-"
     torch_cols = "- | - | - | -"
     if name in torch_cases:
       torch_seconds = seconds["torch " + name]
       value = float(step()[0])
       reference = torch_cases[name].value()
       diff = abs(value - reference) / abs(reference)
-      torch_to_floor = f"{ratio('torch ' + name, floor_name):.2f}x" if floor_name else "-"
-      speedup = (ratio("torch " + name, floor_name) / ratio(name, floor_name) if floor_name
+      torch_to_floor = f"{ratios['torch ' + name]:.2f}x" if floor_name else "-"
+      speedup = (ratios["torch " + name] / ratios[name] if floor_name
                  else torch_seconds / seconds[name])
       torch_cols = (f"{torch_seconds * 1e3:.0f} | {torch_to_floor} | {speedup:.2f}x | "
                     f"{diff:.1e}")
