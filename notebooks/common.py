@@ -2,7 +2,8 @@
 
 ``MARGINS_QUICK=1`` (set in CI) selects small settings that run in seconds; figures are written
 to ``MARGINS_FIGURES_DIR``, by default the repository's ``docs/figures``. Run a notebook top to
-bottom (or ``cd notebooks && python NAME.py``) with full settings to regenerate the committed figures.
+bottom (or ``cd notebooks && python NAME.py``) with full settings to regenerate the committed
+figures.
 """
 
 import os

@@ -126,8 +126,9 @@ def test_backbone_only_restore_leaves_the_head_and_optimizer_state_on_disk(run, 
   assert set(backbone.params) == {"backbone"}
   assert backbone.opt_state is None and backbone.centers is None
   assert whole.params["head"].shape[0] >= experiment.num_classes
-  kept = lambda state: (state.step, state.params["backbone"], state.model_state, state.margin)  # noqa: E731
-  jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(kept(s)) for s in (whole, backbone)))
+  kept = [jax.device_get((s.step, s.params["backbone"], s.model_state, s.margin))
+          for s in (whole, backbone)]
+  jax.tree.map(np.testing.assert_array_equal, *kept)
 
 
 def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_path):

@@ -291,8 +291,9 @@ class VisionTransformer(nnx.Module):
     masked = self.masking.active
     if masked:
       x, restore_ids = self.masking.keep(x)
+    apply = nnx.remat(_apply) if self.remat else _apply
     for block in self.blocks:
-      x = nnx.remat(_apply)(block, x) if self.remat else block(x)
+      x = apply(block, x)
     x = self.norm(x)
     if masked:
       x = self.masking.restore(x, restore_ids)
