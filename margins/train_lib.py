@@ -92,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   # (num_classes, num_images, image_shape, seed, eval_classes, eval_images).
   c.data = dict(name="digits", image_size=16, open_set_train_classes=(0, 1, 2, 3, 4, 5))
   c.batch_size = 128  # Global, over all devices and processes.
+  c.micro_batches = 1  # Parts of each batch whose gradients are averaged (``train_step``).
   c.num_steps = 400
   c.input = dict(random_flip=False, crop_padding=2, worker_count=0)
   # LeNets++ at half the paper's widths: the 8x8 digits need no more, and it trains 6x faster.
@@ -397,41 +398,76 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
 
 
 def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Array]):
-  """One optimizer step on a global batch; returns the new state and the step's metrics."""
+  """One optimizer step on a global batch; returns the new state and the step's metrics.
+
+  With ``config.micro_batches = k`` the batch ``[B, ...]`` is processed as ``k`` micro-batches
+  of ``B / k`` examples one after the other (``jax.lax.scan``), as insightface's
+  ``gradient_acc``: the gradients are averaged, batch statistics, the margin's state, the
+  centres and Partial FC's sample move on from one micro-batch to the next, and the metrics are
+  the micro-batches' means. Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...``: each device
+  holds ``1 / k`` of its own rows of every micro-batch.
+  """
   config = experiment.config
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
-  margin = _step_margin(state.margin, config.loss, state.step, key)
-  labels = batch["label"]
+  parts = config.micro_batches
 
-  def loss_fn(params):
-    model = nnx.merge(experiment.graphdef, params["backbone"], state.model_state, copy=True)
+  def loss_fn(params, carry, batch, key):
+    model_state, margin, centers = carry
+    margin = _step_margin(margin, config.loss, state.step, key)
+    labels = batch["label"]
+    model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
     embeddings = model(batch["image"]).astype(jnp.float32)
     losses, new_margin = experiment.engine(embeddings, params["head"], labels, margin,
                                            num_classes=experiment.num_classes, key=key)
     loss = jnp.mean(losses)
     metrics = {"softmax_loss": loss}
-    if state.centers is not None:
-      center = jnp.mean(center_lib.center_loss(embeddings, state.centers, labels))
+    if centers is not None:
+      center = jnp.mean(center_lib.center_loss(embeddings, centers, labels))
       loss = loss + config.center_loss.weight * center
       metrics["center_loss"] = center
+      centers = center_lib.update_centers(centers, jax.lax.stop_gradient(embeddings), labels,
+                                          alpha=config.center_loss.alpha)
     _, _, model_state = nnx.split(model, nnx.Param, ...)
-    return loss, (model_state, new_margin, embeddings, metrics)
+    metrics = dict(metrics, loss=loss,
+                   embedding_norm=jnp.mean(jnp.linalg.norm(embeddings, axis=-1)))
+    return loss, ((model_state, jax.tree.map(jnp.asarray, new_margin), centers), metrics)
 
-  (loss, (model_state, new_margin, embeddings, metrics)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  carry = (state.model_state, state.margin, state.centers)
+  if parts == 1:
+    grads, (carry, metrics) = grad_fn(state.params, carry, batch, key)
+  else:
+    def micro_step(carry, inputs):
+      index, micro_batch = inputs
+      grads, inner = carry
+      new_grads, (inner, metrics) = grad_fn(state.params, inner, micro_batch,
+                                            jax.random.fold_in(key, index))
+      return (jax.tree.map(jnp.add, grads, new_grads), inner), metrics
+
+    micro_batches = jax.tree.map(lambda x: _micro_batches(x, parts), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, carry), metrics = jax.lax.scan(micro_step, (zeros, carry),
+                                           (jnp.arange(parts), micro_batches))
+    grads = jax.tree.map(lambda g: g / parts, grads)
+    metrics = jax.tree.map(jnp.mean, metrics)
   updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  centers = state.centers
-  if centers is not None:
-    centers = center_lib.update_centers(centers, jax.lax.stop_gradient(embeddings), labels,
-                                        alpha=config.center_loss.alpha)
-  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                            opt_state=opt_state, margin=jax.tree.map(jnp.asarray, new_margin),
+  model_state, margin, centers = carry
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            model_state=model_state, opt_state=opt_state, margin=margin,
                             centers=centers)
-  metrics = dict(metrics, loss=loss, learning_rate=learning_rate_schedule(config)(state.step),
-                 grad_norm=optax.tree.norm(grads["backbone"]),
-                 embedding_norm=jnp.mean(jnp.linalg.norm(embeddings, axis=-1)))
+  metrics = dict(metrics, learning_rate=learning_rate_schedule(config)(state.step),
+                 grad_norm=optax.tree.norm(grads["backbone"]))
   return new_state, metrics
+
+
+def _micro_batches(x: Array, parts: int) -> Array:
+  """``[parts, B / parts, ...]``: ``x [B, ...]``'s rows ``i, i + parts, ...`` in part ``i``,
+  split over the devices as ``x``'s rows were."""
+  sharding = jax.typeof(x).sharding
+  split = sharding.spec[0] if len(sharding.spec) else None  # Explicit axes splitting the batch.
+  rows = jnp.reshape(x, (x.shape[0] // parts, parts, *x.shape[1:]), out_sharding=None
+                     if split is None else jax.NamedSharding(sharding.mesh, jax.P(split)))
+  return jnp.swapaxes(rows, 0, 1)
 
 
 def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
@@ -643,6 +679,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value % jax.process_count():
       raise ValueError(f"config.{name} = {value} is not divisible by the "
                        f"{jax.process_count()} processes.")
+  parts = config.micro_batches
+  if parts < 1 or config.batch_size % (parts * mesh.size):
+    raise ValueError(f"config.micro_batches = {parts} must be a positive divisor of each "
+                     f"device's {config.batch_size // mesh.size} examples (config.batch_size = "
+                     f"{config.batch_size} over {mesh.size} devices).")
   missing = [path for path in config.eval.bins if not os.path.exists(path)]
   if missing:
     raise FileNotFoundError(f"config.eval.bins: {missing} not found; list the .bin files that "

@@ -309,3 +309,68 @@ def test_bfloat16_compute_step_is_finite_and_keeps_float32_parameters():
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
   assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_micro_batches_average_their_gradients():
+  # The batch is 4 copies of each of 16 examples, so that every micro-batch (rows i, i + 4, ...)
+  # is those 16 examples: each has the batch's gradient (batch statistics included), and so
+  # has their average. Micro-batches of contiguous rows would each see 4 of the examples.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape = (2,)
+  config.engine.kind, config.engine.chunk_size = "sharded", 2
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), 4, axis=0),
+           "label": np.repeat(source.labels[:16], 4)}
+  results = []
+  for parts in (1, 4):
+    config.micro_batches = parts
+    mesh = train_lib.make_mesh(config)
+    train_lib.check_config(config, mesh)
+    experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                     source.image_shape)
+    step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
+    state, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
+    assert state.params["head"].sharding.spec == jax.P("data", None)
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (one, one_metrics), (four, four_metrics) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, four)
+  for name in ("loss", "grad_norm", "embedding_norm", "learning_rate"):
+    assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-5), name
+
+
+def test_micro_batches_carry_the_margin_state_and_centres_from_one_to_the_next():
+  # CurricularFace's t <- 0.01 mean(cos_y) + 0.99 t from t = 0: with every micro-batch the same
+  # examples (and parameters), one part gives t = 0.01 c, two give 0.0199 c = 1.99 times that.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.loss = dict(name="curricularface", scale=16.0, margin=0.5)
+  config.center_loss.weight = 0.01
+  config.mesh.shape = (2,)
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), 2, axis=0),
+           "label": np.repeat(source.labels[:16], 2)}
+  states = []
+  for parts in (1, 2):
+    config.micro_batches = parts
+    experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config),
+                                                     source.num_classes, source.image_shape)
+    step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
+    state, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
+    assert np.isfinite(float(metrics["center_loss"]))
+    states.append(jax.device_get(state))
+  one, two = states
+  assert float(two.margin.t) == pytest.approx(1.99 * float(one.margin.t), rel=1e-5)
+  # The centres move once per part, from c = 0 towards the same mean x of a class's n examples
+  # in each part: c = a x with a = alpha n / (1 + n) after one move, a (2 - a) x after two; one
+  # part of 2n examples gives b x, b = alpha 2n / (1 + 2n).
+  n = np.bincount(source.labels[:16], minlength=source.num_classes)[:, None]
+  a, b = 0.5 * n / (1 + n), 0.5 * 2 * n / (1 + 2 * n)
+  np.testing.assert_allclose(two.centers, one.centers * a * (2 - a) / b, rtol=1e-5, atol=1e-7)
+  assert np.all(np.linalg.norm(one.centers, axis=1)[n[:, 0] > 0] > 0)
+
+
+@pytest.mark.parametrize("parts", [0, 3, 128])
+def test_micro_batches_must_divide_each_devices_batch(parts):
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape, config.batch_size, config.micro_batches = (2,), 128, parts
+  with pytest.raises(ValueError, match="micro_batches"):
+    train_lib.check_config(config, train_lib.make_mesh(config))
