@@ -3,9 +3,12 @@ r"""insightface arcface_torch's training recipes as ``train_lib`` configs (``con
 A recipe trains on a dataset in insightface's RecordIO layout: a folder with ``train.rec``,
 ``train.idx`` and ``property``, and beside them the ``.bin`` verification sets ``lfw.bin``,
 ``cfp_fp.bin`` and ``agedb_30.bin`` (evaluated with the flip test every ``eval_every`` steps and at
-the end). Hyperparameters are those of insightface's ``train_v2.py`` configs: 128 images per GPU on
-8 GPUs (a global batch of 1,024), SGD with momentum 0.9, the learning rate not rescaled with the
-batch, backbone gradients clipped to norm 5, polynomial decay (power 2) to zero over
+the end). Hyperparameters are those of insightface's ``train_v2.py`` configs. The IResNet and
+MobileFaceNet recipes: 128 images per GPU on 8 GPUs (a global batch of 1,024), SGD with momentum
+0.9, the learning rate not rescaled with the batch, no warm-up. The ViT recipes (WebFace42M,
+``wf42m_pfc03_40epoch_64gpu_vit_*``): 384 images per GPU on 64 GPUs (24,576), AdamW with lr 1e-3
+and weight decay 0.1, 40 epochs of which 4 warm up linearly from 0, Partial FC 0.3. All of them:
+backbone gradients clipped to norm 5, polynomial decay (power 2) to zero over
 ``images // batch * epochs`` steps, scale 64, a 512-d embedding, fp16 there and bfloat16 here.
 
 They follow the insightface code of the published results' time: its earlier ``train_v2.py``
@@ -15,7 +18,9 @@ detaches ArcFace's margin from the gradient: ``--config.optimizer.decay_power=1.
 ArcFace recipes, ``--config.loss.detach_margin=True``) trains as it does.
 
 The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains the same number
-of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match).
+of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match). On fewer
+devices than insightface used, ``--config.micro_batches=k`` keeps the global batch and its
+results, in ``k`` micro-batches per step (insightface's ``gradient_acc``).
 """
 
 import os
@@ -29,6 +34,7 @@ from margins import train_lib
 NUM_IMAGES = {"ms1mv3": 5_179_510, "glint360k": 17_091_657, "webface42m": 42_474_557}
 VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 GLOBAL_BATCH = 128 * 8
+VIT_GLOBAL_BATCH = 384 * 64
 
 
 def parse_arg(arg: str | None) -> tuple[str, bool]:
@@ -48,35 +54,43 @@ def parse_arg(arg: str | None) -> tuple[str, bool]:
 
 
 def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weight_decay: float,
-                  num_epochs: int, sample_rate: float = 1.0,
-                  eval_every: int = 2000) -> ml_collections.ConfigDict:
+                  num_epochs: int, sample_rate: float = 1.0, eval_every: int = 2000,
+                  optimizer: str = "sgd", learning_rate: float = 0.1,
+                  batch_size: int = GLOBAL_BATCH, warmup_epochs: int = 0,
+                  model_kwargs: dict | None = None) -> ml_collections.ConfigDict:
   """The config of one insightface recipe, on the dataset folder named by ``arg``.
 
   Args:
-    arg: ``"<folder>"`` or ``"<folder>,quick"`` (a seconds-long smoke run: IResNet-18 or the
-      same MobileFaceNet at 32x32 with a 64-d embedding, 20 steps of 64 images, float32,
-      evaluated at the end).
+    arg: ``"<folder>"`` or ``"<folder>,quick"`` (a seconds-long smoke run: IResNet-18, or the
+      same MobileFaceNet or ViT-T, at 32x32 with a 64-d embedding, 20 steps of 64 images,
+      float32, evaluated at the end).
     dataset: a key of ``NUM_IMAGES``.
     model: backbone name (``margins.models``).
     loss: ``config.loss`` (name and margin hyperparameters).
-    weight_decay: SGD weight decay (head included, as insightface).
+    weight_decay: weight decay (head included, as insightface).
     num_epochs: epochs of ``NUM_IMAGES[dataset]`` images.
     sample_rate: Partial FC's share of negative class centres per step.
     eval_every: steps between evaluations and checkpoints (insightface's ``verbose``).
+    optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
+    learning_rate: the peak learning rate.
+    batch_size: the global batch.
+    warmup_epochs: epochs of linear warm-up (insightface's ``warmup_epoch``).
+    model_kwargs: the backbone's arguments beside its preset's.
   """
   path, quick = parse_arg(arg)
   num_images = NUM_IMAGES[dataset]
   config = train_lib.default_config()
   config.data = dict(name="recordio", path=path, image_shape=(112, 112, 3))
-  config.batch_size = GLOBAL_BATCH
+  config.batch_size = batch_size
   config.num_steps = num_images // config.get_ref("batch_size") * num_epochs
   config.input = dict(random_flip=True, crop_padding=0, worker_count=8)
-  config.model = dict(name=model, embedding_dim=512, kwargs={})
+  config.model = dict(name=model, embedding_dim=512, kwargs=model_kwargs or {})
   config.loss = loss
   config.engine = dict(kind="sharded", chunk_size=8192, sample_rate=sample_rate,
                        freeze_unsampled=False)
-  config.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=weight_decay,
-                          grad_clip_norm=5.0, warmup_steps=0, decay_power=2.0)
+  config.optimizer.update(name=optimizer, learning_rate=learning_rate, momentum=0.9,
+                          weight_decay=weight_decay, grad_clip_norm=5.0, decay_power=2.0,
+                          warmup_steps=num_images // config.get_ref("batch_size") * warmup_epochs)
   config.compute_dtype = "bfloat16"
   config.log_every = 50
   config.checkpoint_every = config.eval_every = eval_every
@@ -86,9 +100,25 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
     config = train_lib.quick(config)
     config.data.image_shape = (32, 32, 3)
     config.input.worker_count = 0
-    config.model.name = "mobilefacenet" if model == "mobilefacenet" else "iresnet18"
+    if model.startswith("vit"):
+      config.model.name = "vit_t"
+    elif model != "mobilefacenet":
+      config.model.name, config.model.kwargs = "iresnet18", {}
     config.model.embedding_dim = 64
+    config.optimizer.warmup_steps = config.num_steps * warmup_epochs // num_epochs
     config.engine.chunk_size = 256
     config.compute_dtype = "float32"
     config.eval_every = 0
   return config
+
+
+def webface42m_vit(arg: str | None, *, model: str, drop_path_rate: float,
+                   mask_ratio: float) -> ml_collections.ConfigDict:
+  """insightface's ``wf42m_pfc03_40epoch_64gpu_<model>``: CosFace (s 64, m 0.4), Partial FC 0.3,
+  AdamW, 40 epochs (4 of warm-up) of 24,576 images; its ViT variants set drop path and masking
+  (``vit_t_dp005_mask0``: 0.05 and 0)."""
+  return arcface_torch(arg, dataset="webface42m", model=model,
+                       loss=dict(name="cosface", scale=64.0, margin=0.4), weight_decay=0.1,
+                       num_epochs=40, sample_rate=0.3, optimizer="adamw", learning_rate=1e-3,
+                       batch_size=VIT_GLOBAL_BATCH, warmup_epochs=4,
+                       model_kwargs=dict(drop_path_rate=drop_path_rate, mask_ratio=mask_ratio))

@@ -18,14 +18,28 @@ from tests.test_train import ROOT, load_config, read_metrics
 RECIPES = os.path.join(ROOT, "configs", "recipes")
 
 # insightface arcface_torch's configs (train_v2): backbone, margin (s, m), weight decay, epochs,
-# images per epoch (``num_image``), Partial FC sample rate; 128 images per GPU on 8 GPUs, SGD lr
-# 0.1 momentum 0.9, no warm-up, polynomial decay, 512-d embedding. Steps: images // 1024 * epochs.
+# images per epoch (``num_image``), Partial FC sample rate, steps (images // batch * epochs), the
+# optimizer and the backbone's arguments. 512-d embedding, polynomial decay.
+SGD = dict(name="sgd", learning_rate=0.1, batch=128 * 8, warmup_epochs=0)  # 128 on 8 GPUs
+ADAMW = dict(name="adamw", learning_rate=1e-3, batch=384 * 64, warmup_epochs=4)  # 384 on 64 GPUs
+VIT_DP005_MASK0 = dict(drop_path_rate=0.05, mask_ratio=0.0)
+VIT_DP005_MASK005 = dict(drop_path_rate=0.05, mask_ratio=0.05)
 EXPECTED = {
-    "ms1mv3_r50": ("iresnet50", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160),
-    "ms1mv3_r100": ("iresnet100", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160),
-    "ms1mv3_mbf": ("mobilefacenet", "arcface", 0.5, 1e-4, 40, 5_179_510, 1.0, 202_320),
-    "glint360k_r100": ("iresnet100", "cosface", 0.4, 1e-4, 20, 17_091_657, 1.0, 333_820),
-    "webface42m_r100_pfc": ("iresnet100", "cosface", 0.4, 5e-4, 20, 42_474_557, 0.2, 829_580),
+    "ms1mv3_r50": ("iresnet50", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160, SGD, {}),
+    "ms1mv3_r100": ("iresnet100", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160, SGD, {}),
+    "ms1mv3_mbf": ("mobilefacenet", "arcface", 0.5, 1e-4, 40, 5_179_510, 1.0, 202_320, SGD, {}),
+    "glint360k_r100": ("iresnet100", "cosface", 0.4, 1e-4, 20, 17_091_657, 1.0, 333_820, SGD,
+                       {}),
+    "webface42m_r100_pfc": ("iresnet100", "cosface", 0.4, 5e-4, 20, 42_474_557, 0.2, 829_580, SGD,
+                            {}),
+    "webface42m_vit_t_pfc": ("vit_t", "cosface", 0.4, 0.1, 40, 42_474_557, 0.3, 69_120, ADAMW,
+                             VIT_DP005_MASK0),
+    "webface42m_vit_s_pfc": ("vit_s", "cosface", 0.4, 0.1, 40, 42_474_557, 0.3, 69_120, ADAMW,
+                             VIT_DP005_MASK0),
+    "webface42m_vit_b_pfc": ("vit_b", "cosface", 0.4, 0.1, 40, 42_474_557, 0.3, 69_120, ADAMW,
+                             VIT_DP005_MASK005),
+    "webface42m_vit_l_pfc": ("vit_l", "cosface", 0.4, 0.1, 40, 42_474_557, 0.3, 69_120, ADAMW,
+                             VIT_DP005_MASK005),
 }
 
 
@@ -36,10 +50,12 @@ def test_every_recipe_is_in_the_table():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_values_are_insightfaces(name):
-  model, loss, margin, weight_decay, epochs, images, sample_rate, steps = EXPECTED[name]
+  (model, loss, margin, weight_decay, epochs, images, sample_rate, steps, optimizer,
+   model_kwargs) = EXPECTED[name]
   config = load_config(os.path.join(RECIPES, f"{name}.py"), "/data/set")
   assert config.data.to_dict() == dict(name="recordio", path="/data/set", image_shape=(112, 112, 3))
   assert (config.model.name, config.model.embedding_dim) == (model, 512)
+  assert config.model.kwargs.to_dict() == model_kwargs
   # ArcFace's gradient flows through cos(theta + m), as in insightface until Dec 2022.
   detach = dict(detach_margin=False) if loss == "arcface" else {}
   assert config.loss.to_dict() == dict(name=loss, scale=64.0, margin=margin, **detach)
@@ -47,18 +63,25 @@ def test_recipe_values_are_insightfaces(name):
     config.loss.detach_margin = True
     assert train_lib.make_margin(config.loss).detach_margin
   assert (config.engine.kind, config.engine.sample_rate) == ("sharded", sample_rate)
-  assert config.batch_size == 128 * 8
-  assert config.num_steps == steps == images // 1024 * epochs
+  batch = optimizer["batch"]
+  assert (config.batch_size, config.micro_batches) == (batch, 1)
+  assert config.num_steps == steps == images // batch * epochs
   opt = config.optimizer
-  assert (opt.name, opt.learning_rate, opt.momentum, opt.nesterov) == ("sgd", 0.1, 0.9, False)
+  assert (opt.name, opt.learning_rate) == (optimizer["name"], optimizer["learning_rate"])
+  if opt.name == "sgd":
+    assert (opt.momentum, opt.nesterov) == (0.9, False)
+  else:  # PyTorch's AdamW defaults.
+    assert (opt.b1, opt.b2) == (0.9, 0.999)
   assert (opt.weight_decay, opt.head_weight_decay, opt.head_lr_scale) == (weight_decay, None, 1.0)
-  assert (opt.warmup_steps, opt.decay_power, opt.grad_clip_norm) == (0, 2.0, 5.0)
+  assert opt.warmup_steps == images // batch * optimizer["warmup_epochs"]
+  assert (opt.decay_power, opt.grad_clip_norm) == (2.0, 5.0)
   assert config.compute_dtype == "bfloat16"
   assert config.input.random_flip and config.eval.flip
   assert config.eval.bins == ("/data/set/lfw.bin", "/data/set/cfp_fp.bin",
                               "/data/set/agedb_30.bin")
-  config.batch_size = 4096  # Same epochs, a quarter of the steps.
-  assert config.num_steps == images // 4096 * epochs
+  config.batch_size = batch // 4  # Same epochs, four times the steps (and warm-up steps).
+  assert config.num_steps == images // (batch // 4) * epochs
+  assert opt.warmup_steps == images // (batch // 4) * optimizer["warmup_epochs"]
 
 
 def test_recipe_needs_the_dataset_folder():
@@ -106,3 +129,26 @@ def test_partial_fc_recipe_trains_in_quick_mode_on_a_recordio_folder(tmp_path):
   for name in recipes.VERIFICATION_SETS:
     assert 0 <= final[f"{name}/verification_accuracy"] <= 1
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
+
+
+def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step():
+  config = load_config(os.path.join(RECIPES, "webface42m_vit_l_pfc.py"), "/data/set,quick")
+  assert (config.model.name, config.model.kwargs.to_dict()) == ("vit_t", dict(
+      drop_path_rate=0.05, mask_ratio=0.05))
+  assert config.optimizer.warmup_steps == 2  # 4 of 40 epochs, of 20 steps.
+  config.micro_batches, config.eval.bins = 2, ()
+  mesh = train_lib.make_mesh(config)
+  train_lib.check_config(config, mesh)
+  # optax's Adam bias correction raises a float to the int32 step count: standard promotion (as
+  # train.py runs), not the tests' strict one.
+  with jax.set_mesh(mesh), jax.numpy_dtype_promotion("standard"):
+    experiment, state = train_lib.create_train_state(config, mesh, 100, (32, 32, 3),
+                                                     abstract=True)
+    batch = {"image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.float32,
+                                           sharding=experiment.batch_sharding),
+             "label": jax.ShapeDtypeStruct((64,), np.int32, sharding=experiment.batch_sharding)}
+    new_state, metrics = jax.eval_shape(
+        lambda s, b: train_lib.train_step(experiment, s, b), state, batch)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), state)
+  assert metrics["loss"].shape == ()
