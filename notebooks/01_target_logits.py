@@ -18,8 +18,9 @@
 # # Target logits and decision margins
 #
 # Every margin loss in `margins` changes one thing: the logit of an example's own class as a
-# function of the angle $\theta$ between its embedding and the class centre (CurricularFace also
-# re-weights hard negatives). This notebook draws those functions by calling the margin objects
+# function of the angle $\theta$ between its embedding and the class centre (AdaFace and MagFace
+# also of the embedding's norm, ElasticFace of a random draw; CurricularFace also re-weights hard
+# negatives). This notebook draws those functions, for every margin, by calling the margin objects
 # themselves, `margin.target_logit(rows)` and `margin.nontarget_logits(similarity, rows)`: the
 # methods every softmax engine evaluates, so the pictures are the library's code, not a copy.
 #
@@ -31,6 +32,7 @@
 # %%
 import sys
 
+import jax
 import jax.numpy as jnp
 import matplotlib.colors
 import matplotlib.pyplot as plt
@@ -144,7 +146,9 @@ for m in range(1, 5):
 #
 # - SphereFace anneals $\lambda$ with the step (`margins.sphereface_lambda`): the target starts as
 #   plain softmax ($\lambda = 1000$) and bends towards $\psi$ as $\lambda$ falls to 5.
-# - ArcFace past $\pi - m$: the three ways to handle the overflow, zoomed in.
+# - ArcFace past $\pi - m$, zoomed in: the library's two ways to handle the overflow (the
+#   default and `easy_margin`) beside the plain formula. (`detach_margin` changes only the
+#   gradient: its values are the default's.)
 # - The combined margin $\cos(m_1\theta + m_2) - m_3$ contains SphereFace-like ($m_1$), ArcFace
 #   ($m_2$) and CosFace ($m_3$) margins.
 # - CurricularFace: a negative class $j$ is *hard* when $\cos\theta_j > \cos(\theta_y + m)$; its
@@ -178,7 +182,8 @@ axes[0, 1].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["sof
 axes[0, 1].axvline(np.degrees(np.pi - arcface_margin), color="0.5", linewidth=0.8)
 axes[0, 1].annotate(r"$\theta = \pi - m$", (np.degrees(np.pi - arcface_margin), 0.5),
                     xytext=(5, 0), textcoords="offset points", fontsize=9)
-style_angle_axes(axes[0, 1], f"ArcFace (m={arcface_margin}): the three overflow modes")
+style_angle_axes(axes[0, 1], f"ArcFace (m={arcface_margin}) past π - m: default, easy_margin, "
+                 "plain")
 axes[0, 1].set_xlim(60, 180)
 axes[0, 1].legend(fontsize=8, loc="lower left")
 
@@ -215,6 +220,89 @@ axes[1, 1].legend(fontsize=8, loc="upper right")
 
 figure.tight_layout()
 save_figure(figure, "target_logit_details.png")
+
+# %% [markdown]
+# ## Margins that depend on the feature norm, or on chance
+#
+# Three margins of the zoo are not a function of $\theta$ alone, so they get curves of their
+# own (still at `scale=1`, with `margins.Rows` carrying the embedding norm $|x|$):
+#
+# - **AdaFace** reads image quality from $|x|$ against the batch's norm statistics
+#   ($\mu$, $\sigma$): $\hat z = \mathrm{clip}(h(|x| - \mu)/\sigma, -1, 1)$ and the target
+#   $\cos(\theta - m\hat z) - m(1 + \hat z)$. A low-norm (hard to recognise) example, $\hat z = -1$,
+#   gets ArcFace's $\cos(\theta + m)$; a high-norm one, $\hat z = 1$, an additive $2m$ with the
+#   angle *reduced* by $m$, CosFace-like; $\hat z = 0$ is CosFace's $\cos\theta - m$.
+# - **MagFace** is ArcFace with a margin that grows linearly with $|x|$ between $l_a$ and $u_a$
+#   (0.45 at $|x| \le 10$ to 0.8 at $|x| \ge 110$ by default): larger norms must sit closer to
+#   their centre.
+# - **ElasticFace** draws each example's margin from $\mathcal{N}(m, \sigma)$ at every step: the
+#   target is a band around $\cos(\theta + m)$ (or CosFace's curve, `kind="cos"`), with no
+#   continuation past $\pi - m$, as in its authors' code. Drawn: the 2.5-97.5 %
+#   band of 2,000 draws per angle for the default $\sigma = 0.0125$ and, to make it visible, 0.05.
+
+# %%
+figure, axes = plt.subplots(1, 3, figsize=(18, 5))
+
+norm_mean, norm_std, h = 20.0, 5.0, 0.333
+adaface = margins.AdaFace(scale=1.0, margin=0.4, h=h, norm_mean=norm_mean, norm_std=norm_std)
+qualities = [-1.0, -0.5, 0.0, 0.5, 1.0]
+for quality, color in zip(qualities, variants(LOSS_COLORS["adaface"], len(qualities))):
+  norm = norm_mean + quality * norm_std / h
+  rows = margins.Rows(cos=cos, embedding_norm=jnp.full_like(cos, norm),
+                      weight_norm=jnp.ones_like(cos))
+  axes[0].plot(degrees, np.asarray(adaface.target_logit(rows)), color=color, linewidth=2,
+               label=rf"$|x|$ = {norm:.1f}: $\hat z$ = {quality:+g}")
+axes[0].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+             linestyle=":", label="softmax")
+style_angle_axes(axes[0], rf"AdaFace (m=0.4, h={h}; $\mu$={norm_mean:g}, $\sigma$={norm_std:g})")
+axes[0].set_ylim(-2.1, 1.05)
+axes[0].legend(fontsize=8, loc="lower left")
+
+magface = margins.MagFace(scale=1.0)
+norms = [10.0, 35.0, 60.0, 85.0, 110.0]
+for norm, color in zip(norms, variants(LOSS_COLORS["magface"], len(norms))):
+  rows = margins.Rows(cos=cos, embedding_norm=jnp.full_like(cos, norm),
+                      weight_norm=jnp.ones_like(cos))
+  adaptive = float(magface.adaptive_margin(rows)[0])
+  axes[1].plot(degrees, np.asarray(magface.target_logit(rows)), color=color, linewidth=2,
+               label=rf"$|x|$ = {norm:g}: m = {adaptive:.3g}")
+axes[1].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+             linestyle=":", label="softmax")
+style_angle_axes(axes[1], "MagFace (defaults): ArcFace with m growing with |x|")
+axes[1].set_ylim(-2.1, 1.05)
+axes[1].legend(fontsize=8, loc="lower left")
+
+draws = 200 if QUICK else 2000
+many_cos = jnp.tile(cos, draws)
+for sigma, alpha in ((0.05, 0.2), (0.0125, 0.5)):
+  elastic = margins.ElasticFace(key=jax.random.key_data(jax.random.key(0)), scale=1.0,
+                                margin=0.5, sigma=sigma)
+  ones = jnp.ones_like(many_cos)
+  targets = np.asarray(elastic.target_logit(margins.Rows(many_cos, ones, ones)))
+  low, high = np.percentile(targets.reshape(draws, -1), [2.5, 97.5], axis=0)
+  axes[2].fill_between(degrees, low, high, color=LOSS_COLORS["elasticface"], alpha=alpha,
+                       linewidth=0, label=rf"$\sigma$ = {sigma:g}: 95 % of the draws")
+axes[2].plot(degrees, np.asarray(cos_add_angle(cos, 0.5)), color=LOSS_COLORS["elasticface"],
+             linewidth=1, label=r"$\cos(\theta + 0.5)$")
+axes[2].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
+             linestyle=":", label="softmax")
+style_angle_axes(axes[2], "ElasticFace-Arc (m=0.5): a margin drawn per example")
+axes[2].set_ylim(-2.1, 1.05)
+axes[2].legend(fontsize=8, loc="lower left")
+
+figure.tight_layout()
+save_figure(figure, "target_logits_norm_and_random.png")
+
+# With zero spread ElasticFace is cos(theta + m) (no continuation past pi - m, as in its
+# authors' code), and AdaFace at z = 0 is CosFace (up to its clip of theta to [eps, pi - eps]).
+zero_spread = margins.ElasticFace(key=jax.random.key_data(jax.random.key(0)), scale=1.0,
+                                  margin=0.5, sigma=0.0)
+np.testing.assert_allclose(target_curve(zero_spread), np.asarray(cos_add_angle(cos, 0.5)),
+                           atol=1e-6)
+at_mean = margins.Rows(cos=cos, embedding_norm=jnp.full_like(cos, norm_mean),
+                       weight_norm=jnp.ones_like(cos))
+np.testing.assert_allclose(np.asarray(adaface.target_logit(at_mean)),
+                           target_curve(margins.CosFace(scale=1.0, margin=0.4)), atol=2e-3)
 
 # %% [markdown]
 # ## Binary decision margins in angle space

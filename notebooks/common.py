@@ -25,6 +25,9 @@ LOSS_COLORS = {
     "arcface": "tab:red",
     "combined_margin": "tab:orange",
     "curricularface": "tab:blue",
+    "adaface": "tab:cyan",
+    "magface": "darkgoldenrod",
+    "elasticface": "maroon",
 }
 
 
