@@ -101,9 +101,13 @@ def losses_and_grads(engine, margin, x, w, labels):
 
 engine = margins.sharded(mesh)
 hlo = losses_and_grads.lower(engine, margins.ArcFace(), x, w, labels).compile().as_text()
-collectives = collections.Counter(re.findall(
-    r"= \(?([a-z0-9]+\[[\d,]*\])[^=\n]* (all-gather|all-reduce|reduce-scatter|all-to-all|"
-    r"collective-permute)(?:-start)?\(", hlo))
+# Each collective's result type lists the arrays it moves (a tuple when it moves several).
+collectives = collections.Counter(
+    (shape, found.group(2)) for found in re.finditer(
+        r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+        r"(?:-start)?\(", hlo)
+    for shape in re.findall(r"\w+\[[\d,]*\]", found.group(1)))
+print(f"{'collective':>14}  {'array':<12} count")
 for (shape, op), count in sorted(collectives.items()):
   print(f"{op:>14}  {shape:<12} x{count}")
 block = f"f32[{batch},{rows // mesh.size}]"
