@@ -115,8 +115,13 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
 def webface42m_vit(arg: str | None, *, model: str, drop_path_rate: float,
                    mask_ratio: float) -> ml_collections.ConfigDict:
   """insightface's ``wf42m_pfc03_40epoch_64gpu_<model>``: CosFace (s 64, m 0.4), Partial FC 0.3,
-  AdamW, 40 epochs (4 of warm-up) of 24,576 images; its ViT variants set drop path and masking
-  (``vit_t_dp005_mask0``: 0.05 and 0)."""
+  AdamW (lr 1e-3, weight decay 0.1), 40 epochs (4 of linear warm-up) of global batches of 24,576
+  (384 images on each of 64 GPUs; 69,120 steps), polynomial decay; its ViT variants set drop
+  path and token masking (``vit_t_dp005_mask0``: 0.05 and 0).
+
+  On 8 devices, ``--config.micro_batches=8`` keeps the global batch: 8 micro-batches of 384
+  images per device and step (insightface's 8-GPU ViT-B config accumulates 12 of 256).
+  """
   return arcface_torch(arg, dataset="webface42m", model=model,
                        loss=dict(name="cosface", scale=64.0, margin=0.4), weight_decay=0.1,
                        num_epochs=40, sample_rate=0.3, optimizer="adamw", learning_rate=1e-3,

@@ -311,29 +311,33 @@ def test_bfloat16_compute_step_is_finite_and_keeps_float32_parameters():
   assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
+def _step_on_copies(config, copies, parts):
+  """``(state, metrics)`` after one step of ``config`` in ``parts`` micro-batches, on a batch of
+  ``copies`` copies of each of 16 digits (rows ``i * copies .. (i + 1) * copies - 1``: every
+  micro-batch of rows ``k, k + parts, ...`` holds the 16 digits when ``parts == copies``)."""
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), copies, axis=0),
+           "label": np.repeat(source.labels[:16], copies)}
+  config.micro_batches = parts
+  mesh = train_lib.make_mesh(config)
+  train_lib.check_config(config, mesh)
+  experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                   source.image_shape)
+  step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
+  return jax.device_get(step(state, jax.device_put(batch, experiment.batch_sharding)))
+
+
 def test_micro_batches_average_their_gradients():
-  # The batch is 4 copies of each of 16 examples, so that every micro-batch (rows i, i + 4, ...)
-  # is those 16 examples: each has the batch's gradient (batch statistics included), and so
-  # has their average. Micro-batches of contiguous rows would each see 4 of the examples.
+  # Every one of 4 micro-batches is the 16 examples: each has the batch's gradient (batch
+  # statistics included), and so has their average. Micro-batches of contiguous rows would each
+  # see 4 of the examples.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.mesh.shape = (2,)
   config.engine.kind, config.engine.chunk_size = "sharded", 2
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), 4, axis=0),
-           "label": np.repeat(source.labels[:16], 4)}
-  results = []
-  for parts in (1, 4):
-    config.micro_batches = parts
-    mesh = train_lib.make_mesh(config)
-    train_lib.check_config(config, mesh)
-    experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
-                                                     source.image_shape)
-    step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
-    state, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
-    assert state.params["head"].sharding.spec == jax.P("data", None)
-    results.append((jax.device_get(state.params), jax.device_get(metrics)))
-  (one, one_metrics), (four, four_metrics) = results
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, four)
+  (one, one_metrics), (four, four_metrics) = (
+      _step_on_copies(config, copies=4, parts=parts) for parts in (1, 4))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params,
+               four.params)
   for name in ("loss", "grad_norm", "embedding_norm", "learning_rate"):
     assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-5), name
 
@@ -345,24 +349,15 @@ def test_micro_batches_carry_the_margin_state_and_centres_from_one_to_the_next()
   config.loss = dict(name="curricularface", scale=16.0, margin=0.5)
   config.center_loss.weight = 0.01
   config.mesh.shape = (2,)
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), 2, axis=0),
-           "label": np.repeat(source.labels[:16], 2)}
-  states = []
-  for parts in (1, 2):
-    config.micro_batches = parts
-    experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config),
-                                                     source.num_classes, source.image_shape)
-    step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
-    state, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
-    assert np.isfinite(float(metrics["center_loss"]))
-    states.append(jax.device_get(state))
-  one, two = states
+  (one, one_metrics), (two, two_metrics) = (
+      _step_on_copies(config, copies=2, parts=parts) for parts in (1, 2))
+  assert np.isfinite(one_metrics["center_loss"]) and np.isfinite(two_metrics["center_loss"])
   assert float(two.margin.t) == pytest.approx(1.99 * float(one.margin.t), rel=1e-5)
   # The centres move once per part, from c = 0 towards the same mean x of a class's n examples
   # in each part: c = a x with a = alpha n / (1 + n) after one move, a (2 - a) x after two; one
   # part of 2n examples gives b x, b = alpha 2n / (1 + 2n).
-  n = np.bincount(source.labels[:16], minlength=source.num_classes)[:, None]
+  labels = margins_data.digits("open_train", image_size=config.data.image_size).labels[:16]
+  n = np.bincount(labels, minlength=one.centers.shape[0])[:, None]
   a, b = 0.5 * n / (1 + n), 0.5 * 2 * n / (1 + 2 * n)
   np.testing.assert_allclose(two.centers, one.centers * a * (2 - a) / b, rtol=1e-5, atol=1e-7)
   assert np.all(np.linalg.norm(one.centers, axis=1)[n[:, 0] > 0] > 0)

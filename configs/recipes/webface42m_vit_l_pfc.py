@@ -1,16 +1,11 @@
-r"""WebFace42M, ViT-L (768 wide, 24 deep), CosFace (s=64, m=0.4), Partial FC 0.3, AdamW:
-insightface's wf42m_pfc03_40epoch_64gpu_vit_l.
+r"""WebFace42M, ViT-L, CosFace, Partial FC 0.3: insightface's wf42m_pfc03_40epoch_64gpu_vit_l.
 
   python train.py --config configs/recipes/webface42m_vit_l_pfc.py:/data/WebFace42M \
       --workdir /runs/webface42m_vit_l_pfc
 
-WebFace42M for 40 epochs of global batches of 24,576 (384 images on each of 64 GPUs; 69,120 steps),
-the first 4 epochs warming up linearly; AdamW lr 1e-3, weight decay 0.1, polynomial decay. Backbone
-insightface's ``vit_l_dp005_mask_005``: drop path 0.05, token masking 0.05. insightface reports
-IJB-C TAR@FAR=1e-4 98.00 (25.3 GFLOPs). On 8 devices, ``--config.micro_batches=8`` keeps the global
-batch (8 micro-batches of 384 images per device and step). See :mod:`margins.recipes` for the shared
-settings and :mod:`configs.recipes.webface42m_r100_pfc` for several hosts;
-``...:/data/WebFace42M,quick`` is a seconds-long smoke run (ViT-T, 32x32).
+Backbone ``vit_l_dp005_mask_005`` (768 wide, 24 deep; drop path 0.05, token masking 0.05);
+insightface reports IJB-C TAR@FAR=1e-4 98.00 (25.3 GFLOPs). Shared settings, and
+``--config.micro_batches`` on fewer devices: :func:`margins.recipes.webface42m_vit`.
 """
 
 from margins import recipes
