@@ -29,6 +29,7 @@ the ``[B, C]`` logits are never gathered or scattered.
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -68,7 +69,9 @@ class SoftmaxEngine:
   keep_scores: bool = True
 
   def __post_init__(self):
-    if self.chunk_size is not None and self.chunk_size < 1:
+    if self.chunk_size is not None and (
+        not isinstance(self.chunk_size, numbers.Integral) or isinstance(self.chunk_size, bool)
+        or self.chunk_size < 1):
       raise ValueError(f"`chunk_size` must be a positive integer or None, got {self.chunk_size}.")
     if not 0 < self.sample_rate <= 1:
       raise ValueError(f"`sample_rate` must be in (0, 1], got {self.sample_rate}.")
@@ -519,7 +522,7 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
   def body(carry, start, size):
     dx, dw, drows, dparams = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
-    scores = _scores(rest, centres, chunk_norms) if rest.shape[0] else None
+    scores = _scores(rest, centres, chunk_norms) if rest.shape[0] or not kept else None
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
       scores = stored if scores is None else jnp.concatenate([stored, scores])
@@ -578,7 +581,8 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   (True, (4,))
   """
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
-  positive = jnp.zeros(num_rows, bool).at[jnp.maximum(local_labels, 0)].max(local_labels >= 0)
+  labels = _common.gathered(local_labels)  # The whole batch's, where mesh axes split the batch.
+  positive = jnp.zeros(num_rows, bool).at[jnp.maximum(labels, 0)].max(labels >= 0)
   priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))
   priority = jnp.where(ids < num_valid, priority, -1.0)
   return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
@@ -589,7 +593,8 @@ def _select_classes(w, local_labels, num_valid, num_sampled, key):
   index = sample_classes(local_labels, w.shape[0], num_valid, num_sampled, key)
   position = jnp.full(w.shape[0], -1, local_labels.dtype).at[index].set(
       jnp.arange(num_sampled, dtype=local_labels.dtype))
-  sampled_labels = jnp.where(local_labels >= 0, position[jnp.maximum(local_labels, 0)], -1)
+  sampled_labels = jnp.where(local_labels >= 0,
+                             _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
   return w[index], sampled_labels, jnp.sum(index < num_valid)
 
 
@@ -614,7 +619,7 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   # Norms are floored for the dtype the matmuls run in: float16 multiplies cotangents scaled by
   # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
   floor_dtype = matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16 else input_dtype
-  dtype = _common.compute_dtype(x)
+  dtype = _common.compute_dtype(x, w, matmul_dtype)  # The scores' and the statistics' dtype.
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   x_unit = x_wide / norms

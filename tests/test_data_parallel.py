@@ -40,8 +40,11 @@ LOSSES = {
         x, w, y, margins.CurricularFace(scale=8.0, t=0.2)),
     "chunked_subcenter": lambda x, w, w3, y: margins.chunked(5)(
         x, w3, y, margins.ArcFace(scale=8.0)),
-    "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.5)(
-        x, w, y, margins.CosFace(scale=8.0), key=KEY),
+    # 48 classes (W four times over), 16 of them sampled: the batch's 4 and 12 others.
+    "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.25)(
+        x, jnp.tile(w, (4, 1)), y, margins.CosFace(scale=8.0), key=KEY),
+    "sampled_dense_engine": lambda x, w, w3, y: margins.dense(sample_rate=0.25)(
+        x, jnp.tile(w, (4, 1)), y, margins.CurricularFace(scale=8.0, t=0.2), key=KEY),
 }
 
 

@@ -405,9 +405,36 @@ def test_engines_are_finite_at_the_edges(engine):
       assert np.all(np.isfinite(leaf)), margin
 
 
+def test_engines_mix_float32_and_float64():
+  # float32 embeddings with float64 centres, or float64 matmuls of float32 inputs: every engine
+  # computes in float64, as the dense one does.
+  x, w2, _, labels = make_inputs(12, 12)
+  with jax.enable_x64(True):
+    want = margins.dense()(x.astype(np.float64), w2.astype(np.float64), labels,
+                           MARGINS["arcface"])[0]
+    for engine, w in ((margins.chunked(5), w2.astype(np.float64)),
+                      (margins.sharded(make_mesh(2), chunk_size=3), w2.astype(np.float64)),
+                      (margins.chunked(5, matmul_dtype=jnp.float64), w2)):
+      losses = engine(x, w, labels, MARGINS["arcface"])[0]
+      assert losses.dtype == jnp.float64, engine
+      np.testing.assert_allclose(losses, want, rtol=1e-12, err_msg=str(engine))
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5)], ids=["dense", "chunked"])
+def test_an_empty_batch_has_no_loss_and_zero_gradient(engine):
+  _, w2, _, _ = make_inputs(13, 13)
+  x, labels = np.zeros((0, D), np.float32), np.zeros(0, np.int32)
+  total, grads = jax.jit(jax.value_and_grad(
+      lambda x_, w_: jnp.sum(engine(x_, w_, labels, MARGINS["arcface"])[0]), argnums=(0, 1)))(
+          x, w2)
+  assert total == 0 and grads[0].shape == (0, D)
+  np.testing.assert_array_equal(grads[1], np.zeros_like(w2))
+
+
 def test_engine_rejects_bad_settings():
-  with pytest.raises(ValueError, match="chunk_size"):
-    margins.chunked(0)
+  for chunk_size in (0, 2.5, True):
+    with pytest.raises(ValueError, match="chunk_size"):
+      margins.chunked(chunk_size)
   with pytest.raises(ValueError, match="sample_rate"):
     margins.dense(sample_rate=0.0)
   x, w2, _, labels = make_inputs(13, 13)
