@@ -418,11 +418,13 @@ def test_out_of_range_label_is_nan_under_jit():
     assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
 
 
-def test_batch_statistics_leave_out_examples_with_out_of_range_labels():
+@pytest.mark.parametrize("label_dtype", [np.int32, np.uint32])
+def test_batch_statistics_leave_out_examples_with_out_of_range_labels(label_dtype):
   # Under jit an out-of-range label's loss is NaN, and CurricularFace's t and AdaFace's norm
-  # statistics are those of the other examples.
+  # statistics are those of the other examples. (Unsigned labels must not turn the engines' -1,
+  # "no valid class", into a huge valid-looking label.)
   x, w, labels = make_inputs(norm_scale=10.0)
-  labels_bad = labels.copy(); labels_bad[3] = C + 5
+  labels_bad = labels.astype(label_dtype); labels_bad[3] = C + 5
   keep = np.delete(np.arange(B), 3)
   _, t = jax.jit(margins.curricularface_loss)(x, w, labels_bad, 0.3)
   _, want_t = reference.curricularface(x[keep], w, labels[keep], t=0.3)

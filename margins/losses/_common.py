@@ -32,8 +32,9 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
   ``[0, num_classes)`` raise too.
 
   Returns:
-    ``labels`` as an array of at least 32 bits, so that comparing them with a class count cannot
-    overflow their dtype (``uint8`` labels and 256 classes).
+    ``labels`` as a signed array of at least 32 bits, so that comparing them with a class count
+    cannot overflow their dtype (``uint8`` labels and 256 classes) and -1 can mark an example
+    (an unsigned label of ``2^31`` or more, out of range anyway, becomes negative).
   """
   if not isinstance(labels, (jax.Array, np.ndarray)):
     labels = np.asarray(labels)
@@ -44,8 +45,8 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
     raise TypeError(f"`labels` must be integers, got dtype {jnp.result_type(labels)}.")
   if shape[0] != batch_size:
     raise ValueError(f"`labels` has length {shape[0]} but the batch has {batch_size} examples.")
-  if labels.dtype.itemsize < 4:
-    labels = labels.astype(np.int32)
+  if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
+    labels = labels.astype(np.int64 if labels.dtype.itemsize == 8 else np.int32)
   if num_classes is not None and not isinstance(labels, jax.core.Tracer):
     values = np.asarray(labels)
     bad = (values < 0) | (values >= num_classes)
