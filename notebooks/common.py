@@ -29,6 +29,9 @@ LOSS_COLORS = {
     "magface": "darkgoldenrod",
     "elasticface": "maroon",
 }
+# Pairs of two identities in the angle and similarity histograms, beside the pairs of one identity
+# drawn in the loss's colour: a colour no loss has, so that no panel is grey on grey.
+DIFFERENT_PAIRS_COLOR = "navy"
 
 
 def save_figure(figure, name: str) -> pathlib.Path:
