@@ -1,12 +1,15 @@
-r"""Evaluates a training run's checkpoint on ``.bin`` verification sets (LFW, CFP-FP, AgeDB-30 ...).
+r"""Evaluates a training run's checkpoint on ``.bin`` verification sets (LFW, CFP-FP, AgeDB-30 ...)
+and on IJB-B / IJB-C.
 
   python -m margins.evaluate --workdir <run> --bin lfw.bin --bin cfp_fp.bin \
-      [--step N] [--batch_size 256]
+      [--ijb /data/IJBC] [--step N] [--batch_size 256]
 
 restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
-the flip test and prints one row per set by insightface's protocol (10-fold accuracy mean +- std,
-TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC; ``n/a`` where a set has too few different
-pairs to measure the FAR), then writes the ROC curves to ``<run>/roc_<step>.png``.
+the flip test and prints one row per ``.bin`` set by insightface's protocol (10-fold accuracy mean
++- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC; ``n/a`` where a set has too few
+different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``.
+Each ``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C)
+is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC.
 """
 
 import math
@@ -18,11 +21,14 @@ from absl import app
 from absl import flags
 
 from margins import cli_flags
+from margins import data as data_lib
 from margins import evaluation
 from margins import train_lib
 
 _BINS = flags.DEFINE_multi_string(
     "bin", [], "A .bin verification file; repeat the flag for several sets.")
+_IJB = flags.DEFINE_multi_string(
+    "ijb", [], "An IJB-B or IJB-C folder (loose_crop/, meta/); repeat the flag for both.")
 for _name in ("workdir", "step", "batch_size"):
   flags.declare_key_flag(_name)
 
@@ -30,22 +36,25 @@ for _name in ("workdir", "step", "batch_size"):
 TABLE_FARS = (1e-3, 1e-4)
 
 
-def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = None,
-                 batch_size: int = 256,
-                 ) -> tuple[int, dict[str, evaluation.VerificationResult]]:
-  """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets, with the flip test.
+def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequence[str] = (),
+                 step: int | None = None, batch_size: int = 256,
+                 ) -> tuple[int, dict[str, evaluation.VerificationResult | evaluation.IJBResult]]:
+  """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets and IJB folders (named
+  by their meta files' prefix, ``ijbc``), with the flip test.
 
   Args:
     workdir: the training run's directory.
     bin_paths: ``.bin`` verification files.
+    ijb_folders: IJB-B / IJB-C folders.
     step: the checkpoint to load; ``None``: the latest.
     batch_size: images per batch over all devices (a multiple of their number).
   """
   names = [train_lib.bin_set_name(path) for path in bin_paths]
+  names += [data_lib.ijb.benchmark_name(folder) for folder in ijb_folders]
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:
-    raise ValueError(f"Several --bin files are named {repeated}: rename one, as results are "
-                     "reported by name.")
+    raise ValueError(f"Several --bin files or --ijb folders are named {repeated}: rename one, "
+                     "as results are reported by name.")
   experiment, state = train_lib.restore(workdir, step, backbone_only=True)
   num_devices = experiment.mesh.size
   if batch_size % num_devices:
@@ -56,6 +65,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, step: int | None = N
   with jax.set_mesh(experiment.mesh):
     results = {name: train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
                for name, path in zip(names, bin_paths)}
+    results.update({name: train_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn)
+                    for name, folder in zip(names[len(bin_paths):], ijb_folders)})
   return int(state.step), results
 
 
@@ -97,22 +108,32 @@ def main(argv: Sequence[str]) -> None:
   workdir = cli_flags.WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required: the training run's directory.")
-  if not _BINS.value:
-    raise app.UsageError("Give at least one --bin verification file.")
+  if not _BINS.value and not _IJB.value:
+    raise app.UsageError("Give at least one --bin verification file or --ijb folder.")
   if not os.path.isdir(workdir):
     raise app.UsageError(f"--workdir {workdir} is not a directory.")
   missing = [path for path in _BINS.value if not os.path.isfile(path)]
   if missing:
     raise app.UsageError(f"--bin: no such file: {', '.join(missing)}")
+  missing = [folder for folder in _IJB.value if not os.path.isdir(folder)]
+  if missing:
+    raise app.UsageError(f"--ijb: no such folder: {', '.join(missing)}")
   try:
-    step, results = evaluate_run(workdir, _BINS.value, step=cli_flags.STEP.value,
-                                 batch_size=cli_flags.BATCH_SIZE.value)
+    step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
+                                 step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value)
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() == 0:
-    plot = evaluation.plot_roc(results, os.path.join(workdir, f"roc_{step}.png"),
-                               title=f"Verification ROC at step {step}")
-    print(f"{workdir}, step {step}:\n{format_table(results)}\nROC curves: {plot}", flush=True)
+    lines = [f"{workdir}, step {step}:"]
+    bins = {name: r for name, r in results.items()
+            if isinstance(r, evaluation.VerificationResult)}
+    if bins:
+      plot = evaluation.plot_roc(bins, os.path.join(workdir, f"roc_{step}.png"),
+                                 title=f"Verification ROC at step {step}")
+      lines += [format_table(bins), f"ROC curves: {plot}"]
+    lines += [evaluation.format_ijb(name, r) for name, r in results.items()
+              if isinstance(r, evaluation.IJBResult)]
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

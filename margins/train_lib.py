@@ -572,6 +572,13 @@ def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.Verifi
   return evaluation.evaluate_verification(embeddings, issame)
 
 
+def evaluate_ijb(experiment, state, folder: str, *, embed_fn) -> evaluation.IJBResult:
+  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test."""
+  source = data_lib.IJBSource(folder, image_shape=experiment.image_shape)
+  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
+  return evaluation.evaluate_ijb(embeddings, source.protocol)
+
+
 def _verification_metrics(name, result) -> dict[str, float]:
   metrics = {f"{name}/verification_accuracy": result.accuracy,
              f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc,

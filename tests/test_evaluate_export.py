@@ -19,6 +19,7 @@ from margins import evaluate
 from margins import evaluation
 from margins import export
 from margins import train_lib
+from tests.test_ijb import write_ijb
 from tests.test_train import ROOT
 from tests.test_train import load_config
 
@@ -87,6 +88,20 @@ def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
   assert os.path.getsize(os.path.join(run, "roc_2.png")) > 10_000
 
 
+def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):
+  # The digits model takes 16 x 16 grey images: the template is scaled to them.
+  folder, _ = write_ijb(tmp_path, image_size=16)
+  source = data_lib.IJBSource(folder, image_shape=(16, 16, 1))
+  grey = np.stack([source[i]["image"] for i in range(len(source))])
+  expected = evaluation.evaluate_ijb(live_embeddings(*restored, grey, flip=True), source.protocol)
+  capsys.readouterr()
+  cli(evaluate, "--workdir", run, "--ijb", str(folder), "--batch_size", "16")
+  out = capsys.readouterr().out
+  assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', expected)}\n", out
+  with pytest.raises(app.UsageError, match="--ijb: no such folder"):
+    cli(evaluate, "--workdir", run, "--ijb", str(tmp_path / "IJBB"))
+
+
 def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):
   path = digits_bin[0]
   missing_bin = str(tmp_path / "lfw.bin")
@@ -111,7 +126,7 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
   twin = tmp_path / "other" / "digits.bin"
   twin.parent.mkdir()
   twin.write_bytes(pathlib.Path(path).read_bytes())
-  with pytest.raises(app.UsageError, match=r"Several --bin files are named \['digits'\]"):
+  with pytest.raises(app.UsageError, match=r"Several --bin files or --ijb folders are named \['digits'\]"):
     cli(evaluate, "--workdir", run, "--bin", path, "--bin", str(twin))
   with pytest.raises(app.UsageError, match=r"--platforms: \['metal'\]; choose among"):
     cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--platforms", "cpu,metal")

@@ -13,6 +13,10 @@ from margins.data.pipeline import train_dataset
 from margins.data.sources import ArraySource
 from margins.data.sources import SyntheticSource
 from margins.data.sources import digits
+from margins.data.ijb import IJBProtocol
+from margins.data.ijb import IJBSource
+from margins.data.ijb import align_face
+from margins.data.ijb import read_ijb
 from margins.data.image_folder import ImageFolderSource
 from margins.data.recordio import RecordIOSource
 from margins.data.tfds_source import TfdsSource

@@ -1,8 +1,13 @@
-"""Evaluation: face verification (LFW protocol), open-set retrieval metrics and plots.
+"""Evaluation: face verification (LFW protocol, IJB-B/C templates), open-set retrieval metrics
+and plots.
 
 Everything here runs on the host in NumPy, after the embeddings have been computed.
 """
 
+from margins.evaluation.ijb import IJBResult
+from margins.evaluation.ijb import evaluate_ijb
+from margins.evaluation.ijb import format_ijb
+from margins.evaluation.ijb import template_features
 from margins.evaluation.plots import draw_angle_histograms
 from margins.evaluation.plots import draw_features
 from margins.evaluation.plots import draw_roc

@@ -176,6 +176,15 @@ def _val_threshold(distances: np.ndarray, issame: np.ndarray, far_target: float)
   return float(np.interp(far_target, far[below:below + 2], _VAL_THRESHOLDS[below:below + 2]))
 
 
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, num_different: int,
+               far_targets: Sequence[float]) -> dict[float, float]:
+  """``{target: TAR}`` on a ROC: the highest true-accept rate of an operating point whose
+  false-accept rate is at most the target; NaN below ``1 / num_different``, the smallest
+  false-accept rate ``num_different`` different pairs can measure."""
+  return {far: float(np.max(tpr[fpr <= far])) if far >= 1 / num_different else float("nan")
+          for far in far_targets}
+
+
 def _folds(num_pairs: int, num_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
   """``(train, test)`` indices of contiguous folds in order; one fold trains and tests on all."""
   if num_folds == 1:
@@ -265,10 +274,6 @@ def evaluate_verification(
 
   fpr, tpr, score_thresholds = sklearn.metrics.roc_curve(
       issame, -distances, drop_intermediate=False)
-  num_different = np.sum(~issame)
-  tar_at_far = {
-      far: float(np.max(tpr[fpr <= far])) if far >= 1 / num_different else float("nan")
-      for far in far_targets}
   return VerificationResult(
       accuracy=float(np.mean(fold_accuracies)),
       accuracy_std=float(np.std(fold_accuracies)),
@@ -278,7 +283,7 @@ def evaluate_verification(
       val_std=float(np.std(vals)),
       far=float(np.mean(fars)),
       val_far_target=val_far_target,
-      tar_at_far=tar_at_far,
+      tar_at_far=tar_at_far(fpr, tpr, np.sum(~issame), far_targets),
       auc=float(sklearn.metrics.auc(fpr, tpr)),
       eer=float(np.interp(0.0, fpr + tpr - 1, fpr)),
       fpr=fpr,

@@ -1,0 +1,145 @@
+"""IJB-B/C: the meta files, face alignment, template features and scores (the CLI:
+``tests/test_evaluate_export.py``)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from margins import data as data_lib
+from margins import evaluation
+from margins.data import ijb
+from tests.test_recordio import _smooth_image
+
+
+def rot90_point(points, width):
+  """Where pixel centres ``(x, y)`` of an image ``width`` wide go under ``np.rot90``."""
+  points = np.asarray(points, np.float64)
+  return np.stack([points[..., 1], width - 1 - points[..., 0]], axis=-1)
+
+
+def test_align_face_undoes_shifts_and_quarter_turns():
+  face = _smooth_image(0, size=112)
+  template = ijb.ARCFACE_LANDMARKS
+  # Already aligned: the identity (Pillow's bilinear rounds to within one grey level).
+  np.testing.assert_allclose(ijb.align_face(face, template), face, atol=1)
+  canvas = np.zeros((140, 150, 3), np.uint8)
+  canvas[9:121, 30:142] = face
+  shifted = template + [30, 9]
+  np.testing.assert_allclose(ijb.align_face(canvas, shifted), face, atol=1)
+  turned = np.rot90(canvas)
+  np.testing.assert_allclose(ijb.align_face(turned, rot90_point(shifted, 150)), face, atol=1)
+  # Twice the size, each pixel a 2 x 2 block centred at 2x + 0.5: bilinear lands on the centres.
+  np.testing.assert_array_equal(
+      ijb.align_face(face.repeat(2, 0).repeat(2, 1), 2 * template + 0.5), face)
+  grey = face[..., :1]
+  np.testing.assert_allclose(ijb.align_face(grey, template, (16, 16)).shape, (16, 16, 1))
+
+
+def test_similarity_transform_recovers_a_similarity_and_never_reflects():
+  rng = np.random.default_rng(0)
+  angle, scale, shift = 0.3, 1.7, np.array([5.0, -2.0])
+  rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  points = rng.normal(size=(5, 2)) * 20
+  matrix = ijb.similarity_transform(points, points @ (scale * rotation).T + shift)
+  np.testing.assert_allclose(matrix, np.concatenate([scale * rotation, shift[:, None]], 1),
+                             atol=1e-9)
+  mirrored = ijb.similarity_transform(points, points * [-1, 1])
+  assert np.linalg.det(mirrored[:, :2]) > 0
+
+
+def test_template_features_are_sums_of_media_means():
+  rng = np.random.default_rng(1)
+  features = rng.normal(size=(12, 4))
+  templates = np.array([3, 3, 3, 3, 9, 9, 5, 5, 5, 5, 5, 3])
+  media = np.array([1, 1, 2, 7, 1, 1, 4, 4, 4, 8, 9, 2])
+  ids, unit = evaluation.template_features(features, templates, media)
+  assert ids.tolist() == [3, 5, 9]
+  for template, row in zip(ids, unit):
+    mine = templates == template
+    total = sum(features[mine & (media == m)].mean(0) for m in set(media[mine]))
+    np.testing.assert_allclose(row, total / np.linalg.norm(total), rtol=1e-12)
+
+
+def write_ijb(root, *, image_size=112):
+  """An ``IJBC`` folder of 3 identities x 6 crops: each crop is its identity's face shifted into
+  a larger canvas and turned by a quarter turn or not; 6 templates (2 per identity, 2 media each)
+  and all 15 template pairs. Returns ``(folder, identity of each template)``."""
+  folder = root / "IJBC"
+  (folder / "loose_crop").mkdir(parents=True)
+  (folder / "meta").mkdir()
+  rng = np.random.default_rng(2)
+  scored, grouped, owners = [], [], {}
+  for index in range(18):
+    identity, template = index // 6, 10 + index // 3
+    owners[template] = identity
+    face = _smooth_image(100 + identity, size=image_size)
+    canvas = np.zeros((image_size + 30, image_size + 40, 3), np.uint8)
+    dx, dy = rng.integers(0, 30), rng.integers(0, 20)
+    canvas[dy:dy + image_size, dx:dx + image_size] = face
+    points = ijb.ARCFACE_LANDMARKS * image_size / 112 + [dx, dy]
+    if index % 2:
+      canvas, points = np.rot90(canvas), rot90_point(points, canvas.shape[1])
+    name = f"{index}.png"
+    PIL.Image.fromarray(np.ascontiguousarray(canvas)).save(folder / "loose_crop" / name)
+    score = 0.5 + index / 36
+    scored.append(" ".join([name, *(f"{v:.4f}" for v in points.reshape(-1)), f"{score}"]))
+    grouped.append(f"{name} {template} {index % 3 // 2}")  # media 0, 0, 1 per template
+  pairs = [f"{a} {b} {int(owners[a] == owners[b])}"
+           for a in sorted(owners) for b in sorted(owners) if a < b]
+  for name, lines in (("name_5pts_score", scored), ("face_tid_mid", grouped),
+                      ("template_pair_label", pairs)):
+    (folder / "meta" / f"ijbc_{name}.txt").write_text("\n".join(lines) + "\n")
+  return folder, owners
+
+
+def test_reads_aligns_and_scores_a_benchmark(tmp_path):
+  folder, owners = write_ijb(tmp_path)
+  source = data_lib.IJBSource(folder)
+  protocol = source.protocol
+  assert (protocol.name, len(source), protocol.pairs.shape) == ("ijbc", 18, (15, 2))
+  assert protocol.issame.sum() == 3 and protocol.landmarks.shape == (18, 5, 2)
+  # Every aligned crop is its identity's face again.
+  for index in range(len(source)):
+    np.testing.assert_allclose(source[index]["image"], _smooth_image(100 + index // 6, 112),
+                               atol=1)
+  # Pixels as features: scores against an independent computation of insightface's recipe.
+  features = np.stack([source[i]["image"].reshape(-1) for i in range(len(source))]) / 255.0
+  features = features + np.random.default_rng(3).normal(size=features.shape) * 0.1
+  result = evaluation.evaluate_ijb(features, protocol)
+  weighted = features * protocol.detector_scores[:, None]
+  for (first, second), score in zip(protocol.pairs, result.scores):
+    mine = []
+    for template in (first, second):
+      images = protocol.templates == template
+      total = sum(weighted[images & (protocol.media == m)].mean(0)
+                  for m in np.unique(protocol.media[images]))
+      mine.append(total / np.linalg.norm(total))
+    assert score == pytest.approx(mine[0] @ mine[1], rel=1e-12)
+  assert result.auc == 1.0 and result.tar_at_far[1e-1] == 1.0
+  assert np.isnan(result.tar_at_far[1e-2])  # 12 different pairs resolve a FAR of 1/12 at best.
+  assert "TAR@FAR=1e-01: 1.00000" in evaluation.format_ijb("ijbc", result)
+  # The meta files name the benchmark, whatever the folder is called.
+  renamed = folder.rename(tmp_path / "release")
+  assert data_lib.read_ijb(renamed).name == "ijbc" == ijb.benchmark_name(renamed)
+
+
+def test_bad_benchmarks_give_clear_errors(tmp_path):
+  folder, _ = write_ijb(tmp_path)
+  protocol = data_lib.read_ijb(folder)
+  with pytest.raises(ValueError, match=r"must be \[18, D\]"):
+    evaluation.evaluate_ijb(np.ones((17, 4)), protocol)
+  meta = folder / "meta"
+  pairs = meta / "ijbc_template_pair_label.txt"
+  pairs.write_text(pairs.read_text() + "10 99 0\n")
+  with pytest.raises(ValueError, match="templates without images"):
+    evaluation.evaluate_ijb(np.ones((18, 4)), data_lib.read_ijb(folder))
+  grouped = meta / "ijbc_face_tid_mid.txt"
+  lines = grouped.read_text().splitlines()
+  grouped.write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+  with pytest.raises(ValueError, match="list different images"):
+    data_lib.read_ijb(folder)
+  grouped.write_text("0.png 10\n")
+  with pytest.raises(ValueError, match="line 1 has 2 fields, not 3"):
+    data_lib.read_ijb(folder)
+  with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt not found"):
+    data_lib.read_ijb(folder, "IJBB")
