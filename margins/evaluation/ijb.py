@@ -58,15 +58,16 @@ def template_features(image_features, templates, media) -> tuple[np.ndarray, np.
   if not templates.shape == media.shape == image_features.shape[:1]:
     raise ValueError(f"`templates` {templates.shape} and `media` {media.shape} must give one id "
                      f"per image of `image_features` {image_features.shape}.")
-  keys, media_of_image = np.unique(np.stack([templates, media], 1), axis=0, return_inverse=True)
-  media_of_image = media_of_image.reshape(-1)
-  sums = np.zeros((len(keys), image_features.shape[1]))
-  np.add.at(sums, media_of_image, image_features)
-  media_means = sums / np.bincount(media_of_image)[:, None]
-  template_ids, template_of_media = np.unique(keys[:, 0], return_inverse=True)
-  features = np.zeros((len(template_ids), image_features.shape[1]))
-  np.add.at(features, template_of_media.reshape(-1), media_means)
-  return template_ids, sklearn.preprocessing.normalize(features)
+  order = np.lexsort((media, templates))  # Images grouped by template, then by media.
+  templates, media = templates[order], media[order]
+  media_starts = np.flatnonzero(np.diff(templates, prepend=templates[0] - 1)
+                                | np.diff(media, prepend=media[0] - 1))
+  counts = np.diff(np.append(media_starts, len(order)))
+  media_means = np.add.reduceat(image_features[order], media_starts) / counts[:, None]
+  media_templates = templates[media_starts]
+  template_starts = np.flatnonzero(np.diff(media_templates, prepend=media_templates[0] - 1))
+  features = np.add.reduceat(media_means, template_starts)
+  return media_templates[template_starts], sklearn.preprocessing.normalize(features)
 
 
 def evaluate_ijb(image_features, protocol: IJBProtocol, *,
@@ -100,7 +101,9 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
   missing = template_ids[rows] != protocol.pairs
   if missing.any():
     raise ValueError(f"Pairs name templates without images: {protocol.pairs[missing][:5]}.")
-  scores = np.sum(unit[rows[:, 0]] * unit[rows[:, 1]], axis=1)
+  scores = np.concatenate([  # 100,000 pairs at a time: IJB-C has 15.7 million.
+      np.sum(unit[part[:, 0]] * unit[part[:, 1]], axis=1)
+      for part in np.array_split(rows, max(1, -(-len(rows) // 100_000)))])
   fpr, tpr, _ = sklearn.metrics.roc_curve(protocol.issame, scores, drop_intermediate=False)
   return IJBResult(
       tar_at_far=verification.tar_at_far(fpr, tpr, np.sum(~protocol.issame), far_targets),
