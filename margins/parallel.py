@@ -120,6 +120,8 @@ class SoftmaxEngine:
     labels = _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
     if self.sample_rate < 1 and key is None:
       raise ValueError("`key` is required when `sample_rate` < 1 (Partial FC sampling).")
+    if np.shape(embeddings)[0] == 0:  # No loss, no gradient, no statistics to fold in.
+      return jnp.zeros((0,), _common.compute_dtype(embeddings, weights)), margin
     if self.mesh is None:
       class_axes = jax.typeof(weights).sharding.spec[0]
       if class_axes is not None:
@@ -522,7 +524,7 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
   def body(carry, start, size):
     dx, dw, drows, dparams = carry
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
-    scores = _scores(rest, centres, chunk_norms) if rest.shape[0] or not kept else None
+    scores = _scores(rest, centres, chunk_norms) if rest.shape[0] else None
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
       scores = stored if scores is None else jnp.concatenate([stored, scores])

@@ -420,9 +420,11 @@ def test_engines_mix_float32_and_float64():
       np.testing.assert_allclose(losses, want, rtol=1e-12, err_msg=str(engine))
 
 
-@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5)], ids=["dense", "chunked"])
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5),
+                                    margins.sharded(make_mesh(2), chunk_size=3)],
+                         ids=["dense", "chunked", "sharded"])
 def test_an_empty_batch_has_no_loss_and_zero_gradient(engine):
-  _, w2, _, _ = make_inputs(13, 13)
+  _, w2, _, _ = make_inputs(12, 12)
   x, labels = np.zeros((0, D), np.float32), np.zeros(0, np.int32)
   total, grads = jax.jit(jax.value_and_grad(
       lambda x_, w_: jnp.sum(engine(x_, w_, labels, MARGINS["arcface"])[0]), argnums=(0, 1)))(
