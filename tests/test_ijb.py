@@ -31,6 +31,12 @@ def test_align_face_undoes_shifts_and_quarter_turns():
   # Twice the size, each pixel a 2 x 2 block centred at 2x + 0.5: bilinear lands on the centres.
   np.testing.assert_array_equal(
       ijb.align_face(face.repeat(2, 0).repeat(2, 1), 2 * template + 0.5), face)
+  # Half a pixel past the image's edge, the interpolation fades to black as OpenCV's does:
+  # the last column, sampled half a pixel past the last pixel, is half white.
+  white = np.full((112, 112, 3), 255, np.uint8)
+  edge = ijb.align_face(white, template + [0.5, 0])
+  np.testing.assert_allclose(edge[:, :-1], 255, atol=1)
+  np.testing.assert_allclose(edge[:, -1], 127.5, atol=1)
   grey = face[..., :1]
   np.testing.assert_allclose(ijb.align_face(grey, template, (16, 16)).shape, (16, 16, 1))
 

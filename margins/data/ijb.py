@@ -141,11 +141,16 @@ def align_face(image: np.ndarray, landmarks: np.ndarray,
   insightface's template (scaled to ``image_size = (H, W)``); bilinear, black outside.
 
   Pixel ``(x, y)`` of the result is the input at the inverse transform of ``(x, y)``, pixel
-  centres at integer coordinates, as OpenCV's ``warpAffine`` computes it.
+  centres at integer coordinates, as OpenCV's ``warpAffine`` computes it, fading to black over
+  the pixel past the image's edge as it does. Within one grey level of OpenCV's (Pillow's
+  fixed-point arithmetic truncates where OpenCV rounds).
   """
   height, width = image_size
   template = ARCFACE_LANDMARKS * np.array([width, height]) / ARCFACE_SIZE
-  forward = np.vstack([similarity_transform(np.asarray(landmarks, np.float64), template),
+  # A black pixel around the image, for the interpolation to fade into: Pillow would repeat the
+  # edge pixel half a pixel out, then cut to black.
+  image = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+  forward = np.vstack([similarity_transform(np.asarray(landmarks, np.float64) + 1, template),
                        [0.0, 0.0, 1.0]])
   inverse = np.linalg.inv(forward)[:2]
   # Pillow samples output pixel (x, y) at (x + 0.5, y + 0.5), pixel centres at half integers.
