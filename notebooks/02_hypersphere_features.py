@@ -40,7 +40,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, save_figure
+from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, pixel_verification, save_figure
 from margins import data as data_lib
 from margins import evaluation
 from margins import train_lib
@@ -277,12 +277,9 @@ save_figure(figure, "angle_histograms.png")
 # %%
 open_source = data_lib.digits("open_test", image_size=data_config.image_size,
                               open_set_train_classes=data_config.open_set_train_classes)
-pixels = np.stack([np.asarray(open_source[i]["image"], np.float64).reshape(-1)
-                   for i in range(len(open_source))])
 # The pairs train_and_evaluate scored: make_pairs with seed 0 on the same labels.
 pairs, issame = evaluation.make_pairs(open_source.labels, RUNS[0][2].eval.num_pairs, seed=0)
-pixel_result = evaluation.evaluate_verification((pixels - pixels.mean(0))[pairs.reshape(-1)],
-                                                issame)
+pixel_result, num_pixels = pixel_verification(open_source, pairs, issame)
 
 header = (f"{'loss':<30} {'dim':>3} {'closed acc.':>11} {'verification acc.':>19} "
           f"{'AUC':>6} {'EER':>6}")
@@ -294,6 +291,6 @@ for title, run in results.items():
         f"{metrics['open/verification_accuracy']:>11.3f} ± "
         f"{metrics['open/verification_accuracy_std']:.3f} {metrics['open/auc']:>6.3f} "
         f"{metrics['open/eer']:>6.3f}")
-print(f"{'raw pixels, mean-centred':<30} {pixels.shape[1]:>3} {'-':>11} "
+print(f"{'raw pixels, mean-centred':<30} {num_pixels:>3} {'-':>11} "
       f"{pixel_result.accuracy:>11.3f} ± {pixel_result.accuracy_std:.3f} "
       f"{pixel_result.auc:>6.3f} {pixel_result.eer:>6.3f}")

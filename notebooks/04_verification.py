@@ -39,7 +39,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, save_figure
+from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, pixel_verification, save_figure
 from margins import data as data_lib
 from margins import evaluation
 from margins import train_lib
@@ -98,11 +98,8 @@ print(f"{len(source)} images of digits {', '.join(source.class_names)} -> embedd
       f"{embeddings.shape}; {len(issame)} pairs, {issame.sum()} of one digit")
 print(evaluation.format_verification("ArcFace", result, flip=False))
 
-pixels = np.stack([np.asarray(source[i]["image"], np.float64).reshape(-1)
-                   for i in range(len(source))])
-pixel_result = evaluation.evaluate_verification((pixels - pixels.mean(0))[pairs.reshape(-1)],
-                                                issame)
-print(f"\nraw pixels: {pixels.shape[1]} per image")
+pixel_result, num_pixels = pixel_verification(source, pairs, issame)
+print(f"\nraw pixels: {num_pixels} per image")
 print(evaluation.format_verification("pixels", pixel_result, flip=False))
 
 # %% [markdown]

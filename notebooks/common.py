@@ -1,4 +1,5 @@
-"""Settings shared by the notebooks: quick mode, where figures go, one colour per loss.
+"""Settings shared by the notebooks: quick mode, where figures go, one colour per loss; the
+raw-pixel verification baseline.
 
 ``MARGINS_QUICK=1`` (set in CI) selects small settings that run in seconds; figures are written
 to ``MARGINS_FIGURES_DIR``, by default the repository's ``docs/figures``. Run a notebook top to
@@ -8,6 +9,10 @@ figures.
 
 import os
 import pathlib
+
+import numpy as np
+
+from margins import evaluation
 
 QUICK = os.environ.get("MARGINS_QUICK", "") not in ("", "0")
 FIGURES_DIR = pathlib.Path(
@@ -41,3 +46,13 @@ def save_figure(figure, name: str) -> pathlib.Path:
   figure.savefig(path, dpi=110, bbox_inches="tight")
   print(f"saved {path}")
   return path
+
+
+def pixel_verification(source, pairs, issame):
+  """``(result, pixels per image)``: the pairs of ``source``'s images scored by the protocol on
+  their raw pixels, each image flattened minus the mean image (normalised by the protocol, so a
+  pair's score is the cosine of the two centred images)."""
+  pixels = np.stack([np.asarray(source[i]["image"], np.float64).reshape(-1)
+                     for i in range(len(source))])
+  result = evaluation.evaluate_verification((pixels - pixels.mean(0))[pairs.reshape(-1)], issame)
+  return result, pixels.shape[1]
