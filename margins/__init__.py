@@ -17,6 +17,7 @@ from margins.losses.classification import lsoftmax_loss
 from margins.losses.classification import magface_loss
 from margins.losses.classification import normface_loss
 from margins.losses.classification import softmax_loss
+from margins.losses.classification import sphereface2_loss
 from margins.losses.classification import sphereface_loss
 from margins.losses.classification import subcenter_arcface_loss
 from margins.losses.pairwise import circle_loss
@@ -35,9 +36,12 @@ from margins.losses.margin import NormFace
 from margins.losses.margin import Rows
 from margins.losses.margin import Softmax
 from margins.losses.margin import SphereFace
+from margins.losses.margin import SphereFace2
 from margins.losses.margin import arcface_cos
 from margins.losses.margin import margin_dataclass
 from margins.losses.margin import multiplicative_psi
+from margins.losses.margin import similarity_adjustment
+from margins.losses.margin import sphereface2_bias
 from margins.losses.margin import sphereface_lambda
 from margins.parallel import SoftmaxEngine
 from margins.parallel import chunked

@@ -6,8 +6,10 @@ Every engine computes the same per-example loss for every :class:`~margins.Margi
     \\ell_b = \\log\\Big(e^{t_b} + \\sum_{j \\ne y_b} e^{f(s_{bj})}\\Big) - t_b
               (+ \\text{the margin's regulariser}),
 
-with the target logit :math:`t_b` and the non-target logits :math:`f(s_{bj})` of the margin; they
-differ in how the sum over classes is formed:
+with the target logit :math:`t_b` and the non-target logits :math:`f(s_{bj})` of the margin, or,
+for a ``one_vs_all`` margin (SphereFace2), its sum of per-class binary losses (softplus terms in
+place of the exponentials, no running maximum). The engines differ in how the sum over classes
+is formed:
 
 - ``dense``: one ``[B, C]`` matrix of logits (plain autodiff: three matmuls, ``B x C`` memory);
 - ``chunked``: classes in chunks with an online log-sum-exp and a ``custom_vjp``; each chunk's
@@ -397,9 +399,15 @@ def _dense_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, flo
   scores = _all_scores(x_in, w, normalize_weights=margin.normalize_weights,
                        floor_dtype=floor_dtype)
   logits = _chunk_logits(scores, w.shape, 0, rows, margin, local_labels, num_valid)
-  max_ = jax.lax.stop_gradient(jnp.maximum(stabilizer, jnp.max(logits, axis=1)))
-  sum_ = jnp.sum(jnp.exp(logits - max_[:, None]), axis=1)
+  max_ = jax.lax.stop_gradient(_running_max(margin, stabilizer, logits))
+  sum_ = jnp.sum(margin.row_terms(logits, max_), axis=1)
   return _combine(max_, sum_, axis_name)
+
+
+def _running_max(margin, max_, logits):
+  """The row maximum after a chunk of ``[B, c]`` logits (a softmax's); ``one_vs_all`` margins
+  keep theirs at 0."""
+  return max_ if margin.one_vs_all else jnp.maximum(max_, jnp.max(logits, axis=1))
 
 
 def _kept_rows(batch: int, w: Array, score_dtype: Any) -> int:
@@ -461,8 +469,8 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
     scores = _scores(x_in, centres, chunk_norms)
     logits = _chunk_logits(scores, w_chunk.shape, start, rows, margin, local_labels, num_valid)
-    new_max = jnp.maximum(max_, jnp.max(logits, axis=1))
-    sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
+    new_max = _running_max(margin, max_, logits)
+    sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(margin.row_terms(logits, new_max), axis=1)
     if buffer is not None:
       buffer = _store_scores(buffer, scores[:kept], start, size)
     return new_max, sum_, buffer
@@ -528,11 +536,13 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
       scores = stored if scores is None else jnp.concatenate([stored, scores])
-    logits, pullback = jax.vjp(
-        lambda s_, r_, p_: _chunk_logits(s_, w_chunk.shape, start, r_, with_params(p_),
-                                         local_labels, num_valid),
-        scores, rows, params)
-    dscores, ddrows, ddparams = pullback(jnp.exp(logits - max_[:, None]) * g[:, None])
+    def row_terms(s_, r_, p_):
+      chunk_margin = with_params(p_)
+      logits = _chunk_logits(s_, w_chunk.shape, start, r_, chunk_margin, local_labels, num_valid)
+      return chunk_margin.row_terms(logits, max_)
+
+    terms, pullback = jax.vjp(row_terms, scores, rows, params)
+    dscores, ddrows, ddparams = pullback(jnp.ones_like(terms) * g[:, None])  # (terms' type)
     ddx, ddw = _scores_pullback(x_in, centres, dscores, chunk_norms)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
     return (dx + ddx, dw, *jax.tree.map(jnp.add, (drows, dparams), (ddrows, ddparams)))
@@ -637,10 +647,12 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)
-  scored_rows, stabilizer = rows._replace(valid=None), target  # Scoring needs no mask.
+  scored_rows = rows._replace(valid=None)  # Scoring needs no mask.
+  # The row maximum starts at the target logit (a softmax's), at 0 for ``one_vs_all``.
+  stabilizer = jnp.zeros_like(target) if margin.one_vs_all else target
   if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
     x_in, scored_rows, stabilizer = jax.lax.pcast(
-        (x_in, scored_rows, target), _axes(axis_name), to="varying")
+        (x_in, scored_rows, stabilizer), _axes(axis_name), to="varying")
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
   if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:
@@ -651,9 +663,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   else:
     max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name,
                                 engine.keep_scores, ())
-  # max_ >= target and max_ is one of the logits, so the sum below is >= 1.
-  max_ = jax.lax.stop_gradient(max_)
-  losses = max_ + jnp.log(sum_ + jnp.exp(target - max_)) - target
+  # A softmax's max_ >= target and is one of the logits, so its sum (+ the target's) is >= 1.
+  losses = margin.loss(target, jax.lax.stop_gradient(max_), sum_)
   extra = margin.regularizer(rows)
   return (losses if extra is None else losses + extra), margin
 

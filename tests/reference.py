@@ -156,3 +156,27 @@ def elasticface(x, w, labels, margins_per_example, scale=64.0, kind="arc", plus=
   theta = np.arccos(np.clip(target_cos, -1, 1))
   targets = scale * (np.cos(theta + m) if kind == "arc" else target_cos - m)
   return cross_entropy(with_targets(scale * cos, targets, labels), labels)
+
+
+def sphereface2(x, w, labels, bias, scale=40.0, margin=0.4, t=3.0, alpha=0.7, kind="cos"):
+  """Per-example binary losses, class by class: the target's classifier and every other's."""
+  cos = cosines(x, w)
+  g = lambda c: 2 * ((c + 1) / 2) ** t - 1  # noqa: E731
+  out = []
+  for b, y in enumerate(labels):
+    total = 0.0
+    for j, c in enumerate(cos[b]):
+      if j != y:
+        logit = scale * (g(c) + margin if kind == "cos" else g(c)) + bias
+        total += (1 - alpha) * np.logaddexp(0, logit)
+        continue
+      theta = np.arccos(np.clip(c, -1, 1))
+      if kind == "cos":
+        value = g(c) - margin
+      elif kind == "arc":
+        value = g(np.cos(min(theta + margin, np.pi)))
+      else:
+        value = g(np.cos(min(margin * theta, np.pi)))
+      total += alpha * np.logaddexp(0, -(scale * value + bias))
+    out.append(total / scale)
+  return np.array(out)

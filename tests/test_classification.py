@@ -47,6 +47,12 @@ CASES = [
     ("combined_m1", margins.combined_margin_loss, reference.combined,
      {"scale": 4.0, "m1": 1.35, "m2": 0.0, "m3": 0.0}),
     ("magface", margins.magface_loss, reference.magface, {}),
+    ("sphereface2", functools.partial(margins.sphereface2_loss, bias=1.5), reference.sphereface2,
+     {}),
+    ("sphereface2_arc", functools.partial(margins.sphereface2_loss, bias=-2.0),
+     reference.sphereface2, {"kind": "arc", "margin": 0.5, "scale": 30.0, "t": 2.0}),
+    ("sphereface2_multiplicative", functools.partial(margins.sphereface2_loss, bias=0.5),
+     reference.sphereface2, {"kind": "multiplicative", "margin": 1.7, "alpha": 0.8}),
 ]
 
 
@@ -56,6 +62,8 @@ def test_values_match_float64_reference(name, loss_fn, reference_fn, kwargs, nor
   del name
   x, w, labels = make_inputs(norm_scale=norm_scale)
   got = jax.jit(functools.partial(loss_fn, **kwargs))(x, w, labels)
+  if isinstance(loss_fn, functools.partial):  # The keyword arguments fixed by the case.
+    kwargs = {**loss_fn.keywords, **kwargs}
   want = reference_fn(x, w, labels, **kwargs)
   assert got.shape == (B,) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
@@ -87,6 +95,55 @@ def test_arcface_detach_margin_keeps_value_and_takes_cosface_free_gradient():
     return (jax.nn.logsumexp(logits, axis=1) - 8.0 * (cos_y + shift)).sum()
 
   np.testing.assert_allclose(grad, jax.grad(surrogate)(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cos", "arc", "multiplicative"])
+def test_sphereface2_gradient_is_that_of_scaled_cosines_and_bias(kind):
+  # As in the authors' code, g and the margin shift the logits by constants: the gradient is that
+  # of r cos + b at SphereFace2's probabilities. The bias is learnt.
+  x, w, labels = make_inputs()
+  margin = {"cos": 0.4, "arc": 0.5, "multiplicative": 1.7}[kind]
+  loss = lambda x_, w_, b_: margins.sphereface2_loss(  # noqa: E731
+      x_, w_, labels, b_, scale=8.0, margin=margin, kind=kind).sum()
+  grads = jax.grad(loss, argnums=(0, 1, 2))(x, w, jnp.float32(0.5))
+  # Each logit's constant shift from r cos, from the paper's formulas in float64.
+  cos = reference.cosines(x, w)
+  g = lambda c: 2 * ((c + 1) / 2) ** 3.0 - 1  # noqa: E731
+  theta = np.arccos(np.clip(cos, -1, 1))
+  target = {"cos": g(cos) - margin, "arc": g(np.cos(np.minimum(theta + margin, np.pi))),
+            "multiplicative": g(np.cos(np.minimum(margin * theta, np.pi)))}[kind]
+  other = g(cos) + margin if kind == "cos" else g(cos)
+  is_target = np.arange(C)[None, :] == labels[:, None]
+  shifts = np.where(is_target, target, other) - cos
+
+  def surrogate(x_, w_, b_):
+    unit = x_ / jnp.linalg.norm(x_, axis=1, keepdims=True)
+    cos_ = unit @ (w_ / jnp.linalg.norm(w_, axis=1, keepdims=True)).T
+    logits = 8.0 * (cos_ + jnp.asarray(shifts, jnp.float32)) + b_
+    terms = jnp.where(is_target, 0.7 * jax.nn.softplus(-logits), 0.3 * jax.nn.softplus(logits))
+    return terms.sum() / 8.0
+
+  want = jax.grad(surrogate, argnums=(0, 1, 2))(x, w, jnp.float32(0.5))
+  for got_g, want_g in zip(grads, want):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes,kind,margin", [
+    (2, "cos", 0.4), (3, "cos", 0.4), (10, "arc", 0.5), (1000, "multiplicative", 1.7),
+    (100_000, "cos", 0.4)])
+def test_sphereface2_bias_makes_the_untrained_loss_flat_in_the_bias(num_classes, kind, margin):
+  # Every cosine 0 (x orthogonal to every centre): the bias's derivative of the loss is 0 there,
+  # both where the balance ratio is above 1 (2 and 3 classes) and far below it.
+  bias = margins.sphereface2_bias(num_classes, margin=margin, kind=kind)
+  with jax.enable_x64(True):
+    x = jnp.zeros((1, 2), jnp.float64).at[0, 0].set(1.0)
+    w = jnp.zeros((num_classes, 2), jnp.float64).at[:, 1].set(1.0)
+    loss = lambda b_: margins.sphereface2_loss(  # noqa: E731
+        x, w, jnp.array([0]), b_, margin=margin, kind=kind)[0]
+    slope = jax.grad(loss)(jnp.float64(bias))
+    curvature = jax.grad(jax.grad(loss))(jnp.float64(bias))
+  assert abs(float(slope)) < 1e-9 * max(1.0, float(curvature)), (slope, curvature)
+  assert float(curvature) > 0  # a minimum
 
 
 def test_subcenter_arcface_matches_reference():
@@ -274,6 +331,8 @@ ALL_LOSSES = [
     ("adaface", lambda x, w, y: margins.adaface_loss(x, w, y)[0]),
     ("magface", lambda x, w, y: margins.magface_loss(x, w, y)),
     ("elasticface", lambda x, w, y: margins.elasticface_loss(x, w, y, jax.random.key(0))),
+    ("sphereface2", lambda x, w, y: margins.sphereface2_loss(x, w, y, 1.0)),
+    ("sphereface2_arc", lambda x, w, y: margins.sphereface2_loss(x, w, y, 1.0, kind="arc")),
 ]
 
 
@@ -481,3 +540,9 @@ def test_bad_types_and_hyperparameters():
     margins.softmax_loss(x, w, labels, bias=np.zeros(C + 1, np.float32))
   with pytest.raises(ValueError, match="weights"):
     margins.subcenter_arcface_loss(x, w, labels)
+  with pytest.raises(ValueError, match="kind"):
+    margins.sphereface2_loss(x, w, labels, 0.0, kind="additive")
+  with pytest.raises(ValueError, match="bias"):
+    margins.sphereface2_loss(x, w, labels, np.zeros(C, np.float32))
+  with pytest.raises(ValueError, match="2 classes"):
+    margins.sphereface2_bias(1)

@@ -35,6 +35,8 @@ MARGINS = {
     "adaface": margins.AdaFace(scale=8.0),
     "magface": margins.MagFace(scale=8.0),
     "elasticface": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1),
+    "sphereface2": margins.SphereFace2(bias=1.0, scale=8.0),
+    "sphereface2_arc": margins.SphereFace2(bias=-1.0, scale=8.0, margin=0.5, kind="arc"),
     "subcenter_arcface": margins.ArcFace(scale=8.0),  # run with weights [C, K, D]
 }
 
@@ -391,8 +393,9 @@ def test_engines_are_finite_at_the_edges(engine):
   x = np.stack([np.zeros(8), w[5], -w[7], np.ones(8)]).astype(np.float32)
   labels = np.array([0, 5, 7, 3], np.int32)
   edge_margins = [MARGINS[name] for name in (
-      "arcface", "curricularface", "sphereface", "lsoftmax", "cosface", "adaface", "magface")]
-  edge_margins.append(margins.ArcFace(scale=1e4))
+      "arcface", "curricularface", "sphereface", "lsoftmax", "cosface", "adaface", "magface",
+      "sphereface2_arc")]
+  edge_margins += [margins.ArcFace(scale=1e4), margins.SphereFace2(bias=0.0, scale=1e4)]
 
   @jax.jit
   def values_and_grads(x, w):

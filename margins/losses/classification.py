@@ -389,3 +389,40 @@ def elasticface_loss(embeddings: Array, weights: Array, labels: Array, key: Arra
   loss_margin = margin_lib.ElasticFace(key=key, scale=scale, margin=margin, sigma=sigma,
                                        kind=kind, plus=plus)
   return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def sphereface2_loss(embeddings: Array, weights: Array, labels: Array, bias: Array | float, *,
+                     scale: float = 40.0, margin: float = 0.4, t: float = 3.0,
+                     alpha: float = 0.7, kind: str = "cos") -> Array:
+  r"""SphereFace2: a binary classifier per class, :math:`\frac{\lambda}{r}\log(1 + e^{-f_y}) +
+  \frac{1 - \lambda}{r}\sum_{j \ne y}\log(1 + e^{f_j})` with :math:`f_j = r\,g(\cos\theta_j) \pm
+  r m + b`.
+
+  See :class:`~margins.SphereFace2` for the logits of each ``kind`` and the gradient (that of
+  :math:`r\cos\theta + b`, as in the authors' code). Defaults are the paper's (SphereFace2-C);
+  the authors' MS1M configuration uses ``scale=64, margin=0.5, alpha=0.8``.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    bias: the learnt scalar :math:`b`; start it at :func:`~margins.sphereface2_bias`.
+    scale: :math:`r`; margin: :math:`m`; t: exponent of :func:`~margins.similarity_adjustment`;
+    alpha: :math:`\lambda`, the positive classifier's weight; kind: ``'cos'``, ``'arc'`` or
+    ``'multiplicative'``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> loss = margins.sphereface2_loss(x, w, jnp.array([0]), 0.0, scale=1.0, margin=0.0, t=1.0)
+  >>> float(loss[0])  # 0.7 log(1 + e^-1) + 0.3 log 2
+  0.4272...
+
+  References:
+    Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
+    Recognition", ICLR 2022.
+  """
+  _common.check_floating("bias", bias, 0)
+  loss_margin = margin_lib.SphereFace2(bias=bias, scale=scale, margin=margin, t=t, alpha=alpha,
+                                       kind=kind)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]

@@ -10,6 +10,10 @@ three small methods, evaluated by every engine in the same order:
 3. ``prepared.nontarget_logits(similarity, rows) -> [B, c]``: the logits of a chunk of other
    classes, elementwise in the similarity; ``scale * cos`` for most margins.
 
+The loss is the softmax cross-entropy of those logits. A ``one_vs_all`` margin (SphereFace2)
+replaces it with a sum of per-class binary losses through two more methods, ``row_terms`` and
+``loss``.
+
 ``rows`` (:class:`Rows`) holds per-example quantities: the cosine to the target class centre and
 the norms of the embedding and of that centre. ``similarity`` is ``<x', W_j'>`` where ``x'`` and
 ``W_j'`` are L2-normalised when the margin's ``normalize_embeddings`` / ``normalize_weights`` say so:
@@ -94,6 +98,20 @@ class Margin:
     """Optional ``[B]`` term added to each example's loss (MagFace's ``g(|x|)``)."""
     del rows
     return None
+
+  # How logits become a loss: the softmax cross-entropy, unless a margin sets ``one_vs_all`` and
+  # overrides the two methods below (SphereFace2's binary classifiers). Engines sum
+  # ``row_terms`` over the non-target classes chunk by chunk, after subtracting a running row
+  # maximum (a softmax's; it stays 0 for ``one_vs_all``), and hand the sum to ``loss``.
+  one_vs_all: bool = False
+
+  def row_terms(self, logits: Array, row_max: Array) -> Array:
+    """``[B, c]`` terms of non-target ``logits`` summed over classes: ``exp(logit - max)``."""
+    return jnp.exp(logits - row_max[:, None])
+
+  def loss(self, target: Array, row_max: Array, row_sum: Array) -> Array:
+    """``[B]`` losses from the target logits and the sums of :meth:`row_terms`."""
+    return row_max + jnp.log(row_sum + jnp.exp(target - row_max)) - target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +448,117 @@ class ElasticFace(Margin):
     if self.kind == "arc":
       return self.scale * cos_add_angle(rows.cos, margins)
     return self.scale * (rows.cos - margins)
+
+
+SPHEREFACE2_KINDS = ("cos", "arc", "multiplicative")
+
+
+def similarity_adjustment(cos: Array, t: Array | float) -> Array:
+  """SphereFace2's ``g(cos) = 2 ((cos + 1) / 2)^t - 1``: ``[-1, 1]`` onto itself, pushing the
+  cosines of unrelated classes (``cos ~ 0``) towards -1."""
+  return 2 * ((cos + 1) / 2) ** t - 1
+
+
+def _sphereface2_target_cos(cos: Array, margin: Array | float, kind: str) -> Array:
+  """SphereFace2's target cosine before :func:`similarity_adjustment`: ``cos`` for ``kind='cos'``
+  (the margin is subtracted after it), ``cos(min(theta + m, pi))`` for ``'arc'``,
+  ``cos(min(m theta, pi))`` for ``'multiplicative'``."""
+  if kind == "cos":
+    return cos
+  theta = angle(cos)
+  shifted = theta + margin if kind == "arc" else margin * theta
+  return jnp.cos(jnp.minimum(shifted, math.pi))
+
+
+@margin_dataclass
+class SphereFace2(Margin):
+  r"""SphereFace2 (Wen et al., ICLR 2022): one binary classifier per class, no softmax.
+
+  Every class scores :math:`f_j = r\,g(\cos\theta_j) + b` with the similarity adjustment
+  :math:`g` (:func:`similarity_adjustment`), a margin and one learnt bias :math:`b`; each example
+  pays
+
+  .. math:: \ell = \frac{\lambda}{r}\log(1 + e^{-f_y})
+            + \frac{1 - \lambda}{r}\sum_{j \ne y}\log(1 + e^{f_j}).
+
+  ``kind='cos'`` (SphereFace2-C): :math:`f_y = r(g(\cos\theta_y) - m) + b`,
+  :math:`f_j = r(g(\cos\theta_j) + m) + b`; ``'arc'`` (-A): :math:`f_y = r\,g(\cos(\theta_y + m))
+  + b`; ``'multiplicative'`` (-M): :math:`f_y = r\,g(\cos(m\theta_y)) + b` (both angles capped at
+  :math:`\pi`), others :math:`r\,g(\cos\theta_j) + b`. As in the authors' code (opensphere),
+  :math:`g` and the margin set the values only: the gradient is that of :math:`r\cos\theta + b`.
+  Start ``bias`` at :func:`sphereface2_bias` and train it with the network. opensphere multiplies
+  the loss by ``lw`` (50; 10 in its appendix configurations).
+
+  Attributes:
+    bias: :math:`b`, a learnt scalar.
+    scale: :math:`r`.
+    margin: :math:`m`.
+    t: the exponent of :math:`g`.
+    alpha: :math:`\lambda`, the weight of the positive classifier.
+    kind: ``'cos'``, ``'arc'`` or ``'multiplicative'``.
+  """
+  bias: Array | float
+  scale: Array | float = 40.0
+  margin: Array | float = 0.4
+  t: Array | float = 3.0
+  alpha: Array | float = 0.7
+  kind: str = static_field("cos")
+  one_vs_all = True
+
+  def __post_init__(self):
+    if self.kind not in SPHEREFACE2_KINDS:
+      raise ValueError(f"SphereFace2 `kind` must be one of {SPHEREFACE2_KINDS}, got {self.kind!r}.")
+
+  def _logits(self, cos: Array, adjusted: Array) -> Array:
+    """``r (cos + stop_gradient(adjusted - cos)) + b``: the value of ``r adjusted + b``, the
+    gradient of ``r cos + b``."""
+    return self.scale * (cos + jax.lax.stop_gradient(adjusted - cos)) + self.bias
+
+  def target_logit(self, rows):
+    adjusted = similarity_adjustment(
+        _sphereface2_target_cos(rows.cos, self.margin, self.kind), self.t)
+    return self._logits(rows.cos, adjusted - self.margin if self.kind == "cos" else adjusted)
+
+  def nontarget_logits(self, similarity, rows):
+    del rows
+    adjusted = similarity_adjustment(similarity, self.t)
+    return self._logits(similarity, adjusted + self.margin if self.kind == "cos" else adjusted)
+
+  def row_terms(self, logits, row_max):
+    del row_max  # Always 0: softplus needs no shift.
+    return jax.nn.softplus(logits)
+
+  def loss(self, target, row_max, row_sum):
+    del row_max
+    return (self.alpha * jax.nn.softplus(-target) + (1 - self.alpha) * row_sum) / self.scale
+
+
+def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0.4,
+                     t: float = 3.0, alpha: float = 0.7, kind: str = "cos") -> float:
+  r"""SphereFace2's initial bias: where the loss of an untrained network is flat in ``b``.
+
+  With every cosine 0 (random features and centres), the target logit is :math:`a_y + b` and the
+  :math:`C - 1` others :math:`a + b`. The bias solves
+  :math:`\lambda\,\sigma(-a_y - b) = (1 - \lambda)(C - 1)\,\sigma(a + b)`, a quadratic in
+  :math:`e^b` (the initialisation of the authors' code).
+
+  >>> round(sphereface2_bias(10_000), 2)  # cosines 0: target logit -46 + b, others -14 + b
+  5.64
+  """
+  if num_classes < 2:
+    raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}.")
+  untrained = SphereFace2(bias=0.0, scale=scale, margin=margin, t=t, alpha=alpha, kind=kind)
+  zeros = jnp.zeros((1,), jnp.float32)
+  rows = Rows(cos=zeros, embedding_norm=jnp.ones_like(zeros), weight_norm=jnp.ones_like(zeros))
+  target = float(untrained.target_logit(rows)[0])
+  other = float(untrained.nontarget_logits(zeros[:, None], rows)[0, 0])
+  ratio = alpha / ((1 - alpha) * (num_classes - 1))
+  # u = e^b solves e^(target + other) u^2 + e^other (1 - ratio) u - ratio = 0. Of the two forms
+  # of its positive root, the one that does not cancel:
+  root = math.sqrt((1 - ratio) ** 2 + 4 * ratio * math.exp(target - other))
+  if ratio <= 1:
+    return math.log(2 * ratio) - other - math.log(1 - ratio + root)
+  return math.log(ratio - 1 + root) - math.log(2) - target
 
 
 def check_margin(margin: Any) -> Margin:
