@@ -60,6 +60,7 @@ MARGINS = {
     "adaface": margin_lib.AdaFace,
     "magface": margin_lib.MagFace,
     "elasticface": margin_lib.ElasticFace,
+    "sphereface2": margin_lib.SphereFace2,
 }
 # Fields of ``config.loss`` read by the training loop rather than passed to the margin.
 _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
@@ -69,7 +70,8 @@ _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
 class TrainState:
   """Everything a step changes, and all that a checkpoint holds (with the data position)."""
   step: Array
-  params: dict[str, Any]  # {"backbone": nnx.State, "head": W [C', D] or [C', K, D]}
+  # {"backbone": nnx.State, "head": W [C', D] or [C', K, D], SphereFace2's "head_bias": []}
+  params: dict[str, Any]
   model_state: Any  # the backbone's non-parameter state: batch statistics, RNG counters
   opt_state: Any
   margin: margin_lib.Margin  # carries CurricularFace's t, AdaFace's norm statistics
@@ -99,7 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = dict(name="small_cnn", embedding_dim=32, kwargs=dict(widths=(16, 32, 64)))
   # ``name`` is a key of ``MARGINS``; the other fields are the margin's, plus ``subcenters``
   # (sub-centre ArcFace's K) and ``lambda_schedule`` (SphereFace's annealing, a dict of
-  # ``sphereface_lambda``'s keywords).
+  # ``sphereface_lambda``'s keywords); SphereFace2's ``bias`` is where its learnt bias starts
+  # (default: ``sphereface2_bias``).
   c.loss = dict(name="arcface", scale=16.0, margin=0.5)
   c.center_loss = dict(weight=0.0, alpha=0.5)
   # ``kind``: dense, chunked or sharded (``W`` split over all the mesh's axes).
@@ -174,11 +177,28 @@ def make_margin(loss_config: ml_collections.ConfigDict) -> margin_lib.Margin:
                      f"it takes {sorted(fields - {'key'})}.")
   if cls is margin_lib.ElasticFace:
     kwargs["key"] = jax.random.key_data(jax.random.key(0))  # replaced every step
+  if cls is margin_lib.SphereFace2:
+    kwargs.setdefault("bias", 0.0)  # learnt: params["head_bias"] (see initial_head_bias)
   return cls(**kwargs)
 
 
-def _step_margin(margin, loss_config, step, key):
-  """The margin for this step: SphereFace's annealed lambda, ElasticFace's draw."""
+def initial_head_bias(loss_config: ml_collections.ConfigDict, num_classes: int) -> float | None:
+  """A learnt bias of the head, for SphereFace2: ``config.loss.bias`` if given, else
+  :func:`~margins.sphereface2_bias`. ``None`` for the other losses."""
+  margin = make_margin(loss_config)
+  if not isinstance(margin, margin_lib.SphereFace2):
+    return None
+  if "bias" in loss_config:
+    return float(loss_config.bias)
+  return margin_lib.sphereface2_bias(num_classes, scale=margin.scale, margin=margin.margin,
+                                     t=margin.t, alpha=margin.alpha, kind=margin.kind)
+
+
+def _step_margin(margin, loss_config, step, key, params):
+  """The margin for this step: SphereFace's annealed lambda, ElasticFace's draw, SphereFace2's
+  learnt bias."""
+  if "head_bias" in params:
+    margin = dataclasses.replace(margin, bias=params["head_bias"])
   schedule = loss_config.get("lambda_schedule")
   if schedule is not None:
     margin = dataclasses.replace(margin, annealing=margin_lib.sphereface_lambda(step, **schedule))
@@ -270,10 +290,17 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   head = group(opt.head_lr_scale, head_decay, None)
   if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
     head = freeze_untouched_rows(head)
-  labels = lambda params: {"backbone": jax.tree.map(lambda _: "backbone", params["backbone"]),  # noqa
-                           "head": "head"}
-  return optax.multi_transform(
-      {"backbone": group(1.0, opt.weight_decay, opt.grad_clip_norm), "head": head}, labels)
+  transforms = {"backbone": group(1.0, opt.weight_decay, opt.grad_clip_norm), "head": head}
+  if MARGINS.get(config.loss.name) is margin_lib.SphereFace2:
+    # Its learnt bias goes with the head, sampling aside (it has no rows). Only then: another
+    # group would change every other run's optimizer state, and so its checkpoints.
+    transforms["head_bias"] = group(opt.head_lr_scale, head_decay, None)
+
+  def labels(params):  # Each entry of params is its own group.
+    return {**{name: name for name in params},
+            "backbone": jax.tree.map(lambda _: "backbone", params["backbone"])}
+
+  return optax.multi_transform(transforms, labels)
 
 
 def make_sources(data_config: ml_collections.ConfigDict):
@@ -375,12 +402,15 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   head_shape = (rows, subcenters, config.model.embedding_dim) if subcenters else (
       rows, config.model.embedding_dim)
   center_weight = config.center_loss.weight
+  head_bias = initial_head_bias(config.loss, num_classes)
 
   def init():
     _, params, model_state = nnx.split(model_fn(), nnx.Param, ...)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     # insightface initialises the FC weight with N(0, 0.01).
     params = {"backbone": params, "head": 0.01 * jax.random.normal(key, head_shape)}
+    if head_bias is not None:
+      params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
     centers = jnp.zeros((num_classes, config.model.embedding_dim)) if center_weight else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
@@ -413,7 +443,7 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
 
   def loss_fn(params, carry, batch, key):
     model_state, margin, centers = carry
-    margin = _step_margin(margin, config.loss, state.step, key)
+    margin = _step_margin(margin, config.loss, state.step, key, params)
     labels = batch["label"]
     model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
     embeddings = model(batch["image"]).astype(jnp.float32)

@@ -16,7 +16,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+import margins
 from margins import data as margins_data
 from margins import parallel
 from margins import train_lib
@@ -369,3 +371,46 @@ def test_micro_batches_must_divide_each_devices_batch(parts):
   config.mesh.shape, config.batch_size, config.micro_batches = (2,), 128, parts
   with pytest.raises(ValueError, match="micro_batches"):
     train_lib.check_config(config, train_lib.make_mesh(config))
+
+
+def test_sphereface2_learns_its_bias_with_the_head():
+  # The bias starts at sphereface2_bias(C) and one SGD step (momentum's first step is the
+  # gradient) moves it by the learning rate times the gradient of the dense SphereFace2 loss of
+  # the step's embeddings, plus weight decay: here through the class-sharded head, in chunks.
+  config = load_config(os.path.join(ROOT, "configs", "digits_sphereface2.py"))
+  config.mesh.shape = (2,)
+  config.engine.kind, config.engine.chunk_size = "sharded", 2
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": margins_data.normalize_images(source.images[:16]),
+           "label": source.labels[:16].astype(np.int32)}
+  mesh = train_lib.make_mesh(config)
+  experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                   source.image_shape)
+  bias = float(state.params["head_bias"])
+  assert bias == pytest.approx(margins.sphereface2_bias(source.num_classes), rel=1e-6)
+  new_state, metrics = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))(
+      state, jax.device_put(batch, experiment.batch_sharding))
+
+  params, model_state = jax.device_get((state.params, state.model_state))  # off the mesh
+  model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
+  embeddings = model(jnp.asarray(batch["image"])).astype(jnp.float32)
+  head = params["head"][:source.num_classes]
+  gradient = jax.grad(lambda b: jnp.mean(margins.sphereface2_loss(
+      embeddings, head, batch["label"], b, **{k: v for k, v in config.loss.items()
+                                              if k != "name"})))(jnp.float32(bias))
+  lr = float(metrics["learning_rate"]) * config.optimizer.head_lr_scale
+  assert lr > 0
+  want = bias - lr * (float(gradient) + config.optimizer.weight_decay * bias)
+  assert float(new_state.params["head_bias"]) == pytest.approx(want, rel=1e-5)
+  assert float(new_state.margin.bias) == pytest.approx(bias)  # the step's margin saw the param
+
+
+def test_only_sphereface2_adds_an_optimizer_group():
+  # Another group would change the optimizer state, and so the checkpoints, of every other run.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  params = {"backbone": {"kernel": jnp.zeros(3)}, "head": jnp.zeros((4, 2))}
+  assert set(train_lib.make_optimizer(config).init(params).inner_states) == {"backbone", "head"}
+  config.loss = dict(name="sphereface2")
+  params["head_bias"] = jnp.zeros(())
+  assert set(train_lib.make_optimizer(config).init(params).inner_states) == {
+      "backbone", "head", "head_bias"}
