@@ -390,6 +390,56 @@ figure.tight_layout()
 save_figure(figure, "decision_boundaries.png")
 
 # %% [markdown]
+# ## SphereFace2: thresholds instead of a competition
+#
+# SphereFace2 (`margins.SphereFace2`) trains one binary classifier per class: class $j$ claims an
+# example when its logit $f_j = r\,g(\cos\theta_j) + b$ is positive, with
+# $g(z) = 2((z + 1)/2)^t - 1$ and a learnt bias $b$. The target's classifier must clear $f_y > 0$
+# with the margin taken off (SphereFace2-C: $r(g(\cos\theta_y) - m) + b$), every other class's
+# must stay below 0 with the margin added ($r(g(\cos\theta_j) + m) + b$). So an example belongs
+# to its class by an absolute angle, whatever the other classes score, which is the rule of
+# open-set verification. Below, $f / r$ at the initial bias `sphereface2_bias(C)` for 10,000
+# classes: where each curve crosses 0 is the angle the target must beat (solid) and the angle
+# every other class must stay beyond (dashed); the angles between are the margin.
+
+# %%
+num_classes = 10_000
+figure, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+crossings = {}
+for panel, (kind, margin_value) in zip(axes, [("cos", 0.4), ("arc", 0.5),
+                                              ("multiplicative", 1.7)]):
+  bias = margins.sphereface2_bias(num_classes, margin=margin_value, kind=kind)
+  margin = margins.SphereFace2(bias=bias, margin=margin_value, kind=kind)
+  target = target_curve(margin) / margin.scale
+  other = np.asarray(margin.nontarget_logits(cos[:, None], unit_rows(cos)))[:, 0] / margin.scale
+  color = LOSS_COLORS["sphereface2"]
+  panel.plot(degrees, target, color=color, linewidth=2, label="target $f_y / r$")
+  panel.plot(degrees, other, color=color, linewidth=2, linestyle="--",
+             label="any other class $f_j / r$")
+  panel.axhline(0, color="black", linewidth=0.8)
+  # The curves fall with the angle: the first angle where each is negative.
+  crossings[kind] = [degrees[np.argmax(curve < 0)] for curve in (target, other)]
+  for angle_, linestyle in zip(crossings[kind], ("-", "--")):
+    panel.axvline(angle_, color="grey", linewidth=1, linestyle=linestyle)
+  panel.axvspan(*crossings[kind], color="grey", alpha=0.15)
+  style_angle_axes(panel, f"SphereFace2, kind={kind!r}, m={margin_value:g}, b={bias:.2f}",
+                   ylabel="logit / r")
+  panel.legend(fontsize=8, loc="lower left")
+figure.tight_layout()
+save_figure(figure, "sphereface2_thresholds.png")
+for kind, (target_angle, other_angle) in crossings.items():
+  print(f"{kind:>14}: the target must be within {target_angle:.1f} deg, every other class "
+        f"beyond {other_angle:.1f} deg")
+
+# %%
+# Check: SphereFace2-C's target crosses 0 where g(cos theta) = m - b / r, the others where
+# g(cos theta) = -m - b / r: solve g for the angle and compare with the curves' crossings.
+bias = margins.sphereface2_bias(num_classes)
+for level, drawn in zip((0.4 - bias / 40.0, -0.4 - bias / 40.0), crossings["cos"]):
+  cos_at = 2 * ((level + 1) / 2) ** (1 / 3) - 1
+  assert abs(np.degrees(np.arccos(cos_at)) - drawn) < 2 * (degrees[1] - degrees[0]), (cos_at, drawn)
+
+# %% [markdown]
 # ## Try your own margin
 #
 # Change `margin` below (any margin of `margins`, with `scale=1.0` to keep the units) and rerun

@@ -33,6 +33,7 @@ LOSS_COLORS = {
     "adaface": "tab:cyan",
     "magface": "darkgoldenrod",
     "elasticface": "maroon",
+    "sphereface2": "indigo",
 }
 # Pairs of two identities in the angle and similarity histograms, beside the pairs of one identity
 # drawn in the loss's colour: a colour no loss has, so that no panel is grey on grey.
