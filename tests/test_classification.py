@@ -128,6 +128,21 @@ def test_sphereface2_gradient_is_that_of_scaled_cosines_and_bias(kind):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
 
 
+def test_sphereface2_fractional_t_at_a_cosine_rounded_below_minus_one():
+  # x = -W_4: the float32 similarity to class 4 comes out as -1.0000001, and g's fractional
+  # power of (cos + 1) / 2 < 0 would be NaN.
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(8, 6)).astype(np.float32)
+  x = np.stack([-w[4], w[0]])
+  labels = np.array([0, 0], np.int32)
+  assert float(margins.similarity(x, w, margins.SphereFace2(bias=0.0))[0, 4]) < -1
+  for kind in ("cos", "arc", "multiplicative"):
+    loss = lambda x_: margins.sphereface2_loss(x_, w, labels, 1.0, t=2.5, kind=kind)  # noqa
+    np.testing.assert_allclose(loss(x), reference.sphereface2(x, w, labels, 1.0, t=2.5, kind=kind),
+                               rtol=1e-5)
+    assert np.all(np.isfinite(jax.grad(lambda x_: loss(x_).sum())(x))), kind
+
+
 @pytest.mark.parametrize("num_classes,kind,margin", [
     (2, "cos", 0.4), (3, "cos", 0.4), (10, "arc", 0.5), (1000, "multiplicative", 1.7),
     (100_000, "cos", 0.4)])

@@ -455,8 +455,10 @@ SPHEREFACE2_KINDS = ("cos", "arc", "multiplicative")
 
 def similarity_adjustment(cos: Array, t: Array | float) -> Array:
   """SphereFace2's ``g(cos) = 2 ((cos + 1) / 2)^t - 1``: ``[-1, 1]`` onto itself, pushing the
-  cosines of unrelated classes (``cos ~ 0``) towards -1."""
-  return 2 * ((cos + 1) / 2) ** t - 1
+  cosines of unrelated classes (``cos ~ 0``) towards -1. ``cos`` is clipped to ``[-1, 1]`` first:
+  a float32 dot product of opposite unit vectors can come out below -1, and a fractional power
+  of a negative number is NaN."""
+  return 2 * ((jnp.clip(cos, -1, 1) + 1) / 2) ** t - 1
 
 
 def _sphereface2_target_cos(cos: Array, margin: Array | float, kind: str) -> Array:
