@@ -417,8 +417,8 @@ for panel, (kind, margin_value) in zip(axes, [("cos", 0.4), ("arc", 0.5),
   panel.plot(degrees, other, color=color, linewidth=2, linestyle="--",
              label="any other class $f_j / r$")
   panel.axhline(0, color="black", linewidth=0.8)
-  # The curves fall with the angle: the first angle where each is negative.
-  crossings[kind] = [degrees[np.argmax(curve < 0)] for curve in (target, other)]
+  # The curves fall with the angle: where each crosses 0, interpolated between grid points.
+  crossings[kind] = [np.interp(0.0, curve[::-1], degrees[::-1]) for curve in (target, other)]
   for angle_, linestyle in zip(crossings[kind], ("-", "--")):
     panel.axvline(angle_, color="grey", linewidth=1, linestyle=linestyle)
   panel.axvspan(*crossings[kind], color="grey", alpha=0.15)
@@ -437,7 +437,7 @@ for kind, (target_angle, other_angle) in crossings.items():
 bias = margins.sphereface2_bias(num_classes)
 for level, drawn in zip((0.4 - bias / 40.0, -0.4 - bias / 40.0), crossings["cos"]):
   cos_at = 2 * ((level + 1) / 2) ** (1 / 3) - 1
-  assert abs(np.degrees(np.arccos(cos_at)) - drawn) < 2 * (degrees[1] - degrees[0]), (cos_at, drawn)
+  assert abs(np.degrees(np.arccos(cos_at)) - drawn) < 0.05, (cos_at, drawn)
 
 # %% [markdown]
 # ## Try your own margin

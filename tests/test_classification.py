@@ -143,22 +143,31 @@ def test_sphereface2_fractional_t_at_a_cosine_rounded_below_minus_one():
     assert np.all(np.isfinite(jax.grad(lambda x_: loss(x_).sum())(x))), kind
 
 
-@pytest.mark.parametrize("num_classes,kind,margin", [
-    (2, "cos", 0.4), (3, "cos", 0.4), (10, "arc", 0.5), (1000, "multiplicative", 1.7),
-    (100_000, "cos", 0.4)])
-def test_sphereface2_bias_makes_the_untrained_loss_flat_in_the_bias(num_classes, kind, margin):
+@pytest.mark.parametrize("num_classes,kind,margin,scale,alpha", [
+    (2, "cos", 0.4, 40.0, 0.7), (3, "cos", 0.4, 40.0, 0.7), (10, "arc", 0.5, 40.0, 0.7),
+    (1000, "multiplicative", 1.7, 40.0, 0.7), (100_000, "cos", 0.4, 40.0, 0.7),
+    (10, "multiplicative", 0.5, 1e3, 0.7)])
+def test_sphereface2_bias_makes_the_untrained_loss_flat_in_the_bias(num_classes, kind, margin,
+                                                                    scale, alpha):
   # Every cosine 0 (x orthogonal to every centre): the bias's derivative of the loss is 0 there,
-  # both where the balance ratio is above 1 (2 and 3 classes) and far below it.
-  bias = margins.sphereface2_bias(num_classes, margin=margin, kind=kind)
+  # where the balance ratio is above 1 (2 and 3 classes), far below it, and where
+  # exp(target - other) overflows (the last).
+  kwargs = dict(margin=margin, kind=kind, scale=scale, alpha=alpha)
+  bias = margins.sphereface2_bias(num_classes, **kwargs)
   with jax.enable_x64(True):
     x = jnp.zeros((1, 2), jnp.float64).at[0, 0].set(1.0)
     w = jnp.zeros((num_classes, 2), jnp.float64).at[:, 1].set(1.0)
-    loss = lambda b_: margins.sphereface2_loss(  # noqa: E731
-        x, w, jnp.array([0]), b_, margin=margin, kind=kind)[0]
+    loss = lambda b_: margins.sphereface2_loss(x, w, jnp.array([0]), b_, **kwargs)[0]  # noqa
     slope = jax.grad(loss)(jnp.float64(bias))
     curvature = jax.grad(jax.grad(loss))(jnp.float64(bias))
   assert abs(float(slope)) < 1e-9 * max(1.0, float(curvature)), (slope, curvature)
   assert float(curvature) > 0  # a minimum
+
+
+def test_sphereface2_bias_where_the_balance_is_exact_and_the_exponential_underflows():
+  # alpha = 0.5 and 2 classes: the ratio is 1, the quadratic is e^(T + O) u^2 = 1 and
+  # b = -(T + O) / 2 = 0.75 r, with T - O = -2 r m far below exp's range at r = 1e4.
+  assert margins.sphereface2_bias(2, scale=1e4, alpha=0.5) == pytest.approx(7500.0, rel=1e-12)
 
 
 def test_subcenter_arcface_matches_reference():

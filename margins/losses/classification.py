@@ -9,6 +9,7 @@ stores them), integer ``labels [B]``. Losses are computed in float32 (or float64
 are) whatever the input dtype.
 """
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -422,7 +423,8 @@ def sphereface2_loss(embeddings: Array, weights: Array, labels: Array, bias: Arr
     Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
     Recognition", ICLR 2022.
   """
-  _common.check_floating("bias", bias, 0)
+  if not isinstance(bias, numbers.Real):  # Python numbers welcome; arrays must be float scalars.
+    _common.check_floating("bias", bias, 0)
   loss_margin = margin_lib.SphereFace2(bias=bias, scale=scale, margin=margin, t=t, alpha=alpha,
                                        kind=kind)
   return _dense_loss(embeddings, weights, labels, loss_margin)[0]

@@ -550,17 +550,20 @@ def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0
   if num_classes < 2:
     raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}.")
   untrained = SphereFace2(bias=0.0, scale=scale, margin=margin, t=t, alpha=alpha, kind=kind)
-  zeros = jnp.zeros((1,), jnp.float32)
-  rows = Rows(cos=zeros, embedding_norm=jnp.ones_like(zeros), weight_norm=jnp.ones_like(zeros))
-  target = float(untrained.target_logit(rows)[0])
-  other = float(untrained.nontarget_logits(zeros[:, None], rows)[0, 0])
+  with jax.enable_x64(True):  # Logits of thousands (large scales) to float64's precision.
+    zeros = jnp.zeros((1,), jnp.float64)
+    rows = Rows(cos=zeros, embedding_norm=jnp.ones_like(zeros), weight_norm=jnp.ones_like(zeros))
+    target = float(untrained.target_logit(rows)[0])
+    other = float(untrained.nontarget_logits(zeros[:, None], rows)[0, 0])
   ratio = alpha / ((1 - alpha) * (num_classes - 1))
-  # u = e^b solves e^(target + other) u^2 + e^other (1 - ratio) u - ratio = 0. Of the two forms
-  # of its positive root, the one that does not cancel:
-  root = math.sqrt((1 - ratio) ** 2 + 4 * ratio * math.exp(target - other))
+  # u = e^b solves e^(target + other) u^2 + e^other (1 - ratio) u - ratio = 0. Its positive root
+  # in the one of its two forms that does not cancel, in logarithms: at large scales
+  # e^(target - other) under- or overflows.
+  log_gap = math.log(abs(1 - ratio)) if ratio != 1 else -math.inf  # log |1 - ratio|
+  log_root = 0.5 * np.logaddexp(2 * log_gap, math.log(4 * ratio) + target - other)
   if ratio <= 1:
-    return math.log(2 * ratio) - other - math.log(1 - ratio + root)
-  return math.log(ratio - 1 + root) - math.log(2) - target
+    return float(math.log(2 * ratio) - other - np.logaddexp(log_gap, log_root))
+  return float(np.logaddexp(log_gap, log_root) - math.log(2) - target)
 
 
 def check_margin(margin: Any) -> Margin:
