@@ -570,3 +570,7 @@ def test_bad_types_and_hyperparameters():
     margins.sphereface2_loss(x, w, labels, np.zeros(C, np.float32))
   with pytest.raises(ValueError, match="2 classes"):
     margins.sphereface2_bias(1)
+  with pytest.raises(TypeError, match="bias"):
+    margins.sphereface2_loss(x, w, labels, jnp.zeros((), jnp.int32))
+  np.testing.assert_array_equal(margins.sphereface2_loss(x, w, labels, 0),  # a Python int is fine
+                                margins.sphereface2_loss(x, w, labels, 0.0))

@@ -423,7 +423,9 @@ def sphereface2_loss(embeddings: Array, weights: Array, labels: Array, bias: Arr
     Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
     Recognition", ICLR 2022.
   """
-  if not isinstance(bias, numbers.Real):  # Python numbers welcome; arrays must be float scalars.
+  if isinstance(bias, numbers.Real):  # Python numbers welcome; arrays must be float scalars.
+    bias = float(bias)
+  else:
     _common.check_floating("bias", bias, 0)
   loss_margin = margin_lib.SphereFace2(bias=bias, scale=scale, margin=margin, t=t, alpha=alpha,
                                        kind=kind)
