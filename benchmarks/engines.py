@@ -1,7 +1,7 @@
 """Speed and memory of the softmax engines against the matmul floor.
 
 For each number of classes ``C`` and dtype, prints the time of ``jit(value_and_grad)`` of the mean
-ArcFace loss (w.r.t. the embeddings and ``W``) for the dense, chunked and sampled engines, divided
+loss of ``--margin`` (ArcFace by default; w.r.t. the embeddings and ``W``) for the dense, chunked and sampled engines, divided
 by the time of the floor: the three bare matmuls of a forward and backward pass
 (``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). bfloat16 is measured
 as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16`` (each chunk
@@ -61,6 +61,8 @@ def _parse_args():
                       help="classes per chunk; on this CPU, chunks whose rows of W fit in the "
                       "cache are fastest")
   parser.add_argument("--sample-rate", type=float, default=0.1)
+  parser.add_argument("--margin", choices=sorted(MARGINS), default="arcface",
+                      help="the margin every engine runs (SphereFace2: softplus terms, no softmax)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max-temp-gb", type=float, default=6.0,
                       help="compile but do not run a program whose XLA temporaries exceed this")
@@ -76,11 +78,13 @@ def _parse_args():
 # ---------------------------------------------------------------------------------------------
 
 
-def engine_step(engine, x, w, labels, key, num_classes=None):
-  """``(mean ArcFace loss, (dx, dW))`` computed by ``engine``."""
+MARGINS = {"arcface": margins.ArcFace(), "sphereface2": margins.SphereFace2(bias=0.0)}
+
+
+def engine_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arcface"]):
+  """``(mean loss, (dx, dW))`` of ``margin`` computed by ``engine``."""
   def mean_loss(x, w):
-    return jnp.mean(engine(x, w, labels, margins.ArcFace(), num_classes=num_classes,
-                           key=key)[0])
+    return jnp.mean(engine(x, w, labels, margin, num_classes=num_classes, key=key)[0])
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
 
 
@@ -202,7 +206,8 @@ def run_single(args):
       floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
       for name, engine in engines.items():
-        candidates[name] = (functools.partial(engine_step, engine), (x, w, labels, key))
+        candidates[name] = (functools.partial(engine_step, engine, margin=MARGINS[args.margin]),
+                            (x, w, labels, key))
       programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
@@ -268,12 +273,14 @@ def run_sharded(args):
       floor_inputs = jax.device_put((x.astype(dtype_name), w.astype(dtype_name)), device0)
       with jax.set_mesh(mesh):
         sharded_compiled = _compile(
-            functools.partial(engine_step, sharded_engine, num_classes=num_classes), *split, key)
+            functools.partial(engine_step, sharded_engine, num_classes=num_classes,
+                              margin=MARGINS[args.margin]), *split, key)
       candidates = {
           "floor (3 matmuls, 1 device)": (_compile(common.floor, *floor_inputs), floor_inputs),
           f"chunked ({chunk_size}, 1 device)": (
               _compile(functools.partial(engine_step, margins.chunked(
-                  chunk_size, matmul_dtype=matmul_dtype)), *one, key), (*one, key)),
+                  chunk_size, matmul_dtype=matmul_dtype), margin=MARGINS[args.margin]), *one,
+                  key), (*one, key)),
           f"sharded ({num_devices} devices, chunk {chunk_size})": (
               sharded_compiled, (*split, key)),
       }
@@ -292,7 +299,7 @@ def main():
   args = _parse_args()
   if args.sharded:
     jax.config.update("jax_num_cpu_devices", args.sharded)
-  print(f"jax {jax.__version__}, devices: {jax.devices()}")
+  print(f"jax {jax.__version__}, devices: {jax.devices()}, margin: {args.margin}")
   if args.sharded:
     run_sharded(args)
   else:
