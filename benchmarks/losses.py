@@ -61,6 +61,7 @@ CLASSIFICATION = {
     "adaface": (lambda x, w, y: margins.adaface_loss(x, w, y)[0], False),
     "magface": (margins.magface_loss, False),
     "subcenter arcface": (margins.subcenter_arcface_loss, True),
+    "spherefacer": (margins.spherefacer_loss, False),
     "sphereface2": (lambda x, w, y: margins.sphereface2_loss(x, w, y, 0.0), False),
 }
 

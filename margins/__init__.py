@@ -19,6 +19,7 @@ from margins.losses.classification import normface_loss
 from margins.losses.classification import softmax_loss
 from margins.losses.classification import sphereface2_loss
 from margins.losses.classification import sphereface_loss
+from margins.losses.classification import spherefacer_loss
 from margins.losses.classification import subcenter_arcface_loss
 from margins.losses.pairwise import circle_loss
 from margins.losses.pairwise import contrastive_loss
@@ -37,6 +38,7 @@ from margins.losses.margin import Rows
 from margins.losses.margin import Softmax
 from margins.losses.margin import SphereFace
 from margins.losses.margin import SphereFace2
+from margins.losses.margin import SphereFaceR
 from margins.losses.margin import arcface_cos
 from margins.losses.margin import margin_dataclass
 from margins.losses.margin import multiplicative_psi

@@ -52,6 +52,7 @@ MARGINS = {
     "normface": margin_lib.NormFace,
     "lsoftmax": margin_lib.LSoftmax,
     "sphereface": margin_lib.SphereFace,
+    "spherefacer": margin_lib.SphereFaceR,
     "cosface": margin_lib.CosFace,
     "arcface": margin_lib.ArcFace,
     "combined": margin_lib.CombinedMargin,

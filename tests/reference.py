@@ -180,3 +180,20 @@ def sphereface2(x, w, labels, bias, scale=40.0, margin=0.4, t=3.0, alpha=0.7, ki
       total += alpha * np.logaddexp(0, -(scale * value + bias))
     out.append(total / scale)
   return np.array(out)
+
+
+def spherefacer(x, w, labels, scale=30.0, margin=1.5, kind="v0"):
+  """SphereFace-R's logits from arccos, per example."""
+  cos = cosines(x, w)
+  theta = np.arccos(np.clip(cos, -1, 1))
+  logits = scale * (np.cos(theta / margin) if kind == "v2" else cos)
+  for b, y in enumerate(labels):
+    t = margin * theta[b, y]
+    if kind == "v0":
+      k = np.floor(t / np.pi)
+      logits[b, y] = scale * ((-1.0) ** k * np.cos(t) - 2 * k)
+    elif kind == "v1":
+      logits[b, y] = scale * np.cos(min(t, np.pi))
+    else:
+      logits[b, y] = scale * cos[b, y]
+  return cross_entropy(logits, labels)

@@ -47,6 +47,11 @@ CASES = [
     ("combined_m1", margins.combined_margin_loss, reference.combined,
      {"scale": 4.0, "m1": 1.35, "m2": 0.0, "m3": 0.0}),
     ("magface", margins.magface_loss, reference.magface, {}),
+    ("spherefacer", margins.spherefacer_loss, reference.spherefacer, {}),
+    ("spherefacer_v1", margins.spherefacer_loss, reference.spherefacer,
+     {"margin": 1.7, "kind": "v1"}),
+    ("spherefacer_v2", margins.spherefacer_loss, reference.spherefacer,
+     {"scale": 60.0, "margin": 1.4, "kind": "v2"}),
     ("sphereface2", functools.partial(margins.sphereface2_loss, bias=1.5), reference.sphereface2,
      {}),
     ("sphereface2_arc", functools.partial(margins.sphereface2_loss, bias=-2.0),
@@ -126,6 +131,32 @@ def test_sphereface2_gradient_is_that_of_scaled_cosines_and_bias(kind):
   want = jax.grad(surrogate, argnums=(0, 1, 2))(x, w, jnp.float32(0.5))
   for got_g, want_g in zip(grads, want):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,margin", [("v0", 1.7), ("v1", 2.5), ("v2", 1.4)])
+def test_spherefacer_gradient_is_that_of_scaled_cosines(kind, margin):
+  # As in the authors' code, the characteristic function shifts the logits by constants: the
+  # gradient is that of s cos at SphereFace-R's probabilities.
+  x, w, labels = make_inputs()
+  grad = jax.grad(lambda x_, w_: margins.spherefacer_loss(
+      x_, w_, labels, scale=8.0, margin=margin, kind=kind).sum(), argnums=(0, 1))(x, w)
+  cos = reference.cosines(x, w)
+  theta = np.arccos(np.clip(cos, -1, 1))
+  adjusted = np.cos(theta / margin) if kind == "v2" else cos.copy()
+  for b, y in enumerate(labels):
+    t = margin * theta[b, y]
+    adjusted[b, y] = {"v0": (-1.0) ** np.floor(t / np.pi) * np.cos(t) - 2 * np.floor(t / np.pi),
+                      "v1": np.cos(min(t, np.pi)), "v2": cos[b, y]}[kind]
+  shifts = jnp.asarray(adjusted - cos, jnp.float32)
+
+  def surrogate(x_, w_):
+    unit = x_ / jnp.linalg.norm(x_, axis=1, keepdims=True)
+    logits = 8.0 * (unit @ (w_ / jnp.linalg.norm(w_, axis=1, keepdims=True)).T + shifts)
+    return (jax.nn.logsumexp(logits, axis=1)
+            - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]).sum()
+
+  for got, want in zip(grad, jax.grad(surrogate, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_sphereface2_fractional_t_at_a_cosine_rounded_below_minus_one():
@@ -355,6 +386,8 @@ ALL_LOSSES = [
     ("adaface", lambda x, w, y: margins.adaface_loss(x, w, y)[0]),
     ("magface", lambda x, w, y: margins.magface_loss(x, w, y)),
     ("elasticface", lambda x, w, y: margins.elasticface_loss(x, w, y, jax.random.key(0))),
+    ("spherefacer", lambda x, w, y: margins.spherefacer_loss(x, w, y, margin=1.7)),
+    ("spherefacer_v2", lambda x, w, y: margins.spherefacer_loss(x, w, y, kind="v2")),
     ("sphereface2", lambda x, w, y: margins.sphereface2_loss(x, w, y, 1.0)),
     ("sphereface2_arc", lambda x, w, y: margins.sphereface2_loss(x, w, y, 1.0, kind="arc")),
 ]
@@ -566,6 +599,8 @@ def test_bad_types_and_hyperparameters():
     margins.subcenter_arcface_loss(x, w, labels)
   with pytest.raises(ValueError, match="kind"):
     margins.sphereface2_loss(x, w, labels, 0.0, kind="additive")
+  with pytest.raises(ValueError, match="kind"):
+    margins.spherefacer_loss(x, w, labels, kind="v3")
   with pytest.raises(ValueError, match="bias"):
     margins.sphereface2_loss(x, w, labels, np.zeros(C, np.float32))
   with pytest.raises(ValueError, match="2 classes"):

@@ -35,6 +35,8 @@ MARGINS = {
     "adaface": margins.AdaFace(scale=8.0),
     "magface": margins.MagFace(scale=8.0),
     "elasticface": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1),
+    "spherefacer": margins.SphereFaceR(scale=8.0, margin=1.7),
+    "spherefacer_v2": margins.SphereFaceR(scale=8.0, margin=1.4, kind="v2"),
     "sphereface2": margins.SphereFace2(bias=1.0, scale=8.0),
     "sphereface2_arc": margins.SphereFace2(bias=-1.0, scale=8.0, margin=0.5, kind="arc"),
     "subcenter_arcface": margins.ArcFace(scale=8.0),  # run with weights [C, K, D]

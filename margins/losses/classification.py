@@ -120,7 +120,8 @@ def sphereface_loss(embeddings: Array, weights: Array, labels: Array, *, margin:
 
   SphereFace only trains with its annealing: pass ``annealing=margins.sphereface_lambda(step)``,
   which makes the target :math:`|x|(\lambda\cos\theta_y + \psi(\theta_y))/(1 + \lambda)`. With
-  ``scale`` set, ``x`` is normalised too and ``scale`` replaces :math:`|x|` (SphereFace-R style).
+  ``scale`` set, ``x`` is normalised too and ``scale`` replaces :math:`|x|` (the form SphereFace-R
+  builds on; :func:`spherefacer_loss` is the authors' version).
 
   Args:
     embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
@@ -429,4 +430,33 @@ def sphereface2_loss(embeddings: Array, weights: Array, labels: Array, bias: Arr
     _common.check_floating("bias", bias, 0)
   loss_margin = margin_lib.SphereFace2(bias=bias, scale=scale, margin=margin, t=t, alpha=alpha,
                                        kind=kind)
+  return _dense_loss(embeddings, weights, labels, loss_margin)[0]
+
+
+def spherefacer_loss(embeddings: Array, weights: Array, labels: Array, *, scale: float = 30.0,
+                     margin: float = 1.5, kind: str = "v0") -> Array:
+  r"""SphereFace-R: SphereFace's multiplicative margin on normalised features, real ``m``.
+
+  See :class:`~margins.SphereFaceR` for the kinds (``'v0'``: SphereFace's :math:`\psi(\theta_y)`;
+  ``'v1'``: :math:`\cos(\min(m\theta_y, \pi))`; ``'v2'``: others :math:`\cos(\theta_j / m)`) and
+  the gradient (that of :math:`s\cos\theta`, as in the authors' code). Defaults are opensphere's;
+  its VGGFace2 configuration uses ``scale=60, margin=1.4, kind='v2'``.
+
+  Args:
+    embeddings: ``[B, D]``; weights: ``[C, D]``; labels: ``[B]``.
+    scale: ``s``; margin: real ``m >= 1``; kind: ``'v0'``, ``'v1'`` or ``'v2'``.
+
+  Returns:
+    ``[B]`` losses.
+
+  >>> import jax.numpy as jnp, margins
+  >>> x, w = jnp.array([[0.0, 1.0]]), jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  >>> loss = margins.spherefacer_loss(x, w, jnp.array([0]), scale=1.0, margin=2.0, kind="v1")
+  >>> float(loss[0])  # theta = 90 deg: target cos(180 deg) = -1, other 1: log(1 + e^2)
+  2.1269...
+
+  References:
+    Liu et al., "SphereFace Revived: Unifying Hyperspherical Face Recognition", TPAMI 2022.
+  """
+  loss_margin = margin_lib.SphereFaceR(scale=scale, margin=margin, kind=kind)
   return _dense_loss(embeddings, weights, labels, loss_margin)[0]

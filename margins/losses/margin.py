@@ -134,6 +134,11 @@ def cos_add_angle(cos: Array, angle: Array | float) -> Array:
   return cos * jnp.cos(angle) - sine(cos) * jnp.sin(angle)
 
 
+def _detached(cos: Array, adjusted: Array) -> Array:
+  """``cos + stop_gradient(adjusted - cos)``: the value of ``adjusted``, the gradient of ``cos``."""
+  return cos + jax.lax.stop_gradient(adjusted - cos)
+
+
 def arcface_cos(cos: Array, margin: Array | float, *, easy_margin: bool = False) -> Array:
   r"""ArcFace's target cosine :math:`\cos(\theta + m)`, kept monotone in :math:`\theta`.
 
@@ -252,7 +257,8 @@ class LSoftmax(Margin):
 class SphereFace(Margin):
   """A-Softmax: ``W`` normalised, target ``|x| psi(theta_y)``, others ``|x| cos_j``.
 
-  With ``scale`` set, ``x`` is normalised too and ``scale`` replaces ``|x|`` (SphereFace-R style).
+  With ``scale`` set, ``x`` is normalised too and ``scale`` replaces ``|x|``, the form SphereFace-R
+  builds on (:class:`SphereFaceR` is the authors' version: real ``m``, detached ``psi``).
   ``annealing`` is SphereFace's lambda (see :func:`sphereface_lambda`).
   """
   margin: int = static_field(4)
@@ -297,7 +303,7 @@ class ArcFace(Margin):
   def target_logit(self, rows):
     target = arcface_cos(rows.cos, self.margin, easy_margin=self.easy_margin)
     if self.detach_margin:
-      target = rows.cos + jax.lax.stop_gradient(target - rows.cos)
+      target = _detached(rows.cos, target)
     return self.scale * target
 
 
@@ -450,6 +456,51 @@ class ElasticFace(Margin):
     return self.scale * (rows.cos - margins)
 
 
+SPHEREFACE_R_KINDS = ("v0", "v1", "v2")
+
+
+@margin_dataclass
+class SphereFaceR(Margin):
+  r"""SphereFace-R (Liu et al., "SphereFace Revived", TPAMI 2022): SphereFace's multiplicative
+  margin on normalised features, any real :math:`m \ge 1`, as the authors' code (opensphere's
+  ``SphereFaceR_H``) computes it.
+
+  Logits are :math:`s\,\eta` with the gradient of :math:`s\cos	heta` (the characteristic
+  function :math:`\eta` is detached). ``kind='v0'``: target :math:`\eta = (-1)^k\cos(m	heta_y) -
+  2k`, :math:`k = \lfloor m	heta_y/\pi
+floor` (SphereFace's :math:`\psi`, here for real
+  :math:`m`); ``'v1'``: target :math:`\cos(\min(m	heta_y, \pi))`; ``'v2'``: the target's
+  :math:`\cos	heta_y`, the others' :math:`\cos(	heta_j / m)`. Others are :math:`s\cos	heta_j`
+  for v0 and v1. opensphere multiplies the loss by ``lw / s`` (``lw`` 50).
+  """
+  scale: Array | float = 30.0
+  margin: Array | float = 1.5
+  kind: str = static_field("v0")
+
+  def __post_init__(self):
+    if self.kind not in SPHEREFACE_R_KINDS:
+      raise ValueError(f"SphereFaceR `kind` must be one of {SPHEREFACE_R_KINDS}, got "
+                       f"{self.kind!r}.")
+
+  def target_logit(self, rows):
+    if self.kind == "v2":
+      return self.scale * rows.cos
+    multiplied = self.margin * angle(rows.cos)
+    if self.kind == "v1":
+      adjusted = jnp.cos(jnp.minimum(multiplied, math.pi))
+    else:
+      k = jnp.floor(multiplied / math.pi)
+      adjusted = (1 - 2 * jnp.mod(k, 2)) * jnp.cos(multiplied) - 2 * k
+    return self.scale * _detached(rows.cos, adjusted)
+
+  def nontarget_logits(self, similarity, rows):
+    del rows
+    if self.kind != "v2":
+      return self.scale * similarity
+    adjusted = jnp.cos(angle(jnp.clip(similarity, -1, 1)) / self.margin)
+    return self.scale * _detached(similarity, adjusted)
+
+
 SPHEREFACE2_KINDS = ("cos", "arc", "multiplicative")
 
 
@@ -512,9 +563,8 @@ class SphereFace2(Margin):
       raise ValueError(f"SphereFace2 `kind` must be one of {SPHEREFACE2_KINDS}, got {self.kind!r}.")
 
   def _logits(self, cos: Array, adjusted: Array) -> Array:
-    """``r (cos + stop_gradient(adjusted - cos)) + b``: the value of ``r adjusted + b``, the
-    gradient of ``r cos + b``."""
-    return self.scale * (cos + jax.lax.stop_gradient(adjusted - cos)) + self.bias
+    """The value of ``r adjusted + b``, the gradient of ``r cos + b``."""
+    return self.scale * _detached(cos, adjusted) + self.bias
 
   def target_logit(self, rows):
     adjusted = similarity_adjustment(
