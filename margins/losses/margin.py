@@ -465,12 +465,11 @@ class SphereFaceR(Margin):
   margin on normalised features, any real :math:`m \ge 1`, as the authors' code (opensphere's
   ``SphereFaceR_H``) computes it.
 
-  Logits are :math:`s\,\eta` with the gradient of :math:`s\cos	heta` (the characteristic
-  function :math:`\eta` is detached). ``kind='v0'``: target :math:`\eta = (-1)^k\cos(m	heta_y) -
-  2k`, :math:`k = \lfloor m	heta_y/\pi
-floor` (SphereFace's :math:`\psi`, here for real
-  :math:`m`); ``'v1'``: target :math:`\cos(\min(m	heta_y, \pi))`; ``'v2'``: the target's
-  :math:`\cos	heta_y`, the others' :math:`\cos(	heta_j / m)`. Others are :math:`s\cos	heta_j`
+  Logits are :math:`s\,\eta` with the gradient of :math:`s\cos\theta` (the characteristic
+  function :math:`\eta` is detached). ``kind='v0'``: target :math:`\eta = (-1)^k\cos(m\theta_y) -
+  2k`, :math:`k = \lfloor m\theta_y/\pi\rfloor` (SphereFace's :math:`\psi`, here for real
+  :math:`m`); ``'v1'``: target :math:`\cos(\min(m\theta_y, \pi))`; ``'v2'``: the target's
+  :math:`\cos\theta_y`, the others' :math:`\cos(\theta_j / m)`. Others are :math:`s\cos\theta_j`
   for v0 and v1. opensphere multiplies the loss by ``lw / s`` (``lw`` 50).
   """
   scale: Array | float = 30.0
