@@ -25,6 +25,12 @@ def check_floating(name: str, x: Any, rank: int | tuple[int, ...]) -> None:
     raise TypeError(f"`{name}` must be a floating array, got dtype {jnp.result_type(x)}.")
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  """Raises unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
 def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> Any:
   """Raises unless ``labels`` is an integer vector of length ``batch_size``.
 

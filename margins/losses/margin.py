@@ -437,8 +437,7 @@ class ElasticFace(Margin):
   plus: bool = static_field(False)
 
   def __post_init__(self):
-    if self.kind not in ("arc", "cos"):
-      raise ValueError(f"ElasticFace `kind` must be 'arc' or 'cos', got {self.kind!r}.")
+    _common.check_choice("kind", self.kind, ("arc", "cos"))
 
   def sampled_margins(self, rows: Rows) -> Array:
     """``[B]`` margins for this batch, from ``key``."""
@@ -477,9 +476,7 @@ class SphereFaceR(Margin):
   kind: str = static_field("v0")
 
   def __post_init__(self):
-    if self.kind not in SPHEREFACE_R_KINDS:
-      raise ValueError(f"SphereFaceR `kind` must be one of {SPHEREFACE_R_KINDS}, got "
-                       f"{self.kind!r}.")
+    _common.check_choice("kind", self.kind, SPHEREFACE_R_KINDS)
 
   def target_logit(self, rows):
     if self.kind == "v2":
@@ -558,8 +555,7 @@ class SphereFace2(Margin):
   one_vs_all = True
 
   def __post_init__(self):
-    if self.kind not in SPHEREFACE2_KINDS:
-      raise ValueError(f"SphereFace2 `kind` must be one of {SPHEREFACE2_KINDS}, got {self.kind!r}.")
+    _common.check_choice("kind", self.kind, SPHEREFACE2_KINDS)
 
   def _logits(self, cos: Array, adjusted: Array) -> Array:
     """The value of ``r adjusted + b``, the gradient of ``r cos + b``."""

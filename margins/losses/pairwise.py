@@ -37,11 +37,6 @@ AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero")
 MININGS = ("all", "batch_hard", "semi_hard")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
-
-
 def _check_pairwise_inputs(embeddings: Array, labels: Array) -> None:
   _common.check_floating("embeddings", embeddings, 2)
   _common.check_labels(labels, np.shape(embeddings)[0])
@@ -155,7 +150,7 @@ def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.
     the margins and distance of pytorch-metric-learning's ``ContrastiveLoss``.
   """
   _check_pairwise_inputs(embeddings, labels)
-  _check_choice("average", average, AVERAGES)
+  _common.check_choice("average", average, AVERAGES)
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
   positive, negative = _pair_masks(labels)
   return (_average_pairs(jax.nn.relu(distances - pos_margin), positive, average)
@@ -272,8 +267,8 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
     Hermans et al., "In Defense of the Triplet Loss for Person Re-Identification", arXiv 2017.
   """
   _check_pairwise_inputs(embeddings, labels)
-  _check_choice("mining", mining, MININGS)
-  _check_choice("average", average, AVERAGES)
+  _common.check_choice("mining", mining, MININGS)
+  _common.check_choice("average", average, AVERAGES)
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
   positive, negative = _pair_masks(labels)
   return _MINERS[mining](distances, positive, negative, margin, average)
