@@ -134,6 +134,12 @@ def cos_add_angle(cos: Array, angle: Array | float) -> Array:
   return cos * jnp.cos(angle) - sine(cos) * jnp.sin(angle)
 
 
+def capped_cos(angle: Array) -> Array:
+  """``cos(min(angle, pi))``: the cosine of a shifted or multiplied angle, held at -1 past pi
+  where it would rise again."""
+  return jnp.cos(jnp.minimum(angle, math.pi))
+
+
 def _detached(cos: Array, adjusted: Array) -> Array:
   """``cos + stop_gradient(adjusted - cos)``: the value of ``adjusted``, the gradient of ``cos``."""
   return cos + jax.lax.stop_gradient(adjusted - cos)
@@ -324,7 +330,7 @@ class CombinedMargin(Margin):
     shifted = self.m1 * angle(rows.cos) + self.m2
     cos_star = jnp.cos((math.pi - self.m2) / self.m1)
     continued = rows.cos - cos_star - 1
-    target = jnp.where(shifted < math.pi, jnp.cos(jnp.minimum(shifted, math.pi)), continued)
+    target = jnp.where(shifted < math.pi, capped_cos(shifted), continued)
     return self.scale * (target - self.m3)
 
 
@@ -483,7 +489,7 @@ class SphereFaceR(Margin):
       return self.scale * rows.cos
     multiplied = self.margin * angle(rows.cos)
     if self.kind == "v1":
-      adjusted = jnp.cos(jnp.minimum(multiplied, math.pi))
+      adjusted = capped_cos(multiplied)
     else:
       k = jnp.floor(multiplied / math.pi)
       adjusted = (1 - 2 * jnp.mod(k, 2)) * jnp.cos(multiplied) - 2 * k
@@ -516,7 +522,7 @@ def _sphereface2_target_cos(cos: Array, margin: Array | float, kind: str) -> Arr
     return cos
   theta = angle(cos)
   shifted = theta + margin if kind == "arc" else margin * theta
-  return jnp.cos(jnp.minimum(shifted, math.pi))
+  return capped_cos(shifted)
 
 
 @margin_dataclass
