@@ -158,42 +158,52 @@ def elasticface(x, w, labels, margins_per_example, scale=64.0, kind="arc", plus=
   return cross_entropy(with_targets(scale * cos, targets, labels), labels)
 
 
-def sphereface2(x, w, labels, bias, scale=40.0, margin=0.4, t=3.0, alpha=0.7, kind="cos"):
-  """Per-example binary losses, class by class: the target's classifier and every other's."""
+def sphereface2_adjusted(x, w, labels, margin=0.4, t=3.0, kind="cos"):
+  """``[B, C]`` SphereFace2 logits before the scale and the bias, class by class."""
   cos = cosines(x, w)
   g = lambda c: 2 * ((c + 1) / 2) ** t - 1  # noqa: E731
+  out = np.empty_like(cos)
+  for b, y in enumerate(labels):
+    for j, c in enumerate(cos[b]):
+      theta = np.arccos(np.clip(c, -1, 1))
+      if j != y:
+        out[b, j] = g(c) + margin if kind == "cos" else g(c)
+      elif kind == "cos":
+        out[b, j] = g(c) - margin
+      elif kind == "arc":
+        out[b, j] = g(np.cos(min(theta + margin, np.pi)))
+      else:
+        out[b, j] = g(np.cos(min(margin * theta, np.pi)))
+  return out
+
+
+def sphereface2(x, w, labels, bias, scale=40.0, margin=0.4, t=3.0, alpha=0.7, kind="cos"):
+  """Per-example binary losses: the target's classifier and every other's."""
+  logits = scale * sphereface2_adjusted(x, w, labels, margin, t, kind) + bias
   out = []
   for b, y in enumerate(labels):
-    total = 0.0
-    for j, c in enumerate(cos[b]):
-      if j != y:
-        logit = scale * (g(c) + margin if kind == "cos" else g(c)) + bias
-        total += (1 - alpha) * np.logaddexp(0, logit)
-        continue
-      theta = np.arccos(np.clip(c, -1, 1))
-      if kind == "cos":
-        value = g(c) - margin
-      elif kind == "arc":
-        value = g(np.cos(min(theta + margin, np.pi)))
-      else:
-        value = g(np.cos(min(margin * theta, np.pi)))
-      total += alpha * np.logaddexp(0, -(scale * value + bias))
-    out.append(total / scale)
+    others = np.delete(logits[b], y)
+    out.append((alpha * np.logaddexp(0, -logits[b, y])
+                + (1 - alpha) * np.logaddexp(0, others).sum()) / scale)
   return np.array(out)
 
 
-def spherefacer(x, w, labels, scale=30.0, margin=1.5, kind="v0"):
-  """SphereFace-R's logits from arccos, per example."""
+def spherefacer_adjusted(x, w, labels, margin=1.5, kind="v0"):
+  """``[B, C]`` SphereFace-R's characteristic function, from arccos, per example."""
   cos = cosines(x, w)
   theta = np.arccos(np.clip(cos, -1, 1))
-  logits = scale * (np.cos(theta / margin) if kind == "v2" else cos)
+  out = np.cos(theta / margin) if kind == "v2" else cos.copy()
   for b, y in enumerate(labels):
     t = margin * theta[b, y]
     if kind == "v0":
       k = np.floor(t / np.pi)
-      logits[b, y] = scale * ((-1.0) ** k * np.cos(t) - 2 * k)
+      out[b, y] = (-1.0) ** k * np.cos(t) - 2 * k
     elif kind == "v1":
-      logits[b, y] = scale * np.cos(min(t, np.pi))
+      out[b, y] = np.cos(min(t, np.pi))
     else:
-      logits[b, y] = scale * cos[b, y]
-  return cross_entropy(logits, labels)
+      out[b, y] = cos[b, y]
+  return out
+
+
+def spherefacer(x, w, labels, scale=30.0, margin=1.5, kind="v0"):
+  return cross_entropy(scale * spherefacer_adjusted(x, w, labels, margin, kind), labels)

@@ -112,14 +112,9 @@ def test_sphereface2_gradient_is_that_of_scaled_cosines_and_bias(kind):
       x_, w_, labels, b_, scale=8.0, margin=margin, kind=kind).sum()
   grads = jax.grad(loss, argnums=(0, 1, 2))(x, w, jnp.float32(0.5))
   # Each logit's constant shift from r cos, from the paper's formulas in float64.
-  cos = reference.cosines(x, w)
-  g = lambda c: 2 * ((c + 1) / 2) ** 3.0 - 1  # noqa: E731
-  theta = np.arccos(np.clip(cos, -1, 1))
-  target = {"cos": g(cos) - margin, "arc": g(np.cos(np.minimum(theta + margin, np.pi))),
-            "multiplicative": g(np.cos(np.minimum(margin * theta, np.pi)))}[kind]
-  other = g(cos) + margin if kind == "cos" else g(cos)
+  shifts = (reference.sphereface2_adjusted(x, w, labels, margin, kind=kind)
+            - reference.cosines(x, w))
   is_target = np.arange(C)[None, :] == labels[:, None]
-  shifts = np.where(is_target, target, other) - cos
 
   def surrogate(x_, w_, b_):
     unit = x_ / jnp.linalg.norm(x_, axis=1, keepdims=True)
@@ -140,14 +135,8 @@ def test_spherefacer_gradient_is_that_of_scaled_cosines(kind, margin):
   x, w, labels = make_inputs()
   grad = jax.grad(lambda x_, w_: margins.spherefacer_loss(
       x_, w_, labels, scale=8.0, margin=margin, kind=kind).sum(), argnums=(0, 1))(x, w)
-  cos = reference.cosines(x, w)
-  theta = np.arccos(np.clip(cos, -1, 1))
-  adjusted = np.cos(theta / margin) if kind == "v2" else cos.copy()
-  for b, y in enumerate(labels):
-    t = margin * theta[b, y]
-    adjusted[b, y] = {"v0": (-1.0) ** np.floor(t / np.pi) * np.cos(t) - 2 * np.floor(t / np.pi),
-                      "v1": np.cos(min(t, np.pi)), "v2": cos[b, y]}[kind]
-  shifts = jnp.asarray(adjusted - cos, jnp.float32)
+  shifts = jnp.asarray(reference.spherefacer_adjusted(x, w, labels, margin, kind)
+                       - reference.cosines(x, w), jnp.float32)
 
   def surrogate(x_, w_):
     unit = x_ / jnp.linalg.norm(x_, axis=1, keepdims=True)
