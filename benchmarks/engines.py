@@ -1,13 +1,13 @@
 """Speed and memory of the softmax engines against the matmul floor.
 
 For each number of classes ``C`` and dtype, prints the time of ``jit(value_and_grad)`` of the mean
-loss of ``--margin`` (ArcFace by default; w.r.t. the embeddings and ``W``) for the dense, chunked and sampled engines, divided
-by the time of the floor: the three bare matmuls of a forward and backward pass
-(``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). bfloat16 is measured
-as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16`` (each chunk
-cast as it is multiplied), against a floor given bfloat16 inputs. Every function is timed in
-the same run, interleaved round by round with the floor alone; times are medians, ratios the
-median over the rounds of the ratio within a round. Beside it: the XLA temporaries of each
+loss of ``--margin`` (ArcFace by default; w.r.t. the embeddings and ``W``) for the dense, chunked
+and sampled engines, divided by the time of the floor: the three bare matmuls of a forward and
+backward pass (``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accumulation). bfloat16
+is measured as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16``
+(each chunk cast as it is multiplied), against a floor given bfloat16 inputs. Every function is
+timed in the same run, interleaved round by round with the floor alone; times are medians,
+ratios the median over the rounds of the ratio within a round. Beside it: the XLA temporaries of each
 compiled program, and the memory it needs in all (arguments, outputs and temporaries, less what
 outputs alias), the peak a device must hold for the step.
 
