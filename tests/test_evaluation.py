@@ -58,7 +58,8 @@ def _reference_accuracy(dist, issame, num_folds=10):
 def _interpolate_on_steps(x, y, value):
   """Linear interpolation on non-decreasing ``x`` with repeated values, SciPy 1.8 ``slinear``.
 
-  Uses the interval ``[x_j, x_{j+1})`` holding ``value`` with ``j`` the last such index.
+  Uses the interval ``[x_j, x_{j+1})`` holding ``value`` with ``j`` the last such index; at the
+  end, ``y``'s last value, where SciPy's spline gave 0 if ``x`` ends on a flat run.
   """
   j = max(i for i in range(len(x)) if x[i] <= value)
   if j == len(x) - 1:
@@ -126,6 +127,15 @@ def test_val_target_on_a_plateau_of_the_training_far():
   result = evaluation.evaluate_verification(embeddings, issame, val_far_target=2 / 45)
   dist = _reference_distances(embeddings)
   assert (result.val, result.val_std, result.far) == _reference_val(dist, issame, 2 / 45)
+
+
+def test_val_at_a_far_target_of_one_accepts_every_pair():
+  # The training rate reaches 1 and stays there to the end of the grid: the last grid threshold
+  # accepts every pair (SciPy 1.8's spline, and so insightface, gave 0: accept none).
+  embeddings, issame = _pairs_with_separation(np.random.default_rng(5), 200, 8, 0.8)
+  result = evaluation.evaluate_verification(embeddings, issame, val_far_target=1.0)
+  assert result.distances.max() < 3.999
+  assert (result.val, result.val_std, result.far) == (1.0, 0.0, 1.0)
 
 
 def test_verification_ties_on_the_threshold_grid():

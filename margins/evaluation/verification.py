@@ -163,8 +163,9 @@ def _val_threshold(distances: np.ndarray, issame: np.ndarray, far_target: float)
   interpolated linearly between the largest grid threshold whose rate is at most the target and
   the next one: what insightface's ``interp1d(far, thresholds, kind='slinear')`` computed with
   SciPy up to 1.8 (later versions refuse the repeated rates, insightface issue #2152). 0 (accept
-  nothing) when the rate never reaches the target; the last grid threshold when the rate ends
-  exactly at the target.
+  nothing) when the rate never reaches the target. When it ends exactly at the target, the last
+  grid threshold; there SciPy departs when the rate ends on a flat run (as it does for a target
+  of 1): its spline's last knot interval has zero length and gives 0, so VAL and FAR were 0.
   """
   different = ~issame
   far = _accepted_counts(distances[different], _VAL_THRESHOLDS) / different.sum()
