@@ -78,9 +78,12 @@ def test_python3_pickles_load(tmp_path, protocol):
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])  # 5 pickles arrays through ``_frombuffer``
-def test_numpy_buffers_and_bool_array_load(tmp_path, protocol):
+@pytest.mark.parametrize("column", [False, True])
+def test_numpy_buffers_and_bool_array_load(tmp_path, protocol, column):
   images = _images(2)
-  bins = [np.frombuffer(_png(image), np.uint8) for image in images]  # As cv2.imencode returns.
+  # As cv2.imencode returns them: [N] arrays, and [N, 1] from OpenCV 3 (CFP-FP's, AgeDB-30's).
+  bins = [np.frombuffer(_png(image), np.uint8) for image in images]
+  bins = [data[:, None] for data in bins] if column else bins
   path = tmp_path / "np.bin"
   with open(path, "wb") as file:
     pickle.dump((bins, np.array([True])), file, protocol=protocol)
@@ -93,6 +96,7 @@ def test_write_bin_round_trip(tmp_path):
   images = _images(4)
   path = tmp_path / "pairs.bin"
   verification_bin.write_bin(path, images, [True, False], image_format="png")
+  assert path.read_bytes()[:2] == b"\x80\x04"  # Protocol 4: Python 3.4 and later read it.
   with open(path, "rb") as file:
     bins, issame = pickle.load(file)  # insightface's layout, readable by plain pickle.
   assert len(bins) == 4 and all(isinstance(data, bytes) for data in bins)

@@ -40,7 +40,8 @@ class _BinUnpickler(pickle.Unpickler):
 
 
 def _encoded_bytes(value) -> bytes:
-  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1:
+  # OpenCV 3's imencode, which wrote CFP-FP and AgeDB-30, returned ``[N, 1]`` arrays.
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8:
     return value.tobytes()
   if isinstance(value, (bytes, bytearray, memoryview)):
     return bytes(value)
@@ -120,7 +121,8 @@ def load_bin(path: str | os.PathLike[str], *, image_size: Sequence[int] | None =
 
 def write_bin(path: str | os.PathLike[str], images: np.ndarray, issame: Sequence[bool], *,
               image_format: str = "jpeg", quality: int = 95) -> None:
-  """Writes a verification ``.bin`` readable by :func:`load_bin` and by insightface.
+  """Writes a verification ``.bin`` readable by :func:`load_bin` and by insightface on Python 3
+  (pickle protocol 4: Python 3.4 and later; Python 2 cannot read it).
 
   Args:
     path: the file to write.
@@ -155,4 +157,4 @@ def write_bin(path: str | os.PathLike[str], images: np.ndarray, issame: Sequence
   bins = [image_folder.encode_image(image, image_format=image_format, quality=quality)
           for image in images]
   with open(path, "wb") as file:
-    pickle.dump((bins, issame.tolist()), file, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump((bins, issame.tolist()), file, protocol=4)
