@@ -8,15 +8,16 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, its xdist workers and the subprocesses the
-# tests start (they inherit the environment): the training tests compile the same backbone
-# programs many times, and XLA's CPU compiler takes seconds for each.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "margins-tests-jax-cache"))
+# A persistent compilation cache for each xdist worker and the subprocesses it starts (they
+# inherit the environment): the training tests compile the same backbone programs many times,
+# and XLA's CPU compiler takes seconds for each. One per worker, because JAX writes an entry in
+# place without a lock (unless the cache has a size limit), so a worker could read an entry
+# another is still writing. Set in every process: workers inherit the controller's environment.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+    os.environ.setdefault("MARGINS_TESTS_JAX_CACHE",
+                          os.path.join(tempfile.gettempdir(), "margins-tests-jax-cache")),
+    os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# A size limit turns on the cache's file lock: without one, JAX writes entries in place, unlocked,
-# and one xdist worker can read an entry another is still writing.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
 

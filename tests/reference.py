@@ -132,15 +132,16 @@ def adaface(x, w, labels, norm_mean=20.0, norm_std=100.0, scale=64.0, margin=0.4
     theta = np.arccos(np.clip(cos[b, y], -1 + eps, 1 - eps))
     angle = np.clip(theta - margin * z, eps, np.pi - eps)
     targets.append(scale * (np.cos(angle) - (margin + margin * z)))
-  return cross_entropy(with_targets(scale * cos, targets, labels), labels), (norm_mean, norm_std)
+  others = scale * np.clip(cos, -1 + eps, 1 - eps)  # The official code clips every cosine.
+  return cross_entropy(with_targets(others, targets, labels), labels), (norm_mean, norm_std)
 
 
 def magface(x, w, labels, scale=64.0, lower_norm=10.0, upper_norm=110.0, lower_margin=0.45,
-            upper_margin=0.8, lambda_g=20.0):
+            upper_margin=0.8, lambda_g=20.0, easy_margin=True):
   a = np.clip(np.linalg.norm(np.asarray(x, np.float64), axis=1), lower_norm, upper_norm)
   m = (upper_margin - lower_margin) / (upper_norm - lower_norm) * (a - lower_norm) + lower_margin
   cos = cosines(x, w)
-  targets = [scale * arc_target(cos[b, y], m[b]) for b, y in enumerate(labels)]
+  targets = [scale * arc_target(cos[b, y], m[b], easy_margin) for b, y in enumerate(labels)]
   ce = cross_entropy(with_targets(scale * cos, targets, labels), labels)
   return ce + lambda_g * (1 / a + a / upper_norm**2)
 

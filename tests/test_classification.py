@@ -47,6 +47,7 @@ CASES = [
     ("combined_m1", margins.combined_margin_loss, reference.combined,
      {"scale": 4.0, "m1": 1.35, "m2": 0.0, "m3": 0.0}),
     ("magface", margins.magface_loss, reference.magface, {}),
+    ("magface_continued", margins.magface_loss, reference.magface, {"easy_margin": False}),
     ("spherefacer", margins.spherefacer_loss, reference.spherefacer, {}),
     ("spherefacer_v1", margins.spherefacer_loss, reference.spherefacer,
      {"margin": 1.7, "kind": "v1"}),
@@ -286,6 +287,19 @@ def test_adaface_value_and_state():
   want, (mean, std) = reference.adaface(x, w, labels, 15.0, 40.0, t_alpha=0.3)
   np.testing.assert_allclose(losses, want, rtol=2e-5, atol=2e-4)
   np.testing.assert_allclose(new_state, (mean, std), rtol=1e-5)
+
+
+def test_adaface_clips_the_other_classes_cosines_as_the_official_code():
+  # A non-target centre at cos 0.9998 (past 1 - eps) and one at -0.9998: both logits are held at
+  # s (1 - eps) and -s (1 - eps), and those centres get no gradient.
+  x = jnp.array([[20.0, 0.0, 0.0], [30.0, 0.0, 0.0]])
+  w = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.02, 0.0], [-1.0, 0.02, 0.0], [0.6, 0.0, 0.8]])
+  labels = jnp.array([0, 0])
+  loss = lambda w_: margins.adaface_loss(x, w_, labels, scale=8.0)[0]  # noqa: E731
+  np.testing.assert_allclose(loss(w), reference.adaface(x, w, labels, scale=8.0)[0], rtol=1e-6)
+  grad = jax.grad(lambda w_: jnp.sum(loss(w_)))(w)
+  np.testing.assert_array_equal(grad[1:3], 0)
+  assert np.all(np.asarray(grad[3, ::2]) != 0)
 
 
 @pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True)])

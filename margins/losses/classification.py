@@ -333,16 +333,18 @@ def adaface_loss(embeddings: Array, weights: Array, labels: Array,
 def magface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: float = 64.0,
                  lower_norm: float = 10.0, upper_norm: float = 110.0,
                  lower_margin: float = 0.45, upper_margin: float = 0.8,
-                 lambda_g: float = 20.0) -> Array:
+                 lambda_g: float = 20.0, easy_margin: bool = True) -> Array:
   r"""MagFace: ArcFace with the margin :math:`m(a)` growing with :math:`a = |x|`, plus :math:`\lambda_g g(a)`.
 
   :math:`a` is clipped to :math:`[l_a, u_a]`;
-  :math:`m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)`; :math:`g(a) = 1/a + a/u_a^2`.
+  :math:`m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)`; :math:`g(a) = 1/a + a/u_a^2`. The margin
+  applies where :math:`\cos\theta > 0` (``easy_margin``, as the authors' code trains); with
+  ``easy_margin=False`` it continues as ArcFace past :math:`\pi - m`.
 
   Args:
     embeddings: ``[B, D]`` unnormalised; weights: ``[C, D]``; labels: ``[B]``.
     scale: ``s``; lower_norm, upper_norm: ``l_a, u_a``; lower_margin, upper_margin:
-      ``l_m, u_m``; lambda_g: weight of the regulariser.
+      ``l_m, u_m``; lambda_g: weight of the regulariser; easy_margin: see above.
 
   Returns:
     ``[B]`` losses (cross-entropy + :math:`\lambda_g g(a)`).
@@ -358,7 +360,7 @@ def magface_loss(embeddings: Array, weights: Array, labels: Array, *, scale: flo
   """
   loss_margin = margin_lib.MagFace(
       scale=scale, lower_norm=lower_norm, upper_norm=upper_norm, lower_margin=lower_margin,
-      upper_margin=upper_margin, lambda_g=lambda_g)
+      upper_margin=upper_margin, lambda_g=lambda_g, easy_margin=easy_margin)
   return _dense_loss(embeddings, weights, labels, loss_margin)[0]
 
 

@@ -300,6 +300,9 @@ class ArcFace(Margin):
 
   ``detach_margin``: the value is ArcFace's, the gradient that of plain ``s cos_y``
   (``s (cos_y + stop_gradient(cos(theta_y + m) - cos_y))``, opensphere / insightface since 2022).
+  Past ``theta_y > pi - m`` the value is :func:`arcface_cos`'s continuation, where insightface's
+  detached margin takes ``cos(theta_y + m)`` as it is and opensphere ``cos(min(theta_y + m, pi))``;
+  the gradient is the same.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.5
@@ -370,7 +373,9 @@ class AdaFace(Margin):
   mean :math:`\mu` and std :math:`\sigma` of the norms, the target is
   :math:`s(\cos(\mathrm{clip}(\theta - m\hat z, \epsilon, \pi - \epsilon)) - (m + m\hat z))`.
   :meth:`prepare` updates the statistics with the batch (``momentum`` is the paper's
-  ``t_alpha``: 1.0 uses the batch's own statistics). Initial values are the official ones.
+  ``t_alpha``: 1.0 uses the batch's own statistics). Initial values are the official ones. As in
+  the official code, every cosine is clipped to :math:`[-1 + \epsilon, 1 - \epsilon]`, the
+  other classes' too.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.4
@@ -395,14 +400,20 @@ class AdaFace(Margin):
     shifted = jnp.clip(theta - self.margin * quality, self.eps, math.pi - self.eps)
     return self.scale * (jnp.cos(shifted) - (self.margin + self.margin * quality))
 
+  def nontarget_logits(self, similarity, rows):
+    del rows
+    return self.scale * jnp.clip(similarity, -1 + self.eps, 1 - self.eps)
+
 
 @margin_dataclass
 class MagFace(Margin):
   r"""MagFace (Meng et al., CVPR 2021): ArcFace with a margin growing with ``|x|``.
 
   :math:`a = \mathrm{clip}(|x|, l_a, u_a)`, :math:`m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a)`,
-  target :math:`s\cos(\theta + m(a))` (ArcFace's continuation past :math:`\pi - m`), and
-  :meth:`regularizer` adds :math:`\lambda_g g(a)` with :math:`g(a) = 1/a + a/u_a^2` to each loss.
+  target :math:`s\cos(\theta + m(a))`, and :meth:`regularizer` adds :math:`\lambda_g g(a)` with
+  :math:`g(a) = 1/a + a/u_a^2` to each loss. ``easy_margin`` (the authors' code, ``MagLinear``'s
+  default) applies the margin only where :math:`\cos\theta > 0`; ``False`` continues as ArcFace
+  past :math:`\pi - m` (:func:`arcface_cos`).
   """
   scale: Array | float = 64.0
   lower_norm: Array | float = 10.0
@@ -410,6 +421,7 @@ class MagFace(Margin):
   lower_margin: Array | float = 0.45
   upper_margin: Array | float = 0.8
   lambda_g: Array | float = 20.0
+  easy_margin: bool = static_field(True)
 
   def _clipped_norm(self, rows):
     return jnp.clip(rows.embedding_norm, self.lower_norm, self.upper_norm)
@@ -420,7 +432,8 @@ class MagFace(Margin):
     return self.lower_margin + slope * (self._clipped_norm(rows) - self.lower_norm)
 
   def target_logit(self, rows):
-    return self.scale * arcface_cos(rows.cos, self.adaptive_margin(rows))
+    return self.scale * arcface_cos(rows.cos, self.adaptive_margin(rows),
+                                    easy_margin=self.easy_margin)
 
   def regularizer(self, rows):
     norm = self._clipped_norm(rows)
@@ -433,7 +446,10 @@ class ElasticFace(Margin):
 
   ``kind='arc'``: target ``s cos(theta_y + m_i)`` (ElasticFace-Arc); ``kind='cos'``:
   ``s (cos_y - m_i)`` (ElasticFace-Cos). ``plus`` (ElasticFace+) hands the larger margins to the
-  examples farther from their centre. ``key`` draws the margins; pass a new key each step.
+  examples farther from their centre, as the paper describes. (The authors' code indexes the
+  sorted margins with the cosines' sort order, ``margin[argsort(-cos)]``, where that order's
+  inverse gives the paper's assignment, so its margins do not follow the cosines.) ``key`` draws
+  the margins; pass a new key each step.
   """
   key: Array
   scale: Array | float = 64.0
