@@ -234,7 +234,8 @@ save_figure(figure, "target_logit_details.png")
 #   angle *reduced* by $m$, CosFace-like; $\hat z = 0$ is CosFace's $\cos\theta - m$.
 # - **MagFace** is ArcFace with a margin that grows linearly with $|x|$ between $l_a$ and $u_a$
 #   (0.45 at $|x| \le 10$ to 0.8 at $|x| \ge 110$ by default): larger norms must sit closer to
-#   their centre.
+#   their centre. As in its authors' code, the margin applies only where $\cos\theta > 0$ (the
+#   easy margin): past 90° the target drops back to the plain $\cos\theta$.
 # - **ElasticFace** draws each example's margin from $\mathcal{N}(m, \sigma)$ at every step: the
 #   target is a band around $\cos(\theta + m)$ (or CosFace's curve, `kind="cos"`), with no
 #   continuation past $\pi - m$, as in its authors' code. Drawn: the 2.5-97.5 %
@@ -268,7 +269,7 @@ for norm, color in zip(norms, variants(LOSS_COLORS["magface"], len(norms))):
                label=rf"$|x|$ = {norm:g}: m = {adaptive:.3g}")
 axes[1].plot(degrees, target_curve(margins.Softmax()), color=LOSS_COLORS["softmax"],
              linestyle=":", label="softmax")
-style_angle_axes(axes[1], "MagFace (defaults): ArcFace with m growing with |x|")
+style_angle_axes(axes[1], "MagFace (defaults): ArcFace with m growing with |x|, easy margin")
 axes[1].set_ylim(-2.1, 1.05)
 axes[1].legend(fontsize=8, loc="lower left")
 
