@@ -20,8 +20,9 @@ is formed:
   Partial FC): inside ``jax.shard_map`` the embeddings and labels are all-gathered, each device
   scores the global batch against its slice (dense or chunked), the row statistics are combined
   with ``pmax``/``psum`` of ``[B]`` vectors, and the gradient of ``W`` never leaves its device;
-- any of them with ``sample_rate < 1`` (Partial FC sampling): per device, the classes of the global
-  batch plus uniformly drawn negatives, a fixed number, reproducible from a PRNG key.
+- any of them with ``sample_rate < 1`` (Partial FC sampling): per device, ``sample_rate`` of its
+  classes (a fixed number), those of the global batch first and the rest drawn uniformly,
+  reproducible from a PRNG key.
 
 The target class's row of ``W`` is gathered (``[B, D]``) to form ``t_b`` once per batch, so
 margins that need the target before scoring negatives (CurricularFace) work chunk by chunk, and
@@ -53,7 +54,8 @@ class SoftmaxEngine:
     chunk_size: classes scored at once; ``None`` scores all (local) classes in one ``[B, C]`` block.
     mesh: shard classes (and the batch) over this mesh; ``None`` runs on one device.
     axis_name: mesh axis (or axes) the classes and the batch are split over.
-    sample_rate: Partial FC's fraction of (local) classes kept per step; 1.0 keeps all.
+    sample_rate: Partial FC's fraction of (local) classes kept per step; 1.0 keeps all (see
+      :func:`sampled_count`).
     matmul_dtype: dtype of the matmul inputs (e.g. ``jnp.bfloat16``); accumulation and softmax
       statistics stay in float32. ``None`` uses the inputs' dtype.
     keep_scores: chunks only: keep each chunk's ``[B, c]`` scores from the forward pass for the
@@ -575,13 +577,14 @@ _chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 
 def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
                    num_sampled: int, key: Array) -> Array:
-  """Partial FC's classes for one shard: every class of the batch, then random negatives.
+  """Partial FC's classes for one shard: the classes of the batch, then random negatives.
 
   Args:
     local_labels: ``[B]`` row of each example's class in this shard, -1 if it lives elsewhere.
     num_rows: rows of the shard's ``W``.
     num_valid: rows before the padding; padding rows are drawn only if nothing else is left.
-    num_sampled: how many to keep (static; see :func:`sampled_count`).
+    num_sampled: how many to keep (static; see :func:`sampled_count`). Every class of the batch
+      is kept if they fit; if not, as many of them as fit, drawn at random.
     key: PRNG key; the same key gives the same sample.
 
   Returns:
@@ -595,7 +598,8 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
   labels = _common.gathered(local_labels)  # The whole batch's, where mesh axes split the batch.
   positive = jnp.zeros(num_rows, bool).at[jnp.maximum(labels, 0)].max(labels >= 0)
-  priority = jnp.where(positive, 2.0, jax.random.uniform(key, (num_rows,)))
+  # Uniform in [0, 1) for the negatives, [1, 2) for the batch's classes: those come first.
+  priority = jax.random.uniform(key, (num_rows,)) + positive.astype(jnp.float32)
   priority = jnp.where(ids < num_valid, priority, -1.0)
   return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
 
@@ -607,18 +611,19 @@ def _select_classes(w, local_labels, num_valid, num_sampled, key):
       jnp.arange(num_sampled, dtype=local_labels.dtype))
   sampled_labels = jnp.where(local_labels >= 0,
                              _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
-  return w[index], sampled_labels, jnp.sum(index < num_valid)
+  return jnp.asarray(w)[index], sampled_labels, jnp.sum(index < num_valid)
 
 
-def sampled_count(num_local: int, global_batch: int, sample_rate: float) -> int:
-  """Classes kept per shard: ``sample_rate * num_local``, but never fewer than the batch.
+def sampled_count(num_local: int, sample_rate: float) -> int:
+  """Classes kept per shard: ``ceil(sample_rate * num_local)``, at least one.
 
-  Every class of the global batch must fit, so the count is at least ``min(global_batch,
-  num_local)``; it is static, so shapes do not change from step to step.
+  Static, so shapes do not change from step to step. insightface's Partial FC keeps
+  ``int(sample_rate * num_local)`` classes, or the shard's classes of the batch where they are
+  more; here those that do not fit are scored only as their own examples' targets.
   """
   if sample_rate >= 1:
     return num_local
-  return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
+  return min(num_local, max(math.ceil(sample_rate * num_local), 1))
 
 
 def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_name):
@@ -635,13 +640,15 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   x_unit = x_wide / norms
-  num_sampled = sampled_count(w.shape[0], x.shape[0], engine.sample_rate)
+  # The targets come from all of ``w``: a class of the batch that a sample has no room for is
+  # still its own examples' target.
+  rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name,
+                      margin.normalize_weights)
+  num_sampled = sampled_count(w.shape[0], engine.sample_rate)
   if num_sampled < w.shape[0]:
     if axis_name is not None:
       key = jax.random.fold_in(key, _shard_index(axis_name))
     w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key)
-  rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name,
-                      margin.normalize_weights)
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),

@@ -15,7 +15,11 @@ They follow the insightface code of the published results' time: its earlier ``t
 decays with ``PolyScheduler`` (power 2), and ArcFace's gradient flows through ``cos(theta + m)``.
 insightface's master decays linearly (``PolynomialLRWarmup``, power 1) and, since Dec 2022,
 detaches ArcFace's margin from the gradient: ``--config.optimizer.decay_power=1.0`` (and, in the
-ArcFace recipes, ``--config.loss.detach_margin=True``) trains as it does.
+ArcFace recipes, ``--config.loss.detach_margin=True``) trains as it does. (``PolyScheduler``
+runs its first two steps at the step-0 rate, a side effect of how it sets up torch's scheduler,
+so its schedule trails this one by a step.) Partial FC scores ``ceil(rate * C / devices)``
+classes per device (insightface: ``int(rate * C / devices)``, more only when a device's classes
+of the batch do not fit).
 
 The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains the same number
 of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match). On fewer

@@ -255,7 +255,7 @@ def sampled_loss(w):
 
 
 kept = margins.sample_classes(labels_host, num_classes, num_classes,
-                              sampled_count(num_classes, batch, sample_rate), sample_key)
+                              sampled_count(num_classes, sample_rate), sample_key)
 kept_labels = jnp.searchsorted(kept, labels_host).astype(labels_host.dtype)
 
 
