@@ -236,7 +236,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def freeze_untouched_rows(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Leaves the rows of ``W`` whose gradient is exactly zero (Partial FC: not sampled) alone.
+  """Leaves the rows of ``W`` whose gradient is exactly zero alone (Partial FC: neither sampled
+  nor a class of the batch, which is scored as its examples' target even when not sampled).
 
   Without it, SGD's momentum keeps moving an unsampled row and weight decay shrinks it every
   step (what insightface's current Partial FC does); with it, such a row keeps its value and
