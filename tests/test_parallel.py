@@ -525,7 +525,7 @@ def test_sampled_loss_is_the_dense_loss_over_the_sample():
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_size):
-  # 16 examples of 12 classes, 6 of 40 kept: each example is scored against the kept classes and
+  # 16 examples of at most 12 classes, 6 of 40 kept: each example is scored against the kept classes and
   # its own; a class of the batch left out is no one else's negative, and gets gradient only
   # through its own examples' targets.
   num_classes = 40
@@ -554,7 +554,7 @@ def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_si
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_sampled_sharded_is_the_loss_over_each_shards_sample(chunk_size):
-  num_devices, num_classes, rows = 4, 30, 32
+  num_classes, rows = 30, 32
   x, w, _, labels = make_inputs(num_classes, rows)
   key = jax.random.key(11)
   margin = margins.ArcFace(scale=8.0)
