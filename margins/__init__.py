@@ -15,6 +15,7 @@ from margins.losses.classification import curricularface_loss
 from margins.losses.classification import elasticface_loss
 from margins.losses.classification import lsoftmax_loss
 from margins.losses.classification import magface_loss
+from margins.losses.classification import mv_softmax_loss
 from margins.losses.classification import normface_loss
 from margins.losses.classification import softmax_loss
 from margins.losses.classification import sphereface2_loss
@@ -31,6 +32,7 @@ from margins.losses.margin import CosFace
 from margins.losses.margin import CurricularFace
 from margins.losses.margin import ElasticFace
 from margins.losses.margin import LSoftmax
+from margins.losses.margin import MVSoftmax
 from margins.losses.margin import MagFace
 from margins.losses.margin import Margin
 from margins.losses.margin import NormFace

@@ -120,6 +120,33 @@ def curricularface(x, w, labels, t=0.0, scale=64.0, margin=0.5, momentum=0.01):
   return cross_entropy(scale * logits, labels), t
 
 
+def mv_softmax(x, w, labels, scale=32.0, margin=0.35, t=0.2, kind="cos", adaptive=True,
+               easy_margin=True):
+  """The paper's form: each mis-classified negative's exp(s cos) weighted by
+  h = exp(s (t' - 1)(cos + 1)) with t' = 1 + t (adaptive) or exp(s t) (fixed)."""
+  cos = cosines(x, w)
+  out = []
+  for b, y in enumerate(labels):
+    c = cos[b, y]
+    theta = np.arccos(np.clip(c, -1, 1))
+    margined = c - margin if kind == "cos" else np.cos(theta + margin)
+    if kind == "arc":
+      target = arc_target(c, margin, easy_margin)
+    else:
+      target = margined if (c > 0 or not easy_margin) else c
+    terms = [scale * target]
+    for j in range(cos.shape[1]):
+      if j == y:
+        continue
+      hard = cos[b, j] > margined
+      log_h = (scale * t * (cos[b, j] + 1) if adaptive else scale * t) if hard else 0.0
+      terms.append(scale * cos[b, j] + log_h)
+    terms = np.array(terms)
+    top = terms.max()
+    out.append(top + np.log(np.exp(terms - top).sum()) - terms[0])
+  return np.array(out)
+
+
 def adaface(x, w, labels, norm_mean=20.0, norm_std=100.0, scale=64.0, margin=0.4, h=0.333,
             t_alpha=1.0, eps=1e-3):
   norms = np.clip(np.linalg.norm(np.asarray(x, np.float64), axis=1), 1e-3, 100)

@@ -46,6 +46,13 @@ CASES = [
     ("combined", margins.combined_margin_loss, reference.combined, {}),
     ("combined_m1", margins.combined_margin_loss, reference.combined,
      {"scale": 4.0, "m1": 1.35, "m2": 0.0, "m3": 0.0}),
+    ("mv_softmax", margins.mv_softmax_loss, reference.mv_softmax, {}),
+    ("mv_softmax_plain_fixed", margins.mv_softmax_loss, reference.mv_softmax,
+     {"easy_margin": False, "adaptive": False, "t": 0.3}),
+    ("mv_softmax_arc", margins.mv_softmax_loss, reference.mv_softmax,
+     {"kind": "arc", "margin": 0.5, "scale": 8.0}),
+    ("mv_softmax_arc_plain", margins.mv_softmax_loss, reference.mv_softmax,
+     {"kind": "arc", "margin": 0.5, "easy_margin": False, "t": 0.12}),
     ("magface", margins.magface_loss, reference.magface, {}),
     ("magface_continued", margins.magface_loss, reference.magface, {"easy_margin": False}),
     ("spherefacer", margins.spherefacer_loss, reference.spherefacer, {}),
@@ -272,6 +279,26 @@ def test_a_user_margin_runs_on_every_engine_under_jit(engine):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["cos", "arc"])
+@pytest.mark.parametrize("easy_margin", [True, False])
+@pytest.mark.parametrize("cos_y", [0.2, -0.2])
+def test_mv_softmax_emphasises_exactly_the_negatives_above_the_margined_target(kind, easy_margin,
+                                                                              cos_y):
+  # The easy margin keeps cos_y only where cos_y <= 0 (the authors' rule; FaceX-Zoo's keeps it up
+  # to m). One negative sits just above the margined target (mis-classified), one just below.
+  m, t = 0.35, 0.2
+  margined = cos_y - m if kind == "cos" else np.cos(np.arccos(cos_y) + m)
+  angles = np.arccos([cos_y, margined + 0.01, margined - 0.01])
+  w = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+  x = np.array([[1.0, 0.0]], np.float32)
+  loss = margins.mv_softmax_loss(x, w, np.array([0]), scale=1.0, margin=m, t=t, kind=kind,
+                                 easy_margin=easy_margin)
+  target = cos_y if easy_margin and cos_y <= 0 else margined
+  logits = [target, (1 + t) * (margined + 0.01) + t, margined - 0.01]
+  want = np.log(np.sum(np.exp(logits))) - target
+  np.testing.assert_allclose(loss, [want], rtol=1e-5)
+
+
 def test_curricularface_value_and_state():
   x, w, labels = make_inputs()
   losses, t = margins.curricularface_loss(x, w, labels, 0.3)
@@ -339,6 +366,8 @@ GRAD_CASES = [
     (margins.cosface_loss, {"scale": 8.0}), (margins.arcface_loss, {"scale": 8.0}),
     (margins.arcface_loss, {"scale": 8.0, "easy_margin": True}),
     (margins.combined_margin_loss, {"scale": 8.0}), (margins.magface_loss, {"scale": 8.0}),
+    (margins.mv_softmax_loss, {"scale": 8.0}),
+    (margins.mv_softmax_loss, {"scale": 8.0, "kind": "arc", "easy_margin": False}),
 ]
 
 
@@ -388,6 +417,9 @@ ALL_LOSSES = [
     ("curricularface", lambda x, w, y: margins.curricularface_loss(x, w, y, 0.5)[0]),
     ("adaface", lambda x, w, y: margins.adaface_loss(x, w, y)[0]),
     ("magface", lambda x, w, y: margins.magface_loss(x, w, y)),
+    ("mv_softmax", lambda x, w, y: margins.mv_softmax_loss(x, w, y)),
+    ("mv_softmax_arc", lambda x, w, y: margins.mv_softmax_loss(x, w, y, kind="arc",
+                                                               easy_margin=False)),
     ("elasticface", lambda x, w, y: margins.elasticface_loss(x, w, y, jax.random.key(0))),
     ("spherefacer", lambda x, w, y: margins.spherefacer_loss(x, w, y, margin=1.7)),
     ("spherefacer_v2", lambda x, w, y: margins.spherefacer_loss(x, w, y, kind="v2")),

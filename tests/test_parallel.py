@@ -32,6 +32,8 @@ MARGINS = {
     "arcface_detach": margins.ArcFace(scale=8.0, detach_margin=True),
     "combined": margins.CombinedMargin(scale=8.0),
     "curricularface": margins.CurricularFace(scale=8.0, t=0.3),
+    "mv_softmax": margins.MVSoftmax(scale=8.0),
+    "mv_softmax_arc": margins.MVSoftmax(scale=8.0, margin=0.5, kind="arc", easy_margin=False),
     "adaface": margins.AdaFace(scale=8.0),
     "magface": margins.MagFace(scale=8.0),
     "elasticface": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1),
