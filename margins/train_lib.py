@@ -58,6 +58,7 @@ MARGINS = {
     "combined": margin_lib.CombinedMargin,
     "subcenter_arcface": margin_lib.ArcFace,
     "curricularface": margin_lib.CurricularFace,
+    "mv_softmax": margin_lib.MVSoftmax,
     "adaface": margin_lib.AdaFace,
     "magface": margin_lib.MagFace,
     "elasticface": margin_lib.ElasticFace,

@@ -237,6 +237,16 @@ def test_bad_config_gives_a_clear_error(change, message, tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("name", sorted(train_lib.MARGINS))
+def test_every_loss_name_builds_its_margin_with_the_given_hyperparameters(name):
+  loss_config = ml_collections.ConfigDict(dict(name=name, scale=7.0))
+  if name in ("softmax", "lsoftmax"):
+    del loss_config.scale  # These take no scale.
+  margin = train_lib.make_margin(loss_config)
+  assert type(margin) is train_lib.MARGINS[name]
+  assert getattr(margin, "scale", 7.0) == 7.0
+
+
 def test_learning_rate_schedule_warms_up_then_decays():
   config = train_lib.default_config()
   config.num_steps, config.optimizer.warmup_steps = 110, 10
