@@ -142,7 +142,7 @@ for m in range(1, 5):
                              target_curve(margins.SphereFace(margin=m, annealing=5.0)), rtol=1e-6)
 
 # %% [markdown]
-# ## Annealing, overflow modes, combined margins and CurricularFace's negatives
+# ## Annealing, overflow modes, combined margins and hard negatives
 #
 # - SphereFace anneals $\lambda$ with the step (`margins.sphereface_lambda`): the target starts as
 #   plain softmax ($\lambda = 1000$) and bends towards $\psi$ as $\lambda$ falls to 5.
@@ -154,6 +154,8 @@ for m in range(1, 5):
 # - CurricularFace: a negative class $j$ is *hard* when $\cos\theta_j > \cos(\theta_y + m)$; its
 #   logit becomes $\cos\theta_j\,(t + \cos\theta_j)$, where $t$ tracks the mean target cosine:
 #   early in training ($t \approx 0$) hard negatives are played down, later ($t \to 1$) stressed.
+#   MV-Softmax (`kind='arc'`) takes the same negatives as mis-classified and always stresses them:
+#   $(1 + t)\cos\theta_j + t$ with a fixed $t$.
 
 # %%
 figure, axes = plt.subplots(2, 2, figsize=(13, 9.5))
@@ -205,6 +207,10 @@ for t, color in zip(ts, variants(LOSS_COLORS["curricularface"], len(ts))):
   curricular = margins.CurricularFace(scale=1.0, margin=arcface_margin, t=t)
   negatives = curricular.nontarget_logits(cos[None, :], target_rows)[0]
   axes[1, 1].plot(degrees, np.asarray(negatives), color=color, linewidth=2, label=f"t = {t:g}")
+mv_softmax = margins.MVSoftmax(scale=1.0, margin=arcface_margin, kind="arc")
+axes[1, 1].plot(degrees, np.asarray(mv_softmax.nontarget_logits(cos[None, :], target_rows)[0]),
+                color=LOSS_COLORS["mv_softmax"], linestyle="--", linewidth=2,
+                label=f"MV-Softmax (arc), t = {mv_softmax.t:g}")
 axes[1, 1].plot(degrees, np.asarray(margins.NormFace(scale=1.0).nontarget_logits(
     cos[None, :], target_rows)[0]), color=LOSS_COLORS["softmax"], linestyle=":",
                 label="plain cos (every other loss)")
@@ -212,8 +218,8 @@ hard_below = target_angle + np.degrees(arcface_margin)
 axes[1, 1].axvspan(0, hard_below, color=LOSS_COLORS["curricularface"], alpha=0.08)
 axes[1, 1].text(4, -0.9, "hard negatives:\n" + rf"$\theta_j < \theta_y + m$ = {hard_below:.0f}°",
                 fontsize=9)
-style_angle_axes(axes[1, 1],
-                 rf"CurricularFace: negative logits for $\theta_y$ = {target_angle:.0f}°",
+style_angle_axes(axes[1, 1], "CurricularFace, MV-Softmax: negative logits for "
+                 rf"$\theta_y$ = {target_angle:.0f}°",
                  ylabel="negative logit / s")
 axes[1, 1].set_xlabel(r"$\theta_j$, angle to a negative centre (degrees)")
 axes[1, 1].legend(fontsize=8, loc="upper right")

@@ -30,6 +30,7 @@ LOSS_COLORS = {
     "arcface": "tab:red",
     "combined_margin": "tab:orange",
     "curricularface": "tab:blue",
+    "mv_softmax": "darkslategray",
     "adaface": "tab:cyan",
     "magface": "darkgoldenrod",
     "elasticface": "maroon",
