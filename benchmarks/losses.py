@@ -58,6 +58,7 @@ CLASSIFICATION = {
     "sphereface": (margins.sphereface_loss, False),
     "combined": (margins.combined_margin_loss, False),
     "curricularface": (lambda x, w, y: margins.curricularface_loss(x, w, y)[0], False),
+    "mv-softmax": (margins.mv_softmax_loss, False),
     "adaface": (lambda x, w, y: margins.adaface_loss(x, w, y)[0], False),
     "magface": (margins.magface_loss, False),
     "subcenter arcface": (margins.subcenter_arcface_loss, True),
