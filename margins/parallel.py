@@ -604,14 +604,22 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
 
 
-def _select_classes(w, local_labels, num_valid, num_sampled, key):
-  """``(w[index], labels remapped to positions in index, real rows kept)`` for a sample."""
+def _select_classes(w, local_labels, num_valid, num_sampled, key, chunk_size):
+  """``(w[index], labels remapped to positions in index, real rows kept)`` for a sample.
+
+  Chunked, the sample's rows are a whole number of chunks: ``index`` repeats its last row, and
+  the rows after the kept ones are scored as padding (never a logit, zero gradient). A shorter
+  last chunk made XLA:CPU copy the sample's ``[rC, D]`` gradient once more on its way to ``W``'s.
+  """
   index = sample_classes(local_labels, w.shape[0], num_valid, num_sampled, key)
   position = jnp.full(w.shape[0], -1, local_labels.dtype).at[index].set(
       jnp.arange(num_sampled, dtype=local_labels.dtype))
   sampled_labels = jnp.where(local_labels >= 0,
                              _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
-  return jnp.asarray(w)[index], sampled_labels, jnp.sum(index < num_valid)
+  kept = jnp.sum(index < num_valid)
+  if chunk_size is not None and chunk_size < num_sampled:
+    index = jnp.concatenate([index, jnp.full(-num_sampled % chunk_size, index[-1])])
+  return jnp.asarray(w)[index], sampled_labels, kept
 
 
 def sampled_count(num_local: int, sample_rate: float) -> int:
@@ -648,7 +656,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   if num_sampled < w.shape[0]:
     if axis_name is not None:
       key = jax.random.fold_in(key, _shard_index(axis_name))
-    w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key)
+    w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key,
+                                                 engine.chunk_size)
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),

@@ -525,11 +525,11 @@ def test_sampled_loss_is_the_dense_loss_over_the_sample():
   assert np.all(grad[unsampled] == 0)  # exactly zero, not small
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", [None, 3, 4])  # 4: the 6 kept end in a partial chunk
 def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_size):
-  # 16 examples of at most 12 classes, 6 of 40 kept: each example is scored against the kept classes and
-  # its own; a class of the batch left out is no one else's negative, and gets gradient only
-  # through its own examples' targets.
+  # 16 examples of at most 12 classes, 6 of 40 kept: each example is scored against the kept
+  # classes and its own; a class of the batch left out is no one else's negative, and gets
+  # gradient only through its own examples' targets.
   num_classes = 40
   rng = np.random.default_rng(1)
   x = rng.normal(size=(B, D)).astype(np.float32)
@@ -554,7 +554,7 @@ def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_si
   assert touched == set(labels) | set(kept)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("chunk_size", [None, 2, 3])  # 3: each shard's 4 kept, a partial chunk
 def test_sampled_sharded_is_the_loss_over_each_shards_sample(chunk_size):
   num_classes, rows = 30, 32
   x, w, _, labels = make_inputs(num_classes, rows)
@@ -586,11 +586,12 @@ def test_sampled_sharded_is_the_loss_over_each_shards_sample(chunk_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def compiled_temp_bytes(engine, num_classes, batch=256, dim=512, grad=True):
+def compiled_temp_bytes(engine, num_classes, batch=256, dim=512, grad=True, key=None):
   x = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
   w = jax.ShapeDtypeStruct((num_classes, dim), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace())[0])  # noqa: E731
+  loss = lambda x_, w_, y_: jnp.mean(  # noqa: E731
+      engine(x_, w_, y_, margins.ArcFace(), key=key)[0])
   fn = jax.grad(loss, argnums=(0, 1)) if grad else loss
   compiled = jax.jit(fn).lower(x, w, labels).compile()
   return compiled.memory_analysis().temp_size_in_bytes
@@ -609,3 +610,11 @@ def test_chunked_temporaries_do_not_grow_with_classes(matmul_dtype, keep_scores)
   assert compiled_temp_bytes(engine, 1_000_000, grad=False) < 64 * 2**20  # loss alone
   dense_bytes = compiled_temp_bytes(margins.dense(), 1_000_000)
   assert dense_bytes > 256 * 2**20 * 4, dense_bytes
+
+
+def test_sampled_temporaries_are_the_sample_and_its_gradient():
+  # 10,000 of 100,000 classes kept: the gathered rows and their gradient (20 MB each), and no
+  # third copy, though 10,000 is not a whole number of chunks of 256.
+  sample_bytes = 10_000 * 512 * 4
+  temp = compiled_temp_bytes(margins.chunked(256, sample_rate=0.1), 100_000, key=KEY)
+  assert 2 * sample_bytes <= temp < 2.5 * sample_bytes, temp / sample_bytes
