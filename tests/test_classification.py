@@ -284,8 +284,9 @@ def test_a_user_margin_runs_on_every_engine_under_jit(engine):
 @pytest.mark.parametrize("cos_y", [0.2, -0.2])
 def test_mv_softmax_emphasises_exactly_the_negatives_above_the_margined_target(kind, easy_margin,
                                                                               cos_y):
-  # The easy margin keeps cos_y only where cos_y <= 0 (the authors' rule; FaceX-Zoo's keeps it up
-  # to m). One negative sits just above the margined target (mis-classified), one just below.
+  # The easy margin keeps cos_y only where cos_y <= 0 (the authors' rule; FaceX-Zoo's AM branch
+  # keeps it up to m). One negative sits just above the margined target (mis-classified), one
+  # just below.
   m, t = 0.35, 0.2
   margined = cos_y - m if kind == "cos" else np.cos(np.arccos(cos_y) + m)
   angles = np.arccos([cos_y, margined + 0.01, margined - 0.01])
