@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from margins import parallel
+
 
 def dot(a, b, contract):
   """``a . b`` over dimensions ``contract`` (two tuples), accumulated in float32."""
@@ -22,6 +24,26 @@ def floor(x, w):
   """
   g = dot(x, w, ((1,), (1,))).astype(x.dtype)
   return dot(g, w, ((1,), (0,))).astype(x.dtype), dot(g, x, ((0,), (0,))).astype(w.dtype)
+
+
+def chunked_floor(x, w, chunk_size):
+  """:func:`floor`'s matmuls chunk by chunk over the classes, as the chunked engine runs them,
+  and nothing else: ``g_c = x W_c^T``; ``dx`` sums ``g_c W_c``; ``g_c^T x`` fills ``dW``'s rows.
+
+  Its time over the floor's is what looping over chunks costs on its own (slicing ``W``, the
+  buffer of ``dW``, the smaller matmuls), before any softmax.
+  """
+  def body(carry, start, size):
+    dx, dw = carry
+    w_chunk = jax.lax.dynamic_slice_in_dim(w, start, size)
+    g = dot(x, w_chunk, ((1,), (1,))).astype(x.dtype)
+    dw = jax.lax.dynamic_update_slice_in_dim(
+        dw, dot(g, x, ((0,), (0,))).astype(w.dtype), start, axis=0)
+    return dx + dot(g, w_chunk, ((1,), (0,))), dw
+
+  dx, dw = parallel._for_each_chunk(  # pylint: disable=protected-access
+      w.shape[0], chunk_size, body, (jnp.zeros(x.shape, jnp.float32), jnp.zeros_like(w)))
+  return dx.astype(x.dtype), dw
 
 
 def interleaved(timers: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

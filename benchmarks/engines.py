@@ -13,8 +13,10 @@ outputs alias), the peak a device must hold for the step.
 
 The chunked engine is timed for each ``--chunk-sizes`` and both ways it can run its backward
 pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when ``B <= D``: three
-matmuls) and recomputing them (``keep_scores=False``: four matmuls). The sampled and sharded
-engines use the first chunk size.
+matmuls) and recomputing them (``keep_scores=False``: four matmuls). Beside it, for each size, the
+floor's three matmuls run chunk by chunk with nothing else (``common.chunked_floor``): what the
+loop over chunks costs before any softmax. The sampled and sharded engines use the first chunk
+size.
 
 With ``--profile`` each table is followed by where each program's time goes: the trace events
 of a ``jax.profiler`` trace named after its HLO instructions (on CPU, one per instruction run;
@@ -205,6 +207,9 @@ def run_single(args):
       x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.float32)
       floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
+      for size in args.chunk_sizes:
+        candidates[f"floor in chunks of {size}"] = (
+            functools.partial(common.chunked_floor, chunk_size=size), floor_inputs)
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine, margin=MARGINS[args.margin]),
                             (x, w, labels, key))

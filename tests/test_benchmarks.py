@@ -4,13 +4,29 @@ Their figures are not checked (speed is measured, never asserted); this keeps th
 README quotes from breaking as the library changes.
 """
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "benchmarks")
+
+def _benchmarks_module(name):
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                os.path.join(BENCHMARKS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+common = _benchmarks_module("common")
 
 
 def _completed(script, *args):
@@ -41,8 +57,8 @@ def test_engines_prints_every_engine_against_the_floor():
                 "--repeats", "1", "--chunk-sizes", "128", "--dtypes", "float32", "bfloat16")
   assert output.count("| engine | time (ms) | / floor | XLA temp (MB) | in all (MB) |") == 4
   rows = _table_rows(output)  # The last table's: C = 40000, bfloat16.
-  assert set(rows) == {"floor (3 matmuls)", "dense", "chunked (128)", "chunked (128), recompute",
-                       "sampled (r=0.1, chunked 128)"}
+  assert set(rows) == {"floor (3 matmuls)", "floor in chunks of 128", "dense", "chunked (128)",
+                       "chunked (128), recompute", "sampled (r=0.1, chunked 128)"}
   assert rows["floor (3 matmuls)"][2] == "1.00x"
   for cells in rows.values():
     assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
@@ -51,6 +67,19 @@ def test_engines_prints_every_engine_against_the_floor():
   assert 4.5 <= float(rows["chunked (128)"][4]) < 6
   assert "XLA temporaries by C (MB):" in output
   assert re.search(r"float32 chunked \(128\): C=20,000: \d+, C=40,000: \d+", output)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_floor_gives_the_floors_products(dtype):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (6, 5), dtype)
+  w = jax.random.normal(kw, (10, 5), dtype)  # Chunks of 4: two whole, one of 2.
+  expected = jax.jit(common.floor)(x, w)
+  got = jax.jit(common.chunked_floor, static_argnums=2)(x, w, 4)
+  for e, g in zip(expected, got):
+    assert g.dtype == e.dtype
+    np.testing.assert_allclose(np.float32(g), np.float32(e), rtol=1e-5 if dtype == jnp.float32
+                               else 1e-2, atol=1e-5)
 
 
 def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
