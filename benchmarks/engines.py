@@ -7,9 +7,9 @@ backward pass (``x W^T``, ``g W``, ``g^T x``; inputs in the dtype, float32 accum
 is measured as the training loop runs it: float32 ``x`` and ``W`` with ``matmul_dtype=bfloat16``
 (each chunk cast as it is multiplied), against a floor given bfloat16 inputs. Every function is
 timed in the same run, interleaved round by round with the floor alone; times are medians,
-ratios the median over the rounds of the ratio within a round. Beside it: the XLA temporaries of each
-compiled program, and the memory it needs in all (arguments, outputs and temporaries, less what
-outputs alias), the peak a device must hold for the step.
+ratios the median over the rounds of the ratio within a round. Beside it: the XLA temporaries
+of each compiled program, and the memory it needs in all (arguments, outputs and temporaries,
+less what outputs alias), the peak a device must hold for the step.
 
 The chunked engine is timed for each ``--chunk-sizes`` and both ways it can run its backward
 pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when ``B <= D``: three
