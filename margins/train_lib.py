@@ -137,8 +137,6 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-
-
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The mesh of ``config.mesh``: ``shape`` (-1: all the devices left) and ``axis_names``.
 
