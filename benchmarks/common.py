@@ -33,17 +33,18 @@ def chunked_floor(x, w, chunk_size):
   Its time over the floor's is what looping over chunks costs on its own (slicing ``W``, the
   buffer of ``dW``, the smaller matmuls), before any softmax.
   """
-  def body(carry, start, size):
+  # pylint: disable=protected-access
+  def body(carry, start, size):  # W and its gradient sliced and updated as the engine does.
     dx, dw = carry
-    w_chunk = jax.lax.dynamic_slice_in_dim(w, start, size)
+    w_chunk = parallel._rows_slice(w, start, size)
     g = dot(x, w_chunk, ((1,), (1,))).astype(x.dtype)
     dw = jax.lax.dynamic_update_slice_in_dim(
-        dw, dot(g, x, ((0,), (0,))).astype(w.dtype), start, axis=0)
+        dw, parallel._bits(dot(g, x, ((0,), (0,))).astype(w.dtype)), start, axis=0)
     return dx + dot(g, w_chunk, ((1,), (0,))), dw
 
-  dx, dw = parallel._for_each_chunk(  # pylint: disable=protected-access
-      w.shape[0], chunk_size, body, (jnp.zeros(x.shape, jnp.float32), jnp.zeros_like(w)))
-  return dx.astype(x.dtype), dw
+  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, parallel._bits_dtype(w.dtype)))
+  dx, dw = parallel._for_each_chunk(w.shape[0], chunk_size, body, init)
+  return dx.astype(x.dtype), parallel._from_bits(dw, w.dtype)
 
 
 def interleaved(timers: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

@@ -231,6 +231,7 @@ def _scores_pullback(x_in: Array, w: Array, g: Array,
                      norms: tuple[Array, Array] | None) -> tuple[Array, Array]:
   """``(dx_in, dW)`` from the cotangent ``g [B, c]`` of :func:`_scores` (``norms``: the
   :func:`_inverse_norms` of ``w [c, D]`` when they normalise it): two matmuls, no scores needed.
+  ``dx_in`` stays in ``g``'s (float32) dtype, for the chunked engine to sum over chunks.
 
   Through ``W_j / |W_j|``, ``dW_j = H_j - (W_j . H_j) W_j / |W_j|^2`` with the matmul
   ``H = (g / |W|)^T x``: one pass over ``[c, D]`` instead of reducing ``g`` over the batch (a slow
@@ -244,7 +245,7 @@ def _scores_pullback(x_in: Array, w: Array, g: Array,
   if norms is not None:
     w_wide = w.astype(g.dtype)
     dw = dw - (jnp.sum(w_wide * dw, axis=1) * norms[1])[:, None] * w_wide
-  return dx.astype(x_in.dtype), dw.astype(w.dtype)
+  return dx, dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -260,7 +261,9 @@ def _normalized_dot_fwd(x_in, w, floor_dtype):
 
 def _normalized_dot_bwd(floor_dtype, residuals, g):
   del floor_dtype
-  return _scores_pullback(*residuals[:2], g, residuals[2])
+  x_in, w, norms = residuals
+  dx, dw = _scores_pullback(x_in, w, g, norms)
+  return dx.astype(x_in.dtype), dw
 
 
 _normalized_dot.defvjp(_normalized_dot_fwd, _normalized_dot_bwd)
@@ -388,7 +391,32 @@ def _for_each_chunk(num_rows: int, chunk_size: int, body: Callable, carry):
 
 
 def _rows_slice(w, start, size):
-  return jax.lax.dynamic_slice_in_dim(w, start, size, axis=0)
+  return _from_bits(jax.lax.dynamic_slice_in_dim(_bits(w), start, size, axis=0), w.dtype)
+
+
+def _bits_dtype(dtype: Any) -> Any:
+  """``uint16`` for ``bfloat16`` on a CPU, else ``dtype``: the dtype the loops over chunks
+  slice and update ``W``-sized arrays in.
+
+  XLA:CPU widens a ``bfloat16`` array to float32 to slice or update it, which in a loop copies
+  all of ``W`` at every chunk (10x the time of the matmuls at C = 100k), while integers it
+  slices and updates in place. Accelerators slice ``bfloat16`` in place, and there the bitcast
+  could cost a copy of ``W``.
+  """
+  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return jnp.uint16
+  return dtype
+
+
+def _bits(a: Array) -> Array:
+  """``a`` bitcast to :func:`_bits_dtype` (no copy)."""
+  dtype = _bits_dtype(a.dtype)
+  return a if dtype == a.dtype else jax.lax.bitcast_convert_type(a, dtype)
+
+
+def _from_bits(bits: Array, dtype: Any) -> Array:
+  """The inverse of :func:`_bits` for an array of ``dtype``."""
+  return bits if bits.dtype == dtype else jax.lax.bitcast_convert_type(bits, dtype)
 
 
 def _dense_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, floor_dtype,
@@ -491,12 +519,12 @@ def _varying_axes(axis_name: AxisName | None, batch_axes: tuple[str, ...]) -> tu
 
 
 def _scratch_like(w: Array, varying_axes: tuple[str, ...]) -> Array:
-  """An array like ``w`` (shape, dtype, sharding; varying over the mesh axes ``varying_axes``
-  like ``w``) whose every element is written before it is read: uninitialised on GPU and TPU,
-  which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
+  """An array like :func:`_bits` of ``w`` (shape, dtype, sharding; varying over the mesh axes
+  ``varying_axes`` like ``w``) whose every element is written before it is read: uninitialised
+  on GPU and TPU, which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
   # On the mesh in context, as ``jnp.zeros_like(w)`` would be, even where ``w`` was traced without.
   spec = None if jax.sharding.get_abstract_mesh().empty else jax.typeof(w).sharding.spec
-  scratch = jax.lax.empty(w.shape, w.dtype, out_sharding=spec)
+  scratch = jax.lax.empty(w.shape, _bits_dtype(w.dtype), out_sharding=spec)
   return jax.lax.pcast(scratch, varying_axes, to="varying") if varying_axes else scratch
 
 
@@ -546,14 +574,18 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
     terms, pullback = jax.vjp(row_terms, scores, rows, params)
     dscores, ddrows, ddparams = pullback(jnp.ones_like(terms) * g[:, None])  # (terms' type)
     ddx, ddw = _scores_pullback(x_in, centres, dscores, chunk_norms)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, ddw.reshape(w_chunk.shape), start, axis=0)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, _bits(ddw.reshape(w_chunk.shape)), start,
+                                             axis=0)
     return (dx + ddx, dw, *jax.tree.map(jnp.add, (drows, dparams), (ddrows, ddparams)))
 
   if buffer is None:
     buffer = _scratch_like(w, _varying_axes(axis_name, batch_axes))
-  init = (jnp.zeros_like(x_in), buffer, *jax.tree.map(jnp.zeros_like, (rows, params)))
+  # ``dx`` sums every chunk's in float32 (``score_dtype``), even for 16-bit ``x_in``.
+  init = (jnp.zeros_like(x_in, score_dtype), buffer,
+          *jax.tree.map(jnp.zeros_like, (rows, params)))
   dx, dw, drows, dparams = _for_each_chunk(w.shape[0], chunk_size, body, init)
-  return dx, dw, drows, with_params(dparams, keep_others=False), None, None, None
+  return (dx.astype(x_in.dtype), _from_bits(dw, w.dtype), drows,
+          with_params(dparams, keep_others=False), None, None, None)
 
 
 def _floating_leaves(margin: Margin) -> tuple[list[Array], Callable[..., Margin]]:
@@ -662,13 +694,15 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   target = margin.target_logit(rows).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
-  x_in = (x_unit if margin.normalize_embeddings else x_wide).astype(matmul_dtype)
+  x_in = x_unit if margin.normalize_embeddings else x_wide
   scored_rows = rows._replace(valid=None)  # Scoring needs no mask.
   # The row maximum starts at the target logit (a softmax's), at 0 for ``one_vs_all``.
   stabilizer = jnp.zeros_like(target) if margin.one_vs_all else target
   if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
+    # Cast after, so that the shards' cotangents of ``x_in`` are summed in ``dtype``.
     x_in, scored_rows, stabilizer = jax.lax.pcast(
         (x_in, scored_rows, stabilizer), _axes(axis_name), to="varying")
+  x_in = x_in.astype(matmul_dtype)
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
   if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:

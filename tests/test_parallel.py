@@ -6,6 +6,7 @@ margin's loss and gradients at once.
 
 import contextlib
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -610,6 +611,53 @@ def test_chunked_temporaries_do_not_grow_with_classes(matmul_dtype, keep_scores)
   assert compiled_temp_bytes(engine, 1_000_000, grad=False) < 64 * 2**20  # loss alone
   dense_bytes = compiled_temp_bytes(margins.dense(), 1_000_000)
   assert dense_bytes > 256 * 2**20 * 4, dense_bytes
+
+
+@pytest.mark.parametrize("engine,centre_shape", [
+    (margins.chunked(128), (16,)), (margins.chunked(128, keep_scores=False), (16,)),
+    (margins.chunked(128), (2, 16)), (margins.sharded(make_mesh(2), chunk_size=128), (16,))],
+    ids=["kept", "recomputed", "subcentres", "sharded"])
+def test_bfloat16_centres_are_not_widened_in_the_loop_on_cpu(engine, centre_shape):
+  # XLA:CPU widens a bfloat16 array to float32 to slice or update it: a float32 copy of W (and
+  # of its gradient) in the loop, rewritten at every chunk, 10x the floor at C = 100k. The loops
+  # slice and update 16-bit integers instead.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(1000, *centre_shape)), jnp.bfloat16)
+  labels = jnp.asarray(rng.integers(0, 1000, 8), jnp.int32)
+
+  def value_and_grads(engine):
+    loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace(scale=8.0))[0])  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  compiled = value_and_grads(engine).lower(x, w).compile().as_text()
+  loop_states = re.findall(r"= \((.*?)\) while\(", compiled)
+  assert loop_states
+  rows = 1000 // engine.num_shards  # of W on each device
+  widened = f"f32[{','.join(map(str, (rows, *centre_shape)))}]"
+  assert not [state for state in loop_states if widened in state]
+  for got, want in zip(jax.tree.leaves(value_and_grads(engine)(x, w)),
+                       jax.tree.leaves(value_and_grads(margins.dense())(x, w)), strict=True):
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-2, atol=1e-4)
+
+
+def test_bfloat16_matmuls_sum_the_embeddings_gradient_in_float32():
+  # The training loop's bfloat16 mode: float32 x and W, bfloat16 matmul inputs. The gradient of
+  # the embeddings sums the chunks' products in float32 and is rounded once, as the dense
+  # engine's single matmul is: summed in bfloat16 over 63 chunks, it was off by ~1%.
+  engine = margins.chunked(16, matmul_dtype=jnp.bfloat16)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1000, 32)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 1000, 8), jnp.int32)
+
+  def grad_x(engine):
+    loss = lambda x_: jnp.mean(engine(x_, w, labels, margins.ArcFace(scale=16.0))[0])  # noqa: E731
+    return jax.jit(jax.grad(loss))(x)
+
+  got, want = grad_x(engine), grad_x(margins.dense(matmul_dtype=jnp.bfloat16))
+  np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-3 * np.abs(want).max())
 
 
 def test_sampled_temporaries_are_the_sample_and_its_gradient():
