@@ -399,8 +399,8 @@ def _bits_dtype(dtype: Any) -> Any:
   slice and update ``W``-sized arrays in.
 
   XLA:CPU widens a ``bfloat16`` array to float32 to slice or update it, which in a loop copies
-  all of ``W`` at every chunk (10x the time of the matmuls at C = 100k), while integers it
-  slices and updates in place. Accelerators slice ``bfloat16`` in place, and there the bitcast
+  all of ``W`` at every chunk (10x the floor's time at C = 100k), while integers it slices and
+  updates in place. Accelerators slice ``bfloat16`` in place, and there the bitcast
   could cost a copy of ``W``.
   """
   if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
@@ -409,7 +409,8 @@ def _bits_dtype(dtype: Any) -> Any:
 
 
 def _bits(a: Array) -> Array:
-  """``a`` bitcast to :func:`_bits_dtype` (no copy)."""
+  """``a`` bitcast to :func:`_bits_dtype`. For ``W``, XLA:CPU makes one copy of the bits,
+  outside the loop."""
   dtype = _bits_dtype(a.dtype)
   return a if dtype == a.dtype else jax.lax.bitcast_convert_type(a, dtype)
 
