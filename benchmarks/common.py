@@ -38,11 +38,10 @@ def chunked_floor(x, w, chunk_size):
     dx, dw = carry
     w_chunk = parallel._rows_slice(w, start, size)
     g = dot(x, w_chunk, ((1,), (1,))).astype(x.dtype)
-    dw = jax.lax.dynamic_update_slice_in_dim(
-        dw, parallel._bits(dot(g, x, ((0,), (0,))).astype(w.dtype)), start, axis=0)
+    dw = parallel._rows_update(dw, dot(g, x, ((0,), (0,))).astype(w.dtype), start)
     return dx + dot(g, w_chunk, ((1,), (0,))), dw
 
-  init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, parallel._bits_dtype(w.dtype)))
+  init = (jnp.zeros(x.shape, jnp.float32), parallel._scratch_like(w, ()))
   dx, dw = parallel._for_each_chunk(w.shape[0], chunk_size, body, init)
   return dx.astype(x.dtype), parallel._from_bits(dw, w.dtype)
 

@@ -394,6 +394,12 @@ def _rows_slice(w, start, size):
   return _from_bits(jax.lax.dynamic_slice_in_dim(_bits(w), start, size, axis=0), w.dtype)
 
 
+def _rows_update(buffer, rows, start):
+  """``buffer`` (a :func:`_scratch_like` of ``W``) with ``rows`` (in ``W``'s dtype) written
+  over its rows from ``start``."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, _bits(rows), start, axis=0)
+
+
 def _bits_dtype(dtype: Any) -> Any:
   """``uint16`` for ``bfloat16`` on a CPU, else ``dtype``: the dtype the loops over chunks
   slice and update ``W``-sized arrays in.
@@ -575,8 +581,7 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
     terms, pullback = jax.vjp(row_terms, scores, rows, params)
     dscores, ddrows, ddparams = pullback(jnp.ones_like(terms) * g[:, None])  # (terms' type)
     ddx, ddw = _scores_pullback(x_in, centres, dscores, chunk_norms)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, _bits(ddw.reshape(w_chunk.shape)), start,
-                                             axis=0)
+    dw = _rows_update(dw, ddw.reshape(w_chunk.shape), start)
     return (dx + ddx, dw, *jax.tree.map(jnp.add, (drows, dparams), (ddrows, ddparams)))
 
   if buffer is None:

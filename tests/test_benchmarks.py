@@ -18,6 +18,7 @@ import pytest
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "benchmarks")
 
+
 def _benchmarks_module(name):
   spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
                                                 os.path.join(BENCHMARKS, f"{name}.py"))
