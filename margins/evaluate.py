@@ -2,14 +2,16 @@ r"""Evaluates a training run's checkpoint on ``.bin`` verification sets (LFW, CF
 and on IJB-B / IJB-C.
 
   python -m margins.evaluate --workdir <run> --bin lfw.bin --bin cfp_fp.bin \
-      [--ijb /data/IJBC] [--step N] [--batch_size 256]
+      [--ijb /data/IJBC [--ijb_operating_point nearest]] [--step N] [--batch_size 256]
 
 restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
 the flip test and prints one row per ``.bin`` set by insightface's protocol (10-fold accuracy mean
 +- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC; ``n/a`` where a set has too few
 different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``.
 Each ``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C)
-is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC.
+is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC;
+``--ijb_operating_point nearest`` reads TAR@FAR off the ROC as insightface's ``eval_ijbc.py``
+does, for comparison with published tables.
 """
 
 import math
@@ -29,6 +31,10 @@ _BINS = flags.DEFINE_multi_string(
     "bin", [], "A .bin verification file; repeat the flag for several sets.")
 _IJB = flags.DEFINE_multi_string(
     "ijb", [], "An IJB-B or IJB-C folder (loose_crop/, meta/); repeat the flag for both.")
+_IJB_OPERATING_POINT = flags.DEFINE_enum(
+    "ijb_operating_point", "at_most", evaluation.ijb.OPERATING_POINTS,
+    "How IJB TAR@FAR reads the ROC: the highest TAR whose FAR is at most the target, or "
+    "insightface's eval_ijbc.py's point nearest the target (its FAR may exceed it).")
 for _name in ("workdir", "step", "batch_size"):
   flags.declare_key_flag(_name)
 
@@ -38,6 +44,7 @@ TABLE_FARS = (1e-3, 1e-4)
 
 def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequence[str] = (),
                  step: int | None = None, batch_size: int = 256,
+                 ijb_operating_point: str = "at_most",
                  ) -> tuple[int, dict[str, evaluation.VerificationResult | evaluation.IJBResult]]:
   """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets and IJB folders (named
   by their meta files' prefix, ``ijbc``), with the flip test.
@@ -48,6 +55,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
     ijb_folders: IJB-B / IJB-C folders.
     step: the checkpoint to load; ``None``: the latest.
     batch_size: images per batch over all devices (a multiple of their number).
+    ijb_operating_point: how IJB TAR@FAR reads the ROC
+      (:func:`margins.evaluation.evaluate_ijb`'s ``operating_point``).
   """
   names = [train_lib.bin_set_name(path) for path in bin_paths]
   names += [data_lib.ijb.benchmark_name(folder) for folder in ijb_folders]
@@ -65,7 +74,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
   with jax.set_mesh(experiment.mesh):
     results = {name: train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
                for name, path in zip(names, bin_paths)}
-    results.update({name: train_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn)
+    results.update({name: train_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
+                                                 operating_point=ijb_operating_point)
                     for name, folder in zip(names[len(bin_paths):], ijb_folders)})
   return int(state.step), results
 
@@ -120,7 +130,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--ijb: no such folder: {', '.join(missing)}")
   try:
     step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
-                                 step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value)
+                                 step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value,
+                                 ijb_operating_point=_IJB_OPERATING_POINT.value)
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() == 0:

@@ -605,8 +605,10 @@ def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.Verifi
   return evaluation.evaluate_verification(embeddings, issame)
 
 
-def evaluate_ijb(experiment, state, folder: str, *, embed_fn) -> evaluation.IJBResult:
-  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test.
+def evaluate_ijb(experiment, state, folder: str, *, embed_fn,
+                 operating_point: str = "at_most") -> evaluation.IJBResult:
+  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test
+  (``operating_point``: :func:`margins.evaluation.evaluate_ijb`'s).
 
   Its crops (469,375 for IJB-C) are decoded and aligned by one thread per CPU: about 1 ms each
   for a 250 x 250 JPEG on this machine's CPU, 1.4x faster with its 2 threads than with one.
@@ -614,7 +616,7 @@ def evaluate_ijb(experiment, state, folder: str, *, embed_fn) -> evaluation.IJBR
   source = data_lib.IJBSource(folder, image_shape=experiment.image_shape)
   embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
                                   read_threads=os.cpu_count() or 1)
-  return evaluation.evaluate_ijb(embeddings, source.protocol)
+  return evaluation.evaluate_ijb(embeddings, source.protocol, operating_point=operating_point)
 
 
 def _verification_metrics(name, result) -> dict[str, float]:

@@ -98,6 +98,13 @@ def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys)
   cli(evaluate, "--workdir", run, "--ijb", str(folder), "--batch_size", "16")
   out = capsys.readouterr().out
   assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', expected)}\n", out
+  nearest = evaluation.evaluate_ijb(live_embeddings(*restored, grey, flip=True), source.protocol,
+                                    operating_point="nearest")
+  assert nearest.tar_at_far != expected.tar_at_far  # 12 different pairs: FAR 1e-2 reads 0.
+  cli(evaluate, "--workdir", run, "--ijb", str(folder), "--batch_size", "16",
+      "--ijb_operating_point", "nearest")
+  out = capsys.readouterr().out
+  assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', nearest)}\n", out
   with pytest.raises(app.UsageError, match="--ijb: no such folder"):
     cli(evaluate, "--workdir", run, "--ijb", str(tmp_path / "IJBB"))
 

@@ -4,6 +4,7 @@
 import numpy as np
 import PIL.Image
 import pytest
+import sklearn.metrics
 
 from margins import data as data_lib
 from margins import evaluation
@@ -124,9 +125,51 @@ def test_reads_aligns_and_scores_a_benchmark(tmp_path):
   assert result.auc == 1.0 and result.tar_at_far[1e-1] == 1.0
   assert np.isnan(result.tar_at_far[1e-2])  # 12 different pairs resolve a FAR of 1/12 at best.
   assert "TAR@FAR=1e-01: 1.00000" in evaluation.format_ijb("ijbc", result)
+  # insightface's reading: the ROC point nearest FAR 1e-2 is at FAR 0, never n/a.
+  nearest = evaluation.evaluate_ijb(features, protocol, operating_point="nearest")
+  assert nearest.tar_at_far[1e-2] == 1.0 and nearest.tar_at_far[1e-1] == 1.0
   # The meta files name the benchmark, whatever the folder is called.
   renamed = folder.rename(tmp_path / "release")
   assert data_lib.read_ijb(renamed).name == "ijbc" == ijb.benchmark_name(renamed)
+
+
+def _eval_ijbc_tar_at_far(issame, scores, far_targets):
+  """insightface's ``eval_ijbc.py`` loop, written out as it reads: the ROC reversed, then per
+  target the first of its points with the smallest distance to it."""
+  fpr, tpr, _ = sklearn.metrics.roc_curve(issame, scores)
+  fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+  tars = {}
+  for far in far_targets:
+    _, index = min(zip(abs(fpr - far), range(len(fpr))))
+    tars[far] = tpr[index]
+  return tars
+
+
+def test_nearest_operating_point_reads_the_roc_as_eval_ijbc():
+  rng = np.random.default_rng(0)
+  issame = rng.random(20_000) < 0.05
+  # Scores on a coarse grid: ties, vertical and collinear runs that scikit-learn's ROC drops.
+  scores = np.round(rng.normal(issame * 2.0, 1.0) * 8) / 8
+  # On top, 10 scores each shared by a same and a different pair: a diagonal run of the ROC from
+  # (1/N, 1/P) to (10/N, 10/P), whose 8 inner points scikit-learn drops, so FAR 4/N reads its
+  # start and 6/N its end (rather than its 4th and 6th points).
+  issame = np.concatenate([np.tile([True, False], 10), issame])
+  scores = np.concatenate([np.repeat(10 + np.arange(10.0), 2), scores])
+  num_different = int(np.sum(~issame))
+  # Targets between ROC points, on them, and halfway between two (a tie: the larger FAR wins).
+  fpr, _, _ = sklearn.metrics.roc_curve(issame, scores)
+  far_targets = [1e-4, 1e-3, 3e-3, 1e-2, 0.1, 0.3, float(fpr[5]), float(fpr[6] + fpr[7]) / 2,
+                 4 / num_different, 6 / num_different]
+  nearest = evaluation.nearest_tar_at_far(issame, scores, far_targets)
+  assert nearest == _eval_ijbc_tar_at_far(issame, scores, far_targets)
+  full_fpr, full_tpr, _ = sklearn.metrics.roc_curve(issame, scores, drop_intermediate=False)
+  end = np.max(full_tpr[np.round(full_fpr * num_different) == 10])  # Best TAR at FAR 10/N.
+  assert nearest[4 / num_different] == 1 / np.sum(issame)
+  assert nearest[6 / num_different] == end >= 10 / np.sum(issame)
+  at_most = evaluation.verification.tar_at_far(full_fpr, full_tpr, num_different, far_targets)
+  # Mostly higher than the highest TAR at FAR <= target, but lower where a dropped point was it.
+  assert any(nearest[far] > at_most[far] for far in far_targets)
+  assert nearest[4 / num_different] < at_most[4 / num_different] == 4 / np.sum(issame)
 
 
 def test_bad_benchmarks_give_clear_errors(tmp_path):
@@ -134,6 +177,8 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
   protocol = data_lib.read_ijb(folder)
   with pytest.raises(ValueError, match=r"must be \[18, D\]"):
     evaluation.evaluate_ijb(np.ones((17, 4)), protocol)
+  with pytest.raises(ValueError, match="`operating_point` must be one of"):
+    evaluation.evaluate_ijb(np.ones((18, 4)), protocol, operating_point="closest")
   meta = folder / "meta"
   pairs = meta / "ijbc_template_pair_label.txt"
   pairs.write_text(pairs.read_text() + "10 99 0\n")

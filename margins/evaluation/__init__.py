@@ -7,6 +7,7 @@ Everything here runs on the host in NumPy, after the embeddings have been comput
 from margins.evaluation.ijb import IJBResult
 from margins.evaluation.ijb import evaluate_ijb
 from margins.evaluation.ijb import format_ijb
+from margins.evaluation.ijb import nearest_tar_at_far
 from margins.evaluation.ijb import template_features
 from margins.evaluation.plots import draw_angle_histograms
 from margins.evaluation.plots import draw_features

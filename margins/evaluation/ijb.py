@@ -6,6 +6,12 @@ score ("D1"). A template's feature is the sum over its media (a photo, or the fr
 of the mean of the media's images, L2-normalised; a pair of templates is scored by the cosine of
 their features. Reported: the true-accept rate at false-accept rates 1e-6 ... 1e-1 on the ROC of
 all pairs (IJB-C has 15,658 same and 19,557,540 different pairs), and the AUC.
+
+TAR@FAR reads the ROC one of two ways (``operating_point``): by default the highest TAR whose FAR
+is at most the target; or, as ``eval_ijbc.py`` does, the TAR of the ROC point whose FAR is nearest
+the target, for comparison with published IJB tables. That point's FAR may exceed the target, so
+its TAR is mostly higher; it is lower where scikit-learn's ROC dropped the best point below the
+target (an inner point of a straight run, where same and different pairs share scores).
 """
 
 import dataclasses
@@ -19,6 +25,7 @@ from margins.data.ijb import IJBProtocol
 from margins.evaluation import verification
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+OPERATING_POINTS = ("at_most", "nearest")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,8 +33,7 @@ class IJBResult:
   """What :func:`evaluate_ijb` measures.
 
   Attributes:
-    tar_at_far: ``{target FAR: TAR}``, as :class:`VerificationResult`'s (NaN below
-      ``1 / different pairs``).
+    tar_at_far: ``{target FAR: TAR}``, read as :func:`evaluate_ijb`'s ``operating_point`` says.
     auc: area under the ROC.
     scores: ``[P]`` cosine of each pair's template features.
     issame: ``[P]`` whether each pair shows one identity.
@@ -72,7 +78,7 @@ def template_features(image_features, templates, media) -> tuple[np.ndarray, np.
 
 def evaluate_ijb(image_features, protocol: IJBProtocol, *,
                  far_targets: Sequence[float] = FAR_TARGETS,
-                 detector_scores: bool = True) -> IJBResult:
+                 detector_scores: bool = True, operating_point: str = "at_most") -> IJBResult:
   """TAR@FAR of an IJB benchmark from the embeddings of its images.
 
   Args:
@@ -81,6 +87,10 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
     protocol: :func:`margins.data.read_ijb`'s.
     far_targets: false-accept rates to report the true-accept rate at.
     detector_scores: weigh each image by its face detector score (insightface's default).
+    operating_point: ``"at_most"``: TAR@FAR is the highest TAR whose FAR is at most the target,
+      as :class:`VerificationResult`'s (NaN below ``1 / different pairs``); ``"nearest"``:
+      ``eval_ijbc.py``'s, the TAR of the point nearest the target on scikit-learn's ROC, whose
+      collinear intermediate points are dropped (on a tie, the larger FAR, then the larger TAR).
 
   Returns:
     An :class:`IJBResult`.
@@ -89,6 +99,9 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
     B. Maze et al., "IARPA Janus Benchmark-C", ICB 2018; insightface,
     ``recognition/arcface_torch/eval_ijbc.py``.
   """
+  if operating_point not in OPERATING_POINTS:
+    raise ValueError(f"`operating_point` must be one of {OPERATING_POINTS}, got "
+                     f"{operating_point!r}.")
   features = np.asarray(image_features, np.float64)
   if features.ndim != 2 or len(features) != len(protocol.files):
     raise ValueError(f"`image_features` must be [{len(protocol.files)}, D], one row per image "
@@ -105,10 +118,27 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
       np.sum(unit[part[:, 0]] * unit[part[:, 1]], axis=1)
       for part in np.array_split(rows, max(1, -(-len(rows) // 100_000)))])
   fpr, tpr, _ = sklearn.metrics.roc_curve(protocol.issame, scores, drop_intermediate=False)
+  if operating_point == "nearest":
+    tar_at_far = nearest_tar_at_far(protocol.issame, scores, far_targets)
+  else:
+    tar_at_far = verification.tar_at_far(fpr, tpr, np.sum(~protocol.issame), far_targets)
   return IJBResult(
-      tar_at_far=verification.tar_at_far(fpr, tpr, np.sum(~protocol.issame), far_targets),
-      auc=float(sklearn.metrics.auc(fpr, tpr)), scores=scores, issame=protocol.issame, fpr=fpr,
-      tpr=tpr)
+      tar_at_far=tar_at_far, auc=float(sklearn.metrics.auc(fpr, tpr)), scores=scores,
+      issame=protocol.issame, fpr=fpr, tpr=tpr)
+
+
+def nearest_tar_at_far(issame, scores, far_targets: Sequence[float]) -> dict[float, float]:
+  """``{target: TAR}`` read as insightface's ``eval_ijbc.py`` reads its ROC: the TAR of the point
+  of scikit-learn's ROC (collinear intermediate points dropped, its default) whose FAR is nearest
+  the target, the larger FAR first on a tie, then the larger TAR. Its FAR may exceed the target.
+
+  >>> nearest_tar_at_far([True, False, True, False], [0.9, 0.8, 0.7, 0.1], [0.4])  # At FAR 0.5.
+  {0.4: 1.0}
+  """
+  fpr, tpr, _ = sklearn.metrics.roc_curve(issame, scores)
+  # Reversed, the first of the nearest points is the one with the larger FAR, then TAR.
+  fpr, tpr = fpr[::-1], tpr[::-1]
+  return {far: float(tpr[np.argmin(np.abs(fpr - far))]) for far in far_targets}
 
 
 def format_ijb(name: str, result: IJBResult) -> str:
