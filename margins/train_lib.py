@@ -444,12 +444,14 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
 
   def loss_fn(params, carry, batch, key):
     model_state, margin, centers = carry
-    margin = _step_margin(margin, config.loss, state.step, key, params)
+    # Independent draws: ElasticFace's margins must not decide Partial FC's sample.
+    margin_key, sample_key = jax.random.split(key)
+    margin = _step_margin(margin, config.loss, state.step, margin_key, params)
     labels = batch["label"]
     model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
     embeddings = model(batch["image"]).astype(jnp.float32)
     losses, new_margin = experiment.engine(embeddings, params["head"], labels, margin,
-                                           num_classes=experiment.num_classes, key=key)
+                                           num_classes=experiment.num_classes, key=sample_key)
     loss = jnp.mean(losses)
     metrics = {"softmax_loss": loss}
     if centers is not None:

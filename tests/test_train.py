@@ -1,5 +1,6 @@
 """The training loop: every config runs, loss falls, kill -9 resumes exactly, 8 devices = 1."""
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -381,6 +382,28 @@ def test_micro_batches_must_divide_each_devices_batch(parts):
   config.mesh.shape, config.batch_size, config.micro_batches = (2,), 128, parts
   with pytest.raises(ValueError, match="micro_batches"):
     train_lib.check_config(config, train_lib.make_mesh(config))
+
+
+def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.loss = dict(name="elasticface", scale=64.0, margin=0.5)
+  config.engine.sample_rate = 0.5
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": margins_data.normalize_images(source.images[:16]),
+           "label": source.labels[:16].astype(np.int32)}
+  experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config),
+                                                   source.num_classes, source.image_shape)
+  seen = []
+
+  def engine(x, w, labels, margin, *, num_classes, key):  # Records both keys' bits.
+    jax.debug.callback(lambda *keys: seen.append(keys), margin.key, jax.random.key_data(key))
+    return experiment.engine(x, w, labels, margin, num_classes=num_classes, key=key)
+
+  spy = dataclasses.replace(experiment, engine=engine)
+  jax.block_until_ready(jax.jit(lambda s, b: train_lib.train_step(spy, s, b))(
+      state, jax.device_put(batch, experiment.batch_sharding)))
+  (margin_key, sample_key), = seen
+  assert not np.array_equal(margin_key, sample_key)
 
 
 def test_sphereface2_learns_its_bias_with_the_head():
