@@ -1,8 +1,8 @@
 """Flags that several command-line tools read, defined once so the tools can be imported together.
 
 absl keeps one global set of flags, and a flag name defined by two modules is an error; the tools
-(``python -m margins.evaluate``, ``margins.export``, ``margins.embed_folder``) take these from
-here and define only their own.
+(``python -m margins.evaluate``, ``margins.export``, ``margins.embed_folder``,
+``margins.tools.subcenter_drop``) take these from here and define only their own.
 """
 
 from absl import flags
@@ -13,5 +13,5 @@ BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 256, "Images per batch (for evaluate: over all devices, a multiple of their "
     "number).", lower_bound=1)
 OUT = flags.DEFINE_string(
-    "out", None, "Where to write: the exported model's folder (export) or the .npy file "
-    "(embed_folder).")
+    "out", None, "Where to write: the exported model's folder (export), the .npy file "
+    "(embed_folder) or the cleaned dataset's folder (tools.subcenter_drop).")

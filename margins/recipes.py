@@ -89,7 +89,8 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
   config.num_steps = num_images // config.get_ref("batch_size") * num_epochs
   config.input = dict(random_flip=True, crop_padding=0, worker_count=8)
   config.model = dict(name=model, embedding_dim=512, kwargs=model_kwargs or {})
-  config.loss = loss
+  # ``subcenters``: sub-centre ArcFace's K (``--config.loss.subcenters=3``), with any margin.
+  config.loss = dict(loss, subcenters=ml_collections.config_dict.placeholder(int))
   config.engine = dict(kind="sharded", chunk_size=8192, sample_rate=sample_rate,
                        freeze_unsampled=False)
   config.optimizer.update(name=optimizer, learning_rate=learning_rate, momentum=0.9,

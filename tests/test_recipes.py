@@ -58,7 +58,8 @@ def test_recipe_values_are_insightfaces(name):
   assert config.model.kwargs.to_dict() == model_kwargs
   # ArcFace's gradient flows through cos(theta + m), as in insightface until Dec 2022.
   detach = dict(detach_margin=False) if loss == "arcface" else {}
-  assert config.loss.to_dict() == dict(name=loss, scale=64.0, margin=margin, **detach)
+  assert config.loss.to_dict() == dict(name=loss, scale=64.0, margin=margin, subcenters=None,
+                                       **detach)
   if detach:  # Today's insightface detaches the margin: one flag away.
     config.loss.detach_margin = True
     assert train_lib.make_margin(config.loss).detach_margin

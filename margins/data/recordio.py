@@ -593,6 +593,10 @@ class RecordIOSource:
     return {"image": self._decode(key, data, self.image_shape),
             "label": self._label(key, header)}
 
+  def encoded_image(self, index: int) -> bytes:
+    """The image of ``source[index]`` as stored (e.g. JPEG bytes), not decoded."""
+    return self._unpack(int(self._image_keys[index]))[1]
+
   @functools.cached_property
   def labels(self) -> np.ndarray:
     """``int32 [N]`` label of every image record, read from the record headers (no decoding)."""

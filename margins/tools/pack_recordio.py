@@ -19,7 +19,7 @@ without it every image must have the size of the first.
 import argparse
 import concurrent.futures
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -85,29 +85,57 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
                        f"{(height, width)}; pass --image_size to resize all images.")
     return image_folder.encode_image(image, image_format="jpeg", quality=quality)
 
+  def encoded_images():
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      for chunk_start in range(0, num_images, _CHUNK):
+        yield from pool.map(encode, paths[chunk_start:chunk_start + _CHUNK])
+
+  write_identity_dataset(output_prefix, labels, encoded_images(), num_classes=num_classes,
+                         image_size=(height, width))
+  return num_images, num_classes
+
+
+def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.ndarray,
+                           images: Iterable[bytes], *, num_classes: int,
+                           image_size: Sequence[int]) -> None:
+  """Writes encoded images into ``output_prefix.rec/.idx`` and ``property``, laid out as the
+  module docstring says.
+
+  Args:
+    output_prefix: path of the outputs without extension; ``property`` goes in its folder.
+    labels: ``[N]`` label of each image, in ``[0, num_classes)``, non-decreasing (grouped by
+      identity).
+    images: the ``N`` encoded images (JPEG, PNG ...), in the order of ``labels``.
+    num_classes: number of identities ``K``.
+    image_size: ``(H, W)`` of every image, for ``property``.
+  """
+  labels = np.asarray(labels)
+  if labels.size and (np.any(np.diff(labels) < 0) or labels[0] < 0
+                      or labels[-1] >= num_classes):
+    raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
+  num_images = len(labels)
   output_prefix = os.fspath(output_prefix)
   os.makedirs(os.path.dirname(output_prefix) or ".", exist_ok=True)
   first_identity_key = num_images + 1
-  with recordio.RecordIOWriter(output_prefix + ".rec", output_prefix + ".idx") as writer, \
-       concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+  with recordio.RecordIOWriter(output_prefix + ".rec", output_prefix + ".idx") as writer:
     header = recordio.IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0)
     writer.write(recordio.pack(header, b""), key=0)
-    for chunk_start in range(0, num_images, _CHUNK):
-      chunk = range(chunk_start, min(chunk_start + _CHUNK, num_images))
-      for index, data in zip(chunk, pool.map(encode, [paths[i] for i in chunk])):
-        key = index + 1
-        header = recordio.IRHeader(0, float(labels[index]), key)
-        writer.write(recordio.pack(header, data), key=key)
+    written = 0
+    for key, (label, data) in enumerate(zip(labels.tolist(), images), start=1):
+      writer.write(recordio.pack(recordio.IRHeader(0, float(label), key), data), key=key)
+      written = key
+    if written != num_images:
+      raise ValueError(f"{num_images} labels but {written} images.")
     identities = np.arange(num_classes)
     starts = np.searchsorted(labels, identities, side="left") + 1
     ends = np.searchsorted(labels, identities, side="right") + 1
     for identity, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
       key = first_identity_key + identity
       writer.write(recordio.pack(recordio.IRHeader(0, [start, end], key), b""), key=key)
+  height, width = (int(n) for n in image_size)
   with open(os.path.join(os.path.dirname(output_prefix), "property"), "w",
             encoding="ascii") as file:
     file.write(f"{num_classes},{height},{width}")
-  return num_images, num_classes
 
 
 def main(argv: Sequence[str] | None = None) -> None:

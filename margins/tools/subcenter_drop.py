@@ -1,0 +1,203 @@
+r"""Cleans a RecordIO dataset with a sub-centre ArcFace run: drops its noisy images.
+
+  python -m margins.tools.subcenter_drop --workdir <run> --out <folder> \
+      [--data <folder>] [--max_angle 75] [--step N] [--batch_size 256]
+
+The second step of sub-centre ArcFace's recipe for noisy web faces (Deng et al., ECCV 2020;
+insightface's ``subcenter_arcface/drop.py``): train with ``K`` sub-centres per class (``K = 3``,
+``config.loss.subcenters``), then
+
+- embed every image of the training set (``--data``, by default the run's own
+  ``config.data.path``), without the flip test;
+- per class, the dominant sub-centre is the one nearest (by cosine) to most of its images, the
+  first on a tie: the clean faces gather there, noisy and hard ones at the others;
+- keep the images within ``--max_angle`` degrees of their class's dominant sub-centre (75 in the
+  paper); classes left without images are dropped and the others renumbered in order.
+
+Writes ``--out/train.rec``, ``train.idx`` and ``property`` (insightface's layout), the kept
+images' bytes as they were stored; the third step trains ArcFace (``K = 1``) on them. A run
+with one centre per class (``W [C, D]``) cleans by the angle to it.
+"""
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from margins import cli_flags
+from margins import data as data_lib
+from margins import train_lib
+from margins.tools import pack_recordio
+
+_DATA = flags.DEFINE_string(
+    "data", None, "The RecordIO folder the run trained on (default: the run's config.data.path).")
+_MAX_ANGLE = flags.DEFINE_float(
+    "max_angle", 75.0, "Keep images within this angle (degrees) of their class's dominant "
+    "sub-centre.", lower_bound=0.0, upper_bound=180.0)
+for _name in ("workdir", "out", "step", "batch_size"):
+  flags.declare_key_flag(_name)
+
+_BLOCK = 65_536  # Images embedded at once: bounds the host's [block, D] arrays.
+
+
+@dataclasses.dataclass(frozen=True)
+class Cleaning:
+  """What :func:`drop_noisy` keeps.
+
+  Attributes:
+    keep: ``bool [N]`` images kept.
+    labels: ``int32 [N]`` new label of each kept image (-1 where dropped), ``0..num_classes-1``
+      in the order of the old labels.
+    num_classes: classes kept (those with a kept image).
+    dominant: ``int [C]`` each old class's dominant sub-centre.
+    cosines: ``float32 [N]`` each image's cosine to its class's dominant sub-centre.
+  """
+
+  keep: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  dominant: np.ndarray
+  cosines: np.ndarray
+
+
+def subcenter_cosines(embeddings, centres, labels) -> np.ndarray:
+  """``float32 [N, K]``: the cosine of each embedding ``[N, D]`` to each sub-centre of its own
+  class, of ``centres [C, K, D]`` (or ``[C, D]``: ``K = 1``); zero vectors give 0."""
+  embeddings = np.asarray(embeddings, np.float32)
+  centres = np.asarray(centres, np.float32)
+  centres = centres[:, None] if centres.ndim == 2 else centres
+  labels = np.asarray(labels)
+  embedding_norms = np.linalg.norm(embeddings, axis=1)
+  cosines = np.zeros((len(labels), centres.shape[1]), np.float32)
+  for k in range(centres.shape[1]):
+    own = centres[labels, k]  # [N, D]
+    norms = embedding_norms * np.linalg.norm(own, axis=1)
+    np.divide(np.einsum("nd,nd->n", embeddings, own), norms, out=cosines[:, k], where=norms > 0)
+  return cosines
+
+
+def drop_noisy(cosines, labels, num_classes: int, *, max_angle: float = 75.0) -> Cleaning:
+  """Keeps the images within ``max_angle`` degrees of their class's dominant sub-centre.
+
+  Args:
+    cosines: ``[N, K]`` :func:`subcenter_cosines`.
+    labels: ``[N]`` class of each image, in ``[0, num_classes)``.
+    num_classes: the number of classes ``C``.
+    max_angle: in degrees; an image is kept when its cosine to the dominant sub-centre exceeds
+      ``cos(max_angle)``.
+
+  Returns:
+    A :class:`Cleaning`.
+
+  >>> import numpy as np
+  >>> cosines = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.95], [0.1, 0.3]])  # K = 2
+  >>> result = drop_noisy(cosines, labels=np.array([0, 0, 0, 1]), num_classes=2)
+  >>> result.dominant.tolist(), result.keep.tolist(), result.labels.tolist()
+  ([0, 1], [True, True, False, True], [0, 0, -1, 1])
+  """
+  cosines, labels = np.asarray(cosines), np.asarray(labels)
+  if cosines.ndim != 2 or labels.shape != cosines.shape[:1]:
+    raise ValueError(f"`cosines` must be [N, K] and `labels` [N], got {cosines.shape} and "
+                     f"{labels.shape}.")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"`labels` must be in [0, {num_classes}).")
+  num_subcenters = cosines.shape[1]
+  nearest = labels.astype(np.int64) * num_subcenters + np.argmax(cosines, axis=1)
+  votes = np.bincount(nearest, minlength=num_classes * num_subcenters)
+  dominant = np.argmax(votes.reshape(num_classes, num_subcenters), axis=1)
+  to_dominant = np.take_along_axis(cosines, dominant[labels][:, None], axis=1)[:, 0]
+  keep = to_dominant > math.cos(math.radians(max_angle))
+  kept_classes = np.unique(labels[keep])
+  new_ids = np.full(num_classes, -1, np.int32)
+  new_ids[kept_classes] = np.arange(len(kept_classes), dtype=np.int32)
+  return Cleaning(keep=keep, labels=np.where(keep, new_ids[labels], -1).astype(np.int32),
+                  num_classes=len(kept_classes), dominant=dominant, cosines=to_dominant)
+
+
+class _Rows:
+  """Rows ``[start, stop)`` of a random-access source."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+    self.image_shape = source.image_shape
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int):
+    return self.source[self.start + index]
+
+
+def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: float = 75.0,
+              step: int | None = None, batch_size: int = 256) -> Cleaning:
+  """Cleans the RecordIO folder ``data`` (default: the run's) by the run's checkpoint ``step``
+  (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
+  docstring. ``batch_size``: images embedded at once over all devices."""
+  experiment, state = train_lib.restore(workdir, step)
+  config = experiment.config
+  if data is None:
+    if config.data.name != "recordio":
+      raise ValueError(f"The run trained on {config.data.name!r} data, not a RecordIO folder: "
+                       "give the folder to clean.")
+    data = config.data.path
+  source = data_lib.RecordIOSource(data, image_shape=experiment.image_shape)
+  if source.num_classes != experiment.num_classes:
+    raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
+                     f"{experiment.num_classes}: not the data the run trained on.")
+  if batch_size % experiment.mesh.size:
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {experiment.mesh.size} "
+                     "devices.")
+  config.eval.batch_size = batch_size
+  centres = np.asarray(jax.device_get(state.params["head"]))[:experiment.num_classes]
+  labels = source.labels
+  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  cosines = []
+  with jax.set_mesh(experiment.mesh):
+    for start in range(0, len(source), _BLOCK):
+      rows = _Rows(source, start, min(start + _BLOCK, len(source)))
+      embeddings = train_lib.compute_embeddings(experiment, state, rows, flip=False,
+                                                embed_fn=embed_fn)
+      cosines.append(subcenter_cosines(embeddings, centres, labels[rows.start:rows.stop]))
+  cleaning = drop_noisy(np.concatenate(cosines), labels, source.num_classes, max_angle=max_angle)
+  if jax.process_index() == 0:
+    kept = np.flatnonzero(cleaning.keep)
+    kept = kept[np.argsort(cleaning.labels[kept], kind="stable")]  # Grouped by identity.
+
+    def stored_images() -> Iterator[bytes]:
+      for index in kept.tolist():
+        yield source.encoded_image(index)
+
+    pack_recordio.write_identity_dataset(
+        os.path.join(output, "train"), cleaning.labels[kept], stored_images(),
+        num_classes=cleaning.num_classes,
+        image_size=data_lib.RecordIOSource(data).image_shape[:2])  # As stored, not resized.
+  return cleaning
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name, holder in (("workdir", cli_flags.WORKDIR), ("out", cli_flags.OUT)):
+    if not holder.value:
+      raise app.UsageError(f"--{name} is required.")
+  try:
+    cleaning = clean_run(cli_flags.WORKDIR.value, cli_flags.OUT.value, data=_DATA.value,
+                         max_angle=_MAX_ANGLE.value, step=cli_flags.STEP.value,
+                         batch_size=cli_flags.BATCH_SIZE.value)
+  except (FileNotFoundError, ValueError) as error:  # Not a run, not its data, ...
+    raise app.UsageError(str(error)) from error
+  if jax.process_index() == 0:
+    kept = int(cleaning.keep.sum())
+    print(f"Kept {kept} of {cleaning.keep.size} images ({kept / cleaning.keep.size:.1%}) and "
+          f"{cleaning.num_classes} of {cleaning.dominant.size} classes within "
+          f"{_MAX_ANGLE.value:g} degrees of their dominant sub-centre: {cli_flags.OUT.value}",
+          flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
