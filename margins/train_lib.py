@@ -530,7 +530,8 @@ def _global_batch(experiment, local_batch):
       lambda a: jax.make_array_from_process_local_data(experiment.batch_sharding, a), local_batch)
 
 
-def _to_host(array) -> np.ndarray:
+def to_host(array) -> np.ndarray:
+  """All of a (possibly multi-process) global ``array`` as a NumPy array, on every process."""
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -551,7 +552,7 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
     out = embed_fn(state, global_batch["image"])
     if flip:
       out = out + embed_fn(state, global_batch["image_flipped"])
-    out, index, mask = (_to_host(a) for a in (out, global_batch["index"], global_batch["mask"]))
+    out, index, mask = (to_host(a) for a in (out, global_batch["index"], global_batch["mask"]))
     embeddings[index[mask]] = out[mask]
   return embeddings
 

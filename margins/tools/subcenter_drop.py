@@ -153,7 +153,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
     raise ValueError(f"batch_size {batch_size} must be a multiple of the {experiment.mesh.size} "
                      "devices.")
   config.eval.batch_size = batch_size
-  centres = np.asarray(jax.device_get(state.params["head"]))[:experiment.num_classes]
+  centres = train_lib.to_host(state.params["head"])[:experiment.num_classes]
   labels = source.labels
   embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
   cosines = []
