@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -68,6 +68,19 @@ MARGINS = {
 _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
 
 
+class LossScale(NamedTuple):
+  """float16 training's dynamic loss scale, as ``torch.cuda.amp.GradScaler``'s.
+
+  The loss is multiplied by ``scale`` before the backward pass (so that small gradients do not
+  underflow float16) and the gradients divided by it. A step whose gradients are not all finite
+  changes neither the parameters nor the optimizer's state (but for its learning-rate
+  schedule's step count) and halves ``scale``; ``config.loss_scale.growth_interval`` finite
+  steps in a row double it.
+  """
+  scale: Array  # float32 []
+  finite_steps: Array  # int32 []: finite steps since ``scale`` last changed
+
+
 @struct.dataclass
 class TrainState:
   """Everything a step changes, and all that a checkpoint holds (with the data position)."""
@@ -78,6 +91,7 @@ class TrainState:
   opt_state: Any
   margin: margin_lib.Margin  # carries CurricularFace's t, AdaFace's norm statistics
   centers: Array | None  # center loss's class centres, when its weight is non-zero
+  loss_scale: LossScale | None = None  # float16 training's dynamic loss scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +129,11 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip_norm=5.0, head_lr_scale=1.0,
       head_weight_decay=ml_collections.config_dict.placeholder(float), b1=0.9, b2=0.999,
       warmup_steps=0, decay_power=2.0)
-  c.compute_dtype = "float32"  # or "bfloat16": backbone activations and the head's matmuls.
+  # "float32", "bfloat16" or "float16": backbone activations and the head's matmuls. float16
+  # scales the loss (``LossScale``): from ``initial`` (torch's 2**16), doubled after
+  # ``growth_interval`` finite steps (insightface's GradScaler: 100), halved on an overflow.
+  c.compute_dtype = "float32"
+  c.loss_scale = dict(initial=2.0**16, growth_interval=100)
   c.log_every = 50
   c.checkpoint_every = 200
   c.keep_checkpoints = 2
@@ -210,7 +228,7 @@ def _step_margin(margin, loss_config, step, key, params):
 def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngine:
   """The softmax engine of ``config.engine`` (``kind``: dense, chunked or sharded)."""
   engine = config.engine
-  matmul_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
+  matmul_dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
   if engine.kind == "dense":
     return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
   if engine.kind == "chunked":
@@ -379,7 +397,7 @@ class Experiment:
 
 
 def _model_fn(config, image_shape):
-  dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+  dtype = jnp.dtype(config.compute_dtype)
   return lambda: models.create(
       config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
       input_size=tuple(image_shape[:2]), in_channels=image_shape[2], dtype=dtype,
@@ -413,9 +431,12 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     if head_bias is not None:
       params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
     centers = jnp.zeros((num_classes, config.model.embedding_dim)) if center_weight else None
+    loss_scale = None
+    if config.compute_dtype == "float16":
+      loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
-                      centers=centers)
+                      centers=centers, loss_scale=loss_scale)
 
   shapes = jax.eval_shape(init)
   shardings = state_shardings(shapes, mesh, engine)
@@ -441,6 +462,7 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
   config = experiment.config
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
   parts = config.micro_batches
+  scale = None if state.loss_scale is None else state.loss_scale.scale
 
   def loss_fn(params, carry, batch, key):
     model_state, margin, centers = carry
@@ -463,7 +485,8 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     metrics = dict(metrics, loss=loss,
                    embedding_norm=jnp.mean(jnp.linalg.norm(embeddings, axis=-1)))
-    return loss, ((model_state, jax.tree.map(jnp.asarray, new_margin), centers), metrics)
+    scaled = loss if scale is None else loss * scale
+    return scaled, ((model_state, jax.tree.map(jnp.asarray, new_margin), centers), metrics)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   carry = (state.model_state, state.margin, state.centers)
@@ -483,14 +506,47 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
                                            (jnp.arange(parts), micro_batches))
     grads = jax.tree.map(lambda g: g / parts, grads)
     metrics = jax.tree.map(jnp.mean, metrics)
+  if scale is not None:
+    grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  loss_scale = state.loss_scale
+  if loss_scale is not None:
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    params, opt_state = _unless_overflow(finite, (params, opt_state),
+                                         (state.params, state.opt_state))
+    loss_scale = _next_loss_scale(loss_scale, finite, config.loss_scale.growth_interval)
+    metrics = dict(metrics, loss_scale=scale, skipped=1 - finite.astype(jnp.int32))
   model_state, margin, centers = carry
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            model_state=model_state, opt_state=opt_state, margin=margin,
-                            centers=centers)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, margin=margin, centers=centers,
+                            loss_scale=loss_scale)
   metrics = dict(metrics, learning_rate=learning_rate_schedule(config)(state.step),
                  grad_norm=optax.tree.norm(grads["backbone"]))
   return new_state, metrics
+
+
+def _unless_overflow(finite: Array, new, old):
+  """``new`` where ``finite``, else ``old``; but the learning-rate schedules' step counts
+  always advance, as insightface steps its scheduler on the steps ``GradScaler`` skips."""
+  def is_schedule(node):
+    return isinstance(node, optax.ScaleByScheduleState)
+
+  def select(new, old):
+    if is_schedule(new):
+      return new
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  return jax.tree.map(select, new, old, is_leaf=is_schedule)
+
+
+def _next_loss_scale(loss_scale: LossScale, finite: Array, growth_interval: int) -> LossScale:
+  """After a step: halved on an overflow, doubled after ``growth_interval`` finite steps."""
+  steps = jnp.where(finite, loss_scale.finite_steps + 1, 0)
+  grow = steps >= growth_interval
+  scale = jnp.where(finite, jnp.where(grow, 2 * loss_scale.scale, loss_scale.scale),
+                    loss_scale.scale / 2)
+  return LossScale(scale, jnp.where(grow, 0, steps))
 
 
 def _micro_batches(x: Array, parts: int) -> Array:
@@ -718,9 +774,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   """Errors that name the problem, before anything is built."""
   make_margin(config.loss)
   models.check_name(config.model.name)
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got "
-                     f"{config.compute_dtype!r} (float16 training would need loss scaling).")
+  if config.compute_dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
+                     f"{config.compute_dtype!r}.")
   for name in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
     if value % mesh.size:
@@ -799,14 +855,14 @@ def restore(workdir: str, step: int | None = None, *,
 
 def _restore_backbone(manager: ocp.CheckpointManager, step: int,
                       abstract: TrainState) -> TrainState:
-  """Checkpoint ``step`` restored into ``abstract`` but for the head, the optimizer state and
-  the centres (``None``), which orbax's partial restore leaves on disk."""
+  """Checkpoint ``step`` restored into ``abstract`` but for the head, the optimizer state, the
+  centres and the loss scale (``None``), which orbax's partial restore leaves on disk."""
   wanted = {"step": abstract.step, "params": {"backbone": abstract.params["backbone"]},
             "model_state": abstract.model_state, "margin": abstract.margin}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
       partial_restore=True))).state
-  return abstract.replace(**restored, opt_state=None, centers=None)
+  return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
