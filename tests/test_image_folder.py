@@ -59,6 +59,23 @@ def test_16_bit_greyscale_png_is_scaled_to_8_bits(channels):
   np.testing.assert_array_equal(decoded, np.repeat(grey[:, :, None], channels, axis=2))
 
 
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_exif_orientation_turns_the_image_upright(image_format):
+  # As a camera stores a photo taken turned: the pixels as sensed, the turn in the EXIF tag.
+  image = _random_image(2, (6, 8, 3))
+  turns = {1: lambda a: a, 3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1),
+           8: lambda a: np.rot90(a, 1), 2: lambda a: a[:, ::-1]}
+  for orientation, turn in turns.items():
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(image).save(encoded, format=image_format, exif=exif)
+    with PIL.Image.open(io.BytesIO(encoded.getvalue())) as stored:  # The pixels as stored.
+      sensed = np.asarray(stored.convert("RGB"))
+    np.testing.assert_array_equal(image_folder.decode_image(encoded.getvalue()), turn(sensed),
+                                  err_msg=f"orientation {orientation}")
+
+
 def test_codec_rejects_bad_input():
   with pytest.raises(ValueError, match="cannot decode image \\(7 bytes\\)"):
     image_folder.decode_image(b"garbage")

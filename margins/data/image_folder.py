@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -32,7 +33,8 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
-  """Decodes an encoded image (JPEG, PNG, BMP, WebP) into ``uint8 [H, W, C]``.
+  """Decodes an encoded image (JPEG, PNG, BMP, WebP) into ``uint8 [H, W, C]``, upright by its
+  EXIF orientation tag if it has one.
 
   Args:
     data: the encoded bytes.
@@ -61,6 +63,8 @@ def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np
   channels = 3 if shape is None else shape[2]
   try:
     with PIL.Image.open(io.BytesIO(data)) as opened:
+      # Turned upright by its EXIF orientation, as OpenCV's decoder (insightface's) does.
+      PIL.ImageOps.exif_transpose(opened, in_place=True)
       image = _eight_bit(opened).convert(_MODES[channels])
   except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad image data.
     raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
