@@ -63,7 +63,7 @@ def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np
   channels = 3 if shape is None else shape[2]
   try:
     with PIL.Image.open(io.BytesIO(data)) as opened:
-      # Turned upright by its EXIF orientation, as OpenCV's decoder (insightface's) does.
+      # Upright by its EXIF orientation, as viewers and OpenCV 4's decoder show it.
       PIL.ImageOps.exif_transpose(opened, in_place=True)
       image = _eight_bit(opened).convert(_MODES[channels])
   except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad image data.
