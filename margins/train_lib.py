@@ -872,11 +872,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
 
   ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
   its rows and their optimizer state are padded with zeros or truncated to this mesh's count
-  (the rows past ``num_classes`` never score). Any other difference of shape is an error.
+  (the rows past ``num_classes`` never score). Any other difference of shape is an error. A
+  field of the state that the checkpoint does not have (it was saved before the field existed)
+  must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
+  ``loss_scale`` existed restores.
   """
-  target = _flat_shapes(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True))
-  stored = _flat_shapes(ocp.StandardCheckpointer().metadata(
-      os.path.join(manager.directory, str(step), "state")).item_metadata.tree)
+  stored_tree = ocp.StandardCheckpointer().metadata(
+      os.path.join(manager.directory, str(step), "state")).item_metadata.tree
+  fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
+            if field.name in stored_tree or getattr(abstract, field.name) is not None}
+  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
+  stored = _flat_shapes(stored_tree)
   head = abstract.params["head"].shape
   differ = {path: (stored.get(path), shape) for path, shape in target.items()
             if stored.get(path) != shape}
@@ -885,8 +891,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
     raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
                      f"(stored, wanted) shapes {differ}, leaves only stored "
                      f"{sorted(set(stored) - set(target))}.")
-  return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract, strict=not differ), **items))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fields, strict=not differ), **items))
+  others = {name: restored[name] for name in restored.keys() if name != "state"}
+  return ocp.args.Composite(state=abstract.replace(**restored.state), **others)
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -223,6 +224,30 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
         continue
       state = train_lib.restore_checkpoint(manager, 4, abstract).state
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
+
+
+def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
+  # A float32 run saved before TrainState had ``loss_scale``: its checkpoint has no such entry.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  source, _ = train_lib.make_sources(config.data)
+  mesh = train_lib.make_mesh(config)
+  _, state = train_lib.create_train_state(config, mesh, source.num_classes, source.image_shape)
+  old = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+         if field.name != "loss_scale"}
+  with train_lib.checkpoint_manager(str(tmp_path), config) as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
+    manager.wait_until_finished()
+    _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
+                                               source.image_shape, abstract=True)
+    restored = train_lib.restore_checkpoint(manager, 3, abstract).state
+    assert isinstance(restored, train_lib.TrainState) and restored.loss_scale is None
+    jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
+                 (state.params, state.opt_state))
+    config.compute_dtype = "float16"  # Its loss scale is not in the checkpoint.
+    _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
+                                               source.image_shape, abstract=True)
+    with pytest.raises(ValueError, match="does not fit this config"):
+      train_lib.restore_checkpoint(manager, 3, abstract)
 
 
 def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path):
