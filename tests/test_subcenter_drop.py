@@ -143,6 +143,9 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli):  # noqa: 
   starts = np.searchsorted(cleaned.labels, np.arange(kept_classes)) + 1
   ends = np.searchsorted(cleaned.labels, np.arange(kept_classes), side="right") + 1
   assert cleaned.identity_ranges().tolist() == np.stack([starts, ends], 1).tolist()
+  with pytest.raises(app.UsageError, match="No image of .* lies within 0 degrees"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "empty"), "--max_angle", "0")
+  assert not os.path.exists(tmp_path / "empty")
   with pytest.raises(app.UsageError, match="--out is required"):
     cli(subcenter_drop, "--workdir", run)
   with pytest.raises(app.UsageError, match="not the data the run trained on"):

@@ -164,6 +164,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
                                                 embed_fn=embed_fn)
       cosines.append(subcenter_cosines(embeddings, centres, labels[rows.start:rows.stop]))
   cleaning = drop_noisy(np.concatenate(cosines), labels, source.num_classes, max_angle=max_angle)
+  if not cleaning.num_classes:
+    raise ValueError(f"No image of {data} lies within {max_angle:g} degrees of its class's "
+                     "dominant sub-centre: nothing to write.")
   if jax.process_index() == 0:
     kept = np.flatnonzero(cleaning.keep)
     kept = kept[np.argsort(cleaning.labels[kept], kind="stable")]  # Grouped by identity.
