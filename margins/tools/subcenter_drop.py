@@ -32,6 +32,7 @@ from absl import flags
 from margins import cli_flags
 from margins import data as data_lib
 from margins import train_lib
+from margins.data import image_folder
 from margins.tools import pack_recordio
 
 _DATA = flags.DEFINE_string(
@@ -175,10 +176,11 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
       for index in kept.tolist():
         yield source.encoded_image(index)
 
+    # ``property``'s size is the stored images', not the model's input: the first one's.
+    stored_size = image_folder.decode_image(source.encoded_image(int(kept[0]))).shape[:2]
     pack_recordio.write_identity_dataset(
         os.path.join(output, "train"), cleaning.labels[kept], stored_images(),
-        num_classes=cleaning.num_classes,
-        image_size=data_lib.RecordIOSource(data).image_shape[:2])  # As stored, not resized.
+        num_classes=cleaning.num_classes, image_size=stored_size)
   return cleaning
 
 
