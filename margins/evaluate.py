@@ -64,7 +64,7 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
   if repeated:
     raise ValueError(f"Several --bin files or --ijb folders are named {repeated}: rename one, "
                      "as results are reported by name.")
-  experiment, state = train_lib.restore(workdir, step, backbone_only=True)
+  experiment, state = train_lib.restore(workdir, step, parts="backbone")
   num_devices = experiment.mesh.size
   if batch_size % num_devices:
     raise ValueError(f"--batch_size {batch_size} must be a multiple of the {num_devices} "

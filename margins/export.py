@@ -98,7 +98,7 @@ def main(argv: Sequence[str]) -> None:
   if unknown or not platforms:
     raise app.UsageError(f"--platforms: {unknown or 'none given'}; choose among {PLATFORMS}.")
   try:
-    experiment, state = train_lib.restore(workdir, cli_flags.STEP.value, backbone_only=True)
+    experiment, state = train_lib.restore(workdir, cli_flags.STEP.value, parts="backbone")
   except FileNotFoundError as error:
     raise app.UsageError(str(error)) from error
   exported = export_embedding_model(experiment, state, platforms=platforms)

@@ -825,15 +825,23 @@ def _write_run_files(workdir, config, train_source) -> None:
                "image_shape": list(train_source.image_shape)}, f)
 
 
+RESTORE_PARTS = ("state", "params", "backbone")
+
+
 def restore(workdir: str, step: int | None = None, *,
-            backbone_only: bool = False) -> tuple[Experiment, TrainState]:
+            parts: str = "state") -> tuple[Experiment, TrainState]:
   """The experiment and state of a run's checkpoint (the latest one by default), for inference.
 
   The mesh is rebuilt on the devices present now, which may differ from the training run's
   (``experiment.mesh``: jit functions of the state inside ``jax.set_mesh(experiment.mesh)``);
-  the training data need not be present. ``backbone_only``: the head ``W``, the optimizer state
-  and the centres are neither read nor held (``None`` in the state); embedding needs none.
+  the training data need not be present. ``parts``: ``"state"``, the whole training state;
+  ``"params"``, the model alone (parameters, batch statistics, margin state, step), the
+  optimizer state, the centres and the loss scale neither read nor held (``None``);
+  ``"backbone"``, the same without the head ``W`` either (``params`` holds only the backbone's):
+  all that embedding needs.
   """
+  if parts not in RESTORE_PARTS:
+    raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
   config = load_config(workdir)
   data = _read_json(workdir, "data.json")
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
@@ -848,20 +856,23 @@ def restore(workdir: str, step: int | None = None, *,
     if step not in steps:
       raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
                               f"{sorted(steps)}.")
-    if backbone_only:
-      return experiment, _restore_backbone(manager, step, abstract)
-    return experiment, restore_checkpoint(manager, step, abstract).state
+    if parts == "state":
+      return experiment, restore_checkpoint(manager, step, abstract).state
+    return experiment, _restore_model(manager, step, abstract, head=parts == "params")
 
 
-def _restore_backbone(manager: ocp.CheckpointManager, step: int,
-                      abstract: TrainState) -> TrainState:
-  """Checkpoint ``step`` restored into ``abstract`` but for the head, the optimizer state, the
-  centres and the loss scale (``None``), which orbax's partial restore leaves on disk."""
-  wanted = {"step": abstract.step, "params": {"backbone": abstract.params["backbone"]},
-            "model_state": abstract.model_state, "margin": abstract.margin}
+def _restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
+                   head: bool) -> TrainState:
+  """Checkpoint ``step``'s model, with or without the head, restored into ``abstract`` (``W``'s
+  rows fitted to this mesh as :func:`restore_checkpoint` does); the optimizer state, the centres
+  and the loss scale stay on disk (``None``), as orbax's partial restore allows."""
+  params = abstract.params if head else {"backbone": abstract.params["backbone"]}
+  wanted = {"step": abstract.step, "params": params, "model_state": abstract.model_state,
+            "margin": abstract.margin}
+  rows_differ = _check_fits(manager, step, wanted, abstract.params["head"].shape, partial=True)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-      partial_restore=True))).state
+      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          wanted, strict=not rows_differ), partial_restore=True))).state
   return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
 
 
@@ -877,24 +888,39 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
   must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
   ``loss_scale`` existed restores.
   """
-  stored_tree = ocp.StandardCheckpointer().metadata(
-      os.path.join(manager.directory, str(step), "state")).item_metadata.tree
+  stored_tree = _stored_state(manager, step)
   fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
             if field.name in stored_tree or getattr(abstract, field.name) is not None}
-  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
-  stored = _flat_shapes(stored_tree)
-  head = abstract.params["head"].shape
-  differ = {path: (stored.get(path), shape) for path, shape in target.items()
-            if stored.get(path) != shape}
-  if set(stored) != set(target) or any(
-      old is None or shape != head or old[1:] != head[1:] for old, shape in differ.values()):
-    raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
-                     f"(stored, wanted) shapes {differ}, leaves only stored "
-                     f"{sorted(set(stored) - set(target))}.")
+  rows_differ = _check_fits(manager, step, fields, abstract.params["head"].shape)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(fields, strict=not differ), **items))
+      state=ocp.args.StandardRestore(fields, strict=not rows_differ), **items))
   others = {name: restored[name] for name in restored.keys() if name != "state"}
   return ocp.args.Composite(state=abstract.replace(**restored.state), **others)
+
+
+def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The tree of checkpoint ``step``'s ``state``, its leaves orbax's metadata (shapes)."""
+  return ocp.StandardCheckpointer().metadata(
+      os.path.join(manager.directory, str(step), "state")).item_metadata.tree
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, fields: dict[str, Any],
+                head: tuple[int, ...], *, partial: bool = False) -> bool:
+  """Whether the leaves of ``fields`` differ in shape from checkpoint ``step``'s: only in their
+  rows, and only where they have the head's shape ``head`` (``W`` and its optimizer state on
+  another device count); any other difference is an error. ``partial``: the checkpoint may
+  hold more leaves than ``fields``."""
+  stored = _flat_shapes(_stored_state(manager, step))
+  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
+  differ = {path: (stored.get(path), shape) for path, shape in target.items()
+            if stored.get(path) != shape}
+  only_stored = set() if partial else set(stored) - set(target)
+  if only_stored or any(old is None or shape != head or old[1:] != head[1:]
+                        for old, shape in differ.values()):
+    raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
+                     f"(stored, wanted) shapes {differ}, leaves only stored "
+                     f"{sorted(only_stored)}.")
+  return bool(differ)
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -142,15 +142,20 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
     cli(export, "--workdir", run, "--out", str(tmp_path / "file"))
 
 
-def test_backbone_only_restore_leaves_the_head_and_optimizer_state_on_disk(run, restored):
+def test_partial_restores_leave_the_optimizer_state_and_the_head_on_disk(run, restored):
   experiment, whole = restored
-  _, backbone = train_lib.restore(run, backbone_only=True)
-  assert set(backbone.params) == {"backbone"}
-  assert backbone.opt_state is None and backbone.centers is None
   assert whole.params["head"].shape[0] >= experiment.num_classes
-  kept = [jax.device_get((s.step, s.params["backbone"], s.model_state, s.margin))
-          for s in (whole, backbone)]
-  jax.tree.map(np.testing.assert_array_equal, *kept)
+  _, model = train_lib.restore(run, parts="params")
+  _, backbone = train_lib.restore(run, parts="backbone")
+  assert set(model.params) == {"backbone", "head"} and set(backbone.params) == {"backbone"}
+  for state in (model, backbone):
+    assert state.opt_state is None and state.centers is None
+    kept = [jax.device_get((s.step, s.params["backbone"], s.model_state, s.margin))
+            for s in (whole, state)]
+    jax.tree.map(np.testing.assert_array_equal, *kept)
+  np.testing.assert_array_equal(model.params["head"], whole.params["head"])
+  with pytest.raises(ValueError, match=r"parts='optimizer'; choose among \('state', "):
+    train_lib.restore(run, parts="optimizer")
 
 
 def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_path):

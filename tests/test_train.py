@@ -209,6 +209,10 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
   assert whole_head.shape == moved_head.shape == (8, 32)
   np.testing.assert_array_equal(whole_head[6:], 0)  # Padded on the 8 devices.
   np.testing.assert_allclose(moved_head[:6], whole_head[:6], rtol=1e-4, atol=1e-6)
+  # The model alone, without the optimizer state: the same 6 rows, padded to 8 the same way.
+  model = train_lib.restore(str(whole), parts="params")[1]
+  assert model.opt_state is None and model.loss_scale is None
+  np.testing.assert_array_equal(model.params["head"], whole_head)
   # Back to 2 devices: the 8 rows are truncated to 6; any other change of shape is an error.
   config.mesh.shape = (2,)
   source, _ = train_lib.make_sources(config.data)

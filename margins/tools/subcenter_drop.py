@@ -139,7 +139,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   """Cleans the RecordIO folder ``data`` (default: the run's) by the run's checkpoint ``step``
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
   docstring. ``batch_size``: images embedded at once over all devices."""
-  experiment, state = train_lib.restore(workdir, step)
+  experiment, state = train_lib.restore(workdir, step, parts="params")
   config = experiment.config
   if data is None:
     if config.data.name != "recordio":
