@@ -32,7 +32,7 @@ def get_config(arg=None):
   if arg == "quick":
     config = train_lib.quick(config)
     config.data.update(num_classes=1000, num_images=100_000, image_shape=(32, 32, 3),
-                       eval_classes=40, eval_images=400)
+                       eval_classes=16, eval_images=128)
     config.input.worker_count = 0
     config.model.name = "iresnet18"
     config.model.embedding_dim = 64
