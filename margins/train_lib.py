@@ -869,7 +869,8 @@ def _restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainSta
   params = abstract.params if head else {"backbone": abstract.params["backbone"]}
   wanted = {"step": abstract.step, "params": params, "model_state": abstract.model_state,
             "margin": abstract.margin}
-  rows_differ = _check_fits(manager, step, wanted, abstract.params["head"].shape, partial=True)
+  rows_differ = _check_fits(manager, step, _stored_state(manager, step), wanted,
+                            abstract.params["head"].shape, partial=True)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(
           wanted, strict=not rows_differ), partial_restore=True))).state
@@ -891,7 +892,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
   stored_tree = _stored_state(manager, step)
   fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
             if field.name in stored_tree or getattr(abstract, field.name) is not None}
-  rows_differ = _check_fits(manager, step, fields, abstract.params["head"].shape)
+  rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(fields, strict=not rows_differ), **items))
   others = {name: restored[name] for name in restored.keys() if name != "state"}
@@ -904,13 +905,13 @@ def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
       os.path.join(manager.directory, str(step), "state")).item_metadata.tree
 
 
-def _check_fits(manager: ocp.CheckpointManager, step: int, fields: dict[str, Any],
-                head: tuple[int, ...], *, partial: bool = False) -> bool:
-  """Whether the leaves of ``fields`` differ in shape from checkpoint ``step``'s: only in their
-  rows, and only where they have the head's shape ``head`` (``W`` and its optimizer state on
-  another device count); any other difference is an error. ``partial``: the checkpoint may
-  hold more leaves than ``fields``."""
-  stored = _flat_shapes(_stored_state(manager, step))
+def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],
+                fields: dict[str, Any], head: tuple[int, ...], *, partial: bool = False) -> bool:
+  """Whether the leaves of ``fields`` differ in shape from those of checkpoint ``step``'s
+  ``stored_tree``: only in their rows, and only where they have the head's shape ``head`` (``W``
+  and its optimizer state on another device count); any other difference is an error.
+  ``partial``: the checkpoint may hold more leaves than ``fields``."""
+  stored = _flat_shapes(stored_tree)
   target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
   differ = {path: (stored.get(path), shape) for path, shape in target.items()
             if stored.get(path) != shape}
