@@ -68,7 +68,7 @@ config = module.get_config("quick" if QUICK else None)
 
 if not (WORKDIR / "checkpoints").is_dir():
   train_lib.train_and_evaluate(config, str(WORKDIR))
-experiment, state = train_lib.restore(str(WORKDIR))
+experiment, state = train_lib.restore(str(WORKDIR), parts="backbone")  # All embedding needs.
 # The checkpoint must be this config's run (compared as JSON: the saved tuples are lists).
 for field in ("data", "model", "loss", "optimizer", "num_steps"):
   assert (experiment.config[field] == config[field] if field == "num_steps" else
