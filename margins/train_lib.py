@@ -423,11 +423,14 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   center_weight = config.center_loss.weight
   head_bias = initial_head_bias(config.loss, num_classes)
 
-  def init():
+  def init_model():
     _, params, model_state = nnx.split(model_fn(), nnx.Param, ...)
+    return params, model_state
+
+  def init(backbone, model_state):
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     # insightface initialises the FC weight with N(0, 0.01).
-    params = {"backbone": params, "head": 0.01 * jax.random.normal(key, head_shape)}
+    params = {"backbone": backbone, "head": 0.01 * jax.random.normal(key, head_shape)}
     if head_bias is not None:
       params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
     centers = jnp.zeros((num_classes, config.model.embedding_dim)) if center_weight else None
@@ -438,13 +441,18 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
                       opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
                       centers=centers, loss_scale=loss_scale)
 
-  shapes = jax.eval_shape(init)
+  shapes = jax.eval_shape(init, *jax.eval_shape(init_model))
   shardings = state_shardings(shapes, mesh, engine)
   if abstract:
     state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
         leaf.shape, leaf.dtype, sharding=sharding), shapes, shardings)
   else:
-    state = jax.jit(init, out_shardings=shardings)()
+    # The backbone is initialised by a program of its own, so that runs of one backbone with
+    # other heads, losses or optimizers share it in JAX's persistent compilation cache: its
+    # random initialisers take seconds to compile, more than the rest of the state.
+    model = jax.jit(init_model, out_shardings=(shardings.params["backbone"],
+                                               shardings.model_state))()
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
   return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
 
