@@ -417,15 +417,18 @@ def test_engines_mix_float32_and_float64():
   # float32 embeddings with float64 centres, or float64 matmuls of float32 inputs: every engine
   # computes in float64, as the dense one does.
   x, w2, _, labels = make_inputs(12, 12)
+
+  def losses(engine, x, w):
+    return jax.jit(lambda x_, w_: engine(x_, w_, labels, MARGINS["arcface"])[0])(x, w)
+
   with jax.enable_x64(True):
-    want = margins.dense()(x.astype(np.float64), w2.astype(np.float64), labels,
-                           MARGINS["arcface"])[0]
+    want = losses(margins.dense(), x.astype(np.float64), w2.astype(np.float64))
     for engine, w in ((margins.chunked(5), w2.astype(np.float64)),
                       (margins.sharded(make_mesh(2), chunk_size=3), w2.astype(np.float64)),
                       (margins.chunked(5, matmul_dtype=jnp.float64), w2)):
-      losses = engine(x, w, labels, MARGINS["arcface"])[0]
-      assert losses.dtype == jnp.float64, engine
-      np.testing.assert_allclose(losses, want, rtol=1e-12, err_msg=str(engine))
+      got = losses(engine, x, w)
+      assert got.dtype == jnp.float64, engine
+      np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=str(engine))
 
 
 @pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5),
@@ -489,14 +492,19 @@ def test_sampled_count():
 
 def sampled_reference(x, w, labels, kept, margin):
   """Per-example losses over the kept classes plus the example's own class (a stateless
-  margin): what sampling computes when the batch's classes do not all fit."""
-  losses = []
-  for example, label in enumerate(labels):
-    classes = np.union1d(kept, [label])
-    target = np.flatnonzero(classes == label).astype(np.int32)
-    losses.append(margins.margin_softmax_loss(x[example:example + 1], w[classes], target,
-                                              margin)[0])
-  return jnp.stack(losses)
+  margin): what sampling computes when the batch's classes do not all fit. One program."""
+
+  @jax.jit
+  def losses(w):
+    per_example = []
+    for example, label in enumerate(labels):
+      classes = np.union1d(kept, [label])
+      target = np.flatnonzero(classes == label).astype(np.int32)
+      per_example.append(margins.margin_softmax_loss(x[example:example + 1], w[classes], target,
+                                                     margin)[0])
+    return jnp.stack(per_example)
+
+  return losses(w)
 
 
 def test_sampled_loss_is_the_dense_loss_over_the_sample():
@@ -513,7 +521,7 @@ def test_sampled_loss_is_the_dense_loss_over_the_sample():
     losses, _ = engine(x, w_, labels, margin, key=key)
     return jnp.mean(losses), losses
 
-  (_, losses), grad = jax.value_and_grad(loss, has_aux=True)(w)
+  (_, losses), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(w)
   index = np.asarray(parallel.sample_classes(jnp.asarray(labels), num_classes, num_classes, 10,
                                              key))
   assert set(labels) <= set(index)
