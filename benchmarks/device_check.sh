@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# Issue 3's accelerator figures in one run, for a machine lent for a few minutes: the engines
-# against the matmul floor at C = 1M, 2M and 4M (B = 256, D = 512), float32 and bfloat16, with
-# the memory each program needs. Uses the machine's own JAX (an accelerator build; the pinned CPU
-# wheels are not installed there): `margins` and this benchmark need only jax and numpy.
+# The accelerator figures in one run, for a machine lent for a few minutes:
+#  1. issue 3's engines against the matmul floor at C = 1M, 2M and 4M (B = 256, D = 512),
+#     float32 and bfloat16, with the memory each program needs; chunks of 65,536 classes (the
+#     scores of one chunk: 64 MB) and of 8,192;
+#  2. the training step of two recipes on random device-resident batches of 512: IResNet-50 with
+#     MS1MV3's 93,431 classes, and IResNet-100 with Partial FC (r = 0.2) over WebFace42M's
+#     2,059,906 classes (benchmarks/train_step.py), if flax, optax, orbax, grain and
+#     ml_collections import.
+# Uses the machine's own JAX (an accelerator build; the pinned CPU wheels are not installed
+# there). The engines stop after ENGINES_TIMEOUT seconds, each recipe after TRAIN_TIMEOUT
+# (default: no limit).
 #
-#   bash benchmarks/device_check.sh                  # output also in $OUT/engines.txt if set
-#   CLASSES="20000" bash benchmarks/device_check.sh  # a quick try on any machine
+#   bash benchmarks/device_check.sh                  # output also under $OUT if set
+#   CLASSES="20000" TRAIN=0 bash benchmarks/device_check.sh  # a quick try on any machine
 #
 # Further arguments go to engines.py (e.g. --profile); PYTHON picks the interpreter (python3).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-log="${OUT:-$(mktemp -d)}/engines.txt"
+out="${OUT:-$(mktemp -d)}"
 python="${PYTHON:-python3}"
 "$python" -c "import jax; print('jax', jax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv \
+  2>/dev/null
 # shellcheck disable=SC2086  # CLASSES is a list of numbers
-"$python" benchmarks/engines.py --classes ${CLASSES:-1000000 2000000 4000000} --chunk-sizes 8192 \
-  --max-temp-gb 60 --repeats 5 "$@" 2>&1 | tee "$log"
+timeout "${ENGINES_TIMEOUT:-0}" "$python" benchmarks/engines.py \
+  --classes ${CLASSES:-1000000 2000000 4000000} --chunk-sizes 65536 8192 --max-temp-gb 60 \
+  --repeats 5 "$@" 2>&1 | tee "$out/engines.txt" || echo "engines.py stopped: exit $?"
+[ "${TRAIN:-1}" = 1 ] || exit 0
+"$python" -c "import flax, grain, ml_collections, optax, orbax.checkpoint" \
+  || { echo "training step skipped: a package is missing"; exit 0; }
+for case in "ms1mv3_r50 93431" "webface42m_r100_pfc 2059906"; do
+  read -r recipe classes <<<"$case"
+  timeout "${TRAIN_TIMEOUT:-0}" "$python" benchmarks/train_step.py --recipe "$recipe" \
+    --classes "$classes" --batch 512 2>&1 | tee -a "$out/train_step.txt" \
+    || echo "train_step.py stopped: exit $?"
+done

@@ -85,7 +85,7 @@ def test_chunked_floor_gives_the_floors_products(dtype):
 
 def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", OUT=str(tmp_path),
-             PYTHON=sys.executable)
+             PYTHON=sys.executable, TRAIN="0")  # Its recipes' steps are for an accelerator.
   result = subprocess.run(
       ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
        "--repeats", "1", "--dtypes", "float32"],
@@ -95,7 +95,28 @@ def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
   with open(tmp_path / "engines.txt") as log:
     output = log.read()
   assert "C=3,000, B=8, D=16, float32, 1 interleaved rounds" in output
-  assert {"floor (3 matmuls)", "chunked (8192)"} <= set(_table_rows(output))
+  assert {"floor (3 matmuls)", "chunked (65536)", "chunked (8192)"} <= set(_table_rows(output))
+  assert "train_step" not in result.stdout
+
+
+def test_train_step_prints_a_recipes_step_and_its_head():
+  output = _run("train_step.py", "--recipe", "ms1mv3_r50", "--quick", "--classes", "4096",
+                "--batch", "8", "--steps", "1", "--repeats", "1", "--sample-rate", "0.5",
+                "--chunk-size", "128")
+  assert ("recipe ms1mv3_r50: iresnet18, arcface, engine sharded (chunk 128, sample rate 0.5), "
+          "float32, sgd, global batch 8") in output
+  row = re.search(r"^\| 4,096 \| (.*) \|$", output, re.M)
+  assert row, output
+  images, step, head, floor, ratio, share, memory, head_memory, losses = (
+      cell.strip() for cell in row.group(1).split("|"))
+  assert abs(float(images) - 8 / (float(step) / 1e3)) <= 1  # images/s of the step's time
+  assert float(head) > 0 and float(floor) > 0
+  assert re.fullmatch(r"\d+\.\d\dx", ratio) and re.fullmatch(r"\d+%", share)
+  # W [4096, 64] and its SGD momentum, 1 MB each in float32, within what the step holds.
+  assert head_memory == "2" and float(memory) > 2
+  assert all(np.isfinite(float(loss)) for loss in losses.split(", "))
+  assert re.search(r"^C=4,096: state created in \d+\.\d s \(its programs compiled and run\), "
+                   r"step compiled in \d+\.\d s$", output, re.M), output
 
 
 def test_engines_profile_names_each_programs_ops_and_their_calls():
