@@ -3,18 +3,24 @@
 #  1. issue 3's engines against the matmul floor at C = 1M, 2M and 4M (B = 256, D = 512),
 #     float32 and bfloat16, with the memory each program needs; chunks of 65,536 classes (the
 #     scores of one chunk: 64 MB) and of 8,192;
-#  2. the training step of two recipes on random device-resident batches of 512: IResNet-50 with
+#  2. where the time goes at C = 4M (PROFILE_CLASSES) with bfloat16 matmuls in chunks of 65,536
+#     (engines.py --profile), each program's trace kept in $OUT/traces to read offline
+#     (PROFILE=0 skips it);
+#  3. the training step of two recipes on random device-resident batches of 512: IResNet-50 with
 #     MS1MV3's 93,431 classes, and IResNet-100 with Partial FC (r = 0.2) over WebFace42M's
 #     2,059,906 classes (benchmarks/train_step.py), if flax, optax, orbax, grain and
-#     ml_collections import.
+#     ml_collections import. On an H200 (2026-12-04) IResNet-100's initialisation program was
+#     still compiling after 100 s: give it several minutes.
 # Uses the machine's own JAX (an accelerator build; the pinned CPU wheels are not installed
-# there). The engines stop after ENGINES_TIMEOUT seconds, each recipe after TRAIN_TIMEOUT
-# (default: no limit).
+# there). The engines and the profile each stop after ENGINES_TIMEOUT seconds, each recipe after
+# TRAIN_TIMEOUT (default: no limit). Everything lands in $OUT: engines.txt (the profile's
+# tables appended), train_step.txt and six traces, eight files.
 #
 #   bash benchmarks/device_check.sh                  # output also under $OUT if set
-#   CLASSES="20000" TRAIN=0 bash benchmarks/device_check.sh  # a quick try on any machine
+#   CLASSES=20000 PROFILE_CLASSES=20000 TRAIN=0 bash benchmarks/device_check.sh  # on any machine
 #
-# Further arguments go to engines.py (e.g. --profile); PYTHON picks the interpreter (python3).
+# Further arguments go to both runs of engines.py (e.g. --repeats 3); PYTHON picks the
+# interpreter (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -27,6 +33,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version 
 timeout "${ENGINES_TIMEOUT:-0}" "$python" benchmarks/engines.py \
   --classes ${CLASSES:-1000000 2000000 4000000} --chunk-sizes 65536 8192 --max-temp-gb 60 \
   --repeats 5 "$@" 2>&1 | tee "$out/engines.txt" || echo "engines.py stopped: exit $?"
+if [ "${PROFILE:-1}" = 1 ]; then
+  timeout "${ENGINES_TIMEOUT:-0}" "$python" benchmarks/engines.py \
+    --classes "${PROFILE_CLASSES:-4000000}" --dtypes bfloat16 --chunk-sizes 65536 --repeats 1 \
+    --profile --trace-dir "$out/traces" "$@" 2>&1 | tee -a "$out/engines.txt" \
+    || echo "engines.py --profile stopped: exit $?"
+fi
 [ "${TRAIN:-1}" = 1 ] || exit 0
 "$python" -c "import flax, grain, ml_collections, optax, orbax.checkpoint" \
   || { echo "training step skipped: a package is missing"; exit 0; }

@@ -19,9 +19,11 @@ loop over chunks costs before any softmax. The sampled and sharded engines use t
 size.
 
 With ``--profile`` each table is followed by where each program's time goes: the trace events
-of a ``jax.profiler`` trace named after its HLO instructions (on CPU, one per instruction run;
-checked on CPU only), the ones taking the most time, each with the JAX operation it came from,
-and the sums over matmul and other ops.
+of a ``jax.profiler`` trace that name one of its HLO instructions (``args.hlo_op``; on CPU, one
+per instruction run; on an accelerator, only the device's own events count, not the host's
+launches: not yet checked on one), the ones taking the most time, each with the JAX operation
+it came from, and the sums over matmul and other ops. ``--trace-dir`` also keeps each
+program's trace (Perfetto JSON, gzipped) there, to read offline.
 
 With ``--sharded N`` the script instead runs on ``N`` fake CPU devices and compares the
 class-sharded engine (``W`` split over the devices) with the chunked engine on one device.
@@ -39,6 +41,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -70,6 +73,7 @@ def _parse_args():
                       help="compile but do not run a program whose XLA temporaries exceed this")
   parser.add_argument("--profile", action="store_true",
                       help="after each table, the XLA ops taking each program's time")
+  parser.add_argument("--trace-dir", help="with --profile, keep each program's trace here")
   parser.add_argument("--sharded", type=int, default=0, metavar="N",
                       help="compare the sharded engine on N fake CPU devices with chunked")
   return parser.parse_args()
@@ -137,9 +141,20 @@ def _op_sources(compiled) -> dict[str, str]:
   return sources
 
 
-def profile(compiled, args, runs=3):
+def device_events(events):
+  """The complete (``"X"``) events of a trace's ``events``: those of its accelerators'
+  processes (``/device:...``: their kernels) if it has any, whose launches on the host would
+  count their time twice, else all of them (a CPU's)."""
+  processes = {event["pid"]: event["args"]["name"] for event in events
+               if event.get("ph") == "M" and event.get("name") == "process_name"}
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  return [event for event in events
+          if event.get("ph") == "X" and (not devices or event["pid"] in devices)]
+
+
+def profile(compiled, args, runs=3, keep_trace=None):
   """``(seconds, {instruction: (seconds, calls)})`` per run of ``compiled``, from a
-  ``jax.profiler`` trace of ``runs`` runs."""
+  ``jax.profiler`` trace of ``runs`` runs (copied to the path ``keep_trace`` if given)."""
   sources = _op_sources(compiled)
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -148,18 +163,21 @@ def profile(compiled, args, runs=3):
         jax.block_until_ready(compiled(*args))
       seconds = (time.perf_counter() - start) / runs
     (path,) = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+    if keep_trace:
+      shutil.copyfile(path, keep_trace)
     with gzip.open(path) as file:
       events = json.load(file)["traceEvents"]
   totals, calls = collections.Counter(), collections.Counter()
-  for event in events:
-    if event.get("ph") == "X" and event["name"] in sources:
-      totals[event["name"]] += event["dur"] * 1e-6 / runs  # microseconds
-      calls[event["name"]] += 1
+  for event in device_events(events):
+    instruction = event.get("args", {}).get("hlo_op", event["name"])
+    if instruction in sources:
+      totals[instruction] += event["dur"] * 1e-6 / runs  # microseconds
+      calls[instruction] += 1
   return seconds, {name: (totals[name], calls[name] // runs) for name in totals}, sources
 
 
-def _print_profile(name, compiled, args, top=8):
-  seconds, ops, sources = profile(compiled, args)
+def _print_profile(name, compiled, args, keep_trace=None, top=8):
+  seconds, ops, sources = profile(compiled, args, keep_trace=keep_trace)
   if not ops:
     print(f"\n{name}: no trace event is named after one of its HLO instructions")
     return
@@ -177,6 +195,15 @@ def _inputs(num_classes, batch, dim, dtype, seed=0):
   w = jax.random.normal(kw, (num_classes, dim), dtype)
   labels = jax.random.randint(ky, (batch,), 0, num_classes)
   return x, w, labels
+
+
+def _trace_path(directory, num_classes, dtype_name, name):
+  """Where ``--trace-dir`` keeps a program's trace: ``C<C>_<dtype>_<program>.trace.json.gz``."""
+  if not directory:
+    return None
+  os.makedirs(directory, exist_ok=True)
+  program = re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
+  return os.path.join(directory, f"C{num_classes}_{dtype_name}_{program}.trace.json.gz")
 
 
 def _print_table(title, rows):
@@ -232,7 +259,8 @@ def run_single(args):
         print("\nWhere the time goes (per run; ops may run side by side, and a CPU's Eigen "
               "matmuls may return before they finish: the sums need not make up the run):")
         for name, (compiled, fn_args) in programs.items():
-          _print_profile(name, compiled, fn_args)
+          _print_profile(name, compiled, fn_args,
+                         _trace_path(args.trace_dir, num_classes, dtype_name, name))
       temps_by_case[(num_classes, dtype_name)] = temps
       del x, w, floor_inputs
   _print_temporaries(temps_by_case, args)

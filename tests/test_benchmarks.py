@@ -4,7 +4,9 @@ Their figures are not checked (speed is measured, never asserted); this keeps th
 README quotes from breaking as the library changes.
 """
 
+import gzip
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -84,8 +86,9 @@ def test_chunked_floor_gives_the_floors_products(dtype):
 
 
 def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", OUT=str(tmp_path),
-             PYTHON=sys.executable, TRAIN="0")  # Its recipes' steps are for an accelerator.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", PROFILE_CLASSES="2000",
+             OUT=str(tmp_path), PYTHON=sys.executable,
+             TRAIN="0")  # Its recipes' steps are for an accelerator.
   result = subprocess.run(
       ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
        "--repeats", "1", "--dtypes", "float32"],
@@ -97,6 +100,10 @@ def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
   assert "C=3,000, B=8, D=16, float32, 1 interleaved rounds" in output
   assert {"floor (3 matmuls)", "chunked (65536)", "chunked (8192)"} <= set(_table_rows(output))
   assert "train_step" not in result.stdout
+  # The profile's table and where its time goes, appended; its traces beside.
+  assert "C=2,000, B=8, D=16, float32, 1 interleaved rounds" in output
+  assert "Where the time goes" in output
+  assert "C2000_float32_chunked_65536.trace.json.gz" in os.listdir(tmp_path / "traces")
 
 
 def test_train_step_prints_a_recipes_step_and_its_head():
@@ -119,9 +126,10 @@ def test_train_step_prints_a_recipes_step_and_its_head():
                    r"step compiled in \d+\.\d s$", output, re.M), output
 
 
-def test_engines_profile_names_each_programs_ops_and_their_calls():
+def test_engines_profile_names_each_programs_ops_and_their_calls(tmp_path):
   output = _run("engines.py", "--classes", "2000", "--batch", "8", "--dim", "16", "--repeats",
-                "1", "--chunk-sizes", "128", "--dtypes", "float32", "--profile")
+                "1", "--chunk-sizes", "128", "--dtypes", "float32", "--profile", "--trace-dir",
+                str(tmp_path))
   sections = output.split("\n\n")
   chunked = next(s for s in sections if s.startswith("chunked (128): "))
   assert re.match(r"chunked \(128\): \d+ ms per run under the profiler; its XLA ops from "
@@ -132,6 +140,24 @@ def test_engines_profile_names_each_programs_ops_and_their_calls():
   # matmuls per chunk, a loop's ops called once per chunk, no loop counted as an op.
   assert ("15", "dot_general") in ops and all(calls in ("1", "15") for calls, _ in ops)
   assert "(while)" not in output
+  # Each program's trace, kept under a name made of the table's C and dtype and the program's.
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      f"C2000_float32_{name}.trace.json.gz" for name in (
+          "floor_3_matmuls", "floor_in_chunks_of_128", "dense", "chunked_128",
+          "chunked_128_recompute", "sampled_r_0.1_chunked_128"))
+  with gzip.open(tmp_path / "C2000_float32_chunked_128.trace.json.gz") as trace:
+    assert any(event.get("ph") == "X" for event in json.load(trace)["traceEvents"])
+
+
+def test_profile_counts_an_accelerators_kernels_not_the_hosts_launches(monkeypatch):
+  monkeypatch.syspath_prepend(BENCHMARKS)  # engines.py imports common.py beside it.
+  engines = _benchmarks_module("engines")
+  names = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+           for pid, name in ((1, "/host:CPU"), (2, "/device:GPU:0"))]
+  host = {"ph": "X", "pid": 1, "name": "launch", "dur": 5, "args": {"hlo_op": "fusion.1"}}
+  kernel = {"ph": "X", "pid": 2, "name": "loop_fusion", "dur": 9, "args": {"hlo_op": "fusion.1"}}
+  assert engines.device_events([*names, host, kernel]) == [kernel]
+  assert engines.device_events([names[0], host]) == [host]  # A CPU's trace: all its events.
 
 
 def test_engines_sharded_prints_the_collectives():
