@@ -824,6 +824,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_read_json(workdir, "config.json"))
 
 
+def load_data_info(workdir: str) -> tuple[int, tuple[int, int, int]]:
+  """``(num_classes, image_shape)`` of the data a run in ``workdir`` trained on (its
+  ``data.json``)."""
+  data = _read_json(workdir, "data.json")
+  return data["num_classes"], tuple(data["image_shape"])
+
+
 def _write_run_files(workdir, config, train_source) -> None:
   """``config.json`` and ``data.json`` (what :func:`restore` needs without the training data)."""
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -851,11 +858,11 @@ def restore(workdir: str, step: int | None = None, *,
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
   config = load_config(workdir)
-  data = _read_json(workdir, "data.json")
+  num_classes, image_shape = load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
   mesh = make_mesh(config)
-  experiment, abstract = create_train_state(config, mesh, data["num_classes"],
-                                            tuple(data["image_shape"]), abstract=True)
+  experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
+                                            abstract=True)
   with checkpoint_manager(workdir, config) as manager:
     steps = manager.all_steps()
     if not steps:

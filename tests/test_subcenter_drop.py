@@ -102,7 +102,7 @@ def test_zero_vectors_and_bad_input():
     subcenter_drop.drop_noisy(cosines, [0, 1, 1], 2)
 
 
-def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli):  # noqa: F811
+def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatch):  # noqa: F811
   data = tmp_path / "noisy"
   data.mkdir()
   _write_dataset(data, num_classes=12, per_class=4)
@@ -148,8 +148,12 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli):  # noqa: 
   assert not os.path.exists(tmp_path / "empty")
   with pytest.raises(app.UsageError, match="--out is required"):
     cli(subcenter_drop, "--workdir", run)
+  # Bad arguments are caught before the checkpoint is read.
+  monkeypatch.setattr(train_lib, "restore", lambda *args, **kwargs: pytest.fail("restored"))
   with pytest.raises(app.UsageError, match="not the data the run trained on"):
     other = tmp_path / "other"
     other.mkdir()
     _write_dataset(other, num_classes=5, per_class=2)
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--data", str(other))
+  with pytest.raises(app.UsageError, match="must be a multiple of the 8 devices"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--batch_size", "12")

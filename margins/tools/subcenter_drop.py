@@ -139,21 +139,23 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   """Cleans the RecordIO folder ``data`` (default: the run's) by the run's checkpoint ``step``
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
   docstring. ``batch_size``: images embedded at once over all devices."""
-  experiment, state = train_lib.restore(workdir, step, parts="params")
-  config = experiment.config
+  # Checked before the checkpoint is read, which can take minutes.
+  trained_on = train_lib.load_config(workdir).data
+  num_classes, image_shape = train_lib.load_data_info(workdir)
   if data is None:
-    if config.data.name != "recordio":
-      raise ValueError(f"The run trained on {config.data.name!r} data, not a RecordIO folder: "
+    if trained_on.name != "recordio":
+      raise ValueError(f"The run trained on {trained_on.name!r} data, not a RecordIO folder: "
                        "give the folder to clean.")
-    data = config.data.path
-  source = data_lib.RecordIOSource(data, image_shape=experiment.image_shape)
-  if source.num_classes != experiment.num_classes:
+    data = trained_on.path
+  source = data_lib.RecordIOSource(data, image_shape=image_shape)
+  if source.num_classes != num_classes:
     raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
-                     f"{experiment.num_classes}: not the data the run trained on.")
-  if batch_size % experiment.mesh.size:
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the {experiment.mesh.size} "
+                     f"{num_classes}: not the data the run trained on.")
+  if batch_size % jax.device_count():  # restore's mesh: all the devices
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
                      "devices.")
-  config.eval.batch_size = batch_size
+  experiment, state = train_lib.restore(workdir, step, parts="params")
+  experiment.config.eval.batch_size = batch_size
   centres = train_lib.to_host(state.params["head"])[:experiment.num_classes]
   labels = source.labels
   embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
