@@ -5,10 +5,11 @@ as the recipe sets them) and each ``--classes``, times ``jit(train_step)`` with 
 donated, on random batches already on the devices: no input pipeline, so this is what the step
 can take. Beside it, the head alone: the engine's loss and gradients for embeddings ``[B, D]``
 against ``W [C, D]``, and the head's floor, the three bare matmuls of the rows each device
-scores (``ceil(r C / n)`` of them with Partial FC's rate ``r`` on ``n`` devices). Also printed:
-the memory the compiled step needs per device (arguments, outputs and temporaries, less the
-donated state), the part of it that grows with C (the head and its optimizer state), and the
-seconds spent creating the state and compiling the step.
+scores (``ceil(r C / n)`` of them with Partial FC's rate ``r`` on ``n`` devices), timed in turn
+round by round; their ratio is the median over the rounds. Also printed: the memory the
+compiled step needs per device (arguments, outputs and temporaries, less the donated state),
+the part of it that grows with C (the head and its optimizer state), and the seconds spent
+creating the state and compiling the step.
 
   python benchmarks/train_step.py --recipe ms1mv3_r50 --classes 93431 --batch 512
   python benchmarks/train_step.py --recipe webface42m_r100_pfc --classes 2059906 --batch 512
@@ -73,39 +74,34 @@ def _random_batch(experiment, seed):
   return jax.device_put(batch, experiment.batch_sharding)
 
 
-def _seconds(fn, *args, repeats=5):
-  """Median seconds of ``fn(*args)`` after a warm-up run."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def head_seconds(experiment, state):
-  """``(engine, floor)`` seconds: the head's loss and gradients, and its three matmuls."""
+def head_seconds(experiment, state, repeats=5):
+  """``(engine, floor, median ratio)``: seconds of the head's loss and gradients and of its
+  three matmuls, timed in turn round by round (``common.interleaved``)."""
   config, mesh = experiment.config, experiment.mesh
   w = state.params["head"]
   batch = _random_batch(experiment, seed=1)
-  x = jax.device_put(jax.random.normal(jax.random.key(2), (config.batch_size, w.shape[-1])),
+  kx, kw, kf = jax.random.split(jax.random.key(2), 3)
+  x = jax.device_put(jax.random.normal(kx, (config.batch_size, w.shape[-1])),
                      experiment.batch_sharding)
   margin = train_lib.make_margin(config.loss)
   with jax.set_mesh(mesh):
     engine = jax.jit(lambda x, w, labels: engines.engine_step(
-        experiment.engine, x, w, labels, jax.random.key(3), num_classes=experiment.num_classes,
-        margin=margin))
-    engine_time = _seconds(engine, x, w, batch["label"])
-  # Each device scores the global batch against its rows (all of them, or the sampled ones).
-  rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
-                                config.engine.sample_rate)
-  dtype = jnp.dtype(config.compute_dtype)
-  device = jax.devices()[0]
-  floor_x = jax.device_put(jnp.ones((config.batch_size, w.shape[-1]), dtype), device)
-  floor_w = jax.device_put(jax.random.normal(jax.random.key(4), (rows, w.shape[-1]), dtype),
-                           device)
-  return engine_time, _seconds(jax.jit(common.floor), floor_x, floor_w)
+        experiment.engine, x, w, labels, kw, num_classes=experiment.num_classes, margin=margin))
+    engine_args = (x, w, batch["label"])
+    # Each device scores the global batch against its rows (all of them, or the sampled ones).
+    rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
+                                  config.engine.sample_rate)
+    dtype = jnp.dtype(config.compute_dtype)
+    floor_args = jax.device_put(
+        [jax.random.normal(key, shape, dtype)
+         for key, shape in zip(jax.random.split(kf), [x.shape, (rows, w.shape[-1])])],
+        jax.devices()[0])
+    floor = jax.jit(common.floor)
+    times = common.interleaved({
+        "engine": lambda: jax.block_until_ready(engine(*engine_args)),
+        "floor": lambda: jax.block_until_ready(floor(*floor_args))}, repeats)
+  return (statistics.median(times["engine"]), statistics.median(times["floor"]),
+          common.median_ratio(times["engine"], times["floor"]))
 
 
 def step_seconds(experiment, state, steps, repeats):
@@ -149,7 +145,7 @@ def main():
     experiment, state = jax.block_until_ready(
         train_lib.create_train_state(config, mesh, num_classes, image_shape))
     create_seconds = time.perf_counter() - start
-    head, floor = head_seconds(experiment, state)
+    head, floor, head_ratio = head_seconds(experiment, state)
     head_shape = state.params["head"].shape
     head_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state)
                      if leaf.shape == head_shape)
@@ -159,7 +155,7 @@ def main():
     memory = (stats.argument_size_in_bytes + stats.output_size_in_bytes
               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
     print(f"| {num_classes:,} | {args.batch / step:,.0f} | {step * 1e3:.1f} | {head * 1e3:.1f} "
-          f"| {floor * 1e3:.1f} | {head / floor:.2f}x | {head / step:.0%} | {memory / _MB:,.0f} "
+          f"| {floor * 1e3:.1f} | {head_ratio:.2f}x | {head / step:.0%} | {memory / _MB:,.0f} "
           f"| {head_bytes / _MB:,.0f} | {first_loss:.2f}, {loss:.2f} |", flush=True)
     setup_lines.append(f"C={num_classes:,}: state created in {create_seconds:.1f} s (its "
                        f"programs compiled and run), step compiled in {compile_seconds:.1f} s")
