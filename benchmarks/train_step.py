@@ -84,22 +84,24 @@ def head_seconds(experiment, state, repeats=5):
   x = jax.device_put(jax.random.normal(kx, (config.batch_size, w.shape[-1])),
                      experiment.batch_sharding)
   margin = train_lib.make_margin(config.loss)
-  with jax.set_mesh(mesh):
-    engine = jax.jit(lambda x, w, labels: engines.engine_step(
-        experiment.engine, x, w, labels, kw, num_classes=experiment.num_classes, margin=margin))
-    engine_args = (x, w, batch["label"])
-    # Each device scores the global batch against its rows (all of them, or the sampled ones).
-    rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
-                                  config.engine.sample_rate)
-    dtype = jnp.dtype(config.compute_dtype)
-    floor_args = jax.device_put(
-        [jax.random.normal(key, shape, dtype)
-         for key, shape in zip(jax.random.split(kf), [x.shape, (rows, w.shape[-1])])],
-        jax.devices()[0])
-    floor = jax.jit(common.floor)
-    times = common.interleaved({
-        "engine": lambda: jax.block_until_ready(engine(*engine_args)),
-        "floor": lambda: jax.block_until_ready(floor(*floor_args))}, repeats)
+  # Each device scores the global batch against its rows (all of them, or the sampled ones).
+  rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
+                                config.engine.sample_rate)
+  dtype = jnp.dtype(config.compute_dtype)
+  floor_args = jax.device_put(
+      [jax.random.normal(key, shape, dtype)
+       for key, shape in zip(jax.random.split(kf), [x.shape, (rows, w.shape[-1])])],
+      jax.devices()[0])
+  floor = jax.jit(common.floor)
+  engine = jax.jit(lambda x, w, labels: engines.engine_step(
+      experiment.engine, x, w, labels, kw, num_classes=experiment.num_classes, margin=margin))
+
+  def run_engine():  # On the mesh; the floor, on one device, outside it.
+    with jax.set_mesh(mesh):
+      return jax.block_until_ready(engine(x, w, batch["label"]))
+
+  times = common.interleaved(
+      {"engine": run_engine, "floor": lambda: jax.block_until_ready(floor(*floor_args))}, repeats)
   return (statistics.median(times["engine"]), statistics.median(times["floor"]),
           common.median_ratio(times["engine"], times["floor"]))
 

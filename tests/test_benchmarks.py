@@ -32,15 +32,16 @@ def _benchmarks_module(name):
 common = _benchmarks_module("common")
 
 
-def _completed(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _completed(script, *args, **environment):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **environment)
   return subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args],
                         capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
-def _run(script, *args):
-  """The standard output of a run of ``script`` that must succeed."""
-  result = _completed(script, *args)
+def _run(script, *args, **environment):
+  """The standard output of a run of ``script`` that must succeed (``environment``: variables
+  set for it)."""
+  result = _completed(script, *args, **environment)
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stdout
 
@@ -107,22 +108,24 @@ def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
 
 
 def test_train_step_prints_a_recipes_step_and_its_head():
-  output = _run("train_step.py", "--recipe", "ms1mv3_r50", "--quick", "--classes", "4096",
+  # On 2 devices, the head split over them; 4097 classes pad to 4098 rows, 2049 per device.
+  output = _run("train_step.py", "--recipe", "ms1mv3_r50", "--quick", "--classes", "4097",
                 "--batch", "8", "--steps", "1", "--repeats", "1", "--sample-rate", "0.5",
-                "--chunk-size", "128")
+                "--chunk-size", "128", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   assert ("recipe ms1mv3_r50: iresnet18, arcface, engine sharded (chunk 128, sample rate 0.5), "
           "float32, sgd, global batch 8") in output
-  row = re.search(r"^\| 4,096 \| (.*) \|$", output, re.M)
+  row = re.search(r"^\| 4,097 \| (.*) \|$", output, re.M)
   assert row, output
   images, step, head, floor, ratio, share, memory, head_memory, losses = (
       cell.strip() for cell in row.group(1).split("|"))
   assert abs(float(images) - 8 / (float(step) / 1e3)) <= 1  # images/s of the step's time
   assert float(head) > 0 and float(floor) > 0
   assert re.fullmatch(r"\d+\.\d\dx", ratio) and re.fullmatch(r"\d+%", share)
-  # W [4096, 64] and its SGD momentum, 1 MB each in float32, within what the step holds.
-  assert head_memory == "2" and float(memory) > 2
+  # A device's rows of W [4098, 64] and their SGD momentum, 0.5 MB each in float32, within
+  # what the step holds on that device.
+  assert head_memory == "1" and float(memory) > 1
   assert all(np.isfinite(float(loss)) for loss in losses.split(", "))
-  assert re.search(r"^C=4,096: state created in \d+\.\d s \(its programs compiled and run\), "
+  assert re.search(r"^C=4,097: state created in \d+\.\d s \(its programs compiled and run\), "
                    r"step compiled in \d+\.\d s$", output, re.M), output
 
 
