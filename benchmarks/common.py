@@ -46,6 +46,14 @@ def chunked_floor(x, w, chunk_size):
   return dx.astype(x.dtype), parallel._from_bits(dw, w.dtype)
 
 
+def memory_bytes(compiled) -> tuple[int, int]:
+  """``(temporaries, in all)`` of ``compiled`` (per device); in all: arguments, outputs and
+  temporaries, less aliased outputs."""
+  stats = compiled.memory_analysis()
+  return stats.temp_size_in_bytes, (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                    + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
 def interleaved(timers: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
   """Seconds of each ``name: fn`` (which must block until done), round by round.
 

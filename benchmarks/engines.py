@@ -103,14 +103,6 @@ def _compile(fn, *args):
   return jax.jit(fn).lower(*args).compile()
 
 
-def _memory_bytes(compiled):
-  """``(temporaries, in all)`` of ``compiled`` (per device); in all: arguments, outputs and
-  temporaries, less aliased outputs."""
-  stats = compiled.memory_analysis()
-  return stats.temp_size_in_bytes, (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                    + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
 def measure(programs, repeats):
   """``(median seconds, median per-round ratio to the first program)`` of ``name: (compiled,
   args)``, each timed interleaved round by round with the first alone (with every program in
@@ -243,7 +235,7 @@ def run_single(args):
       programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
-        temps[name], totals[name] = _memory_bytes(compiled)
+        temps[name], totals[name] = common.memory_bytes(compiled)
         if temps[name] > args.max_temp_gb * _GB:
           skipped.append(name)
         else:
@@ -318,7 +310,7 @@ def run_sharded(args):
               sharded_compiled, (*split, key)),
       }
       measured = measure(candidates, args.repeats)
-      rows = [(name, *measured[name], *_memory_bytes(compiled))
+      rows = [(name, *measured[name], *common.memory_bytes(compiled))
               for name, (compiled, _) in candidates.items()]
       _print_table(f"C={num_classes:,} ({rows_total:,} rows), B={args.batch}, D={args.dim}, "
                    f"{dtype_name}, {args.repeats} interleaved rounds "

@@ -74,12 +74,11 @@ def _random_batch(experiment, seed):
   return jax.device_put(batch, experiment.batch_sharding)
 
 
-def head_seconds(experiment, state, repeats=5):
-  """``(engine, floor, median ratio)``: seconds of the head's loss and gradients and of its
-  three matmuls, timed in turn round by round (``common.interleaved``)."""
+def head_seconds(experiment, state, labels, repeats=5):
+  """``(engine, floor, median ratio)``: seconds of the head's loss and gradients for ``labels``
+  and of its three matmuls, timed in turn round by round (``common.interleaved``)."""
   config, mesh = experiment.config, experiment.mesh
   w = state.params["head"]
-  batch = _random_batch(experiment, seed=1)
   kx, kw, kf = jax.random.split(jax.random.key(2), 3)
   x = jax.device_put(jax.random.normal(kx, (config.batch_size, w.shape[-1])),
                      experiment.batch_sharding)
@@ -98,7 +97,7 @@ def head_seconds(experiment, state, repeats=5):
 
   def run_engine():  # On the mesh; the floor, on one device, outside it.
     with jax.set_mesh(mesh):
-      return jax.block_until_ready(engine(x, w, batch["label"]))
+      return jax.block_until_ready(engine(x, w, labels))
 
   times = common.interleaved(
       {"engine": run_engine, "floor": lambda: jax.block_until_ready(floor(*floor_args))}, repeats)
@@ -106,13 +105,12 @@ def head_seconds(experiment, state, repeats=5):
           common.median_ratio(times["engine"], times["floor"]))
 
 
-def step_seconds(experiment, state, steps, repeats):
+def step_seconds(experiment, state, batches, steps, repeats):
   """``(median seconds per step, (first loss, last loss), compiled step, seconds to compile)``,
-  timed over rounds of ``steps`` (the same two batches in turn: the loss falls as they are
-  learnt by heart)."""
+  timed over rounds of ``steps`` (``batches`` in turn: the loss falls as they are learnt by
+  heart)."""
   with jax.set_mesh(experiment.mesh):
     step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b), donate_argnums=0)
-    batches = [_random_batch(experiment, seed) for seed in (10, 11)]
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_seconds = time.perf_counter() - start
@@ -122,7 +120,7 @@ def step_seconds(experiment, state, steps, repeats):
     for _ in range(repeats):
       start = time.perf_counter()
       for i in range(steps):
-        state, metrics = compiled(state, batches[i % 2])
+        state, metrics = compiled(state, batches[i % len(batches)])
       jax.block_until_ready(metrics)
       rounds.append((time.perf_counter() - start) / steps)
   return statistics.median(rounds), (first_loss, float(metrics["loss"])), compiled, compile_seconds
@@ -147,15 +145,14 @@ def main():
     experiment, state = jax.block_until_ready(
         train_lib.create_train_state(config, mesh, num_classes, image_shape))
     create_seconds = time.perf_counter() - start
-    head, floor, head_ratio = head_seconds(experiment, state)
+    batches = [_random_batch(experiment, seed) for seed in (10, 11)]
+    head, floor, head_ratio = head_seconds(experiment, state, batches[0]["label"])
     head_shape = state.params["head"].shape
     head_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state)
                      if leaf.shape == head_shape)
     step, (first_loss, loss), compiled, compile_seconds = step_seconds(
-        experiment, state, args.steps, args.repeats)
-    stats = compiled.memory_analysis()
-    memory = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+        experiment, state, batches, args.steps, args.repeats)
+    _, memory = common.memory_bytes(compiled)
     print(f"| {num_classes:,} | {args.batch / step:,.0f} | {step * 1e3:.1f} | {head * 1e3:.1f} "
           f"| {floor * 1e3:.1f} | {head_ratio:.2f}x | {head / step:.0%} | {memory / _MB:,.0f} "
           f"| {head_bytes / _MB:,.0f} | {first_loss:.2f}, {loss:.2f} |", flush=True)
