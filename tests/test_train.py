@@ -190,6 +190,28 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, eight)
 
 
+def test_backbone_is_the_seeded_model_replicated_on_every_device():
+  # The backbone's parameters and state come from one program on the host's CPU, then go to the
+  # mesh: each device holds the whole model, the one the seed builds outside any program.
+  config = train_lib.default_config()
+  config.engine.kind = "sharded"
+  mesh = train_lib.make_mesh(config)
+  image_shape = (8, 8, 1)
+  _, state = train_lib.create_train_state(config, mesh, 10, image_shape)
+  model = margins.models.create(
+      config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
+      input_size=image_shape[:2], in_channels=1, **config.model.kwargs)
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  expected = (params, model_state)
+  created = (state.params["backbone"], state.model_state)
+  assert jax.tree.structure(created) == jax.tree.structure(expected)
+  for leaf, value in zip(jax.tree.leaves(created), jax.tree.leaves(expected)):
+    assert leaf.sharding.is_fully_replicated and len(leaf.addressable_shards) == 8
+    assert leaf.sharding.mesh.shape == mesh.shape
+    np.testing.assert_allclose(leaf, value, rtol=1e-6, atol=1e-7)
+  assert state.params["head"].sharding.spec == jax.P("data")
+
+
 def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
   # 6 classes: W has 6 rows split over 2 devices, 8 over 8 (2 padding rows that never score).
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
