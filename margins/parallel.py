@@ -213,6 +213,16 @@ def _dot(a: Array, b: Array, contract: tuple[int, int], out_dtype: Any,
                              preferred_element_type=out_dtype, out_sharding=out_sharding)
 
 
+def _sharding_like(w: Array) -> Any:
+  """The ``out_sharding`` of an array like ``w`` (its gradient, a buffer), for where XLA cannot
+  infer one (a sum over a batch split on an Explicit axis): ``w``'s partition spec on the mesh in
+  context, even where ``w`` was traced without a mesh; else ``w``'s sharding, if on a mesh."""
+  sharding = jax.typeof(w).sharding
+  if jax.sharding.get_abstract_mesh().empty:
+    return None if sharding.mesh.empty else sharding
+  return sharding.spec
+
+
 def _inverse_norms(w: Array, floor_dtype: Any, out_dtype: Any) -> tuple[Array, Array]:
   """``(1 / |W_j|, 1 / |W_j|^2)`` of the rows of ``w [c, D]``; the second is 0 below the norm
   floor, where the norm is a constant (no radial gradient)."""
@@ -242,7 +252,7 @@ def _scores_pullback(x_in: Array, w: Array, g: Array,
     g = g * norms[0][None, :]
   scaled = g.astype(x_in.dtype)
   dx = _dot(scaled, w, (1, 0), g.dtype)
-  dw = _dot(scaled, x_in, (0, 0), g.dtype, out_sharding=jax.typeof(w).sharding)  # sums the batch
+  dw = _dot(scaled, x_in, (0, 0), g.dtype, out_sharding=_sharding_like(w))  # sums the batch
   if norms is not None:
     w_wide = w.astype(g.dtype)
     dw = dw - (jnp.sum(w_wide * dw, axis=1) * norms[1])[:, None] * w_wide
@@ -323,8 +333,7 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
   the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class.
   """
   margin = check_margin(margin)
-  _common.check_floating("embeddings", x, 2)
-  _common.check_floating("weights", w, (2, 3))
+  _common.check_embeddings_and_weights(x, w, (2, 3))
   floor_dtype = _common.common_float_dtype(x, w)
   x_wide = x.astype(_common.compute_dtype(x))
   if margin.normalize_embeddings:
@@ -530,9 +539,7 @@ def _scratch_like(w: Array, varying_axes: tuple[str, ...]) -> Array:
   """An array like :func:`_bits` of ``w`` (shape, dtype, sharding; varying over the mesh axes
   ``varying_axes`` like ``w``) whose every element is written before it is read: uninitialised
   on GPU and TPU, which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
-  # On the mesh in context, as ``jnp.zeros_like(w)`` would be, even where ``w`` was traced without.
-  spec = None if jax.sharding.get_abstract_mesh().empty else jax.typeof(w).sharding.spec
-  scratch = jax.lax.empty(w.shape, _bits_dtype(w.dtype), out_sharding=spec)
+  scratch = jax.lax.empty(w.shape, _bits_dtype(w.dtype), out_sharding=_sharding_like(w))
   return jax.lax.pcast(scratch, varying_axes, to="varying") if varying_axes else scratch
 
 
@@ -673,10 +680,11 @@ def sampled_count(num_local: int, sample_rate: float) -> int:
   return min(num_local, max(math.ceil(sample_rate * num_local), 1))
 
 
-def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_name):
+def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_name, num_classes):
   """Per-example losses of the whole (global) batch ``x`` against this shard's classes ``w``.
 
-  ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid).
+  ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid);
+  ``num_valid``: this shard's rows before its padding; ``num_classes``: all shards' (static).
   """
   input_dtype = _common.common_float_dtype(x, w)
   matmul_dtype = engine.matmul_dtype or input_dtype
@@ -691,8 +699,9 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   # still its own examples' target.
   rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name,
                       margin.normalize_weights)
-  num_sampled = sampled_count(w.shape[0], engine.sample_rate)
-  if num_sampled < w.shape[0]:
+  # Every shard keeps as many as a rate of the fullest shard's classes, padding rows not counted.
+  num_sampled = sampled_count(min(w.shape[0], num_classes), engine.sample_rate)
+  if engine.sample_rate < 1 and num_sampled < w.shape[0]:
     if axis_name is not None:
       key = jax.random.fold_in(key, _shard_index(axis_name))
     w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key,
@@ -756,7 +765,8 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
 
 def _local_loss(x, w, labels, margin, key, *, engine, num_classes):
   local_labels = jnp.where((labels >= 0) & (labels < num_classes), labels, -1)
-  return _scored_loss(x, w, local_labels, num_classes, margin, key, engine=engine, axis_name=None)
+  return _scored_loss(x, w, local_labels, num_classes, margin, key, engine=engine, axis_name=None,
+                      num_classes=num_classes)
 
 
 def _shard_index(axis_name):
@@ -799,7 +809,7 @@ def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
     local = labels - start
     local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
     losses, margin = _scored_loss(x_global, w, local_labels, num_valid, margin, key,
-                                  engine=engine, axis_name=axis_name)
+                                  engine=engine, axis_name=axis_name, num_classes=num_classes)
     batch = x.shape[0]
     return jax.lax.dynamic_slice_in_dim(losses, shard * batch, batch), margin
 

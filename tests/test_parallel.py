@@ -38,6 +38,7 @@ MARGINS = {
     "adaface": margins.AdaFace(scale=8.0),
     "magface": margins.MagFace(scale=8.0),
     "elasticface": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1),
+    "elasticface_plus": margins.ElasticFace(key=KEY, scale=8.0, sigma=0.1, plus=True),
     "spherefacer": margins.SphereFaceR(scale=8.0, margin=1.7),
     "spherefacer_v2": margins.SphereFaceR(scale=8.0, margin=1.4, kind="v2"),
     "sphereface2": margins.SphereFace2(bias=1.0, scale=8.0),
@@ -313,15 +314,18 @@ def test_sharded_on_two_axes_of_mixed_types(axis_types, engine_axes, batch_axis)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_with_the_batch_split_over_explicit_axes(dense_results):
-  # Data parallel: each device runs the chunks over its examples against the whole of W.
+@pytest.mark.parametrize("engine", [margins.chunked(5), margins.chunked(16), margins.dense()],
+                         ids=["chunks", "one_chunk", "dense"])
+def test_batch_split_over_explicit_axes(dense_results, engine):
+  # Data parallel: each device scores its examples against the whole of W, which here is on no
+  # mesh; ElasticFace+ sorts the whole batch's cosines.
   mesh = make_mesh(4, AxisType.Explicit)
   x, w2, w3, labels = make_inputs(13, 13)
   split = lambda a: jax.device_put(a, NamedSharding(mesh, jax.P("devices")))  # noqa: E731
-  run = all_losses_and_grads(margins.chunked(5), 13, names=FEW_MARGINS)
+  run = all_losses_and_grads(engine, 13, names=(*FEW_MARGINS, "elasticface_plus"))
   with jax.set_mesh(mesh):
     got = run(split(x), w2, w3, split(labels))
-  assert_matches_dense(got, dense_results[13], 13)
+  assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
@@ -463,6 +467,13 @@ def test_engine_rejects_bad_settings():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("weights_shape", [(10, 4), (10, 2, 4), (10, 3)])
+def test_similarity_rejects_weights_of_another_dimension(weights_shape):
+  with pytest.raises(ValueError, match=rf"feature dimension {weights_shape[-1]} but `embeddings` "
+                                       r"has 8"):
+    margins.similarity(jnp.ones((4, 8)), jnp.ones(weights_shape), margins.ArcFace())
+
+
 def test_sample_classes_keeps_positives_fixed_count_and_is_reproducible():
   labels = jnp.array([3, 3, 40, -1, 99, 0], jnp.int32)
   draw = jax.jit(parallel.sample_classes, static_argnums=(1, 3))
@@ -488,6 +499,21 @@ def test_sampled_count():
   # insightface's WebFace42M ViT recipe on its 64 GPUs: 30 % of each device's 32,187 classes,
   # whatever the global batch (24,576).
   assert parallel.sampled_count(32_187, 0.3) == 9657
+
+
+@pytest.mark.parametrize("engine", [margins.dense(sample_rate=0.5),
+                                    margins.chunked(4, sample_rate=0.5)])
+def test_sample_size_counts_classes_not_padding_rows(engine):
+  # Half of 10 classes, whether W has 10 rows or 100 (90 of them padding).
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8)).astype(np.float32)
+  w = rng.normal(size=(100, 8)).astype(np.float32)
+  labels = np.array([0, 1], np.int32)
+  for rows in (10, 100):
+    grad = jax.jit(jax.grad(lambda w_: jnp.sum(engine(
+        x, w_, labels, margins.ArcFace(), num_classes=10, key=jax.random.key(0))[0])))(w[:rows])
+    touched = np.any(np.asarray(grad) != 0, axis=1)
+    assert touched[:2].all() and touched.sum() == 5, (rows, np.flatnonzero(touched))
 
 
 def sampled_reference(x, w, labels, kept, margin):

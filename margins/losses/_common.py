@@ -63,17 +63,23 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
   return labels
 
 
-def check_classification_inputs(
-    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
-  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
+def check_embeddings_and_weights(embeddings: Any, weights: Any,
+                                 weights_rank: int | tuple[int, ...] = 2) -> None:
+  """Checks ``embeddings [B, D]`` and ``weights [C, D]`` (``[C, K, D]`` with sub-centres)."""
   check_floating("embeddings", embeddings, 2)
   check_floating("weights", weights, weights_rank)
-  batch_size, dim = np.shape(embeddings)
+  dim = np.shape(embeddings)[1]
   if np.shape(weights)[-1] != dim:
     raise ValueError(
         f"`weights` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
         f"(weights are [num_classes, dim], one row per class).")
-  check_labels(labels, batch_size, np.shape(weights)[0])
+
+
+def check_classification_inputs(
+    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
+  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
+  check_embeddings_and_weights(embeddings, weights, weights_rank)
+  check_labels(labels, np.shape(embeddings)[0], np.shape(weights)[0])
 
 
 def common_float_dtype(*arrays: Any) -> jnp.dtype:

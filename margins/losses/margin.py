@@ -512,9 +512,15 @@ class ElasticFace(Margin):
     draws = self.margin + self.sigma * jax.random.normal(self.key, rows.cos.shape, rows.cos.dtype)
     if not self.plus:
       return draws
-    # The k-th largest cosine gets the k-th smallest margin.
-    order = jnp.argsort(-jax.lax.stop_gradient(rows.cos))
-    return jnp.zeros_like(draws).at[order].set(jnp.sort(draws))
+    # The k-th largest cosine gets the k-th smallest margin, over the whole batch: where
+    # Explicit mesh axes split it, both are sorted replicated, and the margins split back.
+    cos = jax.lax.stop_gradient(rows.cos)
+    sharding = jax.typeof(cos).sharding
+    split = any(axis is not None for axis in sharding.spec)
+    if split:
+      cos, draws = jax.reshard((cos, draws), jax.NamedSharding(sharding.mesh, jax.P()))
+    margins = jnp.zeros_like(draws).at[jnp.argsort(-cos)].set(jnp.sort(draws))
+    return jax.reshard(margins, sharding) if split else margins
 
   def target_logit(self, rows):
     margins = self.sampled_margins(rows)
