@@ -58,7 +58,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
   """The image files below ``root`` (any depth), as sorted paths relative to ``root``.
 
   Hidden files and folders (``.*``, such as macOS's ``._*`` resource files) are skipped, and a
-  folder that symbolic links reach twice is read once.
+  folder that symbolic links reach twice is read once, under its first name in sorted order.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
@@ -71,7 +71,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
       subfolders.clear()
       continue
     seen.add(real)
-    subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
     found += [os.path.relpath(os.path.join(folder, name), root) for name in names
               if not name.startswith(".") and name.lower().endswith(suffixes)]
   return sorted(found)
@@ -119,7 +119,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
                              batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)
-  except ValueError as error:  # An image that does not decode: its path is in the message.
+  except (ValueError, OSError) as error:  # An image that does not decode or cannot be read
+    # (a broken link): its path is in the message.
     raise app.UsageError(str(error)) from error
   out = cli_flags.OUT.value
   out = out if out.endswith(".npy") else out + ".npy"  # As np.save names it.

@@ -215,6 +215,23 @@ def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli):
   (images / "b" / "broken.png").write_bytes(b"\0" * 16)
   with pytest.raises(app.UsageError, match="broken.png: cannot decode"):
     cli(embed_folder, "--model", model_dir, "--images", str(images), "--out", out)
+  (images / "b" / "broken.png").unlink()
+  os.symlink(tmp_path / "nowhere.png", images / "b" / "gone.png")  # A broken link.
+  with pytest.raises(app.UsageError, match="No such file.*gone.png"):
+    cli(embed_folder, "--model", model_dir, "--images", str(images), "--out", out)
+
+
+@pytest.mark.parametrize("link_first", [True, False])
+def test_a_folder_reached_twice_is_listed_under_its_first_name_in_sorted_order(tmp_path,
+                                                                               link_first):
+  # Which name the file system's listing gives first depends on the order they were made in.
+  if link_first:
+    os.symlink(tmp_path / "faces", tmp_path / "link")
+  for name in ("faces/1.png", "faces/2.png"):
+    _write_png(tmp_path / name, np.zeros((4, 4), np.uint8))
+  if not link_first:
+    os.symlink(tmp_path / "faces", tmp_path / "link")
+  assert embed_folder.list_images(tmp_path) == ["faces/1.png", "faces/2.png"]
 
 
 def test_embed_folder_lists_file_names_the_file_system_gives(run, tmp_path, cli):

@@ -157,3 +157,7 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--data", str(other))
   with pytest.raises(app.UsageError, match="must be a multiple of the 8 devices"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--batch_size", "12")
+  before = {name: (data / name).read_bytes() for name in os.listdir(data)}
+  with pytest.raises(app.UsageError, match="is the folder being cleaned"):  # The run's data.
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "." / "noisy"))
+  assert {name: (data / name).read_bytes() for name in os.listdir(data)} == before

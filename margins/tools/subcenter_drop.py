@@ -147,6 +147,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
       raise ValueError(f"The run trained on {trained_on.name!r} data, not a RecordIO folder: "
                        "give the folder to clean.")
     data = trained_on.path
+  if os.path.realpath(output) == os.path.realpath(data):
+    raise ValueError(f"--out {output} is the folder being cleaned: writing there would truncate "
+                     "the images still to be read. Give another folder.")
   source = data_lib.RecordIOSource(data, image_shape=image_shape)
   if source.num_classes != num_classes:
     raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
