@@ -181,5 +181,6 @@ def test_bad_input_names_the_argument():
       fn(x, centers, LABELS.astype(np.float32))
     with pytest.raises(ValueError, match="`labels`"):
       fn(x, centers, LABELS[:-1])
-  with pytest.raises(ValueError, match="`alpha`"):
-    center.update_centers(centers, x, LABELS, alpha=1.5)
+  for alpha in (1.5, -0.1, np.float32(1.5), jnp.float32(1.5)):  # Any concrete number.
+    with pytest.raises(ValueError, match="`alpha`"):
+      center.update_centers(centers, x, LABELS, alpha=alpha)

@@ -101,7 +101,8 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   """
   labels = _check_center_inputs(embeddings, centers, labels)
   centers = jnp.asarray(centers)
-  if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
+  if not isinstance(alpha, jax.core.Tracer) and not np.all((0 <= np.asarray(alpha)) &
+                                                          (np.asarray(alpha) <= 1)):
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
   num_classes, batch_size = np.shape(centers)[0], np.shape(labels)[0]
   dtype = _common.compute_dtype(embeddings, centers)

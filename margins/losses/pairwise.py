@@ -48,6 +48,7 @@ def _whole_batch(loss_fn):
   the batch counts), and splits its ``[B]`` losses back like the embeddings."""
   @functools.wraps(loss_fn)
   def loss_over_whole_batch(embeddings: Array, labels: Array, **hyperparameters) -> Array:
+    labels = jnp.asarray(labels)  # A list, as every loss takes; its dtype is checked later.
     losses = loss_fn(_common.gathered(embeddings), _common.gathered(labels), **hyperparameters)
     return _common.split_like(losses, embeddings)
   return loss_over_whole_batch
@@ -276,7 +277,7 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
 
 def _masked_logsumexp(logits: Array, mask: Array) -> Array:
   """Row-wise log-sum-exp over ``mask``; 0 (with zero gradient) for a row with nothing in it."""
-  top = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True)
+  top = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True, initial=-jnp.inf)
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0))
   sum_exp = jnp.sum(jnp.exp(jnp.where(mask, logits - top, -jnp.inf)), axis=1)
   has_any = jnp.any(mask, axis=1)
