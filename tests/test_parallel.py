@@ -316,15 +316,17 @@ def test_sharded_on_two_axes_of_mixed_types(axis_types, engine_axes, batch_axis)
 
 @pytest.mark.parametrize("engine", [margins.chunked(5), margins.chunked(16), margins.dense()],
                          ids=["chunks", "one_chunk", "dense"])
-def test_batch_split_over_explicit_axes(dense_results, engine):
+@pytest.mark.parametrize("split_labels", [True, False])
+def test_batch_split_over_explicit_axes(dense_results, engine, split_labels):
   # Data parallel: each device scores its examples against the whole of W, which here is on no
-  # mesh; ElasticFace+ sorts the whole batch's cosines.
+  # mesh; replicated labels are split like the examples; ElasticFace+ sorts the whole batch's
+  # cosines; SphereFace2 selects by label.
   mesh = make_mesh(4, AxisType.Explicit)
   x, w2, w3, labels = make_inputs(13, 13)
   split = lambda a: jax.device_put(a, NamedSharding(mesh, jax.P("devices")))  # noqa: E731
-  run = all_losses_and_grads(engine, 13, names=(*FEW_MARGINS, "elasticface_plus"))
+  run = all_losses_and_grads(engine, 13, names=(*FEW_MARGINS, "elasticface_plus", "sphereface2"))
   with jax.set_mesh(mesh):
-    got = run(split(x), w2, w3, split(labels))
+    got = run(split(x), w2, w3, split(labels) if split_labels else labels)
   assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
 
 

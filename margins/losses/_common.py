@@ -156,11 +156,10 @@ def gathered(x: Array) -> Array:
 def split_like(x: Array, reference: Array) -> Array:
   """``x [B, ...]`` split over the mesh like ``reference [B, ...]`` on the leading axis, if
   Explicit mesh axes split ``reference`` (else as is)."""
-  leading = jax.typeof(reference).sharding.spec[0]
-  if leading is None:
+  sharding = jax.typeof(reference).sharding
+  if sharding.spec[0] is None:
     return x
-  sharding = jax.typeof(x).sharding
-  return jax.sharding.reshard(x, sharding.update(spec=jax.P(leading)))
+  return jax.sharding.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
 def take_rows(table: Array, indices: Array) -> Array:

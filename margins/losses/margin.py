@@ -512,15 +512,11 @@ class ElasticFace(Margin):
     draws = self.margin + self.sigma * jax.random.normal(self.key, rows.cos.shape, rows.cos.dtype)
     if not self.plus:
       return draws
-    # The k-th largest cosine gets the k-th smallest margin, over the whole batch: where
-    # Explicit mesh axes split it, both are sorted replicated, and the margins split back.
-    cos = jax.lax.stop_gradient(rows.cos)
-    sharding = jax.typeof(cos).sharding
-    split = any(axis is not None for axis in sharding.spec)
-    if split:
-      cos, draws = jax.reshard((cos, draws), jax.NamedSharding(sharding.mesh, jax.P()))
+    # The k-th largest cosine gets the k-th smallest margin, over the whole batch (sorted whole
+    # where Explicit mesh axes split it).
+    cos, draws = _common.gathered(jax.lax.stop_gradient(rows.cos)), _common.gathered(draws)
     margins = jnp.zeros_like(draws).at[jnp.argsort(-cos)].set(jnp.sort(draws))
-    return jax.reshard(margins, sharding) if split else margins
+    return _common.split_like(margins, rows.cos)
 
   def target_logit(self, rows):
     margins = self.sampled_margins(rows)
