@@ -466,8 +466,8 @@ def _on_host(init_fn, shardings):
   """``init_fn()`` (replicated arrays, no inputs) computed by one program on :func:`_host_device`,
   then placed on the devices of ``shardings`` (a matching tree), each process filling its own.
 
-  The backbone's initialisers are hundreds of small random programs: for IResNet-100, XLA:CPU
-  compiles them in 8 s, where XLA:GPU was still compiling after 100 s on an H200 (flax issue
+  The backbone's program holds hundreds of random initialisers: for IResNet-100, XLA:CPU
+  compiles it in 8 s, where XLA:GPU was still compiling it after 100 s on an H200 (flax issue
   1331 reports the same on TPU). A program of its own also lets runs of one backbone with other
   heads, losses or optimizers share it in JAX's persistent compilation cache.
   """

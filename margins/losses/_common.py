@@ -64,15 +64,17 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
 
 
 def check_embeddings_and_weights(embeddings: Any, weights: Any,
-                                 weights_rank: int | tuple[int, ...] = 2) -> None:
-  """Checks ``embeddings [B, D]`` and ``weights [C, D]`` (``[C, K, D]`` with sub-centres)."""
+                                 weights_rank: int | tuple[int, ...] = 2,
+                                 name: str = "weights") -> None:
+  """Checks ``embeddings [B, D]`` and ``weights [C, D]`` (``[C, K, D]`` with sub-centres),
+  called ``name`` in the errors."""
   check_floating("embeddings", embeddings, 2)
-  check_floating("weights", weights, weights_rank)
+  check_floating(name, weights, weights_rank)
   dim = np.shape(embeddings)[1]
   if np.shape(weights)[-1] != dim:
     raise ValueError(
-        f"`weights` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
-        f"(weights are [num_classes, dim], one row per class).")
+        f"`{name}` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
+        f"({name} are [num_classes, dim], one row per class).")
 
 
 def check_classification_inputs(

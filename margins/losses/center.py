@@ -21,14 +21,8 @@ Array = jax.Array
 
 def _check_center_inputs(embeddings: Array, centers: Array, labels: Array) -> Array:
   """Checks the inputs; returns the labels as ``_common.check_labels`` does."""
-  _common.check_floating("embeddings", embeddings, 2)
-  _common.check_floating("centers", centers, 2)
-  batch_size, dim = np.shape(embeddings)
-  if np.shape(centers)[1] != dim:
-    raise ValueError(
-        f"`centers` has feature dimension {np.shape(centers)[1]} but `embeddings` has {dim} "
-        f"(centers are [num_classes, dim], one row per class).")
-  return _common.check_labels(labels, batch_size, np.shape(centers)[0])
+  _common.check_embeddings_and_weights(embeddings, centers, name="centers")
+  return _common.check_labels(labels, np.shape(embeddings)[0], np.shape(centers)[0])
 
 
 def center_loss(embeddings: Array, centers: Array, labels: Array) -> Array:
