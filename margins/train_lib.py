@@ -962,8 +962,16 @@ def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+  """Each leaf's shape by path; a typed PRNG key's (dropout's, drop path's) is that of its key
+  data, ``[..., 2]``, as orbax stores it."""
+  return {jax.tree_util.keystr(path): tuple(_stored_shape(leaf))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _stored_shape(leaf) -> tuple[int, ...]:
+  if not jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    return leaf.shape
+  return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -572,3 +572,18 @@ def test_only_sphereface2_adds_an_optimizer_group():
   params["head_bias"] = jnp.zeros(())
   assert set(train_lib.make_optimizer(config).init(params).inner_states) == {
       "backbone", "head", "head_bias"}
+
+
+@pytest.mark.parametrize("parts", train_lib.RESTORE_PARTS)
+def test_backbone_with_dropout_keys_restores(parts, tmp_path):
+  # ViT's drop path and token masking (IResNet's dropout too) keep typed PRNG keys in the model
+  # state; orbax stores their key data, [2] uint32, in place of the [] key.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  config.model = dict(name="vit_t", embedding_dim=8,
+                      kwargs=dict(width=16, depth=1, num_heads=1, patch_size=4))
+  config.mesh.shape = (1,)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  _, state = train_lib.restore(str(tmp_path), parts=parts)
+  keys = [leaf for leaf in jax.tree.leaves(state.model_state)
+          if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+  assert keys and all(key.shape == () for key in keys)
