@@ -10,6 +10,7 @@ import pytest
 from absl import app
 
 from margins import data as data_lib
+from margins import recipes
 from margins import train_lib
 from margins.tools import subcenter_drop
 from tests.test_evaluate_export import cli  # noqa: F401  (a fixture)
@@ -143,6 +144,9 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   starts = np.searchsorted(cleaned.labels, np.arange(kept_classes)) + 1
   ends = np.searchsorted(cleaned.labels, np.arange(kept_classes), side="right") + 1
   assert cleaned.identity_ranges().tolist() == np.stack([starts, ends], 1).tolist()
+  bins = sorted(f"{name}.bin" for name in recipes.VERIFICATION_SETS)  # As the recipes read them.
+  assert sorted(os.listdir(out)) == [*bins, "property", "train.idx", "train.rec"]
+  assert all((out / name).read_bytes() == (data / name).read_bytes() for name in bins)
   with pytest.raises(app.UsageError, match="No image of .* lies within 0 degrees"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "empty"), "--max_angle", "0")
   assert not os.path.exists(tmp_path / "empty")

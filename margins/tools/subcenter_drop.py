@@ -15,13 +15,15 @@ insightface's ``subcenter_arcface/drop.py``): train with ``K`` sub-centres per c
   paper); classes left without images are dropped and the others renumbered in order.
 
 Writes ``--out/train.rec``, ``train.idx`` and ``property`` (insightface's layout), the kept
-images' bytes as they were stored; the third step trains ArcFace (``K = 1``) on them. A run
-with one centre per class (``W [C, D]``) cleans by the angle to it.
+images' bytes as they were stored, and copies the data folder's verification sets (``*.bin``),
+which the recipes evaluate from the folder they train on; the third step trains ArcFace
+(``K = 1``) on them. A run with one centre per class (``W [C, D]``) cleans by the angle to it.
 """
 
 import dataclasses
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -186,6 +188,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
     pack_recordio.write_identity_dataset(
         os.path.join(output, "train"), cleaning.labels[kept], stored_images(),
         num_classes=cleaning.num_classes, image_size=stored_size)
+    for name in sorted(os.listdir(data)):
+      if name.endswith(".bin"):
+        shutil.copyfile(os.path.join(data, name), os.path.join(output, name))
   return cleaning
 
 
