@@ -755,7 +755,10 @@ class MetricWriter:
       with open(self.path, "w") as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # ``purge_step``: TensorBoard hides the events of the steps past ``resume_step`` that the
+    # interrupted run wrote, as the lines of ``metrics.jsonl`` above are dropped.
+    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:
@@ -815,6 +818,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value % jax.process_count():
       raise ValueError(f"config.{name} = {value} is not divisible by the "
                        f"{jax.process_count()} processes.")
+  for name in ("log_every", "checkpoint_every"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be a positive number of steps, got {config[name]}.")
   parts = config.micro_batches
   if parts < 1 or config.batch_size % (parts * mesh.size):
     raise ValueError(f"config.micro_batches = {parts} must be a positive divisor of each "

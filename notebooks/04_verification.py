@@ -56,7 +56,7 @@ WORKDIR = pathlib.Path(tempfile.gettempdir()) / (
 # batches of 128 (about a minute on a 2-core CPU; `MARGINS_QUICK=1` takes the config's `quick`
 # variant, 20 steps). Delete `WORKDIR` to train again.
 #
-# Notebook 02's fast settings (8x8 digits, BatchNorm, batches of 64, a learning rate of 0.05)
+# Fast settings like notebook 02's (8x8 digits, BatchNorm, batches of 64) at a learning rate of 0.05
 # do not suit this 32-D model: after 300 steps its embeddings had collapsed, nearly half of all
 # pairs at a cosine above 0.98, and verified the unseen digits at chance, 0.54.
 

@@ -350,6 +350,8 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
     (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
     (lambda c: c.update(compute_dtype="float64"), "compute_dtype must be 'float32', "),
+    (lambda c: c.update(log_every=0), "config.log_every must be a positive"),
+    (lambda c: c.update(checkpoint_every=0), "config.checkpoint_every must be a positive"),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
@@ -587,3 +589,37 @@ def test_backbone_with_dropout_keys_restores(parts, tmp_path):
   keys = [leaf for leaf in jax.tree.leaves(state.model_state)
           if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
   assert keys and all(key.shape == () for key in keys)
+
+
+def _tensorboard_scalars(workdir: str, tag: str) -> list[int]:
+  """The steps of ``tag`` as TensorBoard shows them: its event files in order, a SessionLog START
+  at step ``s`` dropping the points at ``s`` and later written before it (TensorBoard's purge of
+  a restarted run's orphaned data)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += length + 16
+      if event.session_log.status == event_pb2.SessionLog.START:
+        steps = [step for step in steps if step < event.step]
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+  return steps
+
+
+def test_resumed_metric_writer_drops_the_lost_steps_in_tensorboard_too(tmp_path):
+  writer = train_lib.MetricWriter(str(tmp_path), 0)
+  for step in range(1, 5):
+    writer.write(step, {"loss": float(step)})
+  writer.close()
+  time.sleep(1.1)  # tensorboardX names its files by the second: the resumed run's sorts after.
+  writer = train_lib.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
+  for step in (3, 4):
+    writer.write(step, {"loss": 10.0 + step})
+  writer.close()
+  assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+  assert _tensorboard_scalars(str(tmp_path), "loss") == [1, 2, 3, 4]
