@@ -56,9 +56,9 @@ WORKDIR = pathlib.Path(tempfile.gettempdir()) / (
 # batches of 128 (about a minute on a 2-core CPU; `MARGINS_QUICK=1` takes the config's `quick`
 # variant, 20 steps). Delete `WORKDIR` to train again.
 #
-# Fast settings like notebook 02's (8x8 digits, BatchNorm, batches of 64) at a learning rate of 0.05
-# do not suit this 32-D model: after 300 steps its embeddings had collapsed, nearly half of all
-# pairs at a cosine above 0.98, and verified the unseen digits at chance, 0.54.
+# Fast settings like notebook 02's (8x8 digits, BatchNorm, batches of 64) at a learning rate
+# of 0.05 do not suit this 32-D model: after 300 steps its embeddings had collapsed, nearly half
+# of all pairs at a cosine above 0.98, and verified the unseen digits at chance, 0.54.
 
 # %%
 spec = importlib.util.spec_from_file_location("digits_arcface", CONFIG_PATH)
