@@ -133,6 +133,9 @@ class SoftmaxEngine:
             f"`weights` are split over the mesh axes {class_axes!r} on the class dimension (an "
             f"Explicit sharding); split the classes with margins.sharded(mesh, {class_axes!r}) "
             "or replicate `weights`.")
+      # Explicit axes splitting the embedding dimension (or sub-centres) are gathered: the
+      # engines split only the examples (and, sharded, the classes).
+      embeddings, weights = _common.whole_rows(embeddings), _common.whole_rows(weights)
       labels = _common.split_like(labels, embeddings)  # As the examples, where these are split.
       losses, margin = _local_loss(
           embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)

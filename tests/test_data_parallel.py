@@ -15,7 +15,7 @@ KEY = jax.random.key(3)
 
 # name: loss(x, w, w3 (sub-centres), labels) -> (per-example losses, anything else to compare)
 LOSSES = {
-    "softmax": lambda x, w, w3, y: (margins.softmax_loss(x, w, y, bias=w[:, 0]), None),
+    "softmax": lambda x, w, w3, y: (margins.softmax_loss(x, w, y, bias=w.mean(axis=1)), None),
     "normface": lambda x, w, w3, y: (margins.normface_loss(x, w, y), None),
     "lsoftmax": lambda x, w, w3, y: (margins.lsoftmax_loss(x, w, y, margin=3), None),
     "sphereface": lambda x, w, w3, y: (margins.sphereface_loss(x, w, y, annealing=5.0), None),
@@ -75,14 +75,20 @@ def single_device():
   return jax.jit(losses_and_grads)(*inputs())
 
 
-@pytest.mark.parametrize("axis_type,placed", [(AxisType.Explicit, True), (AxisType.Auto, True),
-                                              (AxisType.Explicit, False)])
-def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, placed):
+@pytest.mark.parametrize("axis_type,placed,fsdp", [
+    (AxisType.Explicit, True, False), (AxisType.Auto, True, False),
+    (AxisType.Explicit, False, False), (AxisType.Explicit, True, True)])
+def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, placed, fsdp):
   # ``placed``: the arrays are put on the mesh before the call; else ``jit``'s ``in_shardings``
   # place them (under Explicit axes, JAX then traces them without a mesh in their type).
+  # ``fsdp``: the centres split on the feature axis over the same devices, as FSDP splits
+  # parameters; their gradients come back split so.
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:4])
   batch, replicated = NamedSharding(mesh, jax.P("batch")), NamedSharding(mesh, jax.P())
   shardings = (batch, replicated, replicated, batch)
+  if fsdp:
+    shardings = (batch, NamedSharding(mesh, jax.P(None, "batch")),
+                 NamedSharding(mesh, jax.P(None, None, "batch")), batch)
   arrays = inputs()
   with jax.set_mesh(mesh):
     if placed:
@@ -96,7 +102,9 @@ def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, pl
       np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
     if axis_type == AxisType.Explicit and placed:
       assert losses.sharding.spec[0] == "batch", (name, losses.sharding)  # stays split
-      assert grads[1].sharding.is_fully_replicated, (name, grads[1].sharding)
+      assert grads[1].sharding.is_equivalent_to(shardings[1], 2), (name, grads[1].sharding)
+  new_centers = got["center"][0][1]  # update_centers gives them back split as they came
+  assert new_centers.sharding.is_equivalent_to(shardings[1], 2) or not placed
 
 
 # What the data-parallel chunked program may move between devices: W's gradient, summed once

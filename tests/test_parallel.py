@@ -330,6 +330,23 @@ def test_batch_split_over_explicit_axes(dense_results, engine, split_labels):
   assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
 
 
+@pytest.mark.parametrize("engine", [margins.chunked(5), margins.dense()], ids=["chunks", "dense"])
+@pytest.mark.parametrize("batch_split", [True, False])
+def test_embedding_dimension_split_over_explicit_axes(dense_results, engine, batch_split):
+  # W (and x) split on D, as FSDP splits parameters: the engines gather D and give W's gradient
+  # back split as W came (they failed on a contraction over a split axis, or on the chunk loops).
+  mesh = make_mesh(4, AxisType.Explicit)
+  x, w2, w3, labels = make_inputs(13, 13)
+  features = NamedSharding(mesh, jax.P(None, "devices"))
+  put_x = NamedSharding(mesh, jax.P("devices")) if batch_split else features
+  run = all_losses_and_grads(engine, 13, names=FEW_MARGINS)
+  with jax.set_mesh(mesh):
+    got = run(jax.device_put(x, put_x), jax.device_put(w2, features),
+              jax.device_put(w3, NamedSharding(mesh, jax.P(None, None, "devices"))), labels)
+  assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
+  assert got["arcface"][1][1].sharding.is_equivalent_to(features, 2)  # dW split like W
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_sharded_program_never_gathers_weights(axis_type):
   mesh = make_mesh(8, axis_type)

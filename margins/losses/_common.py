@@ -164,6 +164,16 @@ def split_like(x: Array, reference: Array) -> Array:
   return jax.sharding.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
+def whole_rows(x: Array) -> Array:
+  """``x [N, ...]`` whole in every dimension but the first on each device, if Explicit mesh axes
+  split another (e.g. the embedding dimension of ``W``, as FSDP splits parameters); as is
+  otherwise. Its gradient comes back split as ``x`` was."""
+  sharding = jax.typeof(x).sharding
+  if all(axis is None for axis in tuple(sharding.spec)[1:]):
+    return x
+  return jax.sharding.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
+
+
 def take_rows(table: Array, indices: Array) -> Array:
   """``table[indices]``: ``[B, ...]`` rows of ``table [N, ...]`` at ``indices [B]``, split over
   the mesh like ``indices``. Where Explicit mesh axes split the batch and each device holds the

@@ -52,6 +52,7 @@ def center_loss(embeddings: Array, centers: Array, labels: Array) -> Array:
   labels = _check_center_inputs(embeddings, centers, labels)
   dtype = _common.compute_dtype(embeddings, centers)
   in_range = jnp.clip(labels, 0, np.shape(centers)[0] - 1)  # out-of-range losses become NaN
+  centers = _common.whole_rows(centers)  # D whole on each device, as the embeddings' rows.
   own_centers = _common.take_rows(jax.lax.stop_gradient(centers), in_range)
   differences = embeddings.astype(dtype) - own_centers.astype(dtype)
   loss = 0.5 * jnp.sum(jnp.square(differences), axis=1)
@@ -94,7 +95,8 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
     (Algorithm 1).
   """
   labels = _check_center_inputs(embeddings, centers, labels)
-  centers = jnp.asarray(centers)
+  given = jnp.asarray(centers)
+  centers = _common.whole_rows(given)  # D whole on each device; split back as given at the end.
   if not isinstance(alpha, jax.core.Tracer) and not np.all((0 <= np.asarray(alpha)) &
                                                           (np.asarray(alpha) <= 1)):
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
@@ -113,4 +115,5 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   current = centers.at[classes].get(mode="fill", fill_value=0).astype(dtype)
   counts = counts[:, None]
   step = jnp.asarray(alpha, dtype) * (counts * current - sums) / (1 + counts)
-  return centers.at[classes].set((current - step).astype(centers.dtype), mode="drop")
+  updated = centers.at[classes].set((current - step).astype(centers.dtype), mode="drop")
+  return updated if centers is given else jax.sharding.reshard(updated, jax.typeof(given).sharding)

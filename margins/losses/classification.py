@@ -56,7 +56,8 @@ def softmax_loss(embeddings: Array, weights: Array, labels: Array, *,
       raise ValueError(f"`bias` has {np.shape(bias)[0]} entries but `weights` has "
                        f"{np.shape(weights)[0]} classes.")
     _common.check_classification_inputs(embeddings, weights, labels)
-    # x.W_j + b_j is the dot product of [x, 1] and [W_j, b_j].
+    # x.W_j + b_j is the dot product of [x, 1] and [W_j, b_j] (D whole on each device).
+    embeddings, weights = _common.whole_rows(embeddings), _common.whole_rows(weights)
     embeddings = jnp.concatenate([embeddings, jnp.ones_like(embeddings[:, :1])], axis=1)
     weights = jnp.concatenate([weights, bias[:, None].astype(weights.dtype)], axis=1)
   return _dense_loss(embeddings, weights, labels, margin_lib.Softmax())[0]
