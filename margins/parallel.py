@@ -520,7 +520,7 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
     w_chunk, centres, chunk_norms = _chunk(x_in, w, start, size, margin, floor_dtype)
     scores = _scores(x_in, centres, chunk_norms)
     logits = _chunk_logits(scores, w_chunk.shape, start, rows, margin, local_labels, num_valid)
-    new_max = _running_max(margin, max_, logits)
+    new_max = jax.lax.stop_gradient(_running_max(margin, max_, logits))
     sum_ = sum_ * jnp.exp(max_ - new_max) + jnp.sum(margin.row_terms(logits, new_max), axis=1)
     if buffer is not None:
       buffer = _store_scores(buffer, scores[:kept], start, size)
@@ -584,6 +584,8 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
     scores = _scores(rest, centres, chunk_norms) if rest.shape[0] else None
     if kept:
       stored = _load_scores(dw, start, size, (kept, centres.shape[0]), score_dtype)
+      stored = _kept_scores(stored, x_in[:kept], centres,
+                            floor_dtype if margin.normalize_weights else None)
       scores = stored if scores is None else jnp.concatenate([stored, scores])
     def row_terms(s_, r_, p_):
       chunk_margin = with_params(p_)
@@ -604,6 +606,31 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
   dx, dw, drows, dparams = _for_each_chunk(w.shape[0], chunk_size, body, init)
   return (dx.astype(x_in.dtype), _from_bits(dw, w.dtype), drows,
           with_params(dparams, keep_others=False), None, None, None)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _kept_scores(stored: Array, x_kept: Array, centres: Array, floor_dtype: Any) -> Array:
+  """``stored``, the :func:`_scores` of ``x_kept`` and ``centres`` that the forward pass kept
+  (normalised for the norm floor of ``floor_dtype``, none if ``None``), with the tangents of
+  recomputed scores: differentiating the backward pass (a Hessian, a gradient penalty) sees how
+  the scores move, where the bits read back from the buffer would carry none. A first derivative
+  never evaluates the tangents, so it costs nothing there."""
+  del x_kept, centres, floor_dtype
+  return stored
+
+
+@_kept_scores.defjvp
+def _kept_scores_jvp(floor_dtype, primals, tangents):
+  stored, x_kept, centres = primals
+  _, dx, dcentres = tangents
+
+  def scores(x_, centres_):
+    norms = None
+    if floor_dtype is not None:
+      norms = _inverse_norms(centres_, floor_dtype, _common.compute_dtype(x_, centres_))
+    return _scores(x_, centres_, norms)
+
+  return stored, jax.jvp(scores, (x_kept, centres), (dx, dcentres))[1].astype(stored.dtype)
 
 
 def _floating_leaves(margin: Margin) -> tuple[list[Array], Callable[..., Margin]]:
