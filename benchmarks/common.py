@@ -17,13 +17,15 @@ def dot(a, b, contract):
                              preferred_element_type=jnp.float32)
 
 
-def floor(x, w):
+def floor(x, w, matmul_dtype=None):
   """The three matmuls of a forward and backward pass, the logits standing in for ``g``.
 
-  Inputs in their dtype, float32 accumulation, outputs in the inputs' dtypes.
+  Inputs in their dtype (or cast to ``matmul_dtype`` first, as the engines cast a float32
+  ``W``), float32 accumulation, outputs in the inputs' dtypes.
   """
-  g = dot(x, w, ((1,), (1,))).astype(x.dtype)
-  return dot(g, w, ((1,), (0,))).astype(x.dtype), dot(g, x, ((0,), (0,))).astype(w.dtype)
+  xm, wm = (x, w) if matmul_dtype is None else (x.astype(matmul_dtype), w.astype(matmul_dtype))
+  g = dot(xm, wm, ((1,), (1,))).astype(xm.dtype)
+  return dot(g, wm, ((1,), (0,))).astype(x.dtype), dot(g, xm, ((0,), (0,))).astype(w.dtype)
 
 
 def chunked_floor(x, w, chunk_size):

@@ -37,7 +37,7 @@ timeout "${ENGINES_TIMEOUT:-0}" "$python" benchmarks/engines.py \
 if [ "${PROFILE:-1}" = 1 ]; then
   timeout "${ENGINES_TIMEOUT:-0}" "$python" benchmarks/engines.py \
     --classes "${PROFILE_CLASSES:-4000000}" --dtypes bfloat16 --chunk-sizes 65536 --repeats 1 \
-    --profile --trace-dir "$out/traces" "$@" 2>&1 | tee -a "$out/engines.txt" \
+    --max-temp-gb 60 --profile --trace-dir "$out/traces" "$@" 2>&1 | tee -a "$out/engines.txt" \
     || echo "engines.py --profile stopped: exit $?"
 fi
 [ "${TRAIN:-1}" = 1 ] || exit 0

@@ -19,6 +19,7 @@ backbone, float32, chunks of 256): a try on a CPU.
 """
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -86,12 +87,12 @@ def head_seconds(experiment, state, labels, repeats=5):
   # Each device scores the global batch against its rows (all of them, or the sampled ones).
   rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
                                 config.engine.sample_rate)
-  dtype = jnp.dtype(config.compute_dtype)
+  # Float32 inputs cast to the compute dtype, as the head reads its float32 ``W``.
   floor_args = jax.device_put(
-      [jax.random.normal(key, shape, dtype)
+      [jax.random.normal(key, shape, w.dtype)
        for key, shape in zip(jax.random.split(kf), [x.shape, (rows, w.shape[-1])])],
       jax.devices()[0])
-  floor = jax.jit(common.floor)
+  floor = jax.jit(functools.partial(common.floor, matmul_dtype=jnp.dtype(config.compute_dtype)))
   engine = jax.jit(lambda x, w, labels: engines.engine_step(
       experiment.engine, x, w, labels, kw, num_classes=experiment.num_classes, margin=margin))
 

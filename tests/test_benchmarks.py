@@ -61,7 +61,8 @@ def test_engines_prints_every_engine_against_the_floor():
                 "--repeats", "1", "--chunk-sizes", "128", "--dtypes", "float32", "bfloat16")
   assert output.count("| engine | time (ms) | / floor | XLA temp (MB) | in all (MB) |") == 4
   rows = _table_rows(output)  # The last table's: C = 40000, bfloat16.
-  assert set(rows) == {"floor (3 matmuls)", "floor in chunks of 128", "dense", "chunked (128)",
+  assert set(rows) == {"floor (3 matmuls)", "floor, float32 W cast to bfloat16",
+                       "floor in chunks of 128", "dense", "chunked (128)",
                        "chunked (128), recompute", "sampled (r=0.1, chunked 128)"}
   assert rows["floor (3 matmuls)"][2] == "1.00x"
   for cells in rows.values():
@@ -84,6 +85,47 @@ def test_chunked_floor_gives_the_floors_products(dtype):
     assert g.dtype == e.dtype
     np.testing.assert_allclose(np.float32(g), np.float32(e), rtol=1e-5 if dtype == jnp.float32
                                else 1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_floor_is_three_matmuls_in_the_stated_dtypes(matmul_dtype):
+  x, w = jnp.ones((8, 16)), jnp.ones((100, 16))
+  inputs = (x, w) if matmul_dtype is None else (x.astype(matmul_dtype), w.astype(matmul_dtype))
+  compiled = jax.jit(common.floor).lower(*inputs).compile()
+  assert len(re.findall(r"\bdot\(", compiled.as_text())) == 3
+  dx, dw = jax.jit(common.floor)(*inputs)
+  assert (dx.shape, dw.shape) == (x.shape, w.shape)
+  assert dx.dtype == dw.dtype == inputs[0].dtype
+  # The engines' bfloat16 case: float32 W in, cast for the matmuls, float32 gradients out.
+  dx, dw = jax.jit(lambda x, w: common.floor(x, w, jnp.bfloat16))(x, w)
+  assert dx.dtype == dw.dtype == jnp.float32
+
+
+def test_memory_bytes_counts_donated_state_once():
+  x = jnp.ones((1024, 256))  # 1 MiB
+  step = lambda s, b: (s * 2 + b.sum(), b.mean())  # noqa: E731
+  kept = jax.jit(step).lower(x, x).compile()
+  donated = jax.jit(step, donate_argnums=0).lower(x, x).compile()
+  assert common.memory_bytes(kept)[1] - common.memory_bytes(donated)[1] == x.nbytes
+
+
+def test_measure_gives_the_median_of_per_round_ratios(monkeypatch):
+  monkeypatch.syspath_prepend(BENCHMARKS)
+  engines = _benchmarks_module("engines")
+  rounds = {"floor": [1.0, 1.0, 10.0], "engine": [3.0, 1.0, 20.0]}  # Ratios 3, 1, 2.
+  monkeypatch.setattr(engines.common, "interleaved",
+                      lambda timers, repeats: {name: rounds[name] for name in timers})
+  measured = engines.measure({"floor": (None, ()), "engine": (None, ())}, 3)
+  assert measured["engine"] == (3.0, 2.0)  # Not 3.0, the ratio of the medians.
+  assert measured["floor"] == (1.0, 1.0)
+
+
+def test_engines_gives_no_ratio_when_the_floor_is_skipped():
+  output = _run("engines.py", "--classes", "20000", "--batch", "8", "--dim", "16", "--repeats",
+                "1", "--chunk-sizes", "128", "--dtypes", "float32", "--max-temp-gb", "0.0004")
+  rows = _table_rows(output)
+  assert rows["floor (3 matmuls)"][1] == "skipped"
+  assert all(cells[2] == "-" for cells in rows.values()), rows
 
 
 def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
