@@ -66,7 +66,21 @@ CASES = [
      reference.sphereface2, {"kind": "arc", "margin": 0.5, "scale": 30.0, "t": 2.0}),
     ("sphereface2_multiplicative", functools.partial(margins.sphereface2_loss, bias=0.5),
      reference.sphereface2, {"kind": "multiplicative", "margin": 1.7, "alpha": 0.8}),
+    # Example 2's target (cos -0.682) passes pi: the combined margin's linear continuation and
+    # SphereFace2-A's cap at -1 (the cases above all stay short of them).
+    ("combined_continued", margins.combined_margin_loss, reference.combined,
+     {"scale": 4.0, "m1": 1.5, "m2": 0.2, "m3": 0.1}),
+    ("sphereface2_arc_capped", functools.partial(margins.sphereface2_loss, bias=0.3),
+     reference.sphereface2, {"kind": "arc", "margin": 1.0, "scale": 30.0, "t": 1.0}),
 ]
+
+
+def test_value_cases_reach_the_branches_past_pi():
+  # Guards the cases above against data that never leave the first branch.
+  x, w, labels = make_inputs()
+  theta = np.arccos(reference.cosines(x, w)[np.arange(B), labels])
+  assert np.any(1.5 * theta + 0.2 >= np.pi) and np.any(1.5 * theta + 0.2 < np.pi)  # combined
+  assert np.any(theta + 1.0 >= np.pi) and np.any(theta + 1.0 < np.pi)  # sphereface2 arc
 
 
 @pytest.mark.parametrize("name,loss_fn,reference_fn,kwargs", CASES, ids=[c[0] for c in CASES])

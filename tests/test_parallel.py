@@ -743,3 +743,16 @@ def test_chunked_second_derivatives_equal_dense(engine):
                  for e in (engine, margins.dense(sample_rate=engine.sample_rate)))
     for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sample_classes_draws_the_negatives_uniformly():
+  # Every class outside the batch is equally likely: 16 of the 96 other real rows per draw,
+  # 1/6 each; over 3000 keys each row's count is Binomial(3000, 1/6), sd ~20.
+  labels = jnp.array([3, 3, 40, -1, 99, 0], jnp.int32)
+  keys = jax.random.split(jax.random.key(0), 3000)
+  draws = np.asarray(jax.jit(jax.vmap(
+      lambda k: parallel.sample_classes(labels, 100, 100, 20, k)))(keys))
+  counts = np.bincount(draws.ravel(), minlength=100)
+  np.testing.assert_array_equal(counts[[0, 3, 40, 99]], 3000)
+  negatives = np.delete(counts, [0, 3, 40, 99])
+  assert np.abs(negatives - 500).max() < 100, negatives  # 5 sd

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from margins.data import recordio
@@ -428,6 +429,10 @@ def test_source_resizes_to_image_shape_and_converts_channels(tmp_path):
   source = recordio.RecordIOSource(rec, image_shape=(5, 7, 1), num_classes=2)
   record = source[1]
   assert record["image"].shape == (5, 7, 1) and record["image"].dtype == np.uint8
+  # Pillow's luma conversion, then a bilinear resize of the whole 8 x 8 image (not a crop).
+  want = PIL.Image.fromarray(_smooth_image(1, 8)).convert("L").resize(
+      (7, 5), PIL.Image.Resampling.BILINEAR)
+  np.testing.assert_array_equal(record["image"][:, :, 0], np.asarray(want))
 
 
 def test_source_rejects_labels_outside_num_classes(tmp_path):
