@@ -543,8 +543,30 @@ def _scratch_like(w: Array, varying_axes: tuple[str, ...]) -> Array:
   """An array like :func:`_bits` of ``w`` (shape, dtype, sharding; varying over the mesh axes
   ``varying_axes`` like ``w``) whose every element is written before it is read: uninitialised
   on GPU and TPU, which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
-  scratch = jax.lax.empty(w.shape, _bits_dtype(w.dtype), out_sharding=_sharding_like(w))
+  scratch = _empty_like(jax.lax.stop_gradient(w))
   return jax.lax.pcast(scratch, varying_axes, to="varying") if varying_axes else scratch
+
+
+def _empty(w: Array) -> Array:
+  return jax.lax.empty(w.shape, _bits_dtype(w.dtype), out_sharding=_sharding_like(w))
+
+
+@jax.custom_batching.custom_vmap
+def _empty_like(w: Array) -> Array:
+  """:func:`_empty` of ``w``, batched under ``vmap`` only where ``w`` is.
+
+  ``lax.empty`` has no operand, so ``vmap`` batches it wherever it is traced: under ``jax.hessian``
+  (``vmap`` of ``jvp`` of the gradient) the buffers, and through them the gradient's primal,
+  would come out batched, which ``jacfwd`` refuses. ``w`` only ties the buffer to the batching of
+  the array it stands for; nothing reads it.
+  """
+  return _empty(w)
+
+
+@_empty_like.def_vmap
+def _empty_like_vmap(axis_size, in_batched, w):
+  del axis_size, in_batched  # Called only where ``w`` is batched.
+  return jax.vmap(_empty)(w), True
 
 
 def _chunk(x_in, w, start, size, margin, floor_dtype):

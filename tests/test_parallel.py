@@ -745,6 +745,26 @@ def test_chunked_second_derivatives_equal_dense(engine):
       np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("keep_scores", [True, False], ids=["kept", "recomputed"])
+def test_chunked_hessian_equals_dense(keep_scores):
+  # ``jax.hessian`` (``vmap`` of ``jvp`` of the gradient) needs the gradient's primal unbatched.
+  # Before, ``lax.empty`` (W's gradient buffer) came out batched under any ``vmap``, and with it
+  # the gradient: "got axis spec None but output was batched". A ``vmap`` over W still batches it.
+  rng = np.random.default_rng(0)
+  x, w = (rng.normal(size=shape).astype(np.float32) for shape in ((5, 6), (7, 6)))
+  labels = np.array([0, 3, 3, 6, 1], np.int32)
+
+  def hessian_and_stacked_grad(engine):
+    loss = lambda x_, w_: jnp.sum(engine(x_, w_, labels, MARGINS["arcface"])[0])  # noqa: E731
+    stacked = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0))(x, jnp.stack([w, -w]))
+    return jax.hessian(loss, argnums=(0, 1))(x, w), stacked
+
+  got, want = (jax.jit(hessian_and_stacked_grad, static_argnums=0)(e)
+               for e in (margins.chunked(3, keep_scores=keep_scores), margins.dense()))
+  for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-5)
+
+
 def test_sample_classes_draws_the_negatives_uniformly():
   # Every class outside the batch is equally likely: 16 of the 96 other real rows per draw,
   # 1/6 each; over 3000 keys each row's count is Binomial(3000, 1/6), sd ~20.
