@@ -1022,10 +1022,15 @@ def _train_and_evaluate(config, workdir, mesh):
   num_steps = config.num_steps
   final = {}
   timer_start, timer_step = time.perf_counter(), start
+  skipped = 0  # float16: steps skipped since the last line written (summed on the device)
   for step in range(start + 1, num_steps + 1):
     batch = _global_batch(experiment, next(iterator))
     state, metrics = step_fn(state, batch)
+    if "skipped" in metrics:
+      skipped = skipped + metrics["skipped"]
     if step % config.log_every == 0 or step == num_steps:
+      if "skipped" in metrics:  # Every skip counts, not only the logged step's.
+        metrics, skipped = dict(metrics, skipped=skipped), 0
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - timer_start
       speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)

@@ -151,6 +151,19 @@ def test_float16_loss_scale_skips_overflows_halves_and_grows():
   assert float(new.loss_scale.scale) == 2 * scale and int(new.loss_scale.finite_steps) == 0
 
 
+def test_float16_metrics_count_every_skipped_step(tmp_path):
+  # Each overflow halves the scale (no growth here): the logged ``skipped`` of all lines must
+  # add up to the halvings, not sample one step in ``log_every``.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=8)
+  config.compute_dtype, config.log_every = "float16", 4
+  config.loss_scale = dict(initial=2.0**20, growth_interval=1000)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  logged = sum(m["skipped"] for m in read_metrics(str(tmp_path)) if "skipped" in m)
+  _, state = train_lib.restore(str(tmp_path))
+  halvings = np.log2(2.0**20 / float(state.loss_scale.scale))
+  assert halvings >= 2 and logged == halvings
+
+
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source = margins_data.digits("open_train", image_size=config.data.image_size)
