@@ -24,6 +24,7 @@ from absl import flags
 
 from margins import cli_flags
 from margins import data as data_lib
+from margins import distributed
 from margins import evaluation
 from margins import train_lib
 
@@ -115,6 +116,9 @@ def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Under srun / mpirun with several tasks: one job over all of them, printed and plotted by
+  # process 0 (without it each task evaluates alone and all write the same ROC file).
+  distributed.initialize()
   workdir = cli_flags.WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required: the training run's directory.")

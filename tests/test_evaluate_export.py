@@ -253,3 +253,22 @@ def test_embed_folder_needs_no_training_code():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("tool", ["margins.evaluate", "margins.tools.subcenter_drop"])
+def test_tools_join_the_job_when_launched_as_several_tasks(tool, cli, monkeypatch, tmp_path):
+  """Under ``srun -n 2`` the tools start ``jax.distributed`` (their process-0-only writes rely on
+  it); otherwise every task would run alone as process 0 and write the same files."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  class Started(Exception):
+    pass
+
+  def initialize(*args, **kwargs):
+    raise Started
+
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  with pytest.raises(Started):
+    cli(importlib.import_module(tool), f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}",
+        f"--bin={tmp_path / 'missing.bin'}")

@@ -33,6 +33,7 @@ from absl import flags
 
 from margins import cli_flags
 from margins import data as data_lib
+from margins import distributed
 from margins import train_lib
 from margins.data import image_folder
 from margins.tools import pack_recordio
@@ -197,6 +198,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Under srun / mpirun with several tasks: one job over all of them, the dataset written by
+  # process 0 (without it every task writes the same train.rec).
+  distributed.initialize()
   for name, holder in (("workdir", cli_flags.WORKDIR), ("out", cli_flags.OUT)):
     if not holder.value:
       raise app.UsageError(f"--{name} is required.")
