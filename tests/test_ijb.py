@@ -194,3 +194,21 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
     data_lib.read_ijb(folder)
   with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt not found"):
     data_lib.read_ijb(folder, "IJBB")
+
+
+def test_crops_are_decoded_upright_as_every_other_source(tmp_path):
+  # insightface's eval_ijbc.py reads crops with cv2.imread, which turns them upright by their
+  # EXIF orientation (as decode_image does for every other source); the landmarks are upright.
+  folder, _ = write_ijb(tmp_path)
+  path = folder / "loose_crop" / "0.png"
+  with PIL.Image.open(path) as opened:
+    upright = np.asarray(opened.convert("RGB"))
+  stored = PIL.Image.fromarray(np.ascontiguousarray(np.rot90(upright)))  # stored a quarter off
+  exif = stored.getexif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  stored.save(path, exif=exif)
+  source = data_lib.IJBSource(folder)
+  np.testing.assert_allclose(source[0]["image"], _smooth_image(100, 112), atol=1)
+  grey = data_lib.IJBSource(folder, image_shape=(112, 112, 1))[0]["image"]
+  np.testing.assert_allclose(grey[..., 0], np.asarray(PIL.Image.fromarray(
+      _smooth_image(100, 112)).convert("L")), atol=1)

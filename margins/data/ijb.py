@@ -23,7 +23,7 @@ import os
 import numpy as np
 import PIL.Image
 
-from margins.data.image_folder import check_image_shape
+from margins.data import image_folder
 
 # insightface's arcface_dst: where the five landmarks of a 112 x 112 face crop lie (pixels).
 ARCFACE_LANDMARKS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -174,7 +174,7 @@ class IJBSource:
   def __init__(self, folder: str | os.PathLike[str], *, name: str | None = None,
                image_shape: tuple[int, int, int] = (ARCFACE_SIZE, ARCFACE_SIZE, 3)):
     self.protocol = read_ijb(folder, name)
-    self.image_shape = check_image_shape(image_shape)
+    self.image_shape = image_folder.check_image_shape(image_shape)
     self.num_classes = 1
     self.labels = np.zeros(len(self.protocol.files), np.int32)
 
@@ -184,8 +184,9 @@ class IJBSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = os.path.join(self.protocol.folder, "loose_crop", self.protocol.files[index])
     height, width, channels = self.image_shape
-    with PIL.Image.open(path) as opened:
-      image = np.asarray(opened.convert("L" if channels == 1 else "RGB"), np.uint8)
-    image = image.reshape(*image.shape[:2], channels)
+    # Decoded as every other source is (upright by EXIF, as cv2.imread reads it; 16-bit scaled).
+    image = image_folder.read_image(path)
+    if channels == 1:
+      image = np.asarray(PIL.Image.fromarray(image).convert("L"), np.uint8)[..., None]
     return {"image": align_face(image, self.protocol.landmarks[index], (height, width)),
             "label": np.int32(0)}
