@@ -262,7 +262,8 @@ def freeze_untouched_rows(inner: optax.GradientTransformation) -> optax.Gradient
   its optimizer state until it is sampled again (what Partial FC v1 did). ``inner`` updates
   ``W`` alone (its only array leaf: under ``optax.multi_transform`` the other leaves are masked
   out); optimizer state leaves shaped like ``W`` are selected row by row, the others (step
-  counts) update as usual.
+  counts) update as usual: with AdamW the bias correction of a row touched again after a
+  while uses the global count, not the row's own number of updates.
   """
 
   def update(updates, state, params=None):

@@ -636,3 +636,24 @@ def test_resumed_metric_writer_drops_the_lost_steps_in_tensorboard_too(tmp_path)
   writer.close()
   assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
   assert _tensorboard_scalars(str(tmp_path), "loss") == [1, 2, 3, 4]
+
+
+def test_freeze_unsampled_adamw_shares_the_bias_correction_count():
+  # As the README says: the moments of a frozen row stay, Adam's step count does not.
+  config = train_lib.default_config()
+  config.optimizer.update(name="adamw", weight_decay=0.0, learning_rate=1.0,
+                          grad_clip_norm=None, warmup_steps=0)
+  config.num_steps = 10**9
+  config.engine.update(sample_rate=0.5, freeze_unsampled=True)
+  optimizer = train_lib.make_optimizer(config)
+  params = {"backbone": {"k": jnp.ones(2)}, "head": jnp.ones((2, 3))}
+  state = optimizer.init(params)
+  both = {"backbone": {"k": jnp.zeros(2)}, "head": jnp.full((2, 3), 0.01)}
+  row_1 = {"backbone": {"k": jnp.zeros(2)}, "head": jnp.zeros((2, 3)).at[1].set(0.01)}
+  with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes float and int.
+    _, state = optimizer.update(both, state, params)
+    for _ in range(1000):
+      _, state = optimizer.update(row_1, state, params)
+    updates, _ = optimizer.update(both, state, params)
+  # A per-row count (2) would give -1; the shared count (1002) gives about -3.38.
+  np.testing.assert_allclose(updates["head"][0], -3.381, rtol=1e-3)
