@@ -133,16 +133,16 @@ for key, title, config in RUNS + [RUN_3D]:
 #
 # Top: held-out examples of the training digits; bottom: the unseen digits. On the training
 # digits every loss separates the six classes by angle with empty angles between them
-# (closed-set accuracy 0.98 or more for all, table at the end): softmax and the margin losses as
+# (closed-set accuracy 0.97 or more for all, table at the end): softmax and the margin losses as
 # spokes from the origin, the center loss as tight clusters. The center loss pulls each class
 # much closer to its mean than softmax alone: a class's spread over the distance between
-# classes is 0.05 against softmax's 0.13. The margin losses do not make the spokes narrower in
-# angle than softmax does on these easy digits (mean angle within a class: softmax 5.8°,
-# SphereFace 7.9°, CosFace 4.9°, ArcFace 7.0°, in the histograms below), and they leave some
-# classes closer to their neighbours than softmax's evenly spread six (CosFace's 3 and 4,
-# ArcFace's 0 and 5). Little of this transfers to the unseen digits: they have no class centre
-# of their own and fall into the trained spokes or between them, the four digits largely mixed,
-# for every loss.
+# classes is 0.05 against softmax's 0.13. The margin losses make the spokes hardly narrower in
+# angle than softmax does on these easy digits (mean angle within a class: softmax 6.0°,
+# SphereFace 5.8°, CosFace 5.7°, ArcFace 8.0°, in the histograms below), and they leave some
+# classes closer to their neighbours than softmax's evenly spread six (CosFace's 2 and 5,
+# ArcFace's 2 and 3, 0 and 5). Little of this transfers to the unseen digits: they have no class
+# centre of their own and fall into the trained spokes or between them, the four digits largely
+# mixed, for every loss.
 #
 # The numbers behind these words (training digits, held-out examples): *within / between*, the
 # mean distance of a feature to its class mean over the mean distance between class means (how
@@ -208,7 +208,7 @@ save_figure(figure, "features_2d.png")
 # And ArcFace with a 3-D embedding, normalised onto the unit sphere. The six training
 # classes take six separated caps. The unseen digits spread over much of the sphere, some in
 # regions of their own (many 9s along one arc, 8s low on the left), and verify a little better
-# than in any 2-D run (accuracy 0.61 against at most 0.58, table at the end), still far from
+# than in any 2-D run (accuracy 0.60 against at most 0.58, table at the end), still far from
 # usable.
 
 # %%
@@ -233,11 +233,11 @@ save_figure(figure, "features_3d.png")
 # loss's colour) and of two digits (navy). Top: the training digits' held-out examples; bottom:
 # the unseen digits (the open set, as in verification). A verification threshold on the angle
 # has to fall between the two histograms. On the training digits all six runs leave an empty
-# band between the two (the table above: one class's angles end, at the 95th percentile, near
-# 20°, 27.5° for ArcFace; two classes' begin, at the 5th, at 30-54°). On the unseen digits there
+# band between the two (the table above: one class's angles end, at the 95th percentile, at
+# 12-24°, 28° for ArcFace; two classes' begin, at the 5th, at 29-52°). On the unseen digits there
 # is no gap for any loss: pairs of one digit are only slightly more often at small angles than
 # pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them
-# best (mean angle 67.6° within a digit against 91.8° between digits).
+# best (mean angle 67.3° within a digit against 90.4° between digits).
 
 # %%
 runs = RUNS + [RUN_3D]
@@ -269,7 +269,7 @@ save_figure(figure, "angle_histograms.png")
 # (mean-centred 8x8 images, 64 numbers each) instead of a network's features.
 #
 # Every network classifies the training digits almost perfectly and verifies the unseen
-# digits little better than chance (0.54-0.58 in 2-D, 0.61 in 3-D), while the pixels
+# digits little better than chance (0.54-0.58 in 2-D, 0.60 in 3-D), while the pixels
 # themselves reach 0.82 (AUC 0.90): what six training identities teach a 2-D or 3-D feature does
 # not transfer to new ones, and two or three numbers hold far less than 64 pixels. Notebook 04
 # takes a 32-D ArcFace embedding through the protocol step by step.
