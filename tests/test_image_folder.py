@@ -44,6 +44,7 @@ def test_decode_converts_and_resizes_like_pillow():
   expected_grey = np.asarray(pil.convert("L"))[:, :, None]
   np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(8, 12, 1)),
                                 expected_grey)
+  np.testing.assert_array_equal(image_folder.decode_image(png, channels=1), expected_grey)
   expected_small = np.asarray(pil.resize((6, 4), PIL.Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(4, 6, 3)),
                                 expected_small)
@@ -81,6 +82,8 @@ def test_codec_rejects_bad_input():
     image_folder.decode_image(b"garbage")
   with pytest.raises(ValueError, match="`image_shape`"):
     image_folder.decode_image(b"", image_shape=(4, 4, 2))
+  with pytest.raises(ValueError, match="`channels` must be 1 or 3, got 4"):
+    image_folder.decode_image(b"", channels=4)
   with pytest.raises(TypeError, match="uint8"):
     image_folder.encode_image(np.zeros((2, 2, 3), np.float32))
   with pytest.raises(ValueError, match="`image`"):

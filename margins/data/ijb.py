@@ -185,8 +185,6 @@ class IJBSource:
     path = os.path.join(self.protocol.folder, "loose_crop", self.protocol.files[index])
     height, width, channels = self.image_shape
     # Decoded as every other source is (upright by EXIF, as cv2.imread reads it; 16-bit scaled).
-    image = image_folder.read_image(path)
-    if channels == 1:
-      image = np.asarray(PIL.Image.fromarray(image).convert("L"), np.uint8)[..., None]
+    image = image_folder.read_image(path, channels=channels)
     return {"image": align_face(image, self.protocol.landmarks[index], (height, width)),
             "label": np.int32(0)}

@@ -32,14 +32,17 @@ def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
   return shape
 
 
-def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
+def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None,
+                 channels: int = 3) -> np.ndarray:
   """Decodes an encoded image (JPEG, PNG, BMP, WebP) into ``uint8 [H, W, C]``, upright by its
   EXIF orientation tag if it has one.
 
   Args:
     data: the encoded bytes.
     image_shape: ``(H, W, C)``: the image is converted to ``C`` channels (1: grey, 3: RGB) and,
-      when its size differs, resized to ``H x W`` (bilinear). ``None``: RGB at the stored size.
+      when its size differs, resized to ``H x W`` (bilinear). ``None``: ``channels`` at the
+      stored size.
+    channels: 1 or 3, where ``image_shape`` is ``None``.
 
   Returns:
     ``uint8 [H, W, C]``.
@@ -60,7 +63,10 @@ def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None) -> np
     Pillow, https://pillow.readthedocs.io (the decoder).
   """
   shape = None if image_shape is None else check_image_shape(image_shape)
-  channels = 3 if shape is None else shape[2]
+  if shape is not None:
+    channels = shape[2]
+  elif channels not in _MODES:
+    raise ValueError(f"`channels` must be 1 or 3, got {channels}.")
   try:
     with PIL.Image.open(io.BytesIO(data)) as opened:
       # Upright by its EXIF orientation, as viewers and OpenCV 4's decoder show it.
@@ -119,13 +125,13 @@ def encode_image(image: np.ndarray, *, image_format: str = "jpeg", quality: int 
   return buffer.getvalue()
 
 
-def read_image(path: str | os.PathLike[str], *,
-               image_shape: Sequence[int] | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, image_shape: Sequence[int] | None = None,
+               channels: int = 3) -> np.ndarray:
   """:func:`decode_image` of the file at ``path``; a decoding error names the file."""
   with open(path, "rb") as file:
     data = file.read()
   try:
-    return decode_image(data, image_shape=image_shape)
+    return decode_image(data, image_shape=image_shape, channels=channels)
   except ValueError as error:
     raise ValueError(f"{os.fspath(path)}: {error}") from error
 
