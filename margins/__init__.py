@@ -47,6 +47,7 @@ from margins.losses.margin import multiplicative_psi
 from margins.losses.margin import similarity_adjustment
 from margins.losses.margin import sphereface2_bias
 from margins.losses.margin import sphereface_lambda
+from margins.parallel import RowSample
 from margins.parallel import SoftmaxEngine
 from margins.parallel import chunked
 from margins.parallel import dense

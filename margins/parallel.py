@@ -46,6 +46,20 @@ Array = jax.Array
 AxisName = str | tuple[str, ...]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSample:
+  """Partial FC's rows of ``W`` for one step (:meth:`SoftmaxEngine.sample`).
+
+  Attributes:
+    index: ``[shards * S]`` sorted row indices within each shard's rows of ``W``, split over the
+      mesh like ``W``; ``rows_per_shard`` (out of range) pads a shard's to whole chunks.
+    num_rows: rows of the whole ``W`` (static).
+  """
+  index: Array
+  num_rows: int = dataclasses.field(metadata=dict(static=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class SoftmaxEngine:
   """How the softmax over classes is computed; see the module docstring.
@@ -95,7 +109,8 @@ class SoftmaxEngine:
 
   def __call__(
       self, embeddings: Array, weights: Array, labels: Array, margin: Margin, *,
-      num_classes: int | None = None, key: Array | None = None) -> tuple[Array, Margin]:
+      num_classes: int | None = None, key: Array | None = None,
+      sample: RowSample | None = None) -> tuple[Array, Margin]:
     """Per-example margin softmax losses.
 
     Args:
@@ -107,7 +122,11 @@ class SoftmaxEngine:
         error when the labels are concrete).
       margin: a :class:`~margins.Margin`.
       num_classes: the number of real classes; default ``C'``.
-      key: PRNG key, required when ``sample_rate < 1``.
+      key: PRNG key, required when ``sample_rate < 1`` (and no ``sample``).
+      sample: ``weights`` holds only these rows of ``W`` (``self.take(W, sample)``): the loss
+        over them, with gradients for them alone (Partial FC updating only its sampled rows).
+        Every label must be among them (:meth:`sample` keeps the batch's classes); an example
+        whose class is not gets NaN.
 
     Returns:
       ``(losses [B], margin)``: float32 (or wider) losses, and the margin with this batch's
@@ -116,13 +135,16 @@ class SoftmaxEngine:
     check_margin(margin)
     _common.check_classification_inputs(
         embeddings, weights, labels, weights_rank=(2, 3))
-    rows_total = np.shape(weights)[0]
+    rows_total = np.shape(weights)[0] if sample is None else sample.num_rows
+    if sample is not None and np.shape(sample.index) != (np.shape(weights)[0],):
+      raise ValueError(f"`weights` must be the {np.shape(sample.index)[0]} rows of `sample`, "
+                       f"got {np.shape(weights)[0]}: pass engine.take(weights, sample).")
     num_classes = rows_total if num_classes is None else num_classes
     if not 0 < num_classes <= rows_total:
       raise ValueError(f"`num_classes` must be in [1, {rows_total}] (rows of `weights`), got "
                        f"{num_classes}.")
     labels = _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
-    if self.sample_rate < 1 and key is None:
+    if self.sample_rate < 1 and key is None and sample is None:
       raise ValueError("`key` is required when `sample_rate` < 1 (Partial FC sampling).")
     if np.shape(embeddings)[0] == 0:  # No loss, no gradient, no statistics to fold in.
       return jnp.zeros((0,), _common.compute_dtype(embeddings, weights)), margin
@@ -137,12 +159,87 @@ class SoftmaxEngine:
       # engines split only the examples (and, sharded, the classes).
       embeddings, weights = _common.whole_rows(embeddings), _common.whole_rows(weights)
       labels = _common.split_like(labels, embeddings)  # As the examples, where these are split.
-      losses, margin = _local_loss(
-          embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)
+      losses, margin = _local_loss(embeddings, weights, labels, margin, key, sample, engine=self,
+                                   num_classes=num_classes)
     else:
-      losses, margin = _sharded_loss(
-          embeddings, weights, labels, margin, key, engine=self, num_classes=num_classes)
+      losses, margin = _sharded_loss(embeddings, weights, labels, margin, key, sample,
+                                     engine=self, num_classes=num_classes)
     return _common.nan_where_invalid(losses, labels, num_classes), margin
+
+  def sample(self, labels: Array, *, num_rows: int, num_classes: int | None = None,
+             key: Array) -> RowSample:
+    """Partial FC's rows of ``W`` for one step, to update those rows alone.
+
+    The loss of ``self(x, self.take(W, sample), labels, margin, sample=sample)`` has gradients
+    for the sampled rows only (``[shards * S, ...]``, not ``W``-sized); :meth:`put` writes the
+    updated rows (and their optimizer state) back.
+
+    Per shard, :func:`sampled_count` of its classes but never fewer than the batch's examples
+    (nor more than its rows), so that every class of the batch is kept (insightface's rule, with
+    a static count): those of the batch first, the rest uniformly random, as the engine draws
+    for itself from the same key when the counts agree.
+
+    Args:
+      labels: ``[B]`` labels of the global batch (of every micro-batch the sample serves).
+      num_rows: rows of ``W`` (:func:`padded_num_classes` rows for a sharded engine).
+      num_classes: the number of real classes; default ``num_rows``.
+      key: PRNG key; the same key gives the same sample.
+    """
+    num_classes = num_rows if num_classes is None else num_classes
+    if num_rows % self.num_shards or not 0 < num_classes <= num_rows:
+      raise ValueError(f"`num_rows` ({num_rows}) must be divisible by the {self.num_shards} "
+                       f"shards and hold the `num_classes` ({num_classes}).")
+    per_shard = num_rows // self.num_shards
+    count = min(per_shard, max(sampled_count(min(per_shard, num_classes), self.sample_rate),
+                               np.shape(labels)[0]))
+    padded, _ = _sample_layout(count, self.chunk_size)
+    labels = _common.gathered(labels)
+
+    def draw(labels, key, start):
+      local = labels - start
+      num_valid = jnp.clip(num_classes - start, 0, per_shard)
+      local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
+      if count == per_shard:
+        index = jnp.arange(per_shard, dtype=local_labels.dtype)
+      else:
+        index = sample_classes(local_labels, per_shard, num_valid, count, key)
+      return _padded(index, padded, per_shard)
+
+    if self.mesh is None:
+      return RowSample(draw(labels, key, 0), num_rows)
+
+    def each_shard(labels, key):
+      shard = _shard_index(self.axis_name)
+      return draw(labels, jax.random.fold_in(key, shard), shard * per_shard)
+
+    index = jax.shard_map(each_shard, mesh=self.mesh, in_specs=(jax.P(), jax.P()),
+                          out_specs=jax.P(self.axis_name))(labels, key)
+    return RowSample(index, num_rows)
+
+  def take(self, weights: Array, sample: RowSample) -> Array:
+    """``[shards * S, ...]``: the rows of ``weights`` (``W``, or optimizer state shaped like it)
+    in ``sample``, split like ``W``; padding rows are zero."""
+    return self._each_shard(lambda w, i: w.at[i].get(mode="fill", fill_value=0),
+                            jnp.asarray(weights), sample)
+
+  def put(self, weights: Array, sample: RowSample, rows: Array) -> Array:
+    """``weights`` with its rows in ``sample`` replaced by ``rows`` (shaped as :meth:`take`
+    gives them; padding rows are dropped)."""
+    return self._each_shard(lambda w, i, r: w.at[i].set(r, mode="drop"), weights, sample,
+                            rows)
+
+  def _each_shard(self, fn, weights, sample, *rows):
+    if np.shape(weights)[0] != sample.num_rows:
+      raise ValueError(f"`weights` has {np.shape(weights)[0]} rows; the sample was drawn from "
+                       f"{sample.num_rows}.")
+    if self.mesh is None:
+      return fn(weights, sample.index, *rows)
+    args = (weights, sample.index, *rows)
+    split = _explicit_split(self)
+    if split is not None:
+      args = jax.reshard(args, split)
+    spec = jax.P(self.axis_name)
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
 
 
 def dense(*, matmul_dtype: Any = None, sample_rate: float = 1.0) -> SoftmaxEngine:
@@ -703,22 +800,34 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
 
 
-def _select_classes(w, local_labels, num_valid, num_sampled, key, chunk_size):
-  """``(w[index], labels remapped to positions in index, real rows kept)`` for a sample.
+def _sample_layout(num_sampled: int, chunk_size: int | None) -> tuple[int, int | None]:
+  """``(rows, chunk)``: a sample of ``num_sampled`` rows padded to whole chunks of one size, at
+  most ``chunk_size`` (``None``: one block, no padding).
 
-  Chunked, the sample's rows are a whole number of chunks: ``index`` repeats its last row, and
-  the rows after the kept ones are scored as padding (never a logit, zero gradient). A shorter
-  last chunk made XLA:CPU copy the sample's ``[rC, D]`` gradient once more on its way to ``W``'s.
+  A shorter last chunk made XLA:CPU copy the sample's ``[S, D]`` gradient once more on its way to
+  ``W``'s; whole chunks of ``chunk_size`` would score up to ``chunk_size - 1`` padding rows (64 %
+  more than the 10,000 sampled of 100,000 classes with chunks of 8,192).
   """
-  index = sample_classes(local_labels, w.shape[0], num_valid, num_sampled, key)
-  position = jnp.full(w.shape[0], -1, local_labels.dtype).at[index].set(
-      jnp.arange(num_sampled, dtype=local_labels.dtype))
-  sampled_labels = jnp.where(local_labels >= 0,
-                             _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
-  kept = jnp.sum(index < num_valid)
-  if chunk_size is not None and chunk_size < num_sampled:
-    index = jnp.concatenate([index, jnp.full(-num_sampled % chunk_size, index[-1])])
-  return jnp.asarray(w)[index], sampled_labels, kept
+  if chunk_size is None or chunk_size >= num_sampled:
+    return num_sampled, chunk_size
+  chunks = -(-num_sampled // chunk_size)
+  size = -(-num_sampled // chunks)
+  return chunks * size, size
+
+
+def _padded(index: Array, size: int, fill: int) -> Array:
+  return jnp.concatenate([index, jnp.full(size - index.shape[0], fill, index.dtype)])
+
+
+def _in_sample(index: Array, num_rows: int, local_labels: Array, num_valid: Array | int):
+  """``(labels, num_valid)`` for the rows ``index`` of a shard's ``num_rows`` (sorted, padded
+  with ``num_rows``): each label's position in ``index`` (-1 where it is not there) and how many
+  of the rows are real classes (they come first)."""
+  position = jnp.full(num_rows, -1, local_labels.dtype).at[index].set(
+      jnp.arange(index.shape[0], dtype=local_labels.dtype), mode="drop")
+  labels = jnp.where(local_labels >= 0,
+                     _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
+  return labels, jnp.sum(index < num_valid)
 
 
 def sampled_count(num_local: int, sample_rate: float) -> int:
@@ -733,11 +842,14 @@ def sampled_count(num_local: int, sample_rate: float) -> int:
   return min(num_local, max(math.ceil(sample_rate * num_local), 1))
 
 
-def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_name, num_classes):
+def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, axis_name,
+                 num_classes):
   """Per-example losses of the whole (global) batch ``x`` against this shard's classes ``w``.
 
-  ``local_labels`` index rows of ``w``, -1 where the class lives on another shard (or is invalid);
-  ``num_valid``: this shard's rows before its padding; ``num_classes``: all shards' (static).
+  ``local_labels`` index rows of the shard, -1 where the class lives on another shard (or is
+  invalid); ``num_valid``: this shard's rows before its padding; ``num_classes``: all shards'
+  (static); ``sample``: ``(index, shard rows)`` where ``w`` holds only the rows ``index`` of the
+  shard's (a :class:`RowSample`'s), else ``None``.
   """
   input_dtype = _common.common_float_dtype(x, w)
   matmul_dtype = engine.matmul_dtype or input_dtype
@@ -748,17 +860,25 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   x_unit = x_wide / norms
+  chunk_size = engine.chunk_size
+  if sample is not None:
+    local_labels, num_valid = _in_sample(*sample, local_labels, num_valid)
+    chunk_size = _sample_layout(w.shape[0], chunk_size)[1]
   # The targets come from all of ``w``: a class of the batch that a sample has no room for is
   # still its own examples' target.
   rows = _target_rows(x_unit, norms[:, 0], w, local_labels, floor_dtype, axis_name,
                       margin.normalize_weights)
   # Every shard keeps as many as a rate of the fullest shard's classes, padding rows not counted.
   num_sampled = sampled_count(min(w.shape[0], num_classes), engine.sample_rate)
-  if engine.sample_rate < 1 and num_sampled < w.shape[0]:
+  if sample is None and engine.sample_rate < 1 and num_sampled < w.shape[0]:
     if axis_name is not None:
       key = jax.random.fold_in(key, _shard_index(axis_name))
-    w, local_labels, num_valid = _select_classes(w, local_labels, num_valid, num_sampled, key,
-                                                 engine.chunk_size)
+    num_rows = w.shape[0]
+    padded, chunk_size = _sample_layout(num_sampled, chunk_size)
+    index = _padded(sample_classes(local_labels, num_rows, num_valid, num_sampled, key), padded,
+                    num_rows)
+    w = jnp.asarray(w).at[index].get(mode="fill", fill_value=0)
+    local_labels, num_valid = _in_sample(index, num_rows, local_labels, num_valid)
   margin = margin.prepare(rows)
   target = margin.target_logit(rows).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
@@ -774,18 +894,21 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, *, engine, axis_nam
   x_in = x_in.astype(matmul_dtype)
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
-  if engine.chunk_size is None or engine.chunk_size >= w.shape[0]:
+  if chunk_size is None or chunk_size >= w.shape[0]:
     max_, sum_ = _dense_stats(*args, floor_dtype, axis_name)
   elif batch_axes:
-    max_, sum_ = _data_parallel_stats(*args, engine.chunk_size, floor_dtype, engine.keep_scores,
+    max_, sum_ = _data_parallel_stats(*args, chunk_size, floor_dtype, engine.keep_scores,
                                       batch_axes)
   else:
-    max_, sum_ = _chunked_stats(*args, engine.chunk_size, floor_dtype, axis_name,
+    max_, sum_ = _chunked_stats(*args, chunk_size, floor_dtype, axis_name,
                                 engine.keep_scores, ())
   # A softmax's max_ >= target and is one of the logits, so its sum (+ the target's) is >= 1.
   losses = margin.loss(target, jax.lax.stop_gradient(max_), sum_)
   extra = margin.regularizer(rows)
-  return (losses if extra is None else losses + extra), margin
+  losses = losses if extra is None else losses + extra
+  if sample is not None:  # An example whose class is not in the sample has no target.
+    losses = jnp.where(rows.valid, losses, jnp.nan)
+  return losses, margin
 
 
 def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:
@@ -816,10 +939,11 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
                        out_specs=split)(x_in, w, rows, margin, local_labels, num_valid, stabilizer)
 
 
-def _local_loss(x, w, labels, margin, key, *, engine, num_classes):
+def _local_loss(x, w, labels, margin, key, sample, *, engine, num_classes):
   local_labels = jnp.where((labels >= 0) & (labels < num_classes), labels, -1)
-  return _scored_loss(x, w, local_labels, num_classes, margin, key, engine=engine, axis_name=None,
-                      num_classes=num_classes)
+  sample = None if sample is None else (sample.index, sample.num_rows)
+  return _scored_loss(x, w, local_labels, num_classes, margin, key, sample, engine=engine,
+                      axis_name=None, num_classes=num_classes)
 
 
 def _shard_index(axis_name):
@@ -829,44 +953,56 @@ def _shard_index(axis_name):
   return index
 
 
-def _sharded_loss(x, w, labels, margin, key, *, engine, num_classes):
+def _explicit_split(engine: SoftmaxEngine) -> jax.NamedSharding | None:
+  """Where the engine's mesh has Explicit axes: the split of ``W`` over the engine's Explicit axes
+  (``shard_map`` splits the inputs over its Auto axes itself); else ``None``."""
+  explicit = [a for a, kind in zip(engine.mesh.axis_names, engine.mesh.axis_types)
+              if kind == jax.sharding.AxisType.Explicit]
+  if not explicit:
+    return None
+  engine_explicit = tuple(a for a in _axes(engine.axis_name) if a in explicit)
+  return jax.NamedSharding(engine.mesh, jax.P(engine_explicit or None))
+
+
+def _sharded_loss(x, w, labels, margin, key, sample, *, engine, num_classes):
   axis_name = engine.axis_name
   shards = engine.num_shards
-  if w.shape[0] % shards:
+  num_rows = w.shape[0] if sample is None else sample.num_rows
+  if num_rows % shards:
     raise ValueError(
-        f"`weights` has {w.shape[0]} rows, not divisible by the {shards} shards of "
+        f"`weights` has {num_rows} rows, not divisible by the {shards} shards of "
         f"{axis_name!r}; allocate padded_num_classes({num_classes}, {shards}) rows.")
   if x.shape[0] % shards:
     raise ValueError(f"The batch ({x.shape[0]}) must be divisible by the {shards} shards of "
                      f"{axis_name!r}.")
-  rows_per_shard = w.shape[0] // shards
+  rows_per_shard = num_rows // shards
   spec = jax.P(axis_name)
-  explicit = [a for a, kind in zip(engine.mesh.axis_names, engine.mesh.axis_types)
-              if kind == jax.sharding.AxisType.Explicit]
-  if explicit:
-    # Explicit axes are part of the inputs' types: split the inputs over the engine's Explicit
-    # axes only (``shard_map`` splits them over its Auto axes) and give the losses back split as
-    # the labels came. A replicated input is sliced where it lies, without traffic.
+  index = jnp.zeros(shards, jnp.int32) if sample is None else sample.index
+  split = _explicit_split(engine)
+  if split is not None:
+    # Explicit axes are part of the inputs' types: split the inputs as ``shard_map`` needs and
+    # give the losses back split as the labels came. A replicated input is sliced where it lies,
+    # without traffic.
     batch_sharding = jax.NamedSharding(engine.mesh, jax.typeof(labels).sharding.spec)
-    engine_explicit = tuple(a for a in _axes(axis_name) if a in explicit)
-    x, w, labels = jax.reshard(
-        (x, w, labels), jax.NamedSharding(engine.mesh, jax.P(engine_explicit or None)))
+    x, w, labels, index = jax.reshard((x, w, labels, index), split)
   key = jax.random.key(0) if key is None else key
   margin = jax.tree.map(jnp.asarray, margin)
 
-  def body(x, w, labels, margin, key):
+  def body(x, w, labels, index, margin, key):
     shard = _shard_index(axis_name)
     start = shard * rows_per_shard
     num_valid = jnp.clip(num_classes - start, 0, rows_per_shard)
     x_global, labels = jax.lax.all_gather((x, labels), axis_name, tiled=True, to="invarying")
     local = labels - start
     local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
-    losses, margin = _scored_loss(x_global, w, local_labels, num_valid, margin, key,
-                                  engine=engine, axis_name=axis_name, num_classes=num_classes)
+    losses, margin = _scored_loss(
+        x_global, w, local_labels, num_valid, margin, key,
+        None if sample is None else (index, rows_per_shard), engine=engine, axis_name=axis_name,
+        num_classes=num_classes)
     batch = x.shape[0]
     return jax.lax.dynamic_slice_in_dim(losses, shard * batch, batch), margin
 
   losses, margin = jax.shard_map(
-      body, mesh=engine.mesh, in_specs=(spec, spec, spec, jax.P(), jax.P()),
-      out_specs=(spec, jax.P()))(x, w, labels, margin, key)
-  return (jax.reshard(losses, batch_sharding) if explicit else losses), margin
+      body, mesh=engine.mesh, in_specs=(spec, spec, spec, spec, jax.P(), jax.P()),
+      out_specs=(spec, jax.P()))(x, w, labels, index, margin, key)
+  return (losses if split is None else jax.reshard(losses, batch_sharding)), margin

@@ -579,9 +579,9 @@ def test_sampled_loss_is_the_dense_loss_over_the_sample():
   assert np.all(grad[unsampled] == 0)  # exactly zero, not small
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3, 4])  # 4: the 6 kept end in a partial chunk
+@pytest.mark.parametrize("chunk_size", [None, 3, 4])  # 3, 4: the 7 kept padded to 9, 8 rows
 def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_size):
-  # 16 examples of at most 12 classes, 6 of 40 kept: each example is scored against the kept
+  # 16 examples of at most 12 classes, 7 of 40 kept: each example is scored against the kept
   # classes and its own; a class of the batch left out is no one else's negative, and gets
   # gradient only through its own examples' targets.
   num_classes = 40
@@ -590,7 +590,7 @@ def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_si
   w = rng.normal(size=(num_classes, D)).astype(np.float32)
   labels = rng.integers(0, 12, size=B).astype(np.int32)
   key = jax.random.key(2)
-  engine = margins.SoftmaxEngine(chunk_size=chunk_size, sample_rate=0.15)
+  engine = margins.SoftmaxEngine(chunk_size=chunk_size, sample_rate=0.17)
   margin = margins.ArcFace(scale=8.0)
 
   def loss(w_):
@@ -598,7 +598,7 @@ def test_sampled_classes_of_the_batch_that_do_not_fit_are_still_targets(chunk_si
     return jnp.sum(losses), losses
 
   (_, losses), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(w)
-  kept = np.asarray(parallel.sample_classes(jnp.asarray(labels), num_classes, num_classes, 6,
+  kept = np.asarray(parallel.sample_classes(jnp.asarray(labels), num_classes, num_classes, 7,
                                             key))
   assert set(kept) < set(labels)
   np.testing.assert_allclose(losses, sampled_reference(x, w, labels, kept, margin), rtol=1e-5)
@@ -715,7 +715,7 @@ def test_bfloat16_matmuls_sum_the_embeddings_gradient_in_float32():
 
 def test_sampled_temporaries_are_the_sample_and_its_gradient():
   # 10,000 of 100,000 classes kept: the gathered rows and their gradient (20 MB each), and no
-  # third copy, though 10,000 is not a whole number of chunks of 256.
+  # third copy: the 10,000 are scored in 40 chunks of 250, not padded to chunks of 256.
   sample_bytes = 10_000 * 512 * 4
   temp = compiled_temp_bytes(margins.chunked(256, sample_rate=0.1), 100_000, key=KEY)
   assert 2 * sample_bytes <= temp < 2.5 * sample_bytes, temp / sample_bytes
@@ -776,3 +776,144 @@ def test_sample_classes_draws_the_negatives_uniformly():
   np.testing.assert_array_equal(counts[[0, 3, 40, 99]], 3000)
   negatives = np.delete(counts, [0, 3, 40, 99])
   assert np.abs(negatives - 500).max() < 100, negatives  # 5 sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Row samples: the loss over Partial FC's rows alone, for updates of those rows only.
+# ---------------------------------------------------------------------------------------------
+
+ROW_SAMPLE_MARGINS = ("arcface", "curricularface", "sphereface2", "subcenter_arcface")
+
+
+def row_sample_inputs(num_classes=90, rows=96):
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(B, D)) * 3).astype(np.float32)
+  w2 = rng.normal(size=(rows, D)).astype(np.float32)
+  w3 = rng.normal(size=(rows, 3, D)).astype(np.float32)
+  labels = rng.integers(0, num_classes, size=B).astype(np.int32)
+  return x, w2, w3, labels
+
+
+@pytest.mark.parametrize("engine_fn", [
+    lambda: margins.dense(sample_rate=0.5), lambda: margins.chunked(5, sample_rate=0.5),
+    lambda: margins.chunked(7, sample_rate=0.5, keep_scores=False),
+    lambda: margins.sharded(make_mesh(2), chunk_size=5, sample_rate=0.5),
+    lambda: margins.sharded(make_mesh(4), sample_rate=0.75),
+    lambda: margins.sharded(make_mesh(2, AxisType.Explicit), chunk_size=4, sample_rate=0.5)],
+    ids=["dense", "chunked", "recompute", "sharded2", "sharded4", "explicit2"])
+def test_row_sample_gives_the_engines_own_sample_and_gradients(engine_fn):
+  # With room for the batch's classes, the rows a RowSample holds are those the engine samples
+  # itself from the same key: the same losses, margin state and gradients, the rows' own
+  # gradient put back where W's full gradient has it, zero elsewhere.
+  engine, num_classes = engine_fn(), 90
+  x, w2, w3, labels = row_sample_inputs(num_classes)
+  per_shard = 96 // engine.num_shards
+  assert B <= parallel.sampled_count(min(per_shard, num_classes), engine.sample_rate) < per_shard
+
+  def run(x, w2, w3, labels):
+    sample = engine.sample(labels, num_rows=96, num_classes=num_classes, key=KEY)
+    out = {}
+    for name in ROW_SAMPLE_MARGINS:
+      w, margin = (w3 if name == "subcenter_arcface" else w2), MARGINS[name]
+
+      def mean_loss(x_, w_, sample=None, margin=margin):
+        losses, new_margin = engine(x_, w_, labels, margin, num_classes=num_classes, key=KEY,
+                                    sample=sample)
+        return jnp.mean(losses), (losses, new_margin)
+
+      grad_fn = jax.grad(mean_loss, argnums=(0, 1), has_aux=True)
+      full = grad_fn(x, w)
+      (gx, g_rows), aux = grad_fn(x, engine.take(w, sample), sample)
+      out[name] = full, ((gx, engine.put(jnp.zeros_like(w), sample, g_rows)), aux)
+    return out, sample
+
+  with jax.set_mesh(engine.mesh) if engine.mesh else contextlib.nullcontext():
+    out, sample = jax.jit(run)(x, w2, w3, labels)
+  index = np.asarray(sample.index).reshape(engine.num_shards, -1)
+  assert np.all(np.diff(index, axis=1) >= 0) and np.all(index <= per_shard)
+  for name, (want, got) in out.items():
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
+    sampled_rows = {shard * per_shard + i for shard, row in enumerate(index) for i in row
+                    if i < per_shard}
+    grad_w = np.asarray(want[0][1])
+    touched = set(np.flatnonzero(np.any(grad_w.reshape(len(grad_w), -1) != 0, axis=1)))
+    assert touched <= sampled_rows and len(touched) > B, name
+
+
+@pytest.mark.parametrize("num_devices,chunk_size", [(1, 6), (1, None), (2, 5)])
+def test_row_sample_keeps_every_class_of_the_batch(num_devices, chunk_size):
+  # 10 % of 40 classes is fewer than the batch's 16 examples: the sample grows to 16 rows a shard
+  # (insightface keeps the batch's classes whatever the rate), padded to whole chunks with an
+  # out-of-range row; the same key gives the same sample.
+  mesh = make_mesh(num_devices) if num_devices > 1 else None
+  engine = margins.SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, sample_rate=0.1,
+                                 axis_name=None if mesh is None else "devices")
+  num_classes, per_shard = 40, 40 // num_devices
+  labels = jnp.asarray(np.random.default_rng(0).integers(0, num_classes, B), jnp.int32)
+  draw = jax.jit(lambda key: engine.sample(labels, num_rows=40, key=key).index)
+  index = np.asarray(draw(KEY)).reshape(num_devices, -1)
+  padded = {(1, 6): 18, (1, None): 16, (2, 5): 16}[num_devices, chunk_size]
+  assert index.shape == (num_devices, padded)
+  for shard, rows in enumerate(index):
+    real = rows[rows < per_shard]
+    assert len(real) == 16 and len(set(real)) == 16 and np.all(rows[16:] == per_shard)
+    local = np.asarray(labels) - shard * per_shard
+    assert set(local[(local >= 0) & (local < per_shard)]) <= set(real)
+  np.testing.assert_array_equal(draw(KEY).reshape(num_devices, -1), index)
+  assert not np.array_equal(draw(jax.random.key(1)).reshape(num_devices, -1), index)
+
+
+def test_row_sample_of_every_row_is_the_unsampled_loss():
+  x, w, _, labels = row_sample_inputs()
+  engine = margins.chunked(4, sample_rate=0.5)
+  sample = parallel.RowSample(jnp.arange(96, dtype=jnp.int32), 96)
+  got = engine(x, engine.take(w, sample), labels, margins.ArcFace(), sample=sample)[0]
+  want = margins.margin_softmax_loss(x, w, labels, margins.ArcFace())
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_row_sample_without_an_examples_class_gives_nan():
+  x, w, _, labels = row_sample_inputs()
+  engine = margins.chunked(4)
+  kept = np.setdiff1d(np.arange(96), labels[:1])
+  sample = parallel.RowSample(jnp.asarray(np.append(kept, 96), jnp.int32), 96)
+  losses = engine(x, engine.take(w, sample), labels, margins.ArcFace(), sample=sample)[0]
+  assert np.all(np.isnan(losses) == (labels == labels[0]))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sparse_update_of_sharded_rows_never_gathers_weights(axis_type):
+  # A Partial FC step on the sampled rows alone: take, loss and gradient, put back. W [64, 16]
+  # is split 8 x [8, 16]; each device reads and writes its own rows.
+  mesh = make_mesh(8, axis_type)
+  engine = margins.sharded(mesh, chunk_size=3, sample_rate=0.5)
+  split = NamedSharding(mesh, jax.P("devices")) if axis_type == AxisType.Explicit else None
+  x = jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=split)
+  w = jax.ShapeDtypeStruct((64, D), jnp.float32, sharding=split)
+  labels = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=split)
+
+  def step(x, w, labels):
+    sample = engine.sample(labels, num_rows=64, num_classes=50, key=KEY)
+    loss = lambda rows: jnp.mean(engine(x, rows, labels, margins.ArcFace(), num_classes=50,  # noqa
+                                        sample=sample)[0])
+    rows = engine.take(w, sample)
+    return engine.put(w, sample, rows - 0.1 * jax.grad(loss)(rows))
+
+  with jax.set_mesh(mesh):
+    text = jax.jit(step).lower(x, w, labels).compile().as_text()
+  found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
+  assert {shape for op, shape in found if op == "all-gather"} <= {f"f32[{B},{D}]", f"s32[{B}]"}
+  assert all(f",{D}]" not in shape or shape == f"f32[{B},{D}]" for _, shape in found), found
+
+
+def test_row_sample_rejects_mismatched_rows():
+  engine = margins.chunked(4, sample_rate=0.5)
+  labels = jnp.zeros(B, jnp.int32)
+  sample = engine.sample(labels, num_rows=96, key=KEY)
+  with pytest.raises(ValueError, match="must be the 48 rows of `sample`"):
+    engine(jnp.ones((B, D)), jnp.ones((96, D)), labels, margins.ArcFace(), sample=sample)
+  with pytest.raises(ValueError, match="drawn from 96"):
+    engine.take(jnp.ones((90, D)), sample)
+  with pytest.raises(ValueError, match="divisible by the 4 shards"):
+    margins.sharded(make_mesh(4)).sample(labels, num_rows=30, key=KEY)
