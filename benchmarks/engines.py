@@ -16,7 +16,8 @@ pass: keeping each chunk's scores in ``W``'s gradient buffer (the default when `
 matmuls) and recomputing them (``keep_scores=False``: four matmuls). Beside it, for each size, the
 floor's three matmuls run chunk by chunk with nothing else (``common.chunked_floor``): what the
 loop over chunks costs before any softmax. The sampled and sharded engines use the first chunk
-size.
+size. ``sampled rows only`` is the sampled engine as a step that updates the sampled rows alone
+runs it (``engine.sample``, ``take``, ``sample=``): the gradient of those rows, not of ``W``.
 
 With ``--profile`` each table is followed by where each program's time goes: the trace events
 of a ``jax.profiler`` trace that name one of its HLO instructions (``args.hlo_op``; on CPU, one
@@ -92,6 +93,17 @@ def engine_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arc
   def mean_loss(x, w):
     return jnp.mean(engine(x, w, labels, margin, num_classes=num_classes, key=key)[0])
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
+
+
+def sampled_rows_step(engine, x, w, labels, key, margin=MARGINS["arcface"]):
+  """``(mean loss, (dx, d rows))`` over Partial FC's rows alone, as a step updating only those
+  rows computes it: the sample, its rows of ``W``, the loss over them and its gradient w.r.t.
+  ``x`` and the rows (``[rC, D]``, not ``W``-sized)."""
+  sample = engine.sample(labels, num_rows=w.shape[0], key=key)
+
+  def mean_loss(x, rows):
+    return jnp.mean(engine(x, rows, labels, margin, sample=sample)[0])
+  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, engine.take(w, sample))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +233,8 @@ def run_single(args):
         engines[f"chunked ({size}), recompute"] = margins.chunked(
             size, matmul_dtype=matmul_dtype, keep_scores=False)
       first = args.chunk_sizes[0]
-      engines[f"sampled (r={args.sample_rate}, chunked {first})"] = margins.chunked(
-          first, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype)
+      sampled = margins.chunked(first, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype)
+      engines[f"sampled (r={args.sample_rate}, chunked {first})"] = sampled
       x, w, labels = _inputs(num_classes, args.batch, args.dim, jnp.float32)
       floor_inputs = (x.astype(dtype_name), w.astype(dtype_name))
       candidates = {"floor (3 matmuls)": (common.floor, floor_inputs)}
@@ -235,6 +247,9 @@ def run_single(args):
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine, margin=MARGINS[args.margin]),
                             (x, w, labels, key))
+      candidates[f"sampled rows only (r={args.sample_rate}, chunked {first})"] = (
+          functools.partial(sampled_rows_step, sampled, margin=MARGINS[args.margin]),
+          (x, w, labels, key))
       programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)

@@ -122,7 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (default: ``sphereface2_bias``).
   c.loss = dict(name="arcface", scale=16.0, margin=0.5)
   c.center_loss = dict(weight=0.0, alpha=0.5)
-  # ``kind``: dense, chunked or sharded (``W`` split over all the mesh's axes).
+  # ``kind``: dense, chunked or sharded (``W`` split over all the mesh's axes). With
+  # ``sample_rate < 1``, ``freeze_unsampled`` updates only the sampled rows of ``W`` and their
+  # optimizer state (Partial FC v1; ``train_step``); otherwise every row moves every step.
   c.engine = dict(kind="dense", chunk_size=8192, sample_rate=1.0, freeze_unsampled=False)
   c.mesh = dict(shape=(-1,), axis_names=("data",))
   c.optimizer = dict(
@@ -253,39 +255,6 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       [optax.linear_schedule(0.0, opt.learning_rate, warmup), decay], [warmup])
 
 
-def freeze_untouched_rows(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Leaves the rows of ``W`` whose gradient is exactly zero alone (Partial FC: neither sampled
-  nor a class of the batch, which is scored as its examples' target even when not sampled).
-
-  Without it, SGD's momentum keeps moving an unsampled row and weight decay shrinks it every
-  step (what insightface's current Partial FC does); with it, such a row keeps its value and
-  its optimizer state until it is sampled again (what Partial FC v1 did). ``inner`` updates
-  ``W`` alone (its only array leaf: under ``optax.multi_transform`` the other leaves are masked
-  out); optimizer state leaves shaped like ``W`` are selected row by row, the others (step
-  counts) update as usual: with AdamW the bias correction of a row touched again after a
-  while uses the global count, not the row's own number of updates.
-  """
-
-  def update(updates, state, params=None):
-    leaves = jax.tree.leaves(updates)
-    if len(leaves) != 1:
-      raise ValueError(f"freeze_untouched_rows updates one weight matrix; got {len(leaves)} "
-                       "arrays.")
-    shape = leaves[0].shape
-    touched = jnp.any(leaves[0] != 0, axis=tuple(range(1, len(shape))))
-    new_updates, new_state = inner.update(updates, state, params)
-
-    def select(new, old):
-      if getattr(new, "shape", None) != shape:
-        return new
-      return jnp.where(touched.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-    new_state = jax.tree.map(select, new_state, state)
-    return jax.tree.map(lambda new: select(new, jnp.zeros_like(new)), new_updates), new_state
-
-  return optax.GradientTransformation(inner.init, update)
-
-
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """SGD with momentum or AdamW, weight decay, backbone clipping; the head may differ.
 
@@ -309,8 +278,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
   head_decay = opt.weight_decay if opt.head_weight_decay is None else opt.head_weight_decay
   head = group(opt.head_lr_scale, head_decay, None)
-  if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
-    head = freeze_untouched_rows(head)
   transforms = {"backbone": group(1.0, opt.weight_decay, opt.grad_clip_norm), "head": head}
   if MARGINS.get(config.loss.name) is margin_lib.SphereFace2:
     # Its learnt bias goes with the head, sampling aside (it has no rows). Only then: another
@@ -370,6 +337,11 @@ def _is_head(path) -> bool:
   return any(getattr(entry, "key", None) == "head" for entry in path)
 
 
+def _is_head_rows(path, leaf, head_shape) -> bool:
+  """Whether a leaf of the state is ``W`` or per-row state of it (momentum, Adam's moments)."""
+  return _is_head(path) and leaf.shape == head_shape
+
+
 def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
   """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -378,7 +350,7 @@ def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngi
   rows = jax.sharding.NamedSharding(mesh, jax.P(engine.axis_name))
   head_shape = state_shapes.params["head"].shape
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: rows if _is_head(path) and leaf.shape == head_shape else replicated,
+      lambda path, leaf: rows if _is_head_rows(path, leaf, head_shape) else replicated,
       state_shapes)
 
 
@@ -489,11 +461,22 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
   centres and Partial FC's sample move on from one micro-batch to the next, and the metrics are
   the micro-batches' means. Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...``: each device
   holds ``1 / k`` of its own rows of every micro-batch.
+
+  With Partial FC's ``config.engine.freeze_unsampled``, one :class:`~margins.RowSample` serves
+  the whole step: the loss, the gradient and the optimizer see only its rows of ``W`` (and of
+  their optimizer state), which are then written back; the other rows are never read or written.
   """
-  config = experiment.config
+  config, engine = experiment.config, experiment.engine
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 2), state.step)
   parts = config.micro_batches
   scale = None if state.loss_scale is None else state.loss_scale.scale
+  params, sample = state.params, None
+  if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
+    # One sample for every micro-batch, from the key the engine would draw its own from (with
+    # one micro-batch); the step sees (and updates) only its rows of ``W``.
+    sample = engine.sample(batch["label"], num_rows=params["head"].shape[0],
+                           num_classes=experiment.num_classes, key=jax.random.split(key)[1])
+    params = {**params, "head": engine.take(params["head"], sample)}
 
   def loss_fn(params, carry, batch, key):
     model_state, margin, centers = carry
@@ -503,8 +486,8 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
     labels = batch["label"]
     model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
     embeddings = model(batch["image"]).astype(jnp.float32)
-    losses, new_margin = experiment.engine(embeddings, params["head"], labels, margin,
-                                           num_classes=experiment.num_classes, key=sample_key)
+    losses, new_margin = engine(embeddings, params["head"], labels, margin,
+                                num_classes=experiment.num_classes, key=sample_key, sample=sample)
     loss = jnp.mean(losses)
     metrics = {"softmax_loss": loss}
     if centers is not None:
@@ -522,25 +505,29 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
   grad_fn = jax.grad(loss_fn, has_aux=True)
   carry = (state.model_state, state.margin, state.centers)
   if parts == 1:
-    grads, (carry, metrics) = grad_fn(state.params, carry, batch, key)
+    grads, (carry, metrics) = grad_fn(params, carry, batch, key)
   else:
     def micro_step(carry, inputs):
       index, micro_batch = inputs
       grads, inner = carry
-      new_grads, (inner, metrics) = grad_fn(state.params, inner, micro_batch,
+      new_grads, (inner, metrics) = grad_fn(params, inner, micro_batch,
                                             jax.random.fold_in(key, index))
       return (jax.tree.map(jnp.add, grads, new_grads), inner), metrics
 
     micro_batches = jax.tree.map(lambda x: _micro_batches(x, parts), batch)
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, carry), metrics = jax.lax.scan(micro_step, (zeros, carry),
                                            (jnp.arange(parts), micro_batches))
     grads = jax.tree.map(lambda g: g / parts, grads)
     metrics = jax.tree.map(jnp.mean, metrics)
   if scale is not None:
     grads = jax.tree.map(lambda g: g / scale, grads)
-  updates, opt_state = experiment.optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  if sample is None:
+    updates, opt_state = experiment.optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+  else:
+    params, opt_state = update_sampled_rows(experiment.optimizer, engine, sample, grads,
+                                            state.opt_state, state.params)
   loss_scale = state.loss_scale
   if loss_scale is not None:
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -555,6 +542,33 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
   metrics = dict(metrics, learning_rate=learning_rate_schedule(config)(state.step),
                  grad_norm=optax.tree.norm(grads["backbone"]))
   return new_state, metrics
+
+
+def update_sampled_rows(optimizer: optax.GradientTransformation, engine: parallel.SoftmaxEngine,
+                        sample: parallel.RowSample, grads, opt_state, params):
+  """``(params, opt_state)`` after an optimizer step on the rows of ``W`` in ``sample`` only.
+
+  ``grads["head"]`` is the gradient of those rows (``engine.take(W, sample)``'s shape);
+  ``params`` and ``opt_state`` are whole. The sampled rows of ``W`` and of its per-row optimizer
+  state (momentum, Adam's moments) are taken, updated and put back; the other rows are neither
+  read nor written, so they and their state stay as they are (Partial FC v1). State that is not
+  per row updates as usual: Adam's step count, and with it the bias correction, is shared, so
+  a row sampled again after a while is corrected by the global count.
+  """
+  head_shape = params["head"].shape
+
+  def is_row(path, leaf):
+    return _is_head_rows(path, leaf, head_shape)
+
+  rows_state = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: engine.take(leaf, sample) if is_row(path, leaf) else leaf, opt_state)
+  rows = {**params, "head": engine.take(params["head"], sample)}
+  updates, rows_state = optimizer.update(grads, rows_state, rows)
+  rows = optax.apply_updates(rows, updates)
+  new_state = jax.tree_util.tree_map_with_path(
+      lambda path, whole, new: engine.put(whole, sample, new) if is_row(path, whole) else new,
+      opt_state, rows_state)
+  return {**rows, "head": engine.put(params["head"], sample, rows["head"])}, new_state
 
 
 def _unless_overflow(finite: Array, new, old):

@@ -1,6 +1,7 @@
 """The training loop: every config runs, loss falls, kill -9 resumes exactly, 8 devices = 1."""
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -393,37 +394,44 @@ def test_learning_rate_schedule_warms_up_then_decays():
                              [0.0, 0.05, 0.1, 0.1 * 0.5**2, 0.0], atol=1e-7)
 
 
-def test_freeze_unsampled_keeps_unsampled_rows_and_their_state():
-  # Through make_optimizer, as training builds it: the head's transform sees W among masked
-  # backbone leaves.
+def test_update_sampled_rows_keeps_the_others_and_their_state():
+  # Through make_optimizer, as training builds it: the head's transform sees W's rows among
+  # masked backbone leaves. Sampling every row is the plain step; then rows 0 and 2 stay
+  # exactly as they were, momentum and all, where the plain step moves them on.
   config = train_lib.default_config()
   config.optimizer.update(weight_decay=0.1, momentum=0.9, learning_rate=0.5, grad_clip_norm=None)
-  config.engine.update(sample_rate=0.5, freeze_unsampled=True)
-  frozen = train_lib.make_optimizer(config)
-  config.engine.freeze_unsampled = False
-  plain = train_lib.make_optimizer(config)
+  optimizer, engine = train_lib.make_optimizer(config), margins.dense()
   params = {"backbone": {"kernel": jnp.ones((2, 3))}, "head": jnp.arange(12.0).reshape(4, 3) + 1}
-  states = [frozen.init(params), plain.init(params)]
-  history = []
+  states = {"sparse": optimizer.init(params), "plain": optimizer.init(params)}
+  history = {"sparse": [], "plain": []}
+  whole = {"sparse": params, "plain": params}
   for rows in ([0, 1, 2, 3], [1, 3]):
-    grads = {"backbone": {"kernel": jnp.full((2, 3), 0.5)},
-             "head": jnp.zeros((4, 3)).at[jnp.array(rows)].set(1.0)}
-    (updates, states[0]), (plain_updates, states[1]) = (
-        optimizer.update(grads, state, params)
-        for optimizer, state in zip((frozen, plain), states))
-    np.testing.assert_allclose(updates["backbone"]["kernel"], plain_updates["backbone"]["kernel"])
-    np.testing.assert_allclose(updates["head"][jnp.array(rows)],
-                               plain_updates["head"][jnp.array(rows)])
-    params = optax.apply_updates(params, updates)
-    traces = [leaf for leaf in jax.tree.leaves(states[0]) if leaf.shape == (4, 3)]
-    assert len(traces) == 1  # The momentum of W.
-    history.append((params["head"], traces[0]))
-  (head_1, trace_1), (head_2, trace_2) = history
-  untouched = jnp.array([0, 2])
-  np.testing.assert_array_equal(head_2[untouched], head_1[untouched])
-  np.testing.assert_array_equal(trace_2[untouched], trace_1[untouched])
-  assert np.all(np.asarray(trace_1[untouched]) != 0)  # Plain SGD would have moved them on.
-  assert not np.allclose(head_2[jnp.array([1, 3])], head_1[jnp.array([1, 3])])
+    sample = parallel.RowSample(jnp.array(rows, jnp.int32), 4)
+    backbone_grad = {"kernel": jnp.full((2, 3), 0.5)}
+    rows_grad = jnp.ones((len(rows), 3))
+    whole["sparse"], states["sparse"] = train_lib.update_sampled_rows(
+        optimizer, engine, sample, {"backbone": backbone_grad, "head": rows_grad},
+        states["sparse"], whole["sparse"])
+    updates, states["plain"] = optimizer.update(
+        {"backbone": backbone_grad, "head": engine.put(jnp.zeros((4, 3)), sample, rows_grad)},
+        states["plain"], whole["plain"])
+    whole["plain"] = optax.apply_updates(whole["plain"], updates)
+    for name in history:
+      traces = [leaf for leaf in jax.tree.leaves(states[name]) if leaf.shape == (4, 3)]
+      assert len(traces) == 1  # The momentum of W.
+      history[name].append((whole[name], traces[0]))
+  (first, first_trace), (second, second_trace) = history["sparse"]
+  (plain_first, _), (plain_second, plain_trace) = history["plain"]
+  for got, want in ((first, plain_first), (second["backbone"], plain_second["backbone"])):
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6)
+  unsampled, sampled = jnp.array([0, 2]), jnp.array([1, 3])
+  np.testing.assert_array_equal(second["head"][unsampled], first["head"][unsampled])
+  np.testing.assert_array_equal(second_trace[unsampled], first_trace[unsampled])
+  assert np.all(np.asarray(plain_trace[unsampled]) != np.asarray(first_trace[unsampled]))
+  # The sampled rows' momentum and step are the plain step's (the others' gradient is zero).
+  np.testing.assert_allclose(second_trace[sampled], plain_trace[sampled], rtol=1e-6)
+  assert not np.allclose(second["head"][sampled], first["head"][sampled])
 
 
 @pytest.mark.parametrize("margin, weights_shape", [
@@ -476,13 +484,17 @@ def _step_on_copies(config, copies, parts):
   return jax.device_get(step(state, jax.device_put(batch, experiment.batch_sharding)))
 
 
-def test_micro_batches_average_their_gradients():
+@pytest.mark.parametrize("freeze_unsampled", [False, True])
+def test_micro_batches_average_their_gradients(freeze_unsampled):
   # Every one of 4 micro-batches is the 16 examples: each has the batch's gradient (batch
   # statistics included), and so has their average. Micro-batches of contiguous rows would each
-  # see 4 of the examples.
+  # see 4 of the examples. Updating sampled rows only, one sample (here every row: the 16
+  # examples' classes) serves the 4 micro-batches.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.mesh.shape = (2,)
   config.engine.kind, config.engine.chunk_size = "sharded", 2
+  if freeze_unsampled:
+    config.engine.update(sample_rate=0.5, freeze_unsampled=True)
   (one, one_metrics), (four, four_metrics) = (
       _step_on_copies(config, copies=4, parts=parts) for parts in (1, 4))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params,
@@ -531,9 +543,10 @@ def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
                                                    source.num_classes, source.image_shape)
   seen = []
 
-  def engine(x, w, labels, margin, *, num_classes, key):  # Records both keys' bits.
+  def engine(x, w, labels, margin, *, num_classes, key, sample):  # Records both keys' bits.
     jax.debug.callback(lambda *keys: seen.append(keys), margin.key, jax.random.key_data(key))
-    return experiment.engine(x, w, labels, margin, num_classes=num_classes, key=key)
+    return experiment.engine(x, w, labels, margin, num_classes=num_classes, key=key,
+                             sample=sample)
 
   spy = dataclasses.replace(experiment, engine=engine)
   jax.block_until_ready(jax.jit(lambda s, b: train_lib.train_step(spy, s, b))(
@@ -638,22 +651,73 @@ def test_resumed_metric_writer_drops_the_lost_steps_in_tensorboard_too(tmp_path)
   assert _tensorboard_scalars(str(tmp_path), "loss") == [1, 2, 3, 4]
 
 
-def test_freeze_unsampled_adamw_shares_the_bias_correction_count():
-  # As the README says: the moments of a frozen row stay, Adam's step count does not.
+def test_update_sampled_rows_with_adamw_shares_the_bias_correction_count():
+  # As the README says: the moments of an unsampled row stay, Adam's step count does not.
   config = train_lib.default_config()
   config.optimizer.update(name="adamw", weight_decay=0.0, learning_rate=1.0,
                           grad_clip_norm=None, warmup_steps=0)
   config.num_steps = 10**9
-  config.engine.update(sample_rate=0.5, freeze_unsampled=True)
-  optimizer = train_lib.make_optimizer(config)
+  optimizer, engine = train_lib.make_optimizer(config), margins.dense()
   params = {"backbone": {"k": jnp.ones(2)}, "head": jnp.ones((2, 3))}
   state = optimizer.init(params)
-  both = {"backbone": {"k": jnp.zeros(2)}, "head": jnp.full((2, 3), 0.01)}
-  row_1 = {"backbone": {"k": jnp.zeros(2)}, "head": jnp.zeros((2, 3)).at[1].set(0.01)}
+  both = parallel.RowSample(jnp.array([0, 1], jnp.int32), 2)
+  row_1 = parallel.RowSample(jnp.array([1], jnp.int32), 2)
+  update = jax.jit(functools.partial(train_lib.update_sampled_rows, optimizer, engine))
+  backbone = {"k": jnp.zeros(2)}
   with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes float and int.
-    _, state = optimizer.update(both, state, params)
+    after, state = update(both, {"backbone": backbone, "head": jnp.full((2, 3), 0.01)}, state,
+                          params)
     for _ in range(1000):
-      _, state = optimizer.update(row_1, state, params)
-    updates, _ = optimizer.update(both, state, params)
-  # A per-row count (2) would give -1; the shared count (1002) gives about -3.38.
-  np.testing.assert_allclose(updates["head"][0], -3.381, rtol=1e-3)
+      _, state = update(row_1, {"backbone": backbone, "head": jnp.full((1, 3), 0.01)}, state,
+                        params)
+    final, _ = update(both, {"backbone": backbone, "head": jnp.full((2, 3), 0.01)}, state, after)
+  # Row 0's second step: a per-row count (2) would give -1; the shared count (1002) about -3.38.
+  np.testing.assert_allclose(final["head"][0] - after["head"][0], -3.381, rtol=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_freeze_unsampled_steps_the_sampled_rows_as_the_full_gradient_does(optimizer):
+  # One step from a fresh state: the sample is the engine's own (same key, count), so the sampled
+  # rows, their optimizer state, the backbone and the loss equal a step with W's full gradient;
+  # the unsampled rows and their state are left exactly as they were, where the full step's
+  # weight decay moves them.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.data = dict(name="synthetic", num_classes=500, num_images=4096, image_shape=(16, 16, 1),
+                     seed=0, eval_classes=8, eval_images=64)
+  config.batch_size, config.mesh.shape = 32, (2,)
+  config.optimizer.update(name=optimizer, weight_decay=0.1, warmup_steps=0, learning_rate=0.5)
+  config.engine.update(kind="sharded", chunk_size=24, sample_rate=0.25)
+  source, _ = train_lib.make_sources(config.data)
+  records = [source[i] for i in range(config.batch_size)]
+  batch = {"image": margins_data.normalize_images(np.stack([r["image"] for r in records])),
+           "label": np.array([r["label"] for r in records], np.int32)}
+  mesh = train_lib.make_mesh(config)
+  results = {}
+  for freeze in (True, False):
+    config.engine.freeze_unsampled = freeze
+    experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                     source.image_shape)
+    step = jax.jit(lambda s, b, e=experiment: train_lib.train_step(e, s, b))
+    with jax.numpy_dtype_promotion("standard"):  # optax's AdamW mixes float and int.
+      results[freeze] = jax.device_get((state, *step(state, jax.device_put(
+          batch, experiment.batch_sharding))))
+  (initial, frozen, frozen_metrics), (_, full, full_metrics) = results[True], results[False]
+
+  def head_rows(state):  # W and its per-row optimizer state: momentum, or Adam's two moments
+    return [leaf for leaf in jax.tree.leaves((state.params["head"], state.opt_state))
+            if leaf.shape == (500, 32)]
+
+  changed = np.any(frozen.params["head"] != initial.params["head"], axis=1)
+  assert changed.sum() == 2 * 63  # each device's 63 sampled rows (all 32 classes among them)
+  assert set(batch["label"]) <= set(np.flatnonzero(changed))
+  assert len(head_rows(frozen)) == {"sgd": 2, "adamw": 3}[optimizer]
+  for got, want, before in zip(head_rows(frozen), head_rows(full), head_rows(initial),
+                               strict=True):
+    np.testing.assert_allclose(got[changed], want[changed], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got[~changed], before[~changed])
+  moved = full.params["head"][~changed] != initial.params["head"][~changed]
+  assert np.all(np.any(moved, axis=1))  # decayed: the full step moves every row
+  for got, want in zip(jax.tree.leaves(frozen.params["backbone"]),
+                       jax.tree.leaves(full.params["backbone"]), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(frozen_metrics["loss"], full_metrics["loss"], rtol=1e-6)
