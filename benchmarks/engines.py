@@ -95,14 +95,14 @@ def engine_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arc
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
 
 
-def sampled_rows_step(engine, x, w, labels, key, margin=MARGINS["arcface"]):
+def sampled_rows_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arcface"]):
   """``(mean loss, (dx, d rows))`` over Partial FC's rows alone, as a step updating only those
   rows computes it: the sample, its rows of ``W``, the loss over them and its gradient w.r.t.
   ``x`` and the rows (``[rC, D]``, not ``W``-sized)."""
-  sample = engine.sample(labels, num_rows=w.shape[0], key=key)
+  sample = engine.sample(labels, num_rows=w.shape[0], num_classes=num_classes, key=key)
 
   def mean_loss(x, rows):
-    return jnp.mean(engine(x, rows, labels, margin, sample=sample)[0])
+    return jnp.mean(engine(x, rows, labels, margin, num_classes=num_classes, sample=sample)[0])
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, engine.take(w, sample))
 
 

@@ -46,14 +46,18 @@ def _parse_args():
   parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
   parser.add_argument("--sample-rate", type=float, help="Partial FC's rate (default: the recipe's)")
   parser.add_argument("--chunk-size", type=int, help="classes per chunk (default: the recipe's)")
+  parser.add_argument("--freeze-unsampled", action="store_true",
+                      help="Partial FC updating the sampled rows alone (config.engine)")
   parser.add_argument("--quick", action="store_true", help="the recipe's quick variant")
   return parser.parse_args()
 
 
 def load_recipe(name: str, batch_size: int, sample_rate: float | None = None,
-                chunk_size: int | None = None, quick: bool = False):
+                chunk_size: int | None = None, quick: bool = False,
+                freeze_unsampled: bool = False):
   """The config of ``configs/recipes/<name>.py`` (its data folder is not read here), or of its
-  quick variant, with the engine's sample rate and chunk size replaced where given."""
+  quick variant, with the engine's sample rate and chunk size replaced where given (and its
+  ``freeze_unsampled`` set if asked)."""
   path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "recipes", f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -64,6 +68,8 @@ def load_recipe(name: str, batch_size: int, sample_rate: float | None = None,
     config.engine.sample_rate = sample_rate
   if chunk_size is not None:
     config.engine.chunk_size = chunk_size
+  if freeze_unsampled:
+    config.engine.freeze_unsampled = True
   return config
 
 
@@ -77,7 +83,8 @@ def _random_batch(experiment, seed):
 
 def head_seconds(experiment, state, labels, repeats=5):
   """``(engine, floor, median ratio)``: seconds of the head's loss and gradients for ``labels``
-  and of its three matmuls, timed in turn round by round (``common.interleaved``)."""
+  (of the sampled rows alone with ``freeze_unsampled``) and of its three matmuls, timed in turn
+  round by round (``common.interleaved``)."""
   config, mesh = experiment.config, experiment.mesh
   w = state.params["head"]
   kx, kw, kf = jax.random.split(jax.random.key(2), 3)
@@ -85,16 +92,20 @@ def head_seconds(experiment, state, labels, repeats=5):
                      experiment.batch_sharding)
   margin = train_lib.make_margin(config.loss)
   # Each device scores the global batch against its rows (all of them, or the sampled ones).
-  rows = parallel.sampled_count(w.shape[0] // experiment.engine.num_shards,
-                                config.engine.sample_rate)
+  per_shard = w.shape[0] // experiment.engine.num_shards
+  rows = parallel.sampled_count(per_shard, config.engine.sample_rate)
+  step_fn = functools.partial(engines.engine_step, num_classes=experiment.num_classes)
+  if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
+    rows = min(per_shard, max(rows, config.batch_size))  # engine.sample's count
+    step_fn = functools.partial(engines.sampled_rows_step, num_classes=experiment.num_classes)
   # Float32 inputs cast to the compute dtype, as the head reads its float32 ``W``.
   floor_args = jax.device_put(
       [jax.random.normal(key, shape, w.dtype)
        for key, shape in zip(jax.random.split(kf), [x.shape, (rows, w.shape[-1])])],
       jax.devices()[0])
   floor = jax.jit(functools.partial(common.floor, matmul_dtype=jnp.dtype(config.compute_dtype)))
-  engine = jax.jit(lambda x, w, labels: engines.engine_step(
-      experiment.engine, x, w, labels, kw, num_classes=experiment.num_classes, margin=margin))
+  engine = jax.jit(lambda x, w, labels: step_fn(experiment.engine, x, w, labels, kw,
+                                                margin=margin))
 
   def run_engine():  # On the mesh; the floor, on one device, outside it.
     with jax.set_mesh(mesh):
@@ -130,12 +141,13 @@ def step_seconds(experiment, state, batches, steps, repeats):
 def main():
   args = _parse_args()
   config = load_recipe(args.recipe, args.batch, args.sample_rate, args.chunk_size,
-                       args.quick)
+                       args.quick, args.freeze_unsampled)
   mesh = train_lib.make_mesh(config)
   image_shape = tuple(config.data.image_shape)
   print(f"jax {jax.__version__}, devices: {jax.devices()}, recipe {args.recipe}: "
         f"{config.model.name}, {config.loss.name}, engine {config.engine.kind} (chunk "
-        f"{config.engine.chunk_size}, sample rate {config.engine.sample_rate}), "
+        f"{config.engine.chunk_size}, sample rate {config.engine.sample_rate}, freeze_unsampled "
+        f"{config.engine.freeze_unsampled}), "
         f"{config.compute_dtype}, {config.optimizer.name}, global batch {args.batch}")
   print("\n| C | images/s | step (ms) | head (ms) | head floor (ms) | head / floor | head / step "
         "| step memory (MB) | head and its optimizer state (MB) | loss, first step and last |")

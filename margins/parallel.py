@@ -22,7 +22,9 @@ is formed:
   with ``pmax``/``psum`` of ``[B]`` vectors, and the gradient of ``W`` never leaves its device;
 - any of them with ``sample_rate < 1`` (Partial FC sampling): per device, ``sample_rate`` of its
   classes (a fixed number), those of the global batch first and the rest drawn uniformly,
-  reproducible from a PRNG key.
+  reproducible from a PRNG key. To update the sampled rows alone, draw a :class:`RowSample`
+  (:meth:`SoftmaxEngine.sample`), score ``engine.take(W, sample)`` with ``sample=`` and write the
+  updated rows back with ``engine.put``: the gradient is the sample's ``[S, D]``, not ``W``'s.
 
 The target class's row of ``W`` is gathered (``[B, D]``) to form ``t_b`` once per batch, so
 margins that need the target before scoring negatives (CurricularFace) work chunk by chunk, and

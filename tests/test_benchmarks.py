@@ -63,7 +63,8 @@ def test_engines_prints_every_engine_against_the_floor():
   rows = _table_rows(output)  # The last table's: C = 40000, bfloat16.
   assert set(rows) == {"floor (3 matmuls)", "floor, float32 W cast to bfloat16",
                        "floor in chunks of 128", "dense", "chunked (128)",
-                       "chunked (128), recompute", "sampled (r=0.1, chunked 128)"}
+                       "chunked (128), recompute", "sampled (r=0.1, chunked 128)",
+                       "sampled rows only (r=0.1, chunked 128)"}
   assert rows["floor (3 matmuls)"][2] == "1.00x"
   for cells in rows.values():
     assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
@@ -149,13 +150,15 @@ def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
   assert "C2000_float32_chunked_65536.trace.json.gz" in os.listdir(tmp_path / "traces")
 
 
-def test_train_step_prints_a_recipes_step_and_its_head():
+@pytest.mark.parametrize("freeze_unsampled", [False, True])
+def test_train_step_prints_a_recipes_step_and_its_head(freeze_unsampled):
   # On 2 devices, the head split over them; 4097 classes pad to 4098 rows, 2049 per device.
   output = _run("train_step.py", "--recipe", "ms1mv3_r50", "--quick", "--classes", "4097",
                 "--batch", "8", "--steps", "1", "--repeats", "1", "--sample-rate", "0.5",
-                "--chunk-size", "128", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  assert ("recipe ms1mv3_r50: iresnet18, arcface, engine sharded (chunk 128, sample rate 0.5), "
-          "float32, sgd, global batch 8") in output
+                "--chunk-size", "128", *["--freeze-unsampled"] * freeze_unsampled,
+                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert ("recipe ms1mv3_r50: iresnet18, arcface, engine sharded (chunk 128, sample rate 0.5, "
+          f"freeze_unsampled {freeze_unsampled}), float32, sgd, global batch 8") in output
   row = re.search(r"^\| 4,097 \| (.*) \|$", output, re.M)
   assert row, output
   images, step, head, floor, ratio, share, memory, head_memory, losses = (
@@ -189,7 +192,8 @@ def test_engines_profile_names_each_programs_ops_and_their_calls(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(
       f"C2000_float32_{name}.trace.json.gz" for name in (
           "floor_3_matmuls", "floor_in_chunks_of_128", "dense", "chunked_128",
-          "chunked_128_recompute", "sampled_r_0.1_chunked_128"))
+          "chunked_128_recompute", "sampled_r_0.1_chunked_128",
+          "sampled_rows_only_r_0.1_chunked_128"))
   with gzip.open(tmp_path / "C2000_float32_chunked_128.trace.json.gz") as trace:
     assert any(event.get("ph") == "X" for event in json.load(trace)["traceEvents"])
 
