@@ -9,13 +9,14 @@
 #  3. the training step of two recipes on random device-resident batches of 512: IResNet-50 with
 #     MS1MV3's 93,431 classes, and IResNet-100 with Partial FC (r = 0.2) over WebFace42M's
 #     2,059,906 classes, that one also updating the sampled rows alone (--freeze-unsampled)
-#     (benchmarks/train_step.py), if flax, optax, orbax, grain and ml_collections import. On an H200 (2026-12-04) IResNet-100's initialisation program was
-#     still compiling for the GPU after 100 s; it now compiles for the host's CPU (8 s here),
-#     which the state's creation time in train_step.txt should show.
+#     (benchmarks/train_step.py), if flax, optax, orbax, grain and ml_collections import. On an
+#     H200 (2026-12-04) IResNet-100's initialisation program was still compiling for the GPU
+#     after 100 s; it now compiles for the host's CPU (8 s here), which the state's creation
+#     time in train_step.txt should show.
 # Uses the machine's own JAX (an accelerator build; the pinned CPU wheels are not installed
 # there). The engines and the profile each stop after ENGINES_TIMEOUT seconds, each recipe after
 # TRAIN_TIMEOUT (default: no limit). Everything lands in $OUT: engines.txt (the profile's
-# tables appended), train_step.txt and six traces, eight files.
+# tables appended), train_step.txt and eight traces (one per program profiled), ten files.
 #
 #   bash benchmarks/device_check.sh                  # output also under $OUT if set
 #   CLASSES=20000 PROFILE_CLASSES=20000 TRAIN=0 bash benchmarks/device_check.sh  # on any machine
