@@ -520,19 +520,22 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
                                            (jnp.arange(parts), micro_batches))
     grads = jax.tree.map(lambda g: g / parts, grads)
     metrics = jax.tree.map(jnp.mean, metrics)
+  finite, loss_scale = None, state.loss_scale
   if scale is not None:
     grads = jax.tree.map(lambda g: g / scale, grads)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   if sample is None:
     updates, opt_state = experiment.optimizer.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
+    if finite is not None:
+      params, opt_state = _unless_overflow(finite, (params, opt_state),
+                                           (state.params, state.opt_state))
   else:
+    # An overflow keeps the sampled rows as they were before they are put back: selecting
+    # between whole ``[C, D]`` arrays would hold a copy of ``W`` and of its state.
     params, opt_state = update_sampled_rows(experiment.optimizer, engine, sample, grads,
-                                            state.opt_state, state.params)
-  loss_scale = state.loss_scale
+                                            state.opt_state, state.params, finite=finite)
   if loss_scale is not None:
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    params, opt_state = _unless_overflow(finite, (params, opt_state),
-                                         (state.params, state.opt_state))
     loss_scale = _next_loss_scale(loss_scale, finite, config.loss_scale.growth_interval)
     metrics = dict(metrics, loss_scale=scale, skipped=1 - finite.astype(jnp.int32))
   model_state, margin, centers = carry
@@ -545,7 +548,8 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
 
 
 def update_sampled_rows(optimizer: optax.GradientTransformation, engine: parallel.SoftmaxEngine,
-                        sample: parallel.RowSample, grads, opt_state, params):
+                        sample: parallel.RowSample, grads, opt_state, params,
+                        finite: Array | None = None):
   """``(params, opt_state)`` after an optimizer step on the rows of ``W`` in ``sample`` only.
 
   ``grads["head"]`` is the gradient of those rows (``engine.take(W, sample)``'s shape);
@@ -553,7 +557,8 @@ def update_sampled_rows(optimizer: optax.GradientTransformation, engine: paralle
   state (momentum, Adam's moments) are taken, updated and put back; the other rows are neither
   read nor written, so they and their state stay as they are (Partial FC v1). State that is not
   per row updates as usual: Adam's step count, and with it the bias correction, is shared, so
-  a row sampled again after a while is corrected by the global count.
+  a row sampled again after a while is corrected by the global count. ``finite`` (loss
+  scaling): where false, the step is skipped as :func:`_unless_overflow` skips it.
   """
   head_shape = params["head"].shape
 
@@ -563,8 +568,12 @@ def update_sampled_rows(optimizer: optax.GradientTransformation, engine: paralle
   rows_state = jax.tree_util.tree_map_with_path(
       lambda path, leaf: engine.take(leaf, sample) if is_row(path, leaf) else leaf, opt_state)
   rows = {**params, "head": engine.take(params["head"], sample)}
-  updates, rows_state = optimizer.update(grads, rows_state, rows)
-  rows = optax.apply_updates(rows, updates)
+  updates, new_rows_state = optimizer.update(grads, rows_state, rows)
+  new_rows = optax.apply_updates(rows, updates)
+  if finite is not None:
+    new_rows, new_rows_state = _unless_overflow(finite, (new_rows, new_rows_state),
+                                                (rows, rows_state))
+  rows, rows_state = new_rows, new_rows_state
   new_state = jax.tree_util.tree_map_with_path(
       lambda path, whole, new: engine.put(whole, sample, new) if is_row(path, whole) else new,
       opt_state, rows_state)

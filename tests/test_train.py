@@ -721,3 +721,54 @@ def test_freeze_unsampled_steps_the_sampled_rows_as_the_full_gradient_does(optim
                        jax.tree.leaves(full.params["backbone"]), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(frozen_metrics["loss"], full_metrics["loss"], rtol=1e-6)
+
+
+def _step_temp_bytes(config, num_classes):
+  mesh = train_lib.make_mesh(config)
+  experiment, state = train_lib.create_train_state(config, mesh, num_classes, (28, 28, 1),
+                                                   abstract=True)
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 28, 28, 1), jnp.float32,
+                                         sharding=experiment.batch_sharding),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                         sharding=experiment.batch_sharding)}
+  step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b), donate_argnums=0)
+  with jax.set_mesh(mesh), jax.numpy_dtype_promotion("standard"):
+    compiled = step.lower(state, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, state.params["head"].size * 4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_freeze_unsampled_float16_step_holds_no_copy_of_w(optimizer):
+  # Loss scaling must not undo updating the sampled rows alone: an overflow's select between
+  # the whole new and old W (and its momentum or moments) held copies of them, so that the
+  # float16 step needed more memory than the step updating every row.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.batch_size, config.mesh.shape = 32, (1,)
+  config.optimizer.name = optimizer
+  config.engine.update(kind="chunked", chunk_size=8192, sample_rate=0.1, freeze_unsampled=True)
+  temps = {}
+  for dtype in ("float32", "float16"):
+    config.compute_dtype = dtype
+    temps[dtype], w_bytes = _step_temp_bytes(config, 400_000)
+  assert temps["float16"] - temps["float32"] < w_bytes / 4, (temps, w_bytes)
+
+
+def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.compute_dtype, config.mesh.shape = "float16", (2,)
+  config.loss_scale = dict(initial=2.0**40, growth_interval=2)  # Overflows at first.
+  config.engine.update(kind="sharded", chunk_size=2, sample_rate=0.5, freeze_unsampled=True)
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  batch = {"image": margins_data.normalize_images(source.images[:16]),
+           "label": jnp.asarray(source.labels[:16])}
+  mesh = train_lib.make_mesh(config)
+  experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                   source.image_shape)
+  step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
+  with jax.set_mesh(mesh):
+    new, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
+  assert metrics["skipped"] == 1
+  jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+  counts = lambda s: [leaf for leaf in jax.tree.leaves(s.opt_state) if leaf.ndim]  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, counts(new), counts(state))
+  assert _schedule_counts(new.opt_state) == [1, 1]
