@@ -57,9 +57,12 @@ class RowSample:
     index: ``[shards * S]`` sorted row indices within each shard's rows of ``W``, split over the
       mesh like ``W``; ``rows_per_shard`` (out of range) pads a shard's to whole chunks.
     num_rows: rows of the whole ``W`` (static).
+    num_shards: the pieces ``W`` was split into when it was drawn (static): ``index`` holds
+      rows within each piece, so only an engine with as many shards can use it.
   """
   index: Array
   num_rows: int = dataclasses.field(metadata=dict(static=True))
+  num_shards: int = dataclasses.field(default=1, metadata=dict(static=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +138,12 @@ class SoftmaxEngine:
       statistics folded in (the new state of CurricularFace / AdaFace).
     """
     check_margin(margin)
-    _common.check_classification_inputs(
-        embeddings, weights, labels, weights_rank=(2, 3))
+    _common.check_embeddings_and_weights(embeddings, weights, (2, 3))
+    # The labels' range is checked below, against ``W``'s rows: with ``sample`` they index all of
+    # ``W``, not the sample's rows that ``weights`` holds.
+    _common.check_labels(labels, np.shape(embeddings)[0])
+    if sample is not None:
+      self._check_sample(sample)
     rows_total = np.shape(weights)[0] if sample is None else sample.num_rows
     if sample is not None and np.shape(sample.index) != (np.shape(weights)[0],):
       raise ValueError(f"`weights` must be the {np.shape(sample.index)[0]} rows of `sample`, "
@@ -195,7 +202,9 @@ class SoftmaxEngine:
     count = min(per_shard, max(sampled_count(min(per_shard, num_classes), self.sample_rate),
                                np.shape(labels)[0]))
     padded, _ = _sample_layout(count, self.chunk_size)
-    labels = _common.gathered(labels)
+    # Signed and at least 32 bits, as the engine takes them: the index (in the labels' dtype)
+    # must hold ``per_shard``, its padding, and -1.
+    labels = _common.gathered(_common.check_labels(labels, np.shape(labels)[0]))
 
     def draw(labels, key, start):
       local = labels - start
@@ -208,7 +217,7 @@ class SoftmaxEngine:
       return _padded(index, padded, per_shard)
 
     if self.mesh is None:
-      return RowSample(draw(labels, key, 0), num_rows)
+      return RowSample(draw(labels, key, 0), num_rows, self.num_shards)
 
     def each_shard(labels, key):
       shard = _shard_index(self.axis_name)
@@ -216,7 +225,7 @@ class SoftmaxEngine:
 
     index = jax.shard_map(each_shard, mesh=self.mesh, in_specs=(jax.P(), jax.P()),
                           out_specs=jax.P(self.axis_name))(labels, key)
-    return RowSample(index, num_rows)
+    return RowSample(index, num_rows, self.num_shards)
 
   def take(self, weights: Array, sample: RowSample) -> Array:
     """``[shards * S, ...]``: the rows of ``weights`` (``W``, or optimizer state shaped like it)
@@ -227,10 +236,16 @@ class SoftmaxEngine:
   def put(self, weights: Array, sample: RowSample, rows: Array) -> Array:
     """``weights`` with its rows in ``sample`` replaced by ``rows`` (shaped as :meth:`take`
     gives them; padding rows are dropped)."""
-    return self._each_shard(lambda w, i, r: w.at[i].set(r, mode="drop"), weights, sample,
-                            rows)
+    return self._each_shard(lambda w, i, r: w.at[i].set(r, mode="drop"), jnp.asarray(weights),
+                            sample, rows)
+
+  def _check_sample(self, sample: RowSample) -> None:
+    if sample.num_shards != self.num_shards:
+      raise ValueError(f"The sample was drawn for {sample.num_shards} shards of `W`; this engine "
+                       f"splits it into {self.num_shards}.")
 
   def _each_shard(self, fn, weights, sample, *rows):
+    self._check_sample(sample)
     if np.shape(weights)[0] != sample.num_rows:
       raise ValueError(f"`weights` has {np.shape(weights)[0]} rows; the sample was drawn from "
                        f"{sample.num_rows}.")

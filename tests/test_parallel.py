@@ -917,3 +917,76 @@ def test_row_sample_rejects_mismatched_rows():
     engine.take(jnp.ones((90, D)), sample)
   with pytest.raises(ValueError, match="divisible by the 4 shards"):
     margins.sharded(make_mesh(4)).sample(labels, num_rows=30, key=KEY)
+  sharded = margins.sharded(make_mesh(4), chunk_size=4, sample_rate=0.5)
+  with jax.set_mesh(sharded.mesh):
+    sharded_sample = sharded.sample(labels, num_rows=96, key=KEY)  # rows within each shard's 24
+    rows = sharded.take(jnp.ones((96, D)), sharded_sample)
+  with pytest.raises(ValueError, match="drawn for 4 shards"):
+    engine(jnp.ones((B, D)), rows, labels, margins.ArcFace(), sample=sharded_sample)
+  with pytest.raises(ValueError, match="drawn for 4 shards"):
+    engine.take(jnp.ones((96, D)), sharded_sample)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_row_sample_outside_jit_with_concrete_labels(num_devices):
+  # The README's step, eagerly: the labels index all of W's rows, not the sample's, so the range
+  # check must not hold them against the sample's rows (it raised for every label >= S).
+  mesh = make_mesh(num_devices) if num_devices > 1 else None
+  engine = margins.SoftmaxEngine(chunk_size=5, mesh=mesh, sample_rate=0.3,
+                                 axis_name=None if mesh is None else "devices")
+  x, w, _, labels = row_sample_inputs()
+  labels = jnp.asarray(labels)
+
+  def loss(rows, sample):
+    return jnp.mean(engine(x, rows, labels, margins.ArcFace(), num_classes=90, sample=sample)[0])
+
+  with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+    sample = engine.sample(labels, num_rows=96, num_classes=90, key=KEY)
+    rows = engine.take(w, sample)
+    assert np.max(labels) >= rows.shape[0] // engine.num_shards
+    got = jax.value_and_grad(loss)(rows, sample)
+    want = jax.jit(jax.value_and_grad(loss))(rows, sample)
+  for got_leaf, want_leaf in zip(got, want, strict=True):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+
+
+def test_row_sample_put_takes_numpy_weights_as_take_does():
+  x, w, _, labels = row_sample_inputs()
+  engine = margins.chunked(5, sample_rate=0.3)
+  sample = engine.sample(labels, num_rows=96, key=KEY)
+  rows = engine.take(w, sample)  # w: a NumPy array
+  np.testing.assert_array_equal(engine.put(w, sample, rows), w)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_row_sample_of_narrow_labels(num_devices, dtype):
+  # The engine takes uint8 and int16 labels; the sample's index (and its padding row, 256 here)
+  # must not be kept in their dtype: uint8 wrapped the padding to row 0, which the loss then
+  # scored and put overwrote; sharded, strict promotion refused labels - start.
+  mesh = make_mesh(num_devices) if num_devices > 1 else None
+  engine = margins.SoftmaxEngine(chunk_size=8, mesh=mesh, sample_rate=0.1,
+                                 axis_name=None if mesh is None else "devices")
+  rows_total = 256 * num_devices
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, D)).astype(np.float32)
+  w = rng.normal(size=(rows_total, D)).astype(np.float32)
+  labels = rng.integers(0, 200, B).astype(dtype)
+
+  def run(x, w, labels):
+    sample = engine.sample(labels, num_rows=rows_total, num_classes=200, key=KEY)
+    wide = engine.sample(labels.astype(jnp.int32), num_rows=rows_total, num_classes=200, key=KEY)
+    rows = engine.take(w, sample)
+    got = engine(x, rows, labels, margins.ArcFace(), num_classes=200, sample=sample)[0]
+    want = engine(x, engine.take(w, wide), labels.astype(jnp.int32), margins.ArcFace(),
+                  num_classes=200, sample=wide)[0]
+    return sample.index, wide, got, want, engine.put(w, sample, rows + 1)
+
+  with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+    index, wide, got, want, put = jax.jit(run)(x, w, labels)
+  np.testing.assert_array_equal(index, wide.index)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  index = np.asarray(wide.index).reshape(num_devices, -1)
+  sampled = {s * 256 + i for s, row in enumerate(index) for i in row if i < 256}
+  untouched = np.setdiff1d(np.arange(rows_total), sorted(sampled))
+  np.testing.assert_array_equal(np.asarray(put)[untouched], w[untouched])
