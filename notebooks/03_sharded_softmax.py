@@ -274,3 +274,44 @@ print(f"dW of kept classes: relative difference "
       f"{relative_difference(got_grad[kept], want_grad):.1e}")
 print(f"dW of the {left_out.size} classes left out is exactly zero: "
       f"{bool(jnp.all(got_grad[left_out] == 0))}")
+
+# %% [markdown]
+# ## Updating only the sampled rows
+#
+# The gradient above is `W`-sized though zero outside the sample, and an optimizer holding
+# momentum for every row reads and writes all of `W` each step. To step only the sampled rows
+# (Partial FC v1; the training loop's `config.engine.freeze_unsampled`), draw the sample first:
+# `engine.sample` picks each device's rows (the batch's classes first), `take` gathers them on
+# their own device, the engine scores them with `sample=`, and `put` writes the updated rows
+# back. Their gradient is `[8 × S, D]`, split like `W`, and equals the sampled rows of the full
+# gradient when the engine draws the same sample itself (same key and count).
+
+# %%
+partial_fc = margins.sharded(mesh, sample_rate=sample_rate)
+step_key = jax.random.key(2)
+
+
+@jax.jit
+def sampled_rows_step(x, w, labels):
+  """One SGD step (learning rate 0.1) on the sampled rows alone, and both gradients."""
+  sample = partial_fc.sample(labels, num_rows=w.shape[0], num_classes=num_classes, key=step_key)
+
+  def total(w_or_rows, **sampling):
+    return jnp.sum(partial_fc(x, w_or_rows, labels, margins.ArcFace(), num_classes=num_classes,
+                              **sampling)[0])
+
+  rows = partial_fc.take(w, sample)
+  grad_rows = jax.grad(functools.partial(total, sample=sample))(rows)
+  full_grad = jax.grad(functools.partial(total, key=step_key))(w)
+  return (grad_rows, partial_fc.put(jnp.zeros_like(w), sample, grad_rows), full_grad,
+          partial_fc.put(w, sample, rows - 0.1 * grad_rows))
+
+
+grad_rows, grad_rows_in_w, full_grad, stepped = sampled_rows_step(x, w, labels)
+changed = np.flatnonzero(np.any(np.asarray(stepped != w), axis=1))
+print(f"gradient of the sampled rows: {jax.typeof(grad_rows)}; W's: {jax.typeof(full_grad)}")
+print(f"against W's gradient: relative difference "
+      f"{relative_difference(grad_rows_in_w, full_grad):.1e}")
+print(f"rows the step changed: {changed.size} of {rows}, every class of the batch among them: "
+      f"{set(np.asarray(labels_host).tolist()) <= set(changed.tolist())}")
+assert relative_difference(grad_rows_in_w, full_grad) < 1e-5
