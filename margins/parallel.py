@@ -183,8 +183,9 @@ class SoftmaxEngine:
     for the sampled rows only (``[shards * S, ...]``, not ``W``-sized); :meth:`put` writes the
     updated rows (and their optimizer state) back.
 
-    Per shard, :func:`sampled_count` of its classes but never fewer than the batch's examples
-    (nor more than its rows), so that every class of the batch is kept (insightface's rule, with
+    Per shard, :func:`sampled_count` of the fullest shard's classes (the same count on every
+    shard; padding rows not counted) but never fewer than the batch's examples (nor more than
+    its rows), so that every class of the batch is kept (insightface's rule, with
     a static count): those of the batch first, the rest uniformly random, as the engine draws
     for itself from the same key when the counts agree.
 

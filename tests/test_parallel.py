@@ -990,3 +990,16 @@ def test_row_sample_of_narrow_labels(num_devices, dtype):
   sampled = {s * 256 + i for s, row in enumerate(index) for i in row if i < 256}
   untouched = np.setdiff1d(np.arange(rows_total), sorted(sampled))
   np.testing.assert_array_equal(np.asarray(put)[untouched], w[untouched])
+
+
+def test_row_sample_take_gives_zero_padding_rows():
+  # 16 rows a shard (the batch's examples) in chunks of at most 6: 3 chunks of 6, 2 padding rows.
+  engine = margins.chunked(6, sample_rate=0.1)
+  labels = jnp.arange(B, dtype=jnp.int32)
+  w = np.arange(1.0, 40 * D + 1, dtype=np.float32).reshape(40, D)
+  sample = engine.sample(labels, num_rows=40, key=KEY)
+  index = np.asarray(sample.index)
+  rows = np.asarray(engine.take(w, sample))
+  assert index.shape == (18,) and np.all(index[16:] == 40)
+  np.testing.assert_array_equal(rows[:16], w[index[:16]])
+  np.testing.assert_array_equal(rows[16:], 0)
