@@ -92,11 +92,13 @@ def head_seconds(experiment, state, labels, repeats=5):
                      experiment.batch_sharding)
   margin = train_lib.make_margin(config.loss)
   # Each device scores the global batch against its rows (all of them, or the sampled ones).
-  per_shard = w.shape[0] // experiment.engine.num_shards
-  rows = parallel.sampled_count(per_shard, config.engine.sample_rate)
+  num_shards = experiment.engine.num_shards
+  rows = parallel.sampled_count(w.shape[0] // num_shards, config.engine.sample_rate)
   step_fn = functools.partial(engines.engine_step, num_classes=experiment.num_classes)
   if config.engine.sample_rate < 1 and config.engine.freeze_unsampled:
-    rows = min(per_shard, max(rows, config.batch_size))  # engine.sample's count
+    sample = jax.eval_shape(lambda: experiment.engine.sample(
+        labels, num_rows=w.shape[0], num_classes=experiment.num_classes, key=kw))
+    rows = sample.index.shape[0] // num_shards  # its rows as scored, padding included
     step_fn = functools.partial(engines.sampled_rows_step, num_classes=experiment.num_classes)
   # Float32 inputs cast to the compute dtype, as the head reads its float32 ``W``.
   floor_args = jax.device_put(

@@ -208,9 +208,7 @@ class SoftmaxEngine:
     labels = _common.gathered(_common.check_labels(labels, np.shape(labels)[0]))
 
     def draw(labels, key, start):
-      local = labels - start
-      num_valid = jnp.clip(num_classes - start, 0, per_shard)
-      local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
+      local_labels, num_valid = _shard_labels(labels, start, per_shard, num_classes)
       if count == per_shard:
         index = jnp.arange(per_shard, dtype=local_labels.dtype)
       else:
@@ -964,6 +962,15 @@ def _local_loss(x, w, labels, margin, key, sample, *, engine, num_classes):
                       axis_name=None, num_classes=num_classes)
 
 
+def _shard_labels(labels: Array, start: Array | int, rows_per_shard: int, num_classes: int):
+  """``(local labels, num_valid)`` of the shard whose rows start at ``start``: each label's row
+  there, -1 where its class lives elsewhere (or past ``num_classes``), and the shard's rows before
+  its padding."""
+  num_valid = jnp.clip(num_classes - start, 0, rows_per_shard)
+  local = labels - start
+  return jnp.where((local >= 0) & (local < num_valid), local, -1), num_valid
+
+
 def _shard_index(axis_name):
   index = 0
   for axis in _axes(axis_name):
@@ -1008,11 +1015,9 @@ def _sharded_loss(x, w, labels, margin, key, sample, *, engine, num_classes):
 
   def body(x, w, labels, index, margin, key):
     shard = _shard_index(axis_name)
-    start = shard * rows_per_shard
-    num_valid = jnp.clip(num_classes - start, 0, rows_per_shard)
     x_global, labels = jax.lax.all_gather((x, labels), axis_name, tiled=True, to="invarying")
-    local = labels - start
-    local_labels = jnp.where((local >= 0) & (local < num_valid), local, -1)
+    local_labels, num_valid = _shard_labels(labels, shard * rows_per_shard, rows_per_shard,
+                                            num_classes)
     losses, margin = _scored_loss(
         x_global, w, local_labels, num_valid, margin, key,
         None if sample is None else (index, rows_per_shard), engine=engine, axis_name=axis_name,
