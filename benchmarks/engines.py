@@ -17,7 +17,10 @@ matmuls) and recomputing them (``keep_scores=False``: four matmuls). Beside it, 
 floor's three matmuls run chunk by chunk with nothing else (``common.chunked_floor``): what the
 loop over chunks costs before any softmax. The sampled and sharded engines use the first chunk
 size. ``sampled rows only`` is the sampled engine as a step that updates the sampled rows alone
-runs it (``engine.sample``, ``take``, ``sample=``): the gradient of those rows, not of ``W``.
+runs it (``engine.sample``, ``take``, ``sample=``): the gradient of those rows, not of ``W``;
+``sample and gather`` draws the sample and gathers its rows, nothing more. After the table, the
+issue's Partial FC target from the same run: ``r`` times the chunked engine's cost plus that
+gather, beside what the sampled rows cost.
 
 With ``--profile`` each table is followed by where each program's time goes: the trace events
 of a ``jax.profiler`` trace that name one of its HLO instructions (``args.hlo_op``; on CPU, one
@@ -95,15 +98,21 @@ def engine_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arc
   return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, w)
 
 
+def sampled_rows(engine, w, labels, key, num_classes=None):
+  """``(sample, rows [rC, D])``: Partial FC's sample of ``W``'s rows and the rows gathered."""
+  sample = engine.sample(labels, num_rows=w.shape[0], num_classes=num_classes, key=key)
+  return sample, engine.take(w, sample)
+
+
 def sampled_rows_step(engine, x, w, labels, key, num_classes=None, margin=MARGINS["arcface"]):
   """``(mean loss, (dx, d rows))`` over Partial FC's rows alone, as a step updating only those
   rows computes it: the sample, its rows of ``W``, the loss over them and its gradient w.r.t.
   ``x`` and the rows (``[rC, D]``, not ``W``-sized)."""
-  sample = engine.sample(labels, num_rows=w.shape[0], num_classes=num_classes, key=key)
+  sample, rows = sampled_rows(engine, w, labels, key, num_classes)
 
   def mean_loss(x, rows):
     return jnp.mean(engine(x, rows, labels, margin, num_classes=num_classes, sample=sample)[0])
-  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, engine.take(w, sample))
+  return jax.value_and_grad(mean_loss, argnums=(0, 1))(x, rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +256,12 @@ def run_single(args):
       for name, engine in engines.items():
         candidates[name] = (functools.partial(engine_step, engine, margin=MARGINS[args.margin]),
                             (x, w, labels, key))
-      candidates[f"sampled rows only (r={args.sample_rate}, chunked {first})"] = (
+      rows_only = f"sampled rows only (r={args.sample_rate}, chunked {first})"
+      candidates[rows_only] = (
           functools.partial(sampled_rows_step, sampled, margin=MARGINS[args.margin]),
           (x, w, labels, key))
+      gather = f"sample and gather (r={args.sample_rate})"
+      candidates[gather] = (functools.partial(sampled_rows, sampled), (w, labels, key))
       programs, temps, totals, skipped = {}, {}, {}, []
       for name, (fn, fn_args) in candidates.items():
         compiled = _compile(fn, *fn_args)
@@ -267,6 +279,7 @@ def run_single(args):
                    f"{args.repeats} interleaved rounds", rows)
       if skipped:
         print(f"\nskipped (XLA temporaries > {args.max_temp_gb} GB): {', '.join(skipped)}")
+      _print_sampled_target(measured, args.sample_rate, f"chunked ({first})", gather, rows_only)
       if args.profile:
         print("\nWhere the time goes (per run; ops may run side by side, and a CPU's Eigen "
               "matmuls may return before they finish: the sums need not make up the run):")
@@ -276,6 +289,18 @@ def run_single(args):
       temps_by_case[(num_classes, dtype_name)] = temps
       del x, w, floor_inputs
   _print_temporaries(temps_by_case, args)
+
+
+def _print_sampled_target(measured, rate, full, gather, rows_only):
+  """Partial FC's target: ``rate`` times the cost of the ``full`` engine plus drawing the sample
+  and gathering its rows (``gather``), beside what ``rows_only`` measured (ratios to the
+  floor)."""
+  ratios = {name: measured.get(name, (None, None))[1] for name in (full, gather, rows_only)}
+  if None in ratios.values():
+    return
+  target = rate * ratios[full] + ratios[gather]
+  print(f"\n{rows_only}: {ratios[rows_only]:.3f}x the floor; {rate} x {full} + {gather}: "
+        f"{rate} x {ratios[full]:.2f}x + {ratios[gather]:.3f}x = {target:.3f}x")
 
 
 def _print_temporaries(temps_by_case, args):

@@ -64,8 +64,17 @@ def test_engines_prints_every_engine_against_the_floor():
   assert set(rows) == {"floor (3 matmuls)", "floor, float32 W cast to bfloat16",
                        "floor in chunks of 128", "dense", "chunked (128)",
                        "chunked (128), recompute", "sampled (r=0.1, chunked 128)",
-                       "sampled rows only (r=0.1, chunked 128)"}
+                       "sampled rows only (r=0.1, chunked 128)", "sample and gather (r=0.1)"}
   assert rows["floor (3 matmuls)"][2] == "1.00x"
+  target = re.findall(r"sampled rows only \(r=0.1, chunked 128\): (\d\.\d+)x the floor; 0.1 x "
+                      r"chunked \(128\) \+ sample and gather \(r=0.1\): 0.1 x (\d+\.\d+)x \+ "
+                      r"(\d\.\d+)x = (\d\.\d+)x", output)
+  assert len(target) == 4  # One line a table.
+  measured, full, gather, total = map(float, target[-1])
+  assert float(rows["chunked (128)"][2][:-1]) == full
+  assert abs(float(rows["sample and gather (r=0.1)"][2][:-1]) - gather) < 0.006
+  assert abs(measured - float(rows["sampled rows only (r=0.1, chunked 128)"][2][:-1])) < 0.006
+  assert abs(total - (0.1 * full + gather)) < 0.002
   for cells in rows.values():
     assert re.fullmatch(r"\d+\.\d\dx", cells[2]), cells
     assert float(cells[4]) >= float(cells[3])  # In all: temporaries, arguments and outputs.
