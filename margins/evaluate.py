@@ -6,8 +6,8 @@ and on IJB-B / IJB-C.
 
 restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
 the flip test and prints one row per ``.bin`` set by insightface's protocol (10-fold accuracy mean
-+- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC; ``n/a`` where a set has too few
-different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``.
++- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC, XNorm; ``n/a`` where a set has too
+few different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``.
 Each ``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C)
 is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC;
 ``--ijb_operating_point nearest`` reads TAR@FAR off the ROC as insightface's ``eval_ijbc.py``
@@ -86,7 +86,8 @@ def _cell(value: float) -> str:
 
 
 def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
-  """One row per set: ``Accuracy-Flip`` (mean+-std over folds), TAR@FAR 1e-3 and 1e-4, AUC.
+  """One row per set: ``Accuracy-Flip`` (mean+-std over folds), TAR@FAR 1e-3 and 1e-4, AUC and
+  insightface's XNorm (mean embedding norm; ``n/a`` where not measured).
 
   >>> import numpy as np
   >>> from margins.evaluation import evaluate_verification
@@ -98,13 +99,14 @@ def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
   ...                   rng.normal(size=(2000, 16)))
   >>> result = evaluate_verification(np.stack([first, second], 1).reshape(4000, 16), issame)
   >>> print(format_table({"toy": result}))
-  | Set | Accuracy-Flip    | TAR@FAR=1e-03 | TAR@FAR=1e-04 | AUC     |
-  |-----|------------------|---------------|---------------|---------|
-  | toy | 0.97750+-0.00873 | 0.75100       | n/a           | 0.99761 |
+  | Set | Accuracy-Flip    | TAR@FAR=1e-03 | TAR@FAR=1e-04 | AUC     | XNorm |
+  |-----|------------------|---------------|---------------|---------|-------|
+  | toy | 0.97750+-0.00873 | 0.75100       | n/a           | 0.99761 | n/a   |
   """
-  header = ["Set", "Accuracy-Flip", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC"]
+  header = ["Set", "Accuracy-Flip", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC",
+            "XNorm"]
   rows = [[name, f"{r.accuracy:.5f}+-{r.accuracy_std:.5f}",
-           *(_cell(r.tar_at_far[far]) for far in TABLE_FARS), _cell(r.auc)]
+           *(_cell(r.tar_at_far[far]) for far in TABLE_FARS), _cell(r.auc), _cell(r.xnorm)]
           for name, r in results.items()]
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"

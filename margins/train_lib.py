@@ -646,25 +646,36 @@ def to_host(array) -> np.ndarray:
 
 
 def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
-                       read_threads: int = 1) -> np.ndarray:
+                       read_threads: int = 1, with_xnorm: bool = False):
   """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's),
-  its batches read by ``read_threads`` threads."""
+  its batches read by ``read_threads`` threads.
+
+  With ``with_xnorm``, ``(embeddings, xnorm)``: also insightface's ``XNorm``, the mean L2 norm of
+  the embeddings of the ``N`` images (and of their ``N`` mirror images), each before any sum.
+  """
   per_process = experiment.config.eval.batch_size // jax.process_count()
   dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
                                   shard_index=jax.process_index(),
                                   shard_count=jax.process_count(), read_threads=read_threads)
   embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
+  norm_sum = 0.0
   for batch in dataset:
     local = {k: batch[k] for k in ("image", "index", "mask")}
     if flip:
       local["image_flipped"] = batch["image_flipped"]
     global_batch = _global_batch(experiment, local)
     out = embed_fn(state, global_batch["image"])
+    norms = jnp.linalg.norm(out, axis=-1)
     if flip:
-      out = out + embed_fn(state, global_batch["image_flipped"])
-    out, index, mask = (to_host(a) for a in (out, global_batch["index"], global_batch["mask"]))
+      flipped = embed_fn(state, global_batch["image_flipped"])
+      out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
+    out, norms, index, mask = (to_host(a) for a in (out, norms, global_batch["index"],
+                                                    global_batch["mask"]))
     embeddings[index[mask]] = out[mask]
-  return embeddings
+    norm_sum += float(np.sum(norms[mask], dtype=np.float64))
+  if not with_xnorm:
+    return embeddings
+  return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)
 
 
 def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[str, Any]:
@@ -683,11 +694,12 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
     results["closed"] = (embeddings, source.labels)
   if "open" in eval_sources:
     source = eval_sources["open"]
-    embeddings = compute_embeddings(experiment, state, source, flip=eval_config.flip,
-                                    embed_fn=embed_fn)
+    embeddings, xnorm = compute_embeddings(experiment, state, source, flip=eval_config.flip,
+                                           embed_fn=embed_fn, with_xnorm=True)
     labels = source.labels
     pairs, issame = evaluation.make_pairs(labels, eval_config.num_pairs, seed=0)
-    result = evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame)
+    result = dataclasses.replace(
+        evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame), xnorm=xnorm)
     metrics.update(_verification_metrics("open", result))
     metrics.update({f"open/{k}": v for k, v in evaluation.retrieval_metrics(
         embeddings, labels).items()})
@@ -714,8 +726,9 @@ def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.Verifi
   height, width, channels = experiment.image_shape
   images, issame = data_lib.load_bin(path, image_size=(height, width), channels=channels)
   source = data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1)
-  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn)
-  return evaluation.evaluate_verification(embeddings, issame)
+  embeddings, xnorm = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
+                                         with_xnorm=True)
+  return dataclasses.replace(evaluation.evaluate_verification(embeddings, issame), xnorm=xnorm)
 
 
 def evaluate_ijb(experiment, state, folder: str, *, embed_fn,
@@ -735,7 +748,7 @@ def evaluate_ijb(experiment, state, folder: str, *, embed_fn,
 def _verification_metrics(name, result) -> dict[str, float]:
   metrics = {f"{name}/verification_accuracy": result.accuracy,
              f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc,
-             f"{name}/eer": result.eer}
+             f"{name}/eer": result.eer, f"{name}/xnorm": result.xnorm}
   metrics.update({f"{name}/tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
   return metrics
 

@@ -1,5 +1,6 @@
 """The evaluation, export and folder-embedding tools, on a two-step digits run."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -75,11 +76,36 @@ def live_embeddings(experiment, state, grey: np.ndarray, *, flip: bool) -> np.nd
   return out
 
 
+def insightface_xnorm(experiment, state, grey: np.ndarray) -> float:
+  """Mean norm of the embeddings of the images and of their mirror images, taken apart."""
+  mirrored = np.ascontiguousarray(grey[:, :, ::-1])
+  both = np.concatenate([live_embeddings(experiment, state, images, flip=False)
+                         for images in (grey, mirrored)])
+  return float(np.mean(np.linalg.norm(both, axis=1)))
+
+
+def test_evaluate_bin_reports_insightface_xnorm(run, restored, digits_bin):
+  experiment, state = restored
+  path, grey, issame = digits_bin
+  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  with jax.set_mesh(experiment.mesh):
+    result = train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+  expected = insightface_xnorm(experiment, state, grey)
+  np.testing.assert_allclose(result.xnorm, expected, rtol=1e-5)
+  first_line = evaluation.format_verification("digits", result, step=3).splitlines()[0]
+  assert first_line == f"[digits][3] XNorm: {result.xnorm:.5f}"
+  assert np.isnan(evaluation.evaluate_verification(  # It sees only the sums.
+      live_embeddings(experiment, state, grey, flip=True), issame).xnorm)
+  with open(os.path.join(run, "metrics.jsonl")) as file:  # Training logs the open set's.
+    assert json.loads(file.readlines()[-1])["open/xnorm"] > 0
+
+
 def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
     run, restored, digits_bin, cli, capsys):
   path, grey, issame = digits_bin
-  expected = evaluation.evaluate_verification(
-      live_embeddings(*restored, grey, flip=True), issame)
+  expected = dataclasses.replace(evaluation.evaluate_verification(
+      live_embeddings(*restored, grey, flip=True), issame),
+      xnorm=insightface_xnorm(*restored, grey))
   capsys.readouterr()
   cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "16")  # 200 images: padded.
   out = capsys.readouterr().out

@@ -68,6 +68,10 @@ class VerificationResult:
     issame: ``[P]`` whether each pair shows one identity.
     fold_index: ``[P]`` the fold each pair was tested in: pair ``i`` is accepted by the protocol
       when ``distances[i] < fold_thresholds[fold_index[i]]``.
+    xnorm: insightface's ``XNorm``, the mean L2 norm of the embeddings of the images and of their
+      mirror images before they are summed and normalised; NaN unless the caller measured it
+      (:func:`evaluate_verification` sees only the sums: set it with ``dataclasses.replace``, as
+      :func:`margins.train_lib.evaluate_bin` does).
   """
 
   accuracy: float
@@ -87,6 +91,7 @@ class VerificationResult:
   distances: np.ndarray
   issame: np.ndarray
   fold_index: np.ndarray
+  xnorm: float = float("nan")
 
 
 def _check_embeddings(name: str, embeddings) -> np.ndarray:
@@ -369,7 +374,8 @@ def format_verification(name: str, result: VerificationResult, *, step: int | No
     flip: whether the embeddings were flip-summed (``Accuracy-Flip``, else ``Accuracy``).
 
   Returns:
-    Three lines: the accuracy; VAL@FAR and TAR@FAR; AUC and EER.
+    Three lines: the accuracy; VAL@FAR and TAR@FAR; AUC and EER. A first line gives XNorm when
+    ``result.xnorm`` was measured (not NaN).
 
   >>> import numpy as np
   >>> from margins.evaluation import evaluate_verification, format_verification
@@ -391,7 +397,9 @@ def format_verification(name: str, result: VerificationResult, *, step: int | No
   prefix = f"[{name}]" if step is None else f"[{name}][{step}]"
   accuracy = "Accuracy-Flip" if flip else "Accuracy"
   tars = "".join(f"  TAR@FAR={far:.0e}: {tar:.5f}" for far, tar in result.tar_at_far.items())
+  xnorm = [] if np.isnan(result.xnorm) else [f"{prefix} XNorm: {result.xnorm:.5f}"]
   return "\n".join([
+      *xnorm,
       f"{prefix} {accuracy}: {result.accuracy:.5f}+-{result.accuracy_std:.5f}",
       f"{prefix} VAL@FAR={result.val_far_target:.0e}: {result.val:.5f}+-{result.val_std:.5f} "
       f"(FAR {result.far:.5f}){tars}",
