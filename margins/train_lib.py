@@ -825,13 +825,16 @@ def _progress_line(step, num_steps, metrics, images_per_second, seconds_left) ->
           f"lr {float(metrics['learning_rate']):.4g} | {images_per_second:,.0f} img/s | ETA {eta}")
 
 
-def _summary_lines(metrics: Mapping[str, Any]) -> list[str]:
+def _summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:
+  """Log lines of :func:`evaluate`'s metrics; ``open_flip``: whether the open set's embeddings
+  were flip-summed (``config.eval.flip``; ``.bin`` sets always are)."""
   lines = []
   if "closed/accuracy" in metrics:
     lines.append(f"[closed set] accuracy: {metrics['closed/accuracy']:.4f}")
   for name, result in metrics["_results"].items():
     if len(result) == 3:
-      lines.append(evaluation.format_verification(name, result[2], flip=name != "open"))
+      flip = open_flip if name == "open" else True
+      lines.append(evaluation.format_verification(name, result[2], flip=flip))
   return lines
 
 
@@ -1081,7 +1084,7 @@ def _train_and_evaluate(config, workdir, mesh):
     if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
       final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
       writer.write(step, final)
-      for line in _summary_lines(final):
+      for line in _summary_lines(final, open_flip=config.eval.flip):
         report(f"[step {step}] {line}")
   manager.wait_until_finished()
   manager.close()

@@ -23,6 +23,7 @@ from flax import nnx
 
 import margins
 from margins import data as margins_data
+from margins import evaluation
 from margins import parallel
 from margins import train_lib
 from margins.losses import margin as margin_lib
@@ -80,6 +81,18 @@ def test_digits_arcface_learns(tmp_path):
   assert losses[60] < losses[10] - 0.5, losses
   assert final["closed/accuracy"] > 0.4  # 6 classes: chance is 1/6.
   assert final["open/auc"] > 0.6  # Held-out digits: chance is 0.5.
+
+
+@pytest.mark.parametrize("open_flip", [False, True])
+def test_log_lines_say_accuracy_flip_when_the_open_set_is_flip_tested(open_flip):
+  issame = np.arange(40) % 2 == 0
+  result = evaluation.evaluate_verification(
+      np.random.default_rng(0).normal(size=(80, 4)), issame, num_folds=2)
+  lines = train_lib._summary_lines(  # pylint: disable=protected-access
+      {"_results": {"open": (None, None, result), "lfw": (None, None, result)}},
+      open_flip=open_flip)
+  assert [line.split(":")[0] for line in lines if "Accuracy" in line] == [
+      "[open] Accuracy-Flip" if open_flip else "[open] Accuracy", "[lfw] Accuracy-Flip"]
 
 
 def test_float16_run_learns_and_restores_its_loss_scale(tmp_path):
