@@ -9,9 +9,10 @@ the notebooks. It reads top to bottom:
 3. the backbone (``margins.models``), the head ``W [C, D]``, the margin and the softmax engine,
    the optax optimizer; the head and the optimizer state are created already sharded (``jit``
    with ``out_shardings``), the backbone on the host's CPU and then placed on the devices;
-4. orbax checkpoints (saved every ``checkpoint_every`` steps and at the end, asynchronously,
-   with the data iterator's position): a run restarts from the latest one in ``workdir`` and
-   continues exactly as if it had not stopped;
+4. orbax checkpoints (saved every ``checkpoint_every`` steps and at the end, asynchronously):
+   a run restarts from the latest one in ``workdir`` and continues exactly as if it had not
+   stopped, the data at the batch after the restored step's (so also with another
+   ``config.input.worker_count`` or number of processes);
 5. the loop: one jitted step, a progress line, ``metrics.jsonl`` and TensorBoard events;
 6. evaluation every ``eval_every`` steps and at the end: closed-set accuracy, open-set
    verification (LFW protocol) and retrieval on held-out identities, ``.bin`` verification files;
@@ -26,7 +27,6 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -1037,20 +1037,19 @@ def _train_and_evaluate(config, workdir, mesh):
   experiment, state = create_train_state(config, mesh, train_source.num_classes,
                                          train_source.image_shape)
 
-  per_process = config.batch_size // jax.process_count()
-  dataset = data_lib.train_dataset(
-      train_source, batch_size=per_process, seed=config.seed, random_flip=config.input.random_flip,
-      crop_padding=config.input.crop_padding, worker_count=config.input.worker_count,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
-  iterator = iter(dataset)
-
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore_checkpoint(manager, manager.latest_step(), abstract,
-                               data=grain.checkpoint.CheckpointRestore(iterator)).state
+    state = restore_checkpoint(manager, manager.latest_step(), abstract).state
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
+  # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker
+  # count (grain's iterator state differs with it) or the number of processes.
+  per_process = config.batch_size // jax.process_count()
+  iterator = iter(data_lib.train_dataset(
+      train_source, batch_size=per_process, seed=config.seed, random_flip=config.input.random_flip,
+      crop_padding=config.input.crop_padding, worker_count=config.input.worker_count,
+      shard_index=jax.process_index(), shard_count=jax.process_count(), start_batch=start))
   if jax.process_index() == 0:
     _write_run_files(workdir, config, train_source)
   writer = MetricWriter(workdir, start)
@@ -1079,8 +1078,7 @@ def _train_and_evaluate(config, workdir, mesh):
       writer.write(step, metrics)
       timer_start, timer_step = time.perf_counter(), step
     if step % config.checkpoint_every == 0 or step == num_steps:
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
       final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
       writer.write(step, final)

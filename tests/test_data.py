@@ -356,6 +356,34 @@ def test_checkpoint_restores_the_exact_position(tmp_path):
       np.testing.assert_array_equal(got["label"], want["label"])
 
 
+def test_start_batch_resumes_the_stream_on_any_number_of_processes():
+  source = _indexed_source(num_examples=20)
+  common = dict(seed=5, random_flip=True, crop_padding=1)
+  # A run of 2 processes x 3 examples that stopped after 4 steps (crossing an epoch boundary)...
+  whole = [list(data.train_dataset(source, batch_size=3, num_epochs=2, shard_index=i,
+                                   shard_count=2, **common)) for i in range(2)]
+  for i in range(2):
+    resumed = list(data.train_dataset(source, batch_size=3, num_epochs=2, shard_index=i,
+                                      shard_count=2, start_batch=4, **common))
+    assert len(resumed) == len(whole[i]) - 4
+    for got, want in zip(resumed, whole[i][4:]):
+      np.testing.assert_array_equal(got["image"], want["image"])
+      np.testing.assert_array_equal(got["label"], want["label"])
+  # ... resumes on one process with the same global batch: step 5 holds the same examples,
+  # augmented the same way.
+  step_5 = next(iter(data.train_dataset(source, batch_size=6, shard_index=0, shard_count=1,
+                                        start_batch=4, **common)))
+  expected = sorted((int(label), image.tobytes()) for shard in whole
+                    for label, image in zip(shard[4]["label"], shard[4]["image"]))
+  assert sorted((int(label), image.tobytes())
+                for label, image in zip(step_5["label"], step_5["image"])) == expected
+  with pytest.raises(ValueError, match="`start_batch` = 7 is past the end"):
+    data.train_dataset(source, batch_size=3, num_epochs=1, start_batch=7, shard_index=0,
+                       shard_count=1)
+  with pytest.raises(ValueError, match="`start_batch`"):
+    data.train_dataset(source, batch_size=3, start_batch=-1)
+
+
 @pytest.fixture
 def unparsed_absl_flags():
   """As in a notebook: nobody parsed absl's flags, which grain reads when it starts workers."""
@@ -388,6 +416,10 @@ def test_worker_processes_give_the_same_batches_and_resume(unparsed_absl_flags):
     rest = list(resumed)
   finally:
     resumed.close()
+  # grain's state fits only the same worker count (``start_batch`` resumes with any, as the
+  # batches do not depend on it).
+  with pytest.raises(KeyError):
+    iter(make(0)).set_state(position)
   assert len(with_workers) == len(in_process) == 4 and len(rest) == 2
   for got, want in zip(with_workers + rest, in_process + in_process[2:]):
     np.testing.assert_array_equal(got["image"], want["image"])

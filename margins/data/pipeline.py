@@ -9,8 +9,12 @@ function of the example's position: shuffling and augmentation are deterministic
 seed, the output does not depend on ``worker_count``, and the iterator's position is a small
 state that grain saves and restores.
 
-Checkpointing the data position with orbax (the iterator's ``get_state``/``set_state`` through
-grain's handler)::
+Resuming: the position in the stream is the number of batches drawn, so a run that has taken
+``step`` batches resumes with ``train_dataset(..., start_batch=step)``, whatever ``worker_count``,
+``read_threads`` or (for the same global batch) the number of processes (what
+``margins.train_lib`` does). grain's own iterator state (``get_state``/``set_state``, saved
+with orbax by ``grain.checkpoint.CheckpointSave``) also works, but only into a pipeline with the
+same arguments: its format changes with ``worker_count`` and it is kept per process::
 
   iterator = iter(train_dataset(source, batch_size=128))
   manager.save(step, args=ocp.args.Composite(
@@ -188,7 +192,7 @@ def train_dataset(
     source, *, batch_size: int, seed: int = 0, num_epochs: int | None = None,
     shuffle: bool = True, drop_remainder: bool = True, random_flip: bool = False,
     crop_padding: int = 0, shard_index: int | None = None, shard_count: int | None = None,
-    worker_count: int = 0, read_threads: int = 1,
+    worker_count: int = 0, read_threads: int = 1, start_batch: int = 0,
 ) -> grain.IterDataset:
   """Training batches: shuffled by seed, repeated, augmented, sharded per process.
 
@@ -215,6 +219,8 @@ def train_dataset(
     shard_count: number of shards; ``None`` (with ``shard_index``): ``jax.process_count()``.
     worker_count: worker processes producing batches (0: in the calling process).
     read_threads: threads producing batches ahead in each process (0: produced on demand).
+    start_batch: batches of the stream to skip (nothing is read for them): resumes a run after
+      ``start_batch`` steps with the batches it would have drawn next.
 
   Returns:
     A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, C], "label": int32 [b]}``; its
@@ -240,6 +246,7 @@ def train_dataset(
   """
   length = _check_source(source)
   batch_size = check_int(batch_size, "batch_size", minimum=1)
+  start_batch = check_int(start_batch, "start_batch", minimum=0)
   if num_epochs is not None:
     num_epochs = check_int(num_epochs, "num_epochs", minimum=1)
   if check_int(seed, "seed", minimum=0) >= 2**32:
@@ -267,7 +274,10 @@ def train_dataset(
           f"{num_epochs} epoch(s) of {length} examples over {shard_count} process(es) give "
           f"{len(ds)} per process, fewer than `batch_size` = {batch_size}.")
   ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_NormalizeBatch())
-  return _iterate(ds, worker_count=worker_count, read_threads=read_threads)
+  if start_batch > len(ds):
+    raise ValueError(f"`start_batch` = {start_batch} is past the end of the stream "
+                     f"({len(ds)} batches).")
+  return _iterate(ds[start_batch:], worker_count=worker_count, read_threads=read_threads)
 
 
 def eval_dataset(
