@@ -99,10 +99,11 @@ def test_codec_rejects_bad_input():
 
 def test_listing_sorts_identities_and_images_and_filters_extensions(tmp_path):
   for name in ["zed/b.JPG", "zed/a.png", "amy/nested/x.jpeg", "amy/c.bmp", "amy/readme.txt",
-               ".hidden/a.png", "mid/1.webp"]:
+               ".hidden/a.png", "mid/1.webp", "mid/._1.webp", "zed/.thumbs/a.png"]:
     os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
     (tmp_path / name).touch()
   (tmp_path / "stray.png").touch()  # Files at the top level are not identities.
+  # Hidden files and folders inside identities (macOS's AppleDouble ``._*``) are not images.
   paths, labels, names = image_folder.list_image_folder(tmp_path)
   assert names == ["amy", "mid", "zed"]
   assert [os.path.relpath(path, tmp_path) for path in paths] == [

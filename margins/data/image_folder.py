@@ -143,7 +143,9 @@ def list_image_folder(
 
   Identities are the sub-folders of ``root`` (hidden ones skipped), sorted by name: the ``k``-th
   gets label ``k``. Images are the files below each identity folder whose extension (any case) is
-  in ``extensions``, sorted by path, so the listing is the same on every machine.
+  in ``extensions``, sorted by path, so the listing is the same on every machine. Hidden files and
+  folders (a leading ``.``, as macOS's ``._x.jpg`` companions or ``.ipynb_checkpoints``) are
+  skipped at every level.
 
   Args:
     root: the dataset folder.
@@ -181,10 +183,12 @@ def list_image_folder(
     raise ValueError(f"{root}: no identity sub-folders found.")
   paths, labels, empty = [], [], []
   for label, name in enumerate(class_names):
-    found = sorted(
-        os.path.join(folder, file_name)
-        for folder, _, file_names in os.walk(os.path.join(root, name), followlinks=True)
-        for file_name in file_names if file_name.lower().endswith(suffixes))
+    found = []
+    for folder, sub_folders, file_names in os.walk(os.path.join(root, name), followlinks=True):
+      sub_folders[:] = [sub for sub in sub_folders if not sub.startswith(".")]  # not walked
+      found.extend(os.path.join(folder, file_name) for file_name in file_names
+                   if file_name.lower().endswith(suffixes) and not file_name.startswith("."))
+    found.sort()
     if not found:
       empty.append(name)
     paths.extend(found)
