@@ -861,6 +861,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   for name in ("log_every", "checkpoint_every"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be a positive number of steps, got {config[name]}.")
+  if config.keep_checkpoints < 1:  # orbax's max_to_keep=0 deletes every checkpoint, the last too.
+    raise ValueError(f"config.keep_checkpoints must be at least 1 (a run resumes from its latest "
+                     f"checkpoint), got {config.keep_checkpoints}.")
+  warmup = config.optimizer.warmup_steps
+  if warmup < 0 or 0 < config.num_steps <= warmup:
+    raise ValueError(f"config.optimizer.warmup_steps = {warmup} must lie in [0, config.num_steps "
+                     f"= {config.num_steps}): the learning rate warms up, then decays to zero by "
+                     "the last step.")
   parts = config.micro_batches
   if parts < 1 or config.batch_size % (parts * mesh.size):
     raise ValueError(f"config.micro_batches = {parts} must be a positive divisor of each "

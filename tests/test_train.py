@@ -53,6 +53,7 @@ def tiny(config: ml_collections.ConfigDict, num_steps: int = 2) -> ml_collection
   config.num_steps = num_steps
   config.log_every = 1
   config.checkpoint_every = num_steps
+  config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, num_steps - 1)
   config.eval.num_pairs = 100
   return config
 
@@ -379,6 +380,12 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
     (lambda c: c.update(compute_dtype="float64"), "compute_dtype must be 'float32', "),
     (lambda c: c.update(log_every=0), "config.log_every must be a positive"),
     (lambda c: c.update(checkpoint_every=0), "config.checkpoint_every must be a positive"),
+    # orbax's max_to_keep=0 would delete every checkpoint, the final one included.
+    (lambda c: c.update(keep_checkpoints=0), "config.keep_checkpoints must be at least 1"),
+    # A run shorter than its warm-up would end at its peak rate, never decaying.
+    (lambda c: c.optimizer.update(warmup_steps=20), r"warmup_steps = 20 must lie in \[0, "
+     r"config.num_steps = 20\)"),
+    (lambda c: c.optimizer.update(warmup_steps=-1), r"warmup_steps = -1 must lie in \[0, "),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
