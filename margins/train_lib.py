@@ -788,7 +788,7 @@ class MetricWriter:
       return
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        kept = [line for line in f if _is_whole_and_until(line, resume_step)]
       with open(self.path, "w") as f:
         f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -811,6 +811,15 @@ class MetricWriter:
   def close(self) -> None:
     if self.tensorboard is not None:
       self.tensorboard.close()
+
+
+def _is_whole_and_until(line: str, step: int) -> bool:
+  """Whether a ``metrics.jsonl`` line is whole and of a step up to ``step``: a machine that
+  crashed (or a full disk) may have left its last line cut short or zeroed."""
+  try:
+    return json.loads(line)["step"] <= step
+  except (ValueError, KeyError, TypeError):
+    return False
 
 
 def report(line: str) -> None:

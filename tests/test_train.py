@@ -671,6 +671,17 @@ def test_resumed_metric_writer_drops_the_lost_steps_in_tensorboard_too(tmp_path)
   assert _tensorboard_scalars(str(tmp_path), "loss") == [1, 2, 3, 4]
 
 
+def test_resumed_metric_writer_drops_a_line_a_crash_cut_short(tmp_path):
+  # A machine that crashed mid-write (or a full disk) leaves the last line partial or zeroed.
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+  writer = train_lib.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
+  writer.write(3, {"loss": 13.0})
+  writer.close()
+  assert read_metrics(str(tmp_path)) == [{"step": s, "loss": v} for s, v in
+                                         ((1, 1.0), (2, 2.0), (3, 13.0))]
+
+
 def test_update_sampled_rows_with_adamw_shares_the_bias_correction_count():
   # As the README says: the moments of an unsampled row stay, Adam's step count does not.
   config = train_lib.default_config()
