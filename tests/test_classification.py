@@ -60,6 +60,9 @@ CASES = [
      {"margin": 1.7, "kind": "v1"}),
     ("spherefacer_v2", margins.spherefacer_loss, reference.spherefacer,
      {"scale": 60.0, "margin": 1.4, "kind": "v2"}),
+    # Example 2 (theta 2.32) reaches k = 2: 2.8 theta passes 2 pi.
+    ("spherefacer_v0_k2", margins.spherefacer_loss, reference.spherefacer,
+     {"scale": 4.0, "margin": 2.8}),
     ("sphereface2", functools.partial(margins.sphereface2_loss, bias=1.5), reference.sphereface2,
      {}),
     ("sphereface2_arc", functools.partial(margins.sphereface2_loss, bias=-2.0),
@@ -81,6 +84,7 @@ def test_value_cases_reach_the_branches_past_pi():
   theta = np.arccos(reference.cosines(x, w)[np.arange(B), labels])
   assert np.any(1.5 * theta + 0.2 >= np.pi) and np.any(1.5 * theta + 0.2 < np.pi)  # combined
   assert np.any(theta + 1.0 >= np.pi) and np.any(theta + 1.0 < np.pi)  # sphereface2 arc
+  assert np.any(2.8 * theta >= 2 * np.pi)  # spherefacer v0, k = 2
 
 
 @pytest.mark.parametrize("name,loss_fn,reference_fn,kwargs", CASES, ids=[c[0] for c in CASES])
@@ -342,6 +346,76 @@ def test_adaface_clips_the_other_classes_cosines_as_the_official_code():
   grad = jax.grad(lambda w_: jnp.sum(loss(w_)))(w)
   np.testing.assert_array_equal(grad[1:3], 0)
   assert np.all(np.asarray(grad[3, ::2]) != 0)
+
+
+def test_adaface_embedding_gradient_treats_norms_and_batch_statistics_as_constants():
+  # The official code detaches the norms (the quality proxy) and the batch statistics, so the
+  # embeddings' gradient is that of their directions alone: finite differences of the reference
+  # evaluated at x / |x| * |x0|, every norm (and so every statistic) held at x0's.
+  x0, w, labels = make_inputs(seed=5, norm_scale=10.0)
+  x0, w = x0.astype(np.float64), w.astype(np.float64)
+  norms0 = np.linalg.norm(x0, axis=1, keepdims=True)
+  weights = np.linspace(0.5, 1.5, B)
+  kwargs = dict(norm_mean=15.0, norm_std=40.0, scale=8.0, t_alpha=0.5)
+
+  def ref(x):
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return reference.adaface(unit * norms0, w, labels, **kwargs)[0] @ weights
+
+  want = np.zeros_like(x0)
+  for index in np.ndindex(*x0.shape):
+    step = np.zeros_like(x0)
+    step[index] = 1e-6
+    want[index] = (ref(x0 + step) - ref(x0 - step)) / 2e-6
+  state = margins.AdaFaceState(kwargs.pop("norm_mean"), kwargs.pop("norm_std"))
+  with jax.enable_x64(True):
+    got = jax.grad(lambda x_: margins.adaface_loss(
+        x_, jnp.asarray(w), labels, state, **kwargs)[0] @ weights)(jnp.asarray(x0))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_adaface_clips_the_shifted_angle_and_divides_by_std_plus_eps():
+  # Frozen statistics (t_alpha=0). Std 1: a norm of 30 gives z = 1, and its theta = 0.1 shifted by
+  # -m z is clipped up to eps; a norm of 10 gives z = -1, and theta = pi - 0.2 shifted by +m is
+  # clipped down to pi - eps. Std 1e-3: eps doubles the denominator, z = 0.333 (0.666 without).
+  angles = np.array([0.1, np.pi - 0.2, 1.0, 2.0])
+  norms = np.array([30.0, 10.0, 20.002, 19.998])
+  x = norms[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+  w = np.array([[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8]])
+  labels = np.zeros(4, np.int32)
+  with jax.enable_x64(True):
+    for std, rows in ((1.0, slice(0, 2)), (1e-3, slice(2, 4))):
+      state = margins.AdaFaceState(norm_mean=20.0, norm_std=std)
+      got = margins.adaface_loss(jnp.asarray(x[rows]), jnp.asarray(w), labels[rows], state,
+                                 scale=8.0, t_alpha=0.0)[0]
+      want = reference.adaface(x[rows], w, labels[rows], 20.0, std, scale=8.0, t_alpha=0.0)[0]
+      np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+# A target at theta_y = pi - 0.2, past pi - m (m = 0.5): cos(theta_y + m) = -cos(0.3) = -0.955,
+# where ArcFace's target continues as cos_y - m sin m = -1.22. Centres of classes 1-3 at
+# cosines -0.97 (between the two), -0.9 and 0.3 with x.
+PAST_PI_ANGLES = np.array([np.pi - 0.2, -np.arccos(-0.97), np.arccos(-0.9), np.arccos(0.3)])
+PAST_PI_X = np.array([[1.0, 0.0]], np.float32)
+PAST_PI_W = np.stack([np.cos(PAST_PI_ANGLES), np.sin(PAST_PI_ANGLES)], axis=1).astype(np.float32)
+
+
+def test_curricularface_hard_negatives_past_pi_minus_m_are_above_the_raw_cos_theta_plus_m():
+  # The authors' mask compares with cos(theta_y + m) as it is: the class at -0.97 is not hard
+  # (it would be against the continued target), the one at -0.9 is.
+  labels = np.array([0])
+  losses, t = margins.curricularface_loss(PAST_PI_X, PAST_PI_W, labels, 0.3, scale=8.0)
+  want, want_t = reference.curricularface(PAST_PI_X, PAST_PI_W, labels, t=0.3, scale=8.0)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+  np.testing.assert_allclose(t, want_t, rtol=1e-6)
+
+
+def test_elasticface_arc_target_past_pi_minus_m_is_the_raw_cos_theta_plus_m():
+  # As the authors' code: cos(theta_y + m_i) without ArcFace's continuation.
+  labels, key = np.array([0]), jax.random.key(0)
+  got = margins.elasticface_loss(PAST_PI_X, PAST_PI_W, labels, key, scale=8.0, sigma=0.0)
+  want = reference.elasticface(PAST_PI_X, PAST_PI_W, labels, [0.5], scale=8.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True)])
