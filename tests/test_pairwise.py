@@ -194,6 +194,18 @@ def test_triplet_data_exercise_zero_and_non_zero_terms_and_the_semi_hard_fallbac
     assert 0 < fallbacks < len(flat)
 
 
+@pytest.mark.parametrize("mining,margin", [("semi_hard", 0.2), ("all", 0.0)])
+def test_triplet_ties_between_positive_and_negative_distances(mining, margin):
+  # Integer points, unnormalised: every squared distance is exact, and anchor 0 has its positive
+  # (1, 0) and the negative (0, 1) both at 1. Semi-hard negatives are strictly farther than the
+  # positive (FaceNet, TensorFlow); with margin 0 a tie is a zero term, left out of the count.
+  x = np.array([[0, 0], [1, 0], [3, 0], [0, 1], [0, 2], [2, 2]], np.float32)
+  labels = np.array([0, 0, 0, 1, 1, 2], np.int32)
+  kwargs = dict(margin=margin, mining=mining, normalize=False, average="anchor_non_zero")
+  np.testing.assert_allclose(pairwise.triplet_loss(x, labels, **kwargs),
+                             ref_triplet(x, labels, **kwargs), rtol=1e-6)
+
+
 def test_triplet_batch_non_zero_sums_to_pml_reduction():
   # pytorch-metric-learning's TripletMarginLoss(margin=0.05): unsquared distances of unit
   # vectors, mean over the triplets with a non-zero loss.
