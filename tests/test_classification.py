@@ -1,6 +1,8 @@
 """The loss zoo against float64 references, gradients, edge cases, dtypes and bad input."""
 
+import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -443,6 +445,43 @@ def test_sphereface_lambda_schedule():
   steps = np.array([0, 1, 100, 1000, 1659, 1700, 100000])
   want = np.maximum(5.0, 1000.0 * (1 + 0.12 * steps) ** -1.0)
   np.testing.assert_allclose(margins.sphereface_lambda(steps), want, rtol=1e-6)
+
+
+# The published settings (REFERENCE.md; opensphere's SphereFaceR_H for SphereFace-R): each loss
+# function's keyword defaults and its Margin's field defaults.
+PUBLISHED_DEFAULTS = [
+    ((margins.normface_loss, margins.NormFace), dict(scale=16.0)),
+    ((margins.lsoftmax_loss, margins.LSoftmax), dict(margin=4)),
+    ((margins.sphereface_loss, margins.SphereFace), dict(margin=4)),
+    ((margins.cosface_loss, margins.CosFace), dict(scale=64.0, margin=0.35)),
+    ((margins.arcface_loss, margins.ArcFace), dict(scale=64.0, margin=0.5)),
+    ((margins.subcenter_arcface_loss,), dict(scale=64.0, margin=0.5)),
+    ((margins.combined_margin_loss, margins.CombinedMargin), dict(m1=1.0, m2=0.3, m3=0.2)),
+    ((margins.curricularface_loss, margins.CurricularFace),
+     dict(scale=64.0, margin=0.5, t=0.0, momentum=0.01)),
+    ((margins.mv_softmax_loss, margins.MVSoftmax), dict(scale=32.0, margin=0.35, t=0.2)),
+    ((margins.adaface_loss,), dict(scale=64.0, margin=0.4, h=0.333, t_alpha=1.0)),
+    ((margins.AdaFace,), dict(scale=64.0, margin=0.4, h=0.333, momentum=1.0)),
+    ((margins.magface_loss, margins.MagFace),
+     dict(scale=64.0, lower_norm=10.0, upper_norm=110.0, lower_margin=0.45, upper_margin=0.8,
+          lambda_g=20.0)),
+    ((margins.elasticface_loss, margins.ElasticFace), dict(scale=64.0, margin=0.5, sigma=0.0125)),
+    ((margins.sphereface2_loss, margins.SphereFace2, margins.sphereface2_bias),
+     dict(scale=40.0, margin=0.4, t=3.0, alpha=0.7)),
+    ((margins.spherefacer_loss, margins.SphereFaceR), dict(scale=30.0, margin=1.5, kind="v0")),
+    ((margins.sphereface_lambda,), dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0)),
+]
+
+
+@pytest.mark.parametrize("targets,published", PUBLISHED_DEFAULTS,
+                         ids=[t[0].__name__ for t, _ in PUBLISHED_DEFAULTS])
+def test_defaults_are_the_published_settings(targets, published):
+  for target in targets:
+    if dataclasses.is_dataclass(target):
+      defaults = {f.name: f.default for f in dataclasses.fields(target)}
+    else:
+      defaults = {name: p.default for name, p in inspect.signature(target).parameters.items()}
+    assert {name: defaults[name] for name in published} == published, target.__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Contrastive, triplet and circle losses against float64 loops over pairs and triplets."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,16 @@ def test_circle_matches_reference(kwargs):
   assert got.shape == (B,) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, ref_circle(x, LABELS, **kwargs), rtol=2e-5, atol=2e-5)
   assert got[LABELS == 2] == 0  # the singleton has no positive pair
+
+
+@pytest.mark.parametrize("loss_fn,published", [
+    (pairwise.contrastive_loss, dict(pos_margin=0.0, neg_margin=1.0)),  # pytorch-metric-learning
+    (pairwise.triplet_loss, dict(margin=0.2, squared=True)),  # FaceNet
+    (pairwise.circle_loss, dict(margin=0.25, gamma=256.0)),  # the paper's face setting
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_defaults_are_the_published_settings(loss_fn, published):
+  parameters = inspect.signature(loss_fn).parameters
+  assert {name: parameters[name].default for name in published} == published
 
 
 LOSSES = [
