@@ -26,23 +26,6 @@ from tests.test_train import load_config
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> str:
-  """The workdir of a two-step ArcFace run on the digits (16 x 16 grey images)."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
-  config.num_steps = config.checkpoint_every = 2
-  config.eval.num_pairs = 100
-  config.mesh.shape = (1,)  # Compiles faster; the tools restore it on all 8 devices.
-  train_lib.train_and_evaluate(config, workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
-def restored(run):
-  return train_lib.restore(run)
-
-
-@pytest.fixture(scope="module")
 def digits_bin(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
   """``(path, grey images [2P, 16, 16, 1], issame [P])``: held-out digits as an RGB ``.bin``."""
   source = data_lib.digits("open_test", image_size=16)
@@ -51,6 +34,50 @@ def digits_bin(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
   path = str(tmp_path_factory.mktemp("bins") / "digits.bin")
   data_lib.write_bin(path, np.repeat(grey, 3, axis=-1), issame, image_format="png")
   return path, grey, issame
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory, digits_bin) -> tuple[str, list[str]]:
+  """``(workdir, the .bin files the run decoded)`` of a two-step ArcFace run on the digits
+  (16 x 16 grey images), evaluated at both steps, on the digits ``.bin`` too."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.num_steps = config.checkpoint_every = 2
+  config.eval_every = 1
+  config.eval.update(num_pairs=100, bins=(digits_bin[0],))
+  config.mesh.shape = (1,)  # Compiles faster; the tools restore it on all 8 devices.
+  decoded = []
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    load_bin = data_lib.load_bin
+    monkeypatch.setattr(data_lib, "load_bin",
+                        lambda path, **kwargs: decoded.append(path) or load_bin(path, **kwargs))
+    train_lib.train_and_evaluate(config, workdir)
+  return workdir, decoded
+
+
+@pytest.fixture(scope="module")
+def run(training) -> str:
+  return training[0]
+
+
+@pytest.fixture(scope="module")
+def restored(run):
+  return train_lib.restore(run)
+
+
+def test_training_decodes_each_bin_once_and_verifies_it_at_every_evaluation(
+    training, restored, digits_bin):
+  workdir, decoded = training
+  assert decoded == [digits_bin[0]]
+  with open(os.path.join(workdir, "metrics.jsonl")) as file:
+    logged = [line for line in map(json.loads, file) if "digits/auc" in line]
+  assert [line["step"] for line in logged] == [1, 2]
+  experiment, state = restored
+  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  with jax.set_mesh(experiment.mesh):
+    final = train_lib.evaluate_bin(experiment, state, digits_bin[0], embed_fn=embed_fn)
+  np.testing.assert_allclose([logged[-1]["digits/auc"], logged[-1]["digits/xnorm"]],
+                             [final.auc, final.xnorm], rtol=1e-5)
 
 
 @pytest.fixture
