@@ -540,6 +540,11 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
     loss_scale = _next_loss_scale(loss_scale, finite, config.loss_scale.growth_interval)
     metrics = dict(metrics, loss_scale=scale, skipped=1 - finite.astype(jnp.int32))
   model_state, margin, centers = carry
+  if finite is not None:
+    # A skipped step keeps the running statistics too: a forward pass that overflowed float16
+    # would leave NaN in the BatchNorms' (and the margin's, the centres') for good.
+    model_state, margin, centers = _unless_overflow_stats(
+        finite, (model_state, margin, centers), (state.model_state, state.margin, state.centers))
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, margin=margin, centers=centers,
                             loss_scale=loss_scale)
@@ -593,6 +598,17 @@ def _unless_overflow(finite: Array, new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
   return jax.tree.map(select, new, old, is_leaf=is_schedule)
+
+
+def _unless_overflow_stats(finite: Array, new, old):
+  """``new`` where ``finite``, else ``old``, for the floating leaves (batch statistics, margin
+  state, centres); the others (RNG counters and keys) keep ``new``: they advance either way."""
+  def select(new, old):
+    if jnp.issubdtype(new.dtype, jnp.floating):
+      return jnp.where(finite, new, old)
+    return new
+
+  return jax.tree.map(select, new, old)
 
 
 def _next_loss_scale(loss_scale: LossScale, finite: Array, growth_interval: int) -> LossScale:

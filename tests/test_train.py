@@ -791,6 +791,7 @@ def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
   config.compute_dtype, config.mesh.shape = "float16", (2,)
   config.loss_scale = dict(initial=2.0**40, growth_interval=2)  # Overflows at first.
   config.engine.update(kind="sharded", chunk_size=2, sample_rate=0.5, freeze_unsampled=True)
+  config.model.kwargs.batch_norm = True
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:16]),
            "label": jnp.asarray(source.labels[:16])}
@@ -802,6 +803,8 @@ def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
     new, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
   assert metrics["skipped"] == 1
   jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+  # Nor the batch statistics: a float16 forward pass that overflowed would leave NaN in them.
+  jax.tree.map(np.testing.assert_array_equal, new.model_state, state.model_state)
   counts = lambda s: [leaf for leaf in jax.tree.leaves(s.opt_state) if leaf.ndim]  # noqa: E731
   jax.tree.map(np.testing.assert_array_equal, counts(new), counts(state))
   assert _schedule_counts(new.opt_state) == [1, 1]
