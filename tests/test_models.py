@@ -356,6 +356,23 @@ def test_prelu_and_batch_norm_gradients():
   jax.test_util.check_grads(jax.jit(layers), args, order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_gradients_of_slopes_and_biases_are_summed_in_float32(dtype):
+  # Summed over 25k positions in 16 bits (XLA:CPU sums in order) these gradients stall: the
+  # PReLU slopes' came out ~20x too small in bfloat16.
+  x = -jnp.abs(jax.random.normal(jax.random.key(0), (8, 56, 56, 4)))
+  for module, expected in ((iresnet.PReLU(4), 0.01 * jnp.sum(x, axis=(0, 1, 2))),
+                           (vit.Linear(4, 4, dtype=dtype, rngs=nnx.Rngs(0)),
+                            jnp.full((4,), 0.01 * x.size / 4))):
+    graphdef, params = nnx.split(module)
+    loss = lambda p, m=graphdef: jnp.sum(  # noqa: E731
+        0.01 * nnx.merge(m, p)(x.astype(dtype)).astype(jnp.float32))
+    grad, = jax.tree.leaves(jax.jit(jax.grad(loss))(params)[
+        "negative_slope" if isinstance(module, iresnet.PReLU) else "bias"])
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, expected, rtol=5e-3)
+
 def test_iresnet_block_matches_numpy():
   # An even input side tells PyTorch's padding=1 (a zero row on each side) from 'SAME' (0 before,
   # 1 after) in the stride-2 convolution.

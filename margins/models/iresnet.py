@@ -132,8 +132,21 @@ class PReLU(nnx.Module):
     self.negative_slope = nnx.Param(jnp.full((num_features,), negative_slope_init, jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    slope = self.negative_slope[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-    return jnp.where(x >= 0, x, slope * x)
+    return jnp.where(x >= 0, x, broadcast_param(self.negative_slope[...], x) * x)
+
+
+def broadcast_param(param: Array, like: Array) -> Array:
+  """``param [C]`` broadcast to ``like [..., C]`` (split as ``like`` is), then cast to its dtype.
+
+  Broadcast before the cast, the gradient is summed over the batch and positions in ``param``'s
+  dtype (float32): summed in bfloat16 or float16 (as XLA:CPU does, in order) it stalls.
+
+  >>> broadcast_param(jnp.arange(2.0), jnp.zeros((3, 2), jnp.bfloat16)).dtype
+  dtype(bfloat16)
+  """
+  shaped = param.reshape((1,) * (like.ndim - 1) + (-1,))
+  return jnp.broadcast_to(shaped, like.shape, out_sharding=jax.typeof(like).sharding).astype(
+      like.dtype)
 
 
 class BatchNorm(nnx.Module):

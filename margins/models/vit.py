@@ -71,6 +71,21 @@ class LayerNorm(nnx.LayerNorm):
     return super().__call__(x.astype(jnp.float32), **kwargs).astype(x.dtype)
 
 
+class Linear(nnx.Linear):
+  """``nnx.Linear`` whose bias is added by :func:`~margins.models.iresnet.broadcast_param`: in a
+  16-bit ``dtype`` its gradient is summed over the tokens in float32.
+
+  >>> layer = Linear(2, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  >>> layer(jnp.ones((4, 5, 2))).dtype
+  dtype(bfloat16)
+  """
+
+  def __call__(self, x: Array) -> Array:  # pytype: disable=signature-mismatch
+    x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+    y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+    return y if self.bias is None else y + iresnet.broadcast_param(self.bias[...], y)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention over ``[B, N, width]`` tokens, softmax in float32.
 
@@ -88,9 +103,9 @@ class Attention(nnx.Module):
     if width % num_heads:
       raise ValueError(f"`width` ({width}) must be a multiple of `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.qkv = nnx.Linear(
+    self.qkv = Linear(
         width, 3 * width, use_bias=False, kernel_init=_INIT, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(width, width, kernel_init=_INIT, dtype=dtype, rngs=rngs)
+    self.proj = Linear(width, width, kernel_init=_INIT, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     batch, tokens, width = x.shape
@@ -127,8 +142,8 @@ class EncoderBlock(nnx.Module):
     self.norm1 = LayerNorm(width, rngs=rngs)
     self.attn = Attention(width, num_heads=num_heads, dtype=dtype, rngs=rngs)
     self.norm2 = LayerNorm(width, rngs=rngs)
-    self.fc1 = nnx.Linear(width, hidden, kernel_init=_INIT, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, width, kernel_init=_INIT, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(width, hidden, kernel_init=_INIT, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, width, kernel_init=_INIT, dtype=dtype, rngs=rngs)
     # One keep/drop draw per sample: the mask broadcasts over tokens and channels.
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
 
