@@ -364,6 +364,8 @@ def test_16_bit_gradients_of_slopes_and_biases_are_summed_in_float32(dtype):
   x = -jnp.abs(jax.random.normal(jax.random.key(0), (8, 56, 56, 4)))
   for module, expected in ((iresnet.PReLU(4), 0.01 * jnp.sum(x, axis=(0, 1, 2))),
                            (vit.Linear(4, 4, dtype=dtype, rngs=nnx.Rngs(0)),
+                            jnp.full((4,), 0.01 * x.size / 4)),
+                           (small_cnn.Conv(4, 4, (1, 1), dtype=dtype, rngs=nnx.Rngs(0)),
                             jnp.full((4,), 0.01 * x.size / 4))):
     graphdef, params = nnx.split(module)
     loss = lambda p, m=graphdef: jnp.sum(  # noqa: E731

@@ -40,6 +40,24 @@ def pooled_size(size: int, window: int, stride: int = 2) -> int:
   return -(-(size - window) // stride) + 1
 
 
+class Conv(nnx.Conv):
+  """``nnx.Conv`` whose bias is added by :func:`~margins.models.iresnet.broadcast_param`: in a
+  16-bit ``dtype`` its gradient is summed over the batch and positions in float32.
+
+  >>> conv = Conv(1, 2, (3, 3), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  >>> conv(jnp.ones((1, 4, 4, 1))).dtype, conv.bias.shape
+  (dtype(bfloat16), (2,))
+  """
+
+  def __init__(self, *args: Any, use_bias: bool = True, **kwargs: Any):
+    super().__init__(*args, use_bias=False, **kwargs)  # ``__call__`` adds the bias.
+    self.bias = nnx.Param(jnp.zeros((self.out_features,), jnp.float32)) if use_bias else None
+
+  def __call__(self, x: Array) -> Array:  # pytype: disable=signature-mismatch
+    y = super().__call__(x)
+    return y if self.bias is None else y + iresnet.broadcast_param(self.bias[...], y)
+
+
 class ConvPReLU(nnx.Module):
   """``conv5x5 (padding 2) -> [BN] -> PReLU``, the unit of every LeNets++ stage.
 
@@ -52,7 +70,7 @@ class ConvPReLU(nnx.Module):
   def __init__(
       self, in_features: int, out_features: int, *, batch_norm: bool = False,
       dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(
+    self.conv = Conv(
         in_features, out_features, (5, 5), padding=((2, 2), (2, 2)), use_bias=not batch_norm,
         kernel_init=_KERNEL_INIT, dtype=dtype, rngs=rngs)
     self.bn = iresnet.BatchNorm(out_features) if batch_norm else None
