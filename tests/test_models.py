@@ -356,7 +356,6 @@ def test_prelu_and_batch_norm_gradients():
   jax.test_util.check_grads(jax.jit(layers), args, order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_16_bit_gradients_of_slopes_and_biases_are_summed_in_float32(dtype):
   # Summed over 25k positions in 16 bits (XLA:CPU sums in order) these gradients stall: the
@@ -374,6 +373,7 @@ def test_16_bit_gradients_of_slopes_and_biases_are_summed_in_float32(dtype):
         "negative_slope" if isinstance(module, iresnet.PReLU) else "bias"])
     assert grad.dtype == jnp.float32
     np.testing.assert_allclose(grad, expected, rtol=5e-3)
+
 
 def test_iresnet_block_matches_numpy():
   # An even input side tells PyTorch's padding=1 (a zero row on each side) from 'SAME' (0 before,
