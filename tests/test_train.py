@@ -99,11 +99,13 @@ def test_log_lines_say_accuracy_flip_when_the_open_set_is_flip_tested(open_flip)
 def test_float16_run_learns_and_restores_its_loss_scale(tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.compute_dtype = "float16"
-  config.num_steps, config.log_every, config.checkpoint_every = 60, 10, 60
+  config.num_steps, config.log_every, config.checkpoint_every = 60, 1, 60
   final = train_lib.train_and_evaluate(config, str(tmp_path))
   metrics = [m for m in read_metrics(str(tmp_path)) if "loss" in m]
   losses = {m["step"]: m["loss"] for m in metrics}
-  assert losses[60] < losses[10] - 0.5, losses
+  # One batch's loss is noisy (ArcFace's on the digits first rises): the last ten against the
+  # first step's.
+  assert np.mean([losses[step] for step in range(51, 61)]) < losses[1] - 1.0, losses
   assert final["open/auc"] > 0.6
   assert all(m["loss_scale"] > 1 for m in metrics)
   _, state = train_lib.restore(str(tmp_path))
