@@ -6,6 +6,7 @@ absl keeps one global set of flags, and a flag name defined by two modules is an
 """
 
 from absl import flags
+from absl import logging
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its --workdir).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
@@ -15,3 +16,10 @@ BATCH_SIZE = flags.DEFINE_integer(
 OUT = flags.DEFINE_string(
     "out", None, "Where to write: the exported model's folder (export), the .npy file "
     "(embed_folder) or the cleaned dataset's folder (tools.subcenter_drop).")
+
+
+def quiet_library_logs() -> None:
+  """Shows warnings and errors only, unless ``--verbosity`` was given: at absl's default (INFO)
+  orbax logs every step of every checkpoint it opens or writes, dozens of lines per restore."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -118,6 +118,7 @@ def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.quiet_library_logs()
   # Under srun / mpirun with several tasks: one job over all of them, printed and plotted by
   # process 0 (without it each task evaluates alone and all write the same ROC file).
   distributed.initialize()

@@ -86,6 +86,7 @@ def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.quiet_library_logs()
   workdir, out = cli_flags.WORKDIR.value, cli_flags.OUT.value
   if not workdir or not out:
     raise app.UsageError("--workdir (the training run) and --out (a folder) are required.")

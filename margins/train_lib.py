@@ -1030,8 +1030,13 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
 
 def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The tree of checkpoint ``step``'s ``state``, its leaves orbax's metadata (shapes)."""
-  return ocp.StandardCheckpointer().metadata(
-      os.path.join(manager.directory, str(step), "state")).item_metadata.tree
+  # The item's handler reads it directly: a Checkpointer would also look for a step's
+  # _CHECKPOINT_METADATA inside the item's folder and warn, on every restore, that it is missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(manager.directory / str(step) / "state").tree
+  finally:
+    handler.close()
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging as python_logging
 import os
 import pathlib
 import subprocess
@@ -13,6 +14,7 @@ import PIL.Image
 import pytest
 from absl import app
 from absl import flags
+from absl import logging
 
 from margins import data as data_lib
 from margins import embed_folder
@@ -232,9 +234,18 @@ def _write_png(path, image: np.ndarray) -> None:
   PIL.Image.fromarray(image).save(path)
 
 
-def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli):
+def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli, caplog):
   model_dir = str(tmp_path / "model")
-  cli(export, "--workdir", run, "--out", model_dir)
+  flags.FLAGS.unparse_flags()
+  argv = flags.FLAGS(["export", "--workdir", run, "--out", model_dir])
+  try:  # app.run sets INFO, at which orbax logs dozens of lines per restore: the tools show
+    logging.set_verbosity(logging.INFO)  # warnings only, as train.py does, and a restore has
+    with caplog.at_level(python_logging.INFO):  # none to show.
+      export.main(argv)
+    assert logging.get_verbosity() == logging.WARNING
+    assert not [r.getMessage() for r in caplog.records if r.name == "absl"]
+  finally:
+    flags.FLAGS.unparse_flags()  # Back to absl's default verbosity.
   with open(os.path.join(model_dir, "model.json")) as f:
     assert json.load(f)["model"] == "small_cnn"
 

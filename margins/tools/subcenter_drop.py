@@ -198,6 +198,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.quiet_library_logs()
   # Under srun / mpirun with several tasks: one job over all of them, the dataset written by
   # process 0 (without it every task writes the same train.rec).
   distributed.initialize()
