@@ -330,11 +330,23 @@ def test_pack_tool_command_line(tmp_path):
     pack_recordio.main(["--image_dir", "x", "--output", "y", "--image_size", "12"])
 
 
-def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path):
+def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path, capsys):
   _make_folder(tmp_path / "faces", {"a": 1}, size=16)
+  pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
+  before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
   _make_folder(tmp_path / "faces", {"b": 1}, size=12)
   with pytest.raises(ValueError, match=r"b/0.png: image is \(12, 12\).*--image_size"):
     pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
+  # Neither a half-written dataset nor a clobbered one: the earlier one is there as it was.
+  assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+  # The command line says what is wrong, without a traceback, and checks --quality first.
+  for args, message in (([], "b/0.png: image is (12, 12)"),
+                        (["--quality", "0"], "--quality must lie in [1, 100], got 0"),
+                        (["--image_dir", str(tmp_path / "none")], "one sub-folder per identity")):
+    with pytest.raises(SystemExit, match="2"):
+      pack_recordio.main(["--image_dir", str(tmp_path / "faces"), "--output",
+                          str(tmp_path / "train"), *args])
+    assert message in capsys.readouterr().err
 
 
 def test_source_is_picklable_and_the_copy_reads_the_same(tmp_path):

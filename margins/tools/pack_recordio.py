@@ -13,7 +13,9 @@ writes ``PREFIX.rec``, ``PREFIX.idx`` and ``property`` (beside them), the files 
 - ``property``: ``K,H,W``.
 
 Images are decoded and re-encoded as JPEG (``--quality``), resized to ``--image_size`` when given;
-without it every image must have the size of the first.
+without it every image must have the size of the first. The files are written under temporary
+names and renamed once complete: a failed run (an image that does not decode, say) leaves no
+half-written dataset, nor touches one already there.
 """
 
 import argparse
@@ -69,6 +71,8 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
     insightface's dataset layout (``recognition/arcface_torch/dataset.py``); MXNet's
     ``tools/im2rec.py`` for packing images into RecordIO.
   """
+  if not 1 <= quality <= 100:  # Checked before any image is read.
+    raise ValueError(f"`quality` must lie in [1, 100], got {quality}.")
   paths, labels, class_names = image_folder.list_image_folder(image_dir)
   num_images, num_classes = len(paths), len(class_names)
   if image_size is None:
@@ -86,7 +90,7 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
     return image_folder.encode_image(image, image_format="jpeg", quality=quality)
 
   def encoded_images():
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
       for chunk_start in range(0, num_images, _CHUNK):
         yield from pool.map(encode, paths[chunk_start:chunk_start + _CHUNK])
 
@@ -113,29 +117,45 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
   if labels.size and (np.any(np.diff(labels) < 0) or labels[0] < 0
                       or labels[-1] >= num_classes):
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
-  num_images = len(labels)
   output_prefix = os.fspath(output_prefix)
   os.makedirs(os.path.dirname(output_prefix) or ".", exist_ok=True)
-  first_identity_key = num_images + 1
-  with recordio.RecordIOWriter(output_prefix + ".rec", output_prefix + ".idx") as writer:
-    header = recordio.IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0)
-    writer.write(recordio.pack(header, b""), key=0)
-    written = 0
-    for key, (label, data) in enumerate(zip(labels.tolist(), images), start=1):
-      writer.write(recordio.pack(recordio.IRHeader(0, float(label), key), data), key=key)
-      written = key
-    if written != num_images:
-      raise ValueError(f"{num_images} labels but {written} images.")
-    identities = np.arange(num_classes)
-    starts = np.searchsorted(labels, identities, side="left") + 1
-    ends = np.searchsorted(labels, identities, side="right") + 1
-    for identity, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-      key = first_identity_key + identity
-      writer.write(recordio.pack(recordio.IRHeader(0, [start, end], key), b""), key=key)
+  outputs = [output_prefix + ".rec", output_prefix + ".idx"]
+  partial = [path + ".partial" for path in outputs]
+  try:
+    with recordio.RecordIOWriter(*partial) as writer:
+      _write_records(writer, labels, images, num_classes)
+  except BaseException:
+    for path in partial:
+      if os.path.exists(path):
+        os.remove(path)
+    raise
+  for source, target in zip(partial, outputs):
+    os.replace(source, target)
   height, width = (int(n) for n in image_size)
   with open(os.path.join(os.path.dirname(output_prefix), "property"), "w",
             encoding="ascii") as file:
     file.write(f"{num_classes},{height},{width}")
+
+
+def _write_records(writer: recordio.RecordIOWriter, labels: np.ndarray, images: Iterable[bytes],
+                   num_classes: int) -> None:
+  """The header, image and identity records of :func:`write_identity_dataset`."""
+  num_images = len(labels)
+  first_identity_key = num_images + 1
+  header = recordio.IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0)
+  writer.write(recordio.pack(header, b""), key=0)
+  written = 0
+  for key, (label, data) in enumerate(zip(labels.tolist(), images), start=1):
+    writer.write(recordio.pack(recordio.IRHeader(0, float(label), key), data), key=key)
+    written = key
+  if written != num_images:
+    raise ValueError(f"{num_images} labels but {written} images.")
+  identities = np.arange(num_classes)
+  starts = np.searchsorted(labels, identities, side="left") + 1
+  ends = np.searchsorted(labels, identities, side="right") + 1
+  for identity, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+    key = first_identity_key + identity
+    writer.write(recordio.pack(recordio.IRHeader(0, [start, end], key), b""), key=key)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -152,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_threads", type=int, default=None,
                       help="threads encoding images (default: one per CPU)")
   args = parser.parse_args(argv)
+  if not 1 <= args.quality <= 100:
+    parser.error(f"--quality must lie in [1, 100], got {args.quality}")
+  if args.num_threads is not None and args.num_threads < 1:
+    parser.error(f"--num_threads must be positive, got {args.num_threads}")
   image_size = None
   if args.image_size is not None:
     try:
@@ -160,9 +184,12 @@ def main(argv: Sequence[str] | None = None) -> None:
       image_size = ()
     if len(image_size) != 2 or min(image_size) <= 0:
       parser.error(f"--image_size must be 'H,W' with positive integers, got {args.image_size!r}")
-  num_images, num_classes = pack_image_folder(
-      args.image_dir, args.output, quality=args.quality, image_size=image_size,
-      num_threads=args.num_threads)
+  try:
+    num_images, num_classes = pack_image_folder(
+        args.image_dir, args.output, quality=args.quality, image_size=image_size,
+        num_threads=args.num_threads)
+  except (ValueError, OSError) as error:  # Not an identity folder, an image that does not
+    parser.error(str(error))  # decode (named), an output that cannot be written, ...
   print(f"Packed {num_images} images of {num_classes} identities into {args.output}.rec "
         f"({args.output}.idx, property).")
 
