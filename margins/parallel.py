@@ -259,7 +259,20 @@ class SoftmaxEngine:
 
 
 def dense(*, matmul_dtype: Any = None, sample_rate: float = 1.0) -> SoftmaxEngine:
-  """All ``[B, C]`` logits at once on one device."""
+  """All ``[B, C]`` logits at once on one device: the loss zoo's engine.
+
+  Called as ``engine(embeddings [B, D], weights [C, D], labels [B], margin)`` (see
+  :meth:`SoftmaxEngine.__call__`), it returns ``(losses [B], margin)``, the margin with this
+  batch's running statistics (CurricularFace, AdaFace) folded in.
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> x = jax.random.normal(jax.random.key(0), (4, 8))   # [B, D]
+  >>> w = jax.random.normal(jax.random.key(1), (10, 8))  # [C, D]
+  >>> y = jnp.array([0, 3, 3, 9])                        # [B]
+  >>> losses, _ = margins.dense()(x, w, y, margins.ArcFace())
+  >>> losses.shape, bool(jnp.allclose(losses, margins.arcface_loss(x, w, y)))
+  ((4,), True)
+  """
   return SoftmaxEngine(matmul_dtype=matmul_dtype, sample_rate=sample_rate)
 
 
@@ -271,6 +284,16 @@ def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None, sample_rate: fl
   are fastest (``benchmarks/engines.py``). On a GPU larger is faster: on an H200 at ``B = 256``,
   chunks of 65,536 took 0.72-0.79x the time of the default's (README). The default keeps a
   chunk's ``[B, chunk_size]`` scores small for large global batches.
+
+  Same call and result as :func:`dense`, to float tolerance (``C`` need not divide into chunks):
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+  >>> w = jax.random.normal(jax.random.key(1), (10, 8))
+  >>> y = jnp.array([0, 3, 3, 9])
+  >>> losses, _ = margins.chunked(4)(x, w, y, margins.ArcFace())
+  >>> bool(jnp.allclose(losses, margins.arcface_loss(x, w, y), rtol=1e-5))
+  True
   """
   return SoftmaxEngine(chunk_size=chunk_size, matmul_dtype=matmul_dtype, sample_rate=sample_rate,
                        keep_scores=keep_scores)
@@ -282,7 +305,28 @@ def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
   """Classes split over ``axis_name`` of ``mesh`` (default: all its axes), batch data-parallel.
 
   Under Explicit mesh axes (all or some) the inputs are resharded to that split if they arrive
-  otherwise, and the losses come back split as the labels came.
+  otherwise, and the losses come back split as the labels came. ``W`` has
+  :func:`padded_num_classes` rows so that it splits evenly (the padding rows never score);
+  ``chunk_size`` chunks each device's slice (``None``: one block); ``sample_rate < 1`` is
+  Partial FC, which takes a ``key``.
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("model",))
+  >>> rows = margins.padded_num_classes(10, mesh.size)  # C = 10 classes
+  >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+  >>> w = jnp.zeros((rows, 16)).at[:10].set(jax.random.normal(jax.random.key(1), (10, 16)))
+  >>> y = jnp.arange(8)
+  >>> losses, _ = margins.sharded(mesh)(x, w, y, margins.ArcFace(), num_classes=10)
+  >>> bool(jnp.allclose(losses, margins.arcface_loss(x, w[:10], y), rtol=1e-5))
+  True
+  >>> partial_fc = margins.sharded(mesh, sample_rate=0.5)
+  >>> partial_fc(x, w, y, margins.ArcFace(), num_classes=10, key=jax.random.key(2))[0].shape
+  (8,)
+
+  References:
+    An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021;
+    An et al., "Killing Two Birds with One Stone: Efficient and Robust Training of Face
+    Recognition CNNs by Partial FC", CVPR 2022.
   """
   axis_name = tuple(mesh.axis_names) if axis_name is None else axis_name
   return SoftmaxEngine(chunk_size=chunk_size, mesh=mesh, axis_name=axis_name,
@@ -291,7 +335,11 @@ def sharded(mesh: jax.sharding.Mesh, axis_name: AxisName | None = None, *,
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
-  """Rows to allocate for ``W`` so that it splits evenly into ``num_shards`` pieces."""
+  """Rows to allocate for ``W`` so that it splits evenly into ``num_shards`` pieces.
+
+  >>> padded_num_classes(10, 4), padded_num_classes(93_431, 8)
+  (12, 93432)
+  """
   return -(-num_classes // num_shards) * num_shards
 
 
@@ -448,6 +496,13 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
 
   ``cos(x, W_j)`` when the margin normalises both, ``<x, W_j / |W_j|>`` or ``<x, W_j>`` otherwise;
   the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class.
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> x = jax.random.normal(jax.random.key(0), (4, 8))   # [B, D]
+  >>> w = jax.random.normal(jax.random.key(1), (10, 8))  # [C, D]
+  >>> scores = margins.similarity(x, w, margins.ArcFace())
+  >>> scores.shape, bool((jnp.abs(scores) <= 1).all())
+  ((4, 10), True)
   """
   margin = check_margin(margin)
   _common.check_embeddings_and_weights(x, w, (2, 3))
@@ -806,6 +861,10 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   >>> index = sample_classes(jnp.array([7, -1, 2]), 10, 10, 4, jax.random.key(0))
   >>> bool(jnp.isin(jnp.array([2, 7]), index).all()), index.shape
   (True, (4,))
+
+  References:
+    An et al., "Killing Two Birds with One Stone: Efficient and Robust Training of Face
+    Recognition CNNs by Partial FC", CVPR 2022.
   """
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
   labels = _common.gathered(local_labels)  # The whole batch's, where mesh axes split the batch.

@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 
 import pytest
@@ -23,3 +24,20 @@ def test_docstring_examples(module_name):
   flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
   result = doctest.testmod(module, optionflags=flags, report=True)
   assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name}"
+
+
+def test_public_api_is_all_and_every_function_has_an_example():
+  """``margins.__all__`` is what ``margins/__init__.py`` imports, and each function of it
+  carries a runnable example (run above) and, where it is a paper's formula, a References line."""
+  imported = {name for name, value in vars(margins).items()
+              if not name.startswith("_") and not inspect.ismodule(value)}
+  assert sorted(margins.__all__) == sorted(imported)
+  helpers = {"dense", "chunked", "padded_num_classes", "similarity", "margin_dataclass",
+             "margin_softmax_loss"}  # No paper of their own.
+  functions = [name for name in margins.__all__ if inspect.isfunction(getattr(margins, name))]
+  assert "arcface_loss" in functions and "sharded" in functions
+  without_example = [name for name in functions if ">>>" not in getattr(margins, name).__doc__]
+  assert not without_example, f"no >>> example in {without_example}"
+  without_reference = [name for name in set(functions) - helpers
+                       if "References:" not in getattr(margins, name).__doc__]
+  assert not without_reference, f"no References line in {sorted(without_reference)}"

@@ -70,7 +70,24 @@ def static_field(default: Any) -> Any:
 
 
 def margin_dataclass(cls):
-  """Makes ``cls`` a frozen dataclass registered as a pytree (array fields are leaves)."""
+  """Makes ``cls`` a frozen dataclass registered as a pytree (array fields are leaves).
+
+  A new margin is a :class:`Margin` subclass with a ``target_logit(rows)`` method:
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> @margins.margin_dataclass
+  ... class MyCosFace(margins.Margin):
+  ...   scale: jax.Array | float = 64.0
+  ...   margin: jax.Array | float = 0.35
+  ...   def target_logit(self, rows):  # rows.cos: [B] cosine to the target centre
+  ...     return self.scale * (rows.cos - self.margin)
+  >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+  >>> w = jax.random.normal(jax.random.key(1), (10, 8))
+  >>> y = jnp.array([0, 3, 3, 9])
+  >>> losses, _ = margins.dense()(x, w, y, MyCosFace())
+  >>> bool(jnp.allclose(losses, margins.cosface_loss(x, w, y), rtol=1e-5))
+  True
+  """
   return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
@@ -157,6 +174,9 @@ def arcface_cos(cos: Array, margin: Array | float, *, easy_margin: bool = False)
   >>> import jax.numpy as jnp
   >>> float(arcface_cos(jnp.float32(1.0), 0.5))  # theta = 0: cos(0.5)
   0.8775...
+
+  References:
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
   """
   shifted = cos_add_angle(cos, margin)
   if easy_margin:
@@ -186,6 +206,9 @@ def multiplicative_psi(cos: Array, margin: int) -> Array:
   >>> import jax.numpy as jnp
   >>> [round(float(multiplicative_psi(jnp.float32(c), 2)), 4) for c in (1.0, 0.0, -1.0)]
   [1.0, -1.0, -3.0]
+
+  References:
+    Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
   """
   thresholds = jnp.cos(jnp.arange(1, margin, dtype=cos.dtype) * (math.pi / margin))
   thresholds = jnp.expand_dims(thresholds, tuple(range(cos.ndim)))
@@ -574,7 +597,16 @@ def similarity_adjustment(cos: Array, t: Array | float) -> Array:
   """SphereFace2's ``g(cos) = 2 ((cos + 1) / 2)^t - 1``: ``[-1, 1]`` onto itself, pushing the
   cosines of unrelated classes (``cos ~ 0``) towards -1. ``cos`` is clipped to ``[-1, 1]`` first:
   a float32 dot product of opposite unit vectors can come out below -1, and a fractional power
-  of a negative number is NaN."""
+  of a negative number is NaN.
+
+  >>> import jax.numpy as jnp
+  >>> [round(float(similarity_adjustment(jnp.float32(c), 3.0)), 4) for c in (-1.0, 0.0, 1.0)]
+  [-1.0, -0.75, 1.0]
+
+  References:
+    Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
+    Recognition", ICLR 2022.
+  """
   return 2 * ((jnp.clip(cos, -1, 1) + 1) / 2) ** t - 1
 
 
@@ -661,6 +693,10 @@ def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0
 
   >>> round(sphereface2_bias(10_000), 2)  # cosines 0: target logit -46 + b, others -14 + b
   5.64
+
+  References:
+    Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
+    Recognition", ICLR 2022.
   """
   if num_classes < 2:
     raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}.")
