@@ -436,6 +436,26 @@ def test_engines_are_finite_at_the_edges(engine):
       assert np.all(np.isfinite(leaf)), margin
 
 
+
+def test_centre_below_the_norm_floor_is_divided_by_the_floor():
+  # A centre shorter than the floor (1e-12) is divided by the floor, a linear map: its gradient
+  # has no radial term, as autodiff of w / max(|w|, 1e-12) gives (the dense engine shares it).
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
+  w[2] *= 5e-13 / np.linalg.norm(w[2])
+  labels = np.array([0, 2, 6, 3], np.int32)
+
+  def reference(x_, w_):
+    unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa
+    logits = 8.0 * unit(x_) @ unit(w_).T
+    return jnp.sum(jax.nn.logsumexp(logits, axis=1) - logits[np.arange(4), labels])
+
+  engine = margins.chunked(3)
+  loss = lambda x_, w_: jnp.sum(engine(x_, w_, labels, margins.NormFace(scale=8.0))[0])  # noqa
+  got, want = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, w) for f in (loss, reference))
+  for got_part, want_part in zip(got, want, strict=True):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-5, atol=1e-6)
+
 def test_engines_mix_float32_and_float64():
   # float32 embeddings with float64 centres, or float64 matmuls of float32 inputs: every engine
   # computes in float64, as the dense one does.
@@ -509,6 +529,14 @@ def test_sample_classes_keeps_positives_fixed_count_and_is_reproducible():
   assert all(len(kept) == 2 and kept <= {0, 3, 40, 99} for kept in few)
   assert len(set(few)) > 1
 
+
+
+def test_sample_classes_takes_no_row_for_labels_that_live_elsewhere():
+  # -1 (the class is on another shard, or the label out of range) is no class of the batch: row
+  # 0 is a negative like any other, not kept as the batch's whenever a label is -1.
+  draws = jax.jit(jax.vmap(lambda k: parallel.sample_classes(
+      jnp.array([-1, 5, -1], jnp.int32), 100, 100, 1, k)))(jax.random.split(KEY, 16))
+  np.testing.assert_array_equal(draws, 5)
 
 def test_sampled_count():
   assert parallel.sampled_count(1000, 1.0) == 1000
