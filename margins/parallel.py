@@ -103,7 +103,8 @@ class SoftmaxEngine:
     if self.mesh is not None:
       missing = set(_axes(self.axis_name)) - set(self.mesh.axis_names)
       if missing:
-        raise ValueError(f"`axis_name` {sorted(missing)} not in the mesh axes {self.mesh.axis_names}.")
+        raise ValueError(f"`axis_name` {sorted(missing)} not in the mesh axes "
+                         f"{self.mesh.axis_names}.")
 
   @property
   def num_shards(self) -> int:

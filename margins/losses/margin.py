@@ -16,9 +16,9 @@ replaces it with a sum of per-class binary losses through two more methods, ``ro
 
 ``rows`` (:class:`Rows`) holds per-example quantities: the cosine to the target class centre and
 the norms of the embedding and of that centre. ``similarity`` is ``<x', W_j'>`` where ``x'`` and
-``W_j'`` are L2-normalised when the margin's ``normalize_embeddings`` / ``normalize_weights`` say so:
-the cosine for NormFace-style margins, ``|x| cos`` for SphereFace, the raw dot product for
-L-Softmax and plain softmax.
+``W_j'`` are L2-normalised when the margin's ``normalize_embeddings`` / ``normalize_weights``
+say so: the cosine for NormFace-style margins, ``|x| cos`` for SphereFace, the raw dot product
+for L-Softmax and plain softmax.
 
 A new margin is a small frozen dataclass with a ``target_logit`` method; hyperparameters that
 change during training (SphereFace's annealing ``lambda``, CurricularFace's ``t``) are array fields,
