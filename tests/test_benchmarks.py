@@ -202,7 +202,7 @@ def test_engines_profile_names_each_programs_ops_and_their_calls(tmp_path):
       f"C2000_float32_{name}.trace.json.gz" for name in (
           "floor_3_matmuls", "floor_in_chunks_of_128", "dense", "chunked_128",
           "chunked_128_recompute", "sampled_r_0.1_chunked_128",
-          "sampled_rows_only_r_0.1_chunked_128"))
+          "sampled_rows_only_r_0.1_chunked_128", "sample_and_gather_r_0.1"))
   with gzip.open(tmp_path / "C2000_float32_chunked_128.trace.json.gz") as trace:
     assert any(event.get("ph") == "X" for event in json.load(trace)["traceEvents"])
 
