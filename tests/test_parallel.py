@@ -208,7 +208,7 @@ def test_kept_scores_spare_the_backward_pass_a_matmul():
       assert matmuls(margins.chunked(4, keep_scores=keep), *args) == want
 
 
-def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
+def test_gradient_buffer_needs_no_initial_values(monkeypatch, request, dense_results):
   # On GPU and TPU the buffer that holds the kept scores and becomes W's gradient starts
   # uninitialised; here it starts as NaN, and every element must be written before it is read.
   made = []
@@ -218,6 +218,10 @@ def test_gradient_buffer_needs_no_initial_values(monkeypatch, dense_results):
     return real(w, varying_axes) + jnp.nan
 
   monkeypatch.setattr(parallel, "_scratch_like", nan_scratch)
+  # ``jit`` keeps the engines' traces (``parallel._engine_loss``): those made before the patch
+  # would not call it, and those made with it must not serve the tests after.
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
   x, w2, w3, labels = make_inputs(13, 13)
   for keep_scores in (True, False):
     engine = margins.chunked(5, keep_scores=keep_scores)
@@ -499,6 +503,16 @@ def test_engine_rejects_bad_settings():
                                 engine=margins.dense(sample_rate=0.5))
   with pytest.raises(TypeError, match="margin"):
     margins.margin_softmax_loss(x, w2, labels, "arcface")
+
+
+def test_engine_given_a_list_of_axis_names_runs_eagerly():
+  # An eager call compiles the engine's body with the engine as a static (hashed) argument.
+  mesh = make_mesh(2)
+  engine = margins.SoftmaxEngine(mesh=mesh, axis_name=["devices"])
+  assert engine == margins.sharded(mesh, ("devices",), chunk_size=None)
+  x, w2, _, labels = make_inputs(13, 14)
+  np.testing.assert_allclose(engine(x, w2, labels, margins.ArcFace(), num_classes=13)[0],
+                             margins.arcface_loss(x, w2[:13], labels), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
