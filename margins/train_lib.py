@@ -986,7 +986,7 @@ def restore(workdir: str, step: int | None = None, *,
       raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
                               f"{sorted(steps)}.")
     if parts == "state":
-      return experiment, restore_checkpoint(manager, step, abstract).state
+      return experiment, restore_checkpoint(manager, step, abstract)
     return experiment, _restore_model(manager, step, abstract, head=parts == "params")
 
 
@@ -1006,10 +1006,10 @@ def _restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainSta
   return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
-                       **items: Any) -> ocp.args.Composite:
-  """Checkpoint ``step``: its ``state`` restored into ``abstract``, and the ``items`` given as
-  their restore args (e.g. ``data=grain.checkpoint.CheckpointRestore(iterator)``).
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
+                       abstract: TrainState) -> TrainState:
+  """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
+  hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
 
   ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
   its rows and their optimizer state are padded with zeros or truncated to this mesh's count
@@ -1023,9 +1023,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
             if field.name in stored_tree or getattr(abstract, field.name) is not None}
   rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(fields, strict=not rows_differ), **items))
-  others = {name: restored[name] for name in restored.keys() if name != "state"}
-  return ocp.args.Composite(state=abstract.replace(**restored.state), **others)
+      state=ocp.args.StandardRestore(fields, strict=not rows_differ)))
+  return abstract.replace(**restored.state)
 
 
 def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -1093,7 +1092,7 @@ def _train_and_evaluate(config, workdir, mesh):
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore_checkpoint(manager, manager.latest_step(), abstract).state
+    state = restore_checkpoint(manager, manager.latest_step(), abstract)
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker

@@ -278,7 +278,7 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
         with pytest.raises(ValueError, match=error):
           train_lib.restore_checkpoint(manager, 4, abstract)
         continue
-      state = train_lib.restore_checkpoint(manager, 4, abstract).state
+      state = train_lib.restore_checkpoint(manager, 4, abstract)
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 
@@ -295,7 +295,7 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
     manager.wait_until_finished()
     _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
                                                source.image_shape, abstract=True)
-    restored = train_lib.restore_checkpoint(manager, 3, abstract).state
+    restored = train_lib.restore_checkpoint(manager, 3, abstract)
     assert isinstance(restored, train_lib.TrainState) and restored.loss_scale is None
     jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
                  (state.params, state.opt_state))
