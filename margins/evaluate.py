@@ -14,7 +14,6 @@ is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 
 does, for comparison with published tables.
 """
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -81,10 +80,6 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
   return int(state.step), results
 
 
-def _cell(value: float) -> str:
-  return "n/a" if math.isnan(value) else f"{value:.5f}"
-
-
 def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
   """One row per set: ``Accuracy-Flip`` (mean+-std over folds), TAR@FAR 1e-3 and 1e-4, AUC and
   insightface's XNorm (mean embedding norm; ``n/a`` where not measured).
@@ -105,8 +100,9 @@ def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
   """
   header = ["Set", "Accuracy-Flip", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC",
             "XNorm"]
+  cell = evaluation.verification.format_value
   rows = [[name, f"{r.accuracy:.5f}+-{r.accuracy_std:.5f}",
-           *(_cell(r.tar_at_far[far]) for far in TABLE_FARS), _cell(r.auc), _cell(r.xnorm)]
+           *(cell(r.tar_at_far[far]) for far in TABLE_FARS), cell(r.auc), cell(r.xnorm)]
           for name, r in results.items()]
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"

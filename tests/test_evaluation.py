@@ -313,7 +313,7 @@ def test_format_verification():
   assert evaluation.format_verification("lfw", result).splitlines() == [
       "[lfw] Accuracy-Flip: 0.99650+-0.00300",
       "[lfw] VAL@FAR=1e-03: 0.98000+-0.01000 (FAR 0.00105)  TAR@FAR=1e-03: 0.97000"
-      "  TAR@FAR=1e-04: nan",
+      "  TAR@FAR=1e-04: n/a",
       "[lfw] AUC: 0.99900  EER: 0.00450",
   ]
   first_line = evaluation.format_verification("cfp_fp", result, step=2000, flip=False)

@@ -149,6 +149,6 @@ def format_ijb(name: str, result: IJBResult) -> str:
   >>> format_ijb("ijbc", result)
   '[ijbc] TAR@FAR=1e-04: 0.97120  TAR@FAR=1e-05: n/a  AUC: 0.99000'
   """
-  cells = [f"TAR@FAR={far:.0e}: " + ("n/a" if np.isnan(tar) else f"{tar:.5f}")
+  cells = [f"TAR@FAR={far:.0e}: {verification.format_value(tar)}"
            for far, tar in result.tar_at_far.items()]
   return f"[{name}] " + "  ".join(cells) + f"  AUC: {result.auc:.5f}"

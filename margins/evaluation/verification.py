@@ -363,6 +363,15 @@ def make_pairs(labels, num_pairs: int, *, seed: int | np.random.Generator = 0,
   return pairs, np.arange(num_pairs) % 2 == 0
 
 
+def format_value(value: float) -> str:
+  """``value`` to five decimals, or ``n/a`` where it was not measured (NaN).
+
+  >>> format_value(0.99652), format_value(float("nan"))
+  ('0.99652', 'n/a')
+  """
+  return "n/a" if np.isnan(value) else f"{value:.5f}"
+
+
 def format_verification(name: str, result: VerificationResult, *, step: int | None = None,
                         flip: bool = True) -> str:
   """Log lines for one benchmark, insightface style (``[lfw] Accuracy-Flip: 0.99650+-0.00300``).
@@ -374,8 +383,9 @@ def format_verification(name: str, result: VerificationResult, *, step: int | No
     flip: whether the embeddings were flip-summed (``Accuracy-Flip``, else ``Accuracy``).
 
   Returns:
-    Three lines: the accuracy; VAL@FAR and TAR@FAR; AUC and EER. A first line gives XNorm when
-    ``result.xnorm`` was measured (not NaN).
+    Three lines: the accuracy; VAL@FAR and TAR@FAR (``n/a`` at a FAR below one over the
+    negative pairs); AUC and EER. A first line gives XNorm when ``result.xnorm`` was measured
+    (not NaN).
 
   >>> import numpy as np
   >>> from margins.evaluation import evaluate_verification, format_verification
@@ -396,7 +406,8 @@ def format_verification(name: str, result: VerificationResult, *, step: int | No
   """
   prefix = f"[{name}]" if step is None else f"[{name}][{step}]"
   accuracy = "Accuracy-Flip" if flip else "Accuracy"
-  tars = "".join(f"  TAR@FAR={far:.0e}: {tar:.5f}" for far, tar in result.tar_at_far.items())
+  tars = "".join(f"  TAR@FAR={far:.0e}: {format_value(tar)}"
+                 for far, tar in result.tar_at_far.items())
   xnorm = [] if np.isnan(result.xnorm) else [f"{prefix} XNorm: {result.xnorm:.5f}"]
   return "\n".join([
       *xnorm,
