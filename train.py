@@ -39,6 +39,10 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
+  try:  # A config that cannot run: its message, not a traceback.
+    train_lib.check_config(_CONFIG.value, train_lib.make_mesh(_CONFIG.value))
+  except (ValueError, FileNotFoundError) as error:
+    raise app.UsageError(str(error)) from error
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

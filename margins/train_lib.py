@@ -233,14 +233,17 @@ def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngi
   """The softmax engine of ``config.engine`` (``kind``: dense, chunked or sharded)."""
   engine = config.engine
   matmul_dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
-  if engine.kind == "dense":
-    return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
-  if engine.kind == "chunked":
-    return parallel.chunked(engine.chunk_size, sample_rate=engine.sample_rate,
-                            matmul_dtype=matmul_dtype)
-  if engine.kind == "sharded":
-    return parallel.sharded(mesh, chunk_size=engine.chunk_size, sample_rate=engine.sample_rate,
-                            matmul_dtype=matmul_dtype)
+  try:  # The engines' own errors name their arguments; the field is ``config.engine``'s.
+    if engine.kind == "dense":
+      return parallel.dense(sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
+    if engine.kind == "chunked":
+      return parallel.chunked(engine.chunk_size, sample_rate=engine.sample_rate,
+                              matmul_dtype=matmul_dtype)
+    if engine.kind == "sharded":
+      return parallel.sharded(mesh, chunk_size=engine.chunk_size,
+                              sample_rate=engine.sample_rate, matmul_dtype=matmul_dtype)
+  except ValueError as error:
+    raise ValueError(f"config.engine: {error}") from error
   raise ValueError(f"Unknown config.engine.kind {engine.kind!r}; valid: dense, chunked, sharded.")
 
 
@@ -292,6 +295,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.multi_transform(transforms, labels)
 
 
+DATA_NAMES = ("digits", "synthetic", "recordio", "image_folder", "tfds")
+
+
+def check_data(data_config: ml_collections.ConfigDict) -> None:
+  """Raises unless ``config.data.name`` is one of :data:`DATA_NAMES` and its folder exists."""
+  if data_config.name not in DATA_NAMES:
+    raise ValueError(f"Unknown config.data.name {data_config.name!r}; valid: "
+                     f"{', '.join(DATA_NAMES)}.")
+  if data_config.name in ("recordio", "image_folder") and not os.path.isdir(data_config.path):
+    raise FileNotFoundError(f"config.data.path = {data_config.path!r} is not a folder.")
+
+
 def make_sources(data_config: ml_collections.ConfigDict):
   """``(train source, {eval name: source})`` of ``config.data``.
 
@@ -300,6 +315,7 @@ def make_sources(data_config: ml_collections.ConfigDict):
   (``recordio``, ``image_folder``, ``tfds``) have neither: they are evaluated on ``.bin``
   verification sets (``config.eval.bins``).
   """
+  check_data(data_config)
   name = data_config.name
   if name == "digits":
     kwargs = dict(image_size=data_config.image_size,
@@ -316,9 +332,6 @@ def make_sources(data_config: ml_collections.ConfigDict):
                                         num_images=data_config.eval_images, image_shape=shape,
                                         seed=data_config.seed + 1)
     return train, {"open": held_out}
-  if name not in ("recordio", "image_folder", "tfds"):
-    raise ValueError(f"Unknown config.data.name {name!r}; valid: digits, synthetic, recordio, "
-                     "image_folder, tfds.")
   shape = tuple(data_config.image_shape)
   if name == "recordio":  # ``path``: the folder of train.rec, train.idx (and property).
     return data_lib.RecordIOSource(data_config.path, image_shape=shape), {}
@@ -882,12 +895,16 @@ def _summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Errors that name the problem, before anything is built."""
+  """Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the field at fault,
+  before anything is built; ``train.py`` prints it without a traceback."""
   make_margin(config.loss)
   models.check_name(config.model.name)
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")
+  make_engine(config, mesh)
+  make_optimizer(config)
+  check_data(config.data)
   for name in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
     if value % mesh.size:

@@ -132,8 +132,8 @@ def test_partial_fc_recipe_trains_in_quick_mode_on_a_recordio_folder(tmp_path):
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
 
 
-def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step():
-  config = load_config(os.path.join(RECIPES, "webface42m_vit_l_pfc.py"), "/data/set,quick")
+def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step(tmp_path):
+  config = load_config(os.path.join(RECIPES, "webface42m_vit_l_pfc.py"), f"{tmp_path},quick")
   assert (config.model.name, config.model.kwargs.to_dict()) == ("vit_t", dict(
       drop_path_rate=0.05, mask_ratio=0.05))
   assert config.optimizer.warmup_steps == 2  # 4 of 40 epochs, of 20 steps.

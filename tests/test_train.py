@@ -370,6 +370,24 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
   assert "not_a_field" in result.stderr
 
 
+def test_missing_data_folder_is_a_config_error(tmp_path):
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.unlock()
+  config.data.update(name="recordio", path=str(tmp_path / "ms1mv3"))
+  with pytest.raises(FileNotFoundError, match="config.data.path = '.*ms1mv3' is not a folder"):
+    train_lib.check_config(config, train_lib.make_mesh(config))
+
+
+def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
+  command = _train_command(tmp_path, 1, 1) + ["--config.engine.kind=fused"]
+  result = subprocess.run(command, capture_output=True, text=True, env=dict(
+      os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode != 0
+  assert "Unknown config.engine.kind 'fused'" in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr, result.stderr
+  assert not os.listdir(tmp_path)  # Refused before the run wrote anything.
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.loss.update(name="nope"), "Unknown loss 'nope'"),
     (lambda c: c.loss.update(name="cosface", gamma=2.0), r"\['gamma'\]"),
@@ -377,6 +395,7 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
     (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
     (lambda c: c.mesh.update(shape=(16,)), "needs 16 devices"),
     (lambda c: c.engine.update(kind="fused"), "Unknown config.engine.kind 'fused'"),
+    (lambda c: c.engine.update(sample_rate=1.5), "config.engine: `sample_rate` must be in"),
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
     (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
     (lambda c: c.update(compute_dtype="float64"), "compute_dtype must be 'float32', "),
