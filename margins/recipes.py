@@ -122,7 +122,9 @@ def webface42m_vit(arg: str | None, *, model: str, drop_path_rate: float,
   """insightface's ``wf42m_pfc03_40epoch_64gpu_<model>``: CosFace (s 64, m 0.4), Partial FC 0.3,
   AdamW (lr 1e-3, weight decay 0.1), 40 epochs (4 of linear warm-up) of global batches of 24,576
   (384 images on each of 64 GPUs; 69,120 steps), polynomial decay; its ViT variants set drop
-  path and token masking (``vit_t_dp005_mask0``: 0.05 and 0).
+  path and token masking (``vit_t_dp005_mask0``: 0.05 and 0). Its ``_mask_005`` backbones mask
+  10% of the tokens, not 5%: insightface's ``forward_features`` calls ``random_masking`` without
+  their ``mask_ratio`` (:mod:`margins.models.vit`), so the ViT-B/L recipes pass 0.1.
 
   On 8 devices, ``--config.micro_batches=8`` keeps the global batch: 8 micro-batches of 384
   images per device and step (insightface's 8-GPU ViT-B config accumulates 12 of 256).

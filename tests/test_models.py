@@ -588,6 +588,20 @@ def test_vit_remat_gives_the_same_outputs_and_gradients():
   assert models.create("vit_b", rngs=nnx.Rngs(0), depth=1).remat
 
 
+@pytest.mark.parametrize("name, kept, drop_path", [
+    ("vit_t", 129, 0.1), ("vit_s", 129, 0.1), ("vit_b", 129, 0.1), ("vit_l", 129, 0.05)])
+def test_vit_presets_mask_and_drop_as_insightface(name, kept, drop_path):
+  # insightface masks int(144 * (1 - 0.1)) = 129 of the 144 tokens in training for every preset:
+  # vit_l_dp005_mask_005 sets mask_ratio=0.05, but forward_features calls random_masking(x)
+  # without it, so its default 0.1 applies. Drop path grows linearly from 0 to the preset's rate.
+  model = _abstract(name)
+  tokens = jax.ShapeDtypeStruct((2, 144, model.pos_embed.shape[1]), jnp.float32)
+  out, _ = nnx.eval_shape(lambda m, x: m.keep(x), model.masking, tokens)
+  assert out.shape[1] == kept
+  rates = [block.drop_path.rate for block in model.blocks]
+  np.testing.assert_allclose(rates, np.linspace(0, drop_path, len(rates)))
+
+
 def test_vit_token_masking_matches_numpy():
   masking = _concrete(lambda: vit.TokenMasking(3, mask_ratio=0.4, rngs=_rngs()))
   tokens = _images((5, 6, 3))

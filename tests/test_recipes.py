@@ -23,7 +23,9 @@ RECIPES = os.path.join(ROOT, "configs", "recipes")
 SGD = dict(name="sgd", learning_rate=0.1, batch=128 * 8, warmup_epochs=0)  # 128 on 8 GPUs
 ADAMW = dict(name="adamw", learning_rate=1e-3, batch=384 * 64, warmup_epochs=4)  # 384 on 64 GPUs
 VIT_DP005_MASK0 = dict(drop_path_rate=0.05, mask_ratio=0.0)
-VIT_DP005_MASK005 = dict(drop_path_rate=0.05, mask_ratio=0.05)
+# insightface's vit_{b,l}_dp005_mask_005 set mask_ratio=0.05, but its forward pass calls
+# random_masking(x) without it: 10% of the tokens are masked, its default.
+VIT_DP005_MASK005 = dict(drop_path_rate=0.05, mask_ratio=0.1)
 EXPECTED = {
     "ms1mv3_r50": ("iresnet50", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160, SGD, {}),
     "ms1mv3_r100": ("iresnet100", "arcface", 0.5, 5e-4, 20, 5_179_510, 1.0, 101_160, SGD, {}),
@@ -135,7 +137,7 @@ def test_partial_fc_recipe_trains_in_quick_mode_on_a_recordio_folder(tmp_path):
 def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step(tmp_path):
   config = load_config(os.path.join(RECIPES, "webface42m_vit_l_pfc.py"), f"{tmp_path},quick")
   assert (config.model.name, config.model.kwargs.to_dict()) == ("vit_t", dict(
-      drop_path_rate=0.05, mask_ratio=0.05))
+      drop_path_rate=0.05, mask_ratio=0.1))
   assert config.optimizer.warmup_steps == 2  # 4 of 40 epochs, of 20 steps.
   config.micro_batches, config.eval.bins = 2, ()
   mesh = train_lib.make_mesh(config)
