@@ -140,6 +140,27 @@ def ref_circle(x, labels, *, margin=0.25, gamma=256.0, frozen_at=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Distances.
+
+
+def test_pairwise_distances_are_exactly_zero_at_duplicates_and_never_negative():
+  # Rows, the rows moved by ~1e-5 (closer than the Gram matrix resolves in float32) and the rows
+  # again: duplicates are exactly 0 apart, near-duplicates not below 0, the rest as in float64.
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(8, 5)) * 3
+  x = np.concatenate([rows, rows + 1e-5 * rng.normal(size=rows.shape), rows]).astype(np.float32)
+  for squared in (True, False):
+    got = np.asarray(jax.jit(functools.partial(pairwise.pairwise_distances, squared=squared))(x))
+    want = np.array([[ref_distance(x.astype(np.float64), i, j, squared) for j in range(len(x))]
+                     for i in range(len(x))])
+    assert got.dtype == np.float32 and np.all(got >= 0)
+    np.testing.assert_array_equal(np.diagonal(got), 0)
+    np.testing.assert_array_equal(np.diagonal(got, offset=2 * len(rows)), 0)
+    apart = want > 1
+    np.testing.assert_allclose(got[apart], want[apart], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
 # Values.
 
 CONTRASTIVE_CASES = [
@@ -400,6 +421,18 @@ def test_memory_is_quadratic_in_the_batch():
     fn = lambda x_: loss_fn(x_, labels, **kwargs).sum()
     jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(x).jaxpr
     assert hlo.largest_intermediate(jaxpr) <= batch * (batch + 1), name
+
+
+def test_every_matmul_asks_for_full_float32_precision():
+  # GPUs and TPUs round float32 matmuls to TF32 or bfloat16 by default: errors of 1e-3 to 1e-2 in
+  # the distances and cosines of unit vectors. Forward and backward ask for HIGHEST.
+  highest = (jax.lax.Precision.HIGHEST,) * 2
+  for name, loss_fn, kwargs in LOSSES:
+    fn = lambda x_: loss_fn(x_, LABELS, **kwargs).sum()
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(jnp.zeros((B, D))).jaxpr
+    precisions = [eqn.params["precision"] for eqn in hlo.equations(jaxpr)
+                  if eqn.primitive.name == "dot_general"]
+    assert precisions and all(p == highest for p in precisions), (name, precisions)
 
 
 # ---------------------------------------------------------------------------------------------
