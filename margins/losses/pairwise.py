@@ -126,7 +126,9 @@ def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.
   with :math:`d` the Euclidean distance of the L2-normalised embeddings and the averages as set by
   ``average`` (see the module docstring). ``loss.mean()`` with the defaults is each anchor's mean
   positive term plus its mean negative term, averaged over anchors; ``average="batch_non_zero"``
-  and ``loss.sum()`` reproduce ``pytorch_metric_learning.losses.ContrastiveLoss()``.
+  and ``loss.sum()`` reproduce ``pytorch_metric_learning.losses.ContrastiveLoss()``. Its hinges,
+  like these, are not squared: Hadsell et al.'s loss is :math:`\tfrac12 d^2` and
+  :math:`\tfrac12 [m_- - d]_+^2`.
 
   Args:
     embeddings: ``[B, D]``.
