@@ -405,9 +405,19 @@ save_figure(figure, "decision_boundaries.png")
 # with the margin taken off (SphereFace2-C: $r(g(\cos\theta_y) - m) + b$), every other class's
 # must stay below 0 with the margin added ($r(g(\cos\theta_j) + m) + b$). So an example belongs
 # to its class by an absolute angle, whatever the other classes score, which is the rule of
-# open-set verification. Below, $f / r$ at the initial bias `sphereface2_bias(C)` for 10,000
-# classes: where each curve crosses 0 is the angle the target must beat (solid) and the angle
-# every other class must stay beyond (dashed); the angles between are the margin.
+# open-set verification. SphereFace2-A and -M put the margin into the target's angle instead,
+# $f_y = r\,g(\cos(\min(\theta_y + m, \pi))) + b$ and $r\,g(\cos(\min(m\theta_y, \pi))) + b$,
+# and leave the others at $f_j = r\,g(\cos\theta_j) + b$. Below, $f / r$ against the angle to
+# the class's own centre, at the initial bias `sphereface2_bias(C)` for 10,000 classes: where each
+# curve crosses 0 is the angle the target must beat (solid) and the angle every other class must
+# stay beyond (dashed); the angles between are the margin.
+#
+# The dashed curve is the same in all three panels. The initial bias makes an untrained network's
+# loss flat in $b$; with every cosine 0 the target's term is saturated, so what fixes $b$ is the
+# $C - 1$ others: $\sigma(f_j(90°)) \approx \lambda / ((1 - \lambda)(C - 1))$, so
+# $f_j(90°) = -8.36$ here, for every kind. The -C bias is $r m = 16$ below the -A and -M ones (the
+# titles' $b$), which makes up for the margin the -C negatives carry, and
+# $f_j = r\,g(\cos\theta_j) + f_j(90°) - r\,g(0)$ comes out the same curve.
 
 # %%
 num_classes = 10_000
@@ -431,6 +441,7 @@ for panel, (kind, margin_value) in zip(axes, [("cos", 0.4), ("arc", 0.5),
   panel.axvspan(*crossings[kind], color="grey", alpha=0.15)
   style_angle_axes(panel, f"SphereFace2, kind={kind!r}, m={margin_value:g}, b={bias:.2f}",
                    ylabel="logit / r")
+  panel.set_xlabel(r"$\theta$, angle to the class's own centre (degrees)")
   panel.legend(fontsize=8, loc="lower left")
 figure.tight_layout()
 save_figure(figure, "sphereface2_thresholds.png")
@@ -445,6 +456,12 @@ bias = margins.sphereface2_bias(num_classes)
 for level, drawn in zip((0.4 - bias / 40.0, -0.4 - bias / 40.0), crossings["cos"]):
   cos_at = 2 * ((level + 1) / 2) ** (1 / 3) - 1
   assert abs(np.degrees(np.arccos(cos_at)) - drawn) < 0.05, (cos_at, drawn)
+# Every kind's initial bias puts the others at the same logit: one dashed curve, one angle.
+ratio = 0.7 / (0.3 * (num_classes - 1))
+others_at_90 = np.log(ratio / (1 - ratio))  # sigmoid(others_at_90) = ratio
+assert abs(bias + 40.0 * (-0.75 + 0.4) - others_at_90) < 1e-6, bias
+for kind, (_, other_angle) in crossings.items():
+  assert abs(other_angle - crossings["cos"][1]) < 0.05, (kind, other_angle)
 
 # %% [markdown]
 # ## Try your own margin
