@@ -79,11 +79,11 @@ def style_angle_axes(axes, title, ylabel="target logit / s"):
 #
 # Left: every loss with its usual hyperparameters. Softmax is $|W||x|\cos\theta$ (unit norms
 # here), NormFace $s\cos\theta$: the same curve per unit of scale. ArcFace's $\cos(\theta + m)$
-# would turn back up past $\theta = \pi - m$ (the faint line); the library's default continues it
-# as $\cos\theta - m\sin m$, which steps down from $-1$ to $-\cos m - m\sin m$ there, as in the
-# implementations it follows; `easy_margin=True` applies the margin only while $\cos\theta > 0$
-# (a jump at 90°); the plain formula is drawn dotted for comparison. CurricularFace's target is
-# ArcFace's (its change is on the negatives, below).
+# would turn back up past $\theta = \pi - m$ (the faint vertical line); the library's default
+# continues it as $\cos\theta - m\sin m$, which steps down from $-1$ to $-\cos m - m\sin m$
+# there, as in the implementations it follows; `easy_margin=True` applies the margin only while
+# $\cos\theta > 0$ (a jump at 90°); the plain formula is drawn dotted for comparison.
+# CurricularFace's target is ArcFace's (its change is on the negatives, below).
 #
 # Right: L-Softmax / SphereFace's $\psi(\theta) = (-1)^k\cos(m\theta) - 2k$ for $m = 1..4$, plain
 # (solid) and annealed (dashed) with $\lambda$: $(\lambda\cos\theta + \psi)/(1 + \lambda)$, the
@@ -150,7 +150,9 @@ for m in range(1, 5):
 #   default and `easy_margin`) beside the plain formula. (`detach_margin` changes only the
 #   gradient: its values are the default's.)
 # - The combined margin $\cos(m_1\theta + m_2) - m_3$ contains SphereFace-like ($m_1$), ArcFace
-#   ($m_2$) and CosFace ($m_3$) margins.
+#   ($m_2$) and CosFace ($m_3$) margins. Where $m_1\theta + m_2$ passes $\pi$ (the kinks) the
+#   library continues it as $\cos\theta - \cos\theta^* - 1 - m_3$, $\theta^* = (\pi - m_2)/m_1$:
+#   no step, so $(1, 0.5, 0)$ is ArcFace only up to $\pi - m$, where ArcFace's default steps down.
 # - CurricularFace: a negative class $j$ is *hard* when $\cos\theta_j > \cos(\theta_y + m)$; its
 #   logit becomes $\cos\theta_j\,(t + \cos\theta_j)$, where $t$ tracks the mean target cosine:
 #   early in training ($t \approx 0$) hard negatives are played down, later ($t \to 1$) stressed.
@@ -171,7 +173,8 @@ style_angle_axes(axes[0, 0], "SphereFace (m=4) as sphereface_lambda anneals")
 axes[0, 0].legend(fontsize=8, loc="lower left")
 
 arcface_margin = 0.5
-modes = [("default: linear past π - m", margins.ArcFace(scale=1.0, margin=arcface_margin), "-"),
+modes = [(r"default: $\cos\theta - m\sin m$ past $\pi - m$",
+          margins.ArcFace(scale=1.0, margin=arcface_margin), "-"),
          ("easy_margin", margins.ArcFace(scale=1.0, margin=arcface_margin, easy_margin=True), "-.")]
 for label, margin, linestyle in modes:
   axes[0, 1].plot(degrees, target_curve(margin), color=LOSS_COLORS["arcface"],
@@ -237,11 +240,13 @@ save_figure(figure, "target_logit_details.png")
 #   ($\mu$, $\sigma$): $\hat z = \mathrm{clip}(h(|x| - \mu)/\sigma, -1, 1)$ and the target
 #   $\cos(\theta - m\hat z) - m(1 + \hat z)$. A low-norm (hard to recognise) example, $\hat z = -1$,
 #   gets ArcFace's $\cos(\theta + m)$; a high-norm one, $\hat z = 1$, an additive $2m$ with the
-#   angle *reduced* by $m$, CosFace-like; $\hat z = 0$ is CosFace's $\cos\theta - m$.
+#   angle *reduced* by $m$, CosFace-like; $\hat z = 0$ is CosFace's $\cos\theta - m$. As in the
+#   official code the shifted angle is clipped to $[\epsilon, \pi - \epsilon]$: flat below
+#   $\theta = m$ at $\hat z = 1$, held at $-1$ past $\pi - m$ at $\hat z = -1$.
 # - **MagFace** is ArcFace with a margin that grows linearly with $|x|$ between $l_a$ and $u_a$
 #   (0.45 at $|x| \le 10$ to 0.8 at $|x| \ge 110$ by default): larger norms must sit closer to
 #   their centre. As in its authors' code, the margin applies only where $\cos\theta > 0$ (the
-#   easy margin): past 90° the target drops back to the plain $\cos\theta$.
+#   easy margin): at 90° the target jumps back up to the plain $\cos\theta$ and follows it.
 # - **ElasticFace** draws each example's margin from $\mathcal{N}(m, \sigma)$ at every step: the
 #   target is a band around $\cos(\theta + m)$ (or CosFace's curve, `kind="cos"`), with no
 #   continuation past $\pi - m$, as in its authors' code. Drawn: the 2.5-97.5 %
