@@ -85,7 +85,9 @@ for shard in w.addressable_shards:
 # classes and reduces it to a row max and a row sum. The compiled program of the loss and its
 # gradient shows what crosses devices: the embeddings and labels (all-gathered), `[B]`-sized
 # statistics and cosines, and the embeddings' gradient (all-reduced). Neither `W`, its gradient
-# nor the logits are ever moved.
+# nor the logits are ever moved: the cell checks that every array a collective moves is `[B]` or
+# `[B, D]` (the table counts arrays: one all-reduce can move several), and that no `[B, C]` array
+# of all the classes' logits exists anywhere in the program.
 
 # %%
 @functools.partial(jax.jit, static_argnums=0)
@@ -110,8 +112,12 @@ collectives = collections.Counter(
 print(f"{'collective':>14}  {'array':<12} count")
 for (shape, op), count in sorted(collectives.items()):
   print(f"{op:>14}  {shape:<12} x{count}")
-block = f"f32[{batch},{rows // mesh.size}]"
-print(f"per-device logits block {block} in the program: {block in hlo}")
+block, whole = f"f32[{batch},{rows // mesh.size}]", f"f32[{batch},{rows}]"
+print(f"per-device logits block {block} in the program: {block in hlo}; "
+      f"all the logits {whole}: {whole in hlo or f'f32[{rows},{batch}]' in hlo}")
+batch_sized = {f"f32[{batch}]", f"s32[{batch}]", f"f32[{batch},{dim}]"}
+assert {shape for shape, _ in collectives} <= batch_sized, collectives
+assert block in hlo and whole not in hlo and f"f32[{rows},{batch}]" not in hlo
 
 losses, (_, grad_w) = losses_and_grads(engine, margins.ArcFace(), x, w, labels)
 print(f"mean loss {float(jnp.mean(losses)):.4f}; dW is {jax.typeof(grad_w)}: it stays where W is")
