@@ -280,6 +280,10 @@ print(f"dW of kept classes: relative difference "
       f"{relative_difference(got_grad[kept], want_grad):.1e}")
 print(f"dW of the {left_out.size} classes left out is exactly zero: "
       f"{bool(jnp.all(got_grad[left_out] == 0))}")
+assert set(np.asarray(labels_host).tolist()) <= set(np.asarray(kept).tolist())
+assert relative_difference(got_loss, want_loss) < 1e-6
+assert relative_difference(got_grad[kept], want_grad) < 1e-6
+assert bool(jnp.all(got_grad[left_out] == 0))
 
 # %% [markdown]
 # ## Updating only the sampled rows
