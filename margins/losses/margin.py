@@ -167,7 +167,7 @@ def arcface_cos(cos: Array, margin: Array | float, *, easy_margin: bool = False)
 
   Past :math:`\theta > \pi - m`, :math:`\cos(\theta + m)` would increase again. By default (the
   paper, face.evoLVe, pytorch-metric-learning, insightface before 2022) it is replaced there by
-  :math:`\cos\theta - m \sin m`, which drops by :math:`1 - \cos m - m \sin m` (-0.117 at
+  :math:`\cos\theta - m \sin m`, which drops by :math:`\cos m + m \sin m - 1` (0.117 at
   :math:`m = 0.5`) where it takes over, as in those implementations; with ``easy_margin`` the
   margin is applied only where :math:`\cos\theta > 0`.
 
