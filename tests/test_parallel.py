@@ -6,6 +6,7 @@ margin's loss and gradients at once.
 
 import contextlib
 import dataclasses
+import functools
 import re
 
 import jax
@@ -763,6 +764,35 @@ def test_sampled_temporaries_are_the_sample_and_its_gradient():
   assert 2 * sample_bytes <= temp < 2.5 * sample_bytes, temp / sample_bytes
 
 
+SECOND_DERIVATIVE_MARGINS = ("softmax", "arcface", "curricularface")
+
+
+def second_derivatives(engine):
+  """One program: each margin's gradient-penalty gradient and Hessian-vector product."""
+  x, w2, _, labels = make_inputs(13, 13)
+  rng = np.random.default_rng(1)
+  vx, vw = (rng.normal(size=a.shape).astype(np.float32) for a in (x, w2))
+
+  def run():
+    out = {}
+    for name in SECOND_DERIVATIVE_MARGINS:
+      loss = lambda x_, w_, margin=MARGINS[name]: jnp.mean(  # noqa: E731
+          engine(x_, w_, labels, margin, key=KEY)[0])
+      grad = jax.grad(loss, argnums=(0, 1))
+      penalty = lambda x_, w_, grad=grad: sum(jnp.sum(g ** 2) for g in grad(x_, w_))  # noqa: E731
+      hvp = jax.jvp(grad, (x, w2), (vx, vw))[1]
+      out[name] = jax.grad(penalty, argnums=(0, 1))(x, w2), hvp
+    return out
+
+  return jax.jit(run)()
+
+
+@functools.cache
+def dense_second_derivatives(sample_rate):
+  """The dense engine's, compiled once for the chunked engines that share its sample rate."""
+  return second_derivatives(margins.dense(sample_rate=sample_rate))
+
+
 @pytest.mark.parametrize("engine", [margins.chunked(5), margins.chunked(5, keep_scores=False),
                                     margins.chunked(5, sample_rate=0.9)],
                          ids=["kept", "recomputed", "sampled"])
@@ -771,19 +801,11 @@ def test_chunked_second_derivatives_equal_dense(engine):
   # chunked backward pass: the running max must carry no derivative (as the dense one), and the
   # scores read back from W's gradient buffer must move as the scores they stand for. Before,
   # both gave wrong values (off by 2-70x), not errors.
-  x, w2, _, labels = make_inputs(13, 13)
-  rng = np.random.default_rng(1)
-  vx, vw = (rng.normal(size=a.shape).astype(np.float32) for a in (x, w2))
-  for name in ("softmax", "arcface", "curricularface"):
-    def penalty_grad_and_hvp(engine_, margin=MARGINS[name]):
-      loss = lambda x_, w_: jnp.mean(engine_(x_, w_, labels, margin, key=KEY)[0])  # noqa: E731
-      grad = jax.grad(loss, argnums=(0, 1))
-      penalty = lambda x_, w_: sum(jnp.sum(g ** 2) for g in grad(x_, w_))  # noqa: E731
-      hvp = jax.jvp(grad, (x, w2), (vx, vw))[1]
-      return jax.grad(penalty, argnums=(0, 1))(x, w2), hvp
-    got, want = (jax.jit(penalty_grad_and_hvp, static_argnums=0)(e)
-                 for e in (engine, margins.dense(sample_rate=engine.sample_rate)))
-    for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+  got = second_derivatives(engine)
+  want = dense_second_derivatives(engine.sample_rate)
+  for name in SECOND_DERIVATIVE_MARGINS:
+    for got_part, want_part in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name]),
+                                   strict=True):
       np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
