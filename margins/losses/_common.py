@@ -124,11 +124,6 @@ def safe_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
   return jnp.where(above, jnp.sqrt(jnp.where(above, squared, 1)), floor)
 
 
-def inverse_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
-  """``1 / max(|x|, floor)`` along ``axis`` (keepdims); see :func:`safe_norm`."""
-  return 1 / safe_norm(x, axis=axis, floor_dtype=floor_dtype)
-
-
 def l2_normalize(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
   """``x / max(|x|, floor)``: unit vectors, and zero for a zero vector (finite gradient)."""
   return x / safe_norm(x, axis=axis, floor_dtype=floor_dtype)
