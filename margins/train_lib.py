@@ -1133,7 +1133,8 @@ def _train_and_evaluate(config, workdir, mesh):
   skipped = 0  # float16: steps skipped since the last line written (summed on the device)
   for step in range(start + 1, num_steps + 1):
     batch = _global_batch(experiment, next(iterator))
-    state, metrics = step_fn(state, batch)
+    with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
+      state, metrics = step_fn(state, batch)
     if "skipped" in metrics:
       skipped = skipped + metrics["skipped"]
     if step % config.log_every == 0 or step == num_steps:

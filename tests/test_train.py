@@ -366,6 +366,15 @@ def test_killed_run_resumes_exactly(tmp_path):
   assert read_metrics(str(killed)) == read_metrics(str(tmp_path / "whole"))
 
 
+def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
+  # The loop places each batch on the devices itself; a batch (or anything else a step reads)
+  # left on the host would be copied silently every step, which the transfer guard refuses.
+  monkeypatch.setattr(train_lib, "_global_batch", lambda experiment, batch: batch)
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
 def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
   # (Overrides that exist are exercised by the kill -9 test.)
   command = _train_command(tmp_path, 1, 1) + ["--config.loss.not_a_field=1"]
