@@ -41,3 +41,13 @@ def test_public_api_is_all_and_every_function_has_an_example():
   without_reference = [name for name in set(functions) - helpers
                        if "References:" not in getattr(margins, name).__doc__]
   assert not without_reference, f"no References line in {sorted(without_reference)}"
+
+
+@pytest.mark.parametrize("package", ["margins.evaluation", "margins.data"])
+def test_every_function_a_subpackage_exports_has_an_example(package):
+  module = importlib.import_module(package)
+  functions = [name for name, value in vars(module).items()
+               if not name.startswith("_") and inspect.isfunction(value)]
+  assert functions
+  without_example = [name for name in functions if ">>>" not in getattr(module, name).__doc__]
+  assert not without_example, f"no >>> example in {package}: {without_example}"

@@ -90,6 +90,21 @@ def read_ijb(folder: str | os.PathLike[str], name: str | None = None) -> IJBProt
     FileNotFoundError: a meta file is missing.
     ValueError: a line has the wrong number of fields, or the two per-image files list different
       images.
+
+  >>> import os, tempfile
+  >>> from margins.data import read_ijb
+  >>> folder = tempfile.TemporaryDirectory()
+  >>> os.makedirs(os.path.join(folder.name, "meta"))
+  >>> for suffix, lines in [("name_5pts_score", ["1.jpg" + " 50" * 10 + " 0.9",
+  ...                                             "2.jpg" + " 60" * 10 + " 0.8"]),
+  ...                       ("face_tid_mid", ["1.jpg 1 7", "2.jpg 2 8"]),
+  ...                       ("template_pair_label", ["1 2 1"])]:
+  ...   with open(os.path.join(folder.name, "meta", f"ijbc_{suffix}.txt"), "w") as f:
+  ...     _ = f.write("\\n".join(lines))
+  >>> protocol = read_ijb(folder.name)
+  >>> protocol.name, protocol.files, protocol.landmarks.shape, protocol.pairs.tolist()
+  ('ijbc', ['1.jpg', '2.jpg'], (2, 5, 2), [[1, 2]])
+  >>> folder.cleanup()
   """
   folder = os.fspath(folder)
   name = (name or benchmark_name(folder)).lower()
@@ -144,6 +159,15 @@ def align_face(image: np.ndarray, landmarks: np.ndarray,
   centres at integer coordinates, as OpenCV's ``warpAffine`` computes it, fading to black over
   the pixel past the image's edge as it does. Within one grey level of OpenCV's (Pillow's
   fixed-point arithmetic truncates where OpenCV rounds).
+
+  >>> import numpy as np
+  >>> from margins.data import align_face
+  >>> from margins.data.ijb import ARCFACE_LANDMARKS
+  >>> image = np.zeros((224, 224, 3), np.uint8)
+  >>> image[100:124, 100:124] = 255  # a white square around the nose of a face twice the size
+  >>> aligned = align_face(image, 2 * ARCFACE_LANDMARKS)
+  >>> aligned.shape, aligned[56, 56].tolist(), aligned[0, 0].tolist()
+  ((112, 112, 3), [255, 255, 255], [0, 0, 0])
   """
   height, width = image_size
   template = ARCFACE_LANDMARKS * np.array([width, height]) / ARCFACE_SIZE

@@ -95,6 +95,16 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
   Returns:
     An :class:`IJBResult`.
 
+  >>> import numpy as np
+  >>> from margins.data import IJBProtocol
+  >>> protocol = IJBProtocol(  # three one-image templates; pairs (1, 2) same, (1, 3) not
+  ...     folder="", name="toy", files=["a.jpg", "b.jpg", "c.jpg"], landmarks=np.zeros((3, 5, 2)),
+  ...     detector_scores=np.ones(3), templates=np.array([1, 2, 3]), media=np.array([1, 2, 3]),
+  ...     pairs=np.array([[1, 2], [1, 3]]), issame=np.array([True, False]))
+  >>> result = evaluate_ijb(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), protocol)
+  >>> np.round(result.scores, 4).tolist(), result.auc  # cosines of the pairs' templates
+  ([0.9939, 0.0], 1.0)
+
   References:
     B. Maze et al., "IARPA Janus Benchmark-C", ICB 2018; insightface,
     ``recognition/arcface_torch/eval_ijbc.py``.
