@@ -660,6 +660,18 @@ def test_bad_arguments(make, error, match):
     nnx.eval_shape(lambda: make(nnx.Rngs(0)))
 
 
+@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet", "small_cnn", "vit_t"])
+def test_sizes_are_any_integer_and_only_integers(name):
+  # As everywhere in the package: a NumPy integer is an integer; a float is the wrong type.
+  def embed():
+    model = models.create(name, embedding_dim=np.int64(8), rngs=nnx.Rngs(0))
+    return model(jnp.zeros((2, *model.input_size, model.in_channels)))
+
+  assert jax.eval_shape(embed).shape == (2, 8)
+  with pytest.raises(TypeError, match="`embedding_dim` must be an integer"):
+    models.create(name, embedding_dim=8.0, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("images, error, match", [
     (jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32), ValueError, r"\[batch, 28, 28, 1\]"),
     (jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32), ValueError, "images"),

@@ -39,6 +39,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from margins.data.sources import check_int
 from margins.losses import _common
 
 Array = jax.Array
@@ -82,15 +83,6 @@ def halved(size: int, times: int) -> int:
   for _ in range(times):
     size = (size + 1) // 2
   return size
-
-
-def check_positive(name: str, value: Any) -> None:
-  """Raises a ``ValueError`` naming ``name`` unless ``value`` is a positive int.
-
-  >>> check_positive("embedding_dim", 512)
-  """
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
 def check_compute_dtype(dtype: Any) -> jnp.dtype:
@@ -307,8 +299,8 @@ class IResNet(nnx.Module):
     layers = tuple(layers)
     if len(layers) != 4 or not all(isinstance(n, int) and n > 0 for n in layers):
       raise ValueError(f"`layers` must be four positive ints (blocks per stage), got {layers!r}.")
-    check_positive("embedding_dim", embedding_dim)
-    check_positive("in_channels", in_channels)
+    embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
+    in_channels = check_int(in_channels, "in_channels", minimum=1)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"`dropout` must lie in [0, 1), got {dropout}.")
     self.input_size = image_size(input_size)

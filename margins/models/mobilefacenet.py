@@ -33,6 +33,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from margins.data.sources import check_int
 from margins.models import iresnet
 
 Array = jax.Array
@@ -154,9 +155,9 @@ class MobileFaceNet(nnx.Module):
     blocks = tuple(blocks)
     if len(blocks) != 4 or not all(isinstance(n, int) and n > 0 for n in blocks):
       raise ValueError(f"`blocks` must be four positive ints, got {blocks!r}.")
-    iresnet.check_positive("embedding_dim", embedding_dim)
-    iresnet.check_positive("scale", scale)
-    iresnet.check_positive("in_channels", in_channels)
+    embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
+    scale = check_int(scale, "scale", minimum=1)
+    in_channels = check_int(in_channels, "in_channels", minimum=1)
     self.input_size = iresnet.image_size(input_size)
     self.in_channels = in_channels
     self.dtype = iresnet.check_compute_dtype(dtype)

@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from margins.data.sources import check_int
 from margins.models import iresnet
 
 Array = jax.Array
@@ -118,8 +119,8 @@ class SmallCNN(nnx.Module):
     widths = tuple(widths)
     if len(widths) != len(POOL_SIZES) or not all(isinstance(w, int) and w > 0 for w in widths):
       raise ValueError(f"`widths` must be {len(POOL_SIZES)} positive ints, got {widths!r}.")
-    iresnet.check_positive("embedding_dim", embedding_dim)
-    iresnet.check_positive("in_channels", in_channels)
+    embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
+    in_channels = check_int(in_channels, "in_channels", minimum=1)
     self.input_size = iresnet.image_size(input_size)
     self.in_channels = in_channels
     self.dtype = iresnet.check_compute_dtype(dtype)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from margins.data.sources import check_int
 from margins.models import iresnet
 
 Array = jax.Array
@@ -264,10 +265,11 @@ class VisionTransformer(nnx.Module):
       remat: bool = False,
       rngs: nnx.Rngs,
   ):
-    for name, value in (("width", width), ("depth", depth), ("num_heads", num_heads),
-                        ("embedding_dim", embedding_dim), ("patch_size", patch_size),
-                        ("in_channels", in_channels)):
-      iresnet.check_positive(name, value)
+    width, depth, num_heads, embedding_dim, patch_size, in_channels = (
+        check_int(value, name, minimum=1) for name, value in (
+            ("width", width), ("depth", depth), ("num_heads", num_heads),
+            ("embedding_dim", embedding_dim), ("patch_size", patch_size),
+            ("in_channels", in_channels)))
     if width % num_heads:
       raise ValueError(f"`width` ({width}) must be a multiple of `num_heads` ({num_heads}).")
     if not 0.0 <= drop_path_rate < 1.0:
