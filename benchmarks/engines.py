@@ -327,7 +327,7 @@ def run_sharded(args):
   num_devices = args.sharded
   mesh = jax.make_mesh((num_devices,), ("classes",),
                        axis_types=(jax.sharding.AxisType.Explicit,))
-  spec = jax.sharding.NamedSharding(mesh, jax.P("classes"))
+  spec = jax.NamedSharding(mesh, jax.P("classes"))
   device0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   key = jax.random.key(0)
   for num_classes in args.classes:

@@ -358,10 +358,10 @@ def _is_head_rows(path, leaf, head_shape) -> bool:
 
 def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
   """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  replicated = jax.NamedSharding(mesh, jax.P())
   if engine.mesh is None:
     return jax.tree.map(lambda _: replicated, state_shapes)
-  rows = jax.sharding.NamedSharding(mesh, jax.P(engine.axis_name))
+  rows = jax.NamedSharding(mesh, jax.P(engine.axis_name))
   head_shape = state_shapes.params["head"].shape
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: rows if _is_head_rows(path, leaf, head_shape) else replicated,
@@ -381,7 +381,7 @@ class Experiment:
 
   @property
   def batch_sharding(self):
-    return jax.sharding.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
+    return jax.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
 
 
 def _model_fn(config, image_shape):

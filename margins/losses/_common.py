@@ -147,7 +147,7 @@ def gathered(x: Array) -> Array:
   sharding = jax.typeof(x).sharding
   if all(axis is None for axis in sharding.spec):
     return x
-  return jax.sharding.reshard(x, sharding.update(spec=jax.P()))
+  return jax.reshard(x, sharding.update(spec=jax.P()))
 
 
 def split_like(x: Array, reference: Array) -> Array:
@@ -156,7 +156,7 @@ def split_like(x: Array, reference: Array) -> Array:
   sharding = jax.typeof(reference).sharding
   if sharding.spec[0] is None:
     return x
-  return jax.sharding.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
+  return jax.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
 def whole_rows(x: Array) -> Array:
@@ -166,7 +166,7 @@ def whole_rows(x: Array) -> Array:
   sharding = jax.typeof(x).sharding
   if all(axis is None for axis in tuple(sharding.spec)[1:]):
     return x
-  return jax.sharding.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
+  return jax.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
 def take_rows(table: Array, indices: Array) -> Array:

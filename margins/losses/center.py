@@ -116,4 +116,4 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   counts = counts[:, None]
   step = jnp.asarray(alpha, dtype) * (counts * current - sums) / (1 + counts)
   updated = centers.at[classes].set((current - step).astype(centers.dtype), mode="drop")
-  return updated if centers is given else jax.sharding.reshard(updated, jax.typeof(given).sharding)
+  return updated if centers is given else jax.reshard(updated, jax.typeof(given).sharding)
