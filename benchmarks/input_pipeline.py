@@ -14,7 +14,6 @@ import os
 import tempfile
 
 import numpy as np
-from absl import flags
 
 from margins import data as data_lib
 from margins.data import recordio
@@ -57,7 +56,6 @@ def main():
   parser.add_argument("--batches", type=int, default=20, help="batches timed per setting")
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
   args = parser.parse_args()
-  flags.FLAGS.mark_as_parsed()  # grain's worker processes read its absl flags' defaults.
   print(f"{os.cpu_count()} CPUs; {args.images} JPEG images {args.size}x{args.size}x3, "
         f"batches of {args.batch}")
   with tempfile.TemporaryDirectory() as folder:
