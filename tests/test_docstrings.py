@@ -27,8 +27,9 @@ def test_docstring_examples(module_name):
 
 
 def test_public_api_is_all_and_every_function_has_an_example():
-  """``margins.__all__`` is what ``margins/__init__.py`` imports, and each function of it
-  carries a runnable example (run above) and, where it is a paper's formula, a References line."""
+  """``margins.__all__`` is what ``margins/__init__.py`` imports, and each function and margin of
+  it carries a runnable example (run above); each function that is a paper's formula, a References
+  line."""
   imported = {name for name, value in vars(margins).items()
               if not name.startswith("_") and not inspect.ismodule(value)}
   assert sorted(margins.__all__) == sorted(imported)
@@ -36,7 +37,12 @@ def test_public_api_is_all_and_every_function_has_an_example():
              "margin_softmax_loss"}  # No paper of their own.
   functions = [name for name in margins.__all__ if inspect.isfunction(getattr(margins, name))]
   assert "arcface_loss" in functions and "sharded" in functions
-  without_example = [name for name in functions if ">>>" not in getattr(margins, name).__doc__]
+  margin_classes = [  # The base class's example is margin_dataclass's.
+      name for name in margins.__all__ if inspect.isclass(getattr(margins, name))
+      and issubclass(getattr(margins, name), margins.Margin) and name != "Margin"]
+  assert "ArcFace" in margin_classes
+  without_example = [name for name in functions + margin_classes
+                     if ">>>" not in getattr(margins, name).__doc__]
   assert not without_example, f"no >>> example in {without_example}"
   without_reference = [name for name in set(functions) - helpers
                        if "References:" not in getattr(margins, name).__doc__]

@@ -248,7 +248,14 @@ def annealed(margin_value: Array, plain_value: Array, annealing: Array | float) 
 
 @margin_dataclass
 class Softmax(Margin):
-  """Plain softmax on raw dot products ``<x, W_j>`` (no normalisation, no margin)."""
+  """Plain softmax on raw dot products ``<x, W_j>`` (no normalisation, no margin).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
+  >>> margins.Softmax().target_logit(rows)  # |x| |W_y| cos: the raw dot product
+  Array([2., 0.], dtype=float32)
+  """
   normalize_embeddings = False
   normalize_weights = False
 
@@ -258,7 +265,14 @@ class Softmax(Margin):
 
 @margin_dataclass
 class NormFace(Margin):
-  """NormFace: ``s cos`` for every class (Wang et al., ACM MM 2017)."""
+  """NormFace: ``s cos`` for every class (Wang et al., ACM MM 2017).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.NormFace(scale=1.0).target_logit(rows)  # s cos
+  Array([1., 0.], dtype=float32)
+  """
   scale: Array | float = 16.0
 
   def target_logit(self, rows):
@@ -271,6 +285,12 @@ class LSoftmax(Margin):
 
   ``annealing`` is the lambda of ``(lambda |W||x| cos + |W||x| psi) / (1 + lambda)``, 0 for the
   plain loss.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
+  >>> margins.LSoftmax(margin=2).target_logit(rows)  # |x| |W_y| psi(theta); psi(90 deg) = -1
+  Array([ 2., -2.], dtype=float32)
   """
   margin: int = static_field(4)
   annealing: Array | float = 0.0
@@ -289,6 +309,12 @@ class SphereFace(Margin):
   With ``scale`` set, ``x`` is normalised too and ``scale`` replaces ``|x|``, the form SphereFace-R
   builds on (:class:`SphereFaceR` is the authors' version: real ``m``, detached ``psi``).
   ``annealing`` is SphereFace's lambda (see :func:`sphereface_lambda`).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
+  >>> margins.SphereFace(margin=2).target_logit(rows)  # |x| psi(theta)
+  Array([ 2., -2.], dtype=float32)
   """
   margin: int = static_field(4)
   scale: Array | float | None = None
@@ -309,7 +335,14 @@ class SphereFace(Margin):
 
 @margin_dataclass
 class CosFace(Margin):
-  """CosFace / AM-Softmax: target ``s (cos_y - m)`` (Wang et al., CVPR 2018)."""
+  """CosFace / AM-Softmax: target ``s (cos_y - m)`` (Wang et al., CVPR 2018).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.CosFace(scale=1.0).target_logit(rows)  # cos - 0.35
+  Array([ 0.65, -0.35], dtype=float32)
+  """
   scale: Array | float = 64.0
   margin: Array | float = 0.35
 
@@ -326,6 +359,12 @@ class ArcFace(Margin):
   Past ``theta_y > pi - m`` the value is :func:`arcface_cos`'s continuation, where insightface's
   detached margin takes ``cos(theta_y + m)`` as it is and opensphere ``cos(min(theta_y + m, pi))``;
   the gradient is the same.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.ArcFace(scale=1.0).target_logit(rows)  # cos(theta + 0.5)
+  Array([ 0.87758255, -0.47942555], dtype=float32)
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.5
@@ -346,6 +385,12 @@ class CombinedMargin(Margin):
   Where :math:`m_1\theta + m_2` passes :math:`\pi` the curve would rise again; there it continues
   as the line :math:`\cos\theta - \cos\theta^* - 1 - m_3` in :math:`\cos\theta`
   (:math:`\theta^* = (\pi - m_2)/m_1`), which joins it continuously and keeps decreasing.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.CombinedMargin(scale=1.0).target_logit(rows)  # cos(theta + 0.3) - 0.2
+  Array([ 0.7553365, -0.4955203], dtype=float32)
   """
   scale: Array | float = 64.0
   m1: Array | float = 1.0
@@ -367,6 +412,12 @@ class CurricularFace(Margin):
   A negative is hard when ``cos_j > cos(theta_y + m)``; its logit becomes ``s cos_j (t + cos_j)``.
   ``t`` follows ``t <- momentum * mean(cos_y) + (1 - momentum) t`` over the batch, updated by
   :meth:`prepare` before it is used, as in the paper's algorithm.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.CurricularFace(scale=1.0).target_logit(rows)  # ArcFace's target
+  Array([ 0.87758255, -0.47942555], dtype=float32)
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.5
@@ -403,6 +454,12 @@ class MVSoftmax(Margin):
   applies the margin only where :math:`\cos\theta_y > 0`; the mask keeps the margin. Without
   it, past :math:`\theta_y > \pi - m` the arc target continues as :func:`arcface_cos` does, where
   the authors' code takes :math:`\cos(\theta_y + m)` as it is.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.MVSoftmax(scale=1.0).target_logit(rows)  # cos - 0.35 where cos > 0 (easy_margin)
+  Array([0.65, 0.  ], dtype=float32)
   """
   scale: Array | float = 32.0
   margin: Array | float = 0.35
@@ -445,6 +502,13 @@ class AdaFace(Margin):
   ``t_alpha``: 1.0 uses the batch's own statistics). Initial values are the official ones. As in
   the official code, every cosine is clipped to :math:`[-1 + \epsilon, 1 - \epsilon]`, the
   other classes' too.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 20.0), weight_norm=jnp.ones(2))
+  >>> target = margins.AdaFace(scale=1.0).target_logit(rows)
+  >>> [round(float(t), 4) for t in target]  # |x| at the mean: z = 0, cos(theta) - m
+  [0.599, -0.4]
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.4
@@ -483,6 +547,12 @@ class MagFace(Margin):
   :math:`g(a) = 1/a + a/u_a^2` to each loss. ``easy_margin`` (the authors' code, ``MagLinear``'s
   default) applies the margin only where :math:`\cos\theta > 0`; ``False`` continues as ArcFace
   past :math:`\pi - m` (:func:`arcface_cos`).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 10.0), weight_norm=jnp.ones(2))
+  >>> margins.MagFace(scale=1.0).target_logit(rows)  # |x| = l_a: m = 0.45, only where cos > 0
+  Array([0.90044713, 0.        ], dtype=float32)
   """
   scale: Array | float = 64.0
   lower_norm: Array | float = 10.0
@@ -519,6 +589,13 @@ class ElasticFace(Margin):
   sorted margins with the cosines' sort order, ``margin[argsort(-cos)]``, where that order's
   inverse gives the paper's assignment, so its margins do not follow the cosines.) ``key`` draws
   the margins; pass a new key each step.
+
+  >>> import jax, jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> elastic = margins.ElasticFace(key=jax.random.key(0), scale=1.0, sigma=0.0)
+  >>> elastic.target_logit(rows)  # sigma 0: ArcFace's cos(theta + 0.5)
+  Array([ 0.87758255, -0.47942555], dtype=float32)
   """
   key: Array
   scale: Array | float = 64.0
@@ -563,6 +640,12 @@ class SphereFaceR(Margin):
   :math:`m`); ``'v1'``: target :math:`\cos(\min(m\theta_y, \pi))`; ``'v2'``: the target's
   :math:`\cos\theta_y`, the others' :math:`\cos(\theta_j / m)`. Others are :math:`s\cos\theta_j`
   for v0 and v1. opensphere multiplies the loss by ``lw / s`` (``lw`` 50).
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.SphereFaceR(scale=1.0, margin=2.0).target_logit(rows)  # psi(theta) at m = 2
+  Array([ 1., -1.], dtype=float32)
   """
   scale: Array | float = 30.0
   margin: Array | float = 1.5
@@ -647,6 +730,12 @@ class SphereFace2(Margin):
     t: the exponent of :math:`g`.
     alpha: :math:`\lambda`, the weight of the positive classifier.
     kind: ``'cos'``, ``'arc'`` or ``'multiplicative'``.
+
+  >>> import jax.numpy as jnp, margins
+  >>> cos = jnp.array([1.0, 0.0])  # theta_y = 0 and 90 degrees
+  >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
+  >>> margins.SphereFace2(bias=0.0, scale=1.0).target_logit(rows)  # g(cos) - 0.4 (+ bias 0)
+  Array([ 0.6 , -1.15], dtype=float32)
   """
   bias: Array | float
   scale: Array | float = 40.0
