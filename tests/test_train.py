@@ -371,7 +371,7 @@ def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
   # left on the host would be copied silently every step, which the transfer guard refuses.
   monkeypatch.setattr(train_lib, "_global_batch", lambda experiment, batch: batch)
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
-  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
