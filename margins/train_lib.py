@@ -1023,8 +1023,12 @@ def _restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainSta
   return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
-                       abstract: TrainState) -> TrainState:
+# State fields that a config adds or drops: float16's loss scale, center loss's centres.
+OPTIONAL_FIELDS = ("loss_scale", "centers")
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
+                       initial: TrainState | None = None) -> TrainState:
   """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
   hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
 
@@ -1034,14 +1038,26 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
   field of the state that the checkpoint does not have (it was saved before the field existed)
   must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
   ``loss_scale`` existed restores.
+
+  ``initial``: a state created for this config (the training loop's). An :data:`OPTIONAL_FIELDS`
+  field that the checkpoint holds and this config does not, or the other way round (a run
+  resumed in float16 after float32, or with a center loss added or removed), is then taken from
+  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a field
+  the config no longer uses is not read.
   """
   stored_tree = _stored_state(manager, step)
+  fresh = {} if initial is None else {
+      name: getattr(initial, name) for name in OPTIONAL_FIELDS
+      if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None)}
   fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
             if field.name in stored_tree or getattr(abstract, field.name) is not None}
+  for name in fresh:  # Read as stored (replicated), then replaced by ``fresh``.
+    fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree.get(name))
   rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(fields, strict=not rows_differ)))
-  return abstract.replace(**restored.state)
+  return abstract.replace(**{**restored.state, **fresh})
 
 
 def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -1109,7 +1125,7 @@ def _train_and_evaluate(config, workdir, mesh):
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore_checkpoint(manager, manager.latest_step(), abstract)
+    state = restore_checkpoint(manager, manager.latest_step(), abstract, initial=state)
     report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker

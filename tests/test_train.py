@@ -311,6 +311,26 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
       train_lib.restore_checkpoint(manager, 3, abstract)
 
 
+def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
+  # The checkpoint lacks the loss scale or the centres the new config needs (they start as a
+  # new run's), or holds ones it no longer uses (not kept).
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  config.mesh.shape = (1,)
+  for num_steps, (dtype, center_weight) in enumerate(
+      [("float32", 0.0), ("float16", 0.01), ("float32", 0.0)], start=1):
+    config.num_steps = config.checkpoint_every = num_steps
+    config.compute_dtype, config.center_loss.weight = dtype, center_weight
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    state = train_lib.restore(str(tmp_path))[1]
+    assert int(state.step) == num_steps
+    assert (state.loss_scale is None) == (config.compute_dtype == "float32")
+    assert (state.centers is None) == (not config.center_loss.weight)
+    if state.loss_scale is not None:  # One float16 step from the initial scale.
+      assert float(state.loss_scale.scale) in (2.0**15, 2.0**16)
+    if state.centers is not None:  # From zero, moved by one step.
+      assert 0 < float(jnp.abs(state.centers).sum()) < 10
+
+
 def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path):
   # 512 classes over 2 devices, a quarter sampled per step (64 of each device's 256 rows, as
   # many as the 64 classes a batch can hold, so that sampling really happens).
