@@ -682,8 +682,12 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
 
   With ``with_xnorm``, ``(embeddings, xnorm)``: also insightface's ``XNorm``, the mean L2 norm of
   the embeddings of the ``N`` images (and of their ``N`` mirror images), each before any sum.
+  A set smaller than ``config.eval.batch_size`` is embedded in one batch of its own size (rounded
+  up to the devices), not padded to the full batch.
   """
-  per_process = experiment.config.eval.batch_size // jax.process_count()
+  devices = experiment.mesh.size
+  batch_size = min(experiment.config.eval.batch_size, max(-(-len(source) // devices), 1) * devices)
+  per_process = batch_size // jax.process_count()
   dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
                                   shard_index=jax.process_index(),
                                   shard_count=jax.process_count(), read_threads=read_threads)

@@ -331,6 +331,24 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
       assert 0 < float(jnp.abs(state.centers).sum()) < 10
 
 
+def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.eval.batch_size = 4096
+  source = margins_data.digits("open_test", image_size=16)
+  small = margins_data.ArraySource(source.images[:11], source.labels[:11], num_classes=10)
+  experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config), 6,
+                                                   source.image_shape)
+  shapes = []
+  embed = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  with jax.set_mesh(experiment.mesh):
+    embeddings = train_lib.compute_embeddings(
+        experiment, state, small, flip=False,
+        embed_fn=lambda s, x: shapes.append(x.shape[0]) or embed(s, x))
+    want = embed(state, jnp.asarray(margins_data.normalize_images(small.images[:8])))
+  assert shapes == [16] and embeddings.shape == (11, 32)  # 11 images, 8 devices: 16, not 4096.
+  np.testing.assert_allclose(embeddings[:8], want, rtol=1e-5, atol=1e-6)
+
+
 def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path):
   # 512 classes over 2 devices, a quarter sampled per step (64 of each device's 256 rows, as
   # many as the 64 classes a batch can hold, so that sampling really happens).
