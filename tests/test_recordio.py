@@ -330,6 +330,19 @@ def test_pack_tool_command_line(tmp_path):
     pack_recordio.main(["--image_dir", "x", "--output", "y", "--image_size", "12"])
 
 
+def test_pack_tool_writes_into_a_folder_given_as_output(tmp_path, capsys):
+  # An existing folder, or a path ending in a separator: its train.rec, train.idx and property,
+  # what RecordIOSource reads from a folder (not hidden .rec / .idx files, or files beside it).
+  _make_folder(tmp_path / "faces", {"a": 1})
+  os.makedirs(tmp_path / "existing")
+  for output in (tmp_path / "existing", str(tmp_path / "new") + os.sep):
+    pack_recordio.main(["--image_dir", str(tmp_path / "faces"), "--output", str(output)])
+    assert sorted(os.listdir(output)) == ["property", "train.idx", "train.rec"]
+    assert len(recordio.RecordIOSource(output)) == 1
+    assert os.path.join(output, "train.rec") in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path)) == ["existing", "faces", "new"]
+
+
 def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path, capsys):
   _make_folder(tmp_path / "faces", {"a": 1}, size=16)
   pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")

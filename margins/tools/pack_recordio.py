@@ -3,8 +3,9 @@ r"""Packs an image folder (one sub-folder per identity) into insightface's Recor
   python -m margins.tools.pack_recordio --image_dir DIR --output PREFIX \
       [--quality 95] [--image_size 112,112] [--num_threads 8]
 
-writes ``PREFIX.rec``, ``PREFIX.idx`` and ``property`` (beside them), the files insightface's
-``MXFaceDataset`` and :class:`margins.data.recordio.RecordIOSource` read:
+writes ``PREFIX.rec``, ``PREFIX.idx`` and ``property`` (beside them; ``PREFIX/train.rec`` ... where
+``PREFIX`` is a folder), the files insightface's ``MXFaceDataset`` and
+:class:`margins.data.recordio.RecordIOSource` read:
 
 - key 0: header record with labels ``[N + 1, N + 1 + K]``;
 - keys ``1..N``: the images, JPEG-encoded, grouped by identity (identities sorted by folder name
@@ -39,7 +40,8 @@ def pack_image_folder(image_dir: str | os.PathLike[str], output_prefix: str | os
   Args:
     image_dir: folder with one sub-folder per identity (see
       :func:`margins.data.image_folder.list_image_folder`).
-    output_prefix: path of the outputs without extension; ``property`` goes in its folder.
+    output_prefix: path of the outputs without extension; ``property`` goes in its folder. A
+      folder (one that exists, or a path ending in a separator) holds ``train.rec`` and the rest.
     quality: JPEG quality.
     image_size: ``(H, W)`` to resize every image to; ``None``: all images must share one size.
     num_threads: threads decoding and encoding images (``None``: one per CPU).
@@ -106,7 +108,8 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
   module docstring says.
 
   Args:
-    output_prefix: path of the outputs without extension; ``property`` goes in its folder.
+    output_prefix: path of the outputs without extension; ``property`` goes in its folder (a
+      folder: :func:`resolve_output`).
     labels: ``[N]`` label of each image, in ``[0, num_classes)``, non-decreasing (grouped by
       identity).
     images: the ``N`` encoded images (JPEG, PNG ...), in the order of ``labels``.
@@ -117,7 +120,7 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
   if labels.size and (np.any(np.diff(labels) < 0) or labels[0] < 0
                       or labels[-1] >= num_classes):
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
-  output_prefix = os.fspath(output_prefix)
+  output_prefix = resolve_output(output_prefix)
   os.makedirs(os.path.dirname(output_prefix) or ".", exist_ok=True)
   outputs = [output_prefix + ".rec", output_prefix + ".idx"]
   partial = [path + ".partial" for path in outputs]
@@ -135,6 +138,21 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
   with open(os.path.join(os.path.dirname(output_prefix), "property"), "w",
             encoding="ascii") as file:
     file.write(f"{num_classes},{height},{width}")
+
+
+def resolve_output(output_prefix: str | os.PathLike[str]) -> str:
+  """The outputs' path without extension: ``<folder>/train`` for a folder (one that exists, or a
+  path ending in a separator), where :class:`~margins.data.RecordIOSource` looks; else as given.
+
+  >>> import tempfile
+  >>> from margins.tools.pack_recordio import resolve_output
+  >>> resolve_output("/data/faces_rec/"), resolve_output("/data/faces_rec/faces")
+  ('/data/faces_rec/train', '/data/faces_rec/faces')
+  """
+  output_prefix = os.fspath(output_prefix)
+  if os.path.isdir(output_prefix) or output_prefix.endswith(("/", os.sep)):
+    return os.path.join(output_prefix, "train")
+  return output_prefix
 
 
 def _write_records(writer: recordio.RecordIOWriter, labels: np.ndarray, images: Iterable[bytes],
@@ -165,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       description="Pack an image folder (one sub-folder per identity) into insightface's "
                   "RecordIO layout: PREFIX.rec, PREFIX.idx and property.")
   parser.add_argument("--image_dir", required=True, help="folder with one sub-folder per identity")
-  parser.add_argument("--output", required=True, help="output prefix, e.g. /data/faces/train")
+  parser.add_argument("--output", required=True,
+                      help="output prefix, e.g. /data/faces/train, or a folder (FOLDER/train)")
   parser.add_argument("--quality", type=int, default=95, help="JPEG quality, 1-100")
   parser.add_argument("--image_size", default=None,
                       help="H,W to resize every image to (default: keep; sizes must agree)")
@@ -190,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_threads=args.num_threads)
   except (ValueError, OSError) as error:  # Not an identity folder, an image that does not
     parser.error(str(error))  # decode (named), an output that cannot be written, ...
-  print(f"Packed {num_images} images of {num_classes} identities into {args.output}.rec "
-        f"({args.output}.idx, property).")
+  prefix = resolve_output(args.output)
+  print(f"Packed {num_images} images of {num_classes} identities into {prefix}.rec "
+        f"({prefix}.idx, property).")
 
 
 if __name__ == "__main__":
