@@ -110,6 +110,10 @@ def main(argv: Sequence[str]) -> None:
   for name, holder in (("model", _MODEL), ("images", _IMAGES), ("out", cli_flags.OUT)):
     if not holder.value:
       raise app.UsageError(f"--{name} is required.")
+  out = cli_flags.OUT.value
+  if os.path.isdir(out) or out.endswith(("/", os.sep)):
+    raise app.UsageError(f"--out {out} is a folder: give the .npy file to write, e.g. "
+                         f"{os.path.join(out, 'embeddings.npy')}.")
   try:
     exported, _ = load_model(_MODEL.value)
     names = list_images(_IMAGES.value)
@@ -123,7 +127,6 @@ def main(argv: Sequence[str]) -> None:
   except (ValueError, OSError) as error:  # An image that does not decode or cannot be read
     # (a broken link): its path is in the message.
     raise app.UsageError(str(error)) from error
-  out = cli_flags.OUT.value
   out = out if out.endswith(".npy") else out + ".npy"  # As np.save names it.
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   listing = out[:-len(".npy")] + ".txt"

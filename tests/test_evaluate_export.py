@@ -310,6 +310,14 @@ def test_embed_folder_lists_file_names_the_file_system_gives(run, tmp_path, cli)
   assert np.load(out).shape == (1, 32)
 
 
+def test_embed_folder_refuses_a_folder_as_out(tmp_path, cli):
+  # It wrote the hidden files <folder>/.npy and <folder>/.txt.
+  for out in (str(tmp_path), str(tmp_path / "new") + os.sep):
+    with pytest.raises(app.UsageError, match="is a folder: give the .npy file to write"):
+      cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path), "--out", out)
+  assert os.listdir(tmp_path) == []
+
+
 def test_embed_folder_needs_no_training_code():
   code = ("import sys, margins.embed_folder; "
           "print([m for m in sys.modules if m.startswith(('margins.models', 'margins.train_lib', "
