@@ -1046,8 +1046,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
   ``initial``: a state created for this config (the training loop's). An :data:`OPTIONAL_FIELDS`
   field that the checkpoint holds and this config does not, or the other way round (a run
   resumed in float16 after float32, or with a center loss added or removed), is then taken from
-  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a field
-  the config no longer uses is not read.
+  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a stored
+  field the config no longer uses is dropped.
   """
   stored_tree = _stored_state(manager, step)
   fresh = {} if initial is None else {
@@ -1055,9 +1055,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
       if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None)}
   fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
             if field.name in stored_tree or getattr(abstract, field.name) is not None}
-  for name in fresh:  # Read as stored (replicated), then replaced by ``fresh``.
-    fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree.get(name))
+  for name in fresh:  # Read as stored (replicated), if stored, then replaced by ``fresh``.
+    fields.pop(name)
+    if name in stored_tree:
+      fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree[name])
   rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(fields, strict=not rows_differ)))

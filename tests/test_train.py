@@ -309,6 +309,11 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
                                                source.image_shape, abstract=True)
     with pytest.raises(ValueError, match="does not fit this config"):
       train_lib.restore_checkpoint(manager, 3, abstract)
+    # The training loop passes its new state: the loss scale starts from it.
+    _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
+                                              source.image_shape)
+    restored = train_lib.restore_checkpoint(manager, 3, abstract, initial=initial)
+    assert restored.loss_scale is initial.loss_scale
 
 
 def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
