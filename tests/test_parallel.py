@@ -169,23 +169,32 @@ def test_chunked_keeps_the_scores_that_fit_in_the_gradient_buffer():
 
   rng = np.random.default_rng(1)
   # All kept; 16 of 24 kept, 8 recomputed (also with 3 sub-centres); 16-bit words, all or 8 of 12.
+  cases = []
   for batch, centre_shape, w_dtype in [(16, (16,), f32), (24, (16,), f32), (24, (3, 16), f32),
                                        (8, (16,), bf16), (12, (16,), bf16)]:
-    x = jnp.asarray(rng.normal(size=(batch, 16)), f32)
-    w = jnp.asarray(rng.normal(size=(11, *centre_shape)), w_dtype)
-    labels = jnp.asarray(rng.integers(0, 11, batch), jnp.int32)
+    cases.append((jnp.asarray(rng.normal(size=(batch, 16)), f32),
+                  jnp.asarray(rng.normal(size=(11, *centre_shape)), w_dtype),
+                  jnp.asarray(rng.integers(0, 11, batch), jnp.int32)))
 
-    def loss_and_grads(engine, x=x, w=w, labels=labels):
-      loss = lambda x_, w_: jnp.mean(engine(x_, w_, labels, margins.ArcFace(scale=8.0))[0])  # noqa: E731
-      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+  def loss_and_grads(engine, x, w, labels):
+    loss = lambda x_, w_: jnp.mean(  # noqa: E731
+        engine(x_, w_, labels, margins.ArcFace(scale=8.0))[0])
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-    kept, recomputed = (loss_and_grads(margins.chunked(4, keep_scores=k)) for k in (True, False))
-    dense = loss_and_grads(margins.dense())
+  @jax.jit
+  def kept_recomputed_and_dense(cases):  # One program for every case and engine.
+    engines = margins.chunked(4, keep_scores=True), margins.chunked(4, keep_scores=False)
+    return [[loss_and_grads(engine, *case) for engine in (*engines, margins.dense())]
+            for case in cases]
+
+  for (x, w, _), (kept, recomputed, dense) in zip(cases, kept_recomputed_and_dense(cases)):
+    case = f"x {x.shape}, W {w.shape} {w.dtype}"
     for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed)):
-      np.testing.assert_array_equal(got, want)  # the kept scores are the recomputed ones, bits
+      # The kept scores are the recomputed ones, bits.
+      np.testing.assert_array_equal(got, want, err_msg=case)
     for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(dense)):
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                 rtol=1e-5, atol=1e-6)
+                                 rtol=1e-5, atol=1e-6, err_msg=case)
 
 
 def test_kept_scores_spare_the_backward_pass_a_matmul():
