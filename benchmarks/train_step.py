@@ -14,6 +14,8 @@ creating the state and compiling the step.
   python benchmarks/train_step.py --recipe ms1mv3_r50 --classes 93431 --batch 512
   python benchmarks/train_step.py --recipe webface42m_r100_pfc --classes 2059906 --batch 512
 
+``--freeze-unsampled`` times the step that updates Partial FC's sampled rows alone;
+``--freeze-unsampled both`` prints a table each way, one after the other, from one process.
 ``--quick`` takes the recipe's quick variant (32x32 images, IResNet-18 or the same small
 backbone, float32, chunks of 256): a try on a CPU.
 """
@@ -46,8 +48,10 @@ def _parse_args():
   parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
   parser.add_argument("--sample-rate", type=float, help="Partial FC's rate (default: the recipe's)")
   parser.add_argument("--chunk-size", type=int, help="classes per chunk (default: the recipe's)")
-  parser.add_argument("--freeze-unsampled", action="store_true",
-                      help="Partial FC updating the sampled rows alone (config.engine)")
+  parser.add_argument("--freeze-unsampled", nargs="?", const="yes", default="no",
+                      choices=("no", "yes", "both"),
+                      help="Partial FC updating the sampled rows alone (config.engine); "
+                      "both: a table each way, in one run")
   parser.add_argument("--quick", action="store_true", help="the recipe's quick variant")
   return parser.parse_args()
 
@@ -142,8 +146,15 @@ def step_seconds(experiment, state, batches, steps, repeats):
 
 def main():
   args = _parse_args()
+  for freeze_unsampled in {"no": [False], "yes": [True], "both": [False, True]}[
+      args.freeze_unsampled]:
+    run(args, freeze_unsampled)
+
+
+def run(args, freeze_unsampled):
+  """The table of the recipe's step for each of ``args.classes``."""
   config = load_recipe(args.recipe, args.batch, args.sample_rate, args.chunk_size,
-                       args.quick, args.freeze_unsampled)
+                       args.quick, freeze_unsampled)
   mesh = train_lib.make_mesh(config)
   image_shape = tuple(config.data.image_shape)
   print(f"jax {jax.__version__}, devices: {jax.devices()}, recipe {args.recipe}: "
