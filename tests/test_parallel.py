@@ -103,9 +103,11 @@ def dense_results():
   return results
 
 
-def assert_matches_dense(got, want, num_classes):
-  for name, (losses, (gx, gw, gfields), new_margin) in got.items():
-    want_losses, (want_gx, want_gw, want_gfields), want_margin = want[name]
+def assert_matches_dense(got, want, num_classes, case=""):
+  """``case``: a prefix for the messages (which engine, where one program runs several)."""
+  for margin_name, (losses, (gx, gw, gfields), new_margin) in got.items():
+    name = case + margin_name
+    want_losses, (want_gx, want_gw, want_gfields), want_margin = want[margin_name]
     gw = np.asarray(gw)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(gx, want_gx, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -232,14 +234,14 @@ def test_gradient_buffer_needs_no_initial_values(monkeypatch, request, dense_res
   # would not call it, and those made with it must not serve the tests after.
   jax.clear_caches()
   request.addfinalizer(jax.clear_caches)
-  x, w2, w3, labels = make_inputs(13, 13)
-  for keep_scores in (True, False):
-    engine = margins.chunked(5, keep_scores=keep_scores)
-    got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(x, w2, w3, labels)
-    assert_matches_dense(got, dense_results[13], 13)
-  engine = margins.sharded(make_mesh(2), "devices", chunk_size=3)
-  got = all_losses_and_grads(engine, 13, names=FEW_MARGINS)(*make_inputs(13, 16))
-  assert_matches_dense(got, dense_results[13], 13)
+  engines = {"kept": margins.chunked(5), "recomputed": margins.chunked(5, keep_scores=False),
+             "sharded": margins.sharded(make_mesh(2), "devices", chunk_size=3)}
+  inputs = {name: make_inputs(13, 16 if name == "sharded" else 13) for name in engines}
+  every = jax.jit(lambda inputs: {  # One program for the three.
+      name: all_losses_and_grads(engine, 13, names=FEW_MARGINS)(*inputs[name])
+      for name, engine in engines.items()})(inputs)
+  for name, got in every.items():
+    assert_matches_dense(got, dense_results[13], 13, case=f"{name}: ")
   mesh = make_mesh(2, AxisType.Explicit)  # data parallel: a buffer on each device
   split, whole = NamedSharding(mesh, jax.P("devices")), NamedSharding(mesh, jax.P())
   with jax.set_mesh(mesh):
@@ -310,17 +312,21 @@ def test_sharded_on_two_axes_of_mixed_types(axis_types, engine_axes, batch_axis)
   # Classes over some axes of a 2 x 4 mesh, the batch arriving split over another (or none).
   mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=axis_types, devices=jax.devices()[:8])
   x, w, _, labels = make_inputs(13, 16)
-  loss = lambda engine: jax.jit(jax.value_and_grad(  # noqa: E731
+  loss = lambda engine: jax.value_and_grad(  # noqa: E731
       lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=13)[0]),
-      argnums=(0, 1)))
-  want_loss, want_grads = loss(margins.dense())(x, w, labels)
+      argnums=(0, 1))
+  want_loss, want_grads = jax.jit(loss(margins.dense()))(x, w, labels)
   batch = NamedSharding(mesh, jax.P(batch_axis))
+  engine = margins.sharded(mesh, engine_axes, chunk_size=3)
+
+  @jax.jit
+  def losses_and_mean_loss(*args):  # One program: the losses, and the mean's value and grads.
+    return (engine(*args, margins.ArcFace(), num_classes=13)[0],
+            loss(engine)(*args))
+
   with jax.set_mesh(mesh):
     x_in, labels_in = jax.device_put((x, labels), batch)
-    losses = jax.jit(lambda *a: margins.sharded(mesh, engine_axes, chunk_size=3)(
-        *a, margins.ArcFace(), num_classes=13)[0])(x_in, w, labels_in)
-    got_loss, got_grads = loss(margins.sharded(mesh, engine_axes, chunk_size=3))(
-        x_in, w, labels_in)
+    losses, (got_loss, got_grads) = losses_and_mean_loss(x_in, w, labels_in)
   if E in axis_types:  # The losses come back split as the labels came.
     assert losses.sharding.is_equivalent_to(labels_in.sharding, 1)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
@@ -832,8 +838,8 @@ def test_chunked_hessian_equals_dense(keep_scores):
     stacked = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0))(x, jnp.stack([w, -w]))
     return jax.hessian(loss, argnums=(0, 1))(x, w), stacked
 
-  got, want = (jax.jit(hessian_and_stacked_grad, static_argnums=0)(e)
-               for e in (margins.chunked(3, keep_scores=keep_scores), margins.dense()))
+  got, want = jax.jit(lambda: [hessian_and_stacked_grad(e) for e in (  # One program.
+      margins.chunked(3, keep_scores=keep_scores), margins.dense())])()
   for got_part, want_part in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(got_part, want_part, rtol=1e-4, atol=1e-5)
 
