@@ -437,9 +437,13 @@ def _scores_pullback(x_in: Array, w: Array, g: Array,
   return dx, dw.astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _normalized_dot(x_in: Array, w: Array, floor_dtype: Any) -> Array:
   """``[B, c]`` ``<x_in, W_j / |W_j|>`` without materialising the normalised ``W``."""
+  return _normalized_dot_vjp(*_vary_together((x_in, w)), floor_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _normalized_dot_vjp(x_in: Array, w: Array, floor_dtype: Any) -> Array:
   return _normalized_dot_fwd(x_in, w, floor_dtype)[0]
 
 
@@ -455,7 +459,7 @@ def _normalized_dot_bwd(floor_dtype, residuals, g):
   return dx.astype(x_in.dtype), dw
 
 
-_normalized_dot.defvjp(_normalized_dot_fwd, _normalized_dot_bwd)
+_normalized_dot_vjp.defvjp(_normalized_dot_fwd, _normalized_dot_bwd)
 
 
 def _best_subcentre(scores: Array, w_shape: tuple[int, ...]) -> Array:
@@ -670,9 +674,8 @@ def _load_scores(buffer: Array, start: Array | int, size: int, shape: tuple[int,
       words.reshape(*shape, ratio) if ratio > 1 else words.reshape(shape), dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                   chunk_size, floor_dtype, axis_name, keep_scores, batch_axes):
+                   chunk_size, floor_dtype, axis_name, keep_scores):
   """:func:`_dense_stats` chunk by chunk (online).
 
   The backward pass needs each chunk's ``[B, c]`` scores again. With ``keep_scores`` the forward
@@ -682,17 +685,22 @@ def _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
   gradient: the ``[B, C]`` scores live where the ``[C, D]`` gradient will. The backward pass
   recomputes the scores of the other examples (all of them without ``keep_scores``): three
   matmuls plus a fourth over the recomputed rows.
-
-  ``batch_axes``: inside :func:`_data_parallel_stats`, the mesh axes splitting the batch, over
-  which ``w`` was cast to varying.
   """
+  x_in, w, rows, margin, stabilizer = _vary_together((x_in, w, rows, margin, stabilizer))
+  return _chunked_stats_vjp(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                            chunk_size, floor_dtype, axis_name, keep_scores)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _chunked_stats_vjp(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
+                       chunk_size, floor_dtype, axis_name, keep_scores):
   max_, sum_, _ = _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                                chunk_size, floor_dtype, (), keep_scores=False)
+                                chunk_size, floor_dtype, keep_scores=False)
   return _combine(max_, sum_, axis_name)
 
 
 def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
-                  floor_dtype, varying_axes, keep_scores):
+                  floor_dtype, keep_scores):
   """``(max, sum, buffer)``: the local row statistics and, if ``keep_scores``, a buffer shaped
   like ``w`` holding every chunk's scores of the first :func:`_kept_rows` examples (``None`` if
   none fit)."""
@@ -709,23 +717,41 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
 
   kept = _kept_rows(x_in.shape[0], w, _common.compute_dtype(x_in, w)) if keep_scores else 0
   stabilizer = jax.lax.stop_gradient(stabilizer)
-  buffer = _scratch_like(w, varying_axes) if kept else None
+  buffer = _scratch_like(w) if kept else None
   return _for_each_chunk(w.shape[0], chunk_size, body,
                          (stabilizer, jnp.zeros_like(stabilizer), buffer))
 
 
-def _varying_axes(axis_name: AxisName | None, batch_axes: tuple[str, ...]) -> tuple[str, ...]:
-  """The mesh axes over which a shard of ``W`` (or its gradient) differs from device to device:
-  those splitting the classes and, inside a data-parallel ``shard_map``, the batch."""
-  return (() if axis_name is None else _axes(axis_name)) + batch_axes
+def _varying(a: Any) -> frozenset[str]:
+  """The manual mesh axes (inside a ``shard_map``) over which ``a`` differs between devices."""
+  return jax.typeof(a).manual_axis_type.varying
 
 
-def _scratch_like(w: Array, varying_axes: tuple[str, ...]) -> Array:
-  """An array like :func:`_bits` of ``w`` (shape, dtype, sharding; varying over the mesh axes
-  ``varying_axes`` like ``w``) whose every element is written before it is read: uninitialised
+def _vary_together(tree: Any) -> Any:
+  """``tree`` with each floating array cast to varying over every mesh axis any of them varies
+  over: a ``custom_vjp``'s cotangents vary as its inputs do, and the casts' transposes sum them
+  over the devices where an input was the same on each (``W`` whole in a caller's ``shard_map``
+  over the batch)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+  axes = frozenset().union(*(_varying(leaf) for leaf, f in zip(leaves, floating) if f))
+
+  def vary(leaf, is_floating):
+    missing = tuple(sorted(axes - _varying(leaf)))
+    if not (is_floating and missing):
+      return leaf
+    return jax.lax.pcast(jnp.asarray(leaf), missing, to="varying")
+
+  return treedef.unflatten([vary(leaf, f) for leaf, f in zip(leaves, floating)])
+
+
+def _scratch_like(w: Array) -> Array:
+  """An array like :func:`_bits` of ``w`` (shape, dtype, sharding; varying over the same mesh
+  axes as ``w``) whose every element is written before it is read: uninitialised
   on GPU and TPU, which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
   scratch = _empty_like(jax.lax.stop_gradient(w))
-  return jax.lax.pcast(scratch, varying_axes, to="varying") if varying_axes else scratch
+  axes = tuple(sorted(_varying(w)))
+  return jax.lax.pcast(scratch, axes, to="varying") if axes else scratch
 
 
 def _empty(w: Array) -> Array:
@@ -762,16 +788,14 @@ def _chunk(x_in, w, start, size, margin, floor_dtype):
 
 
 def _chunked_stats_fwd(x_in, w, rows, margin, local_labels, num_valid, stabilizer,
-                       chunk_size, floor_dtype, axis_name, keep_scores, batch_axes):
+                       chunk_size, floor_dtype, axis_name, keep_scores):
   max_, sum_, buffer = _online_stats(x_in, w, rows, margin, local_labels, num_valid,
-                                     stabilizer, chunk_size, floor_dtype,
-                                     _varying_axes(axis_name, batch_axes), keep_scores)
+                                     stabilizer, chunk_size, floor_dtype, keep_scores)
   max_, sum_ = _combine(max_, sum_, axis_name)
   return (max_, sum_), (x_in, w, rows, margin, local_labels, num_valid, max_, buffer)
 
 
-def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_axes, residuals,
-                       cotangents):
+def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, residuals, cotangents):
   del keep_scores  # ``buffer`` says what was kept.
   x_in, w, rows, margin, local_labels, num_valid, max_, buffer = residuals
   _, g = cotangents  # The max carries no gradient.
@@ -802,7 +826,7 @@ def _chunked_stats_bwd(chunk_size, floor_dtype, axis_name, keep_scores, batch_ax
     return (dx + ddx, dw, *jax.tree.map(jnp.add, (drows, dparams), (ddrows, ddparams)))
 
   if buffer is None:
-    buffer = _scratch_like(w, _varying_axes(axis_name, batch_axes))
+    buffer = _scratch_like(w)
   # ``dx`` sums every chunk's in float32 (``score_dtype``), even for 16-bit ``x_in``.
   init = (jnp.zeros_like(x_in, score_dtype), buffer,
           *jax.tree.map(jnp.zeros_like, (rows, params)))
@@ -852,7 +876,7 @@ def _floating_leaves(margin: Margin) -> tuple[list[Array], Callable[..., Margin]
   return [leaf for leaf, is_floating in zip(leaves, floating) if is_floating], rebuild
 
 
-_chunked_stats.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
+_chunked_stats_vjp.defvjp(_chunked_stats_fwd, _chunked_stats_bwd)
 
 
 def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
@@ -988,8 +1012,7 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
     max_, sum_ = _data_parallel_stats(*args, chunk_size, floor_dtype, engine.keep_scores,
                                       batch_axes)
   else:
-    max_, sum_ = _chunked_stats(*args, chunk_size, floor_dtype, axis_name,
-                                engine.keep_scores, ())
+    max_, sum_ = _chunked_stats(*args, chunk_size, floor_dtype, axis_name, engine.keep_scores)
   # A softmax's max_ >= target and is one of the logits, so its sum (+ the target's) is >= 1.
   losses = margin.loss(target, jax.lax.stop_gradient(max_), sum_)
   extra = margin.regularizer(rows)
@@ -1013,13 +1036,12 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
   """:func:`_chunked_stats` where the mesh axes ``batch_axes`` split the batch and every device
   holds all of ``w``: each device runs the chunks over its own examples and keeps their scores in
   a buffer of its own; ``w``'s gradient is summed over the devices once, at the end (the
-  transpose of casting ``w`` to varying)."""
+  transpose of :func:`_vary_together`'s cast of ``w`` to varying)."""
   split, whole = jax.P(batch_axes), jax.P()
 
   def local_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer):
-    w = jax.lax.pcast(w, batch_axes, to="varying")
     return _chunked_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
-                          floor_dtype, None, keep_scores, batch_axes)
+                          floor_dtype, None, keep_scores)
 
   margin, num_valid = jax.tree.map(jnp.asarray, (margin, num_valid))
   return jax.shard_map(local_stats, mesh=jax.typeof(x_in).sharding.mesh,

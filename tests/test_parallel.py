@@ -225,9 +225,9 @@ def test_gradient_buffer_needs_no_initial_values(monkeypatch, request, dense_res
   # uninitialised; here it starts as NaN, and every element must be written before it is read.
   made = []
 
-  def nan_scratch(w, varying_axes, real=parallel._scratch_like):
+  def nan_scratch(w, real=parallel._scratch_like):
     made.append(w.shape)
-    return real(w, varying_axes) + jnp.nan
+    return real(w) + jnp.nan
 
   monkeypatch.setattr(parallel, "_scratch_like", nan_scratch)
   # ``jit`` keeps the engines' traces (``parallel._engine_loss``): those made before the patch
@@ -348,6 +348,34 @@ def test_batch_split_over_explicit_axes(dense_results, engine, split_labels):
   with jax.set_mesh(mesh):
     got = run(split(x), w2, w3, split(labels) if split_labels else labels)
   assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
+
+
+@pytest.mark.parametrize("engine", [
+    margins.dense(), margins.chunked(5), margins.chunked(5, keep_scores=False),
+    margins.chunked(5, sample_rate=0.5)], ids=["dense", "chunks", "recompute", "sampled"])
+def test_engine_inside_a_callers_shard_map_over_the_batch(engine):
+  # The caller splits the batch with its own shard_map, W and the margin whole on each device:
+  # the custom_vjps' cotangents of W and of the scale must come back summed over the devices.
+  mesh = make_mesh(4)
+  x, w, _, labels = make_inputs(13, 13)
+
+  def loss(x, w, labels, scale):
+    return engine(x, w, labels, margins.ArcFace(scale=scale), key=KEY)[0].sum()
+
+  def split_loss(x, w, labels, scale):
+    local = lambda *args: jax.lax.psum(loss(*args), "devices")  # noqa: E731
+    spec = jax.P("devices")
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.P(), spec, jax.P()),
+                         out_specs=jax.P())(x, w, labels, scale)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3)))  # noqa: E731
+  if engine.sample_rate < 1:  # Each device draws its own sample: compare W's gradient's rows.
+    _, (_, dw, _) = grad(split_loss)(x, w, labels, jnp.float32(8.0))
+    assert np.isfinite(np.asarray(dw)).all() and np.abs(np.asarray(dw)).sum() > 0
+    return
+  got = grad(split_loss)(x, w, labels, jnp.float32(8.0))
+  want = grad(loss)(x, w, labels, jnp.float32(8.0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
 @pytest.mark.parametrize("engine", [margins.chunked(5), margins.dense()], ids=["chunks", "dense"])
