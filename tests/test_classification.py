@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -687,6 +688,14 @@ def test_out_of_range_label_raises_when_concrete():
     labels_bad = labels.copy(); labels_bad[3] = bad
     with pytest.raises(ValueError, match="labels"):
       margins.arcface_loss(x, w, labels_bad)
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(3)], ids=["dense", "chunked"])
+def test_out_of_range_unsigned_label_is_reported_as_given(engine):
+  x, w, labels = make_inputs()
+  labels_bad = labels.astype(np.uint32); labels_bad[3] = 2**32 - 1  # -1 once cast to int32
+  with pytest.raises(ValueError, match=re.escape(f"got [{2**32 - 1}] at positions [3]")):
+    engine(x, w, labels_bad, margins.ArcFace())
 
 
 def test_out_of_range_label_is_nan_under_jit():

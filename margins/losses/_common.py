@@ -51,15 +51,15 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
     raise TypeError(f"`labels` must be integers, got dtype {jnp.result_type(labels)}.")
   if shape[0] != batch_size:
     raise ValueError(f"`labels` has length {shape[0]} but the batch has {batch_size} examples.")
-  if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
-    labels = labels.astype(np.int64 if labels.dtype.itemsize == 8 else np.int32)
   if num_classes is not None and not isinstance(labels, jax.core.Tracer):
-    values = np.asarray(labels)
+    values = np.asarray(labels)  # Before the cast below, which wraps large unsigned labels.
     bad = (values < 0) | (values >= num_classes)
     if bad.any():
       raise ValueError(
           f"`labels` must lie in [0, {num_classes}); got {values[bad][:5].tolist()} "
           f"at positions {np.flatnonzero(bad)[:5].tolist()}.")
+  if labels.dtype.itemsize < 4 or jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
+    labels = labels.astype(np.int64 if labels.dtype.itemsize == 8 else np.int32)
   return labels
 
 
