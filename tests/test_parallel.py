@@ -547,6 +547,15 @@ def test_engine_rejects_bad_settings():
                                 engine=margins.dense(sample_rate=0.5))
   with pytest.raises(TypeError, match="margin"):
     margins.margin_softmax_loss(x, w2, labels, "arcface")
+  # Static counts given as floats or traced: an error naming them, not one deep in JAX.
+  with pytest.raises(TypeError, match="`num_classes` must be a Python integer"):
+    margins.chunked(5)(x, w2, labels, margins.ArcFace(), num_classes=13.0)
+  with pytest.raises(TypeError, match="`num_classes` must be a Python integer"):
+    jax.jit(lambda n: margins.dense()(x, w2, labels, margins.ArcFace(), num_classes=n))(13)
+  with pytest.raises(TypeError, match="`num_rows` must be a Python integer"):
+    margins.chunked(5, sample_rate=0.5).sample(labels, num_rows=13.0, key=KEY)
+  with pytest.raises(TypeError, match="`sample_rate` must be a Python number"):
+    jax.jit(lambda r: margins.chunked(5, sample_rate=r))(0.5)
 
 
 def test_engine_given_a_list_of_axis_names_runs_eagerly():
