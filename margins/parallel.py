@@ -918,7 +918,7 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
   labels = _common.gathered(local_labels)  # The whole batch's, where mesh axes split the batch.
   positive = jnp.zeros(num_rows, bool).at[jnp.maximum(labels, 0)].max(labels >= 0)
   # Uniform in [0, 1) for the negatives, [1, 2) for the batch's classes: those come first.
-  priority = jax.random.uniform(key, (num_rows,)) + positive.astype(jnp.float32)
+  priority = jax.random.uniform(key, (num_rows,), jnp.float32) + positive.astype(jnp.float32)
   priority = jnp.where(ids < num_valid, priority, -1.0)
   return jnp.sort(jax.lax.top_k(priority, num_sampled)[1]).astype(local_labels.dtype)
 
@@ -950,7 +950,7 @@ def _in_sample(index: Array, num_rows: int, local_labels: Array, num_valid: Arra
       jnp.arange(index.shape[0], dtype=local_labels.dtype), mode="drop")
   labels = jnp.where(local_labels >= 0,
                      _common.take_rows(position, jnp.maximum(local_labels, 0)), -1)
-  return labels, jnp.sum(index < num_valid)
+  return labels, jnp.sum(index < num_valid, dtype=local_labels.dtype)
 
 
 def sampled_count(num_local: int, sample_rate: float) -> int:

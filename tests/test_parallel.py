@@ -522,6 +522,22 @@ def test_engines_mix_float32_and_float64():
       np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=str(engine))
 
 
+def test_partial_fc_samples_with_x64_enabled():
+  # jax.random.uniform's default dtype is float64 there; the sample's priorities stay float32,
+  # its count of real rows the labels' dtype.
+  x, w2, _, labels = make_inputs(40, 40)  # 20 rows sampled, >= B: the counts agree.
+  engine = margins.chunked(5, sample_rate=0.5)
+  with jax.enable_x64(True):
+    sample = engine.sample(labels, num_rows=40, key=KEY)
+    got = engine(x, w2, labels, MARGINS["arcface"], key=KEY)[0]
+    rows = engine.take(w2, sample)
+    taken = engine(x, rows, labels, MARGINS["arcface"], sample=sample)[0]
+    np.testing.assert_allclose(taken, got, rtol=1e-6)
+  with jax.enable_x64(False):
+    np.testing.assert_array_equal(sample.index, engine.sample(labels, num_rows=40, key=KEY).index)
+  assert np.isfinite(np.asarray(got)).all()
+
+
 @pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5),
                                     margins.sharded(make_mesh(2), chunk_size=3)],
                          ids=["dense", "chunked", "sharded"])
