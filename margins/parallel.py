@@ -544,8 +544,10 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
 
 def _chunk_logits(scores, w_shape, start, rows, margin, local_labels, num_valid):
   """``[B, c]`` non-target logits of classes ``start .. start + c`` from their :func:`_scores`
-  (``w_shape``: the chunk's ``[c, D]`` or ``[c, K, D]``); target and padding ``-inf``."""
-  logits = margin.nontarget_logits(_best_subcentre(scores, w_shape), rows)
+  (``w_shape``: the chunk's ``[c, D]`` or ``[c, K, D]``), in the rows' dtype (float64 for float64
+  embeddings, whatever the matmul's); target and padding ``-inf``."""
+  scores = _best_subcentre(scores, w_shape).astype(rows.cos.dtype)
+  logits = margin.nontarget_logits(scores, rows)
   ids = start + jnp.arange(w_shape[0], dtype=local_labels.dtype)
   excluded = (local_labels[:, None] == ids[None, :]) | (ids >= num_valid)[None, :]
   return jnp.where(excluded, -jnp.inf, logits)

@@ -520,6 +520,14 @@ def test_engines_mix_float32_and_float64():
       got = losses(engine, x, w)
       assert got.dtype == jnp.float64, engine
       np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=str(engine))
+    # float64 embeddings, bfloat16 matmuls of bfloat16 centres: float64 statistics.
+    w16 = w2.astype(jnp.bfloat16)
+    want = losses(margins.dense(), x.astype(np.float64), w16.astype(np.float64))
+    for engine in (margins.dense(matmul_dtype=jnp.bfloat16),
+                   margins.chunked(5, matmul_dtype=jnp.bfloat16)):
+      got = losses(engine, x.astype(np.float64), w16)
+      assert got.dtype == jnp.float64, engine
+      np.testing.assert_allclose(got, want, rtol=2e-2, err_msg=str(engine))
 
 
 def test_partial_fc_samples_with_x64_enabled():
