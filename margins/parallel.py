@@ -982,6 +982,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
   floor_dtype = matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16 else input_dtype
   dtype = _common.compute_dtype(x, w, matmul_dtype)  # The scores' and the statistics' dtype.
+  given = margin
+  margin = _cast_params(margin, dtype)  # A bfloat16 learnt scale: no mixed arithmetic.
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   x_unit = x_wide / norms
@@ -1032,7 +1034,19 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   losses = losses if extra is None else losses + extra
   if sample is not None:  # An example whose class is not in the sample has no target.
     losses = jnp.where(rows.valid, losses, jnp.nan)
-  return losses, margin
+  return losses, _cast_params(margin, given)
+
+
+def _cast_params(margin: Margin, dtype: Any) -> Margin:
+  """``margin`` with its floating array leaves cast to ``dtype``, or each to the dtype of its
+  counterpart where ``dtype`` is a margin; Python numbers (weakly typed) stay as they are."""
+  params, rebuild = _floating_leaves(margin)
+  if isinstance(dtype, Margin):
+    dtypes = [jnp.result_type(p) for p in _floating_leaves(dtype)[0]]
+  else:
+    dtypes = [dtype] * len(params)
+  return rebuild([jnp.asarray(p).astype(d) if isinstance(p, (jax.Array, np.ndarray, np.generic))
+                  else p for p, d in zip(params, dtypes)])
 
 
 def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:

@@ -530,6 +530,24 @@ def test_engines_mix_float32_and_float64():
       np.testing.assert_allclose(got, want, rtol=2e-2, err_msg=str(engine))
 
 
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5),
+                                    margins.sharded(make_mesh(2), chunk_size=3)],
+                         ids=["dense", "chunked", "sharded"])
+def test_bfloat16_margin_parameters(engine):
+  # A learnt scale (or state) kept in bfloat16 with float32 inputs, under strict promotion: the
+  # engine computes in float32, the gradient and the new state come back in bfloat16.
+  x, w2, _, labels = make_inputs(12, 12)
+  bf16 = lambda v: jnp.asarray(v, jnp.bfloat16)  # noqa: E731
+  for given, want in (
+      (margins.CurricularFace(scale=bf16(8.0), t=bf16(0.25)), margins.CurricularFace(8.0, t=0.25)),
+      (margins.SphereFace2(bias=bf16(1.0), scale=8.0), MARGINS["sphereface2"])):
+    losses, state = engine(x, w2, labels, given)
+    np.testing.assert_allclose(losses, engine(x, w2, labels, want)[0], rtol=1e-5)
+    grad = jax.grad(lambda m: engine(x, w2, labels, m)[0].sum())(given)  # noqa: B023
+    for new, old, g in zip(jax.tree.leaves(state), jax.tree.leaves(given), jax.tree.leaves(grad)):
+      assert jnp.result_type(new) == jnp.result_type(old) == jnp.result_type(g), (new, old, g)
+
+
 def test_partial_fc_samples_with_x64_enabled():
   # jax.random.uniform's default dtype is float64 there; the sample's priorities stay float32,
   # its count of real rows the labels' dtype.
