@@ -755,6 +755,17 @@ def test_bad_input_is_named(x_shape, w_shape, labels, error, match):
     margins.arcface_loss(x, w, labels)
 
 
+def test_floating_inputs_given_as_lists_are_named():
+  # Integer labels may be a list; embeddings, centres and a bias are arrays (JAX's own error
+  # would say only "Cannot determine dtype of [...]").
+  x, w, labels = np.ones((B, D), np.float32), np.ones((C, D), np.float32), [0] * B
+  for name, call in (("embeddings", lambda: margins.arcface_loss(x.tolist(), w, labels)),
+                     ("weights", lambda: margins.arcface_loss(x, w.tolist(), labels)),
+                     ("bias", lambda: margins.softmax_loss(x, w, labels, bias=[0.0] * C))):
+    with pytest.raises(TypeError, match=f"`{name}` must be a floating array, got a list"):
+      call()
+
+
 def test_bad_types_and_hyperparameters():
   x, w, labels = make_inputs()
   with pytest.raises(TypeError, match="embeddings"):

@@ -16,6 +16,8 @@ Array = jax.Array
 
 def check_floating(name: str, x: Any, rank: int | tuple[int, ...]) -> None:
   """Raises unless ``x`` is a floating array of the given rank(s)."""
+  if isinstance(x, (list, tuple)):  # jnp.result_type's error would not name the argument.
+    raise TypeError(f"`{name}` must be a floating array, got a {type(x).__name__}.")
   ranks = (rank,) if isinstance(rank, int) else rank
   shape = np.shape(x)
   if len(shape) not in ranks:
