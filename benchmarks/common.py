@@ -43,7 +43,7 @@ def chunked_floor(x, w, chunk_size):
     dw = parallel._rows_update(dw, dot(g, x, ((0,), (0,))).astype(w.dtype), start)
     return dx + dot(g, w_chunk, ((1,), (0,))), dw
 
-  init = (jnp.zeros(x.shape, jnp.float32), parallel._scratch_like(w, ()))
+  init = (jnp.zeros(x.shape, jnp.float32), parallel._scratch_like(w))
   dx, dw = parallel._for_each_chunk(w.shape[0], chunk_size, body, init)
   return dx.astype(x.dtype), parallel._from_bits(dw, w.dtype)
 
