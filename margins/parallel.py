@@ -33,9 +33,11 @@ the ``[B, C]`` logits are never gathered or scattered.
 
 import dataclasses
 import functools
+import itertools
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -745,17 +747,14 @@ def _vary_together(tree: Any) -> Any:
   over: a ``custom_vjp``'s cotangents vary as its inputs do, and the casts' transposes sum them
   over the devices where an input was the same on each (``W`` whole in a caller's ``shard_map``
   over the batch)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
-  axes = frozenset().union(*(_varying(leaf) for leaf, f in zip(leaves, floating) if f))
+  floating, rebuild = _floating_leaves(tree)
+  axes = frozenset().union(*(_varying(leaf) for leaf in floating))
 
-  def vary(leaf, is_floating):
+  def vary(leaf):
     missing = tuple(sorted(axes - _varying(leaf)))
-    if not (is_floating and missing):
-      return leaf
-    return jax.lax.pcast(jnp.asarray(leaf), missing, to="varying")
+    return jax.lax.pcast(jnp.asarray(leaf), missing, to="varying") if missing else leaf
 
-  return treedef.unflatten([vary(leaf, f) for leaf, f in zip(leaves, floating)])
+  return rebuild([vary(leaf) for leaf in floating])
 
 
 def _scratch_like(w: Array) -> Array:
@@ -873,11 +872,11 @@ def _kept_scores_jvp(floor_dtype, primals, tangents):
   return stored, jax.jvp(scores, (x_kept, centres), (dx, dcentres))[1].astype(stored.dtype)
 
 
-def _floating_leaves(margin: Margin) -> tuple[list[Array], Callable[..., Margin]]:
-  """``(params, rebuild)``: the floating leaves of ``margin`` (its parameters and state, the
-  ones with a gradient) and ``rebuild(new, keep_others=True)``, the margin with ``new`` in their
+def _floating_leaves(tree: Any) -> tuple[list[Any], Callable[..., Any]]:
+  """``(floating, rebuild)``: the floating leaves of ``tree`` (a margin's parameters and state,
+  the ones with a gradient) and ``rebuild(new, keep_others=True)``, the tree with ``new`` in their
   places and, in every other leaf's (a PRNG key, an integer), its own or ``None``."""
-  leaves, treedef = jax.tree.flatten(margin)
+  leaves, treedef = jax.tree.flatten(tree)
   floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
 
   def rebuild(new, keep_others=True):
@@ -982,8 +981,9 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
   floor_dtype = matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16 else input_dtype
   dtype = _common.compute_dtype(x, w, matmul_dtype)  # The scores' and the statistics' dtype.
-  given = margin
-  margin = _cast_params(margin, dtype)  # A bfloat16 learnt scale: no mixed arithmetic.
+  param_dtypes = [jnp.result_type(p) for p in _floating_leaves(margin)[0]]
+  # A bfloat16 learnt scale: no mixed arithmetic; returned in its own dtype.
+  margin = _cast_params(margin, itertools.repeat(dtype))
   x_wide = x.astype(dtype)
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   x_unit = x_wide / norms
@@ -1034,17 +1034,13 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   losses = losses if extra is None else losses + extra
   if sample is not None:  # An example whose class is not in the sample has no target.
     losses = jnp.where(rows.valid, losses, jnp.nan)
-  return losses, _cast_params(margin, given)
+  return losses, _cast_params(margin, param_dtypes)
 
 
-def _cast_params(margin: Margin, dtype: Any) -> Margin:
-  """``margin`` with its floating array leaves cast to ``dtype``, or each to the dtype of its
-  counterpart where ``dtype`` is a margin; Python numbers (weakly typed) stay as they are."""
+def _cast_params(margin: Margin, dtypes: Iterable[Any]) -> Margin:
+  """``margin`` with its floating array leaves cast, in order, to ``dtypes``; Python numbers
+  (weakly typed) stay as they are."""
   params, rebuild = _floating_leaves(margin)
-  if isinstance(dtype, Margin):
-    dtypes = [jnp.result_type(p) for p in _floating_leaves(dtype)[0]]
-  else:
-    dtypes = [dtype] * len(params)
   return rebuild([jnp.asarray(p).astype(d) if isinstance(p, (jax.Array, np.ndarray, np.generic))
                   else p for p, d in zip(params, dtypes)])
 
