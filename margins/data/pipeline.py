@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 
 _PREFETCH_BATCHES = 2
 

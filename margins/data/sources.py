@@ -19,22 +19,11 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
+from margins._checks import check_int
+
 DIGITS_SPLITS = ("train", "test", "open_train", "open_val", "open_test")
 
 _DIGITS_MAX_PIXEL = 16  # load_digits pixels count the set bits of a 4x4 block of a 32x32 bitmap.
-
-
-def check_int(value, name: str, *, minimum: int) -> int:
-  """``value`` as an ``int``: ``TypeError`` unless an integer, ``ValueError`` below ``minimum``."""
-  if isinstance(value, bool):
-    raise TypeError(f"`{name}` must be an integer, got a bool.")
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}.") from None
-  if value < minimum:
-    raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-  return value
 
 
 class ArraySource:

@@ -16,7 +16,7 @@ import sklearn.preprocessing
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 from margins.evaluation.verification import VerificationResult
 from margins.evaluation.verification import _check_embeddings
 from margins.losses import _common

@@ -22,7 +22,7 @@ nearest-neighbour search.
 import numpy as np
 import sklearn.preprocessing
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 from margins.evaluation.verification import _check_embeddings
 from margins.losses import _common
 

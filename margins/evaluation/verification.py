@@ -27,7 +27,7 @@ import sklearn.metrics
 import sklearn.model_selection
 import sklearn.preprocessing
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 from margins.losses import _common
 
 # insightface's threshold grids on the squared distance (0 to 4 for unit vectors).

@@ -39,7 +39,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 from margins.losses import _common
 
 Array = jax.Array

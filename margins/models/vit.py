@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from margins.data.sources import check_int
+from margins._checks import check_int
 from margins.models import iresnet
 
 Array = jax.Array
