@@ -455,6 +455,8 @@ def test_bad_input_names_the_argument(loss_fn):
     loss_fn(x, LABELS[:, None])
   with pytest.raises(TypeError, match="`labels`"):
     loss_fn(x, LABELS.astype(np.float32).tolist())
+  with pytest.raises(TypeError, match="`embeddings` must be a floating array, got a list"):
+    loss_fn(np.asarray(x).tolist(), LABELS)
   np.testing.assert_array_equal(loss_fn(x, LABELS.tolist()), loss_fn(x, LABELS))  # A list.
   assert loss_fn(x[:0], LABELS[:0]).shape == (0,)  # An empty batch.
 

@@ -37,18 +37,14 @@ AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero")
 MININGS = ("all", "batch_hard", "semi_hard")
 
 
-def _check_pairwise_inputs(embeddings: Array, labels: Array) -> None:
-  _common.check_floating("embeddings", embeddings, 2)
-  _common.check_labels(labels, np.shape(embeddings)[0])
-
-
 def _whole_batch(loss_fn):
   """Runs ``loss_fn(embeddings, labels, **hyperparameters)`` on the whole batch on every device
   when Explicit mesh axes split the batch (an all-gather of ``[B, D]`` and ``[B]``: every pair of
   the batch counts), and splits its ``[B]`` losses back like the embeddings."""
   @functools.wraps(loss_fn)
   def loss_over_whole_batch(embeddings: Array, labels: Array, **hyperparameters) -> Array:
-    labels = jnp.asarray(labels)  # A list, as every loss takes; its dtype is checked later.
+    _common.check_floating("embeddings", embeddings, 2)
+    labels = _common.check_labels(labels, np.shape(embeddings)[0])
     losses = loss_fn(_common.gathered(embeddings), _common.gathered(labels), **hyperparameters)
     return _common.split_like(losses, embeddings)
   return loss_over_whole_batch
@@ -152,7 +148,6 @@ def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.
     Hadsell et al., "Dimensionality Reduction by Learning an Invariant Mapping", CVPR 2006;
     the margins and distance of pytorch-metric-learning's ``ContrastiveLoss``.
   """
-  _check_pairwise_inputs(embeddings, labels)
   _common.check_choice("average", average, AVERAGES)
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
   positive, negative = _pair_masks(labels)
@@ -269,7 +264,6 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
     Schroff et al., "FaceNet: A Unified Embedding for Face Recognition and Clustering", CVPR 2015;
     Hermans et al., "In Defense of the Triplet Loss for Person Re-Identification", arXiv 2017.
   """
-  _check_pairwise_inputs(embeddings, labels)
   _common.check_choice("mining", mining, MININGS)
   _common.check_choice("average", average, AVERAGES)
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
@@ -321,7 +315,6 @@ def circle_loss(embeddings: Array, labels: Array, *, margin: float = 0.25,
   References:
     Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization", CVPR 2020.
   """
-  _check_pairwise_inputs(embeddings, labels)
   x = _prepared(embeddings, True)
   similarity = _gram(x)
   positive, negative = _pair_masks(labels)
