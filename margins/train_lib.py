@@ -408,7 +408,6 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   subcenters = config.loss.get("subcenters")
   head_shape = (rows, subcenters, config.model.embedding_dim) if subcenters else (
       rows, config.model.embedding_dim)
-  center_weight = config.center_loss.weight
   head_bias = initial_head_bias(config.loss, num_classes)
 
   def init_model():
@@ -421,13 +420,9 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     params = {"backbone": backbone, "head": 0.01 * jax.random.normal(key, head_shape)}
     if head_bias is not None:
       params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
-    centers = jnp.zeros((num_classes, config.model.embedding_dim)) if center_weight else None
-    loss_scale = None
-    if config.compute_dtype == "float16":
-      loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
-                      centers=centers, loss_scale=loss_scale)
+                      **_optional_fields(config, num_classes))
 
   shapes = jax.eval_shape(init, *jax.eval_shape(init_model))
   shardings = state_shardings(shapes, mesh, engine)
@@ -439,6 +434,18 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
   return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
+
+
+def _optional_fields(config, num_classes: int) -> dict[str, Any]:
+  """A new run's :data:`OPTIONAL_FIELDS`: center loss's centres (zero) and float16's loss scale
+  (``config.loss_scale.initial``), each ``None`` where ``config`` does not use it."""
+  centers = None
+  if config.center_loss.weight:
+    centers = jnp.zeros((num_classes, config.model.embedding_dim))
+  loss_scale = None
+  if config.compute_dtype == "float16":
+    loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
+  return {"centers": centers, "loss_scale": loss_scale}
 
 
 def _host_device() -> jax.Device:
@@ -989,6 +996,11 @@ def restore(workdir: str, step: int | None = None, *,
   optimizer state, the centres and the loss scale neither read nor held (``None``);
   ``"backbone"``, the same without the head ``W`` either (``params`` holds only the backbone's):
   all that embedding needs.
+
+  A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
+  run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
+  it lacks start as in a new run, and those it holds that ``config.json`` does not use are not
+  kept (:func:`restore_checkpoint`'s ``initial``).
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
@@ -1007,7 +1019,11 @@ def restore(workdir: str, step: int | None = None, *,
       raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
                               f"{sorted(steps)}.")
     if parts == "state":
-      return experiment, restore_checkpoint(manager, step, abstract)
+      # Only the optional fields of ``initial`` are read.
+      fresh = jax.jit(lambda: _optional_fields(config, num_classes),
+                      out_shardings=abstract.step.sharding)()
+      return experiment, restore_checkpoint(manager, step, abstract,
+                                            initial=abstract.replace(**fresh))
     return experiment, _restore_model(manager, step, abstract, head=parts == "params")
 
 

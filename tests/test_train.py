@@ -318,7 +318,8 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
 
 def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
   # The checkpoint lacks the loss scale or the centres the new config needs (they start as a
-  # new run's), or holds ones it no longer uses (not kept).
+  # new run's), or holds ones it no longer uses (not kept); so does a step that ``restore`` reads
+  # from the run's workdir after it (config.json is the new config's).
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
   config.mesh.shape = (1,)
   for num_steps, (dtype, center_weight) in enumerate(
@@ -334,6 +335,19 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
       assert float(state.loss_scale.scale) in (2.0**15, 2.0**16)
     if state.centers is not None:  # From zero, moved by one step.
       assert 0 < float(jnp.abs(state.centers).sum()) < 10
+    if num_steps > 1:  # The step before, saved under the other config, restores under this one.
+      earlier = train_lib.restore(str(tmp_path), step=num_steps - 1)[1]
+      assert int(earlier.step) == num_steps - 1
+      assert (earlier.loss_scale is None) == (config.compute_dtype == "float32")
+      assert (earlier.centers is None) == (not config.center_loss.weight)
+      if earlier.loss_scale is not None:  # As in a new run.
+        assert float(earlier.loss_scale.scale) == config.loss_scale.initial
+      if earlier.centers is not None:
+        np.testing.assert_array_equal(earlier.centers, 0.0)
+      for parts in ("params", "backbone"):
+        model = train_lib.restore(str(tmp_path), step=num_steps - 1, parts=parts)[1]
+        jax.tree.map(np.testing.assert_array_equal, model.params["backbone"],
+                     earlier.params["backbone"])
 
 
 def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
