@@ -24,6 +24,7 @@ from absl import flags
 from margins import cli_flags
 from margins import data as data_lib
 from margins import distributed
+from margins import eval_lib
 from margins import evaluation
 from margins import train_lib
 
@@ -58,7 +59,7 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
     ijb_operating_point: how IJB TAR@FAR reads the ROC
       (:func:`margins.evaluation.evaluate_ijb`'s ``operating_point``).
   """
-  names = [train_lib.bin_set_name(path) for path in bin_paths]
+  names = [eval_lib.bin_set_name(path) for path in bin_paths]
   names += [data_lib.ijb.benchmark_name(folder) for folder in ijb_folders]
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:
@@ -70,12 +71,12 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
     raise ValueError(f"--batch_size {batch_size} must be a multiple of the {num_devices} "
                      "devices.")
   experiment.config.eval.batch_size = batch_size
-  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    results = {name: train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+    results = {name: eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
                for name, path in zip(names, bin_paths)}
-    results.update({name: train_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
-                                                 operating_point=ijb_operating_point)
+    results.update({name: eval_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
+                                                operating_point=ijb_operating_point)
                     for name, folder in zip(names[len(bin_paths):], ijb_folders)})
   return int(state.step), results
 

@@ -26,7 +26,9 @@ from absl import flags
 
 from margins import cli_flags
 from margins import embed_folder
+from margins import eval_lib
 from margins import train_lib
+from margins import train_state
 
 _PLATFORMS = flags.DEFINE_list(
     "platforms", ["cpu"], "Platforms to export for: cpu, cuda (or gpu), rocm, tpu (any machine "
@@ -39,7 +41,7 @@ for _name in ("workdir", "step", "out"):
 NORMALIZATION = "x * 2 / 255 - 1, i.e. (x / 255 - 0.5) / 0.5, for uint8 pixels x"
 
 
-def export_embedding_model(experiment: train_lib.Experiment, state: train_lib.TrainState, *,
+def export_embedding_model(experiment: train_state.Experiment, state: train_state.TrainState, *,
                            platforms: Sequence[str] = ("cpu",)) -> jax.export.Exported:
   """The evaluation-mode embedding function with its weights, for a symbolic batch size ``b``.
 
@@ -60,7 +62,7 @@ def export_embedding_model(experiment: train_lib.Experiment, state: train_lib.Tr
   height, width, channels = experiment.image_shape
   images = jax.ShapeDtypeStruct(
       jax.export.symbolic_shape(f"b, {height}, {width}, {channels}"), jnp.float32)
-  embed = jax.jit(lambda x: train_lib.embed(experiment, weights, x))
+  embed = jax.jit(lambda x: eval_lib.embed(experiment, weights, x))
   return jax.export.export(embed, platforms=tuple(platforms))(images)
 
 

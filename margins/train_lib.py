@@ -9,41 +9,42 @@ the notebooks. It reads top to bottom:
 3. the backbone (``margins.models``), the head ``W [C, D]``, the margin and the softmax engine,
    the optax optimizer; the head and the optimizer state are created already sharded (``jit``
    with ``out_shardings``), the backbone on the host's CPU and then placed on the devices;
-4. orbax checkpoints (saved every ``checkpoint_every`` steps and at the end, asynchronously):
-   a run restarts from the latest one in ``workdir`` and continues exactly as if it had not
-   stopped, the data at the batch after the restored step's (so also with another
-   ``config.input.worker_count`` or number of processes);
-5. the loop: one jitted step, a progress line, ``metrics.jsonl`` and TensorBoard events;
-6. evaluation every ``eval_every`` steps and at the end: closed-set accuracy, open-set
-   verification (LFW protocol) and retrieval on held-out identities, ``.bin`` verification files;
-   at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
+4. orbax checkpoints (:mod:`margins.checkpoints`; saved every ``checkpoint_every`` steps and at
+   the end, asynchronously): a run restarts from the latest one in ``workdir`` and continues
+   exactly as if it had not stopped, the data at the batch after the restored step's (so also
+   with another ``config.input.worker_count`` or number of processes);
+5. the loop: one jitted step, a progress line, ``metrics.jsonl`` and TensorBoard events
+   (:mod:`margins.run_log`);
+6. evaluation (:mod:`margins.eval_lib`) every ``eval_every`` steps and at the end: closed-set
+   accuracy, open-set verification (LFW protocol) and retrieval on held-out identities, ``.bin``
+   verification files; at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from flax import struct
-from jax.experimental import multihost_utils
 
+from margins import checkpoints
 from margins import data as data_lib
-from margins import evaluation
+from margins import eval_lib
 from margins import models
 from margins import parallel
-from margins.losses import _common
+from margins import run_log
 from margins.losses import center as center_lib
 from margins.losses import margin as margin_lib
+from margins.train_state import Experiment
+from margins.train_state import LossScale
+from margins.train_state import TrainState
 
 Array = jax.Array
 
@@ -67,32 +68,6 @@ MARGINS = {
 }
 # Fields of ``config.loss`` read by the training loop rather than passed to the margin.
 _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
-
-
-class LossScale(NamedTuple):
-  """float16 training's dynamic loss scale, as ``torch.cuda.amp.GradScaler``'s.
-
-  The loss is multiplied by ``scale`` before the backward pass (so that small gradients do not
-  underflow float16) and the gradients divided by it. A step whose gradients are not all finite
-  changes neither the parameters nor the optimizer's state (but for its learning-rate
-  schedule's step count) and halves ``scale``; ``config.loss_scale.growth_interval`` finite
-  steps in a row double it.
-  """
-  scale: Array  # float32 []
-  finite_steps: Array  # int32 []: finite steps since ``scale`` last changed
-
-
-@struct.dataclass
-class TrainState:
-  """Everything a step changes, and all that a checkpoint holds (with the data position)."""
-  step: Array
-  # {"backbone": nnx.State, "head": W [C', D] or [C', K, D], SphereFace2's "head_bias": []}
-  params: dict[str, Any]
-  model_state: Any  # the backbone's non-parameter state: batch statistics, RNG counters
-  opt_state: Any
-  margin: margin_lib.Margin  # carries CurricularFace's t, AdaFace's norm statistics
-  centers: Array | None  # center loss's class centres, when its weight is non-zero
-  loss_scale: LossScale | None = None  # float16 training's dynamic loss scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,22 +343,6 @@ def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngi
       state_shapes)
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-  """What the jitted functions close over: the static parts of a run."""
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  graphdef: Any
-  engine: parallel.SoftmaxEngine
-  optimizer: optax.GradientTransformation
-  num_classes: int
-  image_shape: tuple[int, int, int]  # [H, W, C] of the model's input
-
-  @property
-  def batch_sharding(self):
-    return jax.NamedSharding(self.mesh, jax.P(tuple(self.mesh.axis_names)))
-
-
 def _model_fn(config, image_shape):
   dtype = jnp.dtype(config.compute_dtype)
   return lambda: models.create(
@@ -437,8 +396,9 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
 
 
 def _optional_fields(config, num_classes: int) -> dict[str, Any]:
-  """A new run's :data:`OPTIONAL_FIELDS`: center loss's centres (zero) and float16's loss scale
-  (``config.loss_scale.initial``), each ``None`` where ``config`` does not use it."""
+  """A new run's :data:`~margins.checkpoints.OPTIONAL_FIELDS`: center loss's centres (zero)
+  and float16's loss scale (``config.loss_scale.initial``), each ``None`` where ``config`` does
+  not use it."""
   centers = None
   if config.center_loss.weight:
     centers = jnp.zeros((num_classes, config.model.embedding_dim))
@@ -650,256 +610,6 @@ def _micro_batches(x: Array, parts: int) -> Array:
   return jnp.swapaxes(rows, 0, 1)
 
 
-def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
-  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout)."""
-  model = nnx.merge(experiment.graphdef, state.params["backbone"], state.model_state)
-  model.eval()
-  return model(images).astype(jnp.float32)
-
-
-def class_scores(experiment: Experiment, state: TrainState, embeddings: Array) -> Array:
-  """``[B, C]`` scores of each class for closed-set prediction: the margin's similarity.
-
-  Scored against every row of the head, split or not; the padding rows of a split head are
-  cut from the gathered scores (a split axis cannot be cut unevenly).
-  """
-  scores = parallel.similarity(embeddings, state.params["head"], state.margin)
-  return _common.gathered(scores)[:, :experiment.num_classes]
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation (on the host, after embedding on the devices).
-# ---------------------------------------------------------------------------------------------
-
-
-def _global_batch(experiment, local_batch):
-  return jax.tree.map(
-      lambda a: jax.make_array_from_process_local_data(experiment.batch_sharding, a), local_batch)
-
-
-def to_host(array) -> np.ndarray:
-  """All of a (possibly multi-process) global ``array`` as a NumPy array, on every process."""
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
-                       read_threads: int = 1, with_xnorm: bool = False):
-  """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's),
-  its batches read by ``read_threads`` threads.
-
-  With ``with_xnorm``, ``(embeddings, xnorm)``: also insightface's ``XNorm``, the mean L2 norm of
-  the embeddings of the ``N`` images (and of their ``N`` mirror images), each before any sum.
-  A set smaller than ``config.eval.batch_size`` is embedded in one batch of its own size (rounded
-  up to the devices), not padded to the full batch.
-  """
-  devices = experiment.mesh.size
-  batch_size = min(experiment.config.eval.batch_size, max(-(-len(source) // devices), 1) * devices)
-  per_process = batch_size // jax.process_count()
-  dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
-                                  shard_index=jax.process_index(),
-                                  shard_count=jax.process_count(), read_threads=read_threads)
-  embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
-  norm_sum = 0.0
-  for batch in dataset:
-    local = {k: batch[k] for k in ("image", "index", "mask")}
-    if flip:
-      local["image_flipped"] = batch["image_flipped"]
-    global_batch = _global_batch(experiment, local)
-    out = embed_fn(state, global_batch["image"])
-    norms = jnp.linalg.norm(out, axis=-1)
-    if flip:
-      flipped = embed_fn(state, global_batch["image_flipped"])
-      out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
-    out, norms, index, mask = (to_host(a) for a in (out, norms, global_batch["index"],
-                                                    global_batch["mask"]))
-    embeddings[index[mask]] = out[mask]
-    norm_sum += float(np.sum(norms[mask], dtype=np.float64))
-  if not with_xnorm:
-    return embeddings
-  return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)
-
-
-def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[str, Any]:
-  """Closed-set accuracy, open-set verification and retrieval, ``.bin`` verification sets.
-
-  ``eval_sources``: :func:`make_sources`' ``{"closed": ..., "open": ...}`` (either may be absent)
-  and ``"bins"``: ``{name: (source, issame)}`` of :func:`load_bin_set`, decoded once per run as
-  insightface does.
-
-  Returns flat metrics (``name/metric``: float) plus ``"_results"`` (the verification results and
-  embeddings, for plots).
-  """
-  eval_config = experiment.config.eval
-  metrics, results = {}, {}
-  if "closed" in eval_sources:
-    source = eval_sources["closed"]
-    embeddings = compute_embeddings(experiment, state, source, flip=False, embed_fn=embed_fn)
-    predictions = np.argmax(np.asarray(scores_fn(state, jnp.asarray(embeddings))), axis=-1)
-    metrics["closed/accuracy"] = float(np.mean(predictions == source.labels))
-    results["closed"] = (embeddings, source.labels)
-  if "open" in eval_sources:
-    source = eval_sources["open"]
-    embeddings, xnorm = compute_embeddings(experiment, state, source, flip=eval_config.flip,
-                                           embed_fn=embed_fn, with_xnorm=True)
-    labels = source.labels
-    pairs, issame = evaluation.make_pairs(labels, eval_config.num_pairs, seed=0)
-    result = dataclasses.replace(
-        evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame), xnorm=xnorm)
-    metrics.update(_verification_metrics("open", result))
-    metrics.update({f"open/{k}": v for k, v in evaluation.retrieval_metrics(
-        embeddings, labels).items()})
-    results["open"] = (embeddings, labels, result)
-  for name, (source, issame) in eval_sources.get("bins", {}).items():
-    result = verify_bin_set(experiment, state, source, issame, embed_fn=embed_fn)
-    metrics.update(_verification_metrics(name, result))
-    results[name] = (None, None, result)
-  metrics["_results"] = results
-  return metrics
-
-
-def bin_set_name(path: str) -> str:
-  """The name a ``.bin`` set is reported under: its file name without extension (``lfw``)."""
-  return os.path.splitext(os.path.basename(path))[0]
-
-
-def load_bin_set(experiment, path: str) -> tuple[data_lib.ArraySource, np.ndarray]:
-  """``(source, issame [P])`` of a ``.bin`` verification set: its ``2P`` images decoded to the
-  model's input shape (grey for a one-channel model), held as ``uint8`` (a 12,000-image set at
-  112 x 112: 450 MB)."""
-  height, width, channels = experiment.image_shape
-  images, issame = data_lib.load_bin(path, image_size=(height, width), channels=channels)
-  return data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1), issame
-
-
-def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.VerificationResult:
-  """insightface's protocol on the ``.bin`` verification set at ``path``, with the flip test."""
-  return verify_bin_set(experiment, state, *load_bin_set(experiment, path), embed_fn=embed_fn)
-
-
-def verify_bin_set(experiment, state, source, issame: np.ndarray, *,
-                   embed_fn) -> evaluation.VerificationResult:
-  """insightface's protocol on a :func:`load_bin_set`, with the flip test."""
-  embeddings, xnorm = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
-                                         with_xnorm=True)
-  return dataclasses.replace(evaluation.evaluate_verification(embeddings, issame), xnorm=xnorm)
-
-
-def evaluate_ijb(experiment, state, folder: str, *, embed_fn,
-                 operating_point: str = "at_most") -> evaluation.IJBResult:
-  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test
-  (``operating_point``: :func:`margins.evaluation.evaluate_ijb`'s).
-
-  Its crops (469,375 for IJB-C) are decoded and aligned by one thread per CPU: about 1 ms each
-  for a 250 x 250 JPEG on this machine's CPU, 1.4x faster with its 2 threads than with one.
-  """
-  source = data_lib.IJBSource(folder, image_shape=experiment.image_shape)
-  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
-                                  read_threads=os.cpu_count() or 1)
-  return evaluation.evaluate_ijb(embeddings, source.protocol, operating_point=operating_point)
-
-
-def _verification_metrics(name, result) -> dict[str, float]:
-  metrics = {f"{name}/verification_accuracy": result.accuracy,
-             f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc,
-             f"{name}/eer": result.eer, f"{name}/xnorm": result.xnorm}
-  metrics.update({f"{name}/tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
-  return metrics
-
-
-def write_plots(workdir: str, metrics: Mapping[str, Any]) -> list[str]:
-  """ROC curves of every verification set; features on the circle/sphere for 2-D/3-D ones."""
-  results = metrics["_results"]
-  paths = []
-  curves = {name: r[2] for name, r in results.items() if len(r) == 3}
-  if curves:
-    paths.append(evaluation.plot_roc(curves, os.path.join(workdir, "roc.png")))
-  for name, result in results.items():
-    embeddings, labels = result[0], result[1]
-    if embeddings is not None and embeddings.shape[1] in (2, 3):
-      paths.append(evaluation.plot_embeddings(
-          embeddings, labels, os.path.join(workdir, f"features_{name}.png"),
-          title=f"Features of the {name}-set identities"))
-  return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging.
-# ---------------------------------------------------------------------------------------------
-
-
-class MetricWriter:
-  """``metrics.jsonl`` and TensorBoard events in ``workdir``, written by process 0 only.
-
-  On resume, lines past the restored step are dropped, so the file reads as one run.
-  """
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard = None
-    if not self.active:
-      return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if _is_whole_and_until(line, resume_step)]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    # ``purge_step``: TensorBoard hides the events of the steps past ``resume_step`` that the
-    # interrupted run wrote, as the lines of ``metrics.jsonl`` above are dropped.
-    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                     purge_step=resume_step + 1)
-
-  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    if not self.active:
-      return
-    scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
-    for name, value in scalars.items():
-      if math.isfinite(value):  # e.g. TAR at a FAR the number of pairs cannot resolve: NaN
-        self.tensorboard.add_scalar(name, value, step)
-    self.tensorboard.flush()
-
-  def close(self) -> None:
-    if self.tensorboard is not None:
-      self.tensorboard.close()
-
-
-def _is_whole_and_until(line: str, step: int) -> bool:
-  """Whether a ``metrics.jsonl`` line is whole and of a step up to ``step``: a machine that
-  crashed (or a full disk) may have left its last line cut short or zeroed."""
-  try:
-    return json.loads(line)["step"] <= step
-  except (ValueError, KeyError, TypeError):
-    return False
-
-
-def report(line: str) -> None:
-  """Prints a progress or result line (process 0 only) where a person running the job reads."""
-  if jax.process_index() == 0:
-    print(line, flush=True)
-
-
-def _progress_line(step, num_steps, metrics, images_per_second, seconds_left) -> str:
-  eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
-  return (f"step {step}/{num_steps} | loss {float(metrics['loss']):.4f} | "
-          f"lr {float(metrics['learning_rate']):.4g} | {images_per_second:,.0f} img/s | ETA {eta}")
-
-
-def _summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:
-  """Log lines of :func:`evaluate`'s metrics; ``open_flip``: whether the open set's embeddings
-  were flip-summed (``config.eval.flip``; ``.bin`` sets always are)."""
-  lines = []
-  if "closed/accuracy" in metrics:
-    lines.append(f"[closed set] accuracy: {metrics['closed/accuracy']:.4f}")
-  for name, result in metrics["_results"].items():
-    if len(result) == 3:
-      flip = open_flip if name == "open" else True
-      lines.append(evaluation.format_verification(name, result[2], flip=flip))
-  return lines
-
-
 # ---------------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------------
@@ -946,40 +656,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                             "exist, e.g. --config.eval.bins=\"('/data/lfw.bin',)\".")
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """The run's orbax checkpoints, in ``workdir/checkpoints``."""
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-
-
-def _read_json(workdir: str, name: str):
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a run?")
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
-  return ml_collections.ConfigDict(_read_json(workdir, "config.json"))
-
-
-def load_data_info(workdir: str) -> tuple[int, tuple[int, int, int]]:
-  """``(num_classes, image_shape)`` of the data a run in ``workdir`` trained on (its
-  ``data.json``)."""
-  data = _read_json(workdir, "data.json")
-  return data["num_classes"], tuple(data["image_shape"])
-
-
-def _write_run_files(workdir, config, train_source) -> None:
-  """``config.json`` and ``data.json`` (what :func:`restore` needs without the training data)."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "data.json"), "w") as f:
-    json.dump({"num_classes": train_source.num_classes,
-               "image_shape": list(train_source.image_shape)}, f)
+# ---------------------------------------------------------------------------------------------
+# A run's checkpoint, for inference.
+# ---------------------------------------------------------------------------------------------
 
 
 RESTORE_PARTS = ("state", "params", "backbone")
@@ -1000,17 +679,17 @@ def restore(workdir: str, step: int | None = None, *,
   A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
   run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
   it lacks start as in a new run, and those it holds that ``config.json`` does not use are not
-  kept (:func:`restore_checkpoint`'s ``initial``).
+  kept (:func:`~margins.checkpoints.restore_checkpoint`'s ``initial``).
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
-  config = load_config(workdir)
-  num_classes, image_shape = load_data_info(workdir)
+  config = checkpoints.load_config(workdir)
+  num_classes, image_shape = checkpoints.load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
   mesh = make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)
-  with checkpoint_manager(workdir, config) as manager:
+  with checkpoints.checkpoint_manager(workdir, config) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
@@ -1022,107 +701,9 @@ def restore(workdir: str, step: int | None = None, *,
       # Only the optional fields of ``initial`` are read.
       fresh = jax.jit(lambda: _optional_fields(config, num_classes),
                       out_shardings=abstract.step.sharding)()
-      return experiment, restore_checkpoint(manager, step, abstract,
-                                            initial=abstract.replace(**fresh))
-    return experiment, _restore_model(manager, step, abstract, head=parts == "params")
-
-
-def _restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
-                   head: bool) -> TrainState:
-  """Checkpoint ``step``'s model, with or without the head, restored into ``abstract`` (``W``'s
-  rows fitted to this mesh as :func:`restore_checkpoint` does); the optimizer state, the centres
-  and the loss scale stay on disk (``None``), as orbax's partial restore allows."""
-  params = abstract.params if head else {"backbone": abstract.params["backbone"]}
-  wanted = {"step": abstract.step, "params": params, "model_state": abstract.model_state,
-            "margin": abstract.margin}
-  rows_differ = _check_fits(manager, step, _stored_state(manager, step), wanted,
-                            abstract.params["head"].shape, partial=True)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(
-          wanted, strict=not rows_differ), partial_restore=True))).state
-  return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
-
-
-# State fields that a config adds or drops: float16's loss scale, center loss's centres.
-OPTIONAL_FIELDS = ("loss_scale", "centers")
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
-                       initial: TrainState | None = None) -> TrainState:
-  """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
-  hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
-
-  ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
-  its rows and their optimizer state are padded with zeros or truncated to this mesh's count
-  (the rows past ``num_classes`` never score). Any other difference of shape is an error. A
-  field of the state that the checkpoint does not have (it was saved before the field existed)
-  must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
-  ``loss_scale`` existed restores.
-
-  ``initial``: a state created for this config (the training loop's). An :data:`OPTIONAL_FIELDS`
-  field that the checkpoint holds and this config does not, or the other way round (a run
-  resumed in float16 after float32, or with a center loss added or removed), is then taken from
-  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a stored
-  field the config no longer uses is dropped.
-  """
-  stored_tree = _stored_state(manager, step)
-  fresh = {} if initial is None else {
-      name: getattr(initial, name) for name in OPTIONAL_FIELDS
-      if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None)}
-  fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
-            if field.name in stored_tree or getattr(abstract, field.name) is not None}
-  for name in fresh:  # Read as stored (replicated), if stored, then replaced by ``fresh``.
-    fields.pop(name)
-    if name in stored_tree:
-      fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-          leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree[name])
-  rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(fields, strict=not rows_differ)))
-  return abstract.replace(**{**restored.state, **fresh})
-
-
-def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The tree of checkpoint ``step``'s ``state``, its leaves orbax's metadata (shapes)."""
-  # The item's handler reads it directly: a Checkpointer would also look for a step's
-  # _CHECKPOINT_METADATA inside the item's folder and warn, on every restore, that it is missing.
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    return handler.metadata(manager.directory / str(step) / "state").tree
-  finally:
-    handler.close()
-
-
-def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],
-                fields: dict[str, Any], head: tuple[int, ...], *, partial: bool = False) -> bool:
-  """Whether the leaves of ``fields`` differ in shape from those of checkpoint ``step``'s
-  ``stored_tree``: only in their rows, and only where they have the head's shape ``head`` (``W``
-  and its optimizer state on another device count); any other difference is an error.
-  ``partial``: the checkpoint may hold more leaves than ``fields``."""
-  stored = _flat_shapes(stored_tree)
-  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
-  differ = {path: (stored.get(path), shape) for path, shape in target.items()
-            if stored.get(path) != shape}
-  only_stored = set() if partial else set(stored) - set(target)
-  if only_stored or any(old is None or shape != head or old[1:] != head[1:]
-                        for old, shape in differ.values()):
-    raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
-                     f"(stored, wanted) shapes {differ}, leaves only stored "
-                     f"{sorted(only_stored)}.")
-  return bool(differ)
-
-
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """Each leaf's shape by path; a typed PRNG key's (dropout's, drop path's) is that of its key
-  data, ``[..., 2]``, as orbax stores it."""
-  return {jax.tree_util.keystr(path): tuple(_stored_shape(leaf))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _stored_shape(leaf) -> tuple[int, ...]:
-  if not jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
-    return leaf.shape
-  return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape
+      return experiment, checkpoints.restore_checkpoint(manager, step, abstract,
+                                                        initial=abstract.replace(**fresh))
+    return experiment, checkpoints.restore_model(manager, step, abstract, head=parts == "params")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -1141,14 +722,15 @@ def _train_and_evaluate(config, workdir, mesh):
   train_source, eval_sources = make_sources(config.data)
   experiment, state = create_train_state(config, mesh, train_source.num_classes,
                                          train_source.image_shape)
-  eval_sources["bins"] = {bin_set_name(path): load_bin_set(experiment, path)
+  eval_sources["bins"] = {eval_lib.bin_set_name(path): eval_lib.load_bin_set(experiment, path)
                           for path in config.eval.bins}
 
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoints.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = restore_checkpoint(manager, manager.latest_step(), abstract, initial=state)
-    report(f"Resumed from step {int(state.step)} in {workdir}.")
+    state = checkpoints.restore_checkpoint(manager, manager.latest_step(), abstract,
+                                           initial=state)
+    run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker
   # count (grain's iterator state differs with it) or the number of processes.
@@ -1158,19 +740,19 @@ def _train_and_evaluate(config, workdir, mesh):
       crop_padding=config.input.crop_padding, worker_count=config.input.worker_count,
       shard_index=jax.process_index(), shard_count=jax.process_count(), start_batch=start))
   if jax.process_index() == 0:
-    _write_run_files(workdir, config, train_source)
-  writer = MetricWriter(workdir, start)
+    checkpoints.write_run_files(workdir, config, train_source)
+  writer = run_log.MetricWriter(workdir, start)
 
   step_fn = jax.jit(lambda s, b: train_step(experiment, s, b), donate_argnums=0)
-  embed_fn = jax.jit(lambda s, x: embed(experiment, s, x))
-  scores_fn = jax.jit(lambda s, x: class_scores(experiment, s, x))
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
+  scores_fn = jax.jit(lambda s, x: eval_lib.class_scores(experiment, s, x))
 
   num_steps = config.num_steps
   final = {}
   timer_start, timer_step = time.perf_counter(), start
   skipped = 0  # float16: steps skipped since the last line written (summed on the device)
   for step in range(start + 1, num_steps + 1):
-    batch = _global_batch(experiment, next(iterator))
+    batch = eval_lib.global_batch(experiment, next(iterator))
     with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
       state, metrics = step_fn(state, batch)
     if "skipped" in metrics:
@@ -1181,25 +763,28 @@ def _train_and_evaluate(config, workdir, mesh):
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - timer_start
       speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
-      report(_progress_line(step, num_steps, metrics, speed,
-                            (num_steps - step) * elapsed / max(step - timer_step, 1)))
+      run_log.report(run_log.progress_line(
+          step, num_steps, metrics, speed,
+          (num_steps - step) * elapsed / max(step - timer_step, 1)))
       writer.write(step, metrics)
       timer_start, timer_step = time.perf_counter(), step
     if step % config.checkpoint_every == 0 or step == num_steps:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-      final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
+      final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
+                                scores_fn=scores_fn)
       writer.write(step, final)
-      for line in _summary_lines(final, open_flip=config.eval.flip):
-        report(f"[step {step}] {line}")
+      for line in run_log.summary_lines(final, open_flip=config.eval.flip):
+        run_log.report(f"[step {step}] {line}")
   manager.wait_until_finished()
   manager.close()
   iterator.close()  # Stops the data workers now, not when the iterator is collected.
   if not final:  # Nothing left to train: evaluate the restored state.
-    final = evaluate(experiment, state, eval_sources, embed_fn=embed_fn, scores_fn=scores_fn)
+    final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
+                              scores_fn=scores_fn)
   if jax.process_index() == 0:
-    final["_plots"] = write_plots(workdir, final)
-    report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}; plots: "
-           f"{', '.join(final['_plots'])}")
+    final["_plots"] = eval_lib.write_plots(workdir, final)
+    run_log.report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}; plots: "
+                   f"{', '.join(final['_plots'])}")
   writer.close()
   return final

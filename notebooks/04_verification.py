@@ -41,6 +41,7 @@ import numpy as np
 
 from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, pixel_verification, save_figure
 from margins import data as data_lib
+from margins import eval_lib
 from margins import evaluation
 from margins import train_lib
 
@@ -89,9 +90,9 @@ print(f"restored step {int(state.step)} of {WORKDIR}")
 data_config = experiment.config.data
 source = data_lib.digits("open_test", image_size=data_config.image_size,
                          open_set_train_classes=data_config.open_set_train_classes)
-embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
-embeddings = train_lib.compute_embeddings(experiment, state, source, flip=False,
-                                          embed_fn=embed_fn)
+embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
+embeddings = eval_lib.compute_embeddings(experiment, state, source, flip=False,
+                                         embed_fn=embed_fn)
 pairs, issame = evaluation.make_pairs(source.labels, 3000, seed=0)
 result = evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame)
 print(f"{len(source)} images of digits {', '.join(source.class_names)} -> embeddings "

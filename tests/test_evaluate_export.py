@@ -18,6 +18,7 @@ from absl import logging
 
 from margins import data as data_lib
 from margins import embed_folder
+from margins import eval_lib
 from margins import evaluate
 from margins import evaluation
 from margins import export
@@ -75,9 +76,9 @@ def test_training_decodes_each_bin_once_and_verifies_it_at_every_evaluation(
     logged = [line for line in map(json.loads, file) if "digits/auc" in line]
   assert [line["step"] for line in logged] == [1, 2]
   experiment, state = restored
-  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    final = train_lib.evaluate_bin(experiment, state, digits_bin[0], embed_fn=embed_fn)
+    final = eval_lib.evaluate_bin(experiment, state, digits_bin[0], embed_fn=embed_fn)
   np.testing.assert_allclose([logged[-1]["digits/auc"], logged[-1]["digits/xnorm"]],
                              [final.auc, final.xnorm], rtol=1e-5)
 
@@ -97,7 +98,7 @@ def cli():
 def live_embeddings(experiment, state, grey: np.ndarray, *, flip: bool) -> np.ndarray:
   """The restored model's embeddings of uint8 images, normalised here as insightface does."""
   images = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)
-  embed = jax.jit(lambda x: train_lib.embed(experiment, state, x))
+  embed = jax.jit(lambda x: eval_lib.embed(experiment, state, x))
   with jax.set_mesh(experiment.mesh):  # The restored state lives on the run's mesh.
     out = np.asarray(embed(images), np.float64)
     if flip:
@@ -116,9 +117,9 @@ def insightface_xnorm(experiment, state, grey: np.ndarray) -> float:
 def test_evaluate_bin_reports_insightface_xnorm(run, restored, digits_bin):
   experiment, state = restored
   path, grey, issame = digits_bin
-  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    result = train_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+    result = eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
   expected = insightface_xnorm(experiment, state, grey)
   np.testing.assert_allclose(result.xnorm, expected, rtol=1e-5)
   first_line = evaluation.format_verification("digits", result, step=3).splitlines()[0]
@@ -220,7 +221,7 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
   loaded, metadata = embed_folder.load_model(tmp_path)
   assert metadata["input_shape"] == ["b", 16, 16, 1] and metadata["embedding_dim"] == 32
   assert metadata["platforms"] == ["cpu", "cuda"] and metadata["step"] == 2
-  embed = jax.jit(lambda x: train_lib.embed(experiment, state, x))
+  embed = jax.jit(lambda x: eval_lib.embed(experiment, state, x))
   rng = np.random.default_rng(0)
   for batch_size in (3, 8):
     images = rng.uniform(-1, 1, (batch_size, 16, 16, 1)).astype(np.float32)

@@ -22,10 +22,14 @@ import pytest
 from flax import nnx
 
 import margins
+from margins import checkpoints
 from margins import data as margins_data
+from margins import eval_lib
 from margins import evaluation
 from margins import parallel
+from margins import run_log
 from margins import train_lib
+from margins import train_state
 from margins.losses import margin as margin_lib
 from tests import hlo
 
@@ -94,7 +98,7 @@ def test_log_lines_say_accuracy_flip_when_the_open_set_is_flip_tested(open_flip)
   issame = np.arange(40) % 2 == 0
   result = evaluation.evaluate_verification(
       np.random.default_rng(0).normal(size=(80, 4)), issame, num_folds=2)
-  lines = train_lib._summary_lines(  # pylint: disable=protected-access
+  lines = run_log.summary_lines(
       {"_results": {"open": (None, None, result), "lfw": (None, None, result)}},
       open_flip=open_flip)
   assert [line.split(":")[0] for line in lines if "Accuracy" in line] == [
@@ -273,7 +277,7 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
   # Back to 2 devices: the 8 rows are truncated to 6; any other change of shape is an error.
   config.mesh.shape = (2,)
   source, _ = train_lib.make_sources(config.data)
-  with train_lib.checkpoint_manager(str(moved), config) as manager:
+  with checkpoints.checkpoint_manager(str(moved), config) as manager:
     for dim, error in ((32, None), (16, "does not fit this config")):
       config.model.embedding_dim = dim
       _, abstract = train_lib.create_train_state(
@@ -281,9 +285,9 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
           abstract=True)
       if error:
         with pytest.raises(ValueError, match=error):
-          train_lib.restore_checkpoint(manager, 4, abstract)
+          checkpoints.restore_checkpoint(manager, 4, abstract)
         continue
-      state = train_lib.restore_checkpoint(manager, 4, abstract)
+      state = checkpoints.restore_checkpoint(manager, 4, abstract)
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 
@@ -295,24 +299,24 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
   _, state = train_lib.create_train_state(config, mesh, source.num_classes, source.image_shape)
   old = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
          if field.name != "loss_scale"}
-  with train_lib.checkpoint_manager(str(tmp_path), config) as manager:
+  with checkpoints.checkpoint_manager(str(tmp_path), config) as manager:
     manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
     manager.wait_until_finished()
     _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
                                                source.image_shape, abstract=True)
-    restored = train_lib.restore_checkpoint(manager, 3, abstract)
-    assert isinstance(restored, train_lib.TrainState) and restored.loss_scale is None
+    restored = checkpoints.restore_checkpoint(manager, 3, abstract)
+    assert isinstance(restored, train_state.TrainState) and restored.loss_scale is None
     jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
                  (state.params, state.opt_state))
     config.compute_dtype = "float16"  # Its loss scale is not in the checkpoint.
     _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
                                                source.image_shape, abstract=True)
     with pytest.raises(ValueError, match="does not fit this config"):
-      train_lib.restore_checkpoint(manager, 3, abstract)
+      checkpoints.restore_checkpoint(manager, 3, abstract)
     # The training loop passes its new state: the loss scale starts from it.
     _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
                                               source.image_shape)
-    restored = train_lib.restore_checkpoint(manager, 3, abstract, initial=initial)
+    restored = checkpoints.restore_checkpoint(manager, 3, abstract, initial=initial)
     assert restored.loss_scale is initial.loss_scale
 
 
@@ -358,9 +362,9 @@ def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
   experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config), 6,
                                                    source.image_shape)
   shapes = []
-  embed = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  embed = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    embeddings = train_lib.compute_embeddings(
+    embeddings = eval_lib.compute_embeddings(
         experiment, state, small, flip=False,
         embed_fn=lambda s, x: shapes.append(x.shape[0]) or embed(s, x))
     want = embed(state, jnp.asarray(margins_data.normalize_images(small.images[:8])))
@@ -426,7 +430,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
   # The loop places each batch on the devices itself; a batch (or anything else a step reads)
   # left on the host would be copied silently every step, which the transfer guard refuses.
-  monkeypatch.setattr(train_lib, "_global_batch", lambda experiment, batch: batch)
+  monkeypatch.setattr(eval_lib, "global_batch", lambda experiment, batch: batch)
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
   with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
     train_lib.train_and_evaluate(config, str(tmp_path))
@@ -750,12 +754,12 @@ def _tensorboard_scalars(workdir: str, tag: str) -> list[int]:
 
 
 def test_resumed_metric_writer_drops_the_lost_steps_in_tensorboard_too(tmp_path):
-  writer = train_lib.MetricWriter(str(tmp_path), 0)
+  writer = run_log.MetricWriter(str(tmp_path), 0)
   for step in range(1, 5):
     writer.write(step, {"loss": float(step)})
   writer.close()
   time.sleep(1.1)  # tensorboardX names its files by the second: the resumed run's sorts after.
-  writer = train_lib.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
+  writer = run_log.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
   for step in (3, 4):
     writer.write(step, {"loss": 10.0 + step})
   writer.close()
@@ -767,7 +771,7 @@ def test_resumed_metric_writer_drops_a_line_a_crash_cut_short(tmp_path):
   # A machine that crashed mid-write (or a full disk) leaves the last line partial or zeroed.
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.write('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
-  writer = train_lib.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
+  writer = run_log.MetricWriter(str(tmp_path), 2)  # Resumed from checkpoint 2.
   writer.write(3, {"loss": 13.0})
   writer.close()
   assert read_metrics(str(tmp_path)) == [{"step": s, "loss": v} for s, v in

@@ -31,9 +31,11 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from margins import checkpoints
 from margins import cli_flags
 from margins import data as data_lib
 from margins import distributed
+from margins import eval_lib
 from margins import train_lib
 from margins.data import image_folder
 from margins.tools import pack_recordio
@@ -143,8 +145,8 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
   docstring. ``batch_size``: images embedded at once over all devices."""
   # Checked before the checkpoint is read, which can take minutes.
-  trained_on = train_lib.load_config(workdir).data
-  num_classes, image_shape = train_lib.load_data_info(workdir)
+  trained_on = checkpoints.load_config(workdir).data
+  num_classes, image_shape = checkpoints.load_data_info(workdir)
   if data is None:
     if trained_on.name != "recordio":
       raise ValueError(f"The run trained on {trained_on.name!r} data, not a RecordIO folder: "
@@ -162,15 +164,15 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
                      "devices.")
   experiment, state = train_lib.restore(workdir, step, parts="params")
   experiment.config.eval.batch_size = batch_size
-  centres = train_lib.to_host(state.params["head"])[:experiment.num_classes]
+  centres = eval_lib.to_host(state.params["head"])[:experiment.num_classes]
   labels = source.labels
-  embed_fn = jax.jit(lambda s, x: train_lib.embed(experiment, s, x))
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   cosines = []
   with jax.set_mesh(experiment.mesh):
     for start in range(0, len(source), _BLOCK):
       rows = _Rows(source, start, min(start + _BLOCK, len(source)))
-      embeddings = train_lib.compute_embeddings(experiment, state, rows, flip=False,
-                                                embed_fn=embed_fn)
+      embeddings = eval_lib.compute_embeddings(experiment, state, rows, flip=False,
+                                               embed_fn=embed_fn)
       cosines.append(subcenter_cosines(embeddings, centres, labels[rows.start:rows.stop]))
   cleaning = drop_noisy(np.concatenate(cosines), labels, source.num_classes, max_angle=max_angle)
   if not cleaning.num_classes:

@@ -1,0 +1,151 @@
+"""A run's files in its workdir: orbax checkpoints of the state, ``config.json``, ``data.json``.
+
+A checkpoint restores on another number of devices (``W``'s rows padded or cut) and under a
+config that adds or drops an optional field of the state (:data:`OPTIONAL_FIELDS`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from margins.train_state import TrainState
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The run's orbax checkpoints, in ``workdir/checkpoints``."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+def _read_json(workdir: str, name: str):
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the workdir of a run?")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was trained with (its ``config.json``)."""
+  return ml_collections.ConfigDict(_read_json(workdir, "config.json"))
+
+
+def load_data_info(workdir: str) -> tuple[int, tuple[int, int, int]]:
+  """``(num_classes, image_shape)`` of the data a run in ``workdir`` trained on (its
+  ``data.json``)."""
+  data = _read_json(workdir, "data.json")
+  return data["num_classes"], tuple(data["image_shape"])
+
+
+def write_run_files(workdir, config, train_source) -> None:
+  """``config.json`` and ``data.json`` (what :func:`margins.train_lib.restore` needs without the
+  training data)."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "data.json"), "w") as f:
+    json.dump({"num_classes": train_source.num_classes,
+               "image_shape": list(train_source.image_shape)}, f)
+
+
+def restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
+                  head: bool) -> TrainState:
+  """Checkpoint ``step``'s model, with or without the head, restored into ``abstract`` (``W``'s
+  rows fitted to this mesh as :func:`restore_checkpoint` does); the optimizer state, the centres
+  and the loss scale stay on disk (``None``), as orbax's partial restore allows."""
+  params = abstract.params if head else {"backbone": abstract.params["backbone"]}
+  wanted = {"step": abstract.step, "params": params, "model_state": abstract.model_state,
+            "margin": abstract.margin}
+  rows_differ = _check_fits(manager, step, _stored_state(manager, step), wanted,
+                            abstract.params["head"].shape, partial=True)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(
+          wanted, strict=not rows_differ), partial_restore=True))).state
+  return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
+
+
+# State fields that a config adds or drops: float16's loss scale, center loss's centres.
+OPTIONAL_FIELDS = ("loss_scale", "centers")
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
+                       initial: TrainState | None = None) -> TrainState:
+  """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
+  hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
+
+  ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
+  its rows and their optimizer state are padded with zeros or truncated to this mesh's count
+  (the rows past ``num_classes`` never score). Any other difference of shape is an error. A
+  field of the state that the checkpoint does not have (it was saved before the field existed)
+  must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
+  ``loss_scale`` existed restores.
+
+  ``initial``: a state created for this config (the training loop's). An :data:`OPTIONAL_FIELDS`
+  field that the checkpoint holds and this config does not, or the other way round (a run
+  resumed in float16 after float32, or with a center loss added or removed), is then taken from
+  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a stored
+  field the config no longer uses is dropped.
+  """
+  stored_tree = _stored_state(manager, step)
+  fresh = {} if initial is None else {
+      name: getattr(initial, name) for name in OPTIONAL_FIELDS
+      if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None)}
+  fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
+            if field.name in stored_tree or getattr(abstract, field.name) is not None}
+  for name in fresh:  # Read as stored (replicated), if stored, then replaced by ``fresh``.
+    fields.pop(name)
+    if name in stored_tree:
+      fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+          leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree[name])
+  rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fields, strict=not rows_differ)))
+  return abstract.replace(**{**restored.state, **fresh})
+
+
+def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The tree of checkpoint ``step``'s ``state``, its leaves orbax's metadata (shapes)."""
+  # The item's handler reads it directly: a Checkpointer would also look for a step's
+  # _CHECKPOINT_METADATA inside the item's folder and warn, on every restore, that it is missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(manager.directory / str(step) / "state").tree
+  finally:
+    handler.close()
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],
+                fields: dict[str, Any], head: tuple[int, ...], *, partial: bool = False) -> bool:
+  """Whether the leaves of ``fields`` differ in shape from those of checkpoint ``step``'s
+  ``stored_tree``: only in their rows, and only where they have the head's shape ``head`` (``W``
+  and its optimizer state on another device count); any other difference is an error.
+  ``partial``: the checkpoint may hold more leaves than ``fields``."""
+  stored = _flat_shapes(stored_tree)
+  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
+  differ = {path: (stored.get(path), shape) for path, shape in target.items()
+            if stored.get(path) != shape}
+  only_stored = set() if partial else set(stored) - set(target)
+  if only_stored or any(old is None or shape != head or old[1:] != head[1:]
+                        for old, shape in differ.values()):
+    raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
+                     f"(stored, wanted) shapes {differ}, leaves only stored "
+                     f"{sorted(only_stored)}.")
+  return bool(differ)
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """Each leaf's shape by path; a typed PRNG key's (dropout's, drop path's) is that of its key
+  data, ``[..., 2]``, as orbax stores it."""
+  return {jax.tree_util.keystr(path): tuple(_stored_shape(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _stored_shape(leaf) -> tuple[int, ...]:
+  if not jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    return leaf.shape
+  return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape

@@ -1,0 +1,87 @@
+"""What a run writes for people: progress and result lines, ``metrics.jsonl`` and TensorBoard
+events."""
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from margins import evaluation
+
+
+class MetricWriter:
+  """``metrics.jsonl`` and TensorBoard events in ``workdir``, written by process 0 only.
+
+  On resume, lines past the restored step are dropped, so the file reads as one run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tensorboard = None
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if _is_whole_and_until(line, resume_step)]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # ``purge_step``: TensorBoard hides the events of the steps past ``resume_step`` that the
+    # interrupted run wrote, as the lines of ``metrics.jsonl`` above are dropped.
+    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                     purge_step=resume_step + 1)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    for name, value in scalars.items():
+      if math.isfinite(value):  # e.g. TAR at a FAR the number of pairs cannot resolve: NaN
+        self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+def _is_whole_and_until(line: str, step: int) -> bool:
+  """Whether a ``metrics.jsonl`` line is whole and of a step up to ``step``: a machine that
+  crashed (or a full disk) may have left its last line cut short or zeroed."""
+  try:
+    return json.loads(line)["step"] <= step
+  except (ValueError, KeyError, TypeError):
+    return False
+
+
+def report(line: str) -> None:
+  """Prints a progress or result line (process 0 only) where a person running the job reads."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def progress_line(step, num_steps, metrics, images_per_second, seconds_left) -> str:
+  """The line a run prints every ``config.log_every`` steps: loss, learning rate, speed, ETA."""
+  eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+  return (f"step {step}/{num_steps} | loss {float(metrics['loss']):.4f} | "
+          f"lr {float(metrics['learning_rate']):.4g} | {images_per_second:,.0f} img/s | ETA {eta}")
+
+
+def summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:
+  """Log lines of :func:`margins.eval_lib.evaluate`'s metrics; ``open_flip``: whether the open
+  set's embeddings were flip-summed (``config.eval.flip``; ``.bin`` sets always are)."""
+  lines = []
+  if "closed/accuracy" in metrics:
+    lines.append(f"[closed set] accuracy: {metrics['closed/accuracy']:.4f}")
+  for name, result in metrics["_results"].items():
+    if len(result) == 3:
+      flip = open_flip if name == "open" else True
+      lines.append(evaluation.format_verification(name, result[2], flip=flip))
+  return lines
