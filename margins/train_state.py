@@ -33,7 +33,7 @@ class LossScale(NamedTuple):
 
 @struct.dataclass
 class TrainState:
-  """Everything a step changes, and all that a checkpoint holds (with the data position)."""
+  """Everything a step changes, and all that a checkpoint holds (the data resumes by step)."""
   step: Array
   # {"backbone": nnx.State, "head": W [C', D] or [C', K, D], SphereFace2's "head_bias": []}
   params: dict[str, Any]
