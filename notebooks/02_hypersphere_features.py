@@ -237,15 +237,15 @@ save_figure(figure, "features_3d.png")
 # %% [markdown]
 # ## Angles within and between classes
 #
-# For every pair of features: the angle between the two, for pairs of one digit (filled, the
-# loss's colour) and of two digits (navy). Top: the training digits' held-out examples; bottom:
-# the unseen digits (the open set, as in verification). A verification threshold on the angle
-# has to fall between the two histograms. On the training digits all six runs leave an empty
-# band between the two (the table above: one class's angles end, at the 95th percentile, at
-# 12-21°, 28° for ArcFace; two classes' begin, at the 5th, at 29-52°). On the unseen digits there
-# is no gap for any loss: pairs of one digit are only slightly more often at small angles than
-# pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them
-# best (mean angle 67.3° within a digit against 90.4° between digits).
+# For every pair of features: the angle between the two, for pairs of one digit (filled, the loss's
+# colour) and of two digits (navy). Top: the training digits' held-out examples; bottom: the unseen
+# digits (the open set, as in verification). A verification threshold on the angle has to fall
+# between the two histograms. On the training digits all six runs leave a band between the two that
+# only a few pairs fall in (the table above: one class's angles end, at the 95th percentile, at
+# 12-21°, 28° for ArcFace; two classes' begin, at the 5th, at 29-52°). On the unseen digits there is
+# no gap for any loss: pairs of one digit are only slightly more often at small angles than pairs of
+# two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them best (mean angle
+# 67.3° within a digit against 90.4° between digits).
 
 # %%
 runs = RUNS + [RUN_3D]
