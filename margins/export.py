@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 from margins import cli_flags
+from margins import distributed
 from margins import embed_folder
 from margins import eval_lib
 from margins import train_lib
@@ -89,6 +90,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli_flags.quiet_library_logs()
+  # Under srun / mpirun with several tasks: one job over all of them, written by process 0
+  # (without it every task would restore alone, on every GPU of its node, and write the files).
+  distributed.initialize()
   workdir, out = cli_flags.WORKDIR.value, cli_flags.OUT.value
   if not workdir or not out:
     raise app.UsageError("--workdir (the training run) and --out (a folder) are required.")
@@ -106,6 +110,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(str(error)) from error
   exported = export_embedding_model(experiment, state, platforms=platforms)
   step = int(state.step)
+  if jax.process_index():
+    return
   save_model(exported, out, step=step, model=experiment.config.model.name)
   print(f"Exported {experiment.config.model.name} at step {step} for "
         f"{', '.join(exported.platforms)} to {out}.", flush=True)

@@ -328,7 +328,8 @@ def test_embed_folder_needs_no_training_code():
   assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("tool", ["margins.evaluate", "margins.tools.subcenter_drop"])
+@pytest.mark.parametrize("tool", ["margins.evaluate", "margins.export",
+                                  "margins.tools.subcenter_drop"])
 def test_tools_join_the_job_when_launched_as_several_tasks(tool, cli, monkeypatch, tmp_path):
   """Under ``srun -n 2`` the tools start ``jax.distributed`` (their process-0-only writes rely on
   it); otherwise every task would run alone as process 0 and write the same files."""
