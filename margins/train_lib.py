@@ -20,6 +20,7 @@ the notebooks. It reads top to bottom:
    verification files; at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -149,6 +150,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     raise ValueError(f"config.mesh.shape {tuple(shape)} and config.mesh.axis_names {axis_names} "
                      "differ in length.")
   devices = jax.devices()
+  per_process = sorted(collections.Counter(d.process_index for d in devices).items())
+  if len({count for _, count in per_process}) > 1:
+    # Each process loads an equal part of the batch, and orbax's checkpoints assume it too.
+    raise ValueError(f"The processes have different numbers of devices ({{process: devices}} "
+                     f"{dict(per_process)}); a multi-process run needs the same number on each.")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
     shape[shape.index(-1)] = len(devices) // known

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -443,6 +444,17 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
       os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0
   assert "not_a_field" in result.stderr
+
+
+def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
+  """Each process loads ``batch_size / processes`` examples for its devices: with 3 and 1
+  devices the run would fail later, inside orbax, with "cannot reshape array of size 4"."""
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  devices = [types.SimpleNamespace(process_index=i) for i in (0, 0, 0, 1)]
+  monkeypatch.setattr(jax, "devices", lambda: devices)
+  with pytest.raises(ValueError, match=r"different numbers of devices \(\{process: devices\} "
+                                       r"\{0: 3, 1: 1\}\)"):
+    train_lib.make_mesh(config)
 
 
 def test_missing_data_folder_is_a_config_error(tmp_path):
