@@ -289,6 +289,28 @@ def test_sharding_is_disjoint_covering_and_matches_the_global_batch():
   assert sorted(one_epoch[0] + one_epoch[1]) == list(range(26))
 
 
+@pytest.mark.parametrize("num_epochs", [None, 2])
+def test_the_processes_batches_one_after_the_other_are_the_global_batch_in_order(num_epochs):
+  """Not only the same examples: the same order, which decides the micro-batches (rows ``i, i +
+  k, ...``) of ``config.micro_batches = k``, so that a run trains the same on any number of
+  processes. A finite stream's last, smaller global batch is split the same way."""
+  source = _indexed_source(num_examples=26)
+  common = dict(seed=2, num_epochs=num_epochs, random_flip=True, crop_padding=1,
+                drop_remainder=False)
+  shards = [data.train_dataset(source, batch_size=4, shard_index=i, shard_count=3, **common)
+            for i in range(3)]
+  single = data.train_dataset(source, batch_size=12, shard_index=0, shard_count=1, **common)
+  sizes = []
+  for global_batch, *parts in zip(single, *shards):
+    together = {key: np.concatenate([part[key] for part in parts]) for key in ("label", "image")}
+    sizes.append(len(together["label"]))
+    for key, value in together.items():  # One process reads all 52 positions, three 51.
+      np.testing.assert_array_equal(value, global_batch[key][:len(value)])
+    if len(sizes) == 6:
+      break
+  assert sizes == ([12] * 6 if num_epochs is None else [12] * 4 + [3])
+
+
 def test_flip_gives_the_mirrored_image():
   source = _indexed_source(num_examples=32)
   batches = data.train_dataset(source, batch_size=8, num_epochs=1, random_flip=True, seed=0,

@@ -2,10 +2,10 @@
 
 The two processes (two CPU devices each) meet through ``jax.distributed`` on 127.0.0.1 and train
 the digits quick config with the class-sharded head split over all four devices; each reads its
-own half of the data and writes its own part of the orbax checkpoints. Every global batch holds
-the examples of the single process's batch (process ``i`` reads stream positions ``i, i + 2,
-...``; the global batch is process 0's half then process 1's), only in another order, so losses
-and parameters agree up to float summation order.
+own half of the data and writes its own part of the orbax checkpoints. Every global batch is
+the single process's batch, in its order (process 0 reads the first half of each, process 1 the
+second), so the two micro-batches of each step hold the same examples too and Partial FC
+samples the same classes for them; losses and parameters agree up to float summation order.
 
 Both runs use the ``rbg`` PRNG: XLA's CPU compiler spends 15-35 s of CPU on the unrolled threefry
 of the parameter initialisation, ``rbg`` under 4 s. A compilation cache would not help: keys
@@ -26,7 +26,8 @@ from margins import train_lib
 from tests.test_train import ROOT, load_config, read_metrics
 
 _OVERRIDES = {"num_steps": 3, "log_every": 1, "checkpoint_every": 3, "eval.num_pairs": 100,
-              "engine.kind": "sharded", "engine.chunk_size": 2}
+              "engine.kind": "sharded", "engine.chunk_size": 2, "engine.sample_rate": 0.5,
+              "micro_batches": 2}
 _TIMEOUT_S = 240
 
 

@@ -32,8 +32,9 @@ iterating (run it through ``absl.app.run``), since grain reads its own flags in 
 
 Multi-host: each process reads its own shard (``shard_index``/``shard_count``, by default
 ``jax.process_index()``/``jax.process_count()``). Training shards the shuffled, augmented stream
-of examples position by position, so the ``shard_count`` per-process batches of a step hold
-exactly the examples of one global batch of size ``shard_count * b`` in a single-process run.
+of examples batch by batch, so the ``shard_count`` per-process batches of a step, one after the
+other, are one global batch of size ``shard_count * b`` of a single-process run, in its order
+(which decides ``config.micro_batches``' micro-batches).
 """
 
 import math
@@ -197,13 +198,14 @@ def train_dataset(
   """Training batches: shuffled by seed, repeated, augmented, sharded per process.
 
   The examples of ``source`` are shuffled (a new permutation each epoch), repeated
-  ``num_epochs`` times (``None``: forever), augmented by :class:`RandomFlipAndCrop`, split
-  position by position over ``shard_count`` processes (this one reads positions
-  ``shard_index, shard_index + shard_count, ...``; with a finite ``num_epochs`` the stream is
-  cut to a multiple of ``shard_count`` so every process gets as many batches), batched and
-  normalised by :func:`normalize_images`. Batches run across epoch boundaries, as after
-  ``repeat`` then ``batch`` in tf.data; ``drop_remainder`` concerns only the end of a finite
-  stream. Everything is deterministic given ``seed``.
+  ``num_epochs`` times (``None``: forever), augmented by :class:`RandomFlipAndCrop`, batched
+  and split over ``shard_count`` processes (global batch ``k`` is the stream's next
+  ``shard_count * batch_size`` positions, of which this one reads the ``batch_size`` from
+  ``shard_index * batch_size``; with a finite ``num_epochs`` the stream is cut to a multiple of
+  ``shard_count`` and a last, smaller global batch is split likewise, so every process gets as
+  many batches) and normalised by :func:`normalize_images`. Batches run across epoch
+  boundaries, as after ``repeat`` then ``batch`` in tf.data; ``drop_remainder`` concerns only
+  the end of a finite stream. Everything is deterministic given ``seed``.
 
   Args:
     source: a random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``.
@@ -265,15 +267,21 @@ def train_dataset(
   if augment.random_flip or augment.crop_padding:
     ds = ds.random_map(augment)
   if num_epochs is None:
-    ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size)[shard_index::shard_count]
   else:
-    stream_length = length * num_epochs
-    ds = ds[shard_index:stream_length - stream_length % shard_count:shard_count]
-    if drop_remainder and len(ds) < batch_size:
+    per_shard = length * num_epochs // shard_count
+    if drop_remainder and per_shard < batch_size:
       raise ValueError(
           f"{num_epochs} epoch(s) of {length} examples over {shard_count} process(es) give "
-          f"{len(ds)} per process, fewer than `batch_size` = {batch_size}.")
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_NormalizeBatch())
+          f"{per_shard} per process, fewer than `batch_size` = {batch_size}.")
+    full, rest = divmod(per_shard, batch_size)
+    span = full * batch_size * shard_count
+    parts = [ds[:span].batch(batch_size)[shard_index::shard_count]]
+    if rest and not drop_remainder:  # The last global batch: ``rest`` examples per process.
+      start = span + shard_index * rest
+      parts.append(ds[start:start + rest].batch(rest))
+    ds = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
+  ds = ds.map(_NormalizeBatch())
   if start_batch > len(ds):
     raise ValueError(f"`start_batch` = {start_batch} is past the end of the stream "
                      f"({len(ds)} batches).")
