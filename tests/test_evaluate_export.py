@@ -328,6 +328,26 @@ def test_embed_folder_needs_no_training_code():
   assert result.stdout.strip() == "[]"
 
 
+def test_export_writes_its_files_on_process_0_only(run, tmp_path, cli, monkeypatch):
+  """Under srun every task exports (one job); only process 0 writes, else they race on ``out``."""
+  saved = []
+  monkeypatch.setattr(export, "save_model", lambda *args, **kwargs: saved.append(args))
+  export_model = export.export_embedding_model
+
+  def export_as_process_1(*args, **kwargs):  # After the restore, which is the whole job's.
+    exported = export_model(*args, **kwargs)
+    monkeypatch.setattr(jax, "process_index", lambda *args: 1)
+    return exported
+
+  monkeypatch.setattr(export, "export_embedding_model", export_as_process_1)
+  cli(export, "--workdir", run, "--out", str(tmp_path / "m"))
+  assert not saved and not (tmp_path / "m").exists()
+  monkeypatch.setattr(export, "export_embedding_model", export_model)
+  monkeypatch.setattr(jax, "process_index", lambda *args: 0)
+  cli(export, "--workdir", run, "--out", str(tmp_path / "m"))
+  assert len(saved) == 1
+
+
 @pytest.mark.parametrize("tool", ["margins.evaluate", "margins.export",
                                   "margins.tools.subcenter_drop"])
 def test_tools_join_the_job_when_launched_as_several_tasks(tool, cli, monkeypatch, tmp_path):
