@@ -311,6 +311,15 @@ def test_the_processes_batches_one_after_the_other_are_the_global_batch_in_order
   assert sizes == ([12] * 6 if num_epochs is None else [12] * 4 + [3])
 
 
+def test_each_process_gets_exactly_one_batch_at_the_limit():
+  """``batch_size`` examples per process is enough for ``drop_remainder``: one batch each."""
+  source = _indexed_source(num_examples=11)  # 11 cut to 10: 5 per process.
+  shards = [_labels(data.train_dataset(source, batch_size=5, num_epochs=1, shard_index=i,
+                                       shard_count=2)) for i in range(2)]
+  assert [len(shard) for shard in shards] == [5, 5]
+  assert set(shards[0]).isdisjoint(shards[1])
+
+
 def test_flip_gives_the_mirrored_image():
   source = _indexed_source(num_examples=32)
   batches = data.train_dataset(source, batch_size=8, num_epochs=1, random_flip=True, seed=0,
