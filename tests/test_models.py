@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import pytest
 
 from margins import models
+from margins._checks import check_int
 from margins.models import iresnet
 from margins.models import small_cnn
 from margins.models import vit
@@ -670,6 +671,14 @@ def test_sizes_are_any_integer_and_only_integers(name):
   assert jax.eval_shape(embed).shape == (2, 8)
   with pytest.raises(TypeError, match="`embedding_dim` must be an integer"):
     models.create(name, embedding_dim=8.0, rngs=nnx.Rngs(0))
+
+
+def test_check_int_gives_an_int_and_refuses_a_bool():
+  # True would pass as a size of 1; a NumPy integer comes back a Python int.
+  value = check_int(np.int64(3), "depth", minimum=1)
+  assert value == 3 and type(value) is int
+  with pytest.raises(TypeError, match="`depth` must be an integer, got a bool"):
+    check_int(True, "depth", minimum=1)
 
 
 @pytest.mark.parametrize("images, error, match", [
