@@ -355,6 +355,16 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
                      earlier.params["backbone"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_only_float16_has_a_loss_scale(dtype):
+  # The optional fields a new run (and restore's step saved under another config) starts from.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape, config.compute_dtype = (1,), dtype
+  _, state = train_lib.create_train_state(config, train_lib.make_mesh(config), 10, (28, 28, 1),
+                                          abstract=True)
+  assert (state.loss_scale is None) == (dtype != "float16")
+
+
 def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.eval.batch_size = 4096
