@@ -155,10 +155,17 @@ figure.suptitle("Pair similarities of the unseen digits 6-9")
 figure.tight_layout()
 plt.show()
 
+
+def accepted_pairs(scored):
+  """Each pair judged as the protocol judges it: accepted when its distance is below the
+  threshold of the fold that tests it."""
+  return scored.distances < scored.fold_thresholds[scored.fold_index]
+
+
 # The numbers of the text above.
 for name, scored in (("ArcFace", result), ("pixels", pixel_result)):
   cosines = 1 - scored.distances / 2
-  accepted_here = scored.distances < scored.fold_thresholds[scored.fold_index]
+  accepted_here = accepted_pairs(scored)
   print(f"{name:>8}: median cosine {np.median(cosines[issame]):.2f} (one digit), "
         f"{np.median(cosines[~issame]):.2f} (two digits, from {cosines[~issame].min():.2f} to "
         f"{cosines[~issame].max():.2f}); fold thresholds as cosines "
@@ -185,9 +192,9 @@ for index, (threshold, accuracy) in enumerate(zip(result.fold_thresholds,
         f"{1 - threshold / 2:>10.3f} {accuracy:>9.4f}")
 print(f"mean accuracy {result.accuracy:.4f} ± {result.accuracy_std:.4f} (std over folds)")
 
-# Each pair judged as the protocol judges it: accepted when its distance is below its fold's
-# threshold. These decisions reproduce the library's fold accuracies.
-accepted = result.distances < result.fold_thresholds[result.fold_index]
+# Each pair judged as the protocol judges it (`accepted_pairs`, above): these decisions reproduce
+# the library's fold accuracies.
+accepted = accepted_pairs(result)
 correct = accepted == issame
 np.testing.assert_allclose([correct[result.fold_index == index].mean()
                             for index in range(len(result.fold_accuracies))],
