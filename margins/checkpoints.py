@@ -7,6 +7,8 @@ config that adds or drops an optional field of the state (:data:`OPTIONAL_FIELDS
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -63,18 +65,17 @@ def restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
             "margin": abstract.margin}
   rows_differ = _check_fits(manager, step, _stored_state(manager, step), wanted,
                             abstract.params["head"].shape, partial=True)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(
-          wanted, strict=not rows_differ), partial_restore=True))).state
-  return abstract.replace(**restored, opt_state=None, centers=None, loss_scale=None)
+  return abstract.replace(**_restore(manager, step, wanted, rows_differ), opt_state=None,
+                          centers=None, loss_scale=None)
 
 
 # State fields that a config adds or drops: float16's loss scale, center loss's centres.
 OPTIONAL_FIELDS = ("loss_scale", "centers")
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
-                       initial: TrainState | None = None) -> TrainState:
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,
+    new_fields: Callable[[tuple[str, ...]], Mapping[str, Any]] | None = None) -> TrainState:
   """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
   hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
 
@@ -85,27 +86,40 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract: Trai
   must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
   ``loss_scale`` existed restores.
 
-  ``initial``: a state created for this config (the training loop's). An :data:`OPTIONAL_FIELDS`
-  field that the checkpoint holds and this config does not, or the other way round (a run
-  resumed in float16 after float32, or with a center loss added or removed), is then taken from
-  it: the loss scale starts at ``config.loss_scale.initial``, the centres at zero, and a stored
-  field the config no longer uses is dropped.
+  ``new_fields``: ``names -> {name: field}``, the :data:`OPTIONAL_FIELDS` named as a new run of
+  this config starts them (the training loop's new state holds them). An optional field that the
+  checkpoint holds and this config does not, or the other way round (a run resumed in float16
+  after float32, or with a center loss added or removed), is then taken from it: the loss scale
+  starts at ``config.loss_scale.initial``, the centres at zero, and a stored field the config no
+  longer uses is dropped. It is called only for the fields that differ (none: not called), so
+  that a new run's ``[C, D]`` centres are not built where the checkpoint's are read.
   """
   stored_tree = _stored_state(manager, step)
-  fresh = {} if initial is None else {
-      name: getattr(initial, name) for name in OPTIONAL_FIELDS
-      if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None)}
+  differing = tuple(
+      name for name in OPTIONAL_FIELDS
+      if bool(jax.tree.leaves(stored_tree.get(name))) != (getattr(abstract, name) is not None))
+  fresh = dict(new_fields(differing)) if new_fields is not None and differing else {}
+  # The fields taken from ``fresh`` are not read (a stored one the config dropped stays on disk).
   fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
-            if field.name in stored_tree or getattr(abstract, field.name) is not None}
-  for name in fresh:  # Read as stored (replicated), if stored, then replaced by ``fresh``.
-    fields.pop(name)
-    if name in stored_tree:
-      fields[name] = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-          leaf.shape, leaf.dtype, sharding=abstract.step.sharding), stored_tree[name])
-  rows_differ = _check_fits(manager, step, stored_tree, fields, abstract.params["head"].shape)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(fields, strict=not rows_differ)))
-  return abstract.replace(**{**restored.state, **fresh})
+            if field.name not in fresh and (
+                field.name in stored_tree or getattr(abstract, field.name) is not None)}
+  read = {name: tree for name, tree in stored_tree.items() if name not in fresh}
+  rows_differ = _check_fits(manager, step, read, fields, abstract.params["head"].shape)
+  return abstract.replace(**_restore(manager, step, fields, rows_differ), **fresh)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, fields: dict[str, Any],
+             rows_differ: bool) -> dict[str, Any]:
+  """The leaves of ``fields`` (a part of checkpoint ``step``'s ``state``), read from it."""
+  # By a handler of its own: ``manager`` saves ``state`` with the standard handler, and its
+  # registry takes one handler per item, where a partial restore needs the PyTree handler.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+        fields, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            fields, strict=not rows_differ), partial_restore=True))
+  finally:
+    handler.close()
 
 
 def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

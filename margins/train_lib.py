@@ -685,7 +685,7 @@ def restore(workdir: str, step: int | None = None, *,
   A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
   run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
   it lacks start as in a new run, and those it holds that ``config.json`` does not use are not
-  kept (:func:`~margins.checkpoints.restore_checkpoint`'s ``initial``).
+  kept (:func:`~margins.checkpoints.restore_checkpoint`'s ``new_fields``).
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
@@ -704,11 +704,13 @@ def restore(workdir: str, step: int | None = None, *,
       raise FileNotFoundError(f"No checkpoint {step} in {workdir}/checkpoints; its checkpoints: "
                               f"{sorted(steps)}.")
     if parts == "state":
-      # Only the optional fields of ``initial`` are read.
-      fresh = jax.jit(lambda: _optional_fields(config, num_classes),
-                      out_shardings=abstract.step.sharding)()
+      def new_fields(names):
+        def named():  # Under ``jit``: the fields not named are never computed.
+          fields = _optional_fields(config, num_classes)
+          return {name: fields[name] for name in names}
+        return jax.jit(named, out_shardings=abstract.step.sharding)()
       return experiment, checkpoints.restore_checkpoint(manager, step, abstract,
-                                                        initial=abstract.replace(**fresh))
+                                                        new_fields=new_fields)
     return experiment, checkpoints.restore_model(manager, step, abstract, head=parts == "params")
 
 
@@ -734,8 +736,9 @@ def _train_and_evaluate(config, workdir, mesh):
   manager = checkpoints.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore_checkpoint(manager, manager.latest_step(), abstract,
-                                           initial=state)
+    state = checkpoints.restore_checkpoint(
+        manager, manager.latest_step(), abstract,
+        new_fields=lambda names: {name: getattr(state, name) for name in names})
     run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker

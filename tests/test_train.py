@@ -305,8 +305,13 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
     manager.wait_until_finished()
     _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
                                                source.image_shape, abstract=True)
-    restored = checkpoints.restore_checkpoint(manager, 3, abstract)
+    asked = []  # The fields a new run would start: asked for only where one differs.
+    def new_fields(names):
+      asked.append(names)
+      return {name: getattr(initial, name) for name in names}
+    restored = checkpoints.restore_checkpoint(manager, 3, abstract, new_fields=new_fields)
     assert isinstance(restored, train_state.TrainState) and restored.loss_scale is None
+    assert not asked
     jax.tree.map(np.testing.assert_array_equal, (restored.params, restored.opt_state),
                  (state.params, state.opt_state))
     config.compute_dtype = "float16"  # Its loss scale is not in the checkpoint.
@@ -314,25 +319,41 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
                                                source.image_shape, abstract=True)
     with pytest.raises(ValueError, match="does not fit this config"):
       checkpoints.restore_checkpoint(manager, 3, abstract)
-    # The training loop passes its new state: the loss scale starts from it.
+    # The training loop passes its new state's fields: the loss scale starts from it.
     _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
                                               source.image_shape)
-    restored = checkpoints.restore_checkpoint(manager, 3, abstract, initial=initial)
-    assert restored.loss_scale is initial.loss_scale
+    restored = checkpoints.restore_checkpoint(manager, 3, abstract, new_fields=new_fields)
+    assert restored.loss_scale is initial.loss_scale and asked == [("loss_scale",)]
 
 
-def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
+def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path, monkeypatch):
   # The checkpoint lacks the loss scale or the centres the new config needs (they start as a
   # new run's), or holds ones it no longer uses (not kept); so does a step that ``restore`` reads
   # from the run's workdir after it (config.json is the new config's).
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
   config.mesh.shape = (1,)
+  asked = []  # The optional fields a new run's are asked for: only those that differ.
+  restore_checkpoint = checkpoints.restore_checkpoint
+  def spy(*args, new_fields, **kwargs):
+    return restore_checkpoint(*args, **kwargs, new_fields=lambda names: asked.append(
+        names) or new_fields(names))
+  monkeypatch.setattr(checkpoints, "restore_checkpoint", spy)
+  read = []  # The fields read from the checkpoint by each restore.
+  restore_fields = checkpoints._restore
+  monkeypatch.setattr(checkpoints, "_restore", lambda manager, step, fields, rows_differ: (
+      read.append(set(fields)) or restore_fields(manager, step, fields, rows_differ)))
   for num_steps, (dtype, center_weight) in enumerate(
       [("float32", 0.0), ("float16", 0.01), ("float32", 0.0)], start=1):
     config.num_steps = config.checkpoint_every = num_steps
     config.compute_dtype, config.center_loss.weight = dtype, center_weight
     train_lib.train_and_evaluate(config, str(tmp_path))
+    # The resume (none on the first run) and each ``restore`` of a step saved under the other
+    # config ask for both fields; the latest step, saved under this config, builds none (no
+    # ``[C, D]`` of zeros for centres that the checkpoint holds).
+    both = [("loss_scale", "centers")]
+    assert asked == ([] if num_steps == 1 else both)
     state = train_lib.restore(str(tmp_path))[1]
+    assert asked == ([] if num_steps == 1 else both)
     assert int(state.step) == num_steps
     assert (state.loss_scale is None) == (config.compute_dtype == "float32")
     assert (state.centers is None) == (not config.center_loss.weight)
@@ -342,6 +363,8 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
       assert 0 < float(jnp.abs(state.centers).sum()) < 10
     if num_steps > 1:  # The step before, saved under the other config, restores under this one.
       earlier = train_lib.restore(str(tmp_path), step=num_steps - 1)[1]
+      assert asked == both * 2
+      assert not read[-1] & set(checkpoints.OPTIONAL_FIELDS)  # Stored ones dropped are not read.
       assert int(earlier.step) == num_steps - 1
       assert (earlier.loss_scale is None) == (config.compute_dtype == "float32")
       assert (earlier.centers is None) == (not config.center_loss.weight)
@@ -353,6 +376,7 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path):
         model = train_lib.restore(str(tmp_path), step=num_steps - 1, parts=parts)[1]
         jax.tree.map(np.testing.assert_array_equal, model.params["backbone"],
                      earlier.params["backbone"])
+    asked.clear()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
