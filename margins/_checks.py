@@ -1,20 +1,37 @@
-"""Checks of arguments shared by the models, the data pipeline and the evaluation."""
+"""Checks of arguments shared by the models, the engines, the data pipeline, the evaluation and
+the tools."""
 
+import numbers
 import operator
+import os
 
 
-def check_int(value, name: str, *, minimum: int) -> int:
+def check_int(value, name: str, *, minimum: int, static: bool = False) -> int:
   """``value`` as an ``int``: ``TypeError`` unless an integer, ``ValueError`` below ``minimum``.
+
+  ``static``: shapes depend on it, so a JAX array (traced or not) is refused too.
 
   >>> check_int(3, "depth", minimum=1)
   3
   """
+  kind = "a Python integer (static: shapes depend on it)" if static else "an integer"
   if isinstance(value, bool):
-    raise TypeError(f"`{name}` must be an integer, got a bool.")
+    raise TypeError(f"`{name}` must be {kind}, got a bool.")
+  if static and not isinstance(value, numbers.Integral):
+    raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
   try:
     value = operator.index(value)
   except TypeError:
-    raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}.") from None
+    raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__}.") from None
   if value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
   return value
+
+
+def names_folder(path: str) -> bool:
+  """Whether ``path`` names a folder: one that exists, or a path ending in a separator.
+
+  >>> names_folder("runs/new/"), names_folder("runs/new/embeddings.npy")
+  (True, False)
+  """
+  return os.path.isdir(path) or path.endswith(("/", os.sep))

@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 
 from margins import cli_flags
+from margins._checks import names_folder
 from margins.data import image_folder
 from margins.data import pipeline
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str]) -> None:
     if not holder.value:
       raise app.UsageError(f"--{name} is required.")
   out = cli_flags.OUT.value
-  if os.path.isdir(out) or out.endswith(("/", os.sep)):
+  if names_folder(out):
     raise app.UsageError(f"--out {out} is a folder: give the .npy file to write, e.g. "
                          f"{os.path.join(out, 'embeddings.npy')}.")
   try:

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from margins._checks import check_int
 from margins.losses import _common
 from margins.losses.margin import Margin, Rows, check_margin
 
@@ -94,10 +95,9 @@ class SoftmaxEngine:
   keep_scores: bool = True
 
   def __post_init__(self):
-    if self.chunk_size is not None and (
-        not isinstance(self.chunk_size, numbers.Integral) or isinstance(self.chunk_size, bool)
-        or self.chunk_size < 1):
-      raise ValueError(f"`chunk_size` must be a positive integer or None, got {self.chunk_size}.")
+    if self.chunk_size is not None:
+      object.__setattr__(self, "chunk_size",
+                         check_int(self.chunk_size, "chunk_size", minimum=1, static=True))
     if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, numbers.Real):
       raise TypeError(f"`sample_rate` must be a Python number (static), got {self.sample_rate!r}.")
     if not 0 < self.sample_rate <= 1:
@@ -155,8 +155,9 @@ class SoftmaxEngine:
     if sample is not None and np.shape(sample.index) != (np.shape(weights)[0],):
       raise ValueError(f"`weights` must be the {np.shape(sample.index)[0]} rows of `sample`, "
                        f"got {np.shape(weights)[0]}: pass engine.take(weights, sample).")
-    num_classes = rows_total if num_classes is None else _static_count("num_classes", num_classes)
-    if not 0 < num_classes <= rows_total:
+    num_classes = rows_total if num_classes is None else check_int(
+        num_classes, "num_classes", minimum=1, static=True)
+    if num_classes > rows_total:
       raise ValueError(f"`num_classes` must be in [1, {rows_total}] (rows of `weights`), got "
                        f"{num_classes}.")
     labels = _common.check_labels(labels, np.shape(embeddings)[0], num_classes)
@@ -194,9 +195,10 @@ class SoftmaxEngine:
       num_classes: the number of real classes; default ``num_rows``.
       key: PRNG key; the same key gives the same sample.
     """
-    num_rows = _static_count("num_rows", num_rows)
-    num_classes = num_rows if num_classes is None else _static_count("num_classes", num_classes)
-    if num_rows % self.num_shards or not 0 < num_classes <= num_rows:
+    num_rows = check_int(num_rows, "num_rows", minimum=1, static=True)
+    num_classes = num_rows if num_classes is None else check_int(
+        num_classes, "num_classes", minimum=1, static=True)
+    if num_rows % self.num_shards or num_classes > num_rows:
       raise ValueError(f"`num_rows` ({num_rows}) must be divisible by the {self.num_shards} "
                        f"shards and hold the `num_classes` ({num_classes}).")
     per_shard = num_rows // self.num_shards
@@ -256,14 +258,6 @@ class SoftmaxEngine:
       args = jax.reshard(args, split)
     spec = jax.P(self.axis_name)
     return jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
-
-
-def _static_count(name: str, value: Any) -> int:
-  """``value`` as an ``int``, or a ``TypeError`` naming ``name``: shapes depend on it."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"`{name}` must be a Python integer (static: shapes depend on it), got "
-                    f"{value!r}.")
-  return int(value)
 
 
 @functools.partial(jax.jit, static_argnames=("engine", "num_classes"))

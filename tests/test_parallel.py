@@ -578,9 +578,11 @@ def test_an_empty_batch_has_no_loss_and_zero_gradient(engine):
 
 
 def test_engine_rejects_bad_settings():
-  for chunk_size in (0, 2.5, True):
-    with pytest.raises(ValueError, match="chunk_size"):
+  for chunk_size, error in ((0, ValueError), (2.5, TypeError), (True, TypeError),
+                            (jnp.int32(4), TypeError)):
+    with pytest.raises(error, match="`chunk_size` must be"):
       margins.chunked(chunk_size)
+  assert type(margins.chunked(np.int64(4)).chunk_size) is int  # Hashable as a static argument.
   with pytest.raises(ValueError, match="sample_rate"):
     margins.dense(sample_rate=0.0)
   x, w2, _, labels = make_inputs(13, 13)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from margins._checks import names_folder
 from margins.data import image_folder
 from margins.data import recordio
 
@@ -150,7 +151,7 @@ def resolve_output(output_prefix: str | os.PathLike[str]) -> str:
   ('/data/faces_rec/train', '/data/faces_rec/faces')
   """
   output_prefix = os.fspath(output_prefix)
-  if os.path.isdir(output_prefix) or output_prefix.endswith(("/", os.sep)):
+  if names_folder(output_prefix):
     return os.path.join(output_prefix, "train")
   return output_prefix
 
