@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from margins import distributed
+from margins import sharding as sharding_lib
 from margins import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -40,7 +41,7 @@ def main(argv):
                          auto=_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
   try:  # A config that cannot run: its message, not a traceback.
-    train_lib.check_config(_CONFIG.value, train_lib.make_mesh(_CONFIG.value))
+    train_lib.check_config(_CONFIG.value, sharding_lib.make_mesh(_CONFIG.value))
   except (ValueError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from error
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

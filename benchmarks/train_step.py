@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from margins import parallel
+from margins import sharding as sharding_lib
 from margins import train_lib
 import common
 import engines
@@ -155,7 +156,7 @@ def run(args, freeze_unsampled):
   """The table of the recipe's step for each of ``args.classes``."""
   config = load_recipe(args.recipe, args.batch, args.sample_rate, args.chunk_size,
                        args.quick, freeze_unsampled)
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   image_shape = tuple(config.data.image_shape)
   print(f"jax {jax.__version__}, devices: {jax.devices()}, recipe {args.recipe}: "
         f"{config.model.name}, {config.loss.name}, engine {config.engine.kind} (chunk "

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from margins import data as data_lib
 from margins import evaluation
 from margins import parallel
+from margins import sharding as sharding_lib
 from margins.losses import _common
 from margins.train_state import Experiment
 from margins.train_state import TrainState
@@ -39,18 +39,6 @@ def class_scores(experiment: Experiment, state: TrainState, embeddings: Array) -
   return _common.gathered(scores)[:, :experiment.num_classes]
 
 
-def global_batch(experiment: Experiment, local_batch):
-  """This process's ``local_batch`` (a tree of its rows), as one batch split over
-  ``experiment.mesh``'s devices with every process's rows."""
-  return jax.tree.map(
-      lambda a: jax.make_array_from_process_local_data(experiment.batch_sharding, a), local_batch)
-
-
-def to_host(array) -> np.ndarray:
-  """All of a (possibly multi-process) global ``array`` as a NumPy array, on every process."""
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
                        read_threads: int = 1, with_xnorm: bool = False):
   """``[N, D]`` embeddings of every example of ``source`` (flip test: summed with the mirror's),
@@ -73,13 +61,14 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
     local = {k: batch[k] for k in ("image", "index", "mask")}
     if flip:
       local["image_flipped"] = batch["image_flipped"]
-    sharded = global_batch(experiment, local)
+    sharded = sharding_lib.global_batch(experiment.batch_sharding, local)
     out = embed_fn(state, sharded["image"])
     norms = jnp.linalg.norm(out, axis=-1)
     if flip:
       flipped = embed_fn(state, sharded["image_flipped"])
       out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
-    out, norms, index, mask = (to_host(a) for a in (out, norms, sharded["index"], sharded["mask"]))
+    out, norms, index, mask = (sharding_lib.to_host(a)
+                               for a in (out, norms, sharded["index"], sharded["mask"]))
     embeddings[index[mask]] = out[mask]
     norm_sum += float(np.sum(norms[mask], dtype=np.float64))
   if not with_xnorm:

@@ -3,8 +3,9 @@
 :func:`train_and_evaluate` is the whole job, called by ``train.py`` (flags only), the tests and
 the notebooks. It reads top to bottom:
 
-1. a device mesh from ``config.mesh``; the batch is split over all its devices, and with the
-   ``sharded`` engine so are the rows of the class centres ``W`` (model-parallel FC);
+1. a device mesh from ``config.mesh`` (:mod:`margins.sharding`); the batch is split over all its
+   devices, and with the ``sharded`` engine so are the rows of the class centres ``W``
+   (model-parallel FC);
 2. the data: a grain pipeline over the source named by ``config.data``;
 3. the backbone (``margins.models``), the head ``W [C, D]``, the margin and the softmax engine,
    the optax optimizer; the head and the optimizer state are created already sharded (``jit``
@@ -20,9 +21,7 @@ the notebooks. It reads top to bottom:
    verification files; at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
 """
 
-import collections
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from margins import eval_lib
 from margins import models
 from margins import parallel
 from margins import run_log
+from margins import sharding as sharding_lib
 from margins.losses import center as center_lib
 from margins.losses import margin as margin_lib
 from margins.train_state import Experiment
@@ -133,37 +133,6 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.eval.num_pairs = 300
   config.eval.batch_size = 128
   return config
-
-
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The mesh of ``config.mesh``: ``shape`` (-1: all the devices left) and ``axis_names``.
-
-  One process may use fewer devices than it has (the first ones); several processes use all.
-  Its axes are Explicit (``jax.make_mesh``'s default): inside ``jax.jit`` every array's type says
-  how it is split, so the softmax engines see that the batch is split over the devices and
-  run their data-parallel programs. Jitted functions of the state run inside
-  ``jax.set_mesh(mesh)``.
-  """
-  shape = list(config.mesh.shape)
-  axis_names = tuple(config.mesh.axis_names)
-  if len(shape) != len(axis_names):
-    raise ValueError(f"config.mesh.shape {tuple(shape)} and config.mesh.axis_names {axis_names} "
-                     "differ in length.")
-  devices = jax.devices()
-  per_process = sorted(collections.Counter(d.process_index for d in devices).items())
-  if len({count for _, count in per_process}) > 1:
-    # Each process loads an equal part of the batch, and orbax's checkpoints assume it too.
-    raise ValueError(f"The processes have different numbers of devices ({{process: devices}} "
-                     f"{dict(per_process)}); a multi-process run needs the same number on each.")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = len(devices) // known
-  size = math.prod(shape)
-  if size > len(devices) or (size < len(devices) and jax.process_count() > 1):
-    raise ValueError(f"config.mesh.shape {tuple(config.mesh.shape)} needs {size} devices; there "
-                     f"are {len(devices)} (a multi-process run must use them all).")
-  return jax.make_mesh(tuple(shape), axis_names, devices=devices[:size],
-                       axis_types=(jax.sharding.AxisType.Explicit,) * len(shape))
 
 
 def make_margin(loss_config: ml_collections.ConfigDict) -> margin_lib.Margin:
@@ -328,27 +297,6 @@ def make_sources(data_config: ml_collections.ConfigDict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_head(path) -> bool:
-  return any(getattr(entry, "key", None) == "head" for entry in path)
-
-
-def _is_head_rows(path, leaf, head_shape) -> bool:
-  """Whether a leaf of the state is ``W`` or per-row state of it (momentum, Adam's moments)."""
-  return _is_head(path) and leaf.shape == head_shape
-
-
-def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
-  """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
-  replicated = jax.NamedSharding(mesh, jax.P())
-  if engine.mesh is None:
-    return jax.tree.map(lambda _: replicated, state_shapes)
-  rows = jax.NamedSharding(mesh, jax.P(engine.axis_name))
-  head_shape = state_shapes.params["head"].shape
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: rows if _is_head_rows(path, leaf, head_shape) else replicated,
-      state_shapes)
-
-
 def _model_fn(config, image_shape):
   dtype = jnp.dtype(config.compute_dtype)
   return lambda: models.create(
@@ -390,12 +338,12 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
                       **_optional_fields(config, num_classes))
 
   shapes = jax.eval_shape(init, *jax.eval_shape(init_model))
-  shardings = state_shardings(shapes, mesh, engine)
+  shardings = sharding_lib.state_shardings(shapes, mesh, engine)
   if abstract:
     state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
         leaf.shape, leaf.dtype, sharding=sharding), shapes, shardings)
   else:
-    model = _on_host(init_model, (shardings.params["backbone"], shardings.model_state))
+    model = sharding_lib.on_host(init_model, (shardings.params["backbone"], shardings.model_state))
     state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
   return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
@@ -412,31 +360,6 @@ def _optional_fields(config, num_classes: int) -> dict[str, Any]:
   if config.compute_dtype == "float16":
     loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
   return {"centers": centers, "loss_scale": loss_scale}
-
-
-def _host_device() -> jax.Device:
-  """This process's CPU; its first device if ``JAX_PLATFORMS`` leaves the CPU out."""
-  try:
-    return jax.local_devices(backend="cpu")[0]
-  except RuntimeError:
-    return jax.local_devices()[0]
-
-
-def _on_host(init_fn, shardings):
-  """``init_fn()`` (replicated arrays, no inputs) computed by one program on :func:`_host_device`,
-  then placed on the devices of ``shardings`` (a matching tree), each process filling its own.
-
-  The backbone's program holds hundreds of random initialisers: for IResNet-100, XLA:CPU
-  compiles it in 8 s, where XLA:GPU was still compiling it after 100 s on an H200 (flax issue
-  1331 reports the same on TPU). A program of its own also lets runs of one backbone with other
-  heads, losses or optimizers share it in JAX's persistent compilation cache.
-  """
-  host = _host_device()
-  with jax.set_mesh(jax.make_mesh((1,), ("host",), devices=[host])):
-    values = jax.device_get(jax.jit(init_fn)())
-  return jax.tree.map(
-      lambda value, sharding: jax.make_array_from_callback(
-          value.shape, sharding, lambda index: value[index]), values, shardings)
 
 
 def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Array]):
@@ -555,7 +478,7 @@ def update_sampled_rows(optimizer: optax.GradientTransformation, engine: paralle
   head_shape = params["head"].shape
 
   def is_row(path, leaf):
-    return _is_head_rows(path, leaf, head_shape)
+    return sharding_lib.is_head_rows(path, leaf, head_shape)
 
   rows_state = jax.tree_util.tree_map_with_path(
       lambda path, leaf: engine.take(leaf, sample) if is_row(path, leaf) else leaf, opt_state)
@@ -692,7 +615,7 @@ def restore(workdir: str, step: int | None = None, *,
   config = checkpoints.load_config(workdir)
   num_classes, image_shape = checkpoints.load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
-  mesh = make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)
   with checkpoints.checkpoint_manager(workdir, config) as manager:
@@ -719,7 +642,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Restarting with the same ``workdir`` resumes from its latest checkpoint.
   """
-  mesh = make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   check_config(config, mesh)
   with jax.set_mesh(mesh):
     return _train_and_evaluate(config, workdir, mesh)
@@ -761,7 +684,7 @@ def _train_and_evaluate(config, workdir, mesh):
   timer_start, timer_step = time.perf_counter(), start
   skipped = 0  # float16: steps skipped since the last line written (summed on the device)
   for step in range(start + 1, num_steps + 1):
-    batch = eval_lib.global_batch(experiment, next(iterator))
+    batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
     with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
       state, metrics = step_fn(state, batch)
     if "skipped" in metrics:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from margins import recipes
+from margins import sharding as sharding_lib
 from margins import train_lib
 from margins.data import recordio
 from margins.data import write_bin
@@ -140,7 +141,7 @@ def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step(tmp_path):
       drop_path_rate=0.05, mask_ratio=0.1))
   assert config.optimizer.warmup_steps == 2  # 4 of 40 epochs, of 20 steps.
   config.micro_batches, config.eval.bins = 2, ()
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   train_lib.check_config(config, mesh)
   # optax's Adam bias correction raises a float to the int32 step count: standard promotion (as
   # train.py runs), not the tests' strict one.

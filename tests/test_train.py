@@ -29,6 +29,7 @@ from margins import eval_lib
 from margins import evaluation
 from margins import parallel
 from margins import run_log
+from margins import sharding as sharding_lib
 from margins import train_lib
 from margins import train_state
 from margins.losses import margin as margin_lib
@@ -139,7 +140,7 @@ def test_float16_loss_scale_skips_overflows_halves_and_grows():
   steps, states = {}, {}
   for dtype in ("float32", "float16"):
     config.compute_dtype = dtype
-    mesh = train_lib.make_mesh(config)
+    mesh = sharding_lib.make_mesh(config)
     experiment, states[dtype] = train_lib.create_train_state(config, mesh, source.num_classes,
                                                              source.image_shape)
     steps[dtype] = jax.jit(lambda s, b, e=experiment: train_lib.train_step(e, s, b))
@@ -203,7 +204,7 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
                                   ((2, 4), ("hosts", "local"), "chunked")):
     config.mesh.shape, config.mesh.axis_names = shape, axis_names
     config.engine.kind, config.engine.chunk_size = kind, 2
-    mesh = train_lib.make_mesh(config)
+    mesh = sharding_lib.make_mesh(config)
     experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                      source.image_shape)
     global_batch = jax.device_put(batch, experiment.batch_sharding)
@@ -235,7 +236,7 @@ def test_backbone_is_the_seeded_model_replicated_on_every_device():
   # mesh: each device holds the whole model, the one the seed builds outside any program.
   config = train_lib.default_config()
   config.engine.kind = "sharded"
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   image_shape = (8, 8, 1)
   _, state = train_lib.create_train_state(config, mesh, 10, image_shape)
   model = margins.models.create(
@@ -282,7 +283,7 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
     for dim, error in ((32, None), (16, "does not fit this config")):
       config.model.embedding_dim = dim
       _, abstract = train_lib.create_train_state(
-          config, train_lib.make_mesh(config), source.num_classes, source.image_shape,
+          config, sharding_lib.make_mesh(config), source.num_classes, source.image_shape,
           abstract=True)
       if error:
         with pytest.raises(ValueError, match=error):
@@ -296,7 +297,7 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
   # A float32 run saved before TrainState had ``loss_scale``: its checkpoint has no such entry.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source, _ = train_lib.make_sources(config.data)
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   _, state = train_lib.create_train_state(config, mesh, source.num_classes, source.image_shape)
   old = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
          if field.name != "loss_scale"}
@@ -384,7 +385,7 @@ def test_only_float16_has_a_loss_scale(dtype):
   # The optional fields a new run (and restore's step saved under another config) starts from.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.mesh.shape, config.compute_dtype = (1,), dtype
-  _, state = train_lib.create_train_state(config, train_lib.make_mesh(config), 10, (28, 28, 1),
+  _, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 10, (28, 28, 1),
                                           abstract=True)
   assert (state.loss_scale is None) == (dtype != "float16")
 
@@ -394,7 +395,7 @@ def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
   config.eval.batch_size = 4096
   source = margins_data.digits("open_test", image_size=16)
   small = margins_data.ArraySource(source.images[:11], source.labels[:11], num_classes=10)
-  experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config), 6,
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 6,
                                                    source.image_shape)
   shapes = []
   embed = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
@@ -423,7 +424,7 @@ def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path
   train_lib.train_and_evaluate(config, str(resumed))
   assert read_metrics(str(resumed)) == read_metrics(str(whole))
   source, _ = train_lib.make_sources(config.data)
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   with jax.set_mesh(mesh):  # As training creates it (bit for bit).
     _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
                                               source.image_shape)
@@ -465,7 +466,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
   # The loop places each batch on the devices itself; a batch (or anything else a step reads)
   # left on the host would be copied silently every step, which the transfer guard refuses.
-  monkeypatch.setattr(eval_lib, "global_batch", lambda experiment, batch: batch)
+  monkeypatch.setattr(sharding_lib, "global_batch", lambda batch_sharding, batch: batch)
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
   with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
     train_lib.train_and_evaluate(config, str(tmp_path))
@@ -488,7 +489,7 @@ def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
   monkeypatch.setattr(jax, "devices", lambda: devices)
   with pytest.raises(ValueError, match=r"different numbers of devices \(\{process: devices\} "
                                        r"\{0: 3, 1: 1\}\)"):
-    train_lib.make_mesh(config)
+    sharding_lib.make_mesh(config)
 
 
 def test_missing_data_folder_is_a_config_error(tmp_path):
@@ -496,7 +497,7 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
   config.unlock()
   config.data.update(name="recordio", path=str(tmp_path / "ms1mv3"))
   with pytest.raises(FileNotFoundError, match="config.data.path = '.*ms1mv3' is not a folder"):
-    train_lib.check_config(config, train_lib.make_mesh(config))
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
 def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
@@ -622,7 +623,7 @@ def test_bfloat16_compute_step_is_finite_and_keeps_float32_parameters():
   batch = {"image": margins_data.normalize_images(source.images[:32]),
            "label": jnp.asarray(source.labels[:32])}
   experiment, state = train_lib.create_train_state(
-      config, train_lib.make_mesh(config), source.num_classes, source.image_shape)
+      config, sharding_lib.make_mesh(config), source.num_classes, source.image_shape)
   step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
   for _ in range(2):
     state, metrics = step(state, batch)
@@ -638,7 +639,7 @@ def _step_on_copies(config, copies, parts):
   batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), copies, axis=0),
            "label": np.repeat(source.labels[:16], copies)}
   config.micro_batches = parts
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   train_lib.check_config(config, mesh)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                    source.image_shape)
@@ -691,7 +692,7 @@ def test_micro_batches_must_divide_each_devices_batch(parts):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.mesh.shape, config.batch_size, config.micro_batches = (2,), 128, parts
   with pytest.raises(ValueError, match="micro_batches"):
-    train_lib.check_config(config, train_lib.make_mesh(config))
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
 def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
@@ -701,7 +702,7 @@ def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:16]),
            "label": source.labels[:16].astype(np.int32)}
-  experiment, state = train_lib.create_train_state(config, train_lib.make_mesh(config),
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config),
                                                    source.num_classes, source.image_shape)
   seen = []
 
@@ -730,7 +731,7 @@ def test_sphereface2_learns_its_bias_with_the_head():
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:16]),
            "label": source.labels[:16].astype(np.int32)}
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                    source.image_shape)
   bias = float(state.params["head_bias"])
@@ -865,7 +866,7 @@ def test_freeze_unsampled_steps_the_sampled_rows_as_the_full_gradient_does(optim
   records = [source[i] for i in range(config.batch_size)]
   batch = {"image": margins_data.normalize_images(np.stack([r["image"] for r in records])),
            "label": np.array([r["label"] for r in records], np.int32)}
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   results = {}
   for freeze in (True, False):
     config.engine.freeze_unsampled = freeze
@@ -899,7 +900,7 @@ def test_freeze_unsampled_steps_the_sampled_rows_as_the_full_gradient_does(optim
 
 
 def _step_temp_bytes(config, num_classes):
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, num_classes, (28, 28, 1),
                                                    abstract=True)
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 28, 28, 1), jnp.float32,
@@ -937,7 +938,7 @@ def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": margins_data.normalize_images(source.images[:16]),
            "label": jnp.asarray(source.labels[:16])}
-  mesh = train_lib.make_mesh(config)
+  mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                    source.image_shape)
   step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))

@@ -36,6 +36,7 @@ from margins import cli_flags
 from margins import data as data_lib
 from margins import distributed
 from margins import eval_lib
+from margins import sharding as sharding_lib
 from margins import train_lib
 from margins.data import image_folder
 from margins.tools import pack_recordio
@@ -164,7 +165,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
                      "devices.")
   experiment, state = train_lib.restore(workdir, step, parts="params")
   experiment.config.eval.batch_size = batch_size
-  centres = eval_lib.to_host(state.params["head"])[:experiment.num_classes]
+  centres = sharding_lib.to_host(state.params["head"])[:experiment.num_classes]
   labels = source.labels
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   cosines = []

@@ -1,0 +1,114 @@
+"""Where a run's arrays live: the mesh of ``config.mesh``, the state's shardings, batches.
+
+The batch is split over all the mesh's devices (``Experiment.batch_sharding``); the state is
+replicated, but with the ``sharded`` engine the head ``W [C', D]`` and its per-row optimizer state
+are split by rows. Each process holds its own rows of a batch: :func:`global_batch` joins them
+into one array and :func:`to_host` gathers one back on every process.
+"""
+
+import collections
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from margins import parallel
+from margins.train_state import TrainState
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of ``config.mesh``: ``shape`` (-1: all the devices left) and ``axis_names``.
+
+  One process may use fewer devices than it has (the first ones); several processes use all.
+  Its axes are Explicit (``jax.make_mesh``'s default): inside ``jax.jit`` every array's type says
+  how it is split, so the softmax engines see that the batch is split over the devices and
+  run their data-parallel programs. Jitted functions of the state run inside
+  ``jax.set_mesh(mesh)``.
+  """
+  shape = list(config.mesh.shape)
+  axis_names = tuple(config.mesh.axis_names)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"config.mesh.shape {tuple(shape)} and config.mesh.axis_names {axis_names} "
+                     "differ in length.")
+  devices = jax.devices()
+  per_process = sorted(collections.Counter(d.process_index for d in devices).items())
+  if len({count for _, count in per_process}) > 1:
+    # Each process loads an equal part of the batch, and orbax's checkpoints assume it too.
+    raise ValueError(f"The processes have different numbers of devices ({{process: devices}} "
+                     f"{dict(per_process)}); a multi-process run needs the same number on each.")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    shape[shape.index(-1)] = len(devices) // known
+  size = math.prod(shape)
+  if size > len(devices) or (size < len(devices) and jax.process_count() > 1):
+    raise ValueError(f"config.mesh.shape {tuple(config.mesh.shape)} needs {size} devices; there "
+                     f"are {len(devices)} (a multi-process run must use them all).")
+  return jax.make_mesh(tuple(shape), axis_names, devices=devices[:size],
+                       axis_types=(jax.sharding.AxisType.Explicit,) * len(shape))
+
+
+def _is_head(path) -> bool:
+  return any(getattr(entry, "key", None) == "head" for entry in path)
+
+
+def is_head_rows(path, leaf, head_shape) -> bool:
+  """Whether a leaf of the state is ``W`` or per-row state of it (momentum, Adam's moments)."""
+  return _is_head(path) and leaf.shape == head_shape
+
+
+def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
+  """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
+  replicated = jax.NamedSharding(mesh, jax.P())
+  if engine.mesh is None:
+    return jax.tree.map(lambda _: replicated, state_shapes)
+  rows = jax.NamedSharding(mesh, jax.P(engine.axis_name))
+  head_shape = state_shapes.params["head"].shape
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: rows if is_head_rows(path, leaf, head_shape) else replicated,
+      state_shapes)
+
+
+def _host_device() -> jax.Device:
+  """This process's CPU; its first device if ``JAX_PLATFORMS`` leaves the CPU out."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return jax.local_devices()[0]
+
+
+def on_host(init_fn, shardings):
+  """``init_fn()`` (replicated arrays, no inputs) computed by one program on :func:`_host_device`,
+  then placed on the devices of ``shardings`` (a matching tree), each process filling its own.
+
+  The backbone's program holds hundreds of random initialisers: for IResNet-100, XLA:CPU
+  compiles it in 8 s, where XLA:GPU was still compiling it after 100 s on an H200 (flax issue
+  1331 reports the same on TPU). A program of its own also lets runs of one backbone with other
+  heads, losses or optimizers share it in JAX's persistent compilation cache.
+  """
+  host = _host_device()
+  with jax.set_mesh(jax.make_mesh((1,), ("host",), devices=[host])):
+    values = jax.device_get(jax.jit(init_fn)())
+  return jax.tree.map(
+      lambda value, sharding: jax.make_array_from_callback(
+          value.shape, sharding, lambda index: value[index]), values, shardings)
+
+
+def global_batch(batch_sharding: jax.sharding.Sharding, local_batch):
+  """This process's ``local_batch`` (a tree of its rows), as one batch on ``batch_sharding``
+  (``Experiment.batch_sharding``: split over the mesh's devices) with every process's rows.
+
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  >>> batch = global_batch(jax.NamedSharding(mesh, jax.P("data")),
+  ...                      {"label": np.arange(8, dtype=np.int32)})  # one process: all 8 rows
+  >>> batch["label"].sharding.spec, to_host(batch["label"]).tolist()
+  (P('data',), [0, 1, 2, 3, 4, 5, 6, 7])
+  """
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(batch_sharding, a), local_batch)
+
+
+def to_host(array) -> np.ndarray:
+  """All of a (possibly multi-process) global ``array`` as a NumPy array, on every process."""
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
