@@ -21,14 +21,8 @@ from margins import train_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process: host:port of process 0 (with --num_processes "
-    "and --process_id). Not needed under SLURM or Open MPI.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: processes in all.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Let JAX detect the cluster (Cloud TPU pods, Kubernetes) and start "
-    "the multi-process runtime.")
+_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,8 +31,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         auto=_MULTIHOST.value)
+  distributed.initialize_from_flags(_DISTRIBUTED)
   logging.info("Config:\n%s", _CONFIG.value)
   try:  # A config that cannot run: its message, not a traceback.
     train_lib.check_config(_CONFIG.value, sharding_lib.make_mesh(_CONFIG.value))

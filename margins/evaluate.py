@@ -38,6 +38,8 @@ _IJB_OPERATING_POINT = flags.DEFINE_enum(
     "insightface's eval_ijbc.py's point nearest the target (its FAR may exceed it).")
 for _name in ("workdir", "step", "batch_size"):
   flags.declare_key_flag(_name)
+_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 
 # The columns of the table: TAR at these false-accept rates.
 TABLE_FARS = (1e-3, 1e-4)
@@ -116,9 +118,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli_flags.quiet_library_logs()
-  # Under srun / mpirun with several tasks: one job over all of them, printed and plotted by
-  # process 0 (without it each task evaluates alone and all write the same ROC file).
-  distributed.initialize()
+  # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
+  # printed and plotted by process 0 (else each task evaluates alone and all write the same ROC).
+  distributed.initialize_from_flags(_DISTRIBUTED)
   workdir = cli_flags.WORKDIR.value
   if not workdir:
     raise app.UsageError("--workdir is required: the training run's directory.")

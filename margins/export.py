@@ -37,6 +37,8 @@ _PLATFORMS = flags.DEFINE_list(
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 for _name in ("workdir", "step", "out"):
   flags.declare_key_flag(_name)
+_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 
 # How the pipeline (``margins.data.normalize_images``) maps uint8 pixels ``x`` to the input.
 NORMALIZATION = "x * 2 / 255 - 1, i.e. (x / 255 - 0.5) / 0.5, for uint8 pixels x"
@@ -90,9 +92,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli_flags.quiet_library_logs()
-  # Under srun / mpirun with several tasks: one job over all of them, written by process 0
-  # (without it every task would restore alone, on every GPU of its node, and write the files).
-  distributed.initialize()
+  # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
+  # written by process 0 (else every task restores alone, on all its node's GPUs, and writes).
+  distributed.initialize_from_flags(_DISTRIBUTED)
   workdir, out = cli_flags.WORKDIR.value, cli_flags.OUT.value
   if not workdir or not out:
     raise app.UsageError("--workdir (the training run) and --out (a folder) are required.")

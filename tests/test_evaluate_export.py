@@ -350,19 +350,39 @@ def test_export_writes_its_files_on_process_0_only(run, tmp_path, cli, monkeypat
 
 @pytest.mark.parametrize("tool", ["margins.evaluate", "margins.export",
                                   "margins.tools.subcenter_drop"])
-def test_tools_join_the_job_when_launched_as_several_tasks(tool, cli, monkeypatch, tmp_path):
-  """Under ``srun -n 2`` the tools start ``jax.distributed`` (their process-0-only writes rely on
-  it); otherwise every task would run alone as process 0 and write the same files."""
+@pytest.mark.parametrize("launch, expected", [
+    ({"SLURM_NTASKS": "2"}, ()),  # srun -n 2: JAX reads the rest from SLURM.
+    (["--multihost"], ()),  # A Cloud TPU pod: JAX reads the slice from the VM's metadata.
+    (["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1"],
+     ("10.0.0.1:1234", 2, 1)),
+])
+def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expected, cli,
+                                                           monkeypatch, tmp_path):
+  """Started as several tasks, as ``train.py`` is, the tools start ``jax.distributed`` (their
+  process-0-only writes rely on it); otherwise every task would run alone as process 0 and write
+  the same files."""
   import importlib  # pylint: disable=g-import-not-at-top
 
   class Started(Exception):
     pass
 
   def initialize(*args, **kwargs):
-    raise Started
+    raise Started(args)
 
-  monkeypatch.setenv("SLURM_NTASKS", "2")
+  for name, value in launch.items() if isinstance(launch, dict) else ():
+    monkeypatch.setenv(name, value)
   monkeypatch.setattr(jax.distributed, "initialize", initialize)
-  with pytest.raises(Started):
+  with pytest.raises(Started) as started:
     cli(importlib.import_module(tool), f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}",
-        f"--bin={tmp_path / 'missing.bin'}")
+        f"--bin={tmp_path / 'missing.bin'}", *(launch if isinstance(launch, list) else ()))
+  assert started.value.args == (expected,)
+
+
+@pytest.mark.parametrize("launch, message", [
+    (["--coordinator_address=10.0.0.1:1234"], "go together; got '10.0.0.1:1234', None, None"),
+    (["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+     r"process_id 2 is not in \[0, 2\)"),
+])
+def test_tools_refuse_an_incomplete_job_on_the_command_line(launch, message, cli, tmp_path):
+  with pytest.raises(flags.IllegalFlagValueError, match=message):
+    cli(export, f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", *launch)

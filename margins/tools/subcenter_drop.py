@@ -48,6 +48,8 @@ _MAX_ANGLE = flags.DEFINE_float(
     "sub-centre.", lower_bound=0.0, upper_bound=180.0)
 for _name in ("workdir", "out", "step", "batch_size"):
   flags.declare_key_flag(_name)
+_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 
 _BLOCK = 65_536  # Images embedded at once: bounds the host's [block, D] arrays.
 
@@ -202,9 +204,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli_flags.quiet_library_logs()
-  # Under srun / mpirun with several tasks: one job over all of them, the dataset written by
-  # process 0 (without it every task writes the same train.rec).
-  distributed.initialize()
+  # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
+  # the dataset written by process 0 (else every task writes the same train.rec).
+  distributed.initialize_from_flags(_DISTRIBUTED)
   for name, holder in (("workdir", cli_flags.WORKDIR), ("out", cli_flags.OUT)):
     if not holder.value:
       raise app.UsageError(f"--{name} is required.")
