@@ -731,21 +731,16 @@ def _online_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, ch
                          (stabilizer, jnp.zeros_like(stabilizer), buffer))
 
 
-def _varying(a: Any) -> frozenset[str]:
-  """The manual mesh axes (inside a ``shard_map``) over which ``a`` differs between devices."""
-  return jax.typeof(a).manual_axis_type.varying
-
-
 def _vary_together(tree: Any) -> Any:
   """``tree`` with each floating array cast to varying over every mesh axis any of them varies
   over: a ``custom_vjp``'s cotangents vary as its inputs do, and the casts' transposes sum them
   over the devices where an input was the same on each (``W`` whole in a caller's ``shard_map``
   over the batch)."""
   floating, rebuild = _floating_leaves(tree)
-  axes = frozenset().union(*(_varying(leaf) for leaf in floating))
+  axes = frozenset().union(*(_common.varying_axes(leaf) for leaf in floating))
 
   def vary(leaf):
-    missing = tuple(sorted(axes - _varying(leaf)))
+    missing = tuple(sorted(axes - _common.varying_axes(leaf)))
     return jax.lax.pcast(jnp.asarray(leaf), missing, to="varying") if missing else leaf
 
   return rebuild([vary(leaf) for leaf in floating])
@@ -756,7 +751,7 @@ def _scratch_like(w: Array) -> Array:
   axes as ``w``) whose every element is written before it is read: uninitialised
   on GPU and TPU, which spares a pass filling ``[C, D]`` with zeros (XLA:CPU fills it anyway)."""
   scratch = _empty_like(jax.lax.stop_gradient(w))
-  axes = tuple(sorted(_varying(w)))
+  axes = tuple(sorted(_common.varying_axes(w)))
   return jax.lax.pcast(scratch, axes, to="varying") if axes else scratch
 
 

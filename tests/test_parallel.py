@@ -378,6 +378,41 @@ def test_engine_inside_a_callers_shard_map_over_the_batch(engine):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5)], ids=["dense", "chunks"])
+@pytest.mark.parametrize("name", ["curricularface", "adaface", "elasticface", "elasticface_plus"])
+def test_batch_statistics_inside_a_callers_shard_map_are_the_whole_batchs(engine, name):
+  # CurricularFace's t, AdaFace's norm statistics, ElasticFace's margins (drawn for the batch;
+  # ElasticFace+ ranks the batch's cosines): each device holds a quarter of the batch, and the
+  # statistics (so the losses, gradients and the margin's new state) are the whole batch's, the
+  # same on every device, as on one device. They were each device's own batch's (every device
+  # drew the same margins for its quarter), and a new state could not be returned replicated.
+  mesh = make_mesh(4)
+  x, w, _, labels = make_inputs(13, 13)
+  labels[3] = -1  # Left out of the statistics, on one device only.
+  margin = MARGINS[name]
+
+  def loss(x, w, labels):
+    losses, new_margin = engine(x, w, labels, margin)
+    return jnp.nansum(losses), new_margin
+
+  def split_loss(x, w, labels):
+    def local(*args):
+      total, new_margin = loss(*args)
+      return jax.lax.psum(total, "devices"), new_margin
+    spec = jax.P("devices")
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, jax.P(), spec),
+                         out_specs=(jax.P(), jax.P()))(x, w, labels)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))  # noqa: E731
+  got, want = grad(split_loss)(x, w, labels), grad(loss)(x, w, labels)
+  data = lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(  # noqa: E731
+      a.dtype, jax.dtypes.prng_key) else a
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(data(a), data(b), rtol=1e-5, atol=1e-5),
+               got, want)
+  if name in ("curricularface", "adaface"):  # The state moved.
+    assert jax.tree.leaves(want[0][1]) != jax.tree.leaves(margin)
+
+
 @pytest.mark.parametrize("engine", [margins.chunked(5), margins.dense()], ids=["chunks", "dense"])
 @pytest.mark.parametrize("batch_split", [True, False])
 def test_embedding_dimension_split_over_explicit_axes(dense_results, engine, batch_split):

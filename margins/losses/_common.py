@@ -143,6 +143,11 @@ def nan_where_invalid(values: Array, labels: Array, num_classes: int) -> Array:
   return jnp.where(valid, values, jnp.asarray(jnp.nan, values.dtype))
 
 
+def varying_axes(a: Any) -> frozenset[str]:
+  """The manual mesh axes (inside a ``shard_map``) over which ``a`` differs between devices."""
+  return jax.typeof(a).manual_axis_type.varying
+
+
 def gathered(x: Array) -> Array:
   """``x`` whole on every device, if Explicit mesh axes split it (else as is): for work that needs
   the whole batch at once, such as comparing its examples with each other or sorting them."""
@@ -159,6 +164,23 @@ def split_like(x: Array, reference: Array) -> Array:
   if sharding.spec[0] is None:
     return x
   return jax.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
+
+
+def whole_batch(x: Array) -> Array:
+  """``x [b, ...]``, a part of the batch, as the whole batch ``[B, ...]`` on every device: inside
+  a ``shard_map`` all-gathered over the manual axes ``x`` varies over (:func:`own_rows` takes
+  this device's part back), under Explicit mesh axes :func:`gathered`."""
+  axes = tuple(sorted(varying_axes(x)))
+  return jax.lax.all_gather(x, axes, tiled=True) if axes else gathered(x)
+
+
+def own_rows(whole: Array, part: Array) -> Array:
+  """This device's rows of ``whole`` (a :func:`whole_batch` of ``part``), split like ``part``."""
+  axes = tuple(sorted(varying_axes(part)))
+  if not axes:
+    return split_like(whole, part)
+  size = part.shape[0]
+  return jax.lax.dynamic_slice_in_dim(whole, jax.lax.axis_index(axes) * size, size)
 
 
 def whole_rows(x: Array) -> Array:

@@ -56,11 +56,20 @@ class Rows(NamedTuple):
 
 def batch_moments(values: Array, valid: Array | None) -> tuple[Array, Array, Array]:
   """``(mean, std, count)`` of ``values [B]`` over the examples with ``valid`` labels (all if
-  ``None``); the std with Bessel's correction from two examples on, 0 for one."""
+  ``None``); the std with Bessel's correction from two examples on, 0 for one.
+
+  Inside a ``shard_map`` whose devices each hold a part of the batch (``values`` varies over its
+  axes), they are the whole batch's, the same on every device.
+  """
+  axes = tuple(sorted(_common.varying_axes(values)))
+
+  def total(a):
+    return jax.lax.psum(jnp.sum(a), axes) if axes else jnp.sum(a)
+
   valid = jnp.ones(values.shape, bool) if valid is None else valid
-  count = jnp.sum(valid).astype(values.dtype)
-  mean = jnp.sum(jnp.where(valid, values, 0)) / jnp.maximum(count, 1)
-  squares = jnp.sum(jnp.where(valid, jnp.square(values - mean), 0))
+  count = total(valid.astype(values.dtype))
+  mean = total(jnp.where(valid, values, 0)) / jnp.maximum(count, 1)
+  squares = total(jnp.where(valid, jnp.square(values - mean), 0))
   return mean, jnp.sqrt(squares / jnp.maximum(count - 1, 1)), count
 
 
@@ -608,15 +617,16 @@ class ElasticFace(Margin):
     _common.check_choice("kind", self.kind, ("arc", "cos"))
 
   def sampled_margins(self, rows: Rows) -> Array:
-    """``[B]`` margins for this batch, from ``key``."""
-    draws = self.margin + self.sigma * jax.random.normal(self.key, rows.cos.shape, rows.cos.dtype)
-    if not self.plus:
-      return draws
-    # The k-th largest cosine gets the k-th smallest margin, over the whole batch (sorted whole
-    # where Explicit mesh axes split it).
-    cos, draws = _common.gathered(jax.lax.stop_gradient(rows.cos)), _common.gathered(draws)
-    margins = jnp.zeros_like(draws).at[jnp.argsort(-cos)].set(jnp.sort(draws))
-    return _common.split_like(margins, rows.cos)
+    """``[B]`` margins for this batch, from ``key``.
+
+    Drawn for the whole batch where mesh axes split it (Explicit axes, or a caller's
+    ``shard_map``), each device keeping its examples': the margins one device would draw.
+    """
+    cos = _common.whole_batch(jax.lax.stop_gradient(rows.cos))
+    draws = self.margin + self.sigma * jax.random.normal(self.key, cos.shape, cos.dtype)
+    if self.plus:  # The k-th largest cosine gets the k-th smallest margin.
+      draws = jnp.zeros_like(draws).at[jnp.argsort(-cos)].set(jnp.sort(draws))
+    return _common.own_rows(draws, rows.cos)
 
   def target_logit(self, rows):
     margins = self.sampled_margins(rows)
