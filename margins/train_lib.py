@@ -83,8 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Source and its fields: "digits" (image_size, open_set_train_classes) or "synthetic"
-  # (num_classes, num_images, image_shape, seed, eval_classes, eval_images).
+  # Source and its fields: "digits" (image_size, open_set_train_classes), "synthetic"
+  # (num_classes, num_images, image_shape, seed, eval_classes, eval_images), "recordio" or
+  # "image_folder" (path, image_shape), "tfds" (tfds_name, split, data_dir, image_shape).
   c.data = dict(name="digits", image_size=16, open_set_train_classes=(0, 1, 2, 3, 4, 5))
   c.batch_size = 128  # Global, over all devices and processes.
   c.micro_batches = 1  # Parts of each batch whose gradients are averaged (``train_step``).
