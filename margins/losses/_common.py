@@ -166,17 +166,24 @@ def split_like(x: Array, reference: Array) -> Array:
   return jax.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
+def _split_axes(x: Array) -> tuple[str, ...]:
+  """The manual axes ``x`` varies over, in the mesh's order: the order in which a ``shard_map``
+  spec that names them as the mesh does (``P(("replica", "data"))``) splits the batch."""
+  varying = varying_axes(x)
+  return tuple(name for name in jax.sharding.get_abstract_mesh().axis_names if name in varying)
+
+
 def whole_batch(x: Array) -> Array:
   """``x [b, ...]``, a part of the batch, as the whole batch ``[B, ...]`` on every device: inside
-  a ``shard_map`` all-gathered over the manual axes ``x`` varies over (:func:`own_rows` takes
-  this device's part back), under Explicit mesh axes :func:`gathered`."""
-  axes = tuple(sorted(varying_axes(x)))
+  a ``shard_map`` all-gathered over the manual axes ``x`` varies over, in the mesh's order
+  (:func:`own_rows` takes this device's part back), under Explicit mesh axes :func:`gathered`."""
+  axes = _split_axes(x)
   return jax.lax.all_gather(x, axes, tiled=True) if axes else gathered(x)
 
 
 def own_rows(whole: Array, part: Array) -> Array:
   """This device's rows of ``whole`` (a :func:`whole_batch` of ``part``), split like ``part``."""
-  axes = tuple(sorted(varying_axes(part)))
+  axes = _split_axes(part)
   if not axes:
     return split_like(whole, part)
   size = part.shape[0]

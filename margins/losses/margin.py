@@ -620,7 +620,8 @@ class ElasticFace(Margin):
     """``[B]`` margins for this batch, from ``key``.
 
     Drawn for the whole batch where mesh axes split it (Explicit axes, or a caller's
-    ``shard_map``), each device keeping its examples': the margins one device would draw.
+    ``shard_map`` over axes named in the mesh's order), each device keeping its examples': the
+    margins one device would draw.
     """
     cos = _common.whole_batch(jax.lax.stop_gradient(rows.cos))
     draws = self.margin + self.sigma * jax.random.normal(self.key, cos.shape, cos.dtype)
