@@ -1,6 +1,8 @@
 """Every loss under a data-parallel mesh (the batch split over devices, the centres replicated),
 with Auto and Explicit axes, equals the loss on one device: values, gradients and states."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,13 +59,15 @@ def inputs():
   return x, w, w3, labels
 
 
-def losses_and_grads(x, w, w3, labels):
-  """One program: each loss's per-example values, other outputs and gradients (x, w, w3)."""
+def losses_and_grads(x, w, w3, labels, names=tuple(LOSSES)):
+  """One program: each loss's per-example values, other outputs and gradients (x, w, w3) of
+  their sum over the batch divided by ``B`` (the mean over the whole batch, also where each
+  device holds a part of it)."""
   out = {}
-  for name, loss in LOSSES.items():
-    def mean_loss(x_, w_, w3_, loss=loss):
+  for name in names:
+    def mean_loss(x_, w_, w3_, loss=LOSSES[name]):
       losses, other = loss(x_, w_, w3_, labels)
-      return jnp.mean(losses), (losses, other)
+      return jnp.sum(losses) / B, (losses, other)
 
     (_, aux), grads = jax.value_and_grad(mean_loss, argnums=(0, 1, 2), has_aux=True)(x, w, w3)
     out[name] = (aux, grads)
@@ -105,6 +109,27 @@ def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, pl
       assert grads[1].sharding.is_equivalent_to(shardings[1], 2), (name, grads[1].sharding)
   new_centers = got["center"][0][1]  # update_centers gives them back split as they came
   assert new_centers.sharding.is_equivalent_to(shardings[1], 2) or not placed
+
+
+def test_every_loss_inside_a_callers_shard_map_equals_one_device(single_device):
+  # The caller's own shard_map over the batch (each device a quarter of it, the centres whole on
+  # each): the pairwise losses and update_centers still see every pair and every example of the
+  # batch, the batch statistics are the whole batch's, and the centres' gradients and the new
+  # states come back whole (out_specs P()), as on one device. Partial FC's sample is each
+  # device's own there (drawn from its own examples' classes): left out.
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+  names = tuple(name for name in LOSSES if not name.startswith("sampled"))
+  split, whole = jax.P("batch"), jax.P()
+
+  # The centres are the same on every device: JAX sums their gradients over the devices.
+  specs = {name: ((split, whole), (split, whole, whole)) for name in names}
+  got = jax.jit(jax.shard_map(functools.partial(losses_and_grads, names=names), mesh=mesh,
+                              in_specs=(split, whole, whole, split), out_specs=specs))(*inputs())
+  for name, (aux, grads) in got.items():
+    want_aux, want_grads = single_device[name]
+    for leaf, want_leaf in zip(jax.tree.leaves((aux, grads)),
+                               jax.tree.leaves((want_aux, want_grads)), strict=True):
+      np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # What the data-parallel chunked program may move between devices: W's gradient, summed once

@@ -178,7 +178,7 @@ def whole_batch(x: Array) -> Array:
   a ``shard_map`` all-gathered over the manual axes ``x`` varies over, in the mesh's order
   (:func:`own_rows` takes this device's part back), under Explicit mesh axes :func:`gathered`."""
   axes = _split_axes(x)
-  return jax.lax.all_gather(x, axes, tiled=True) if axes else gathered(x)
+  return jax.lax.all_gather(x, axes, tiled=True, to="invarying") if axes else gathered(x)
 
 
 def own_rows(whole: Array, part: Array) -> Array:

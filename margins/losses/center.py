@@ -100,10 +100,11 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   if not isinstance(alpha, jax.core.Tracer) and not np.all((0 <= np.asarray(alpha)) &
                                                           (np.asarray(alpha) <= 1)):
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
-  num_classes, batch_size = np.shape(centers)[0], np.shape(labels)[0]
   dtype = _common.compute_dtype(embeddings, centers)
-  # Each class's examples are grouped over the whole batch.
-  embeddings, labels = _common.gathered(embeddings), _common.gathered(labels)
+  # Each class's examples are grouped over the whole batch (all of it on every device where
+  # mesh axes split it: Explicit axes, or a caller's ``shard_map``).
+  embeddings, labels = _common.whole_batch(embeddings), _common.whole_batch(labels)
+  num_classes, batch_size = np.shape(centers)[0], np.shape(labels)[0]
   # Out-of-range labels become `num_classes`, the fill value of the unused slots: both are
   # dropped by the final scatter.
   labels = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)

@@ -39,14 +39,16 @@ MININGS = ("all", "batch_hard", "semi_hard")
 
 def _whole_batch(loss_fn):
   """Runs ``loss_fn(embeddings, labels, **hyperparameters)`` on the whole batch on every device
-  when Explicit mesh axes split the batch (an all-gather of ``[B, D]`` and ``[B]``: every pair of
-  the batch counts), and splits its ``[B]`` losses back like the embeddings."""
+  where mesh axes split the batch (Explicit axes, or a caller's ``shard_map``: an all-gather of
+  ``[B, D]`` and ``[B]``, so that every pair of the batch counts), and keeps each device's rows
+  of its ``[B]`` losses."""
   @functools.wraps(loss_fn)
   def loss_over_whole_batch(embeddings: Array, labels: Array, **hyperparameters) -> Array:
     _common.check_floating("embeddings", embeddings, 2)
     labels = _common.check_labels(labels, np.shape(embeddings)[0])
-    losses = loss_fn(_common.gathered(embeddings), _common.gathered(labels), **hyperparameters)
-    return _common.split_like(losses, embeddings)
+    losses = loss_fn(_common.whole_batch(embeddings), _common.whole_batch(labels),
+                     **hyperparameters)
+    return _common.own_rows(losses, embeddings)
   return loss_over_whole_batch
 
 
