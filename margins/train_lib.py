@@ -90,6 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 128  # Global, over all devices and processes.
   c.micro_batches = 1  # Parts of each batch whose gradients are averaged (``train_step``).
   c.num_steps = 400
+  # Training augmentation: a random crop after padding ``crop_padding`` pixels each side, a
+  # left-right mirror with ``random_flip``; ``worker_count`` decoding processes (0: this one).
   c.input = dict(random_flip=False, crop_padding=2, worker_count=0)
   # LeNets++ at half the paper's widths: the 8x8 digits need no more, and it trains 6x faster.
   c.model = dict(name="small_cnn", embedding_dim=32, kwargs=dict(widths=(16, 32, 64)))
@@ -103,7 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
   # ``sample_rate < 1``, ``freeze_unsampled`` updates only the sampled rows of ``W`` and their
   # optimizer state (Partial FC v1; ``train_step``); otherwise every row moves every step.
   c.engine = dict(kind="dense", chunk_size=8192, sample_rate=1.0, freeze_unsampled=False)
-  c.mesh = dict(shape=(-1,), axis_names=("data",))
+  c.mesh = dict(shape=(-1,), axis_names=("data",))  # -1: all the devices (``make_mesh``).
+  # ``name``: "sgd" (``momentum``, ``nesterov``) or "adamw" (``b1``, ``b2``); ``grad_clip_norm``
+  # clips the backbone's gradient (global norm; 0: off); the head's learning rate is
+  # ``head_lr_scale`` times the backbone's and its weight decay ``head_weight_decay`` (None: the
+  # same); linear warm-up over ``warmup_steps``, then polynomial decay to 0 with ``decay_power``.
   c.optimizer = dict(
       name="sgd", learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
       grad_clip_norm=5.0, head_lr_scale=1.0,
@@ -116,9 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss_scale = dict(initial=2.0**16, growth_interval=100)
   c.log_every = 50
   c.checkpoint_every = 200
-  c.keep_checkpoints = 2
+  c.keep_checkpoints = 2  # The latest ones kept in ``workdir/checkpoints``.
   c.eval_every = 0  # 0: only at the end.
-  # ``flip``: the flip test (sum of an image's and its mirror's embedding); not for digits.
+  # ``num_pairs``: open-set verification pairs of held-out identities, half of them of one
+  # identity; ``flip``: the flip test (sum of an image's and its mirror's embedding); not for
+  # digits.
   # ``bins``: paths of insightface ``.bin`` verification sets, decoded once when the run starts
   # and held in memory (uint8: 450 MB for 12,000 images at 112 x 112).
   c.eval = dict(batch_size=256, flip=False, num_pairs=3000, bins=())
@@ -199,7 +207,8 @@ def make_engine(config: ml_collections.ConfigDict, mesh) -> parallel.SoftmaxEngi
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """insightface's schedule: linear warm-up, then polynomial decay (power 2) to zero."""
+  """insightface's schedule: linear warm-up, then polynomial decay (power
+  ``config.optimizer.decay_power``, 2 in its recipes) to zero."""
   opt = config.optimizer
   warmup = opt.warmup_steps
   decay = optax.polynomial_schedule(opt.learning_rate, 0.0, power=opt.decay_power,
