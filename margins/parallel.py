@@ -957,11 +957,13 @@ def sampled_count(num_local: int, sample_rate: float) -> int:
 
 def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, axis_name,
                  num_classes):
-  """Per-example losses of the whole (global) batch ``x`` against this shard's classes ``w``.
+  """Per-example losses of the whole (global) batch against this shard's classes ``w``.
 
-  ``local_labels`` index rows of the shard, -1 where the class lives on another shard (or is
-  invalid); ``num_valid``: this shard's rows before its padding; ``num_classes``: all shards'
-  (static); ``sample``: ``(index, shard rows)`` where ``w`` holds only the rows ``index`` of the
+  ``x``: the batch, or under ``axis_name`` this shard's part of it, gathered here (its
+  gradient then reduce-scattered: one collective of ``[B, D]``). ``local_labels`` (the whole
+  batch's) index rows of the shard, -1 where the class lives on another shard (or is invalid);
+  ``num_valid``: this shard's rows before its padding; ``num_classes``: all shards' (static);
+  ``sample``: ``(index, shard rows)`` where ``w`` holds only the rows ``index`` of the
   shard's (a :class:`RowSample`'s), else ``None``.
   """
   input_dtype = _common.common_float_dtype(x, w)
@@ -973,8 +975,14 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   param_dtypes = [jnp.result_type(p) for p in _floating_leaves(margin)[0]]
   # A bfloat16 learnt scale: no mixed arithmetic; returned in its own dtype.
   margin = _cast_params(margin, itertools.repeat(dtype))
-  x_wide = x.astype(dtype)
+  x_wide = x.astype(dtype)  # Gathered and reduce-scattered in ``dtype``.
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
+  if axis_name is not None:
+    # The norms (and with them the rows and the margin's batch statistics) the same on every
+    # shard; the embeddings varying, as they meet each shard's classes in the scores and the
+    # target: their cotangents are summed once, by the gather's transpose.
+    norms = jax.lax.all_gather(norms, axis_name, tiled=True, to="invarying")
+    x_wide = jax.lax.all_gather(x_wide, axis_name, tiled=True)
   x_unit = x_wide / norms
   chunk_size = engine.chunk_size
   if sample is not None:
@@ -1004,9 +1012,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # The row maximum starts at the target logit (a softmax's), at 0 for ``one_vs_all``.
   stabilizer = jnp.zeros_like(target) if margin.one_vs_all else target
   if axis_name is not None:  # The same on every shard; their cotangents differ per shard.
-    # Cast after, so that the shards' cotangents of ``x_in`` are summed in ``dtype``.
-    x_in, scored_rows, stabilizer = jax.lax.pcast(
-        (x_in, scored_rows, stabilizer), _axes(axis_name), to="varying")
+    scored_rows, stabilizer = jax.lax.pcast((scored_rows, stabilizer), _axes(axis_name),
+                                            to="varying")
   x_in = x_in.astype(matmul_dtype)
   args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
@@ -1121,11 +1128,11 @@ def _sharded_loss(x, w, labels, margin, key, sample, *, engine, num_classes):
 
   def body(x, w, labels, index, margin, key):
     shard = _shard_index(axis_name)
-    x_global, labels = jax.lax.all_gather((x, labels), axis_name, tiled=True, to="invarying")
+    labels = jax.lax.all_gather(labels, axis_name, tiled=True, to="invarying")
     local_labels, num_valid = _shard_labels(labels, shard * rows_per_shard, rows_per_shard,
                                             num_classes)
     losses, margin = _scored_loss(
-        x_global, w, local_labels, num_valid, margin, key,
+        x, w, local_labels, num_valid, margin, key,
         None if sample is None else (index, rows_per_shard), engine=engine, axis_name=axis_name,
         num_classes=num_classes)
     batch = x.shape[0]

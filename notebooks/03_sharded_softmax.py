@@ -83,11 +83,12 @@ for shard in w.addressable_shards:
 #
 # Inside the engine each device forms the `[global batch, C / 8]` block of logits of its own
 # classes and reduces it to a row max and a row sum. The compiled program of the loss and its
-# gradient shows what crosses devices: the embeddings and labels (all-gathered), `[B]`-sized
-# statistics and cosines, and the embeddings' gradient (all-reduced). Neither `W`, its gradient
-# nor the logits are ever moved: the cell checks that every array a collective moves is `[B]` or
-# `[B, D]` (the table counts arrays: one all-reduce can move several), and that no `[B, C]` array
-# of all the classes' logits exists anywhere in the program.
+# gradient shows what crosses devices: the embeddings, their norms and the labels
+# (all-gathered), `[B]`-sized statistics and cosines, and the embeddings' gradient
+# (reduce-scattered: summed over the devices, each keeping its own examples' rows). Neither `W`,
+# its gradient nor the logits are ever moved: the cell checks that every array a collective moves
+# is `[B]`-sized or a block of `[B, D]` (the table counts arrays: one all-reduce can move
+# several), and that no `[B, C]` array of all the classes' logits exists anywhere in the program.
 
 # %%
 @functools.partial(jax.jit, static_argnums=0)
@@ -115,7 +116,8 @@ for (shape, op), count in sorted(collectives.items()):
 block, whole = f"f32[{batch},{rows // mesh.size}]", f"f32[{batch},{rows}]"
 print(f"per-device logits block {block} in the program: {block in hlo}; "
       f"all the logits {whole}: {whole in hlo or f'f32[{rows},{batch}]' in hlo}")
-batch_sized = {f"f32[{batch}]", f"s32[{batch}]", f"f32[{batch},{dim}]"}
+batch_sized = {f"f32[{batch}]", f"s32[{batch}]", f"f32[{batch},1]", f"f32[{batch},{dim}]",
+               f"f32[{batch // mesh.size},{dim}]"}
 assert {shape for shape, _ in collectives} <= batch_sized, collectives
 assert block in hlo and whole not in hlo and f"f32[{rows},{batch}]" not in hlo
 

@@ -468,10 +468,14 @@ def test_sharded_program_never_gathers_weights(axis_type):
   found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
   gathers = [shape for op, shape in found if op == "all-gather"]
   assert gathers, "the embeddings and labels should be all-gathered"
-  assert set(gathers) <= {f"f32[{B},{D}]", f"s32[{B}]"}, gathers
+  assert set(gathers) <= {f"f32[{B},{D}]", f"f32[{B},1]", f"s32[{B}]"}, gathers  # x, |x|, y
   collectives = [shape for op, shape in found if op != "all-gather"]
   assert all(not shape.startswith(f"f32[{rows}") and f"[{rows // 8},{D}]" not in shape
              for shape in collectives), collectives
+  # The embeddings' gradient: one reduce-scatter of the batch's [B, D], no all-reduce of it.
+  assert [op for op, shape in found if shape.endswith(f",{D}]")].count("reduce-scatter") == 1
+  assert (f"f32[{B // 8},{D}]", "reduce-scatter") in [(s, op) for op, s in found], found
+  assert not [shape for op, shape in found if op == "all-reduce" and shape.endswith(f",{D}]")]
 
 
 def test_sharded_rejects_bad_shapes():
@@ -1120,7 +1124,8 @@ def test_sparse_update_of_sharded_rows_never_gathers_weights(axis_type):
   with jax.set_mesh(mesh):
     text = jax.jit(step).lower(x, w, labels).compile().as_text()
   found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
-  assert {shape for op, shape in found if op == "all-gather"} <= {f"f32[{B},{D}]", f"s32[{B}]"}
+  assert {shape for op, shape in found if op == "all-gather"} <= {
+      f"f32[{B},{D}]", f"f32[{B},1]", f"s32[{B}]"}
   assert all(f",{D}]" not in shape or shape == f"f32[{B},{D}]" for _, shape in found), found
 
 
