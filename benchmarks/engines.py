@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 import margins
+from margins import sharding
 import common
 
 _GB = 1 << 30
@@ -239,7 +240,7 @@ def run_single(args):
       engines = {"dense": margins.dense(matmul_dtype=matmul_dtype)}
       for size in args.chunk_sizes:
         engines[f"chunked ({size})"] = margins.chunked(size, matmul_dtype=matmul_dtype)
-        engines[f"chunked ({size}), recompute"] = margins.chunked(
+        engines[f"chunked ({size}), keep_scores=False"] = margins.chunked(
             size, matmul_dtype=matmul_dtype, keep_scores=False)
       first = args.chunk_sizes[0]
       sampled = margins.chunked(first, sample_rate=args.sample_rate, matmul_dtype=matmul_dtype)
@@ -318,9 +319,10 @@ def _print_temporaries(temps_by_case, args):
 
 
 def _collectives(compiled):
-  ops = re.findall(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                   r"(?:-start)?\(", compiled.as_text())
-  return {op: ops.count(op) for op in sorted(set(ops))}
+  """``op array xN`` for each array the collectives of ``compiled`` move (per-device shapes)."""
+  counts = collections.Counter((found.op, shape) for found in sharding.collectives(
+      compiled.as_text()) for shape in found.shapes)
+  return ", ".join(f"{op} {shape} x{count}" for (op, shape), count in sorted(counts.items()))
 
 
 def run_sharded(args):
@@ -362,7 +364,8 @@ def run_sharded(args):
                    f"(the sharded program's memory is per device)", rows)
       w_bytes = rows_total // num_devices * args.dim * w.dtype.itemsize
       print(f"\nW per device: {rows_total // num_devices:,} rows, {w_bytes / 2**20:.0f} MB; "
-            f"collectives in the compiled sharded program: {_collectives(sharded_compiled)}")
+            f"collectives in the compiled sharded program (arrays per device): "
+            f"{_collectives(sharded_compiled)}")
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Where a run's arrays live: the mesh of ``config.mesh``, the state's shardings, batches.
+"""Where a run's arrays live: the mesh of ``config.mesh``, the state's shardings, batches, and
+what a compiled program moves between devices (:func:`collectives`).
 
 The batch is split over all the mesh's devices (``Experiment.batch_sharding``); the state is
 replicated, but with the ``sharded`` engine the head ``W [C', D]`` and its per-row optimizer state
@@ -8,6 +9,8 @@ into one array and :func:`to_host` gathers one back on every process.
 
 import collections
 import math
+import re
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -112,3 +115,34 @@ def global_batch(batch_sharding: jax.sharding.Sharding, local_batch):
 def to_host(array) -> np.ndarray:
   """All of a (possibly multi-process) global ``array`` as a NumPy array, on every process."""
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+class Collective(NamedTuple):
+  """One collective op of a compiled program (see :func:`collectives`)."""
+  computation: str  # ``ENTRY`` for the program's top level, else e.g. a loop body's name
+  op: str  # ``all-gather``, ``all-reduce``, ``reduce-scatter``, ``all-to-all``, ...
+  shapes: list[str]  # each array it returns, e.g. ``f32[256,512]`` (several when combined)
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """The collective ops of compiled HLO text (``jax.jit(f).lower(...).compile().as_text()``),
+  in program order: what crosses devices, each array's per-device shape, and where.
+
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  >>> total = jax.jit(lambda x: x.sum(), in_shardings=jax.NamedSharding(mesh, jax.P("data")))
+  >>> collectives(total.lower(np.ones(8, np.float32)).compile().as_text())
+  [Collective(computation='ENTRY', op='all-reduce', shapes=['f32[]'])]
+  """
+  found, computation = [], None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      computation = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+    match = _COLLECTIVE.search(line)
+    if match:
+      found.append(Collective(computation, match.group(2),
+                              re.findall(r"\w+\[[\d,]*\]", match.group(1))))
+  return found

@@ -41,7 +41,6 @@ jax.config.update("jax_num_cpu_devices", 8)  # Before JAX starts its backend.
 
 import collections
 import functools
-import re
 
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -50,6 +49,7 @@ from jax.sharding import NamedSharding
 
 import margins
 from common import QUICK, save_figure
+from margins import sharding as margins_sharding
 from margins.parallel import sampled_count
 
 mesh = jax.make_mesh((8,), ("classes",))
@@ -104,12 +104,9 @@ def losses_and_grads(engine, margin, x, w, labels):
 
 engine = margins.sharded(mesh)
 hlo = losses_and_grads.lower(engine, margins.ArcFace(), x, w, labels).compile().as_text()
-# Each collective's result type lists the arrays it moves (a tuple when it moves several).
+# Each collective lists the arrays it moves (several when XLA combined them), per device.
 collectives = collections.Counter(
-    (shape, found.group(2)) for found in re.finditer(
-        r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-        r"(?:-start)?\(", hlo)
-    for shape in re.findall(r"\w+\[[\d,]*\]", found.group(1)))
+    (shape, found.op) for found in margins_sharding.collectives(hlo) for shape in found.shapes)
 print(f"{'collective':>14}  {'array':<12} count")
 for (shape, op), count in sorted(collectives.items()):
   print(f"{op:>14}  {shape:<12} x{count}")

@@ -63,7 +63,7 @@ def test_engines_prints_every_engine_against_the_floor():
   rows = _table_rows(output)  # The last table's: C = 40000, bfloat16.
   assert set(rows) == {"floor (3 matmuls)", "floor, float32 W cast to bfloat16",
                        "floor in chunks of 128", "dense", "chunked (128)",
-                       "chunked (128), recompute", "sampled (r=0.1, chunked 128)",
+                       "chunked (128), keep_scores=False", "sampled (r=0.1, chunked 128)",
                        "sampled rows only (r=0.1, chunked 128)", "sample and gather (r=0.1)"}
   assert rows["floor (3 matmuls)"][2] == "1.00x"
   target = re.findall(r"sampled rows only \(r=0.1, chunked 128\): (\d\.\d+)x the floor; 0.1 x "
@@ -204,7 +204,7 @@ def test_engines_profile_names_each_programs_ops_and_their_calls(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(
       f"C2000_float32_{name}.trace.json.gz" for name in (
           "floor_3_matmuls", "floor_in_chunks_of_128", "dense", "chunked_128",
-          "chunked_128_recompute", "sampled_r_0.1_chunked_128",
+          "chunked_128_keep_scores_False", "sampled_r_0.1_chunked_128",
           "sampled_rows_only_r_0.1_chunked_128", "sample_and_gather_r_0.1"))
   with gzip.open(tmp_path / "C2000_float32_chunked_128.trace.json.gz") as trace:
     assert any(event.get("ph") == "X" for event in json.load(trace)["traceEvents"])
@@ -229,8 +229,11 @@ def test_engines_sharded_prints_the_collectives():
                        "sharded (2 devices, chunk 128)"}
   # 601 classes pad to 602 rows, 301 per device.
   assert "W per device: 301 rows" in output
-  collectives = re.search(r"collectives in the compiled sharded program: (\{.*\})", output)
-  assert collectives and "all-reduce" in collectives.group(1)
+  collectives = re.search(r"collectives in the compiled sharded program \(arrays per device\): "
+                          r"(.*)", output)
+  # The embeddings gathered, their gradient reduce-scattered back: 4 of the 8 rows each.
+  assert collectives and "all-gather f32[8,16] x1" in collectives.group(1), output
+  assert "reduce-scatter f32[4,16] x1" in collectives.group(1), output
 
 
 def test_losses_prints_the_zoo_without_torch():

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from margins.losses import center
-from tests import hlo
+from tests import jaxprs
 
 B, D, C = 7, 3, 5
 # Class 0 three times, class 3 twice, class 4 once; classes 1 and 2 are absent.
@@ -148,9 +148,9 @@ def test_update_centers_cost_does_not_grow_with_classes_times_batch():
   labels = jnp.arange(batch, dtype=jnp.int32) * 7
 
   jaxpr = jax.make_jaxpr(center.update_centers)(centers, x, labels).jaxpr
-  assert hlo.largest_intermediate(jaxpr) <= num_classes * dim < batch * num_classes
+  assert jaxprs.largest_intermediate(jaxpr) <= num_classes * dim < batch * num_classes
   # Only the rows of classes in the batch are written: a scatter, not a dense rewrite.
-  assert "scatter" in {eqn.primitive.name for eqn in hlo.equations(jaxpr)}
+  assert "scatter" in {eqn.primitive.name for eqn in jaxprs.equations(jaxpr)}
 
 
 def test_update_centers_under_vmap():

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 
 import margins
-from tests import hlo
+from margins import sharding
 
 B, D, C, K = 16, 8, 12, 3
 KEY = jax.random.key(3)
@@ -158,5 +158,5 @@ def test_data_parallel_chunked_moves_only_gradients_between_devices(axis_type, k
           jax.ShapeDtypeStruct((64,), jnp.int32, sharding=batch))
   with jax.set_mesh(mesh):
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
-  found = {(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes}
+  found = {(op, shape) for _, op, shapes in sharding.collectives(text) for shape in shapes}
   assert found == DATA_PARALLEL_COLLECTIVES[axis_type]

@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from margins.losses import pairwise
-from tests import hlo
+from tests import jaxprs
 
 # Label 2 is a singleton (an anchor without positives); the others have 2-3 examples.
 LABELS = np.array([0, 0, 1, 1, 1, 2, 3, 3], np.int32)
@@ -420,7 +420,7 @@ def test_memory_is_quadratic_in_the_batch():
   for name, loss_fn, kwargs in LOSSES:
     fn = lambda x_: loss_fn(x_, labels, **kwargs).sum()
     jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(x).jaxpr
-    assert hlo.largest_intermediate(jaxpr) <= batch * (batch + 1), name
+    assert jaxprs.largest_intermediate(jaxpr) <= batch * (batch + 1), name
 
 
 def test_every_matmul_asks_for_full_float32_precision():
@@ -430,7 +430,7 @@ def test_every_matmul_asks_for_full_float32_precision():
   for name, loss_fn, kwargs in LOSSES:
     fn = lambda x_: loss_fn(x_, LABELS, **kwargs).sum()
     jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(jnp.zeros((B, D))).jaxpr
-    precisions = [eqn.params["precision"] for eqn in hlo.equations(jaxpr)
+    precisions = [eqn.params["precision"] for eqn in jaxprs.equations(jaxpr)
                   if eqn.primitive.name == "dot_general"]
     assert precisions and all(p == highest for p in precisions), (name, precisions)
 

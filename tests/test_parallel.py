@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 
 import margins
 from margins import parallel
-from tests import hlo
+from margins import sharding
 
 B, D = 16, 16  # B <= D: the chunked engines keep their scores (keep_scores=False recomputes)
 KEY = jax.random.key(7)
@@ -465,7 +465,7 @@ def test_sharded_program_never_gathers_weights(axis_type):
   loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=50)[0])  # noqa
   with jax.set_mesh(mesh):
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile().as_text()
-  found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
+  found = [(op, shape) for _, op, shapes in sharding.collectives(text) for shape in shapes]
   gathers = [shape for op, shape in found if op == "all-gather"]
   assert gathers, "the embeddings and labels should be all-gathered"
   assert set(gathers) <= {f"f32[{B},{D}]", f"f32[{B},1]", f"s32[{B}]"}, gathers  # x, |x|, y
@@ -1123,7 +1123,7 @@ def test_sparse_update_of_sharded_rows_never_gathers_weights(axis_type):
 
   with jax.set_mesh(mesh):
     text = jax.jit(step).lower(x, w, labels).compile().as_text()
-  found = [(op, shape) for _, op, shapes in hlo.collectives(text) for shape in shapes]
+  found = [(op, shape) for _, op, shapes in sharding.collectives(text) for shape in shapes]
   assert {shape for op, shape in found if op == "all-gather"} <= {
       f"f32[{B},{D}]", f"f32[{B},1]", f"s32[{B}]"}
   assert all(f",{D}]" not in shape or shape == f"f32[{B},{D}]" for _, shape in found), found

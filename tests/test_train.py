@@ -33,7 +33,6 @@ from margins import sharding as sharding_lib
 from margins import train_lib
 from margins import train_state
 from margins.losses import margin as margin_lib
-from tests import hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -217,7 +216,7 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
     if kind == "chunked":  # The engine's data-parallel program: W's gradient is summed once,
       # after the chunk loops, and nothing crosses devices chunk by chunk (Auto mesh axes would
       # sum each chunk's gradient inside the loop).
-      collectives = hlo.collectives(step.as_text())
+      collectives = sharding_lib.collectives(step.as_text())
       assert {computation for computation, _, _ in collectives} == {"ENTRY"}, collectives
       head_sums = [s for _, op, shapes in collectives for s in shapes
                    if op == "all-reduce" and s == f"f32[{source.num_classes},32]"]
