@@ -5,6 +5,7 @@ so silent upcasts and implicit broadcasting are bugs here; warnings are errors (
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,11 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # inherit the environment): the training tests compile the same backbone programs many times,
 # and XLA's CPU compiler takes seconds for each. One per worker, because JAX writes an entry in
 # place without a lock (unless the cache has a size limit), so a worker could read an entry
-# another is still writing. Set in every process: workers inherit the controller's environment.
+# another is still writing. A new folder for each test run, deleted at its end, unless
+# MARGINS_TESTS_JAX_CACHE names one to keep: XLA:CPU executables loaded from a cache have
+# rarely computed wrong values (README, known issue), and a run's own cache loads only the
+# programs it compiles twice. The controller sets the variable before it starts the workers.
+_OWN_CACHE = "MARGINS_TESTS_JAX_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["MARGINS_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="margins-tests-jax-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-    os.environ.setdefault("MARGINS_TESTS_JAX_CACHE",
-                          os.path.join(tempfile.gettempdir(), "margins-tests-jax-cache")),
-    os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    os.environ["MARGINS_TESTS_JAX_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
@@ -31,3 +36,9 @@ NUM_DEVICES = 8
 def pytest_configure(config):
   del config
   assert len(jax.devices()) == NUM_DEVICES, jax.devices()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["MARGINS_TESTS_JAX_CACHE"], ignore_errors=True)
