@@ -165,7 +165,7 @@ def test_train_step_prints_a_recipes_step_and_its_head():
   output = _run("train_step.py", "--recipe", "ms1mv3_r50", "--quick", "--classes", "4097",
                 "--batch", "8", "--steps", "1", "--repeats", "1", "--sample-rate", "0.5",
                 "--chunk-size", "128", "--freeze-unsampled", "both",
-                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                JAX_NUM_CPU_DEVICES="2")
   tables = re.split(r"^(?=jax )", output, flags=re.M)[1:]
   assert len(tables) == 2, output
   for freeze_unsampled, table in zip((False, True), tables):
