@@ -344,7 +344,7 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     if head_bias is not None:
       params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=optimizer.init(params), margin=jax.tree.map(jnp.asarray, margin),
+                      opt_state=optimizer.init(params), margin=jax.tree.map(_strongly_typed, margin),
                       **_optional_fields(config, num_classes))
 
   shapes = jax.eval_shape(init, *jax.eval_shape(init_model))
@@ -357,6 +357,13 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
   return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
+
+
+def _strongly_typed(leaf: Any) -> Array:
+  """``leaf`` as an array of its dtype without JAX's weak type, as a step returns it and a
+  checkpoint restores it: a margin's Python floats would otherwise enter the first step weakly
+  typed and leave it strongly typed, and the second step would compile the program again."""
+  return jnp.asarray(leaf, jnp.asarray(leaf).dtype)
 
 
 def _optional_fields(config, num_classes: int) -> dict[str, Any]:

@@ -84,6 +84,25 @@ def test_every_config_runs_in_quick_mode(path, tmp_path):
     assert os.path.exists(tmp_path / "features_open.png")
 
 
+@pytest.mark.parametrize("name", list(train_lib.MARGINS))
+def test_a_step_returns_the_state_types_it_takes(name):
+  # Else the second step compiles the program again (a weakly typed leaf coming back strongly
+  # typed did, for every run, until the margin's Python floats were made arrays of their dtype).
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")))
+  config.loss = ml_collections.ConfigDict({"name": name})
+  if name == "subcenter_arcface":
+    config.loss.subcenters = 3
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config),
+                                                   source.num_classes, source.image_shape)
+  batch = {"image": margins_data.normalize_images(source.images[:config.batch_size]),
+           "label": jnp.asarray(source.labels[:config.batch_size])}
+  new_state, _ = jax.eval_shape(functools.partial(train_lib.train_step, experiment), state,
+                                jax.device_put(batch, experiment.batch_sharding))
+  types = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype, a.weak_type), tree)
+  assert types(new_state) == types(state)
+
+
 def test_digits_arcface_learns(tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.num_steps, config.log_every = 60, 10
