@@ -344,7 +344,8 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     if head_bias is not None:
       params["head_bias"] = jnp.asarray(head_bias, jnp.float32)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=optimizer.init(params), margin=jax.tree.map(_strongly_typed, margin),
+                      opt_state=optimizer.init(params),
+                      margin=jax.tree.map(_strongly_typed, margin),
                       **_optional_fields(config, num_classes))
 
   shapes = jax.eval_shape(init, *jax.eval_shape(init_model))

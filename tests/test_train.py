@@ -99,7 +99,8 @@ def test_a_step_returns_the_state_types_it_takes(name):
            "label": jnp.asarray(source.labels[:config.batch_size])}
   new_state, _ = jax.eval_shape(functools.partial(train_lib.train_step, experiment), state,
                                 jax.device_put(batch, experiment.batch_sharding))
-  types = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype, a.weak_type), tree)
+  def types(tree):
+    return jax.tree.map(lambda a: (a.shape, a.dtype, a.weak_type), tree)
   assert types(new_state) == types(state)
 
 
