@@ -24,11 +24,12 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
     os.environ["MARGINS_TESTS_JAX_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # LLVM's optimisation level 1 instead of XLA:CPU's default 2: the tests are compile-bound, and at
-# level 1 XLA compiles a training step's programs in 60% of the time (the float16 training test:
-# 10.7 s of backend compilation instead of 18.4 s, the test 20 s instead of 27 s), while the tests
-# that run longer programs took the same time. The level sets how hard LLVM optimises the generated
-# code, not what it computes: XLA:CPU does not enable fast math, so floating-point operations are
-# not reordered at either level. A level already in XLA_FLAGS is kept.
+# level 1 XLA compiles a training step's programs in 60% of the time (the float16 training test,
+# without the persistent cache: 10.7 s of backend compilation instead of 18.4 s, the test 20 s
+# instead of 27 s), while the tests that run longer programs took the same time. The level sets how
+# hard LLVM optimises the generated code, not what it computes: XLA:CPU does not enable fast math,
+# so floating-point operations are not reordered at either level. A level already in XLA_FLAGS is
+# kept.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
