@@ -63,6 +63,15 @@ def tiny(config: ml_collections.ConfigDict, num_steps: int = 2) -> ml_collection
   return config
 
 
+def digits_batch(config: ml_collections.ConfigDict,
+                 size: int) -> tuple[margins_data.ArraySource, dict]:
+  """``(source, batch)``: the digits training source at ``config``'s image size and a batch of
+  its first ``size`` images (normalised) and labels."""
+  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  return source, {"image": margins_data.normalize_images(source.images[:size]),
+                  "label": jnp.asarray(source.labels[:size])}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
 def test_every_config_runs_in_quick_mode(path, tmp_path):
   config = tiny(load_config(path))
@@ -92,11 +101,9 @@ def test_a_step_returns_the_state_types_it_takes(name):
   config.loss = ml_collections.ConfigDict({"name": name})
   if name == "subcenter_arcface":
     config.loss.subcenters = 3
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
+  source, batch = digits_batch(config, config.batch_size)
   experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config),
                                                    source.num_classes, source.image_shape)
-  batch = {"image": margins_data.normalize_images(source.images[:config.batch_size]),
-           "label": jnp.asarray(source.labels[:config.batch_size])}
   new_state, _ = jax.eval_shape(functools.partial(train_lib.train_step, experiment), state,
                                 jax.device_put(batch, experiment.batch_sharding))
   def types(tree):
@@ -153,9 +160,7 @@ def _schedule_counts(opt_state) -> list[int]:
 def test_float16_loss_scale_skips_overflows_halves_and_grows():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.loss_scale = dict(initial=2.0**30, growth_interval=2)  # Overflows float16 at first.
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:64]),
-           "label": jnp.asarray(source.labels[:64])}
+  source, batch = digits_batch(config, 64)
   steps, states = {}, {}
   for dtype in ("float32", "float16"):
     config.compute_dtype = dtype
@@ -213,9 +218,7 @@ def test_float16_metrics_count_every_skipped_step(tmp_path):
 
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:64]),
-           "label": jnp.asarray(source.labels[:64])}
+  source, batch = digits_batch(config, 64)
   results = []
   # chunked on 8 devices: data parallel, W whole on each device, the batch split over a 2 x 4
   # mesh's two axes.
@@ -638,9 +641,7 @@ def test_bfloat16_compute_step_is_finite_and_keeps_float32_parameters():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.compute_dtype = "bfloat16"
   config.mesh.shape = (1,)
-  source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:32]),
-           "label": jnp.asarray(source.labels[:32])}
+  source, batch = digits_batch(config, 32)
   experiment, state = train_lib.create_train_state(
       config, sharding_lib.make_mesh(config), source.num_classes, source.image_shape)
   step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
