@@ -51,7 +51,7 @@ Array = jax.Array
 AxisName = str | tuple[str, ...]
 
 
-@jax.tree_util.register_dataclass
+@_common.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowSample:
   """Partial FC's rows of ``W`` for one step (:meth:`SoftmaxEngine.sample`).

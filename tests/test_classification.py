@@ -300,6 +300,25 @@ def test_a_user_margin_runs_on_every_engine_under_jit(engine):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_margins_of_different_classes_never_share_a_jit_trace():
+  # In jax 0.10.2 the structures of two classes registered by `register_dataclass` (and so by
+  # flax.struct) compare equal whatever the class when their leaves and static fields do; jit's
+  # caches then ran one class's program for the other's now and then (in about 1% of processes,
+  # the tests' all-margin program ran CombinedMargin's for CurricularFace). `margin_dataclass`
+  # registers margins whose structures compare their class.
+  assert (jax.tree.structure(margins.CurricularFace())
+          != jax.tree.structure(margins.CombinedMargin()))
+  classes = [margins.margin_dataclass(type(f"Offset{i}", (margins.Margin,), {
+      "__annotations__": {"scale": float}, "scale": 1.0, "offset": i,
+      "target_logit": lambda self, rows: self.scale * rows.cos + self.offset}))
+             for i in range(100)]
+  rows = margins.Rows(jnp.zeros(1), embedding_norm=jnp.ones(1), weight_norm=jnp.ones(1))
+  target_logit = jax.jit(lambda margin: (margin.target_logit(rows), margin))
+  for cls in classes:
+    logit, margin = target_logit(cls(jnp.float32(1.0)))
+    assert (type(margin).__name__, float(logit[0])) == (cls.__name__, cls.offset)
+
+
 @pytest.mark.parametrize("kind", ["cos", "arc"])
 @pytest.mark.parametrize("easy_margin", [True, False])
 @pytest.mark.parametrize("cos_y", [0.2, -0.2])

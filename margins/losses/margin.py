@@ -97,7 +97,7 @@ def margin_dataclass(cls):
   >>> bool(jnp.allclose(losses, margins.cosface_loss(x, w, y), rtol=1e-5))
   True
   """
-  return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+  return _common.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
 class Margin:
