@@ -13,10 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # inherit the environment): the training tests compile the same backbone programs many times,
 # and XLA's CPU compiler takes seconds for each. One per worker, because JAX writes an entry in
 # place without a lock (unless the cache has a size limit), so a worker could read an entry
-# another is still writing. A new folder for each test run, deleted at its end, unless
-# MARGINS_TESTS_JAX_CACHE names one to keep: XLA:CPU executables loaded from a cache have
-# rarely computed wrong values (README, known issue), and a run's own cache loads only the
-# programs it compiles twice. The controller sets the variable before it starts the workers.
+# another is still writing. A new folder for each test run, deleted at its end, as on a new
+# machine, unless MARGINS_TESTS_JAX_CACHE names one to keep. The controller sets the variable
+# before it starts the workers.
 _OWN_CACHE = "MARGINS_TESTS_JAX_CACHE" not in os.environ
 if _OWN_CACHE:
   os.environ["MARGINS_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="margins-tests-jax-cache-")
