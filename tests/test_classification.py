@@ -306,8 +306,14 @@ def test_margins_of_different_classes_never_share_a_jit_trace():
   # caches then ran one class's program for the other's now and then (in about 1% of processes,
   # the tests' all-margin program ran CombinedMargin's for CurricularFace). `margin_dataclass`
   # registers margins whose structures compare their class.
-  assert (jax.tree.structure(margins.CurricularFace())
-          != jax.tree.structure(margins.CombinedMargin()))
+  zoo = [margins.AdaFace(), margins.ArcFace(), margins.CombinedMargin(), margins.CosFace(),
+         margins.CurricularFace(), margins.ElasticFace(key=jax.random.key(0)), margins.LSoftmax(),
+         margins.MVSoftmax(), margins.MagFace(), margins.NormFace(), margins.Softmax(),
+         margins.SphereFace(), margins.SphereFace2(bias=0.0), margins.SphereFaceR()]
+  structures = [jax.tree.structure(margin) for margin in zoo]
+  same = [(type(a).__name__, type(b).__name__) for i, a in enumerate(zoo) for j, b in
+          enumerate(zoo) if i < j and structures[i] == structures[j]]  # Not a set: hashes differ.
+  assert not same
   classes = [margins.margin_dataclass(type(f"Offset{i}", (margins.Margin,), {
       "__annotations__": {"scale": float}, "scale": 1.0, "offset": i,
       "target_logit": lambda self, rows: self.scale * rows.cos + self.offset}))
