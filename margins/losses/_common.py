@@ -29,12 +29,14 @@ def register_dataclass(cls: type) -> type:
   children = tuple(f.name for f in fields if not f.metadata.get("static"))
   static = tuple(f.name for f in fields if f.metadata.get("static"))
 
-  def flatten_with_keys(obj):
-    keyed = [(jax.tree_util.GetAttrKey(name), getattr(obj, name)) for name in children]
-    return keyed, tuple(getattr(obj, name) for name in static)
+  keys = tuple(jax.tree_util.GetAttrKey(name) for name in children)
 
   def flatten(obj):
     return [getattr(obj, name) for name in children], tuple(getattr(obj, name) for name in static)
+
+  def flatten_with_keys(obj):
+    values, static_values = flatten(obj)
+    return list(zip(keys, values)), static_values
 
   def unflatten(static_values, child_values):
     return cls(**dict(zip(children, child_values)), **dict(zip(static, static_values)))
