@@ -3,7 +3,7 @@
 Prints the images per second that ``margins.data.IJBSource`` (decode a JPEG crop, align it to
 112 x 112) delivers through the evaluation pipeline for each ``--read-threads``, and the time and
 peak memory of ``margins.evaluation.evaluate_ijb`` at a benchmark's size with random features
-(defaults: IJB-C's 469,375 images in 23,124 templates and 15,658 + 19,557,540 pairs, 512-d).
+(defaults: IJB-C's 469,375 images in 23,124 templates and 19,557 same + 15,638,932 different pairs, 512-d).
 Both are work the host does besides the network's forward passes.
 
   python benchmarks/ijb.py
@@ -28,8 +28,8 @@ def _parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--images", type=int, default=469_375)
   parser.add_argument("--templates", type=int, default=23_124)
-  parser.add_argument("--pairs", type=int, default=15_658 + 19_557_540)
-  parser.add_argument("--same-pairs", type=int, default=15_658)
+  parser.add_argument("--pairs", type=int, default=19_557 + 15_638_932)
+  parser.add_argument("--same-pairs", type=int, default=19_557)
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--crops", type=int, default=512, help="crops written for the reading test")
   parser.add_argument("--crop-size", type=int, default=250)

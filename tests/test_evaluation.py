@@ -5,6 +5,7 @@ over folds and thresholds; the retrieval reference ranks every query's neighbour
 ``sorted`` and applies pytorch-metric-learning's definitions literally.
 """
 
+import dataclasses
 import math
 import os
 
@@ -318,6 +319,9 @@ def test_format_verification():
   ]
   first_line = evaluation.format_verification("cfp_fp", result, step=2000, flip=False)
   assert first_line.splitlines()[0] == "[cfp_fp][2000] Accuracy: 0.99650+-0.00300"
+  unmeasured = dataclasses.replace(result, val=np.nan, val_std=np.nan, far=np.nan)
+  assert evaluation.format_verification("lfw", unmeasured).splitlines()[1] == (
+      "[lfw] VAL@FAR=1e-03: n/a+-n/a (FAR n/a)  TAR@FAR=1e-03: 0.97000  TAR@FAR=1e-04: n/a")
 
 
 # ---------------------------------------------------------------------------------------------

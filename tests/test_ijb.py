@@ -1,6 +1,8 @@
 """IJB-B/C: the meta files, face alignment, template features and scores (the CLI:
 ``tests/test_evaluate_export.py``)."""
 
+import dataclasses
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -179,6 +181,9 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
     evaluation.evaluate_ijb(np.ones((17, 4)), protocol)
   with pytest.raises(ValueError, match="`operating_point` must be one of"):
     evaluation.evaluate_ijb(np.ones((18, 4)), protocol, operating_point="closest")
+  for issame in np.zeros_like(protocol.issame), np.ones_like(protocol.issame):
+    with pytest.raises(ValueError, match="both same and different pairs"):
+      evaluation.evaluate_ijb(np.ones((18, 4)), dataclasses.replace(protocol, issame=issame))
   meta = folder / "meta"
   pairs = meta / "ijbc_template_pair_label.txt"
   pairs.write_text(pairs.read_text() + "10 99 0\n")

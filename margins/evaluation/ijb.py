@@ -5,7 +5,7 @@ kept unnormalised (its norm weighs it, insightface's "N1") and multiplied by the
 score ("D1"). A template's feature is the sum over its media (a photo, or the frames of one video)
 of the mean of the media's images, L2-normalised; a pair of templates is scored by the cosine of
 their features. Reported: the true-accept rate at false-accept rates 1e-6 ... 1e-1 on the ROC of
-all pairs (IJB-C has 15,658 same and 19,557,540 different pairs), and the AUC.
+all pairs (IJB-C has 19,557 same and 15,638,932 different pairs), and the AUC.
 
 TAR@FAR reads the ROC one of two ways (``operating_point``): by default the highest TAR whose FAR
 is at most the target; or, as ``eval_ijbc.py`` does, the TAR of the ROC point whose FAR is nearest
@@ -113,6 +113,8 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
     raise ValueError(f"`operating_point` must be one of {OPERATING_POINTS}, got "
                      f"{operating_point!r}.")
   features = np.asarray(image_features, np.float64)
+  if protocol.issame.all() or not protocol.issame.any():
+    raise ValueError("The protocol's pairs must include both same and different pairs.")
   if features.ndim != 2 or len(features) != len(protocol.files):
     raise ValueError(f"`image_features` must be [{len(protocol.files)}, D], one row per image "
                      f"of the protocol, got {features.shape}.")

@@ -412,7 +412,7 @@ def format_verification(name: str, result: VerificationResult, *, step: int | No
   return "\n".join([
       *xnorm,
       f"{prefix} {accuracy}: {result.accuracy:.5f}+-{result.accuracy_std:.5f}",
-      f"{prefix} VAL@FAR={result.val_far_target:.0e}: {result.val:.5f}+-{result.val_std:.5f} "
-      f"(FAR {result.far:.5f}){tars}",
+      f"{prefix} VAL@FAR={result.val_far_target:.0e}: {format_value(result.val)}+-"
+      f"{format_value(result.val_std)} (FAR {format_value(result.far)}){tars}",
       f"{prefix} AUC: {result.auc:.5f}  EER: {result.eer:.5f}",
   ])
