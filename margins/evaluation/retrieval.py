@@ -14,9 +14,11 @@ Each metric is the mean over queries (pytorch-metric-learning's default ``avg_of
 queries alone in their class (``R = 0``) are left out, as there.
 
 Ties: a neighbour of another class whose similarity equals that of a neighbour of the query's
-class is ranked before it (the pessimistic order), so the metrics never credit a tie, and a model
-that maps everything to one point scores 0. pytorch-metric-learning leaves tie order to its
-nearest-neighbour search.
+class, to within ``TIE_TOLERANCE``, is ranked before it (the pessimistic order), so the metrics
+never credit a tie, and a model that maps everything to one point scores 0. The tolerance is for
+rounding: a matrix product gives equal cosines a few units apart in their last digit, differently
+for different ``chunk_size``. pytorch-metric-learning leaves tie order to its nearest-neighbour
+search.
 """
 
 import numpy as np
@@ -26,12 +28,14 @@ from margins._checks import check_int
 from margins.evaluation.verification import _check_embeddings
 from margins.losses import _common
 
+TIE_TOLERANCE = 1e-12  # Float64 cosines of unit vectors are within ~1e-14 of their exact value.
+
 
 def _ranks_of_relevant(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
   """``[Q, R]`` rank (from 1) of each query's ``R`` relevant examples, best first.
 
   The ``i``-th most similar relevant example is ranked ``i`` plus the number of negatives at
-  least as similar (ties go to the negative). Only negatives among the ``R`` most similar can
+  least as similar, less ``TIE_TOLERANCE`` (ties go to the negative). Only negatives among the ``R`` most similar can
   rank a relevant example within the first ``R``, so only those are sorted.
 
   Args:
@@ -44,7 +48,7 @@ def _ranks_of_relevant(positive: np.ndarray, negative: np.ndarray) -> np.ndarray
   positive = -np.sort(-positive, axis=1)
   negative = np.sort(negative, axis=1)
   negatives_ahead = negative.shape[1] - np.stack([
-      np.searchsorted(row_negative, row_positive, side="left")
+      np.searchsorted(row_negative, row_positive - TIE_TOLERANCE, side="left")
       for row_negative, row_positive in zip(negative, positive)])
   return np.arange(1, num_relevant + 1) + negatives_ahead
 
