@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -127,6 +128,20 @@ def test_writer_rejects_repeated_keys_and_keys_without_index(tmp_path):
     writer.write(b"x", key=1)
     with pytest.raises(ValueError, match="already written"):
       writer.write(b"y", key=1)
+  # Keys in any order, against a set: every repeat refused, every new key taken.
+  rng = np.random.default_rng(0)
+  written = set()
+  with recordio.RecordIOWriter(str(tmp_path / "c.rec"), str(tmp_path / "c.idx")) as writer:
+    for key in rng.integers(-20, 60, size=400).tolist():
+      if key in written:
+        with pytest.raises(ValueError, match=f"`key` {key} was already written"):
+          writer.write(b"x", key=key)
+      else:
+        writer.write(b"x", key=key)
+        written.add(key)
+    assert written == set(range(-20, 60)) and len(writer._run_starts) == 1  # One run.
+  assert sorted(recordio.RecordIOReader(str(tmp_path / "c.rec"),
+                                        str(tmp_path / "c.idx")).keys.tolist()) == sorted(written)
   with recordio.RecordIOWriter(str(tmp_path / "b.rec")) as writer:
     assert writer.write(b"x") == 0
     with pytest.raises(ValueError, match="idx_path"):
@@ -362,6 +377,27 @@ def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_write_identity_dataset_rejects_labels_that_do_not_match_the_images(tmp_path):
+  image = encode_image(_smooth_image(0, 8), image_format="png")
+  prefix = tmp_path / "train"
+  for labels, images, error, match in (
+      ([0, 1], [image] * 5, ValueError, "2 labels but more images"),
+      ([0, 1, 1], [image] * 2, ValueError, "3 labels but 2 images"),
+      ([0.0, 0.7, 1.9], [image] * 3, TypeError, "must be integers of shape"),
+      ([1, 0], [image] * 2, ValueError, "non-decreasing"),
+      (np.array([1, 0], np.uint8), [image] * 2, ValueError, "non-decreasing"),  # Not by diff.
+      ([0, 2], [image] * 2, ValueError, r"non-decreasing in \[0, 2\)")):
+    with pytest.raises(error, match=match):
+      pack_recordio.write_identity_dataset(prefix, np.array(labels), iter(images),
+                                           num_classes=2, image_size=(8, 8))
+    assert not list(tmp_path.iterdir())  # Nothing left behind, not even a partial file.
+  pack_recordio.write_identity_dataset(prefix, np.array([0, 1, 1], np.uint8), [image] * 3,
+                                       num_classes=2, image_size=(8, 8))
+  source = recordio.RecordIOSource(str(prefix) + ".rec")
+  assert [int(source[i]["label"]) for i in range(3)] == [0, 1, 1]
+  assert source.identity_ranges().tolist() == [[1, 2], [2, 4]]
+
+
 def test_source_is_picklable_and_the_copy_reads_the_same(tmp_path):
   _make_folder(tmp_path / "faces", COUNTS)
   pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
@@ -439,6 +475,20 @@ def test_source_past_2_to_the_24_images_where_float32_header_labels_are_rounded(
   assert len(source) == num_images and source.image_keys[-1] == num_images
   assert int(source[num_images - 1]["label"]) == 1  # The last image, not an identity record.
   assert source.identity_ranges().tolist() == [[1, 2], [2, first_identity + 1]]  # As stored.
+
+
+def test_end_of_identities_is_never_searched_among_the_image_keys():
+  # Past 2**25 images a float32 key is off by up to 2: with N = 2**25 images and one identity,
+  # the end of the identity records, N + 2, is stored as 2**25, two keys into the images.
+  num_images = 2**25
+  image_end = num_images + 1  # The one identity record's key.
+  stored = recordio.unpack(recordio.pack(recordio.IRHeader(0, [image_end, num_images + 2], 0),
+                                         b""))[0].label[1]
+  assert stored == 2**25
+  ends_identities = lambda key: key != image_end  # An image, or past the identity records.
+  source = types.SimpleNamespace(rec_path="train.rec")
+  assert recordio.RecordIOSource._stored_key(
+      source, stored, ends_identities, lowest=image_end) == num_images + 2
 
 
 def test_source_without_images_is_an_error(tmp_path):

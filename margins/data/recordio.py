@@ -23,6 +23,7 @@ identity keys; keys ``1..N`` are images (label: the class, or a list starting wi
 image, as in MXNet's ``im2rec`` output.
 """
 
+import bisect
 import functools
 import os
 import struct
@@ -244,7 +245,10 @@ class RecordIOWriter:
     self._rec = open(self.rec_path, "wb")
     self._idx = None if idx_path is None else open(self.idx_path, "w", encoding="ascii")
     self._offset = 0
-    self._keys: set[int] = set()
+    # The keys written, as sorted disjoint runs [start, end): one run while keys count up, so
+    # 42.5 million keys in order (WebFace42M) take two integers, where a set took gigabytes.
+    self._run_starts: list[int] = []
+    self._run_ends: list[int] = []
 
   def write(self, payload: bytes, *, key: int | None = None) -> int:
     """Appends a record; with ``key``, adds the line ``key<TAB>offset`` to the index.
@@ -259,10 +263,7 @@ class RecordIOWriter:
     if key is not None:
       if self._idx is None:
         raise ValueError("`key` needs an index: pass `idx_path` to RecordIOWriter.")
-      key = int(key)
-      if key in self._keys:
-        raise ValueError(f"`key` {key} was already written to {self.idx_path}.")
-      self._keys.add(key)
+      self._add_key(int(key))
     offset = self._offset
     framed = frame(payload)
     self._rec.write(framed)
@@ -270,6 +271,25 @@ class RecordIOWriter:
     if key is not None:
       self._idx.write(f"{key}\t{offset}\n")
     return offset
+
+  def _add_key(self, key: int) -> None:
+    """Records ``key`` among the written keys; raises if it is one already."""
+    starts, ends = self._run_starts, self._run_ends
+    run = bisect.bisect_right(starts, key) - 1  # The last run starting at or before `key`.
+    if run >= 0 and key < ends[run]:
+      raise ValueError(f"`key` {key} was already written to {self.idx_path}.")
+    joins_previous = run >= 0 and ends[run] == key
+    joins_next = run + 1 < len(starts) and starts[run + 1] == key + 1
+    if joins_previous and joins_next:
+      ends[run] = ends.pop(run + 1)
+      del starts[run + 1]
+    elif joins_previous:
+      ends[run] = key + 1
+    elif joins_next:
+      starts[run + 1] = key
+    else:
+      starts.insert(run + 1, key)
+      ends.insert(run + 1, key + 1)
 
   def close(self) -> None:
     """Flushes and closes the files."""
@@ -548,7 +568,8 @@ class RecordIOSource:
       # Identity records [N + 1, N + 1 + K), when the header gives their range and they exist
       # (some tools write labels [N + 1, K] and no identity records).
       identity_end = image_end if header.flag < 2 else self._stored_key(
-          header.label[1], lambda key: key not in self.reader or not self._is_identity_record(key))
+          header.label[1], lambda key: key not in self.reader or not self._is_identity_record(key),
+          lowest=image_end)
       identity_keys = np.arange(image_end, identity_end, dtype=np.int64)
       if identity_keys.size and not self.reader.missing(identity_keys).size:
         self._identity_keys = identity_keys
@@ -622,16 +643,18 @@ class RecordIOSource:
     ranges = [self._unpack(int(key))[0].label[:2] for key in self._identity_keys]
     return np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
 
-  def _stored_key(self, stored: float, is_key: Callable[[int], bool]) -> int:
+  def _stored_key(self, stored: float, is_key: Callable[[int], bool], *, lowest: int = 1) -> int:
     """The key that a header record's float32 label ``stored`` names.
 
     float32 holds every integer up to ``2**24``; past that (Glint360K's 17.1M images, WebFace42M's
-    42.5M) the writer rounded the key to the nearest float32, and the key is the first one within
-    that rounding of ``stored`` for which ``is_key`` holds.
+    42.5M) the writer rounded the key to the nearest float32, and the key is the first one, from
+    ``lowest`` on, within that rounding of ``stored`` for which ``is_key`` holds.
     """
     rounding = int(np.spacing(np.float32(stored))) // 2
-    for key in range(int(stored) - rounding, int(stored) + rounding + 1):
-      if not rounding or is_key(key):
+    if not rounding:  # Exact.
+      return int(stored)
+    for key in range(max(lowest, int(stored) - rounding), int(stored) + rounding + 1):
+      if is_key(key):
         return key
     raise RecordIOError(
         f"{self.rec_path}: the header record (key 0) names key {int(stored)} (a float32, "

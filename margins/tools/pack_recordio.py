@@ -118,7 +118,10 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
     image_size: ``(H, W)`` of every image, for ``property``.
   """
   labels = np.asarray(labels)
-  if labels.size and (np.any(np.diff(labels) < 0) or labels[0] < 0
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise TypeError(f"`labels` must be integers of shape [N], got {labels.dtype} "
+                    f"{labels.shape}.")
+  if labels.size and (np.any(labels[1:] < labels[:-1]) or labels[0] < 0
                       or labels[-1] >= num_classes):
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
   output_prefix = resolve_output(output_prefix)
@@ -163,12 +166,14 @@ def _write_records(writer: recordio.RecordIOWriter, labels: np.ndarray, images: 
   first_identity_key = num_images + 1
   header = recordio.IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0)
   writer.write(recordio.pack(header, b""), key=0)
-  written = 0
-  for key, (label, data) in enumerate(zip(labels.tolist(), images), start=1):
+  images = iter(images)
+  for key, label in enumerate(labels.tolist(), start=1):
+    data = next(images, None)
+    if data is None:
+      raise ValueError(f"{num_images} labels but {key - 1} images.")
     writer.write(recordio.pack(recordio.IRHeader(0, float(label), key), data), key=key)
-    written = key
-  if written != num_images:
-    raise ValueError(f"{num_images} labels but {written} images.")
+  if next(images, None) is not None:
+    raise ValueError(f"{num_images} labels but more images.")
   identities = np.arange(num_classes)
   starts = np.searchsorted(labels, identities, side="left") + 1
   ends = np.searchsorted(labels, identities, side="right") + 1
