@@ -631,6 +631,26 @@ def test_edge_cases_finite_values_and_gradients(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_margins_on_low_precision_rows_have_finite_gradients_at_cos_one(dtype):
+  # The engines build Rows in float32; a margin applied to a user's own bfloat16 Rows must hold
+  # too (AdaFace's clip below 1 - 1e-3 rounded to 1 in bfloat16: NaN and inf gradients).
+  cos = jnp.array([1.0, -1.0, 0.3], dtype)
+  for margin in [margins.AdaFace(), margins.ArcFace(), margins.CombinedMargin(),
+                 margins.CosFace(), margins.CurricularFace(),
+                 margins.ElasticFace(key=jax.random.key(0)), margins.LSoftmax(),
+                 margins.MVSoftmax(), margins.MagFace(), margins.NormFace(), margins.Softmax(),
+                 margins.SphereFace(), margins.SphereFace2(bias=0.0), margins.SphereFaceR()]:
+    def target_sum(cos, margin=margin):
+      rows = margins.Rows(cos, embedding_norm=jnp.full(3, 20.0, dtype),
+                          weight_norm=jnp.ones(3, dtype))
+      return margin.target_logit(rows).astype(jnp.float32).sum()
+    value, grad = jax.value_and_grad(target_sum)(cos)
+    assert grad.dtype == dtype, type(margin).__name__
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad, np.float32)).all(), (
+        type(margin).__name__, grad)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_close_to_float32(dtype):
   x, w, labels = make_inputs(seed=4)
   for name, loss_fn in ALL_LOSSES:

@@ -146,7 +146,7 @@ class Margin:
 
 
 def sine(cos: Array) -> Array:
-  """``sin(theta) = sqrt(1 - cos^2)`` for ``theta`` in ``[0, pi]``, finite gradient at ``|cos| = 1``."""
+  """``sin(theta) = sqrt(1 - cos^2)`` on ``[0, pi]``, finite gradient at ``|cos| = 1``."""
   return _common.safe_sqrt(1 - jnp.square(cos))
 
 
@@ -538,7 +538,9 @@ class AdaFace(Margin):
   def target_logit(self, rows):
     norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
     quality = jnp.clip(self.h * (norms - self.norm_mean) / (self.norm_std + self.eps), -1, 1)
-    theta = jnp.arccos(jnp.clip(rows.cos, -1 + self.eps, 1 - self.eps))
+    # Clipped in float32 at least: in bfloat16 1 - eps rounds to 1, where arccos' slope is infinite.
+    cos = rows.cos.astype(_common.compute_dtype(rows.cos))
+    theta = jnp.arccos(jnp.clip(cos, -1 + self.eps, 1 - self.eps)).astype(rows.cos.dtype)
     shifted = jnp.clip(theta - self.margin * quality, self.eps, math.pi - self.eps)
     return self.scale * (jnp.cos(shifted) - (self.margin + self.margin * quality))
 
