@@ -108,6 +108,14 @@ def test_softmax_bias():
   bias = np.linspace(-1, 1, C).astype(np.float32)
   np.testing.assert_allclose(margins.softmax_loss(x, w, labels, bias=bias),
                              reference.softmax(x, w, labels, bias), rtol=2e-5, atol=1e-5)
+  # A float32 bias beside bfloat16 centres keeps its precision: logits [1, 1.003], where a
+  # bfloat16 bias would be 1.0 (a loss of log 2, 0.0015 off).
+  loss, grad = jax.value_and_grad(
+      lambda b: margins.softmax_loss(jnp.array([[1.0, 0.0]]), jnp.eye(2, dtype=jnp.bfloat16),
+                                     jnp.array([0]), bias=b)[0])(jnp.array([0.0, 1.003]))
+  assert grad.dtype == jnp.float32
+  assert float(loss) == pytest.approx(np.log1p(np.exp(0.003)), rel=1e-6)
+  np.testing.assert_allclose(grad, [-1, 1] / (1 + np.exp(-0.003)), rtol=1e-6)
 
 
 def test_arcface_detach_margin_keeps_value_and_takes_cosface_free_gradient():

@@ -59,7 +59,8 @@ def softmax_loss(embeddings: Array, weights: Array, labels: Array, *,
     # x.W_j + b_j is the dot product of [x, 1] and [W_j, b_j] (D whole on each device).
     embeddings, weights = _common.whole_rows(embeddings), _common.whole_rows(weights)
     embeddings = jnp.concatenate([embeddings, jnp.ones_like(embeddings[:, :1])], axis=1)
-    weights = jnp.concatenate([weights, bias[:, None].astype(weights.dtype)], axis=1)
+    dtype = _common.common_float_dtype(weights, bias)  # A float32 bias is not rounded to 16 bits.
+    weights = jnp.concatenate([weights.astype(dtype), bias[:, None].astype(dtype)], axis=1)
   return _dense_loss(embeddings, weights, labels, margin_lib.Softmax())[0]
 
 
