@@ -827,6 +827,15 @@ def test_bad_types_and_hyperparameters():
     margins.lsoftmax_loss(x, w, labels, margin=2.5)
   with pytest.raises(ValueError, match="integer"):
     margins.sphereface_loss(x, w, labels, margin=0)
+  with pytest.raises(ValueError, match="integer"):  # bool is an int, but not a margin.
+    margins.lsoftmax_loss(x, w, labels, margin=True)
+  with pytest.raises(ValueError, match=r"`t` of CurricularFace must be a scalar, got shape \(6,\)"):
+    margins.curricularface_loss(x, w, labels, jnp.zeros(6))
+  with pytest.raises(ValueError, match="`norm_std` of AdaFace must be a scalar"):
+    margins.adaface_loss(x, w, labels, margins.AdaFaceState(norm_std=jnp.ones(C)))
+  for alpha in 0.0, 1.0:
+    with pytest.raises(ValueError, match=r"`alpha` must lie in \(0, 1\)"):
+      margins.sphereface2_bias(10, alpha=alpha)
   with pytest.raises(ValueError, match="kind"):
     margins.elasticface_loss(x, w, labels, jax.random.key(0), kind="sphere")
   with pytest.raises(ValueError, match="bias"):

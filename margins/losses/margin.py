@@ -802,6 +802,8 @@ def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0
   """
   if num_classes < 2:
     raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}.")
+  if not 0 < alpha < 1:
+    raise ValueError(f"`alpha` must lie in (0, 1), got {alpha}.")
   untrained = SphereFace2(bias=0.0, scale=scale, margin=margin, t=t, alpha=alpha, kind=kind)
   with jax.enable_x64(True):  # Logits of thousands (large scales) to float64's precision.
     zeros = jnp.zeros((1,), jnp.float64)
@@ -824,7 +826,14 @@ def check_margin(margin: Any) -> Margin:
   if not isinstance(margin, Margin):
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
   if isinstance(margin, (LSoftmax, SphereFace)) and (
-      not isinstance(margin.margin, (int, np.integer)) or margin.margin < 1):
+      isinstance(margin.margin, bool) or not isinstance(margin.margin, (int, np.integer))
+      or margin.margin < 1):
     raise ValueError(f"`margin` of {type(margin).__name__} must be an integer >= 1, got "
                      f"{margin.margin!r}.")
+  states = ["t"] if isinstance(margin, CurricularFace) else (
+      ["norm_mean", "norm_std"] if isinstance(margin, AdaFace) else [])
+  for name in states:  # One value for the batch, which would otherwise broadcast over classes.
+    if np.ndim(getattr(margin, name)) != 0:
+      raise ValueError(f"`{name}` of {type(margin).__name__} must be a scalar, got shape "
+                       f"{np.shape(getattr(margin, name))}.")
   return margin
