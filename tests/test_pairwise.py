@@ -458,7 +458,12 @@ def test_bad_input_names_the_argument(loss_fn):
   with pytest.raises(TypeError, match="`embeddings` must be a floating array, got a list"):
     loss_fn(np.asarray(x).tolist(), LABELS)
   np.testing.assert_array_equal(loss_fn(x, LABELS.tolist()), loss_fn(x, LABELS))  # A list.
-  assert loss_fn(x[:0], LABELS[:0]).shape == (0,)  # An empty batch.
+
+
+def test_an_empty_batch_has_no_losses():
+  x = make_embeddings()
+  for name, loss_fn, kwargs in LOSSES:  # Batch-hard mining's max and min included.
+    assert loss_fn(x[:0], LABELS[:0], **kwargs).shape == (0,), name
 
 
 def test_bad_options_name_the_argument():

@@ -207,8 +207,9 @@ def _semi_hard_triplets(distances, positive, negative, margin, average):
 def _batch_hard_triplets(distances, positive, negative, margin, average):
   # Hermans et al.: the farthest positive and the closest negative of each anchor.
   has_positive, has_negative = jnp.any(positive, axis=1), jnp.any(negative, axis=1)
-  hardest_positive = jnp.max(jnp.where(positive, distances, 0), axis=1)
-  hardest_negative = jnp.min(jnp.where(negative, distances, jnp.inf), axis=1)
+  # The initial values, those of the masked entries, are for a batch of none.
+  hardest_positive = jnp.max(jnp.where(positive, distances, 0), axis=1, initial=0)
+  hardest_negative = jnp.min(jnp.where(negative, distances, jnp.inf), axis=1, initial=jnp.inf)
   hardest_negative = jnp.where(has_negative, hardest_negative, 0)
   valid = has_positive & has_negative
   terms = jnp.where(valid, jax.nn.relu(hardest_positive - hardest_negative + margin), 0)
