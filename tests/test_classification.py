@@ -842,6 +842,9 @@ def test_bad_types_and_hyperparameters():
     margins.softmax_loss(x, w, labels, bias=np.zeros(C + 1, np.float32))
   with pytest.raises(ValueError, match="weights"):
     margins.subcenter_arcface_loss(x, w, labels)
+  for name, loss_fn in ALL_LOSSES:  # [C, D] losses; sub-centres go through an engine.
+    with pytest.raises(ValueError, match=r"`weights` must be \[C, D\], got shape \(7, 2, 5\)"):
+      loss_fn(x, np.stack([w, w], axis=1), labels)
   with pytest.raises(ValueError, match="kind"):
     margins.sphereface2_loss(x, w, labels, 0.0, kind="additive")
   with pytest.raises(ValueError, match="kind"):

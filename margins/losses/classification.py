@@ -23,7 +23,13 @@ from margins.losses import margin as margin_lib
 Array = jax.Array
 
 
-def _dense_loss(embeddings, weights, labels, margin):
+def _dense_loss(embeddings, weights, labels, margin, *, subcentres=False):
+  """The dense engine's ``(losses, margin)``; ``weights [C, D]``, or ``[C, K, D]`` with
+  ``subcentres``."""
+  if not subcentres and np.ndim(weights) == 3:
+    raise ValueError(f"`weights` must be [C, D], got shape {np.shape(weights)}: sub-centres "
+                     "[C, K, D] go to subcenter_arcface_loss, or any margin through an engine "
+                     "(margins.dense() ...).")
   return parallel.dense()(embeddings, weights, labels, margin)
 
 
@@ -256,7 +262,7 @@ def subcenter_arcface_loss(embeddings: Array, weights: Array, labels: Array, *,
   """
   _common.check_floating("weights", weights, 3)
   return _dense_loss(embeddings, weights, labels,
-                     margin_lib.ArcFace(scale=scale, margin=margin))[0]
+                     margin_lib.ArcFace(scale=scale, margin=margin), subcentres=True)[0]
 
 
 def curricularface_loss(embeddings: Array, weights: Array, labels: Array,
