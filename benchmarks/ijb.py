@@ -3,8 +3,8 @@
 Prints the images per second that ``margins.data.IJBSource`` (decode a JPEG crop, align it to
 112 x 112) delivers through the evaluation pipeline for each ``--read-threads``, and the time and
 peak memory of ``margins.evaluation.evaluate_ijb`` at a benchmark's size with random features
-(defaults: IJB-C's 469,375 images in 23,124 templates and 19,557 same + 15,638,932 different pairs, 512-d).
-Both are work the host does besides the network's forward passes.
+(defaults: IJB-C's 469,375 images in 23,124 templates and 19,557 same + 15,638,932 different
+pairs, 512-d). Both are work the host does besides the network's forward passes.
 
   python benchmarks/ijb.py
   python benchmarks/ijb.py --images 1000 --templates 100 --pairs 5000 --crops 64

@@ -35,8 +35,9 @@ def _ranks_of_relevant(positive: np.ndarray, negative: np.ndarray) -> np.ndarray
   """``[Q, R]`` rank (from 1) of each query's ``R`` relevant examples, best first.
 
   The ``i``-th most similar relevant example is ranked ``i`` plus the number of negatives at
-  least as similar, less ``TIE_TOLERANCE`` (ties go to the negative). Only negatives among the ``R`` most similar can
-  rank a relevant example within the first ``R``, so only those are sorted.
+  least as similar, less ``TIE_TOLERANCE`` (ties go to the negative). Only negatives among the
+  ``R`` most similar can rank a relevant example within the first ``R``, so only those are
+  sorted.
 
   Args:
     positive: ``[Q, R]`` similarities of each query to the other examples of its class.
