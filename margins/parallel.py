@@ -104,6 +104,13 @@ class SoftmaxEngine:
       raise ValueError(f"`sample_rate` must be in (0, 1], got {self.sample_rate}.")
     if isinstance(self.axis_name, list):  # Hashable, as ``jit``'s static arguments must be.
       object.__setattr__(self, "axis_name", tuple(self.axis_name))
+    if self.matmul_dtype is not None:
+      matmul_dtype = jnp.dtype(self.matmul_dtype)
+      if not jnp.issubdtype(matmul_dtype, jnp.floating):
+        raise TypeError(f"`matmul_dtype` must be a floating dtype (or None), got {matmul_dtype}.")
+      object.__setattr__(self, "matmul_dtype", matmul_dtype)
+    if not isinstance(self.keep_scores, (bool, np.bool_)):
+      raise TypeError(f"`keep_scores` must be True or False, got {self.keep_scores!r}.")
     if (self.mesh is None) != (self.axis_name is None):
       raise ValueError("`mesh` and `axis_name` go together: give both (sharded) or neither.")
     if self.mesh is not None:
@@ -207,7 +214,7 @@ class SoftmaxEngine:
     padded, _ = _sample_layout(count, self.chunk_size)
     # Signed and at least 32 bits, as the engine takes them: the index (in the labels' dtype)
     # must hold ``per_shard``, its padding, and -1.
-    labels = _common.gathered(_common.check_labels(labels, np.shape(labels)[0]))
+    labels = _common.gathered(_common.check_labels(labels, np.shape(labels)[0], num_classes))
 
     def draw(labels, key, start):
       local_labels, num_valid = _shard_labels(labels, start, per_shard, num_classes)
@@ -237,6 +244,10 @@ class SoftmaxEngine:
   def put(self, weights: Array, sample: RowSample, rows: Array) -> Array:
     """``weights`` with its rows in ``sample`` replaced by ``rows`` (shaped as :meth:`take`
     gives them; padding rows are dropped)."""
+    want = (np.shape(sample.index)[0], *np.shape(weights)[1:])
+    if np.shape(rows) != want:
+      raise ValueError(f"`rows` must be shaped {want}, as `take` gives them; got "
+                       f"{np.shape(rows)}.")
     return self._each_shard(lambda w, i, r: w.at[i].set(r, mode="drop"), jnp.asarray(weights),
                             sample, rows)
 
@@ -904,6 +915,8 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
     An et al., "Killing Two Birds with One Stone: Efficient and Robust Training of Face
     Recognition CNNs by Partial FC", CVPR 2022.
   """
+  # Signed and at least 32 bits: 8- or 16-bit labels cannot hold the rows' ids, nor -1.
+  local_labels = _common.check_labels(local_labels, np.shape(local_labels)[0])
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
   labels = _common.gathered(local_labels)  # The whole batch's, where mesh axes split the batch.
   positive = jnp.zeros(num_rows, bool).at[jnp.maximum(labels, 0)].max(labels >= 0)

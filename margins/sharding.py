@@ -35,6 +35,11 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if len(shape) != len(axis_names):
     raise ValueError(f"config.mesh.shape {tuple(shape)} and config.mesh.axis_names {axis_names} "
                      "differ in length.")
+  if len(set(axis_names)) != len(axis_names):
+    raise ValueError(f"config.mesh.axis_names {axis_names} repeat a name.")
+  if shape.count(-1) > 1 or any(size < 1 and size != -1 for size in shape):
+    raise ValueError(f"config.mesh.shape {tuple(shape)}: sizes must be positive, with at most "
+                     "one -1 (all the devices left).")
   devices = jax.devices()
   per_process = sorted(collections.Counter(d.process_index for d in devices).items())
   if len({count for _, count in per_process}) > 1:
@@ -43,6 +48,9 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                      f"{dict(per_process)}); a multi-process run needs the same number on each.")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"config.mesh.shape {tuple(shape)}: the {len(devices)} devices are not a "
+                       f"multiple of {known}, so -1 cannot take all the devices left.")
     shape[shape.index(-1)] = len(devices) // known
   size = math.prod(shape)
   if size > len(devices) or (size < len(devices) and jax.process_count() > 1):

@@ -661,6 +661,14 @@ def test_engine_rejects_bad_settings():
     margins.chunked(5, sample_rate=0.5).sample(labels, num_rows=13.0, key=KEY)
   with pytest.raises(TypeError, match="`sample_rate` must be a Python number"):
     jax.jit(lambda r: margins.chunked(5, sample_rate=r))(0.5)
+  # An integer matmul dtype gave finite, wrong losses; keep_scores took any truthy value.
+  for dtype in jnp.int8, jnp.int32, bool:
+    with pytest.raises(TypeError, match="`matmul_dtype` must be a floating dtype"):
+      margins.chunked(5, matmul_dtype=dtype)
+  assert margins.dense(matmul_dtype="bfloat16") == margins.dense(matmul_dtype=jnp.bfloat16)
+  for keep_scores in None, "no", 1:
+    with pytest.raises(TypeError, match="`keep_scores` must be True or False"):
+      margins.chunked(5, keep_scores=keep_scores)
 
 
 def test_engine_given_a_list_of_axis_names_runs_eagerly():
@@ -702,13 +710,16 @@ def test_sample_classes_keeps_positives_fixed_count_and_is_reproducible():
   assert len(set(few)) > 1
 
 
-
 def test_sample_classes_takes_no_row_for_labels_that_live_elsewhere():
   # -1 (the class is on another shard, or the label out of range) is no class of the batch: row
   # 0 is a negative like any other, not kept as the batch's whenever a label is -1.
   draws = jax.jit(jax.vmap(lambda k: parallel.sample_classes(
       jnp.array([-1, 5, -1], jnp.int32), 100, 100, 1, k)))(jax.random.split(KEY, 16))
   np.testing.assert_array_equal(draws, 5)
+  # 8-bit labels: the rows' ids (here up to 299) and -1 fit only after the cast to 32 bits.
+  draws = parallel.sample_classes(jnp.array([200, 250], jnp.uint8), 300, 300, 4, KEY)
+  assert {200, 250} <= set(np.asarray(draws).tolist()) and np.all(np.diff(draws) > 0)
+
 
 def test_sampled_count():
   assert parallel.sampled_count(1000, 1.0) == 1000
@@ -1178,6 +1189,12 @@ def test_row_sample_put_takes_numpy_weights_as_take_does():
   sample = engine.sample(labels, num_rows=96, key=KEY)
   rows = engine.take(w, sample)  # w: a NumPy array
   np.testing.assert_array_equal(engine.put(w, sample, rows), w)
+  # Rows shaped otherwise would broadcast over the sample; labels out of range are refused.
+  for wrong in rows[0], rows[:-1], np.float32(0.0):
+    with pytest.raises(ValueError, match=r"`rows` must be shaped \(30, 16\), as `take` gives"):
+      engine.put(w, sample, wrong)
+  with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 96\)"):
+    engine.sample(np.where(np.arange(B) == 0, 96, labels), num_rows=96, key=KEY)
 
 
 @pytest.mark.parametrize("num_devices", [1, 2])

@@ -538,6 +538,11 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
     (lambda c: c.model.update(name="resnet"), "Unknown model 'resnet'"),
     (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
     (lambda c: c.mesh.update(shape=(16,)), "needs 16 devices"),
+    (lambda c: c.mesh.update(shape=(3, -1), axis_names=("a", "b")),
+     r"the 8 devices are not a multiple of 3"),  # Was a mesh of 6 devices, silently.
+    (lambda c: c.mesh.update(shape=(-1, -1), axis_names=("a", "b")), "at most one -1"),
+    (lambda c: c.mesh.update(shape=(0, -1), axis_names=("a", "b")), "sizes must be positive"),
+    (lambda c: c.mesh.update(shape=(2, 4), axis_names=("a", "a")), "repeat a name"),
     (lambda c: c.engine.update(kind="fused"), "Unknown config.engine.kind 'fused'"),
     (lambda c: c.engine.update(sample_rate=1.5), "config.engine: `sample_rate` must be in"),
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
