@@ -111,13 +111,17 @@ def restore_checkpoint(
 def _restore(manager: ocp.CheckpointManager, step: int, fields: dict[str, Any],
              rows_differ: bool) -> dict[str, Any]:
   """The leaves of ``fields`` (a part of checkpoint ``step``'s ``state``), read from it."""
+  # Fields without leaves (``None``, or the plain softmax's margin, which has no parameters) are
+  # as given: orbax's partial restore fails on an empty node it stored as ``None``.
+  leafless = {name: tree for name, tree in fields.items() if not jax.tree.leaves(tree)}
+  fields = {name: tree for name, tree in fields.items() if name not in leafless}
   # By a handler of its own: ``manager`` saves ``state`` with the standard handler, and its
   # registry takes one handler per item, where a partial restore needs the PyTree handler.
   handler = ocp.PyTreeCheckpointHandler()
+  restore_args = ocp.checkpoint_utils.construct_restore_args(fields, strict=not rows_differ)
+  args = ocp.args.PyTreeRestore(fields, restore_args=restore_args, partial_restore=True)
   try:
-    return handler.restore(manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-        fields, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            fields, strict=not rows_differ), partial_restore=True))
+    return {**handler.restore(manager.directory / str(step) / "state", args=args), **leafless}
   finally:
     handler.close()
 

@@ -87,6 +87,7 @@ def test_every_config_runs_in_quick_mode(path, tmp_path):
   assert 0 <= final["open/verification_accuracy"] <= 1
   assert np.isfinite(final["open/auc"]) and 0 <= final["open/eer"] <= 1
   assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  assert int(train_lib.restore(str(tmp_path))[1].step) == 2  # The plain softmax's run too.
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert os.path.exists(tmp_path / "roc.png")
   if config.model.embedding_dim in (2, 3):
