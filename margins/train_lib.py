@@ -22,6 +22,7 @@ the notebooks. It reads top to bottom:
 """
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -573,8 +574,13 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   make_engine(config, mesh)
   make_optimizer(config)
   check_data(config.data)
+  if config.loss.name == "subcenter_arcface" and not config.loss.get("subcenters"):
+    raise ValueError("config.loss.name = 'subcenter_arcface' needs config.loss.subcenters (K, "
+                     "e.g. 3); without it the head has one centre per class: plain ArcFace.")
   for name in ("batch_size", "eval.batch_size"):
     value = config.eval.batch_size if name == "eval.batch_size" else config.batch_size
+    if value < 1:
+      raise ValueError(f"config.{name} must be at least 1, got {value}.")
     if value % mesh.size:
       raise ValueError(f"config.{name} = {value} is not divisible by the {mesh.size} devices "
                        "of the mesh (the batch is split evenly over them).")
@@ -666,6 +672,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train_and_evaluate(config, workdir, mesh)
 
 
+def _check_resumed_margin(loss_config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises if ``loss_config`` sets the margin otherwise than the run in ``workdir`` did: its
+  settings (scale, margin ...) are part of the checkpointed state, which a resumed run keeps."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  # As config.json writes them (tuples as lists); SphereFace's schedule is read at each step.
+  settings = lambda loss: {name: value for name, value in loss.items()
+                           if name != "lambda_schedule"}
+  stored = settings(checkpoints.load_config(workdir).loss.to_dict())
+  given = settings(json.loads(loss_config.to_json_best_effort()))
+  changed = sorted(name for name in set(stored) | set(given)
+                   if stored.get(name) != given.get(name))
+  if changed:
+    now = {name: given.get(name) for name in changed}
+    was = {name: stored.get(name) for name in changed}
+    raise ValueError(f"config.loss sets {now} where the run in {workdir} trained with {was}; a "
+                     "resumed run keeps the margin of its checkpoint. Resume with the run's "
+                     "config.loss, or train in a new workdir.")
+
+
 def _train_and_evaluate(config, workdir, mesh):
   os.makedirs(workdir, exist_ok=True)
   train_source, eval_sources = make_sources(config.data)
@@ -676,6 +702,7 @@ def _train_and_evaluate(config, workdir, mesh):
 
   manager = checkpoints.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
+    _check_resumed_margin(config.loss, workdir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore_checkpoint(
         manager, manager.latest_step(), abstract,
@@ -701,34 +728,36 @@ def _train_and_evaluate(config, workdir, mesh):
   final = {}
   timer_start, timer_step = time.perf_counter(), start
   skipped = 0  # float16: steps skipped since the last line written (summed on the device)
-  for step in range(start + 1, num_steps + 1):
-    batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
-    with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
-      state, metrics = step_fn(state, batch)
-    if "skipped" in metrics:
-      skipped = skipped + metrics["skipped"]
-    if step % config.log_every == 0 or step == num_steps:
-      if "skipped" in metrics:  # Every skip counts, not only the logged step's.
-        metrics, skipped = dict(metrics, skipped=skipped), 0
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - timer_start
-      speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
-      run_log.report(run_log.progress_line(
-          step, num_steps, metrics, speed,
-          (num_steps - step) * elapsed / max(step - timer_step, 1)))
-      writer.write(step, metrics)
-      timer_start, timer_step = time.perf_counter(), step
-    if step % config.checkpoint_every == 0 or step == num_steps:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-      final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
-                                scores_fn=scores_fn)
-      writer.write(step, final)
-      for line in run_log.summary_lines(final, open_flip=config.eval.flip):
-        run_log.report(f"[step {step}] {line}")
-  manager.wait_until_finished()
-  manager.close()
-  iterator.close()  # Stops the data workers now, not when the iterator is collected.
+  try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
+      with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
+        state, metrics = step_fn(state, batch)
+      if "skipped" in metrics:
+        skipped = skipped + metrics["skipped"]
+      if step % config.log_every == 0 or step == num_steps:
+        if "skipped" in metrics:  # Every skip counts, not only the logged step's.
+          metrics, skipped = dict(metrics, skipped=skipped), 0
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - timer_start
+        speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
+        run_log.report(run_log.progress_line(
+            step, num_steps, metrics, speed,
+            (num_steps - step) * elapsed / max(step - timer_step, 1)))
+        writer.write(step, metrics)
+        timer_start, timer_step = time.perf_counter(), step
+      if step % config.checkpoint_every == 0 or step == num_steps:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+      if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
+        final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
+                                  scores_fn=scores_fn)
+        writer.write(step, final)
+        for line in run_log.summary_lines(final, open_flip=config.eval.flip):
+          run_log.report(f"[step {step}] {line}")
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    iterator.close()  # Stops the data workers now, not when the iterator is collected.
   if not final:  # Nothing left to train: evaluate the restored state.
     final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
                               scores_fn=scores_fn)

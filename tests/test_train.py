@@ -464,6 +464,36 @@ def _train_command(workdir, num_steps, checkpoint_every):
           f"--config.checkpoint_every={checkpoint_every}", "--config.eval.num_pairs=100"]
 
 
+def test_resuming_with_other_margin_settings_is_refused(tmp_path):
+  # The margin's settings live in the checkpointed state: a resume kept the stored ones while
+  # config.json said otherwise.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  written = (tmp_path / "config.json").read_text()
+  config.num_steps = 2
+  config.loss.scale, config.loss.margin = 4.0, 0.0
+  with pytest.raises(ValueError, match=r"config.loss sets \{'margin': 0.0, 'scale': 4.0\} "
+                                       r"where the run in .* trained with \{'margin': 0.5, "
+                                       r"'scale': 16.0\}; a resumed run keeps"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == written
+  config.loss.scale, config.loss.margin = 16.0, 0.5
+  train_lib.train_and_evaluate(config, str(tmp_path))  # As the run was: it resumes.
+  assert int(train_lib.restore(str(tmp_path))[1].step) == 2
+
+
+def test_checkpoint_saved_before_a_failing_evaluation_is_kept(tmp_path, monkeypatch):
+  # The save is asynchronous; an error in the evaluation that follows it (out of memory, a bad
+  # setting) left it unfinished, and orbax deletes unfinished checkpoints when the run restarts.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=2)
+  def fail(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+  monkeypatch.setattr(eval_lib, "evaluate", fail)
+  with pytest.raises(RuntimeError, match="evaluation failed"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # Not 2.orbax-checkpoint-tmp.
+
+
 def test_killed_run_resumes_exactly(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   steps, every = 12, 3
@@ -538,6 +568,9 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
     (lambda c: c.loss.update(name="cosface", gamma=2.0), r"\['gamma'\]"),
     (lambda c: c.model.update(name="resnet"), "Unknown model 'resnet'"),
     (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
+    (lambda c: c.update(batch_size=0), "config.batch_size must be at least 1, got 0"),
+    (lambda c: c.eval.update(batch_size=0), "config.eval.batch_size must be at least 1, got 0"),
+    (lambda c: c.loss.update(name="subcenter_arcface"), "needs config.loss.subcenters"),
     (lambda c: c.mesh.update(shape=(16,)), "needs 16 devices"),
     (lambda c: c.mesh.update(shape=(3, -1), axis_names=("a", "b")),
      r"the 8 devices are not a multiple of 3"),  # Was a mesh of 6 devices, silently.
