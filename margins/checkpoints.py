@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from margins import run_log
 from margins.train_state import TrainState
 
 
@@ -48,11 +49,10 @@ def load_data_info(workdir: str) -> tuple[int, tuple[int, int, int]]:
 def write_run_files(workdir, config, train_source) -> None:
   """``config.json`` and ``data.json`` (what :func:`margins.train_lib.restore` needs without the
   training data)."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, "data.json"), "w") as f:
-    json.dump({"num_classes": train_source.num_classes,
-               "image_shape": list(train_source.image_shape)}, f)
+  run_log.write_atomically(os.path.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
+  run_log.write_atomically(os.path.join(workdir, "data.json"), json.dumps(
+      {"num_classes": train_source.num_classes, "image_shape": list(train_source.image_shape)}))
 
 
 def restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,

@@ -13,6 +13,15 @@ import jax
 from margins import evaluation
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file beside it: a crash leaves the old file
+  or the new one, never a part."""
+  temporary = f"{path}.tmp"
+  with open(temporary, "w") as f:
+    f.write(text)
+  os.replace(temporary, path)
+
+
 class MetricWriter:
   """``metrics.jsonl`` and TensorBoard events in ``workdir``, written by process 0 only.
 
@@ -28,8 +37,7 @@ class MetricWriter:
     if os.path.exists(self.path):
       with open(self.path) as f:
         kept = [line for line in f if _is_whole_and_until(line, resume_step)]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      write_atomically(self.path, "".join(kept))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # ``purge_step``: TensorBoard hides the events of the steps past ``resume_step`` that the
     # interrupted run wrote, as the lines of ``metrics.jsonl`` above are dropped.

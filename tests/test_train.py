@@ -884,6 +884,17 @@ def test_resumed_metric_writer_drops_a_line_a_crash_cut_short(tmp_path):
                                          ((1, 1.0), (2, 2.0), (3, 13.0))]
 
 
+def test_run_files_are_replaced_whole_or_not_at_all(tmp_path):
+  # metrics.jsonl (rewritten on resume), config.json and data.json: a write that fails half way
+  # (here at once: not text) leaves the old file, where writing in place had truncated it first.
+  path = str(tmp_path / "config.json")
+  run_log.write_atomically(path, '{"seed": 0}')
+  with pytest.raises(TypeError):
+    run_log.write_atomically(path, {"seed": 1})
+  with open(path) as f:
+    assert f.read() == '{"seed": 0}'
+
+
 def test_update_sampled_rows_with_adamw_shares_the_bias_correction_count():
   # As the README says: the moments of an unsampled row stay, Adam's step count does not.
   config = train_lib.default_config()
