@@ -454,9 +454,17 @@ def test_elasticface_arc_target_past_pi_minus_m_is_the_raw_cos_theta_plus_m():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True)])
+@pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True),
+                                       ("cos", True)])
 def test_elasticface_draws_margins_from_key(kind, plus):
-  x, w, labels = make_inputs()
+  x, w, labels = make_inputs(seed=1)
+  # ElasticFace+ gives the smallest margin to the largest target cosine (the paper), not draws
+  # sorted and indexed by that order (the authors' code): these differ only where the order is
+  # not its own inverse, as here (seed 0's was).
+  unit_x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  unit_w = w / np.linalg.norm(w, axis=1, keepdims=True)
+  order = np.argsort(-np.sum(unit_x * unit_w[labels], axis=1))
+  assert not np.array_equal(order, np.argsort(order))
   key = jax.random.key(3)
   draws = 0.5 + 0.1 * np.asarray(jax.random.normal(key, (B,), jnp.float32), np.float64)
   got = margins.elasticface_loss(x, w, labels, key, margin=0.5, sigma=0.1, kind=kind, plus=plus)
@@ -665,7 +673,11 @@ def test_low_precision_close_to_float32(dtype):
     full = loss_fn(x, w, labels)
     low = loss_fn(jnp.asarray(x, dtype), jnp.asarray(w, dtype), labels)
     assert low.dtype == jnp.float32
-    np.testing.assert_allclose(low, full, rtol=0.05, atol=0.3, err_msg=name)
+    # Bounds near the largest errors measured here (bfloat16 0.16, float16 0.016, on losses up
+    # to ~140): float16 softmax statistics (0.024) fail; in bfloat16 the inputs' rounding
+    # dominates, whatever the statistics' precision.
+    rtol, atol = {"bfloat16": (5e-3, 0.05), "float16": (5e-4, 5e-3)}[dtype]
+    np.testing.assert_allclose(low, full, rtol=rtol, atol=atol, err_msg=name)
 
 
 def test_cos_plus_one_has_exact_value():
