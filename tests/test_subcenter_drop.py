@@ -152,6 +152,12 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   assert not os.path.exists(tmp_path / "empty")
   with pytest.raises(app.UsageError, match="--out is required"):
     cli(subcenter_drop, "--workdir", run)
+  # The data named by its .rec file, as RecordIOSource takes it: the same dataset and .bin sets.
+  from_rec = tmp_path / "clean_from_rec"
+  cli(subcenter_drop, "--workdir", run, "--out", str(from_rec), "--max_angle", str(max_angle),
+      "--batch_size", "16", "--data", str(data / "train.rec"))
+  assert {name: (from_rec / name).read_bytes() for name in os.listdir(from_rec)} == {
+      name: (out / name).read_bytes() for name in os.listdir(out)}
   # Bad arguments are caught before the checkpoint is read.
   monkeypatch.setattr(train_lib, "restore", lambda *args, **kwargs: pytest.fail("restored"))
   with pytest.raises(app.UsageError, match="not the data the run trained on"):
@@ -164,4 +170,9 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   before = {name: (data / name).read_bytes() for name in os.listdir(data)}
   with pytest.raises(app.UsageError, match="is the folder being cleaned"):  # The run's data.
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "." / "noisy"))
+  with pytest.raises(app.UsageError, match="is the folder being cleaned"):  # Its .rec file's.
+    cli(subcenter_drop, "--workdir", run, "--out", str(data), "--data", str(data / "train.rec"))
   assert {name: (data / name).read_bytes() for name in os.listdir(data)} == before
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(app.UsageError, match="a_file is a file; give a folder"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "a_file"))

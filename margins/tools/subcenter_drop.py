@@ -155,10 +155,13 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
       raise ValueError(f"The run trained on {trained_on.name!r} data, not a RecordIO folder: "
                        "give the folder to clean.")
     data = trained_on.path
-  if os.path.realpath(output) == os.path.realpath(data):
+  source = data_lib.RecordIOSource(data, image_shape=image_shape)
+  folder = os.path.dirname(source.rec_path)  # ``data`` may name the folder or its .rec file.
+  if os.path.realpath(output) == os.path.realpath(folder):
     raise ValueError(f"--out {output} is the folder being cleaned: writing there would truncate "
                      "the images still to be read. Give another folder.")
-  source = data_lib.RecordIOSource(data, image_shape=image_shape)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ValueError(f"--out {output} is a file; give a folder.")
   if source.num_classes != num_classes:
     raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
                      f"{num_classes}: not the data the run trained on.")
@@ -194,9 +197,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
     pack_recordio.write_identity_dataset(
         os.path.join(output, "train"), cleaning.labels[kept], stored_images(),
         num_classes=cleaning.num_classes, image_size=stored_size)
-    for name in sorted(os.listdir(data)):
+    for name in sorted(os.listdir(folder)):
       if name.endswith(".bin"):
-        shutil.copyfile(os.path.join(data, name), os.path.join(output, name))
+        shutil.copyfile(os.path.join(folder, name), os.path.join(output, name))
   return cleaning
 
 
