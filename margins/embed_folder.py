@@ -59,7 +59,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
   """The image files below ``root`` (any depth), as sorted paths relative to ``root``.
 
   Hidden files and folders (``.*``, such as macOS's ``._*`` resource files) are skipped, and a
-  folder that symbolic links reach twice is read once, under its first name in sorted order.
+  folder that symbolic links reach twice is read once, under the name by which a walk of the
+  sorted folders reaches it first.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
@@ -116,12 +117,16 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--out {out} is a folder: give the .npy file to write, e.g. "
                          f"{os.path.join(out, 'embeddings.npy')}.")
   try:
-    exported, _ = load_model(_MODEL.value)
     names = list_images(_IMAGES.value)
+    if not names:
+      raise app.UsageError(f"--images {_IMAGES.value}: no image files found.")
+    broken = [name for name in names if "\n" in name or "\r" in name]
+    if broken:  # The listing has one path per line.
+      raise app.UsageError(f"File names with a line break cannot be listed one per line: "
+                           f"{broken[:3]}; rename them.")
+    exported, _ = load_model(_MODEL.value)
   except FileNotFoundError as error:
     raise app.UsageError(str(error)) from error
-  if not names:
-    raise app.UsageError(f"--images {_IMAGES.value}: no image files found.")
   try:
     embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
                              batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)

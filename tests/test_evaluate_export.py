@@ -174,8 +174,9 @@ def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):
     cli(evaluate, "--workdir", str(tmp_path / "nowhere"), "--bin", path)
   with pytest.raises(app.UsageError, match=f"{tmp_path}/config.json does not exist"):
     cli(export, "--workdir", str(tmp_path), "--out", str(tmp_path / "model"))
+  _write_png(str(tmp_path / "images" / "a.png"), np.zeros((4, 4), np.uint8))
   with pytest.raises(app.UsageError, match=f"{tmp_path}/model.stablehlo"):
-    cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path),
+    cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path / "images"),
         "--out", str(tmp_path / "e.npy"))
   with pytest.raises(app.UsageError, match="--batch_size 12 must be a multiple of the 8 devices"):
     cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "12")
@@ -287,8 +288,8 @@ def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli, caplog):
 
 
 @pytest.mark.parametrize("link_first", [True, False])
-def test_a_folder_reached_twice_is_listed_under_its_first_name_in_sorted_order(tmp_path,
-                                                                               link_first):
+def test_a_folder_reached_twice_is_listed_under_the_name_a_sorted_walk_reaches_first(
+    tmp_path, link_first):
   # Which name the file system's listing gives first depends on the order they were made in.
   if link_first:
     os.symlink(tmp_path / "faces", tmp_path / "link")
@@ -309,6 +310,16 @@ def test_embed_folder_lists_file_names_the_file_system_gives(run, tmp_path, cli)
   cli(embed_folder, "--model", model_dir, "--images", str(tmp_path / "images"), "--out", out)
   assert (tmp_path / "e.txt").read_bytes() == b"Jos\xe9.png\n"
   assert np.load(out).shape == (1, 32)
+
+
+def test_embed_folder_refuses_file_names_with_line_breaks(tmp_path, cli):
+  # The listing has one path per line: "new\nline.png" would read as two files.
+  _write_png(str(tmp_path / "images" / "a.png"), np.zeros((4, 4), np.uint8))
+  _write_png(str(tmp_path / "images" / "new\nline.png"), np.zeros((4, 4), np.uint8))
+  with pytest.raises(app.UsageError, match=r"line break .*\['new\\nline.png'\]"):
+    cli(embed_folder, "--model", str(tmp_path / "no_model"), "--images",
+        str(tmp_path / "images"), "--out", str(tmp_path / "e.npy"))
+  assert sorted(os.listdir(tmp_path)) == ["images"]
 
 
 def test_embed_folder_refuses_a_folder_as_out(tmp_path, cli):
