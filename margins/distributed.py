@@ -36,6 +36,10 @@ def _explicit(coordinator_address: str | None, num_processes: int | None,
                      f"{coordinator_address!r}, {num_processes!r}, {process_id!r}.")
   if not 0 <= process_id < num_processes:
     raise ValueError(f"process_id {process_id} is not in [0, {num_processes}).")
+  host, _, port = coordinator_address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"coordinator_address {coordinator_address!r} must be host:port, the "
+                     "port in [1, 65535].")
   return True
 
 
@@ -52,6 +56,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       SLURM or Open MPI with more than one task this happens without asking.
   """
   if _explicit(coordinator_address, num_processes, process_id):
+    logging.info("Process %d: waiting for all %d processes at %s.", process_id, num_processes,
+                 coordinator_address)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif auto or launched_as_multiple_tasks():
     jax.distributed.initialize()

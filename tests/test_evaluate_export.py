@@ -393,6 +393,11 @@ def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expecte
     (["--coordinator_address=10.0.0.1:1234"], "go together; got '10.0.0.1:1234', None, None"),
     (["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=2"],
      r"process_id 2 is not in \[0, 2\)"),
+    # Without a port JAX failed with an IndexError.
+    (["--coordinator_address=10.0.0.1", "--num_processes=2", "--process_id=0"],
+     r"coordinator_address '10.0.0.1' must be host:port"),
+    (["--coordinator_address=10.0.0.1:0", "--num_processes=2", "--process_id=0"],
+     r"the port in \[1, 65535\]"),
 ])
 def test_tools_refuse_an_incomplete_job_on_the_command_line(launch, message, cli, tmp_path):
   with pytest.raises(flags.IllegalFlagValueError, match=message):
