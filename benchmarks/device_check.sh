@@ -9,14 +9,14 @@
 #  3. the training step of two recipes on random device-resident batches of 512: IResNet-50 with
 #     MS1MV3's 93,431 classes, and IResNet-100 with Partial FC (r = 0.2) over WebFace42M's
 #     2,059,906 classes, that one also updating the sampled rows alone (--freeze-unsampled)
-#     (benchmarks/train_step.py), if flax, optax, orbax, grain and ml_collections import. On an
-#     H200 (2026-12-04) IResNet-100's initialisation program was still compiling for the GPU
+#     (benchmarks/train_step.py), if margins.train_lib imports (flax, optax, orbax, grain ...).
+#     On an H200 (2026-12-04) IResNet-100's initialisation program was still compiling for the GPU
 #     after 100 s; it now compiles for the host's CPU (8 s here), which the state's creation
 #     time in train_step.txt should show.
 # Uses the machine's own JAX (an accelerator build; the pinned CPU wheels are not installed
 # there). The engines and the profile each stop after ENGINES_TIMEOUT seconds, each recipe after
 # TRAIN_TIMEOUT (default: no limit). Everything lands in $OUT: engines.txt (the profile's
-# tables appended), train_step.txt and eight traces (one per program profiled), ten files.
+# tables appended), train_step.txt and nine traces (one per program profiled), eleven files.
 #
 #   bash benchmarks/device_check.sh                  # output also under $OUT if set
 #   CLASSES=20000 PROFILE_CLASSES=20000 TRAIN=0 bash benchmarks/device_check.sh  # on any machine
@@ -42,7 +42,7 @@ if [ "${PROFILE:-1}" = 1 ]; then
     || echo "engines.py --profile stopped: exit $?"
 fi
 [ "${TRAIN:-1}" = 1 ] || exit 0
-"$python" -c "import flax, grain, ml_collections, optax, orbax.checkpoint" \
+"$python" -c "import margins.train_lib" \
   || { echo "training step skipped: a package is missing"; exit 0; }
 for case in "ms1mv3_r50 93431" "webface42m_r100_pfc 2059906" \
     "webface42m_r100_pfc 2059906 --freeze-unsampled"; do

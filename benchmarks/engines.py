@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 
 import margins
-from margins import sharding
 import common
 
 _GB = 1 << 30
@@ -288,7 +287,7 @@ def run_single(args):
           _print_profile(name, compiled, fn_args,
                          _trace_path(args.trace_dir, num_classes, dtype_name, name))
       temps_by_case[(num_classes, dtype_name)] = temps
-      del x, w, floor_inputs
+      del x, w, floor_inputs, candidates, programs  # Free this case's W before the next's.
   _print_temporaries(temps_by_case, args)
 
 
@@ -320,6 +319,9 @@ def _print_temporaries(temps_by_case, args):
 
 def _collectives(compiled):
   """``op array xN`` for each array the collectives of ``compiled`` move (per-device shapes)."""
+  # Imported here: it needs the training packages (flax, optax, ml_collections), which an
+  # accelerator's image may lack, and the engines' tables do not.
+  from margins import sharding  # pylint: disable=g-import-not-at-top
   counts = collections.Counter((found.op, shape) for found in sharding.collectives(
       compiled.as_text()) for shape in found.shapes)
   return ", ".join(f"{op} {shape} x{count}" for (op, shape), count in sorted(counts.items()))

@@ -191,10 +191,13 @@ def run(args, num_classes, torch_losses):
       times[floor_name] += measured[floor_name]
       ratios[name] = common.median_ratio(measured[name], measured[floor_name])
   seconds = {name: statistics.median(t) for name, t in times.items() if t}
-  sub_floor = (f" (sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms)"
-               if "floor sub" in seconds else "")
+  floors_timed = []  # Those of the losses asked for.
+  if "floor" in seconds:
+    floors_timed.append(f"floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms")
+  if "floor sub" in seconds:
+    floors_timed.append(f"sub-centres, {SUB_CENTERS}C rows: {seconds['floor sub'] * 1e3:.0f} ms")
   print(f"\nC={num_classes:,}, B={args.batch}, D={args.dim}, float32, {args.repeats} interleaved "
-        f"rounds (medians); floor (3 matmuls) {seconds['floor'] * 1e3:.0f} ms{sub_floor}\n")
+        f"rounds (medians); {'; '.join(floors_timed) or 'no floor'}\n")
   print("| loss | margins (ms) | / floor | torch (ms) | torch / floor | torch / margins "
         "| rel. diff of values |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

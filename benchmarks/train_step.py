@@ -8,8 +8,9 @@ against ``W [C, D]``, and the head's floor, the three bare matmuls of the rows e
 scores (``ceil(r C / n)`` of them with Partial FC's rate ``r`` on ``n`` devices), timed in turn
 round by round; their ratio is the median over the rounds. Also printed: the memory the
 compiled step needs per device (arguments, outputs and temporaries, less the donated state),
-the part of it that grows with C (the head and its optimizer state), and the seconds spent
-creating the state and compiling the step.
+the head and its optimizer state within it (what the state holds per class; W's gradient, a
+temporary of the step, grows with C too, except with ``--freeze-unsampled``), and the seconds
+spent creating the state and compiling the step.
 
   python benchmarks/train_step.py --recipe ms1mv3_r50 --classes 93431 --batch 512
   python benchmarks/train_step.py --recipe webface42m_r100_pfc --classes 2059906 --batch 512
@@ -86,7 +87,7 @@ def _random_batch(experiment, seed):
   return jax.device_put(batch, experiment.batch_sharding)
 
 
-def head_seconds(experiment, state, labels, repeats=5):
+def head_seconds(experiment, state, labels, repeats):
   """``(engine, floor, median ratio)``: seconds of the head's loss and gradients for ``labels``
   (of the sampled rows alone with ``freeze_unsampled``) and of its three matmuls, timed in turn
   round by round (``common.interleaved``)."""
@@ -173,7 +174,7 @@ def run(args, freeze_unsampled):
         train_lib.create_train_state(config, mesh, num_classes, image_shape))
     create_seconds = time.perf_counter() - start
     batches = [_random_batch(experiment, seed) for seed in (10, 11)]
-    head, floor, head_ratio = head_seconds(experiment, state, batches[0]["label"])
+    head, floor, head_ratio = head_seconds(experiment, state, batches[0]["label"], args.repeats)
     head_shape = state.params["head"].shape
     head_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(state)
                      if leaf.shape == head_shape)
