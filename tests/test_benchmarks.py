@@ -138,10 +138,25 @@ def test_engines_gives_no_ratio_when_the_floor_is_skipped():
   assert all(cells[2] == "-" for cells in rows.values()), rows
 
 
-def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
+# Imported first by every Python process that has its folder on the path: the training
+# packages are then missing, as on an accelerator's image (the H200's lacked grain and
+# ml-collections, and its flax did not import).
+_WITHOUT_TRAINING_PACKAGES = '''
+import importlib.abc, sys
+class _Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.partition(".")[0] in ("flax", "grain", "ml_collections", "optax"):
+      raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Missing())
+'''
+
+
+def test_device_check_runs_engines_without_the_training_packages(tmp_path):
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_WITHOUT_TRAINING_PACKAGES)
   env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", PROFILE_CLASSES="2000",
-             OUT=str(tmp_path), PYTHON=sys.executable,
-             TRAIN="0")  # Its recipes' steps are for an accelerator.
+             OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(site))
   result = subprocess.run(
       ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
        "--repeats", "1", "--dtypes", "float32"],
@@ -152,7 +167,8 @@ def test_device_check_runs_engines_and_keeps_its_output(tmp_path):
     output = log.read()
   assert "C=3,000, B=8, D=16, float32, 1 interleaved rounds" in output
   assert {"floor (3 matmuls)", "chunked (65536)", "chunked (8192)"} <= set(_table_rows(output))
-  assert "train_step" not in result.stdout
+  assert "training step skipped: a package is missing" in result.stdout
+  assert "train_step.txt" not in os.listdir(tmp_path)
   # The profile's table and where its time goes, appended; its traces beside.
   assert "C=2,000, B=8, D=16, float32, 1 interleaved rounds" in output
   assert "Where the time goes" in output
