@@ -476,10 +476,7 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
                                        r"where the run in .* trained with \{'margin': 0.5, "
                                        r"'scale': 16.0\}; a resumed run keeps"):
     train_lib.train_and_evaluate(config, str(tmp_path))
-  assert (tmp_path / "config.json").read_text() == written
-  config.loss.scale, config.loss.margin = 16.0, 0.5
-  train_lib.train_and_evaluate(config, str(tmp_path))  # As the run was: it resumes.
-  assert int(train_lib.restore(str(tmp_path))[1].step) == 2
+  assert (tmp_path / "config.json").read_text() == written  # Refused before anything changed.
 
 
 def test_checkpoint_saved_before_a_failing_evaluation_is_kept(tmp_path, monkeypatch):
