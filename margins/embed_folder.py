@@ -56,27 +56,13 @@ def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, 
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
-  """The image files below ``root`` (any depth), as sorted paths relative to ``root``.
-
-  Hidden files and folders (``.*``, such as macOS's ``._*`` resource files) are skipped, and a
-  folder that symbolic links reach twice is read once, under the name by which a walk of the
-  sorted folders reaches it first.
+  """The image files below ``root`` (any depth), as sorted paths relative to ``root``; hidden
+  ones skipped, a folder reached twice read once (:func:`margins.data.image_folder.image_files`).
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root} is not a folder.")
-  suffixes = tuple(image_folder.IMAGE_EXTENSIONS)
-  found, seen = [], set()
-  for folder, subfolders, names in os.walk(root, followlinks=True):
-    real = os.path.realpath(folder)
-    if real in seen:  # Reached again through a symbolic link (perhaps a loop).
-      subfolders.clear()
-      continue
-    seen.add(real)
-    subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-    found += [os.path.relpath(os.path.join(folder, name), root) for name in names
-              if not name.startswith(".") and name.lower().endswith(suffixes)]
-  return sorted(found)
+  return [os.path.relpath(path, root) for path in image_folder.image_files(root)]
 
 
 def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_size: int = 256,

@@ -84,10 +84,13 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
   decoded once per run as insightface does.
 
   Returns flat metrics (``name/metric``: float) plus ``"_results"`` (the verification results and
-  embeddings, for plots).
+  embeddings, for plots) and ``"_class_names"`` (the closed and open sets' names of their labels,
+  where the sources have them).
   """
   eval_config = experiment.config.eval
   metrics, results = {}, {}
+  metrics["_class_names"] = {name: getattr(eval_sources[name], "class_names", None)
+                             for name in ("closed", "open") if name in eval_sources}
   if "closed" in eval_sources:
     source = eval_sources["closed"]
     embeddings = compute_embeddings(experiment, state, source, flip=False, embed_fn=embed_fn)
@@ -175,5 +178,6 @@ def write_plots(workdir: str, metrics: Mapping[str, Any]) -> list[str]:
     if embeddings is not None and embeddings.shape[1] in (2, 3):
       paths.append(evaluation.plot_embeddings(
           embeddings, labels, os.path.join(workdir, f"features_{name}.png"),
-          title=f"Features of the {name}-set identities"))
+          title=f"Features of the {name}-set identities",
+          class_names=metrics.get("_class_names", {}).get(name)))  # Open-set 0 is digit 6.
   return paths

@@ -92,6 +92,11 @@ def test_codec_rejects_bad_input():
     image_folder.encode_image(np.zeros((2, 2, 3), np.uint8), image_format="gif")
   with pytest.raises(ValueError, match="`quality`"):
     image_folder.encode_image(np.zeros((2, 2, 3), np.uint8), quality=0)
+  # Fractional sizes were truncated (112.9 -> 112).
+  with pytest.raises(TypeError, match="`image_shape` must be"):
+    image_folder.check_image_shape((112.9, 112, 3))
+  with pytest.raises(ValueError, match="`image_shape` must be"):
+    image_folder.check_image_shape((0, 112, 3))
 
 
 # Listing.
@@ -109,6 +114,21 @@ def test_listing_sorts_identities_and_images_and_filters_extensions(tmp_path):
   assert [os.path.relpath(path, tmp_path) for path in paths] == [
       "amy/c.bmp", "amy/nested/x.jpeg", "mid/1.webp", "zed/a.png", "zed/b.JPG"]
   assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_listing_reads_a_folder_reached_twice_once(tmp_path):
+  # A link back up (a loop) listed every image about 40 times, down to the OS's limit on links.
+  for name in ("alice/1.png", "alice/sub/2.png", "bob/1.png"):
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).touch()
+  os.symlink(tmp_path / "alice", tmp_path / "alice" / "sub" / "back")
+  paths, labels, _ = image_folder.list_image_folder(tmp_path)
+  assert [os.path.relpath(path, tmp_path) for path in paths] == [
+      "alice/1.png", "alice/sub/2.png", "bob/1.png"]
+  assert labels.tolist() == [0, 0, 1]
+  # A single string would be taken as its characters, each a suffix ("g" matched "log").
+  with pytest.raises(TypeError, match="`extensions` must be a sequence of suffixes"):
+    image_folder.list_image_folder(tmp_path, extensions=".png")
 
 
 def test_listing_errors(tmp_path):

@@ -92,6 +92,8 @@ def test_every_config_runs_in_quick_mode(path, tmp_path):
   assert os.path.exists(tmp_path / "roc.png")
   if config.model.embedding_dim in (2, 3):
     assert os.path.exists(tmp_path / "features_open.png")
+  if config.data.name == "digits":  # The plots' legends name the digits (open-set label 0: 6).
+    assert final["_class_names"] == {"closed": list("012345"), "open": list("6789")}
 
 
 @pytest.mark.parametrize("name", list(train_lib.MARGINS))
@@ -879,6 +881,19 @@ def test_resumed_metric_writer_drops_a_line_a_crash_cut_short(tmp_path):
   writer.close()
   assert read_metrics(str(tmp_path)) == [{"step": s, "loss": v} for s, v in
                                          ((1, 1.0), (2, 2.0), (3, 13.0))]
+
+
+def test_feature_plots_name_their_classes(tmp_path, monkeypatch):
+  # The open set's label 0 is digit 6: its legend read "0" before the names were passed.
+  legends = {}
+  monkeypatch.setattr(eval_lib.evaluation, "plot_embeddings",
+                      lambda embeddings, labels, path, **kwargs: legends.setdefault(
+                          os.path.basename(path), kwargs["class_names"]))
+  features, labels = np.ones((4, 2)), np.array([0, 0, 1, 1])
+  eval_lib.write_plots(str(tmp_path), {
+      "_results": {"closed": (features, labels), "open": (features, labels)},  # No ROC.
+      "_class_names": {"closed": ["0", "1"], "open": ["6", "7"]}})
+  assert legends == {"features_closed.png": ["0", "1"], "features_open.png": ["6", "7"]}
 
 
 def test_run_files_are_replaced_whole_or_not_at_all(tmp_path):

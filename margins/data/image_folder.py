@@ -18,6 +18,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from margins._checks import check_int
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 _MODES = {1: "L", 3: "RGB"}
@@ -25,8 +27,8 @@ _MODES = {1: "L", 3: "RGB"}
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
   """``image_shape`` as a tuple of ints, checked to be ``(height, width, 1 or 3)``."""
-  shape = tuple(int(n) for n in image_shape)
-  if len(shape) != 3 or min(shape) <= 0 or shape[2] not in _MODES:
+  shape = tuple(check_int(n, "image_shape", minimum=1) for n in image_shape)
+  if len(shape) != 3 or shape[2] not in _MODES:
     raise ValueError(
         f"`image_shape` must be (height, width, channels) with 1 or 3 channels, got {image_shape}.")
   return shape
@@ -175,6 +177,9 @@ def list_image_folder(
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise ValueError(f"`root` must be a folder with one sub-folder per identity, got {root!r}.")
+  if isinstance(extensions, str):  # Its characters would each be a suffix.
+    raise TypeError(f"`extensions` must be a sequence of suffixes, e.g. ('.jpg', '.png'), got "
+                    f"{extensions!r}.")
   suffixes = tuple(extension.lower() for extension in extensions)
   with os.scandir(root) as entries:
     class_names = sorted(
@@ -183,12 +188,7 @@ def list_image_folder(
     raise ValueError(f"{root}: no identity sub-folders found.")
   paths, labels, empty = [], [], []
   for label, name in enumerate(class_names):
-    found = []
-    for folder, sub_folders, file_names in os.walk(os.path.join(root, name), followlinks=True):
-      sub_folders[:] = [sub for sub in sub_folders if not sub.startswith(".")]  # not walked
-      found.extend(os.path.join(folder, file_name) for file_name in file_names
-                   if file_name.lower().endswith(suffixes) and not file_name.startswith("."))
-    found.sort()
+    found = image_files(os.path.join(root, name), suffixes)
     if not found:
       empty.append(name)
     paths.extend(found)
@@ -198,6 +198,27 @@ def list_image_folder(
         f"{root}: {len(empty)} identity folder(s) hold no image with an extension in "
         f"{list(suffixes)}: {empty[:5]}.")
   return paths, np.asarray(labels, dtype=np.int32), class_names
+
+
+def image_files(folder: str, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+  """Sorted paths of the files below ``folder`` (any depth, symbolic links followed) whose names
+  end in one of the lower-case ``suffixes``, in any case.
+
+  Hidden files and folders (``.*``, such as macOS's ``._*`` resource files) are skipped, and a
+  folder reached twice (through a symbolic link, perhaps a loop) is read once, under the name by
+  which a walk of the sorted folders reaches it first.
+  """
+  found, seen = [], set()
+  for current, sub_folders, names in os.walk(folder, followlinks=True):
+    real = os.path.realpath(current)
+    if real in seen:
+      sub_folders.clear()
+      continue
+    seen.add(real)
+    sub_folders[:] = sorted(sub for sub in sub_folders if not sub.startswith("."))
+    found += [os.path.join(current, name) for name in names
+              if not name.startswith(".") and name.lower().endswith(suffixes)]
+  return sorted(found)
 
 
 class ImageFolderSource:
