@@ -135,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same experiment in a seconds-long smoke run (``get_config("quick")``)."""
+  """The same experiment in a short smoke run (``get_config("quick")``)."""
   config.num_steps = 20
   config.batch_size = 64
   config.log_every = 5
@@ -606,7 +606,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   missing = [path for path in config.eval.bins if not os.path.exists(path)]
   if missing:
     raise FileNotFoundError(f"config.eval.bins: {missing} not found; list the .bin files that "
-                            "exist, e.g. --config.eval.bins=\"('/data/lfw.bin',)\".")
+                            "exist, e.g. --config.eval.bins=\"('/data/lfw.bin',)\", or none: "
+                            "--config.eval.bins=\"()\".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +764,7 @@ def _train_and_evaluate(config, workdir, mesh):
                               scores_fn=scores_fn)
   if jax.process_index() == 0:
     final["_plots"] = eval_lib.write_plots(workdir, final)
-    run_log.report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}; plots: "
-                   f"{', '.join(final['_plots'])}")
+    plots = f"; plots: {', '.join(final['_plots'])}" if final["_plots"] else ""
+    run_log.report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}{plots}")
   writer.close()
   return final

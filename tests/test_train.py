@@ -550,6 +550,12 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
   config.data.update(name="recordio", path=str(tmp_path / "ms1mv3"))
   with pytest.raises(FileNotFoundError, match="config.data.path = '.*ms1mv3' is not a folder"):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
+  # A recipe's .bin sets missing (images packed by pack_recordio have none): the way out named.
+  config.data.update(name="digits", path=None)
+  config.eval.bins = (str(tmp_path / "lfw.bin"),)
+  with pytest.raises(FileNotFoundError, match=r"lfw.bin'\] not found; .* or none: "
+                                              r"--config.eval.bins=\"\(\)\""):
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
 def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):

@@ -12,7 +12,7 @@ settings.
 On several hosts, start the same command on every one: under SLURM as it is (``srun``), on a
 Cloud TPU pod with ``--multihost``, elsewhere with ``--coordinator_address=<host 0>:<port>
 --num_processes=<N> --process_id=<i>`` (README, "Multi-host"). ``...:/data/glint360k,quick`` is a
-seconds-long smoke run of the same recipe.
+smoke run of the same recipe (1-3 minutes on a 2-core CPU).
 """
 
 from margins import recipes

@@ -12,7 +12,8 @@ arcface_torch README). See :mod:`margins.recipes` for the shared settings.
 On several hosts, start the same command on every one: under SLURM as it is (``srun``), on a
 Cloud TPU pod with ``--multihost``, elsewhere with ``--coordinator_address=<host 0>:<port>
 --num_processes=<N> --process_id=<i>`` (README, "Multi-host").
-``...:/data/ms1m-retinaface-t1,quick`` is a seconds-long smoke run of the same recipe.
+``...:/data/ms1m-retinaface-t1,quick`` is a smoke run of the same recipe (1-3 minutes on a
+2-core CPU).
 """
 
 from margins import recipes

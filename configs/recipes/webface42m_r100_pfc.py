@@ -15,7 +15,7 @@ On several hosts, start the same command on every one: under SLURM as it is (``s
 Cloud TPU pod with ``--multihost``, elsewhere with ``--coordinator_address=<host 0>:<port>
 --num_processes=<N> --process_id=<i>`` (README, "Multi-host"); with more devices keep 1,024
 (insightface's 8-GPU recipe) or raise ``--config.batch_size`` with the learning rate.
-``...:/data/WebFace42M,quick`` is a seconds-long smoke run of the same recipe.
+``...:/data/WebFace42M,quick`` is a smoke run of the same recipe (1-3 minutes on a 2-core CPU).
 """
 
 from margins import recipes
