@@ -9,6 +9,9 @@ Every config field can be overridden on the command line, e.g.::
 the same ``--workdir`` resumes from its latest checkpoint. See :mod:`margins.train_lib`.
 """
 
+import sys
+import textwrap
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -40,5 +43,19 @@ def main(argv):
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where a ``--config.<field>`` that the config lacks is a usage error as
+  a malformed flag is, not ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as error:
+    missing = error.args[0] if error.args else None
+    if not isinstance(missing, KeyError):
+      raise
+    field = textwrap.indent(str(missing.args[0]), "  ")
+    sys.exit("FATAL Flags parsing error: a --config override names a field the config lacks:\n"
+             f"{field}\nPass --helpshort or --helpfull to see help on flags.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -558,12 +558,18 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
-def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
-  command = _train_command(tmp_path, 1, 1) + ["--config.engine.kind=fused"]
+@pytest.mark.parametrize("override, message", [
+    ("--config.engine.kind=fused", "Unknown config.engine.kind 'fused'"),
+    # A field the config lacks: ml_collections raises AttributeError while absl parses flags.
+    ("--config.loss.margn=0.4", 'names a field the config lacks:\n  \'margn\'\n  Did you mean '
+     '"margin"'),
+])
+def test_config_that_cannot_run_is_a_message_not_a_traceback(override, message, tmp_path):
+  command = _train_command(tmp_path, 1, 1) + [override]
   result = subprocess.run(command, capture_output=True, text=True, env=dict(
       os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0
-  assert "Unknown config.engine.kind 'fused'" in result.stderr, result.stderr
+  assert message in result.stderr, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   assert not os.listdir(tmp_path)  # Refused before the run wrote anything.
 
