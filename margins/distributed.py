@@ -44,7 +44,8 @@ def _explicit(coordinator_address: str | None, num_processes: int | None,
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False) -> bool:
+               process_id: int | None = None, *, auto: bool = False,
+               timeout_s: int = 300) -> bool:
   """Starts ``jax.distributed`` when this is one process of several; returns whether it did.
 
   Args:
@@ -54,13 +55,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     process_id: this process's index, ``0 .. num_processes - 1``.
     auto: let JAX detect the cluster (Cloud TPU pods, Kubernetes, SLURM, Open MPI). Under
       SLURM or Open MPI with more than one task this happens without asking.
+    timeout_s: seconds to wait for every process to join before failing (JAX's
+      ``initialization_timeout``, 300 by default).
   """
   if _explicit(coordinator_address, num_processes, process_id):
     logging.info("Process %d: waiting for all %d processes at %s.", process_id, num_processes,
                  coordinator_address)
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_s)
   elif auto or launched_as_multiple_tasks():
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=timeout_s)
   else:
     return False
   logging.info("Process %d of %d; %d local and %d global devices.", jax.process_index(),
@@ -74,12 +78,13 @@ class Flags(NamedTuple):
   num_processes: flags.FlagHolder
   process_id: flags.FlagHolder
   multihost: flags.FlagHolder
+  timeout_s: flags.FlagHolder
 
 
 @functools.cache
 def define_flags() -> Flags:
   """Defines ``--coordinator_address``, ``--num_processes``, ``--process_id`` and
-  ``--multihost`` once, whichever of ``train.py`` and the tools asks first (absl refuses a flag
+  ``--multihost`` and ``--distributed_timeout_s`` once, whichever of ``train.py`` and the tools asks first (absl refuses a flag
   defined twice). A program lists them in its ``--help`` with
   ``flags.adopt_module_key_flags(distributed)``."""
   holders = Flags(
@@ -89,7 +94,10 @@ def define_flags() -> Flags:
       flags.DEFINE_integer("num_processes", None, "Multi-process: processes in all."),
       flags.DEFINE_integer("process_id", None, "Multi-process: this process's index."),
       flags.DEFINE_bool("multihost", False, "Let JAX detect the cluster (Cloud TPU pods, "
-                        "Kubernetes) and start the multi-process runtime."))
+                        "Kubernetes) and start the multi-process runtime."),
+      flags.DEFINE_integer("distributed_timeout_s", 300, "Multi-process: seconds to wait for "
+                           "every process to join (raise it where hosts start minutes apart).",
+                           lower_bound=1))
   flags.register_multi_flags_validator(
       ["coordinator_address", "num_processes", "process_id"], _explicit_flags_fit)
   return holders
@@ -106,4 +114,5 @@ def _explicit_flags_fit(values: dict[str, object]) -> bool:
 def initialize_from_flags(holders: Flags) -> bool:
   """:func:`initialize` with the values of :func:`define_flags`' flags."""
   return initialize(holders.coordinator_address.value, holders.num_processes.value,
-                    holders.process_id.value, auto=holders.multihost.value)
+                    holders.process_id.value, auto=holders.multihost.value,
+                    timeout_s=holders.timeout_s.value)

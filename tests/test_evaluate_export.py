@@ -366,6 +366,8 @@ def test_export_writes_its_files_on_process_0_only(run, tmp_path, cli, monkeypat
     (["--multihost"], ()),  # A Cloud TPU pod: JAX reads the slice from the VM's metadata.
     (["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1"],
      ("10.0.0.1:1234", 2, 1)),
+    (["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1",
+      "--distributed_timeout_s=1800"], ("10.0.0.1:1234", 2, 1)),
 ])
 def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expected, cli,
                                                            monkeypatch, tmp_path):
@@ -378,7 +380,7 @@ def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expecte
     pass
 
   def initialize(*args, **kwargs):
-    raise Started(args)
+    raise Started(args, kwargs)
 
   for name, value in launch.items() if isinstance(launch, dict) else ():
     monkeypatch.setenv(name, value)
@@ -386,7 +388,8 @@ def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expecte
   with pytest.raises(Started) as started:
     cli(importlib.import_module(tool), f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}",
         f"--bin={tmp_path / 'missing.bin'}", *(launch if isinstance(launch, list) else ()))
-  assert started.value.args == (expected,)
+  timeout_s = 1800 if "--distributed_timeout_s=1800" in launch else 300  # JAX's default.
+  assert started.value.args == (expected, {"initialization_timeout": timeout_s})
 
 
 @pytest.mark.parametrize("launch, message", [
