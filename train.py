@@ -6,9 +6,12 @@ Every config field can be overridden on the command line, e.g.::
       --config.loss.margin=0.4 --config.num_steps=3000
 
 ``--config configs/<file>.py:quick`` runs the same experiment for a few seconds. Restarting with
-the same ``--workdir`` resumes from its latest checkpoint. See :mod:`margins.train_lib`.
+the same ``--workdir`` resumes from its latest checkpoint. On SIGTERM (a scheduler's
+preemption) the run saves a checkpoint at the end of its current step and exits with status 143.
+See :mod:`margins.train_lib`.
 """
 
+import signal
 import sys
 import textwrap
 
@@ -17,7 +20,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from margins import checkpoints
 from margins import distributed
+from margins import run_log
 from margins import sharding as sharding_lib
 from margins import train_lib
 
@@ -40,7 +45,11 @@ def main(argv):
     train_lib.check_config(_CONFIG.value, sharding_lib.make_mesh(_CONFIG.value))
   except (ValueError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from error
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpoints.Preempted as preempted:
+    run_log.report(str(preempted))
+    sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

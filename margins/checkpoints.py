@@ -1,13 +1,18 @@
 """A run's files in its workdir: orbax checkpoints of the state, ``config.json``, ``data.json``.
 
 A checkpoint restores on another number of devices (``W``'s rows padded or cut) and under a
-config that adds or drops an optional field of the state (:data:`OPTIONAL_FIELDS`).
+config that adds or drops an optional field of the state (:data:`OPTIONAL_FIELDS`). A preempted
+run saves one where it stops (:func:`preemption_notice`).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +29,36 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+class Preempted(Exception):
+  """The run stopped at ``step`` when told to (SIGTERM), after its checkpoint was committed."""
+
+  def __init__(self, step: int):
+    super().__init__(f"Preempted: stopped at step {step} and saved it; the same command "
+                     "resumes from there.")
+    self.step = step
+
+
+@contextlib.contextmanager
+def preemption_notice(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], bool]]:
+  """``reached(step)``: whether the job is being preempted, so that every process saves
+  ``step`` and stops. Schedulers send SIGTERM and wait a while (SLURM, Kubernetes: 30 s by
+  default) before killing the job. Across processes JAX's preemption service catches it on any
+  one of them and picks the same step for all (read through orbax); a single process catches it
+  itself while the context is open (in the main thread; elsewhere never preempted)."""
+  if jax.process_count() > 1:
+    yield manager.reached_preemption
+    return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: False
+    return
+  received = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+  try:
+    yield lambda step: received.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _read_json(workdir: str, name: str):

@@ -13,7 +13,8 @@ the notebooks. It reads top to bottom:
 4. orbax checkpoints (:mod:`margins.checkpoints`; saved every ``checkpoint_every`` steps and at
    the end, asynchronously): a run restarts from the latest one in ``workdir`` and continues
    exactly as if it had not stopped, the data at the batch after the restored step's (so also
-   with another ``config.input.worker_count`` or number of processes);
+   with another ``config.input.worker_count`` or number of processes); on SIGTERM (preemption)
+   the loop saves the step it is in and raises :class:`margins.checkpoints.Preempted`;
 5. the loop: one jitted step, a progress line, ``metrics.jsonl`` and TensorBoard events
    (:mod:`margins.run_log`);
 6. evaluation (:mod:`margins.eval_lib`) every ``eval_every`` steps and at the end: closed-set
@@ -665,7 +666,9 @@ def restore(workdir: str, step: int | None = None, *,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates as ``config`` says, in ``workdir``; returns the final metrics.
 
-  Restarting with the same ``workdir`` resumes from its latest checkpoint.
+  Restarting with the same ``workdir`` resumes from its latest checkpoint. Raises
+  :class:`margins.checkpoints.Preempted` after saving the current step when the job gets SIGTERM
+  (:func:`margins.checkpoints.preemption_notice`).
   """
   mesh = sharding_lib.make_mesh(config)
   check_config(config, mesh)
@@ -729,36 +732,44 @@ def _train_and_evaluate(config, workdir, mesh):
   final = {}
   timer_start, timer_step = time.perf_counter(), start
   skipped = 0  # float16: steps skipped since the last line written (summed on the device)
-  try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
-    for step in range(start + 1, num_steps + 1):
-      batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
-      with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
-        state, metrics = step_fn(state, batch)
-      if "skipped" in metrics:
-        skipped = skipped + metrics["skipped"]
-      if step % config.log_every == 0 or step == num_steps:
-        if "skipped" in metrics:  # Every skip counts, not only the logged step's.
-          metrics, skipped = dict(metrics, skipped=skipped), 0
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - timer_start
-        speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
-        run_log.report(run_log.progress_line(
-            step, num_steps, metrics, speed,
-            (num_steps - step) * elapsed / max(step - timer_step, 1)))
-        writer.write(step, metrics)
-        timer_start, timer_step = time.perf_counter(), step
-      if step % config.checkpoint_every == 0 or step == num_steps:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-      if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-        final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
-                                  scores_fn=scores_fn)
-        writer.write(step, final)
-        for line in run_log.summary_lines(final, open_flip=config.eval.flip):
-          run_log.report(f"[step {step}] {line}")
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    iterator.close()  # Stops the data workers now, not when the iterator is collected.
+  preempted = False
+  with checkpoints.preemption_notice(manager) as reached_preemption:
+    try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
+      for step in range(start + 1, num_steps + 1):
+        batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
+        with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
+          state, metrics = step_fn(state, batch)
+        if "skipped" in metrics:
+          skipped = skipped + metrics["skipped"]
+        if step % config.log_every == 0 or step == num_steps:
+          if "skipped" in metrics:  # Every skip counts, not only the logged step's.
+            metrics, skipped = dict(metrics, skipped=skipped), 0
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - timer_start
+          speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)
+          run_log.report(run_log.progress_line(
+              step, num_steps, metrics, speed,
+              (num_steps - step) * elapsed / max(step - timer_step, 1)))
+          writer.write(step, metrics)
+          timer_start, timer_step = time.perf_counter(), step
+        preempted = reached_preemption(step)
+        if step % config.checkpoint_every == 0 or step == num_steps or preempted:
+          manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        if preempted:  # Its evaluation, if one is due, is left out: the grace period is short.
+          break
+        if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
+          final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
+                                    scores_fn=scores_fn)
+          writer.write(step, final)
+          for line in run_log.summary_lines(final, open_flip=config.eval.flip):
+            run_log.report(f"[step {step}] {line}")
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      iterator.close()  # Stops the data workers now, not when the iterator is collected.
+  if preempted:
+    writer.close()
+    raise checkpoints.Preempted(step)
   if not final:  # Nothing left to train: evaluate the restored state.
     final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
                               scores_fn=scores_fn)

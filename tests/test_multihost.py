@@ -13,6 +13,8 @@ differ between processes and only process 0 writes entries.
 """
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,14 +39,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_processes(workdir, logs):
+def _start_processes(workdir, logs, **overrides):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
              JAX_DEFAULT_PRNG_IMPL="rbg")
   command = [sys.executable, os.path.join(ROOT, "train.py"),
              f"--config={os.path.join(ROOT, 'configs', 'digits_arcface.py')}:quick",
              f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
-             "--num_processes=2"] + [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
+             "--num_processes=2"] + [f"--config.{k}={v}"
+                                     for k, v in {**_OVERRIDES, **overrides}.items()]
   processes = []
   for i in range(2):
     stdout, stderr = open(logs / f"stdout_{i}.txt", "w"), open(logs / f"stderr_{i}.txt", "w")
@@ -113,3 +116,28 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
       lambda path, a, b: np.testing.assert_allclose(
           b, a, rtol=1e-5, atol=1e-5 * np.max(np.abs(a)), err_msg=jax.tree_util.keystr(path)),
       one_state, two_state)
+
+
+def test_sigterm_to_one_process_stops_both_after_one_step_saved(tmp_path):
+  """JAX's preemption service catches SIGTERM on either process and picks one step at which
+  both save and stop (exit status 143, as train.py alone)."""
+  workdir, logs = tmp_path / "run", tmp_path / "logs"
+  logs.mkdir()
+  processes = _start_processes(workdir, logs, num_steps=100_000, checkpoint_every=100_000,
+                               micro_batches=1)
+  try:
+    deadline = time.monotonic() + _TIMEOUT_S
+    while "step 1/" not in (logs / "stdout_0.txt").read_text():  # The loop runs.
+      assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+      time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=_TIMEOUT_S) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  stdout = (logs / "stdout_0.txt").read_text()
+  assert codes == [143, 143], stdout[-3000:] + (logs / "stderr_1.txt").read_text()[-3000:]
+  step = int(re.search(r"^Preempted: stopped at step (\d+) and saved it", stdout, re.M).group(1))
+  assert os.listdir(workdir / "checkpoints") == [str(step)]
+  for name in ("state/ocdbt.process_0", "state/ocdbt.process_1"):
+    assert os.path.exists(workdir / "checkpoints" / str(step) / name), name

@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -513,6 +514,45 @@ def test_killed_run_resumes_exactly(tmp_path):
   assert "Resumed from step" in result.stdout
   # Every logged value (losses, gradient norms, the final evaluation) is identical.
   assert read_metrics(str(killed)) == read_metrics(str(tmp_path / "whole"))
+
+
+def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_path,
+                                                                          monkeypatch):
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
+  train_lib.train_and_evaluate(config, str(tmp_path / "whole"))
+  global_batch, steps = sharding_lib.global_batch, []
+  def global_batch_then_sigterm_at_step_2(*args):
+    steps.append(len(steps) + 1)
+    if steps[-1] == 2:  # A scheduler's notice, while the loop runs; the handler runs now.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return global_batch(*args)
+  monkeypatch.setattr(sharding_lib, "global_batch", global_batch_then_sigterm_at_step_2)
+  preempted = tmp_path / "preempted"
+  with pytest.raises(checkpoints.Preempted, match="stopped at step 2 and saved it") as stopped:
+    train_lib.train_and_evaluate(config, str(preempted))
+  assert stopped.value.step == 2 and steps == [1, 2]
+  assert os.listdir(preempted / "checkpoints") == ["2"]  # Committed, not checkpoint_every's 4.
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The loop's handler is gone.
+  monkeypatch.setattr(sharding_lib, "global_batch", global_batch)
+  train_lib.train_and_evaluate(config, str(preempted))
+  assert read_metrics(str(preempted)) == read_metrics(str(tmp_path / "whole"))
+
+
+def test_train_py_exits_143_when_preempted(tmp_path):
+  # What SLURM or Kubernetes see: not a finished job (0), nor a failed one (1).
+  process = subprocess.Popen(_train_command(tmp_path, 10_000, 10_000), env=dict(
+      os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+  for line in process.stdout:  # Once the loop runs.
+    if line.startswith("step 1/10000 "):
+      break
+  process.send_signal(signal.SIGTERM)
+  rest, _ = process.communicate(timeout=300)
+  assert process.returncode == 143, rest
+  step = int(re.search(r"^Preempted: stopped at step (\d+) and saved it; the same command "
+                       r"resumes from there.$", rest, re.M).group(1))
+  assert 1 <= step < 10_000
+  assert os.listdir(tmp_path / "checkpoints") == [str(step)]
 
 
 def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
