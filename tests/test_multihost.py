@@ -120,7 +120,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 def test_sigterm_to_one_process_stops_both_after_one_step_saved(tmp_path):
   """JAX's preemption service catches SIGTERM on either process and picks one step at which
-  both save and stop (exit status 143, as train.py alone)."""
+  both save and stop, with train.py's exit status 143 (a single process catches SIGTERM itself:
+  test_train.py)."""
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   logs.mkdir()
   processes = _start_processes(workdir, logs, num_steps=100_000, checkpoint_every=100_000,
