@@ -83,9 +83,9 @@ class Flags(NamedTuple):
 
 @functools.cache
 def define_flags() -> Flags:
-  """Defines ``--coordinator_address``, ``--num_processes``, ``--process_id`` and
-  ``--multihost`` and ``--distributed_timeout_s`` once, whichever of ``train.py`` and the tools asks first (absl refuses a flag
-  defined twice). A program lists them in its ``--help`` with
+  """Defines ``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--multihost``
+  and ``--distributed_timeout_s`` once, whichever of ``train.py`` and the tools asks first (absl
+  refuses a flag defined twice). A program lists them in its ``--help`` with
   ``flags.adopt_module_key_flags(distributed)``."""
   holders = Flags(
       flags.DEFINE_string(
