@@ -741,7 +741,8 @@ def _train_and_evaluate(config, workdir, mesh):
           state, metrics = step_fn(state, batch)
         if "skipped" in metrics:
           skipped = skipped + metrics["skipped"]
-        if step % config.log_every == 0 or step == num_steps:
+        preempted = reached_preemption(step)  # Then the step is logged and saved.
+        if step % config.log_every == 0 or step == num_steps or preempted:
           if "skipped" in metrics:  # Every skip counts, not only the logged step's.
             metrics, skipped = dict(metrics, skipped=skipped), 0
           metrics = jax.device_get(metrics)
@@ -752,7 +753,6 @@ def _train_and_evaluate(config, workdir, mesh):
               (num_steps - step) * elapsed / max(step - timer_step, 1)))
           writer.write(step, metrics)
           timer_start, timer_step = time.perf_counter(), step
-        preempted = reached_preemption(step)
         if step % config.checkpoint_every == 0 or step == num_steps or preempted:
           manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         if preempted:  # Its evaluation, if one is due, is left out: the grace period is short.
