@@ -520,7 +520,7 @@ def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_pa
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
   config.log_every = 4
   train_lib.train_and_evaluate(config, str(tmp_path / "whole"))
-  global_batch, steps = sharding_lib.global_batch, []
+  global_batch, steps, handler = sharding_lib.global_batch, [], signal.getsignal(signal.SIGTERM)
   def global_batch_then_sigterm_at_step_2(*args):
     steps.append(len(steps) + 1)
     if steps[-1] == 2:  # A scheduler's notice, while the loop runs; the handler runs now.
@@ -532,7 +532,7 @@ def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_pa
     train_lib.train_and_evaluate(config, str(preempted))
   assert stopped.value.step == 2 and steps == [1, 2]
   assert os.listdir(preempted / "checkpoints") == ["2"]  # Committed, not checkpoint_every's 4.
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The loop's handler is gone.
+  assert signal.getsignal(signal.SIGTERM) is handler  # The loop's handler is gone.
   monkeypatch.setattr(sharding_lib, "global_batch", global_batch)
   train_lib.train_and_evaluate(config, str(preempted))
   # The stopped step is logged, though not a multiple of log_every; the rest is as if the run had
