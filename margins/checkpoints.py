@@ -44,10 +44,11 @@ class Preempted(Exception):
 def preemption_notice(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], bool]]:
   """``reached(step)``: whether the job is being preempted, so that every process saves
   ``step`` and stops. Schedulers send SIGTERM and wait a while (SLURM, Kubernetes: 30 s by
-  default) before killing the job. Across processes JAX's preemption service catches it on any
-  one of them and picks the same step for all (read through orbax); a single process catches it
-  itself while the context is open (in the main thread; elsewhere never preempted)."""
-  if jax.process_count() > 1:
+  default) before killing the job. Where ``jax.distributed`` runs, JAX's preemption service
+  catches it on any process and picks the same step for all (read through orbax); a process on
+  its own catches it itself while the context is open (in the main thread; elsewhere never
+  preempted)."""
+  if jax.distributed.is_initialized():  # Its service holds SIGTERM, from C++: left to it.
     yield manager.reached_preemption
     return
   if threading.current_thread() is not threading.main_thread():
