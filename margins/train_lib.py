@@ -767,8 +767,8 @@ def _train_and_evaluate(config, workdir, mesh):
       manager.wait_until_finished()
       manager.close()
       iterator.close()  # Stops the data workers now, not when the iterator is collected.
+      writer.close()
   if preempted:
-    writer.close()
     raise checkpoints.Preempted(step)
   if not final:  # Nothing left to train: evaluate the restored state.
     final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
@@ -777,5 +777,4 @@ def _train_and_evaluate(config, workdir, mesh):
     final["_plots"] = eval_lib.write_plots(workdir, final)
     plots = f"; plots: {', '.join(final['_plots'])}" if final["_plots"] else ""
     run_log.report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}{plots}")
-  writer.close()
   return final
