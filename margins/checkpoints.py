@@ -19,16 +19,44 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from margins import run_log
 from margins.train_state import TrainState
 
 
+# orbax saves an array replicated over R devices (the backbone, under data parallelism) "replica
+# parallel": each device writes 1/R of it, cut out by a slice program that JAX compiles for each
+# shape and offset: 136 programs at IResNet-50's first save on 8 devices, a "compile storm"
+# (orbax issue 2934). Here a replicated array is split only where each device's share has at
+# least this many bytes; a smaller one is written whole from one device, as orbax did before
+# replica-parallel saving. On 8 fake CPU devices splitting made every save slower
+# (benchmarks/checkpoint_save.py); a device with its own link to the host may gain from
+# splitting a large array.
+MIN_REPLICA_SLICE_BYTES = 8 << 20
+
+
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """The run's orbax checkpoints, in ``workdir/checkpoints``."""
+  """The run's orbax checkpoints, in ``workdir/checkpoints``; :func:`save` writes one."""
+  arrays = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+      # As orbax's default handler has (not exported): it restores typed PRNG keys as keys.
+      array_metadata_store=array_metadata_store.Store())
+  types = ocp.type_handlers.create_type_handler_registry(
+      *((type_, ocp.type_handlers.get_type_handler(type_))
+        for type_ in ocp.type_handlers.supported_types()), (jax.Array, arrays))
+  handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  handlers.add("state", ocp.args.PyTreeSave,
+               ocp.PyTreeCheckpointHandler(type_handler_registry=types))
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+      handler_registry=handlers)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+  """Starts saving ``state`` as checkpoint ``step`` of ``manager`` (:func:`checkpoint_manager`)."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
 
 
 class Preempted(Exception):

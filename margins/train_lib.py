@@ -754,7 +754,7 @@ def _train_and_evaluate(config, workdir, mesh):
           writer.write(step, metrics)
           timer_start, timer_step = time.perf_counter(), step
         if step % config.checkpoint_every == 0 or step == num_steps or preempted:
-          manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+          checkpoints.save(manager, step, state)
         if preempted:  # Its evaluation, if one is due, is left out: the grace period is short.
           break
         if (config.eval_every and step % config.eval_every == 0) or step == num_steps:

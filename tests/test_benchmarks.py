@@ -46,12 +46,13 @@ def _run(script, *args, **environment):
   return result.stdout
 
 
-def _table_rows(output):
-  """``{engine: [cells]}`` of the markdown rows printed by ``engines.py``."""
+def _table_rows(output, header="engine", columns=5):
+  """``{first cell: [cells]}`` of the markdown rows in ``output`` of tables whose first column
+  is ``header``, with ``columns`` cells (by default the rows of ``engines.py``'s tables)."""
   rows = {}
   for line in output.splitlines():
     cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-    if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("engine", "---"):
+    if line.startswith("| ") and len(cells) == columns and cells[0] not in (header, "---"):
       rows[cells[0]] = cells
   return rows
 
@@ -203,6 +204,19 @@ def test_train_step_prints_a_recipes_step_and_its_head():
     assert all(np.isfinite(float(loss)) for loss in losses.split(", ")), table
     assert re.search(r"^C=4,097: state created in \d+\.\d s \(its programs compiled and run\), "
                      r"step compiled in \d+\.\d s$", table, re.M), table
+
+
+def test_checkpoint_save_compares_the_runs_checkpoints_with_orbaxs_default():
+  output = _run("checkpoint_save.py", "--recipe", "ms1mv3_mbf", "--quick", "--classes", "100",
+                "--repeats", "1", "--cpu-devices", "2")
+  assert re.search(r"mobilefacenet, 100 classes, sgd: \d+ arrays, .* split by margins where a "
+                   r"device's share is >= 8 MB: 0$", output, re.M), output
+  rows = _table_rows(output, "saver", columns=6)
+  assert set(rows) == {"margins", "orbax default"}, output
+  # saver, first save (s), programs compiled, compiling (s), later saves (s), later / margins'
+  assert rows["margins"][2:4] == ["0", "0.00"] and rows["margins"][5] == "1.00x", output
+  assert int(rows["orbax default"][2]) > 0, output  # a program per replicated array's share
+  assert re.fullmatch(r"\d+\.\d\dx", rows["orbax default"][5]), output
 
 
 def test_engines_profile_names_each_programs_ops_and_their_calls(tmp_path):

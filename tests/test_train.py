@@ -318,17 +318,52 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
 
 
+def test_checkpoints_write_small_replicated_arrays_whole_compiling_nothing(tmp_path,
+                                                                          monkeypatch):
+  # orbax's default splits an array replicated over the devices among them, each share cut out
+  # by a program compiled for its shape and offset (136 for IResNet-50's first save on 8
+  # devices). The run's checkpoints split only shares of MIN_REPLICA_SLICE_BYTES or more.
+  mesh = jax.make_mesh((8,), ("devices",))
+  values = {"replicated": np.arange(8 * 321, dtype=np.float32).reshape(8, 321),
+            "split": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+  state = {"replicated": jax.device_put(values["replicated"], jax.NamedSharding(mesh, jax.P())),
+           "split": jax.device_put(values["split"], jax.NamedSharding(mesh, jax.P("devices")))}
+  compiled = []
+
+  def on_compile(event, duration, **kwargs):
+    del duration, kwargs
+    compiled.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+
+  def programs_compiled_to_save(workdir):
+    compiled.clear()
+    with checkpoints.checkpoint_manager(str(workdir), ml_collections.ConfigDict(
+        {"keep_checkpoints": 1})) as manager:
+      checkpoints.save(manager, 1, state)
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "1" / "state")
+    jax.tree.map(np.testing.assert_array_equal, restored, values)
+    return len(compiled)
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    assert programs_compiled_to_save(tmp_path / "whole") == 0
+    monkeypatch.setattr(checkpoints, "MIN_REPLICA_SLICE_BYTES", 0)  # orbax's default
+    assert programs_compiled_to_save(tmp_path / "split") == 8  # One per device's share.
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+
+
 def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
   # A float32 run saved before TrainState had ``loss_scale``: its checkpoint has no such entry.
+  # Saved as runs did then, with orbax's standard handler and its default for replicated arrays.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   source, _ = train_lib.make_sources(config.data)
   mesh = sharding_lib.make_mesh(config)
   _, state = train_lib.create_train_state(config, mesh, source.num_classes, source.image_shape)
   old = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
          if field.name != "loss_scale"}
-  with checkpoints.checkpoint_manager(str(tmp_path), config) as manager:
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
     manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
-    manager.wait_until_finished()
+  with checkpoints.checkpoint_manager(str(tmp_path), config) as manager:
     _, abstract = train_lib.create_train_state(config, mesh, source.num_classes,
                                                source.image_shape, abstract=True)
     asked = []  # The fields a new run would start: asked for only where one differs.
