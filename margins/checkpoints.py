@@ -74,12 +74,14 @@ def preemption_notice(manager: ocp.CheckpointManager) -> Iterator[Callable[[int]
   ``step`` and stops. Schedulers send SIGTERM and wait a while (SLURM, Kubernetes: 30 s by
   default) before killing the job. Where ``jax.distributed`` runs, JAX's preemption service
   catches it on any process and picks the same step for all (read through orbax); a process on
-  its own catches it itself while the context is open (in the main thread; elsewhere never
-  preempted)."""
+  its own catches it itself while the context is open (in the main thread; elsewhere, or where
+  code outside Python holds SIGTERM, never preempted)."""
   if jax.distributed.is_initialized():  # Its service holds SIGTERM, from C++: left to it.
     yield manager.reached_preemption
     return
-  if threading.current_thread() is not threading.main_thread():
+  # A handler installed outside Python reads as None: it could not be put back after ours.
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is None):
     yield lambda step: False
     return
   received = threading.Event()

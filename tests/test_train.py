@@ -577,6 +577,17 @@ def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_pa
   assert rest == read_metrics(str(tmp_path / "whole"))
 
 
+def test_sigterm_held_outside_python_is_left_to_its_owner(monkeypatch):
+  # Python reads a handler installed by C code as None, and could not put it back after the
+  # loop's own; the loop then leaves SIGTERM alone (and is never told of a preemption).
+  monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+  replaced = []
+  monkeypatch.setattr(signal, "signal", lambda signum, handler: replaced.append(signum))
+  with checkpoints.preemption_notice(manager=None) as reached_preemption:
+    assert not reached_preemption(1)
+  assert not replaced
+
+
 def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
   # The loop places each batch on the devices itself; a batch (or anything else a step reads)
   # left on the host would be copied silently every step, which the transfer guard refuses.
