@@ -332,7 +332,8 @@ def test_checkpoints_write_small_replicated_arrays_whole_compiling_nothing(tmp_p
 
   def on_compile(event, duration, **kwargs):
     del duration, kwargs
-    compiled.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(event)
 
   def programs_compiled_to_save(workdir):
     compiled.clear()
