@@ -63,7 +63,8 @@ def compile_seconds():
 def _savers(config, state, folder):
   """``{name: save()}``: each saves ``state`` as the next step of its own manager and waits."""
   run_manager = checkpoints.checkpoint_manager(f"{folder}/run", config)
-  default_manager = ocp.CheckpointManager(f"{folder}/default/checkpoints")
+  default_manager = ocp.CheckpointManager(f"{folder}/default/checkpoints", options=(
+      ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints)))
   steps = {"margins": 0, "orbax default": 0}
 
   def saver(name, manager, save):
