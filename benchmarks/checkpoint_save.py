@@ -14,6 +14,7 @@ ratio the median over the rounds.
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import tempfile
 import time
@@ -60,24 +61,25 @@ def compile_seconds():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def _saver(manager, save):
+  """``run()``: ``save(step)`` for the next step of ``manager``, then waits until it is written."""
+  steps = itertools.count(1)
+
+  def run():
+    save(next(steps))
+    manager.wait_until_finished()
+
+  return run
+
+
 def _savers(config, state, folder):
-  """``{name: save()}``: each saves ``state`` as the next step of its own manager and waits."""
+  """``({name: save()}, managers)``: each saves ``state`` as the next step of its own manager."""
   run_manager = checkpoints.checkpoint_manager(f"{folder}/run", config)
   default_manager = ocp.CheckpointManager(f"{folder}/default/checkpoints", options=(
       ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints)))
-  steps = {"margins": 0, "orbax default": 0}
-
-  def saver(name, manager, save):
-    def run():
-      steps[name] += 1
-      save(manager, steps[name])
-      manager.wait_until_finished()
-    return run
-
   return {
-      "margins": saver("margins", run_manager,
-                       lambda manager, step: checkpoints.save(manager, step, state)),
-      "orbax default": saver("orbax default", default_manager, lambda manager, step: manager.save(
+      "margins": _saver(run_manager, lambda step: checkpoints.save(run_manager, step, state)),
+      "orbax default": _saver(default_manager, lambda step: default_manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))),
   }, (run_manager, default_manager)
 
