@@ -311,10 +311,10 @@ def chunked(chunk_size: int = 8192, *, matmul_dtype: Any = None, sample_rate: fl
             keep_scores: bool = True) -> SoftmaxEngine:
   """``chunk_size`` classes at a time on one device: memory ``B x chunk_size`` whatever ``C``.
 
-  On a CPU, chunks whose rows of ``W`` stay in the cache (a few hundred classes at ``D = 512``)
-  are fastest (``benchmarks/engines.py``). On a GPU larger is faster: on an H200 at ``B = 256``,
-  chunks of 65,536 took 0.72-0.79x the time of the default's (README). The default keeps a
-  chunk's ``[B, chunk_size]`` scores small for large global batches.
+  On a CPU the fastest size moves from run to run (256, 512 and 8,192 classes at ``D = 512`` each
+  were fastest in some runs of ``benchmarks/engines.py``). On a GPU larger is faster: on an H200
+  at ``B = 256``, chunks of 65,536 took 0.72-0.79x the time of the default's (README). The
+  default keeps a chunk's ``[B, chunk_size]`` scores small for large global batches.
 
   Same call and result as :func:`dense`, to float tolerance (``C`` need not divide into chunks):
 
