@@ -25,7 +25,10 @@ def write_atomically(path: str, text: str) -> None:
 class MetricWriter:
   """``metrics.jsonl`` and TensorBoard events in ``workdir``, written by process 0 only.
 
-  On resume, lines past the restored step are dropped, so the file reads as one run.
+  ``metrics.jsonl`` is strict JSON, one object per line: a value that is not finite (a TAR at a
+  FAR the number of pairs cannot resolve, a diverged loss) is ``null`` there and left out of the
+  TensorBoard events. On resume, lines past the restored step are dropped, so the file reads as
+  one run.
   """
 
   def __init__(self, workdir: str, resume_step: int):
@@ -48,8 +51,10 @@ class MetricWriter:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
+    # Strict JSON, which has no NaN or infinity: such a value is written as null.
+    line = {"step": step, **{k: v if math.isfinite(v) else None for k, v in scalars.items()}}
     with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+      f.write(json.dumps(line, allow_nan=False) + "\n")
     for name, value in scalars.items():
       if math.isfinite(value):  # e.g. TAR at a FAR the number of pairs cannot resolve: NaN
         self.tensorboard.add_scalar(name, value, step)

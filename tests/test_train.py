@@ -966,6 +966,22 @@ def test_resumed_metric_writer_drops_a_line_a_crash_cut_short(tmp_path):
                                          ((1, 1.0), (2, 2.0), (3, 13.0))]
 
 
+def test_metrics_are_strict_json_with_null_for_values_that_are_not_finite(tmp_path):
+  # JSON has no NaN: JavaScript's JSON.parse, Go and others refuse Python's default ``NaN``.
+  writer = run_log.MetricWriter(str(tmp_path), 0)
+  writer.write(1, {"loss": float("nan"), "open/tar_at_far_0.0001": np.float32(np.nan),
+                   "grad_norm": np.inf, "open/auc": np.float64(0.5)})
+  writer.close()
+  def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+  with open(tmp_path / "metrics.jsonl") as f:
+    lines = [json.loads(line, parse_constant=refuse) for line in f]
+  assert lines == [{"step": 1, "loss": None, "open/tar_at_far_0.0001": None, "grad_norm": None,
+                    "open/auc": 0.5}]
+  assert _tensorboard_scalars(str(tmp_path), "open/auc") == [1]
+  assert _tensorboard_scalars(str(tmp_path), "loss") == []
+
+
 def test_feature_plots_name_their_classes(tmp_path, monkeypatch):
   # The open set's label 0 is digit 6: its legend read "0" before the names were passed.
   legends = {}
