@@ -27,8 +27,8 @@ class MetricWriter:
 
   ``metrics.jsonl`` is strict JSON, one object per line: a value that is not finite (a TAR at a
   FAR the number of pairs cannot resolve, a diverged loss) is ``null`` there and left out of the
-  TensorBoard events. On resume, lines past the restored step are dropped, so the file reads as
-  one run.
+  TensorBoard events (lines that versions before 2026-12-06 wrote, kept on a resume, may hold
+  ``NaN``). On resume, lines past the restored step are dropped, so the file reads as one run.
   """
 
   def __init__(self, workdir: str, resume_step: int):

@@ -104,7 +104,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
   assert [m["step"] for m in two_metrics] == [m["step"] for m in one_metrics] == [1, 2, 3, 3]
   for one, other in zip(one_metrics, two_metrics):
     assert one.keys() == other.keys()
-    np.testing.assert_allclose([other[k] for k in one], list(one.values()), rtol=1e-5,
+    # As floats: a value that is not finite is null in metrics.jsonl (None here, NaN as a float).
+    np.testing.assert_allclose(np.array([other[k] for k in one], float),
+                               np.array(list(one.values()), float), rtol=1e-5,
                                err_msg=f"metrics of step {one['step']}")
 
   # Restored in this process, on its 8 devices: the checkpoint written by two processes reshards.
