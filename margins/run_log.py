@@ -51,13 +51,14 @@ class MetricWriter:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
-    # Strict JSON, which has no NaN or infinity: such a value is written as null.
-    line = {"step": step, **{k: v if math.isfinite(v) else None for k, v in scalars.items()}}
+    # Not finite: e.g. TAR at a FAR the number of pairs cannot resolve (NaN). Strict JSON has no
+    # NaN or infinity, so such a value is null there, and TensorBoard is not given it.
+    finite = {k: v for k, v in scalars.items() if math.isfinite(v)}
     with open(self.path, "a") as f:
-      f.write(json.dumps(line, allow_nan=False) + "\n")
-    for name, value in scalars.items():
-      if math.isfinite(value):  # e.g. TAR at a FAR the number of pairs cannot resolve: NaN
-        self.tensorboard.add_scalar(name, value, step)
+      f.write(json.dumps({"step": step, **{k: finite.get(k) for k in scalars}}, allow_nan=False)
+              + "\n")
+    for name, value in finite.items():
+      self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
 
   def close(self) -> None:
