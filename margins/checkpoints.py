@@ -132,11 +132,12 @@ def restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
   rows_differ = _check_fits(manager, step, _stored_state(manager, step), wanted,
                             abstract.params["head"].shape, partial=True)
   return abstract.replace(**_restore(manager, step, wanted, rows_differ), opt_state=None,
-                          centers=None, loss_scale=None)
+                          centers=None, loss_scale=None, skipped_steps=None)
 
 
-# State fields that a config adds or drops: float16's loss scale, center loss's centres.
-OPTIONAL_FIELDS = ("loss_scale", "centers")
+# State fields that a config adds or drops: float16's loss scale and count of skipped steps,
+# center loss's centres.
+OPTIONAL_FIELDS = ("loss_scale", "skipped_steps", "centers")
 
 
 def restore_checkpoint(
@@ -156,9 +157,11 @@ def restore_checkpoint(
   this config starts them (the training loop's new state holds them). An optional field that the
   checkpoint holds and this config does not, or the other way round (a run resumed in float16
   after float32, or with a center loss added or removed), is then taken from it: the loss scale
-  starts at ``config.loss_scale.initial``, the centres at zero, and a stored field the config no
-  longer uses is dropped. It is called only for the fields that differ (none: not called), so
-  that a new run's ``[C, D]`` centres are not built where the checkpoint's are read.
+  starts at ``config.loss_scale.initial``, the count of skipped steps and the centres at zero, and
+  a stored field the config no longer uses is dropped (a float16 run saved before the count
+  existed, 2026-12-06, resumes with it at zero). It is called only for the fields that differ
+  (none: not called), so that a new run's ``[C, D]`` centres are not built where the
+  checkpoint's are read.
   """
   stored_tree = _stored_state(manager, step)
   differing = tuple(

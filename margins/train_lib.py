@@ -371,15 +371,15 @@ def _strongly_typed(leaf: Any) -> Array:
 
 def _optional_fields(config, num_classes: int) -> dict[str, Any]:
   """A new run's :data:`~margins.checkpoints.OPTIONAL_FIELDS`: center loss's centres (zero)
-  and float16's loss scale (``config.loss_scale.initial``), each ``None`` where ``config`` does
-  not use it."""
-  centers = None
+  and float16's loss scale (``config.loss_scale.initial``) and count of skipped steps (zero),
+  each ``None`` where ``config`` does not use it."""
+  centers = loss_scale = skipped_steps = None
   if config.center_loss.weight:
     centers = jnp.zeros((num_classes, config.model.embedding_dim))
-  loss_scale = None
   if config.compute_dtype == "float16":
     loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
-  return {"centers": centers, "loss_scale": loss_scale}
+    skipped_steps = jnp.zeros((), jnp.int32)
+  return {"centers": centers, "loss_scale": loss_scale, "skipped_steps": skipped_steps}
 
 
 def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Array]):
@@ -465,9 +465,11 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
     # between whole ``[C, D]`` arrays would hold a copy of ``W`` and of its state.
     params, opt_state = update_sampled_rows(experiment.optimizer, engine, sample, grads,
                                             state.opt_state, state.params, finite=finite)
+  skipped_steps = state.skipped_steps
   if loss_scale is not None:
     loss_scale = _next_loss_scale(loss_scale, finite, config.loss_scale.growth_interval)
-    metrics = dict(metrics, loss_scale=scale, skipped=1 - finite.astype(jnp.int32))
+    skipped_steps = skipped_steps + 1 - finite.astype(jnp.int32)
+    metrics = dict(metrics, loss_scale=scale, skipped=skipped_steps)
   model_state, margin, centers = carry
   if finite is not None:
     # A skipped step keeps the running statistics too: a forward pass that overflowed float16
@@ -476,7 +478,7 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
         finite, (model_state, margin, centers), (state.model_state, state.margin, state.centers))
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, margin=margin, centers=centers,
-                            loss_scale=loss_scale)
+                            loss_scale=loss_scale, skipped_steps=skipped_steps)
   metrics = dict(metrics, learning_rate=learning_rate_schedule(config)(state.step),
                  grad_norm=optax.tree.norm(grads["backbone"]))
   return new_state, metrics
@@ -731,7 +733,6 @@ def _train_and_evaluate(config, workdir, mesh):
   num_steps = config.num_steps
   final = {}
   timer_start, timer_step = time.perf_counter(), start
-  skipped = 0  # float16: steps skipped since the last line written (summed on the device)
   preempted = False
   with checkpoints.preemption_notice(manager) as reached_preemption:
     try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
@@ -739,12 +740,8 @@ def _train_and_evaluate(config, workdir, mesh):
         batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
         with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
           state, metrics = step_fn(state, batch)
-        if "skipped" in metrics:
-          skipped = skipped + metrics["skipped"]
         preempted = reached_preemption(step)  # Then the step is logged and saved.
         if step % config.log_every == 0 or step == num_steps or preempted:
-          if "skipped" in metrics:  # Every skip counts, not only the logged step's.
-            metrics, skipped = dict(metrics, skipped=skipped), 0
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - timer_start
           speed = (step - timer_step) * config.batch_size / max(elapsed, 1e-9)

@@ -42,6 +42,8 @@ class TrainState:
   margin: margin_lib.Margin  # carries CurricularFace's t, AdaFace's norm statistics
   centers: Array | None  # center loss's class centres, when its weight is non-zero
   loss_scale: LossScale | None = None  # float16 training's dynamic loss scale
+  # float16: int32 [], the steps skipped since the run began (their gradients overflowed)
+  skipped_steps: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

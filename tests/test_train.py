@@ -179,9 +179,10 @@ def test_float16_loss_scale_skips_overflows_halves_and_grows():
     scale = float(state.loss_scale.scale)
     new, metrics = steps["float16"](state, batch)
     assert float(metrics["loss_scale"]) == scale
-    if not metrics["skipped"]:
+    if int(metrics["skipped"]) == skipped:  # The count of the run's skipped steps.
       break
     skipped += 1
+    assert int(metrics["skipped"]) == int(new.skipped_steps) == skipped
     assert float(new.loss_scale.scale) == scale / 2 and int(new.loss_scale.finite_steps) == 0
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
     # ... but the learning-rate schedules count the step, as the step counter does.
@@ -202,21 +203,29 @@ def test_float16_loss_scale_skips_overflows_halves_and_grows():
   # A second finite step in a row doubles the scale.
   state = new
   new, metrics = steps["float16"](state, batch)
-  assert not metrics["skipped"]
+  assert int(metrics["skipped"]) == skipped
   assert float(new.loss_scale.scale) == 2 * scale and int(new.loss_scale.finite_steps) == 0
 
 
-def test_float16_metrics_count_every_skipped_step(tmp_path):
-  # Each overflow halves the scale (no growth here): the logged ``skipped`` of all lines must
-  # add up to the halvings, not sample one step in ``log_every``.
+def test_float16_skipped_steps_are_counted_and_checkpointed(tmp_path):
+  # Each overflow halves the scale (no growth here): each line's ``skipped`` counts every skipped
+  # step of the run so far, not one step in ``log_every``, and the count is checkpointed: a run
+  # resumed from a checkpoint saved between two lines counts the skips before it.
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=8)
   config.compute_dtype, config.log_every = "float16", 4
+  config.checkpoint_every, config.keep_checkpoints = 2, 4
   config.loss_scale = dict(initial=2.0**20, growth_interval=1000)
   train_lib.train_and_evaluate(config, str(tmp_path))
-  logged = sum(m["skipped"] for m in read_metrics(str(tmp_path)) if "skipped" in m)
+  counts = [m["skipped"] for m in read_metrics(str(tmp_path)) if "skipped" in m]
   _, state = train_lib.restore(str(tmp_path))
   halvings = np.log2(2.0**20 / float(state.loss_scale.scale))
-  assert halvings >= 2 and logged == halvings
+  assert halvings >= 2 and counts[-1] == halvings == int(state.skipped_steps)
+  assert int(train_lib.restore(str(tmp_path), step=2)[1].skipped_steps) >= 1
+  # As if the run had stopped after saving step 2, before its first line (step 4).
+  for step in (4, 6, 8):
+    shutil.rmtree(tmp_path / "checkpoints" / str(step))
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert [m["skipped"] for m in read_metrics(str(tmp_path)) if "skipped" in m] == counts
 
 
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
@@ -385,7 +394,18 @@ def test_checkpoint_saved_before_a_state_field_existed_restores(tmp_path):
     _, initial = train_lib.create_train_state(config, mesh, source.num_classes,
                                               source.image_shape)
     restored = checkpoints.restore_checkpoint(manager, 3, abstract, new_fields=new_fields)
-    assert restored.loss_scale is initial.loss_scale and asked == [("loss_scale",)]
+    assert restored.loss_scale is initial.loss_scale
+    assert restored.skipped_steps is initial.skipped_steps
+    assert asked == [("loss_scale", "skipped_steps")]
+    # A float16 run saved before TrainState had ``skipped_steps``: the count starts at zero.
+    old = {field.name: getattr(restored, field.name) for field in dataclasses.fields(restored)
+           if field.name != "skipped_steps"}
+    manager.save(4, args=ocp.args.Composite(state=ocp.args.PyTreeSave(old)))
+    manager.wait_until_finished()
+    asked.clear()
+    restored = checkpoints.restore_checkpoint(manager, 4, abstract, new_fields=new_fields)
+    assert asked == [("skipped_steps",)] and int(restored.skipped_steps) == 0
+    assert float(restored.loss_scale.scale) == float(initial.loss_scale.scale)
 
 
 def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path, monkeypatch):
@@ -412,15 +432,17 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path, 
     # The resume (none on the first run) and each ``restore`` of a step saved under the other
     # config ask for both fields; the latest step, saved under this config, builds none (no
     # ``[C, D]`` of zeros for centres that the checkpoint holds).
-    both = [("loss_scale", "centers")]
+    both = [("loss_scale", "skipped_steps", "centers")]
     assert asked == ([] if num_steps == 1 else both)
     state = train_lib.restore(str(tmp_path))[1]
     assert asked == ([] if num_steps == 1 else both)
     assert int(state.step) == num_steps
     assert (state.loss_scale is None) == (config.compute_dtype == "float32")
+    assert (state.skipped_steps is None) == (config.compute_dtype == "float32")
     assert (state.centers is None) == (not config.center_loss.weight)
     if state.loss_scale is not None:  # One float16 step from the initial scale.
       assert float(state.loss_scale.scale) in (2.0**15, 2.0**16)
+      assert int(state.skipped_steps) == (float(state.loss_scale.scale) == 2.0**15)
     if state.centers is not None:  # From zero, moved by one step.
       assert 0 < float(jnp.abs(state.centers).sum()) < 10
     if num_steps > 1:  # The step before, saved under the other config, restores under this one.
@@ -429,9 +451,11 @@ def test_run_resumes_with_float16_or_a_center_loss_switched_on_or_off(tmp_path, 
       assert not read[-1] & set(checkpoints.OPTIONAL_FIELDS)  # Stored ones dropped are not read.
       assert int(earlier.step) == num_steps - 1
       assert (earlier.loss_scale is None) == (config.compute_dtype == "float32")
+      assert (earlier.skipped_steps is None) == (config.compute_dtype == "float32")
       assert (earlier.centers is None) == (not config.center_loss.weight)
       if earlier.loss_scale is not None:  # As in a new run.
         assert float(earlier.loss_scale.scale) == config.loss_scale.initial
+        assert int(earlier.skipped_steps) == 0
       if earlier.centers is not None:
         np.testing.assert_array_equal(earlier.centers, 0.0)
       for parts in ("params", "backbone"):
@@ -448,7 +472,7 @@ def test_only_float16_has_a_loss_scale(dtype):
   config.mesh.shape, config.compute_dtype = (1,), dtype
   _, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 10, (28, 28, 1),
                                           abstract=True)
-  assert (state.loss_scale is None) == (dtype != "float16")
+  assert (state.loss_scale is None) == (state.skipped_steps is None) == (dtype != "float16")
 
 
 def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
