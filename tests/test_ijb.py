@@ -181,6 +181,15 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
     evaluation.evaluate_ijb(np.ones((17, 4)), protocol)
   with pytest.raises(ValueError, match="`operating_point` must be one of"):
     evaluation.evaluate_ijb(np.ones((18, 4)), protocol, operating_point="closest")
+  with pytest.raises(ValueError, match="`image_features` must be finite"):
+    evaluation.evaluate_ijb(np.full((18, 4), np.nan), protocol)
+  scores = protocol.detector_scores.copy()
+  scores[3] = np.inf
+  with pytest.raises(ValueError, match="detector scores must be finite"):
+    evaluation.evaluate_ijb(np.ones((18, 4)), dataclasses.replace(protocol, detector_scores=scores))
+  # Without the detector scores, theirs are not read.
+  evaluation.evaluate_ijb(np.ones((18, 4)), dataclasses.replace(protocol, detector_scores=scores),
+                          detector_scores=False)
   for issame in np.zeros_like(protocol.issame), np.ones_like(protocol.issame):
     with pytest.raises(ValueError, match="both same and different pairs"):
       evaluation.evaluate_ijb(np.ones((18, 4)), dataclasses.replace(protocol, issame=issame))
