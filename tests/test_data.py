@@ -387,6 +387,17 @@ def test_checkpoint_restores_the_exact_position(tmp_path):
       np.testing.assert_array_equal(got["label"], want["label"])
 
 
+def test_one_example_per_process_streams_forever():
+  # A global batch of one example per process (``config.batch_size`` = the process count): grain
+  # gives an endless stream the length ``sys.maxsize``, which batches of one overflowed.
+  source = _indexed_source(num_examples=7)
+  shards = [iter(data.train_dataset(source, batch_size=1, seed=3, shard_index=i, shard_count=2))
+            for i in range(2)]
+  single = iter(data.train_dataset(source, batch_size=2, seed=3, shard_index=0, shard_count=1))
+  for _ in range(10):  # Almost 3 epochs.
+    assert [int(next(shard)["label"][0]) for shard in shards] == next(single)["label"].tolist()
+
+
 def test_start_batch_resumes_the_stream_on_any_number_of_processes():
   source = _indexed_source(num_examples=20)
   common = dict(seed=5, random_flip=True, crop_padding=1)

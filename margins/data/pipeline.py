@@ -266,8 +266,8 @@ def train_dataset(
   ds = ds.repeat(num_epochs)
   if augment.random_flip or augment.crop_padding:
     ds = ds.random_map(augment)
-  if num_epochs is None:
-    ds = ds.batch(batch_size)[shard_index::shard_count]
+  if num_epochs is None:  # Whole batches: grain's length of batches of one would overflow.
+    ds = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
   else:
     per_shard = length * num_epochs // shard_count
     if drop_remainder and per_shard < batch_size:
