@@ -128,6 +128,13 @@ def test_writer_rejects_repeated_keys_and_keys_without_index(tmp_path):
     writer.write(b"x", key=1)
     with pytest.raises(ValueError, match="already written"):
       writer.write(b"y", key=1)
+    # Keys that are not integers are refused, not written as "3.0" or "True" into the index.
+    for key in (np.float64(3), 3.0, True):
+      with pytest.raises(TypeError, match="`key` must be an integer"):
+        writer.write(b"z", key=key)
+    writer.write(b"z", key=np.int64(3))
+  with recordio.RecordIOReader(str(tmp_path / "a.rec"), str(tmp_path / "a.idx")) as reader:
+    assert reader.keys.tolist() == [1, 3]
   # Keys in any order, against a set: every repeat refused, every new key taken.
   rng = np.random.default_rng(0)
   written = set()
@@ -516,7 +523,22 @@ def test_source_rejects_labels_outside_num_classes(tmp_path):
   assert int(source[0]["label"]) == 0
   with pytest.raises(recordio.RecordIOError,
                      match=f"{re.escape(rec)}: record key 1 \\(byte offset \\d+\\) has "
-                           "label 4.0"):
+                           "label 4.0, not a class"):
+    source[1]
+
+
+@pytest.mark.parametrize("label", [1.5, [2.75, 0.0]])
+def test_source_rejects_labels_that_are_not_integers(tmp_path, label):
+  # Stored in the header (flag 0) or as the first of several labels: 1.5 is no class, where
+  # truncating it would train on class 1 without a word.
+  rec, idx = str(tmp_path / "train.rec"), str(tmp_path / "train.idx")
+  image = encode_image(np.zeros((4, 4, 3), np.uint8), image_format="png")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    for key, stored in enumerate([2.0, label]):
+      writer.write(recordio.pack(recordio.IRHeader(0, stored, key), image), key=key)
+  source = recordio.RecordIOSource(rec, num_classes=3)
+  assert int(source[0]["label"]) == 2
+  with pytest.raises(recordio.RecordIOError, match=r"record key 1 .* has label (1.5|2.75), not"):
     source[1]
 
 

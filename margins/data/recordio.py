@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from margins._checks import check_int
 from margins.data import image_folder
 
 MAGIC = 0xCED7230A
@@ -263,7 +264,8 @@ class RecordIOWriter:
     if key is not None:
       if self._idx is None:
         raise ValueError("`key` needs an index: pass `idx_path` to RecordIOWriter.")
-      self._add_key(int(key))
+      key = check_int(key, "key", minimum=np.iinfo(np.int64).min)  # The index holds int64.
+      self._add_key(key)
     offset = self._offset
     framed = frame(payload)
     self._rec.write(framed)
@@ -495,8 +497,9 @@ class RecordIOSource:
 
   Records are ``{"image": uint8 [H, W, C], "label": int32 []}``: the image is decoded (and resized
   when its size differs from ``image_shape``) in ``__getitem__``; the label is the record's
-  label, or the first of its labels. The source pickles into grain's worker processes without
-  its file handle (each process opens the file once).
+  label, or the first of its labels (stored as float32: one that is not a whole number in
+  ``[0, num_classes)`` raises :class:`RecordIOError`). The source pickles into grain's worker
+  processes without its file handle (each process opens the file once).
 
   Attributes:
     rec_path, idx_path: the files read.
@@ -626,10 +629,10 @@ class RecordIOSource:
 
   def _label(self, key: int, header: IRHeader) -> np.int32:
     label = header.label if header.flag == 0 else header.label[0]
-    if not 0 <= label < self.num_classes:
+    if not (0 <= label < self.num_classes and label == int(label)):
       raise RecordIOError(f"{self.rec_path}: record key {key} (byte offset "
-                          f"{self.reader.offset(key)}) has label {label}, outside "
-                          f"[0, {self.num_classes}).")
+                          f"{self.reader.offset(key)}) has label {label}, not a class: an "
+                          f"integer in [0, {self.num_classes}).")
     return np.int32(label)
 
   def identity_ranges(self) -> np.ndarray | None:
