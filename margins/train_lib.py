@@ -158,6 +158,15 @@ def make_margin(loss_config: ml_collections.ConfigDict) -> margin_lib.Margin:
   if unknown:
     raise ValueError(f"config.loss has field(s) {unknown} that loss {name!r} does not take; "
                      f"it takes {sorted(fields - {'key'})}.")
+  schedule = loss_config.get("lambda_schedule")
+  if schedule is not None:
+    if "annealing" not in fields:
+      raise ValueError(f"config.loss.lambda_schedule anneals the lambda of SphereFace and "
+                       f"L-Softmax; loss {name!r} has none.")
+    try:
+      margin_lib.sphereface_lambda(0, **schedule)
+    except TypeError as error:
+      raise ValueError(f"config.loss.lambda_schedule: {error}") from error
   if cls is margin_lib.ElasticFace:
     kwargs["key"] = jax.random.key_data(jax.random.key(0))  # replaced every step
   if cls is margin_lib.SphereFace2:
@@ -229,6 +238,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   ``head_weight_decay`` (None: same as the backbone).
   """
   opt = config.optimizer
+  if opt.grad_clip_norm is not None and opt.grad_clip_norm < 0:
+    raise ValueError(f"config.optimizer.grad_clip_norm must be positive (0 or None: no clipping), "
+                     f"got {opt.grad_clip_norm}: a negative norm would turn the gradient around.")
   schedule = learning_rate_schedule(config)
 
   def group(lr_scale, weight_decay, clip):
@@ -577,7 +589,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   make_engine(config, mesh)
   make_optimizer(config)
   check_data(config.data)
-  if config.loss.name == "subcenter_arcface" and not config.loss.get("subcenters"):
+  subcenters = config.loss.get("subcenters")
+  if subcenters is not None and subcenters < 1:
+    raise ValueError(f"config.loss.subcenters must be a positive number of centres per class "
+                     f"(or None: one), got {subcenters}.")
+  if config.loss.name == "subcenter_arcface" and not subcenters:
     raise ValueError("config.loss.name = 'subcenter_arcface' needs config.loss.subcenters (K, "
                      "e.g. 3); without it the head has one centre per class: plain ArcFace.")
   for name in ("batch_size", "eval.batch_size"):
@@ -593,6 +609,13 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   for name in ("log_every", "checkpoint_every"):
     if config[name] < 1:
       raise ValueError(f"config.{name} must be a positive number of steps, got {config[name]}.")
+  for name, meaning in (("num_steps", "0: evaluate only"), ("eval_every", "0: at the end only")):
+    if config[name] < 0:
+      raise ValueError(f"config.{name} must be a number of steps ({meaning}), got "
+                       f"{config[name]}.")
+  if config.loss_scale.growth_interval < 1:
+    raise ValueError(f"config.loss_scale.growth_interval must be a positive number of steps, got "
+                     f"{config.loss_scale.growth_interval}.")
   if config.keep_checkpoints < 1:  # orbax's max_to_keep=0 deletes every checkpoint, the last too.
     raise ValueError(f"config.keep_checkpoints must be at least 1 (a run resumes from its latest "
                      f"checkpoint), got {config.keep_checkpoints}.")

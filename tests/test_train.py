@@ -696,6 +696,15 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
     (lambda c: c.optimizer.update(warmup_steps=20), r"warmup_steps = 20 must lie in \[0, "
      r"config.num_steps = 20\)"),
     (lambda c: c.optimizer.update(warmup_steps=-1), r"warmup_steps = -1 must lie in \[0, "),
+    # A negative norm would turn the backbone's gradient around (optax scales it to that norm).
+    (lambda c: c.optimizer.update(grad_clip_norm=-1.0), "grad_clip_norm must be positive"),
+    (lambda c: c.update(num_steps=-5), r"config.num_steps must be a number of steps \(0: "),
+    (lambda c: c.update(eval_every=-1), r"config.eval_every must be a number of steps \(0: "),
+    (lambda c: c.loss_scale.update(growth_interval=0), "growth_interval must be a positive"),
+    (lambda c: c.loss.update(subcenters=0), "config.loss.subcenters must be a positive"),
+    (lambda c: c.loss.update(lambda_schedule=dict(base=100.0)), "loss 'arcface' has none"),
+    (lambda c: c.loss.update(name="sphereface", margin=4, lambda_schedule=dict(bse=1.0)),
+     "config.loss.lambda_schedule: .*'bse'"),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
