@@ -47,10 +47,21 @@ class MetricWriter:
     self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                      purge_step=resume_step + 1)
 
-  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+  def write(self, step: int, metrics: Mapping[str, Any], *, replace: bool = False) -> None:
+    """Appends a line of ``metrics`` (names starting with ``_`` left out) for ``step``.
+
+    ``replace``: first drop the lines of ``step`` that hold any of these metrics, which a run
+    that stopped may have written (an evaluation done again where a run resumes).
+    """
     if not self.active:
       return
     scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
+    if replace and os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = f.readlines()
+      kept = [line for line in lines if not _holds_any(line, step, scalars)]
+      if len(kept) < len(lines):
+        write_atomically(self.path, "".join(kept))
     # Not finite: e.g. TAR at a FAR the number of pairs cannot resolve (NaN). Strict JSON has no
     # NaN or infinity, so such a value is null there, and TensorBoard is not given it.
     finite = {k: v for k, v in scalars.items() if math.isfinite(v)}
@@ -73,6 +84,12 @@ def _is_whole_and_until(line: str, step: int) -> bool:
     return json.loads(line)["step"] <= step
   except (ValueError, KeyError, TypeError):
     return False
+
+
+def _holds_any(line: str, step: int, names: Mapping[str, Any]) -> bool:
+  """Whether a whole ``metrics.jsonl`` line is of ``step`` and holds any metric of ``names``."""
+  values = json.loads(line)
+  return values["step"] == step and any(name in values for name in names)
 
 
 def report(line: str) -> None:

@@ -754,11 +754,29 @@ def _train_and_evaluate(config, workdir, mesh):
   scores_fn = jax.jit(lambda s, x: eval_lib.class_scores(experiment, s, x))
 
   num_steps = config.num_steps
+
+  def evaluation_due(step):
+    return step == num_steps or bool(config.eval_every and step % config.eval_every == 0)
+
+  def evaluate_and_log(step, replace=False):
+    metrics = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
+                                scores_fn=scores_fn)
+    writer.write(step, metrics, replace=replace)
+    for line in run_log.summary_lines(metrics, open_flip=config.eval.flip):
+      run_log.report(f"[step {step}] {line}")
+    return metrics
+
   final = {}
   timer_start, timer_step = time.perf_counter(), start
   preempted = False
   with checkpoints.preemption_notice(manager) as reached_preemption:
     try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
+      if start >= num_steps or (start > 0 and evaluation_due(start)):
+        # The restored step's evaluation, or the only one (nothing left to train; ``num_steps =
+        # 0``: the new model's): the run that saved the step may have stopped in or before it
+        # (preempted, or the evaluation failed); a line it wrote is replaced.
+        final = evaluate_and_log(start, replace=True)
+        timer_start = time.perf_counter()
       for step in range(start + 1, num_steps + 1):
         batch = sharding_lib.global_batch(experiment.batch_sharding, next(iterator))
         with jax.transfer_guard("disallow"):  # The step reads nothing from the host.
@@ -773,16 +791,14 @@ def _train_and_evaluate(config, workdir, mesh):
               (num_steps - step) * elapsed / max(step - timer_step, 1)))
           writer.write(step, metrics)
           timer_start, timer_step = time.perf_counter(), step
+        paused = time.perf_counter()
         if step % config.checkpoint_every == 0 or step == num_steps or preempted:
           checkpoints.save(manager, step, state)
         if preempted:  # Its evaluation, if one is due, is left out: the grace period is short.
           break
-        if (config.eval_every and step % config.eval_every == 0) or step == num_steps:
-          final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
-                                    scores_fn=scores_fn)
-          writer.write(step, final)
-          for line in run_log.summary_lines(final, open_flip=config.eval.flip):
-            run_log.report(f"[step {step}] {line}")
+        if evaluation_due(step):
+          final = evaluate_and_log(step)
+        timer_start += time.perf_counter() - paused  # Speed and ETA count training steps only.
     finally:
       manager.wait_until_finished()
       manager.close()
@@ -790,9 +806,6 @@ def _train_and_evaluate(config, workdir, mesh):
       writer.close()
   if preempted:
     raise checkpoints.Preempted(step)
-  if not final:  # Nothing left to train: evaluate the restored state.
-    final = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
-                              scores_fn=scores_fn)
   if jax.process_index() == 0:
     final["_plots"] = eval_lib.write_plots(workdir, final)
     plots = f"; plots: {', '.join(final['_plots'])}" if final["_plots"] else ""

@@ -541,16 +541,54 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
   assert (tmp_path / "config.json").read_text() == written  # Refused before anything changed.
 
 
-def test_checkpoint_saved_before_a_failing_evaluation_is_kept(tmp_path, monkeypatch):
+def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation_redone(
+    tmp_path, monkeypatch):
   # The save is asynchronous; an error in the evaluation that follows it (out of memory, a bad
   # setting) left it unfinished, and orbax deletes unfinished checkpoints when the run restarts.
-  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=2)
+  # The resumed run does that evaluation first; metrics.jsonl then reads as if the run had not
+  # failed, and so it does after a run that has nothing left to train is started again.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
+  config.eval_every, config.checkpoint_every, config.log_every = 2, 2, 2
+  train_lib.train_and_evaluate(config, str(tmp_path / "whole"))
+  whole = read_metrics(str(tmp_path / "whole"))
+  assert [line["step"] for line in whole if "closed/accuracy" in line] == [2, 4]
+  evaluate = eval_lib.evaluate
   def fail(*args, **kwargs):
     raise RuntimeError("evaluation failed")
   monkeypatch.setattr(eval_lib, "evaluate", fail)
   with pytest.raises(RuntimeError, match="evaluation failed"):
-    train_lib.train_and_evaluate(config, str(tmp_path))
-  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # Not 2.orbax-checkpoint-tmp.
+    train_lib.train_and_evaluate(config, str(tmp_path / "failed"))
+  assert os.listdir(tmp_path / "failed" / "checkpoints") == ["2"]  # Not 2.orbax-checkpoint-tmp.
+  monkeypatch.setattr(eval_lib, "evaluate", evaluate)
+  for _ in range(2):
+    train_lib.train_and_evaluate(config, str(tmp_path / "failed"))
+    assert read_metrics(str(tmp_path / "failed")) == whole
+
+
+def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
+  # On a clock that moves only while the run saves and evaluates, the steps take no time: any
+  # reported speed short of that (or an ETA above zero) counted the saves or evaluations.
+  now = [0.0]
+  def takes_1000_seconds(fn):
+    def timed(*args, **kwargs):
+      now[0] += 1000.0
+      return fn(*args, **kwargs)
+    return timed
+  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  monkeypatch.setattr(eval_lib, "evaluate", takes_1000_seconds(eval_lib.evaluate))
+  monkeypatch.setattr(checkpoints, "save", takes_1000_seconds(checkpoints.save))
+  reported = []
+  progress_line = run_log.progress_line
+  def spy(step, num_steps, metrics, speed, seconds_left):
+    reported.append((step, speed, seconds_left))
+    return progress_line(step, num_steps, metrics, speed, seconds_left)
+  monkeypatch.setattr(run_log, "progress_line", spy)
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=3)
+  config.eval_every = config.checkpoint_every = 1
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert [step for step, _, _ in reported] == [1, 2, 3] and now[0] == 6000.0
+  assert all(speed > config.batch_size * 1e8 and seconds_left == 0
+             for _, speed, seconds_left in reported), reported
 
 
 def test_killed_run_resumes_exactly(tmp_path):
