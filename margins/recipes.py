@@ -95,7 +95,8 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
                        freeze_unsampled=False)
   config.optimizer.update(name=optimizer, learning_rate=learning_rate, momentum=0.9,
                           weight_decay=weight_decay, grad_clip_norm=5.0, decay_power=2.0,
-                          warmup_steps=num_images // config.get_ref("batch_size") * warmup_epochs)
+                          # The same share of the steps, with any --config.num_steps too.
+                          warmup_steps=config.get_ref("num_steps") * warmup_epochs // num_epochs)
   config.compute_dtype = "bfloat16"
   config.log_every = 50
   config.checkpoint_every = config.eval_every = eval_every
@@ -110,7 +111,6 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
     elif model != "mobilefacenet":
       config.model.name, config.model.kwargs = "iresnet18", {}
     config.model.embedding_dim = 64
-    config.optimizer.warmup_steps = config.num_steps * warmup_epochs // num_epochs
     config.engine.chunk_size = 256
     config.compute_dtype = "float32"
     config.eval_every = 0

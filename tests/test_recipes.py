@@ -86,6 +86,8 @@ def test_recipe_values_are_insightfaces(name):
   config.batch_size = batch // 4  # Same epochs, four times the steps (and warm-up steps).
   assert config.num_steps == images // (batch // 4) * epochs
   assert opt.warmup_steps == images // (batch // 4) * optimizer["warmup_epochs"]
+  config.num_steps = 1000  # A shorter run warms up for the same share of its steps.
+  assert opt.warmup_steps == 1000 * optimizer["warmup_epochs"] // epochs
 
 
 def test_recipe_needs_the_dataset_folder():
@@ -140,6 +142,8 @@ def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step(tmp_path):
   assert (config.model.name, config.model.kwargs.to_dict()) == ("vit_t", dict(
       drop_path_rate=0.05, mask_ratio=0.1))
   assert config.optimizer.warmup_steps == 2  # 4 of 40 epochs, of 20 steps.
+  config.num_steps = 100
+  assert config.optimizer.warmup_steps == 10
   config.micro_batches, config.eval.bins = 2, ()
   mesh = sharding_lib.make_mesh(config)
   train_lib.check_config(config, mesh)
