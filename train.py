@@ -40,24 +40,31 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO.
     logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
   distributed.initialize_from_flags(_DISTRIBUTED)
-  logging.info("Config:\n%s", _CONFIG.value)
+  logging.info("Config:\n%s", config)
   try:  # A config that cannot run: its message, not a traceback.
-    train_lib.check_config(_CONFIG.value, sharding_lib.make_mesh(_CONFIG.value))
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
   except (ValueError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from error
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_lib.train_and_evaluate(config, _WORKDIR.value)
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))
     sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, where a ``--config.<field>`` that the config lacks is a usage error as
-  a malformed flag is, not ml_collections' traceback."""
+  """absl's flag parsing, where a config file that fails to load or a ``--config.<field>`` that
+  the config lacks is a usage error as a malformed flag is, not ml_collections' traceback."""
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = app.parse_flags_with_usage(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # ml_collections defers a file's failure to load until it is read.
+    return argv
+  except OSError as error:
+    sys.exit(f"FATAL Flags parsing error: --config: {error.__cause__ or error}\n"
+             "Pass --helpshort or --helpfull to see help on flags.")
   except AttributeError as error:
     missing = error.args[0] if error.args else None
     if not isinstance(missing, KeyError):

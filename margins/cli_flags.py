@@ -5,6 +5,7 @@ absl keeps one global set of flags, and a flag name defined by two modules is an
 ``margins.tools.subcenter_drop``) take these from here and define only their own.
 """
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -15,7 +16,20 @@ BATCH_SIZE = flags.DEFINE_integer(
     "(evaluate, tools.subcenter_drop); on one device (embed_folder).", lower_bound=1)
 OUT = flags.DEFINE_string(
     "out", None, "Where to write: the exported model's folder (export), the .npy file "
-    "(embed_folder) or the cleaned dataset's folder (tools.subcenter_drop).")
+    "(embed_folder), the cleaned dataset's folder (tools.subcenter_drop) or the ROC plot "
+    "(evaluate; default <workdir>/roc_<step>.png).")
+_SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT)
+
+
+def refuse_unused(*used: flags.FlagHolder) -> None:
+  """Raises ``app.UsageError`` if the command line gives one of these shared flags that the
+  tool does not read (``used`` are those it reads): absl defines them for every tool."""
+  read = {holder.name for holder in used}
+  unread = [f"--{holder.name}" for holder in _SHARED
+            if holder.name not in read and flags.FLAGS[holder.name].present]
+  if unread:
+    raise app.UsageError(f"{', '.join(unread)}: this tool does not read "
+                         f"{'it' if len(unread) == 1 else 'them'}.")
 
 
 def quiet_library_logs() -> None:

@@ -13,6 +13,7 @@ import os
 from typing import NamedTuple
 
 import jax
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -112,7 +113,14 @@ def _explicit_flags_fit(values: dict[str, object]) -> bool:
 
 
 def initialize_from_flags(holders: Flags) -> bool:
-  """:func:`initialize` with the values of :func:`define_flags`' flags."""
-  return initialize(holders.coordinator_address.value, holders.num_processes.value,
-                    holders.process_id.value, auto=holders.multihost.value,
-                    timeout_s=holders.timeout_s.value)
+  """:func:`initialize` with the values of :func:`define_flags`' flags; a job JAX cannot start
+  (``--multihost`` where it finds no cluster) is a usage error, not a traceback."""
+  try:
+    return initialize(holders.coordinator_address.value, holders.num_processes.value,
+                      holders.process_id.value, auto=holders.multihost.value,
+                      timeout_s=holders.timeout_s.value)
+  except ValueError as error:
+    raise app.UsageError(
+        f"Cannot start the multi-process runtime: {error} Outside a cluster that JAX detects "
+        "(Cloud TPU pods, Kubernetes, SLURM, Open MPI), give --coordinator_address, "
+        "--num_processes and --process_id.") from error

@@ -94,6 +94,7 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_si
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.refuse_unused(cli_flags.BATCH_SIZE, cli_flags.OUT)
   cli_flags.quiet_library_logs()
   for name, holder in (("model", _MODEL), ("images", _IMAGES), ("out", cli_flags.OUT)):
     if not holder.value:

@@ -7,7 +7,8 @@ and on IJB-B / IJB-C.
 restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
 the flip test and prints one row per ``.bin`` set by insightface's protocol (10-fold accuracy mean
 +- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC, XNorm; ``n/a`` where a set has too
-few different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``.
+few different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``
+(``--out``: another file).
 Each ``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C)
 is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC;
 ``--ijb_operating_point nearest`` reads TAR@FAR off the ROC as insightface's ``eval_ijbc.py``
@@ -36,7 +37,7 @@ _IJB_OPERATING_POINT = flags.DEFINE_enum(
     "ijb_operating_point", "at_most", evaluation.ijb.OPERATING_POINTS,
     "How IJB TAR@FAR reads the ROC: the highest TAR whose FAR is at most the target, or "
     "insightface's eval_ijbc.py's point nearest the target (its FAR may exceed it).")
-for _name in ("workdir", "step", "batch_size"):
+for _name in ("workdir", "step", "batch_size", "out"):
   flags.declare_key_flag(_name)
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
@@ -140,17 +141,21 @@ def main(argv: Sequence[str]) -> None:
                                  ijb_operating_point=_IJB_OPERATING_POINT.value)
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
-  if jax.process_index() == 0:
-    lines = [f"{workdir}, step {step}:"]
-    bins = {name: r for name, r in results.items()
-            if isinstance(r, evaluation.VerificationResult)}
-    if bins:
-      plot = evaluation.plot_roc(bins, os.path.join(workdir, f"roc_{step}.png"),
-                                 title=f"Verification ROC at step {step}")
-      lines += [format_table(bins), f"ROC curves: {plot}"]
-    lines += [evaluation.format_ijb(name, r) for name, r in results.items()
-              if isinstance(r, evaluation.IJBResult)]
-    print("\n".join(lines), flush=True)
+  if jax.process_index() != 0:
+    return
+  bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
+  lines = [f"{workdir}, step {step}:", *([format_table(bins)] if bins else []),
+           *(evaluation.format_ijb(name, r) for name, r in results.items()
+             if isinstance(r, evaluation.IJBResult))]
+  print("\n".join(lines), flush=True)  # Before the plot, which may fail (a read-only run).
+  if bins:
+    path = cli_flags.OUT.value or os.path.join(workdir, f"roc_{step}.png")
+    try:
+      plot = evaluation.plot_roc(bins, path, title=f"Verification ROC at step {step}")
+    except OSError as error:
+      raise app.UsageError(f"The ROC curves were not written ({error}); --out names another "
+                           "file.") from error
+    print(f"ROC curves: {plot}", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.STEP, cli_flags.OUT)
   cli_flags.quiet_library_logs()
   # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
   # written by process 0 (else every task restores alone, on all its node's GPUs, and writes).

@@ -197,6 +197,24 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
   (tmp_path / "file").write_text("")
   with pytest.raises(app.UsageError, match="is a file, not a folder"):
     cli(export, "--workdir", run, "--out", str(tmp_path / "file"))
+  # The shared flags that a tool does not read are refused, not ignored.
+  with pytest.raises(app.UsageError, match="--batch_size: this tool does not read it"):
+    cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--batch_size", "7")
+  with pytest.raises(app.UsageError, match="--workdir, --step: this tool does not read them"):
+    cli(embed_folder, "--model", str(tmp_path / "m"), "--images", str(tmp_path), "--out",
+        str(tmp_path / "e.npy"), "--workdir", run, "--step", "2")
+  assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_prints_its_table_then_plots_where_told(run, digits_bin, cli, capsys, tmp_path):
+  args = ("--workdir", run, "--bin", digits_bin[0], "--batch_size", "16")
+  cli(evaluate, *args, "--out", str(tmp_path / "roc.png"))
+  assert os.path.getsize(tmp_path / "roc.png") > 10_000
+  (tmp_path / "taken.png").mkdir()  # A plot that cannot be written (a read-only run, say)...
+  capsys.readouterr()
+  with pytest.raises(app.UsageError, match=r"The ROC curves were not written \(.*taken.png"):
+    cli(evaluate, *args, "--out", str(tmp_path / "taken.png"))
+  assert "| digits |" in capsys.readouterr().out  # ... after the results were printed.
 
 
 def test_partial_restores_leave_the_optimizer_state_and_the_head_on_disk(run, restored):

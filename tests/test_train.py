@@ -697,12 +697,21 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
-def test_config_that_cannot_run_is_a_message_not_a_traceback(tmp_path):
-  command = _train_command(tmp_path, 1, 1) + ["--config.engine.kind=fused"]
+@pytest.mark.parametrize("flag, message", [
+    ("--config.engine.kind=fused", "Unknown config.engine.kind 'fused'"),
+    # ml_collections deferred the file's error to a traceback where the config was first read.
+    (f"--config={os.path.join(ROOT, 'configs', 'nope.py')}:quick",
+     "FATAL Flags parsing error: --config: Failed loading config file"),
+    # Not a cluster that JAX detects: its ValueError, as a message.
+    ("--multihost", "Cannot start the multi-process runtime: coordinator_address should be "
+     "defined. Outside a cluster"),
+])
+def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_path):
+  command = _train_command(tmp_path, 1, 1) + [flag]
   result = subprocess.run(command, capture_output=True, text=True, env=dict(
       os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0
-  assert "Unknown config.engine.kind 'fused'" in result.stderr, result.stderr
+  assert message in result.stderr, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
   assert not os.listdir(tmp_path)  # Refused before the run wrote anything.
 
