@@ -1,6 +1,7 @@
 """Sub-centre ArcFace's cleaning step (``margins.tools.subcenter_drop``): the dominant
 sub-centre, the angle threshold, and the cleaned RecordIO folder written from a run."""
 
+import json
 import math
 import os
 
@@ -176,3 +177,12 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   (tmp_path / "a_file").write_text("")
   with pytest.raises(app.UsageError, match="a_file is a file; give a folder"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "a_file"))
+  # A run started with a relative data path, cleaned from another folder: what to do, not
+  # ``No such file or directory: 'noisy'``.
+  stored = json.loads((tmp_path / "run" / "config.json").read_text())
+  stored["data"]["path"] = "noisy"
+  (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+  monkeypatch.chdir(other)
+  with pytest.raises(app.UsageError, match=r"config.data.path 'noisy' is not found from here "
+                                           r".*; name its RecordIO folder with --data"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"))

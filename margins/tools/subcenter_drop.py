@@ -155,6 +155,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
       raise ValueError(f"The run trained on {trained_on.name!r} data, not a RecordIO folder: "
                        "give the folder to clean.")
     data = trained_on.path
+    if not os.path.exists(data):  # A relative path, from where the run was started.
+      raise FileNotFoundError(f"The run's config.data.path {data!r} is not found from here "
+                              f"({os.getcwd()}); name its RecordIO folder with --data.")
   source = data_lib.RecordIOSource(data, image_shape=image_shape)
   folder = os.path.dirname(source.rec_path)  # ``data`` may name the folder or its .rec file.
   if os.path.realpath(output) == os.path.realpath(folder):
