@@ -32,6 +32,7 @@ the ``[B, C]`` logits are never gathered or scattered.
 """
 
 import dataclasses
+import fractions
 import functools
 import itertools
 import math
@@ -91,8 +92,11 @@ class SoftmaxEngine:
   mesh: jax.sharding.Mesh | None = None
   axis_name: AxisName | None = None
   sample_rate: float = 1.0
-  matmul_dtype: Any = None
+  matmul_dtype: Any = dataclasses.field(default=None, compare=False)
   keep_scores: bool = True
+  # ``matmul_dtype`` as engines compare and hash it (they are static arguments of ``jit``):
+  # NumPy's float64 dtype compares equal to ``None``, which would share one compiled program.
+  _matmul_dtype_name: str | None = dataclasses.field(default=None, init=False, repr=False)
 
   def __post_init__(self):
     if self.chunk_size is not None:
@@ -109,6 +113,7 @@ class SoftmaxEngine:
       if not jnp.issubdtype(matmul_dtype, jnp.floating):
         raise TypeError(f"`matmul_dtype` must be a floating dtype (or None), got {matmul_dtype}.")
       object.__setattr__(self, "matmul_dtype", matmul_dtype)
+      object.__setattr__(self, "_matmul_dtype_name", matmul_dtype.name)
     if not isinstance(self.keep_scores, (bool, np.bool_)):
       raise TypeError(f"`keep_scores` must be True or False, got {self.keep_scores!r}.")
     if (self.mesh is None) != (self.axis_name is None):
@@ -118,6 +123,8 @@ class SoftmaxEngine:
       if missing:
         raise ValueError(f"`axis_name` {sorted(missing)} not in the mesh axes "
                          f"{self.mesh.axis_names}.")
+      if len(set(_axes(self.axis_name))) < len(_axes(self.axis_name)):
+        raise ValueError(f"`axis_name` {self.axis_name} names a mesh axis twice.")
 
   @property
   def num_shards(self) -> int:
@@ -237,13 +244,14 @@ class SoftmaxEngine:
 
   def take(self, weights: Array, sample: RowSample) -> Array:
     """``[shards * S, ...]``: the rows of ``weights`` (``W``, or optimizer state shaped like it)
-    in ``sample``, split like ``W``; padding rows are zero."""
+    in ``sample``, split like ``weights`` (under Explicit axes: as it came); padding rows are
+    zero."""
     return self._each_shard(lambda w, i: w.at[i].get(mode="fill", fill_value=0),
                             jnp.asarray(weights), sample)
 
   def put(self, weights: Array, sample: RowSample, rows: Array) -> Array:
     """``weights`` with its rows in ``sample`` replaced by ``rows`` (shaped as :meth:`take`
-    gives them; padding rows are dropped)."""
+    gives them; padding rows are dropped), split as ``weights`` came."""
     want = (np.shape(sample.index)[0], *np.shape(weights)[1:])
     if np.shape(rows) != want:
       raise ValueError(f"`rows` must be shaped {want}, as `take` gives them; got "
@@ -265,10 +273,12 @@ class SoftmaxEngine:
       return fn(weights, sample.index, *rows)
     args = (weights, sample.index, *rows)
     split = _explicit_split(self)
-    if split is not None:
+    if split is not None:  # Split as ``shard_map`` needs; given back split as ``weights`` came.
+      given = jax.NamedSharding(self.mesh, jax.typeof(weights).sharding.spec)
       args = jax.reshard(args, split)
     spec = jax.P(self.axis_name)
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
+    out = jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
+    return out if split is None else jax.reshard(out, given)
 
 
 @functools.partial(jax.jit, static_argnames=("engine", "num_classes"))
@@ -371,6 +381,8 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
   >>> padded_num_classes(10, 4), padded_num_classes(93_431, 8)
   (12, 93432)
   """
+  num_classes = check_int(num_classes, "num_classes", minimum=1, static=True)
+  num_shards = check_int(num_shards, "num_shards", minimum=1, static=True)
   return -(-num_classes // num_shards) * num_shards
 
 
@@ -390,6 +402,9 @@ def margin_softmax_loss(
   True
   """
   engine = dense() if engine is None else engine
+  if not isinstance(engine, SoftmaxEngine):
+    raise TypeError(f"`engine` must be a SoftmaxEngine (margins.dense(), chunked(), sharded()), "
+                    f"got {engine!r}.")
   return engine(embeddings, weights, labels, margin, num_classes=num_classes, key=key)[0]
 
 
@@ -915,6 +930,8 @@ def sample_classes(local_labels: Array, num_rows: int, num_valid: Array | int,
     An et al., "Killing Two Birds with One Stone: Efficient and Robust Training of Face
     Recognition CNNs by Partial FC", CVPR 2022.
   """
+  if not 1 <= num_sampled <= num_rows:
+    raise ValueError(f"`num_sampled` must lie in [1, num_rows = {num_rows}], got {num_sampled}.")
   # Signed and at least 32 bits: 8- or 16-bit labels cannot hold the rows' ids, nor -1.
   local_labels = _common.check_labels(local_labels, np.shape(local_labels)[0])
   ids = jnp.arange(num_rows, dtype=local_labels.dtype)
@@ -965,7 +982,9 @@ def sampled_count(num_local: int, sample_rate: float) -> int:
   """
   if sample_rate >= 1:
     return num_local
-  return min(num_local, max(math.ceil(sample_rate * num_local), 1))
+  # The rate as written: 0.55 of 100 classes is 55, where the float 0.55 times 100 is above 55.
+  rate = fractions.Fraction(str(float(sample_rate)))
+  return min(num_local, max(math.ceil(rate * num_local), 1))
 
 
 def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, axis_name,

@@ -666,6 +666,23 @@ def test_engine_rejects_bad_settings():
     with pytest.raises(TypeError, match="`matmul_dtype` must be a floating dtype"):
       margins.chunked(5, matmul_dtype=dtype)
   assert margins.dense(matmul_dtype="bfloat16") == margins.dense(matmul_dtype=jnp.bfloat16)
+  # NumPy's float64 dtype equals None: the two engines shared one compiled program, the first
+  # one called (float64 losses from the default engine, or float32 ones from the float64 one).
+  assert margins.dense(matmul_dtype=jnp.float64) != margins.dense()
+  assert hash(margins.chunked(5, matmul_dtype="float64")) != hash(margins.chunked(5))
+  with jax.enable_x64(True):
+    for engine, dtype in ((margins.chunked(5), jnp.float32),
+                          (margins.chunked(5, matmul_dtype=jnp.float64), jnp.float64)):
+      assert engine(x, w2, labels, margins.ArcFace())[0].dtype == dtype
+  with pytest.raises(TypeError, match="`engine` must be a SoftmaxEngine"):
+    margins.margin_softmax_loss(x, w2, labels, margins.ArcFace(), engine="dense")
+  with pytest.raises(ValueError, match="names a mesh axis twice"):
+    margins.sharded(make_mesh(2), ("devices", "devices"))
+  for args, error in (((10, 0), ValueError), ((-5, 4), ValueError), ((10.5, 4), TypeError)):
+    with pytest.raises(error, match="`num_(classes|shards)` must be"):
+      margins.padded_num_classes(*args)
+  with pytest.raises(ValueError, match=r"`num_sampled` must lie in \[1, num_rows = 10\]"):
+    parallel.sample_classes(labels[:2], 10, 10, 11, KEY)
   for keep_scores in None, "no", 1:
     with pytest.raises(TypeError, match="`keep_scores` must be True or False"):
       margins.chunked(5, keep_scores=keep_scores)
@@ -729,6 +746,8 @@ def test_sampled_count():
   # insightface's WebFace42M ViT recipe on its 64 GPUs: 30 % of each device's 32,187 classes,
   # whatever the global batch (24,576).
   assert parallel.sampled_count(32_187, 0.3) == 9657
+  # The rate as written, not its binary float (0.55 * 100 = 55.00000000000001 in floats).
+  assert [parallel.sampled_count(100, rate) for rate in (0.55, 0.07, 0.14, 0.28)] == [55, 7, 14, 28]
 
 
 @pytest.mark.parametrize("engine", [margins.dense(sample_rate=0.5),
@@ -1229,6 +1248,30 @@ def test_row_sample_of_narrow_labels(num_devices, dtype):
   sampled = {s * 256 + i for s, row in enumerate(index) for i in row if i < 256}
   untouched = np.setdiff1d(np.arange(rows_total), sorted(sampled))
   np.testing.assert_array_equal(np.asarray(put)[untouched], w[untouched])
+
+
+@pytest.mark.parametrize("spec", [jax.P(), jax.P(None, "data")])
+def test_row_sample_put_gives_w_back_split_as_it_came(spec):
+  # Explicit axes: a W replicated, or split over its features (FSDP), comes back so from put, as
+  # the engine's gradient of W does (put split it over the classes), so it fits a loop's carry.
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  engine = margins.sharded(mesh, "model", chunk_size=4, sample_rate=0.5)
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 8)).astype(np.float32)
+  labels = jnp.asarray(rng.integers(0, 16, 8))
+
+  def two_steps(w):
+    sample = engine.sample(labels, num_rows=16, key=KEY)
+    step = lambda i, w_: engine.put(w_, sample, engine.take(w_, sample) + 1)  # noqa: E731
+    return jax.lax.fori_loop(0, 2, step, w), sample.index
+
+  with jax.set_mesh(mesh):
+    given = jax.device_put(w, jax.NamedSharding(mesh, spec))
+    out, index = jax.jit(two_steps)(given)
+    assert jax.typeof(out).sharding.spec == jax.typeof(given).sharding.spec
+  sampled = sorted({s * 4 + int(i) for s, row in enumerate(np.asarray(index).reshape(4, -1))
+                    for i in row if i < 4})
+  np.testing.assert_allclose(out, w + 2 * np.isin(np.arange(16), sampled)[:, None], rtol=1e-6)
 
 
 def test_row_sample_take_gives_zero_padding_rows():
