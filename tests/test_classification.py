@@ -810,6 +810,9 @@ def test_narrow_integer_labels_equal_int32_labels(dtype, num_classes):
     ((B, D, 1), (C, D), np.zeros(B, np.int32), ValueError, "embeddings"),
     ((B, D), (C,), np.zeros(B, np.int32), ValueError, "weights"),
     ((B, D), (C, D + 1), np.zeros(B, np.int32), ValueError, "dimension"),
+    # No class or no feature: an error, not NaN or a ZeroDivisionError deep in an engine.
+    ((B, D), (0, D), np.zeros(B, np.int32), ValueError, r"shape \(0, 5\); every dimension"),
+    ((B, 0), (C, 0), np.zeros(B, np.int32), ValueError, r"every dimension must be at least 1"),
     ((B, D), (C, D), np.zeros(B, np.float32), TypeError, "labels"),
     ((B, D), (C, D), np.zeros(B + 1, np.int32), ValueError, "labels"),
     ((B, D), (C, D), np.zeros((B, 1), np.int32), ValueError, "labels"),

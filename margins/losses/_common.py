@@ -108,6 +108,9 @@ def check_embeddings_and_weights(embeddings: Any, weights: Any,
     raise ValueError(
         f"`{name}` has feature dimension {np.shape(weights)[-1]} but `embeddings` has {dim} "
         f"({name} are [num_classes, dim], one row per class).")
+  if 0 in np.shape(weights):  # No class, no sub-centre or no feature: nothing to score.
+    raise ValueError(f"`{name}` has shape {np.shape(weights)}; every dimension must be at "
+                     "least 1.")
 
 
 def check_classification_inputs(
