@@ -287,7 +287,7 @@ def run_single(args):
           _print_profile(name, compiled, fn_args,
                          _trace_path(args.trace_dir, num_classes, dtype_name, name))
       temps_by_case[(num_classes, dtype_name)] = temps
-      del x, w, floor_inputs, candidates, programs  # Free this case's W before the next's.
+      del x, w, floor_inputs, candidates, programs, fn_args  # This case's W, before the next's.
   _print_temporaries(temps_by_case, args)
 
 

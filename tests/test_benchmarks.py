@@ -161,18 +161,26 @@ def test_device_check_runs_engines_without_the_training_packages(tmp_path):
   (site / "sitecustomize.py").write_text(_WITHOUT_TRAINING_PACKAGES)
   env = dict(os.environ, JAX_PLATFORMS="cpu", CLASSES="3000", PROFILE_CLASSES="2000",
              OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(site))
-  result = subprocess.run(
-      ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
-       "--repeats", "1", "--dtypes", "float32"],
-      capture_output=True, text=True, env=env, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-4000:]
+  command = ["bash", os.path.join(BENCHMARKS, "device_check.sh"), "--batch", "8", "--dim", "16",
+             "--repeats", "1", "--dtypes", "float32"]
+  # On a CPU it stops unless told the CPU will do, as it does if nothing runs at all.
+  for stop_env, message in ((env, "JAX found no accelerator"), (dict(env, PYTHON="false"), "")):
+    result = subprocess.run(command, capture_output=True, text=True, env=stop_env, timeout=600,
+                            check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-4000:]
+  assert os.listdir(tmp_path) == ["site"]  # Nothing written.
+  result = subprocess.run(command, capture_output=True, text=True, env=dict(env, CPU_OK="1"),
+                          timeout=600, check=False)
+  # The engines ran; the training step could not, which the exit status says.
+  assert result.returncode == 1, result.stderr[-4000:]
   assert result.stdout.startswith("jax ")
   with open(tmp_path / "engines.txt") as log:
     output = log.read()
   assert "C=3,000, B=8, D=16, float32, 1 interleaved rounds" in output
   assert {"floor (3 matmuls)", "chunked (65536)", "chunked (8192)"} <= set(_table_rows(output))
-  assert "training step skipped: a package is missing" in result.stdout
-  assert "train_step.txt" not in os.listdir(tmp_path)
+  assert "training step skipped: margins.train_lib does not import" in result.stderr
+  with open(tmp_path / "train_step.txt") as log:
+    assert log.read().startswith("training step skipped")
   # The profile's table and where its time goes, appended; its traces beside.
   assert "C=2,000, B=8, D=16, float32, 1 interleaved rounds" in output
   assert "Where the time goes" in output
