@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from margins import run_log
+from margins import sharding
 from margins.train_state import TrainState
 
 
@@ -36,8 +37,15 @@ from margins.train_state import TrainState
 MIN_REPLICA_SLICE_BYTES = 8 << 20
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """The run's orbax checkpoints, in ``workdir/checkpoints``; :func:`save` writes one."""
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
+                       remove_unfinished: bool = False) -> ocp.CheckpointManager:
+  """The run's orbax checkpoints, in ``workdir/checkpoints``; :func:`save` writes one.
+
+  ``remove_unfinished``: delete the folders of saves that a killed run left unfinished (orbax
+  ignores them, but they would stay, each as large as a checkpoint). Only the training run
+  itself may: another process (an evaluation beside a running training) would delete the save
+  in progress.
+  """
   arrays = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
       # As orbax's default handler has (not exported): it restores typed PRNG keys as keys.
@@ -50,7 +58,8 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
                ocp.PyTreeCheckpointHandler(type_handler_registry=types))
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           cleanup_tmp_directories=remove_unfinished),
       handler_registry=handlers)
 
 
@@ -209,16 +218,21 @@ def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],
                 fields: dict[str, Any], head: tuple[int, ...], *, partial: bool = False) -> bool:
   """Whether the leaves of ``fields`` differ in shape from those of checkpoint ``step``'s
-  ``stored_tree``: only in their rows, and only where they have the head's shape ``head`` (``W``
-  and its optimizer state on another device count); any other difference is an error.
+  ``stored_tree``: only in their rows, and only ``W`` and its optimizer state (leaves under
+  ``head`` with the head's shape ``head``, on another device count); any other difference is an
+  error, a backbone's or the centres' that happen to have ``W``'s shape too.
   ``partial``: the checkpoint may hold more leaves than ``fields``."""
   stored = _flat_shapes(stored_tree)
-  target = _flat_shapes(ocp.tree.serialize_tree(fields, keep_empty_nodes=True))
+  serialized = ocp.tree.serialize_tree(fields, keep_empty_nodes=True)
+  target = _flat_shapes(serialized)
+  head_rows = {jax.tree_util.keystr(path)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(serialized)
+               if sharding.is_head_rows(path, leaf, head)}
   differ = {path: (stored.get(path), shape) for path, shape in target.items()
             if stored.get(path) != shape}
   only_stored = set() if partial else set(stored) - set(target)
-  if only_stored or any(old is None or shape != head or old[1:] != head[1:]
-                        for old, shape in differ.values()):
+  if only_stored or any(old is None or path not in head_rows or old[1:] != head[1:]
+                        for path, (old, _) in differ.items()):
     raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
                      f"(stored, wanted) shapes {differ}, leaves only stored "
                      f"{sorted(only_stored)}.")

@@ -721,6 +721,19 @@ def _check_resumed_margin(loss_config: ml_collections.ConfigDict, workdir: str) 
                      "config.loss, or train in a new workdir.")
 
 
+def _check_resumed_data(train_source, workdir: str) -> None:
+  """Raises if ``train_source`` has other classes or images than the data the run in
+  ``workdir`` trained on (its ``data.json``): ``W``'s rows are its classes."""
+  if not os.path.exists(os.path.join(workdir, "data.json")):
+    return
+  stored = checkpoints.load_data_info(workdir)
+  given = (train_source.num_classes, tuple(train_source.image_shape))
+  if given != stored:
+    raise ValueError(f"config.data gives {given[0]} classes of {given[1]} images where the run in "
+                     f"{workdir} trained on {stored[0]} classes of {stored[1]}; a resumed run "
+                     "trains on its own data. Train in a new workdir.")
+
+
 def _train_and_evaluate(config, workdir, mesh):
   os.makedirs(workdir, exist_ok=True)
   train_source, eval_sources = make_sources(config.data)
@@ -729,9 +742,10 @@ def _train_and_evaluate(config, workdir, mesh):
   eval_sources["bins"] = {eval_lib.bin_set_name(path): eval_lib.load_bin_set(experiment, path)
                           for path in config.eval.bins}
 
-  manager = checkpoints.checkpoint_manager(workdir, config)
+  manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
   if manager.latest_step() is not None:
     _check_resumed_margin(config.loss, workdir)
+    _check_resumed_data(train_source, workdir)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore_checkpoint(
         manager, manager.latest_step(), abstract,

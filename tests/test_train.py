@@ -526,6 +526,25 @@ def _train_command(workdir, num_steps, checkpoint_every):
           f"--config.checkpoint_every={checkpoint_every}", "--config.eval.num_pairs=100"]
 
 
+def test_only_w_and_its_optimizer_state_may_change_rows_on_restore():
+  # On another device count W's padding rows change; an array elsewhere that happens to have
+  # W's shape (a backbone's kernel, the centres) must not be cut or padded with it.
+  shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)  # noqa: E731
+  def state(head_rows, kernel_rows, centre_rows):
+    return {"params": {"backbone": {"fc": {"kernel": shape(kernel_rows, 4)}},
+                       "head": shape(head_rows, 4)},
+            "opt_state": {"trace": {"head": shape(head_rows, 4)}},
+            "centers": shape(centre_rows, 4)}
+  manager = types.SimpleNamespace(directory="/run/checkpoints")
+  fits = lambda stored, wanted: checkpoints._check_fits(  # noqa: E731
+      manager, 3, stored, wanted, wanted["params"]["head"].shape)
+  assert fits(state(8, 6, 6), state(6, 6, 6))  # Rows of W and its momentum: fitted.
+  assert not fits(state(6, 6, 6), state(6, 6, 6))
+  for stored in state(8, 8, 6), state(8, 6, 8):
+    with pytest.raises(ValueError, match=r"Checkpoint 3 in /run/checkpoints does not fit"):
+      fits(stored, state(6, 6, 6))
+
+
 def test_resuming_with_other_margin_settings_is_refused(tmp_path):
   # The margin's settings live in the checkpointed state: a resume kept the stored ones while
   # config.json said otherwise.
@@ -539,6 +558,19 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
                                        r"'scale': 16.0\}; a resumed run keeps"):
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "config.json").read_text() == written  # Refused before anything changed.
+  # Other data: W's rows are its classes. 8 classes where 6 trained would have resumed with
+  # two rows of zeros (and 5 would have cut a trained class), silently.
+  config.loss.scale, config.loss.margin = 16.0, 0.5
+  data = (tmp_path / "data.json").read_text()
+  for change, message in (
+      (dict(open_set_train_classes=tuple(range(8))), r"8 classes of \(16, 16, 1\) images where"),
+      (dict(image_size=12), r"6 classes of \(12, 12, 1\) images where")):
+    config.data.update(change)
+    with pytest.raises(ValueError, match=message + r" the run in .* trained on 6 classes of "
+                                                   r"\(16, 16, 1\); a resumed run trains"):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+    config.data.update(open_set_train_classes=tuple(range(6)), image_size=16)
+  assert (tmp_path / "data.json").read_text() == data
 
 
 def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation_redone(
@@ -560,9 +592,13 @@ def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation
     train_lib.train_and_evaluate(config, str(tmp_path / "failed"))
   assert os.listdir(tmp_path / "failed" / "checkpoints") == ["2"]  # Not 2.orbax-checkpoint-tmp.
   monkeypatch.setattr(eval_lib, "evaluate", evaluate)
+  # As a save that a kill -9 cut short leaves it: ignored, and removed by the resumed run.
+  unfinished = tmp_path / "failed" / "checkpoints" / "4.orbax-checkpoint-tmp-1765000000"
+  (unfinished / "state").mkdir(parents=True)
   for _ in range(2):
     train_lib.train_and_evaluate(config, str(tmp_path / "failed"))
     assert read_metrics(str(tmp_path / "failed")) == whole
+    assert sorted(os.listdir(tmp_path / "failed" / "checkpoints")) == ["2", "4"]
 
 
 def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
