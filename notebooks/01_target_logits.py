@@ -20,7 +20,8 @@
 # Every margin loss in `margins` changes one thing: the logit of an example's own class as a
 # function of the angle $\theta$ between its embedding and the class centre (AdaFace and MagFace
 # also of the embedding's norm, ElasticFace of a random draw; CurricularFace also re-weights hard
-# negatives). This notebook draws those functions, for every margin, by calling the margin objects
+# negatives). This notebook draws those functions, for every margin but SphereFace-R (whose v0
+# target is SphereFace's $\psi$ with a real $m$), by calling the margin objects
 # themselves, `margin.target_logit(rows)` and `margin.nontarget_logits(similarity, rows)`: the
 # methods every softmax engine evaluates, so the pictures are the library's code, not a copy.
 #
