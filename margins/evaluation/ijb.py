@@ -120,9 +120,9 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
                      f"of the protocol, got {features.shape}.")
   if not np.isfinite(features).all():
     raise ValueError("`image_features` must be finite.")
-  if detector_scores and not np.isfinite(protocol.detector_scores).all():
-    raise ValueError("The protocol's detector scores must be finite.")
   if detector_scores:
+    if not np.isfinite(protocol.detector_scores).all():
+      raise ValueError("The protocol's detector scores must be finite.")
     features = features * protocol.detector_scores[:, None]
   template_ids, unit = template_features(features, protocol.templates, protocol.media)
   rows = np.searchsorted(template_ids, protocol.pairs)
