@@ -67,6 +67,11 @@ def test_template_features_are_sums_of_media_means():
     mine = templates == template
     total = sum(features[mine & (media == m)].mean(0) for m in set(media[mine]))
     np.testing.assert_allclose(row, total / np.linalg.norm(total), rtol=1e-12)
+  # Ids of other kinds (strings, floats) group the same way.
+  named_ids, named_unit = evaluation.template_features(features, [f"t{t}" for t in templates],
+                                                       media.astype(float) / 2)
+  assert named_ids.tolist() == ["t3", "t5", "t9"]
+  np.testing.assert_array_equal(named_unit, unit)
 
 
 def write_ijb(root, *, image_size=112):

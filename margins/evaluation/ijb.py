@@ -50,8 +50,8 @@ class IJBResult:
 
 
 def template_features(image_features, templates, media) -> tuple[np.ndarray, np.ndarray]:
-  """``(template ids [T], unit features [T, D])``: per template, the sum over its media of the
-  mean feature of each media's images, L2-normalised.
+  """``(template ids [T], unit features [T, D])``: per template (ids in sorted order), the sum
+  over its media of the mean feature of each media's images, L2-normalised.
 
   >>> import numpy as np
   >>> features = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
@@ -64,6 +64,9 @@ def template_features(image_features, templates, media) -> tuple[np.ndarray, np.
   if not templates.shape == media.shape == image_features.shape[:1]:
     raise ValueError(f"`templates` {templates.shape} and `media` {media.shape} must give one id "
                      f"per image of `image_features` {image_features.shape}.")
+  # Ids of any sortable kind (numbers, strings), as their ranks.
+  template_ids, templates = np.unique(templates, return_inverse=True)
+  media = np.unique(media, return_inverse=True)[1]
   order = np.lexsort((media, templates))  # Images grouped by template, then by media.
   templates, media = templates[order], media[order]
   media_starts = np.flatnonzero(np.diff(templates, prepend=templates[0] - 1)
@@ -73,7 +76,7 @@ def template_features(image_features, templates, media) -> tuple[np.ndarray, np.
   media_templates = templates[media_starts]
   template_starts = np.flatnonzero(np.diff(media_templates, prepend=media_templates[0] - 1))
   features = np.add.reduceat(media_means, template_starts)
-  return media_templates[template_starts], sklearn.preprocessing.normalize(features)
+  return template_ids[media_templates[template_starts]], sklearn.preprocessing.normalize(features)
 
 
 def evaluate_ijb(image_features, protocol: IJBProtocol, *,
