@@ -103,7 +103,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--workdir {workdir} is not a directory.")
   if os.path.exists(out) and not os.path.isdir(out):
     raise app.UsageError(f"--out {out} is a file, not a folder.")
-  platforms = [{"gpu": "cuda"}.get(name.lower(), name.lower()) for name in _PLATFORMS.value]
+  platforms = list(dict.fromkeys(  # Each once, in the order given (gpu and cuda are one).
+      {"gpu": "cuda"}.get(name.lower(), name.lower()) for name in _PLATFORMS.value))
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise app.UsageError(f"--platforms: {unknown or 'none given'}; choose among {PLATFORMS}.")
