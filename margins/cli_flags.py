@@ -12,8 +12,9 @@ from absl import logging
 WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its --workdir).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 256, "Images per batch: over all devices, a multiple of their number "
-    "(evaluate, tools.subcenter_drop); on one device (embed_folder).", lower_bound=1)
+    "batch_size", None, "Images per batch (default 256): over all devices, a multiple of their "
+    "number, the default rounded up to one (evaluate, tools.subcenter_drop); on one device "
+    "(embed_folder).", lower_bound=1)
 OUT = flags.DEFINE_string(
     "out", None, "Where to write: the exported model's folder (export), the .npy file "
     "(embed_folder), the cleaned dataset's folder (tools.subcenter_drop) or the ROC plot "

@@ -39,6 +39,7 @@ _IMAGES = flags.DEFINE_string("images", None, "Folder of images to embed (search
 _FLIP = flags.DEFINE_bool("flip", False, "Flip test: add the embedding of each mirror image.")
 for _name in ("out", "batch_size"):
   flags.declare_key_flag(_name)
+DEFAULT_BATCH_SIZE = 256
 
 
 def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, dict]:
@@ -65,8 +66,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
   return [os.path.relpath(path, root) for path in image_folder.image_files(root)]
 
 
-def embed_files(exported: jax.export.Exported, paths: Sequence[str], *, batch_size: int = 256,
-                flip: bool = False) -> np.ndarray:
+def embed_files(exported: jax.export.Exported, paths: Sequence[str], *,
+                batch_size: int = DEFAULT_BATCH_SIZE, flip: bool = False) -> np.ndarray:
   """``float32 [N, D]`` embeddings of image files, by the exported model, ``batch_size`` at a time.
 
   Every batch has the same size (the last one is padded with black images), so the model is
@@ -116,7 +117,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(str(error)) from error
   try:
     embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
-                             batch_size=cli_flags.BATCH_SIZE.value, flip=_FLIP.value)
+                             batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE,
+                             flip=_FLIP.value)
   except (ValueError, OSError) as error:  # An image that does not decode or cannot be read
     # (a broken link): its path is in the message.
     raise app.UsageError(str(error)) from error

@@ -21,6 +21,20 @@ from margins.train_state import TrainState
 
 Array = jax.Array
 
+# Images per evaluation batch over all devices when none is given, rounded up to their number.
+DEFAULT_BATCH_SIZE = 256
+
+
+def global_batch_size(batch_size: int | None, num_devices: int) -> int:
+  """``batch_size``, checked to be a multiple of ``num_devices``; ``None``:
+  ``DEFAULT_BATCH_SIZE`` rounded up to one."""
+  if batch_size is None:
+    return -(-DEFAULT_BATCH_SIZE // num_devices) * num_devices
+  if batch_size < 1 or batch_size % num_devices:
+    raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} "
+                     "devices.")
+  return batch_size
+
 
 def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
   """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout)."""

@@ -47,7 +47,7 @@ TABLE_FARS = (1e-3, 1e-4)
 
 
 def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequence[str] = (),
-                 step: int | None = None, batch_size: int = 256,
+                 step: int | None = None, batch_size: int | None = None,
                  ijb_operating_point: str = "at_most",
                  ) -> tuple[int, dict[str, evaluation.VerificationResult | evaluation.IJBResult]]:
   """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets and IJB folders (named
@@ -58,7 +58,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
     bin_paths: ``.bin`` verification files.
     ijb_folders: IJB-B / IJB-C folders.
     step: the checkpoint to load; ``None``: the latest.
-    batch_size: images per batch over all devices (a multiple of their number).
+    batch_size: images per batch over all devices (a multiple of their number); ``None``:
+      :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one.
     ijb_operating_point: how IJB TAR@FAR reads the ROC
       (:func:`margins.evaluation.evaluate_ijb`'s ``operating_point``).
   """
@@ -69,11 +70,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
     raise ValueError(f"Several --bin files or --ijb folders are named {repeated}: rename one, "
                      "as results are reported by name.")
   experiment, state = train_lib.restore(workdir, step, parts="backbone")
-  num_devices = experiment.mesh.size
-  if batch_size % num_devices:
-    raise ValueError(f"--batch_size {batch_size} must be a multiple of the {num_devices} "
-                     "devices.")
-  experiment.config.eval.batch_size = batch_size
+  experiment.config.eval.batch_size = eval_lib.global_batch_size(batch_size,
+                                                                  experiment.mesh.size)
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
     results = {name: eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)

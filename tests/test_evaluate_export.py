@@ -178,8 +178,20 @@ def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):
   with pytest.raises(app.UsageError, match=f"{tmp_path}/model.stablehlo"):
     cli(embed_folder, "--model", str(tmp_path), "--images", str(tmp_path / "images"),
         "--out", str(tmp_path / "e.npy"))
-  with pytest.raises(app.UsageError, match="--batch_size 12 must be a multiple of the 8 devices"):
+  with pytest.raises(app.UsageError, match="batch_size 12 must be a positive multiple of the 8 "
+                     "devices"):
     cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "12")
+
+
+def test_default_evaluation_batch_is_rounded_up_to_the_devices():
+  # The default of 256 images runs on any device count (3, 6 or 12 devices do not divide it); a
+  # batch given is checked.
+  assert [eval_lib.global_batch_size(None, n) for n in (1, 3, 8, 12, 512)] == [256, 258, 256, 264,
+                                                                             512]
+  assert eval_lib.global_batch_size(24, 12) == 24
+  for bad in (12, 0):
+    with pytest.raises(ValueError, match=f"batch_size {bad} must be a positive multiple of the 8"):
+      eval_lib.global_batch_size(bad, 8)
 
 
 def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
@@ -321,7 +333,9 @@ def test_a_folder_reached_twice_is_listed_under_the_name_a_sorted_walk_reaches_f
 def test_embed_folder_lists_file_names_the_file_system_gives(run, tmp_path, cli):
   # A Latin-1 name on a UTF-8 file system: written back byte for byte in the listing.
   model_dir = str(tmp_path / "model")
-  cli(export, "--workdir", run, "--out", model_dir, "--platforms", "CPU")  # Any case.
+  cli(export, "--workdir", run, "--out", model_dir, "--platforms", "CPU,cpu")  # Any case.
+  with open(os.path.join(model_dir, embed_folder.METADATA_FILE)) as f:
+    assert json.load(f)["platforms"] == ["cpu"]  # Once.
   name = os.fsdecode(b"Jos\xe9.png")
   _write_png(str(tmp_path / "images" / name), np.zeros((16, 16), np.uint8))
   out = str(tmp_path / "e.npy")

@@ -166,7 +166,7 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
     other.mkdir()
     _write_dataset(other, num_classes=5, per_class=2)
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--data", str(other))
-  with pytest.raises(app.UsageError, match="must be a multiple of the 8 devices"):
+  with pytest.raises(app.UsageError, match="must be a positive multiple of the 8 devices"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), "--batch_size", "12")
   before = {name: (data / name).read_bytes() for name in os.listdir(data)}
   with pytest.raises(app.UsageError, match="is the folder being cleaned"):  # The run's data.

@@ -143,10 +143,11 @@ class _Rows:
 
 
 def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: float = 75.0,
-              step: int | None = None, batch_size: int = 256) -> Cleaning:
+              step: int | None = None, batch_size: int | None = None) -> Cleaning:
   """Cleans the RecordIO folder ``data`` (default: the run's) by the run's checkpoint ``step``
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
-  docstring. ``batch_size``: images embedded at once over all devices."""
+  docstring. ``batch_size``: images embedded at once over all devices (a multiple of their
+  number; ``None``: :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one)."""
   # Checked before the checkpoint is read, which can take minutes.
   trained_on = checkpoints.load_config(workdir).data
   num_classes, image_shape = checkpoints.load_data_info(workdir)
@@ -168,9 +169,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   if source.num_classes != num_classes:
     raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
                      f"{num_classes}: not the data the run trained on.")
-  if batch_size % jax.device_count():  # restore's mesh: all the devices
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.device_count()} "
-                     "devices.")
+  batch_size = eval_lib.global_batch_size(batch_size, jax.device_count())  # restore's mesh
   experiment, state = train_lib.restore(workdir, step, parts="params")
   experiment.config.eval.batch_size = batch_size
   centres = sharding_lib.to_host(state.params["head"])[:experiment.num_classes]
