@@ -556,7 +556,7 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
   """
   margin = check_margin(margin)
   _common.check_embeddings_and_weights(x, w, (2, 3))
-  floor_dtype = _common.common_float_dtype(x, w)
+  floor_dtype = _common.floor_dtype_of(x, w)
   x_wide = x.astype(_common.compute_dtype(x))
   if margin.normalize_embeddings:
     x_wide = _common.l2_normalize(x_wide, floor_dtype=floor_dtype)
@@ -1000,9 +1000,10 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   """
   input_dtype = _common.common_float_dtype(x, w)
   matmul_dtype = engine.matmul_dtype or input_dtype
-  # Norms are floored for the dtype the matmuls run in: float16 multiplies cotangents scaled by
-  # ``1 / |W_j|``, which must not overflow it (a zero centre's would with float32's floor).
-  floor_dtype = matmul_dtype if jnp.dtype(matmul_dtype) == jnp.float16 else input_dtype
+  # Norms are floored for float16 where the matmuls or an input use it: float16 takes
+  # cotangents scaled by ``1 / |W_j|`` or ``1 / |x|``, which must not overflow it (a zero
+  # vector's would with float32's floor).
+  floor_dtype = _common.floor_dtype_of(x, w, matmul_dtype)
   dtype = _common.compute_dtype(x, w, matmul_dtype)  # The scores' and the statistics' dtype.
   param_dtypes = [jnp.result_type(p) for p in _floating_leaves(margin)[0]]
   # A bfloat16 learnt scale: no mixed arithmetic; returned in its own dtype.

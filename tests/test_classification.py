@@ -646,6 +646,21 @@ def test_edge_cases_finite_values_and_gradients(dtype):
         assert np.all(np.isfinite(np.asarray(g[i], np.float32))), (name, case, dtype)
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [("float16", "float32"), ("float32", "float16")])
+def test_float16_beside_float32_floors_the_norms_for_float16(x_dtype, w_dtype):
+  # A float16 backbone's embeddings with float32 centres, or the reverse: the norms are floored
+  # for float16, as when both are float16. With float32's floor (1e-12) a zero vector's gradient,
+  # cast back to float16, was inf.
+  for case in ("zero_embeddings", "zero_centres"):
+    x, w, y = edge_inputs(case, "float16")
+    x, w = x.astype(x_dtype), w.astype(w_dtype)
+    for engine in (margins.dense(), margins.chunked(2)):
+      grads = jax.grad(lambda x_, w_: engine(x_, w_, y, margins.ArcFace())[0].sum(),
+                       argnums=(0, 1))(x, w)
+      for g in grads:
+        assert np.isfinite(np.asarray(g, np.float32)).all(), (case, engine)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_margins_on_low_precision_rows_have_finite_gradients_at_cos_one(dtype):
   # The engines build Rows in float32; a margin applied to a user's own bfloat16 Rows must hold

@@ -146,6 +146,14 @@ def safe_norm_floor(dtype: Any) -> float:
   return 1e-2 if jnp.dtype(dtype) == jnp.float16 else 1e-12
 
 
+def floor_dtype_of(*arrays_or_dtypes: Any) -> jnp.dtype:
+  """The dtype whose :func:`safe_norm_floor` norms are floored at: float16 when any input is
+  (a gradient cast back to it must not overflow, whatever the other inputs' width), else their
+  common float dtype."""
+  dtypes = [jnp.dtype(jnp.result_type(a)) for a in arrays_or_dtypes]
+  return jnp.dtype(jnp.float16) if jnp.float16 in dtypes else common_float_dtype(*dtypes)
+
+
 def safe_norm(x: Array, *, axis: int = -1, floor_dtype: Any = None) -> Array:
   """``max(|x|, floor)`` along ``axis`` (keepdims), computed in ``x.dtype``.
 
