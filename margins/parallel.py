@@ -982,8 +982,9 @@ def sampled_count(num_local: int, sample_rate: float) -> int:
   """
   if sample_rate >= 1:
     return num_local
-  # The rate as written: 0.55 of 100 classes is 55, where the float 0.55 times 100 is above 55.
-  rate = fractions.Fraction(str(float(sample_rate)))
+  # The rate meant: the fraction nearest its float (0.55 is 11/20, 5 / 7 is 5/7), so that 0.55
+  # of 100 classes is 55 and 5 / 7 of 7 is 5, where the floats' products are just above.
+  rate = fractions.Fraction(float(sample_rate)).limit_denominator(10**9)
   return min(num_local, max(math.ceil(rate * num_local), 1))
 
 

@@ -746,8 +746,10 @@ def test_sampled_count():
   # insightface's WebFace42M ViT recipe on its 64 GPUs: 30 % of each device's 32,187 classes,
   # whatever the global batch (24,576).
   assert parallel.sampled_count(32_187, 0.3) == 9657
-  # The rate as written, not its binary float (0.55 * 100 = 55.00000000000001 in floats).
+  # The rate meant, not its binary float (0.55 * 100 = 55.00000000000001 in floats), whether
+  # written as a decimal or computed (5 / 7 * 7 is just above 5 in its decimal digits too).
   assert [parallel.sampled_count(100, rate) for rate in (0.55, 0.07, 0.14, 0.28)] == [55, 7, 14, 28]
+  assert [parallel.sampled_count(7, 5 / 7), parallel.sampled_count(3_000, 2 / 3)] == [5, 2_000]
 
 
 @pytest.mark.parametrize("engine", [margins.dense(sample_rate=0.5),
