@@ -545,7 +545,9 @@ def similarity(x: Array, w: Array, margin: Margin) -> Array:
   """``[B, C]`` float32 scores for closed-set prediction: the similarity the margin scores with.
 
   ``cos(x, W_j)`` when the margin normalises both, ``<x, W_j / |W_j|>`` or ``<x, W_j>`` otherwise;
-  the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class.
+  the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class; for a
+  ``W`` padded to split its classes (:func:`padded_num_classes`), cut the scores to the real
+  classes first (``[:, :C]``).
 
   >>> import jax, jax.numpy as jnp, margins
   >>> x = jax.random.normal(jax.random.key(0), (4, 8))   # [B, D]

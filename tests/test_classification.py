@@ -887,3 +887,30 @@ def test_bad_types_and_hyperparameters():
     margins.sphereface2_loss(x, w, labels, jnp.zeros((), jnp.int32))
   np.testing.assert_array_equal(margins.sphereface2_loss(x, w, labels, 0),  # a Python int is fine
                                 margins.sphereface2_loss(x, w, labels, 0.0))
+  for scale in (0.0, -64.0):  # A negative scale trains away from the classes.
+    with pytest.raises(ValueError, match=f"`scale` of ArcFace must be positive, got {scale}"):
+      margins.arcface_loss(x, w, labels, scale=scale)
+  with pytest.raises(ValueError, match=r"`scale` of CosFace must be a scalar, got shape \(6,\)"):
+    margins.cosface_loss(x, w, labels, scale=jnp.full(B, 64.0))
+  with pytest.raises(TypeError, match=r"`state` must be a margins.AdaFaceState\(norm_mean, "
+                     r"norm_std\), got a tuple"):
+    margins.adaface_loss(x, w, labels, (20.0, 100.0))
+  with pytest.raises(TypeError, match="`easy_margin` of ArcFace must be a bool, got 'yes'"):
+    margins.arcface_loss(x, w, labels, easy_margin="yes")
+  with pytest.raises(TypeError, match="`easy_margin` of ArcFace is static"):
+    margins.arcface_loss(x, w, labels, easy_margin=jnp.array(True))
+
+
+@pytest.mark.parametrize("loss_fn,flag", [
+    (margins.arcface_loss, "easy_margin"), (margins.magface_loss, "easy_margin"),
+    (functools.partial(margins.elasticface_loss, key=jax.random.key(0)), "plus")])
+def test_a_traced_flag_is_named_and_leaves_later_calls_working(loss_fn, flag):
+  # A flag traced by jit is refused before the engine's jit sees it: placed in that jit's cache
+  # key, the tracer used to make every later call of the margin's class fail, eager ones too.
+  x, w, labels = make_inputs()
+  with pytest.raises(TypeError, match=f"`{flag}` of .* is static .* pass it with static_argnames"):
+    jax.jit(loss_fn)(x, w, labels, **{flag: True})
+  want = loss_fn(x, w, labels, **{flag: True})
+  got = jax.jit(loss_fn, static_argnames=flag)(x, w, labels, **{flag: True})
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert np.isfinite(loss_fn(x, w, labels)).all()

@@ -344,7 +344,9 @@ def adaface_loss(embeddings: Array, weights: Array, labels: Array,
 
   :math:`\hat z = \mathrm{clip}(h(|x| - \mu)/(\sigma + \epsilon), -1, 1)`, target logit
   :math:`s(\cos(\theta_y - m\hat z) - (m + m\hat z))`, where :math:`\mu, \sigma` are running
-  statistics of the batch's norms (``t_alpha`` is their momentum; 1.0 uses this batch's).
+  statistics of the batch's norms (``t_alpha`` is their momentum; 1.0 uses this batch's). As in
+  the official code the norms set the margin but take no gradient through it (MagFace's margin
+  does pass its gradient to :math:`|x|`).
 
   Args:
     embeddings: ``[B, D]`` *unnormalised* (their norms carry the quality signal).
@@ -365,6 +367,9 @@ def adaface_loss(embeddings: Array, weights: Array, labels: Array,
   References:
     Kim et al., "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022.
   """
+  if not isinstance(state, AdaFaceState):  # Not a bare tuple, list or dict: which is which?
+    raise TypeError(f"`state` must be a margins.AdaFaceState(norm_mean, norm_std), got a "
+                    f"{type(state).__name__}.")
   loss_margin = margin_lib.AdaFace(scale=scale, margin=margin, h=h, momentum=t_alpha,
                                    norm_mean=state.norm_mean, norm_std=state.norm_std)
   losses, prepared = _dense_loss(embeddings, weights, labels, loss_margin)

@@ -821,10 +821,38 @@ def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0
   return float(np.logaddexp(log_gap, log_root) - math.log(2) - target)
 
 
+def _check_static_fields(margin: Margin) -> None:
+  """Raises unless each static field holds a plain Python value of its default's kind.
+
+  A static field is part of the structure that keys ``jit``'s cache: an array or a tracer there
+  cannot be compared, and one failed call would leave every later call of the class failing.
+  """
+  name = type(margin).__name__
+  for field in dataclasses.fields(margin) if dataclasses.is_dataclass(margin) else ():
+    if not field.metadata.get("static"):
+      continue
+    value = getattr(margin, field.name)
+    if isinstance(value, (jax.Array, np.ndarray)):
+      hint = (" Under jax.jit, pass it with static_argnames."
+              if isinstance(value, jax.core.Tracer) else "")
+      raise TypeError(f"`{field.name}` of {name} is static (it selects the compiled program) "
+                      f"and must be a Python value, got {value!r}.{hint}")
+    kind = type(field.default)
+    if kind in (bool, str) and not isinstance(value, (kind, np.bool_) if kind is bool else kind):
+      raise TypeError(f"`{field.name}` of {name} must be a {kind.__name__}, got {value!r}.")
+
+
 def check_margin(margin: Any) -> Margin:
-  """Raises a clear error unless ``margin`` is a :class:`Margin`."""
+  """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields."""
   if not isinstance(margin, Margin):
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
+  _check_static_fields(margin)
+  scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
+  if scale is not None and np.ndim(scale) != 0:  # One for the batch (margins may vary per row).
+    raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
+                     f"{np.shape(scale)}.")
+  if scale is not None and not isinstance(scale, jax.core.Tracer) and not float(scale) > 0:
+    raise ValueError(f"`scale` of {type(margin).__name__} must be positive, got {scale}.")
   if isinstance(margin, (LSoftmax, SphereFace)) and (
       isinstance(margin.margin, bool) or not isinstance(margin.margin, (int, np.integer))
       or margin.margin < 1):
