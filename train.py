@@ -65,11 +65,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except OSError as error:
     sys.exit(f"FATAL Flags parsing error: --config: {error.__cause__ or error}\n"
              "Pass --helpshort or --helpfull to see help on flags.")
-  except AttributeError as error:
-    missing = error.args[0] if error.args else None
-    if not isinstance(missing, KeyError):
-      raise
-    field = textwrap.indent(str(missing.args[0]), "  ")
+  except (AttributeError, KeyError) as error:  # A missing last field, or one on the way to it.
+    missing = error if isinstance(error, KeyError) else error.args[0] if error.args else None
+    text = str(missing.args[0]) if isinstance(missing, KeyError) and missing.args else ""
+    overridden = {part for arg in argv if arg.startswith("--config.")
+                  for part in arg.removeprefix("--config.").split("=")[0].split(".")}
+    if (text.splitlines()[0].strip("'\"") if text else None) not in overridden:
+      raise  # The config file's own error.
+    field = textwrap.indent(text, "  ")
     sys.exit("FATAL Flags parsing error: a --config override names a field the config lacks:\n"
              f"{field}\nPass --helpshort or --helpfull to see help on flags.")
 
