@@ -14,4 +14,4 @@ def get_config(arg=None):
   config = train_lib.default_config()
   config.model.embedding_dim = 2
   config.loss = dict(name="arcface", scale=16.0, margin=0.2)
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

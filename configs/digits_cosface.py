@@ -9,4 +9,4 @@ from margins import train_lib
 def get_config(arg=None):
   config = train_lib.default_config()
   config.loss = dict(name="cosface", scale=16.0, margin=0.35)
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

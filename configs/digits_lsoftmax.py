@@ -15,4 +15,4 @@ def get_config(arg=None):
   config.loss = dict(name="lsoftmax", margin=4,
                      lambda_schedule=dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0))
   config.optimizer.learning_rate = 0.05  # Unnormalised logits, as plain softmax.
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

@@ -12,4 +12,4 @@ def get_config(arg=None):
   # Raw dot products start near zero (the head is drawn from N(0, 0.01)): 5x the learning rate
   # of the normalised losses, or softmax is still at 63% accuracy after 400 steps.
   config.optimizer.learning_rate = 0.05
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

@@ -17,4 +17,4 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 0.05
   config.center_loss = dict(weight=0.01, alpha=0.5)
   config.model.embedding_dim = 2
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

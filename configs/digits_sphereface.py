@@ -12,4 +12,4 @@ def get_config(arg=None):
   config = train_lib.default_config()
   config.loss = dict(name="sphereface", margin=4,
                      lambda_schedule=dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0))
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

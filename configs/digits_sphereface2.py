@@ -10,4 +10,4 @@ from margins import train_lib
 def get_config(arg=None):
   config = train_lib.default_config()
   config.loss = dict(name="sphereface2", scale=40.0, margin=0.4, t=3.0, alpha=0.7)
-  return train_lib.quick(config) if arg == "quick" else config
+  return train_lib.quick(config) if train_lib.is_quick(arg) else config

@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.checkpoint_every = 2000
   config.eval.flip = True
   config.eval.num_pairs = 6000
-  if arg == "quick":
+  if train_lib.is_quick(arg):
     config = train_lib.quick(config)
     config.data.update(num_classes=1000, num_images=100_000, image_shape=(32, 32, 3),
                        eval_classes=16, eval_images=128)

@@ -135,6 +135,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def is_quick(arg: str | None) -> bool:
+  """Whether a config file's argument asks for :func:`quick` (``--config <file>:quick``); any
+  other argument is refused, not ignored (``:quik`` would run the full experiment)."""
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"Unknown config argument {arg!r}: this config takes none or 'quick'.")
+  return arg == "quick"
+
+
 def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same experiment in a short smoke run (``get_config("quick")``)."""
   config.num_steps = 20

@@ -72,6 +72,16 @@ def digits_batch(config: ml_collections.ConfigDict,
                   "label": jnp.asarray(source.labels[:size])}
 
 
+def test_every_config_refuses_an_argument_it_does_not_take():
+  # A mistyped ":quik" used to run the full experiment (IResNet-50 on 100k classes for the
+  # synthetic config).
+  for path in CONFIGS:
+    with pytest.raises(ValueError, match="Unknown config argument 'quik': this config takes "
+                                         "none or 'quick'"):
+      load_config(path, "quik")
+    assert load_config(path, None).num_steps > load_config(path).num_steps
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
 def test_every_config_runs_in_quick_mode(path, tmp_path):
   config = tiny(load_config(path))
@@ -699,13 +709,16 @@ def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
 def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
   # (Overrides that exist are exercised by the kill -9 test.) ml_collections raises an
   # AttributeError while absl parses the flags: a traceback until train.py reported it.
-  command = _train_command(tmp_path, 1, 1) + ["--config.loss.margn=0.4"]
-  result = subprocess.run(command, capture_output=True, text=True, env=dict(
-      os.environ, JAX_PLATFORMS="cpu"))
-  assert result.returncode != 0
-  assert ("FATAL Flags parsing error: a --config override names a field the config lacks:\n"
-          "  'margn'\n  Did you mean \"margin\"") in result.stderr, result.stderr
-  assert "Traceback" not in result.stderr, result.stderr
+  # A missing field on the way to the last one is a KeyError of its own, reported the same.
+  for override, field, meant in (("--config.loss.margn=0.4", "margn", "margin"),
+                                 ("--config.optimzer.learning_rate=0.2", "optimzer", "optimizer")):
+    command = _train_command(tmp_path, 1, 1) + [override]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(
+        os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode != 0
+    assert ("FATAL Flags parsing error: a --config override names a field the config lacks:\n"
+            f"  '{field}'\n  Did you mean \"{meant}\"") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
