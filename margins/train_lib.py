@@ -287,6 +287,14 @@ def check_data(data_config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(DATA_NAMES)}.")
   if data_config.name in ("recordio", "image_folder") and not os.path.isdir(data_config.path):
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} is not a folder.")
+  if data_config.name == "recordio":  # An image folder given by mistake, say.
+    missing = [os.path.basename(path) for path in data_lib.recordio.dataset_files(
+        data_config.path) if not os.path.isfile(path)]
+    if missing:
+      raise FileNotFoundError(
+          f"config.data.path = {data_config.path!r} has no {' or '.join(missing)}: a RecordIO "
+          "dataset is a folder of train.rec, train.idx and property (python -m "
+          "margins.tools.pack_recordio writes one from a folder of images).")
 
 
 def make_sources(data_config: ml_collections.ConfigDict):

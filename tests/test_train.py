@@ -738,6 +738,11 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
   config.data.update(name="recordio", path=str(tmp_path / "ms1mv3"))
   with pytest.raises(FileNotFoundError, match="config.data.path = '.*ms1mv3' is not a folder"):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
+  (tmp_path / "ms1mv3").mkdir()  # A folder, but of images say: no RecordIO files in it.
+  (tmp_path / "ms1mv3" / "train.idx").write_text("")
+  with pytest.raises(FileNotFoundError, match="config.data.path = '.*ms1mv3' has no train.rec: "
+                                              "a RecordIO dataset is a folder of"):
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
   # A recipe's .bin sets missing (images packed by pack_recordio have none): the way out named.
   config.data.update(name="digits", path=None)
   config.eval.bins = (str(tmp_path / "lfw.bin"),)

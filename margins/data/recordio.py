@@ -481,6 +481,14 @@ def _key_array(keys: range | np.ndarray) -> np.ndarray:
   return keys
 
 
+def dataset_files(path: str | os.PathLike[str]) -> tuple[str, str]:
+  """``(rec path, idx path)`` of a dataset: a folder's ``train.rec`` and ``train.idx``, or a
+  ``.rec`` file and the ``.idx`` beside it with the same stem."""
+  path = os.fspath(path)
+  rec_path = os.path.join(path, "train.rec") if os.path.isdir(path) else path
+  return rec_path, os.path.splitext(rec_path)[0] + ".idx"
+
+
 def _read_property(path: str) -> tuple[int, int, int]:
   with open(path, encoding="utf-8") as file:
     text = file.read()
@@ -547,12 +555,7 @@ class RecordIOSource:
       RecordIOError: a file is malformed, or an image key is missing from the index.
       ValueError: ``num_classes`` is not given and the files do not say it.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-      self.rec_path = os.path.join(path, "train.rec")
-    else:
-      self.rec_path = path
-    self.idx_path = os.path.splitext(self.rec_path)[0] + ".idx"
+    self.rec_path, self.idx_path = dataset_files(path)
     self.reader = RecordIOReader(self.rec_path, self.idx_path)
 
     # The header record: key 0, with labels and no image (MXFaceDataset checks only flag > 0;
