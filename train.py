@@ -49,6 +49,8 @@ def main(argv):
     raise app.UsageError(str(error)) from error
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value)
+  except train_lib.ResumeMismatch as error:  # Found before anything is built or written.
+    raise app.UsageError(str(error)) from error
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))
     sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.

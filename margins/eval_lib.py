@@ -136,18 +136,20 @@ def bin_set_name(path: str) -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def load_bin_set(experiment, path: str) -> tuple[data_lib.ArraySource, np.ndarray]:
+def load_bin_set(image_shape: tuple[int, int, int],
+                 path: str) -> tuple[data_lib.ArraySource, np.ndarray]:
   """``(source, issame [P])`` of a ``.bin`` verification set: its ``2P`` images decoded to the
-  model's input shape (grey for a one-channel model), held as ``uint8`` (a 12,000-image set at
-  112 x 112: 450 MB)."""
-  height, width, channels = experiment.image_shape
+  model's input shape ``[H, W, C]`` (grey for one channel), held as ``uint8`` (a 12,000-image
+  set at 112 x 112: 450 MB)."""
+  height, width, channels = image_shape
   images, issame = data_lib.load_bin(path, image_size=(height, width), channels=channels)
   return data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1), issame
 
 
 def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.VerificationResult:
   """insightface's protocol on the ``.bin`` verification set at ``path``, with the flip test."""
-  return verify_bin_set(experiment, state, *load_bin_set(experiment, path), embed_fn=embed_fn)
+  return verify_bin_set(experiment, state, *load_bin_set(experiment.image_shape, path),
+                        embed_fn=embed_fn)
 
 
 def verify_bin_set(experiment, state, source, issame: np.ndarray, *,

@@ -67,7 +67,7 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
   Args:
     arg: ``"<folder>"`` or ``"<folder>,quick"`` (a smoke run of 1-3 minutes on a 2-core CPU:
       IResNet-18, or the same MobileFaceNet or ViT-T, at 32x32 with a 64-d embedding, 20 steps
-      of 64 images, float32, evaluated at the end).
+      of 64 images, float32, evaluated at the end on its ``.bin`` sets).
     dataset: a key of ``NUM_IMAGES``.
     model: backbone name (``margins.models``).
     loss: ``config.loss`` (name and margin hyperparameters).

@@ -717,51 +717,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train_and_evaluate(config, workdir, mesh)
 
 
-def _check_resumed_margin(loss_config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises if ``loss_config`` sets the margin otherwise than the run in ``workdir`` did: its
-  settings (scale, margin ...) are part of the checkpointed state, which a resumed run keeps."""
+class ResumeMismatch(ValueError):
+  """A resumed run's config or data differ from what its checkpoint holds."""
+
+
+# What a resumed run keeps from its checkpoint whatever its config says: (section of the config,
+# its fields that shape or set the checkpointed state (None: all), what they decide).
+_KEPT_ON_RESUME = (("loss", None, "the margin"),
+                   ("model", ("name", "embedding_dim"), "the backbone"),
+                   ("optimizer", ("name",), "the optimizer's state"))
+
+
+def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises :class:`ResumeMismatch` if ``config`` sets the margin (scale, margin ...), the
+  backbone or the optimizer otherwise than the run in ``workdir`` did (its ``config.json``)."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
-  # As config.json writes them (tuples as lists); SphereFace's schedule is read at each step.
-  settings = lambda loss: {name: value for name, value in loss.items()
-                           if name != "lambda_schedule"}
-  stored = settings(checkpoints.load_config(workdir).loss.to_dict())
-  given = settings(json.loads(loss_config.to_json_best_effort()))
-  changed = sorted(name for name in set(stored) | set(given)
-                   if stored.get(name) != given.get(name))
-  if changed:
-    now = {name: given.get(name) for name in changed}
-    was = {name: stored.get(name) for name in changed}
-    raise ValueError(f"config.loss sets {now} where the run in {workdir} trained with {was}; a "
-                     "resumed run keeps the margin of its checkpoint. Resume with the run's "
-                     "config.loss, or train in a new workdir.")
+  stored_config = checkpoints.load_config(workdir).to_dict()
+  given_config = json.loads(config.to_json_best_effort())  # As config.json (tuples as lists).
+  for section, fields, kept in _KEPT_ON_RESUME:
+    stored, given = stored_config[section], given_config[section]
+    names = set(stored) | set(given) if fields is None else fields
+    # SphereFace's lambda schedule is read at each step, not kept.
+    changed = sorted(name for name in names
+                     if name != "lambda_schedule" and stored.get(name) != given.get(name))
+    if changed:
+      now = {name: given.get(name) for name in changed}
+      was = {name: stored.get(name) for name in changed}
+      raise ResumeMismatch(
+          f"config.{section} sets {now} where the run in {workdir} trained with {was}; a "
+          f"resumed run keeps {kept} of its checkpoint. Resume with the run's config.{section}, "
+          "or train in a new workdir.")
 
 
 def _check_resumed_data(train_source, workdir: str) -> None:
-  """Raises if ``train_source`` has other classes or images than the data the run in
-  ``workdir`` trained on (its ``data.json``): ``W``'s rows are its classes."""
+  """Raises :class:`ResumeMismatch` if ``train_source`` has other classes or images than the
+  data the run in ``workdir`` trained on (its ``data.json``): ``W``'s rows are its classes."""
   if not os.path.exists(os.path.join(workdir, "data.json")):
     return
   stored = checkpoints.load_data_info(workdir)
   given = (train_source.num_classes, tuple(train_source.image_shape))
   if given != stored:
-    raise ValueError(f"config.data gives {given[0]} classes of {given[1]} images where the run in "
+    raise ResumeMismatch(f"config.data gives {given[0]} classes of {given[1]} images where the run in "
                      f"{workdir} trained on {stored[0]} classes of {stored[1]}; a resumed run "
                      "trains on its own data. Train in a new workdir.")
 
 
 def _train_and_evaluate(config, workdir, mesh):
-  os.makedirs(workdir, exist_ok=True)
+  # The data and the .bin sets are read, and a resume checked, before the state is built: a
+  # file that does not decode, or a resume that cannot be, is known at once.
   train_source, eval_sources = make_sources(config.data)
+  eval_sources["bins"] = {
+      eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
+      for path in config.eval.bins}
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
+  resuming = manager.latest_step() is not None
+  if resuming:
+    _check_resumed_config(config, workdir)
+    _check_resumed_data(train_source, workdir)
   experiment, state = create_train_state(config, mesh, train_source.num_classes,
                                          train_source.image_shape)
-  eval_sources["bins"] = {eval_lib.bin_set_name(path): eval_lib.load_bin_set(experiment, path)
-                          for path in config.eval.bins}
-
-  manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
-  if manager.latest_step() is not None:
-    _check_resumed_margin(config.loss, workdir)
-    _check_resumed_data(train_source, workdir)
+  if resuming:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore_checkpoint(
         manager, manager.latest_step(), abstract,
@@ -784,9 +801,15 @@ def _train_and_evaluate(config, workdir, mesh):
   scores_fn = jax.jit(lambda s, x: eval_lib.class_scores(experiment, s, x))
 
   num_steps = config.num_steps
+  # Face data have no held-out sets: without .bin sets (``config.eval.bins=()``) nothing is.
+  evaluates = bool({"closed", "open"} & set(eval_sources) or eval_sources["bins"])
+  if not evaluates:
+    run_log.report("Nothing to evaluate: config.data has no held-out sets and config.eval.bins "
+                   "names no .bin verification sets.")
 
   def evaluation_due(step):
-    return step == num_steps or bool(config.eval_every and step % config.eval_every == 0)
+    return evaluates and (step == num_steps
+                          or bool(config.eval_every and step % config.eval_every == 0))
 
   def evaluate_and_log(step, replace=False):
     metrics = eval_lib.evaluate(experiment, state, eval_sources, embed_fn=embed_fn,
@@ -801,7 +824,7 @@ def _train_and_evaluate(config, workdir, mesh):
   preempted = False
   with checkpoints.preemption_notice(manager) as reached_preemption:
     try:  # A save in flight is finished even when the loop fails (orbax drops unfinished ones).
-      if start >= num_steps or (start > 0 and evaluation_due(start)):
+      if evaluates and (start >= num_steps or (start > 0 and evaluation_due(start))):
         # The restored step's evaluation, or the only one (nothing left to train; ``num_steps =
         # 0``: the new model's): the run that saved the step may have stopped in or before it
         # (preempted, or the evaluation failed); a line it wrote is replaced.
@@ -837,7 +860,7 @@ def _train_and_evaluate(config, workdir, mesh):
   if preempted:
     raise checkpoints.Preempted(step)
   if jax.process_index() == 0:
-    final["_plots"] = eval_lib.write_plots(workdir, final)
+    final["_plots"] = eval_lib.write_plots(workdir, final) if final else []
     plots = f"; plots: {', '.join(final['_plots'])}" if final["_plots"] else ""
     run_log.report(f"Metrics: {os.path.join(workdir, 'metrics.jsonl')}{plots}")
   return final

@@ -581,6 +581,42 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
       train_lib.train_and_evaluate(config, str(tmp_path))
     config.data.update(open_set_train_classes=tuple(range(6)), image_size=16)
   assert (tmp_path / "data.json").read_text() == data
+  # Another backbone or optimizer: named, where restoring into it listed every leaf of the state.
+  for section, change, kept in (("model", dict(embedding_dim=16), "the backbone"),
+                                ("optimizer", dict(name="adamw"), "the optimizer's state")):
+    stored = config[section].to_dict()
+    config[section].update(change)
+    with pytest.raises(train_lib.ResumeMismatch, match=rf"config.{section} sets {change} where "
+                       rf"the run in .* trained with .*; a resumed run keeps {kept} of"):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+    config[section].update(stored)
+  assert (tmp_path / "config.json").read_text() == written
+
+
+def test_bin_sets_are_read_before_the_state_is_built(tmp_path, monkeypatch):
+  # A .bin that does not decode fails the run at once, not after the backbone and its state are
+  # built (minutes for a recipe's).
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  config.eval.bins = (str(tmp_path / "lfw.bin"),)
+  (tmp_path / "lfw.bin").write_bytes(b"not a pickle")
+  monkeypatch.setattr(train_lib, "create_train_state", None)  # Called: a TypeError.
+  with pytest.raises(ValueError, match="lfw.bin"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_run_with_nothing_to_evaluate_says_so_and_writes_no_empty_lines(tmp_path, monkeypatch,
+                                                                          capsys):
+  # Face data have no held-out sets; with config.eval.bins=() the run wrote {"step": N} lines
+  # with no metrics in them at each evaluation.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=2)
+  config.eval_every = config.log_every = 1
+  make_sources = train_lib.make_sources
+  monkeypatch.setattr(train_lib, "make_sources", lambda data: (make_sources(data)[0], {}))
+  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  lines = read_metrics(str(tmp_path))
+  assert [line["step"] for line in lines] == [1, 2] and all("loss" in line for line in lines)
+  assert final == {"_plots": []}
+  assert "Nothing to evaluate: config.data has no held-out sets" in capsys.readouterr().out
 
 
 def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation_redone(
@@ -657,6 +693,11 @@ def test_killed_run_resumes_exactly(tmp_path):
   assert "Resumed from step" in result.stdout
   # Every logged value (losses, gradient norms, the final evaluation) is identical.
   assert read_metrics(str(killed)) == read_metrics(str(tmp_path / "whole"))
+  # A resume that cannot be is a one-line message, as a config that cannot run is.
+  result = subprocess.run(_train_command(killed, steps, every) + ["--config.loss.margin=0.3"],
+                          env=env, capture_output=True, text=True)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert "config.loss sets {'margin': 0.3} where the run in" in result.stderr, result.stderr
 
 
 def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_path,
