@@ -374,10 +374,14 @@ def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path, capsys):
     pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
   # Neither a half-written dataset nor a clobbered one: the earlier one is there as it was.
   assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+  with pytest.raises(ValueError, match="image is"):  # Nor an empty folder made for the files.
+    pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "new" / "train")
+  assert not os.path.exists(tmp_path / "new")
   # The command line says what is wrong, without a traceback, and checks --quality first.
   for args, message in (([], "b/0.png: image is (12, 12)"),
                         (["--quality", "0"], "--quality must lie in [1, 100], got 0"),
-                        (["--image_dir", str(tmp_path / "none")], "one sub-folder per identity")):
+                        (["--image_dir", str(tmp_path / "none")],
+                         f"--image_dir {tmp_path / 'none'} is not a folder")):
     with pytest.raises(SystemExit, match="2"):
       pack_recordio.main(["--image_dir", str(tmp_path / "faces"), "--output",
                           str(tmp_path / "train"), *args])

@@ -125,16 +125,20 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
                       or labels[-1] >= num_classes):
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
   output_prefix = resolve_output(output_prefix)
-  os.makedirs(os.path.dirname(output_prefix) or ".", exist_ok=True)
+  folder = os.path.dirname(output_prefix) or "."
+  created = not os.path.isdir(folder)
+  os.makedirs(folder, exist_ok=True)
   outputs = [output_prefix + ".rec", output_prefix + ".idx"]
   partial = [path + ".partial" for path in outputs]
   try:
     with recordio.RecordIOWriter(*partial) as writer:
       _write_records(writer, labels, images, num_classes)
-  except BaseException:
+  except BaseException:  # Nothing left behind: no partial file, no folder made for them.
     for path in partial:
       if os.path.exists(path):
         os.remove(path)
+    if created:
+      os.rmdir(folder)
     raise
   for source, target in zip(partial, outputs):
     os.replace(source, target)
@@ -209,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       image_size = ()
     if len(image_size) != 2 or min(image_size) <= 0:
       parser.error(f"--image_size must be 'H,W' with positive integers, got {args.image_size!r}")
+  if not os.path.isdir(args.image_dir):
+    parser.error(f"--image_dir {args.image_dir} is not a folder (of one sub-folder per identity)")
   try:
     num_images, num_classes = pack_image_folder(
         args.image_dir, args.output, quality=args.quality, image_size=image_size,
