@@ -41,16 +41,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO.
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  distributed.initialize_from_flags(_DISTRIBUTED)
-  logging.info("Config:\n%s", config)
-  try:  # A config that cannot run: its message, not a traceback.
+  # A job that cannot start, a config that cannot run, or cannot resume the run in the workdir:
+  # its message alone, not a traceback (nor the flags' help, which absl prints for a UsageError).
+  try:
+    distributed.initialize_from_flags(_DISTRIBUTED)
+    logging.info("Config:\n%s", config)
     train_lib.check_config(config, sharding_lib.make_mesh(config))
-  except (ValueError, FileNotFoundError) as error:
-    raise app.UsageError(str(error)) from error
+  except (app.UsageError, ValueError, FileNotFoundError) as error:
+    sys.exit(f"FATAL {error}")
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value)
-  except train_lib.ResumeMismatch as error:  # Found before anything is built or written.
-    raise app.UsageError(str(error)) from error
+  except train_lib.ResumeMismatch as error:  # Found before the state is built.
+    sys.exit(f"FATAL {error}")
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))
     sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.

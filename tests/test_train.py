@@ -697,7 +697,8 @@ def test_killed_run_resumes_exactly(tmp_path):
   result = subprocess.run(_train_command(killed, steps, every) + ["--config.loss.margin=0.3"],
                           env=env, capture_output=True, text=True)
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-  assert "config.loss sets {'margin': 0.3} where the run in" in result.stderr, result.stderr
+  assert "FATAL config.loss sets {'margin': 0.3} where the run in" in result.stderr, result.stderr
+  assert "--workdir: Directory" not in result.stderr  # The message alone, not the flags' help.
 
 
 def test_sigterm_saves_the_current_step_stops_and_the_run_resumes_exactly(tmp_path,
@@ -808,6 +809,7 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
   assert result.returncode != 0
   assert message in result.stderr, result.stderr
   assert "Traceback" not in result.stderr, result.stderr
+  assert "--workdir: Directory" not in result.stderr  # The message alone, not the flags' help.
   assert not os.listdir(tmp_path)  # Refused before the run wrote anything.
 
 
