@@ -758,9 +758,10 @@ def _check_resumed_data(train_source, workdir: str) -> None:
   stored = checkpoints.load_data_info(workdir)
   given = (train_source.num_classes, tuple(train_source.image_shape))
   if given != stored:
-    raise ResumeMismatch(f"config.data gives {given[0]} classes of {given[1]} images where the run in "
-                     f"{workdir} trained on {stored[0]} classes of {stored[1]}; a resumed run "
-                     "trains on its own data. Train in a new workdir.")
+    raise ResumeMismatch(
+        f"config.data gives {given[0]} classes of {given[1]} images where the run in {workdir} "
+        f"trained on {stored[0]} classes of {stored[1]}; a resumed run trains on its own data. "
+        "Train in a new workdir.")
 
 
 def _train_and_evaluate(config, workdir, mesh):
