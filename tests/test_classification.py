@@ -897,6 +897,14 @@ def test_bad_types_and_hyperparameters():
     margins.adaface_loss(x, w, labels, (20.0, 100.0))
   with pytest.raises(TypeError, match="`easy_margin` of ArcFace must be a bool, got 'yes'"):
     margins.arcface_loss(x, w, labels, easy_margin="yes")
+  # A learnt scale kept as a [1] parameter (JAX's default rank promotion), and 1 for True, work
+  # as they did.
+  with jax.numpy_rank_promotion("allow"):
+    np.testing.assert_allclose(
+        margins.dense()(x, w, labels, margins.ArcFace(scale=jnp.ones(1)))[0],
+        margins.arcface_loss(x, w, labels, scale=1.0), rtol=1e-6)
+  np.testing.assert_array_equal(margins.arcface_loss(x, w, labels, easy_margin=1),
+                                margins.arcface_loss(x, w, labels, easy_margin=True))
   with pytest.raises(TypeError, match="`easy_margin` of ArcFace is static"):
     margins.arcface_loss(x, w, labels, easy_margin=jnp.array(True))
 

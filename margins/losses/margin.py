@@ -838,7 +838,8 @@ def _check_static_fields(margin: Margin) -> None:
       raise TypeError(f"`{field.name}` of {name} is static (it selects the compiled program) "
                       f"and must be a Python value, got {value!r}.{hint}")
     kind = type(field.default)
-    if kind in (bool, str) and not isinstance(value, (kind, np.bool_) if kind is bool else kind):
+    if (kind is bool and (isinstance(value, str) or value not in (True, False))
+        or kind is str and not isinstance(value, str)):  # 1 for True is fine; "yes" is not.
       raise TypeError(f"`{field.name}` of {name} must be a {kind.__name__}, got {value!r}.")
 
 
@@ -848,10 +849,12 @@ def check_margin(margin: Any) -> Margin:
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
   _check_static_fields(margin)
   scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
-  if scale is not None and np.ndim(scale) != 0:  # One for the batch (margins may vary per row).
+  if scale is not None and np.size(scale) != 1:  # One for the batch (margins may vary per row);
+    # a learnt one may be kept as a [1] parameter.
     raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
                      f"{np.shape(scale)}.")
-  if scale is not None and not isinstance(scale, jax.core.Tracer) and not float(scale) > 0:
+  if scale is not None and not isinstance(scale, jax.core.Tracer) and not np.all(
+      np.asarray(scale) > 0):
     raise ValueError(f"`scale` of {type(margin).__name__} must be positive, got {scale}.")
   if isinstance(margin, (LSoftmax, SphereFace)) and (
       isinstance(margin.margin, bool) or not isinstance(margin.margin, (int, np.integer))
