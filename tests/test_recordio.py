@@ -374,8 +374,8 @@ def test_pack_tool_rejects_mixed_sizes_without_image_size(tmp_path, capsys):
     pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
   # Neither a half-written dataset nor a clobbered one: the earlier one is there as it was.
   assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
-  with pytest.raises(ValueError, match="image is"):  # Nor an empty folder made for the files.
-    pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "new" / "train")
+  with pytest.raises(ValueError, match="image is"):  # Nor empty folders made for the files.
+    pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "new" / "deeper" / "train")
   assert not os.path.exists(tmp_path / "new")
   # The command line says what is wrong, without a traceback, and checks --quality first.
   for args, message in (([], "b/0.png: image is (12, 12)"),

@@ -126,7 +126,10 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
   output_prefix = resolve_output(output_prefix)
   folder = os.path.dirname(output_prefix) or "."
-  created = not os.path.isdir(folder)
+  created, missing = [], folder  # The folders made here, deepest first.
+  while not os.path.isdir(missing):
+    created.append(missing)
+    missing = os.path.dirname(missing) or "."
   os.makedirs(folder, exist_ok=True)
   outputs = [output_prefix + ".rec", output_prefix + ".idx"]
   partial = [path + ".partial" for path in outputs]
@@ -137,8 +140,8 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
     for path in partial:
       if os.path.exists(path):
         os.remove(path)
-    if created:
-      os.rmdir(folder)
+    for made in created:
+      os.rmdir(made)
     raise
   for source, target in zip(partial, outputs):
     os.replace(source, target)
