@@ -597,7 +597,7 @@ def _micro_batches(x: Array, parts: int) -> Array:
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the field at fault,
   before anything is built; ``train.py`` prints it without a traceback."""
-  make_margin(config.loss)
+  margin_lib.check_margin(make_margin(config.loss))  # Its scale, say: a tracer in the step.
   models.check_name(config.model.name)
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "

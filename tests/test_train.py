@@ -816,6 +816,8 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.loss.update(name="nope"), "Unknown loss 'nope'"),
     (lambda c: c.loss.update(name="cosface", gamma=2.0), r"\['gamma'\]"),
+    # In the step the margin is traced: its scale is checked here or never.
+    (lambda c: c.loss.update(scale=-16.0), "`scale` of ArcFace must be positive, got -16.0"),
     (lambda c: c.model.update(name="resnet"), "Unknown model 'resnet'"),
     (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
     (lambda c: c.update(batch_size=0), "config.batch_size must be at least 1, got 0"),
