@@ -72,7 +72,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as error:  # A missing last field, or one on the way to it.
     missing = error if isinstance(error, KeyError) else error.args[0] if error.args else None
     text = str(missing.args[0]) if isinstance(missing, KeyError) and missing.args else ""
-    overridden = {part for arg in argv if arg.startswith("--config.")
+    given = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # --flagfile's too.
+    overridden = {part for arg in given if arg.startswith("--config.")
                   for part in arg.removeprefix("--config.").split("=")[0].split(".")}
     if (text.splitlines()[0].strip("'\"") if text else None) not in overridden:
       raise  # The config file's own error.

@@ -751,9 +751,13 @@ def test_training_step_refuses_silent_host_transfers(monkeypatch, tmp_path):
 def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
   # (Overrides that exist are exercised by the kill -9 test.) ml_collections raises an
   # AttributeError while absl parses the flags: a traceback until train.py reported it.
-  # A missing field on the way to the last one is a KeyError of its own, reported the same.
-  for override, field, meant in (("--config.loss.margn=0.4", "margn", "margin"),
-                                 ("--config.optimzer.learning_rate=0.2", "optimzer", "optimizer")):
+  # A missing field on the way to the last one is a KeyError of its own, reported the same; so
+  # is an override read from a --flagfile.
+  (tmp_path / "flags.txt").write_text("--config.optimizer.learnig_rate=0.1\n")
+  for override, field, meant in (
+      ("--config.loss.margn=0.4", "margn", "margin"),
+      ("--config.optimzer.learning_rate=0.2", "optimzer", "optimizer"),
+      (f"--flagfile={tmp_path / 'flags.txt'}", "learnig_rate", "learning_rate")):
     command = _train_command(tmp_path, 1, 1) + [override]
     result = subprocess.run(command, capture_output=True, text=True, env=dict(
         os.environ, JAX_PLATFORMS="cpu"))
