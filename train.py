@@ -51,7 +51,7 @@ def main(argv):
     sys.exit(f"FATAL {error}")
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value)
-  except train_lib.ResumeMismatch as error:  # Found before the state is built.
+  except train_lib.CannotStart as error:  # Found before the state is built.
     sys.exit(f"FATAL {error}")
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))

@@ -717,7 +717,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train_and_evaluate(config, workdir, mesh)
 
 
-class ResumeMismatch(ValueError):
+class CannotStart(ValueError):
+  """The run cannot start: its data or ``.bin`` sets cannot be read, or it cannot resume the run
+  in its workdir. Raised before the state is built; the message names the file or field."""
+
+
+class ResumeMismatch(CannotStart):
   """A resumed run's config or data differ from what its checkpoint holds."""
 
 
@@ -767,10 +772,13 @@ def _check_resumed_data(train_source, workdir: str) -> None:
 def _train_and_evaluate(config, workdir, mesh):
   # The data and the .bin sets are read, and a resume checked, before the state is built: a
   # file that does not decode, or a resume that cannot be, is known at once.
-  train_source, eval_sources = make_sources(config.data)
-  eval_sources["bins"] = {
-      eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
-      for path in config.eval.bins}
+  try:
+    train_source, eval_sources = make_sources(config.data)
+    eval_sources["bins"] = {
+        eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
+        for path in config.eval.bins}
+  except (ValueError, OSError) as error:  # A malformed file, an empty identity folder ...
+    raise CannotStart(str(error)) from error
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
   resuming = manager.latest_step() is not None

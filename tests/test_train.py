@@ -593,14 +593,20 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
   assert (tmp_path / "config.json").read_text() == written
 
 
-def test_bin_sets_are_read_before_the_state_is_built(tmp_path, monkeypatch):
-  # A .bin that does not decode fails the run at once, not after the backbone and its state are
+def test_data_and_bin_sets_are_read_before_the_state_is_built(tmp_path, monkeypatch):
+  # A .bin that does not decode, or an identity folder without images, fails the run at once
+  # (CannotStart: train.py prints its message alone), not after the backbone and its state are
   # built (minutes for a recipe's).
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
   config.eval.bins = (str(tmp_path / "lfw.bin"),)
   (tmp_path / "lfw.bin").write_bytes(b"not a pickle")
   monkeypatch.setattr(train_lib, "create_train_state", None)  # Called: a TypeError.
-  with pytest.raises(ValueError, match="lfw.bin"):
+  with pytest.raises(train_lib.CannotStart, match="lfw.bin"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  (tmp_path / "faces" / "alice").mkdir(parents=True)
+  config.eval.bins = ()
+  config.data = dict(name="image_folder", path=str(tmp_path / "faces"), image_shape=(16, 16, 1))
+  with pytest.raises(train_lib.CannotStart, match="alice"):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
 
 
