@@ -849,13 +849,13 @@ def check_margin(margin: Any) -> Margin:
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
   _check_static_fields(margin)
   scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
-  if scale is not None and np.size(scale) != 1:  # One for the batch (margins may vary per row);
-    # a learnt one may be kept as a [1] parameter.
-    raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
-                     f"{np.shape(scale)}.")
-  if scale is not None and not isinstance(scale, jax.core.Tracer) and not np.all(
-      np.asarray(scale) > 0):
-    raise ValueError(f"`scale` of {type(margin).__name__} must be positive, got {scale}.")
+  if scale is not None:
+    # One for the batch (margins may vary per row); a learnt one may be a [1] parameter.
+    if np.size(scale) != 1:
+      raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
+                       f"{np.shape(scale)}.")
+    if not isinstance(scale, jax.core.Tracer) and not np.all(np.asarray(scale) > 0):
+      raise ValueError(f"`scale` of {type(margin).__name__} must be positive, got {scale}.")
   if isinstance(margin, (LSoftmax, SphereFace)) and (
       isinstance(margin.margin, bool) or not isinstance(margin.margin, (int, np.integer))
       or margin.margin < 1):
