@@ -909,6 +909,32 @@ def test_bad_types_and_hyperparameters():
     margins.arcface_loss(x, w, labels, easy_margin=jnp.array(True))
 
 
+def test_an_angular_margin_of_a_half_turn_or_more_is_refused():
+  # An angle in degrees (ArcFace's 0.5 as 28.6) used to give a loss of 0 without a word.
+  x, w, labels = make_inputs()
+  refused = [
+      (lambda: margins.arcface_loss(x, w, labels, margin=28.6), "margin` of ArcFace"),
+      (lambda: margins.combined_margin_loss(x, w, labels, m2=-30.0), "m2` of CombinedMargin"),
+      (lambda: margins.magface_loss(x, w, labels, upper_margin=45.0), "upper_margin` of MagFace"),
+      (lambda: margins.mv_softmax_loss(x, w, labels, margin=20.0, kind="arc"), "of MVSoftmax"),
+      (lambda: margins.curricularface_loss(x, w, labels, 0.0, margin=np.pi), "CurricularFace"),
+      (lambda: margins.elasticface_loss(x, w, labels, jax.random.key(0), margin=np.full(B, 4.0)),
+       "of ElasticFace"),
+      (lambda: margins.sphereface2_loss(x, w, labels, 1.0, margin=28.6, kind="arc"), "SphereFace2"),
+      (lambda: margins.dense()(x, w, labels, margins.AdaFace(margin=20.0)), "of AdaFace")]
+  for loss, name in refused:
+    with pytest.raises(ValueError, match=rf"{name}.* in radians and must lie in \(-pi, pi\)"):
+      loss()
+  # Negative margins, per-example margins and cosine margins of any size still run.
+  per_example = np.linspace(-3.1, 3.1, B).astype(np.float32)
+  for loss in (lambda: margins.arcface_loss(x, w, labels, margin=-0.3),
+               lambda: margins.elasticface_loss(x, w, labels, jax.random.key(0), sigma=0.0,
+                                                margin=per_example),
+               lambda: margins.mv_softmax_loss(x, w, labels, margin=2.0, kind="cos"),
+               lambda: margins.sphereface2_loss(x, w, labels, 1.0, margin=2.0, kind="cos")):
+    assert np.isfinite(loss()).all()
+
+
 @pytest.mark.parametrize("loss_fn,flag", [
     (margins.arcface_loss, "easy_margin"), (margins.magface_loss, "easy_margin"),
     (functools.partial(margins.elasticface_loss, key=jax.random.key(0)), "plus")])

@@ -23,6 +23,7 @@ for L-Softmax and plain softmax.
 A new margin is a small frozen dataclass with a ``target_logit`` method; hyperparameters that
 change during training (SphereFace's annealing ``lambda``, CurricularFace's ``t``) are array fields,
 so a margin is a pytree that passes through ``jit``. Flags and integer margins are static fields.
+Angular margins are in radians, less than a half turn (:func:`check_margin` says so otherwise).
 """
 
 import dataclasses
@@ -867,4 +868,23 @@ def check_margin(margin: Any) -> Margin:
     if np.ndim(getattr(margin, name)) != 0:
       raise ValueError(f"`{name}` of {type(margin).__name__} must be a scalar, got shape "
                        f"{np.shape(getattr(margin, name))}.")
+  for name in _angle_fields(margin):
+    angle = getattr(margin, name)
+    if not isinstance(angle, jax.core.Tracer) and not np.all(np.abs(angle) < np.pi):
+      raise ValueError(
+          f"`{name}` of {type(margin).__name__} is an angle in radians and must lie in "
+          f"(-pi, pi), got {angle} (ArcFace's 0.5 is 28.6 degrees).")
   return margin
+
+
+def _angle_fields(margin: Margin) -> tuple[str, ...]:
+  """The names of ``margin``'s fields that are additive angular margins, in radians."""
+  if isinstance(margin, (ArcFace, CurricularFace, AdaFace)):
+    return ("margin",)
+  if isinstance(margin, (MVSoftmax, ElasticFace, SphereFace2)) and margin.kind == "arc":
+    return ("margin",)
+  if isinstance(margin, CombinedMargin):
+    return ("m2",)
+  if isinstance(margin, MagFace):
+    return ("lower_margin", "upper_margin")
+  return ()
