@@ -9,7 +9,12 @@ Embeddings are L2-normalised (``normalize=True``; a zero embedding stays zero) a
 Euclidean distance, computed from the Gram matrix: memory is ``O(B^2)`` for every loss, including
 triplet mining over all ``O(B^3)`` triplets, which sorts each anchor's negative distances instead of
 enumerating triplets. Everything runs in float32 (float64 when the inputs are) whatever the input
-dtype, and distances have finite gradients at 0 (duplicated embeddings).
+dtype, and distances have finite gradients at 0 (duplicated embeddings). Norms are floored as the
+classification losses' are: a float16 embedding shorter than 0.01 is divided by 0.01.
+
+Labels are only compared, so any integers do; but ``jit`` passes 64-bit labels on as int32 unless
+``jax_enable_x64`` is set, and two ids equal modulo ``2**32`` then count as one identity. Map
+such ids to ``0..K-1`` first (``np.unique(ids, return_inverse=True)[1]``).
 
 How the pair (or triplet) terms of one anchor become its loss is set by ``average``:
 
