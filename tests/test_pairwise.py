@@ -447,8 +447,8 @@ def test_bad_input_names_the_argument(loss_fn):
     loss_fn(x[0], LABELS)
   with pytest.raises(TypeError, match="`embeddings`"):
     loss_fn(x.astype(np.int32), LABELS)
-  with pytest.raises(TypeError, match="`labels`"):
-    loss_fn(x, LABELS.astype(np.float32))
+  with pytest.raises(TypeError, match="`labels` must be integers, got dtype float64"):
+    loss_fn(x, LABELS.astype(np.float64))  # Named as given, not as JAX would cast it.
   with pytest.raises(ValueError, match="`labels`"):
     loss_fn(x, LABELS[:-1])
   with pytest.raises(ValueError, match="`labels`"):

@@ -81,7 +81,7 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
   if len(shape) != 1:
     raise ValueError(f"`labels` must have rank 1 ([batch]), got shape {shape}.")
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-    raise TypeError(f"`labels` must be integers, got dtype {jnp.result_type(labels)}.")
+    raise TypeError(f"`labels` must be integers, got dtype {labels.dtype}.")
   if shape[0] != batch_size:
     raise ValueError(f"`labels` has length {shape[0]} but the batch has {batch_size} examples.")
   if num_classes is not None and not isinstance(labels, jax.core.Tracer):
