@@ -523,18 +523,21 @@ def test_plot_angle_histograms(tmp_path):
     evaluation.plot_angle_histograms(embeddings, labels, tmp_path / "bad.png", bins=0)
 
 
-def test_pair_angle_histograms_count_every_pair_once():
+def test_pair_angles_and_their_histograms_count_every_pair_once():
   rng = np.random.default_rng(1)
   embeddings = rng.normal(size=(23, 4))
   labels = rng.integers(3, size=23)
   unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
   edges = np.linspace(0, 180, 19)
   counts, sums = plots._pair_angle_histograms(unit, labels, edges, chunk_size=5)
-  for is_same in (True, False):
+  # Unnormalised embeddings, as a caller has them: the angles are those of their directions.
+  angles_by_kind = evaluation.pair_angles(embeddings * rng.uniform(0.1, 10, size=(23, 1)), labels)
+  for is_same, got in zip((True, False), angles_by_kind):
     angles = [np.degrees(np.arccos(np.clip(unit[i] @ unit[j], -1, 1)))
               for i in range(23) for j in range(i + 1, 23) if (labels[i] == labels[j]) == is_same]
     np.testing.assert_array_equal(counts[is_same], np.histogram(angles, bins=edges)[0])
     assert sums[is_same] == pytest.approx(sum(angles), rel=1e-12)
+    np.testing.assert_allclose(got, angles, rtol=0, atol=1e-9)  # In the order of the pairs.
 
 
 def test_draw_functions_fill_the_callers_axes():

@@ -12,6 +12,7 @@ from margins.evaluation.ijb import template_features
 from margins.evaluation.plots import draw_angle_histograms
 from margins.evaluation.plots import draw_features
 from margins.evaluation.plots import draw_roc
+from margins.evaluation.plots import pair_angles
 from margins.evaluation.plots import plot_angle_histograms
 from margins.evaluation.plots import plot_embeddings
 from margins.evaluation.plots import plot_roc

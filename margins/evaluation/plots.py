@@ -235,21 +235,51 @@ def plot_embeddings(embeddings, labels, path, *, title: str = "Embeddings",
   return _save(figure, path)
 
 
+def _pair_angle_chunks(unit: np.ndarray, labels: np.ndarray, chunk_size: int = 1024):
+  """Yields the angles (degrees) of all pairs ``i < j`` of ``unit`` vectors, ``chunk_size`` rows
+  ``i`` at a time: ``(same class, two classes)``."""
+  for start in range(0, unit.shape[0], chunk_size):
+    rows = np.arange(start, min(start + chunk_size, unit.shape[0]))
+    angles = np.degrees(np.arccos(np.clip(unit[rows] @ unit.T, -1, 1)))
+    later = rows[:, None] < np.arange(unit.shape[0])[None, :]
+    same = labels[rows][:, None] == labels[None, :]
+    yield angles[later & same], angles[later & ~same]
+
+
 def _pair_angle_histograms(unit: np.ndarray, labels: np.ndarray, edges: np.ndarray,
                            chunk_size: int = 1024):
   """Histograms and sums of the angles (degrees) of all pairs ``i < j``: same class, other class."""
   counts = {True: np.zeros(edges.size - 1), False: np.zeros(edges.size - 1)}
   sums = {True: 0.0, False: 0.0}
-  for start in range(0, unit.shape[0], chunk_size):
-    rows = np.arange(start, min(start + chunk_size, unit.shape[0]))
-    cosines = np.clip(unit[rows] @ unit.T, -1, 1)
-    later = rows[:, None] < np.arange(unit.shape[0])[None, :]
-    same = labels[rows][:, None] == labels[None, :]
-    for is_same in (True, False):
-      angles = np.degrees(np.arccos(cosines[later & (same == is_same)]))
+  for chunk in _pair_angle_chunks(unit, labels, chunk_size):
+    for is_same, angles in zip((True, False), chunk):
       counts[is_same] += np.histogram(angles, bins=edges)[0]
       sums[is_same] += angles.sum()
   return counts, sums
+
+
+def pair_angles(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
+  """The angles (degrees) between the embeddings of every pair ``i < j``, as histogrammed by
+  :func:`plot_angle_histograms`.
+
+  Args:
+    embeddings: ``[N, D]`` embeddings (any ``D``).
+    labels: ``[N]`` integer class of each embedding.
+
+  Returns:
+    ``(same, different)``: the angles of the pairs of one class and of two classes, in the order
+    of the pairs (``i``, then ``j``). Memory grows as ``N^2``; the histograms do not.
+
+  >>> import numpy as np
+  >>> from margins.evaluation import pair_angles
+  >>> same, different = pair_angles(np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]),
+  ...                               np.array([0, 0, 1]))
+  >>> same.round(1), different.round(1)
+  (array([45.]), array([90., 45.]))
+  """
+  embeddings, labels = _check_labelled(embeddings, labels)
+  chunks = list(_pair_angle_chunks(sklearn.preprocessing.normalize(embeddings), labels))
+  return tuple(np.concatenate([chunk[k] for chunk in chunks]) for k in (0, 1))
 
 
 def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles between embeddings",
