@@ -31,6 +31,7 @@
 # `MARGINS_QUICK=1` uses coarse grids; figures go to `MARGINS_FIGURES_DIR` (default `docs/figures`).
 
 # %%
+import inspect
 import sys
 
 import jax
@@ -156,7 +157,10 @@ for m in range(1, 5):
 #   no step, so $(1, 0.5, 0)$ is ArcFace only up to $\pi - m$, where ArcFace's default steps down.
 # - CurricularFace: a negative class $j$ is *hard* when $\cos\theta_j > \cos(\theta_y + m)$; its
 #   logit becomes $\cos\theta_j\,(t + \cos\theta_j)$, where $t$ tracks the mean target cosine:
-#   early in training ($t \approx 0$) hard negatives are played down, later ($t \to 1$) stressed.
+#   early in training ($t \approx 0$) hard negatives with $\cos\theta_j > 0$ are played down
+#   (as drawn, $\theta_y = 60°$), later ($t \to 1$) stressed. Past 90° the early logit
+#   $\cos^2\theta_j$ is positive: with $\theta_y + m$ beyond 90°, as early in training, those
+#   negatives are raised.
 #   MV-Softmax (`kind='arc'`) takes the same negatives as mis-classified and always stresses them:
 #   $(1 + t)\cos\theta_j + t$ with a fixed $t$.
 
@@ -505,14 +509,17 @@ except ImportError:
 if ipywidgets is None or "ipykernel" not in sys.modules:
   print("Sliders need a Jupyter kernel with ipywidgets; edit the cell above instead.")
 else:
-  def redraw(cosface_margin, arcface_margin, sphereface_margin, annealing, m1, m2, m3):
+  def redraw(**margins_and_annealing):
     figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
-    draw_target_logits(left, right, cosface_margin=cosface_margin, arcface_margin=arcface_margin,
-                       sphereface_margin=sphereface_margin, annealing=annealing, m1=m1, m2=m2,
-                       m3=m3)
+    draw_target_logits(left, right, **margins_and_annealing)
     plt.show()
 
-  ipywidgets.interact(
-      redraw, cosface_margin=(0.0, 0.8, 0.05), arcface_margin=(0.0, 1.2, 0.05),
-      sphereface_margin=(1, 6, 1), annealing=(0.0, 20.0, 0.5), m1=(0.5, 2.0, 0.05),
-      m2=(0.0, 1.0, 0.05), m3=(0.0, 0.6, 0.05))
+  # (min, max, step) of each slider, which starts at draw_target_logits's default, as drawn above.
+  slider_ranges = dict(
+      cosface_margin=(0.0, 0.8, 0.05), arcface_margin=(0.0, 1.2, 0.05), sphereface_margin=(1, 6, 1),
+      annealing=(0.0, 20.0, 0.5), m1=(0.5, 2.0, 0.05), m2=(0.0, 1.0, 0.05), m3=(0.0, 0.6, 0.05))
+  defaults = inspect.signature(draw_target_logits).parameters
+  ipywidgets.interact(redraw, **{
+      name: (ipywidgets.IntSlider if isinstance(low, int) else ipywidgets.FloatSlider)(
+          value=defaults[name].default, min=low, max=high, step=step)
+      for name, (low, high, step) in slider_ranges.items()})

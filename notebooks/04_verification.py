@@ -41,13 +41,14 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, pixel_verification, save_figure
+from common import (CONFIGS_DIR, DIFFERENT_PAIRS_COLOR, LOSS_COLORS, QUICK, pixel_verification,
+                    save_figure)
 from margins import data as data_lib
 from margins import eval_lib
 from margins import evaluation
 from margins import train_lib
 
-CONFIG_PATH = pathlib.Path.cwd().parent / "configs" / "digits_arcface.py"
+CONFIG_PATH = CONFIGS_DIR / "digits_arcface.py"
 WORKDIR = pathlib.Path(tempfile.mkdtemp(prefix="margins_04_")) / "digits_arcface"
 
 # %% [markdown]
@@ -55,9 +56,9 @@ WORKDIR = pathlib.Path(tempfile.mkdtemp(prefix="margins_04_")) / "digits_arcface
 #
 # `configs/digits_arcface.py` as it is, the README's default experiment: LeNets++ with a 32-D
 # embedding, ArcFace with s = 16 and m = 0.5, the digits upscaled to 16x16, 400 steps of
-# batches of 128 (about three minutes on a 2-core CPU; `MARGINS_QUICK=1` takes the config's
-# `quick` variant, 20 steps). A new folder each time: a run kept from an earlier version of the library
-# would show that version's network.
+# batches of 128 (the whole notebook takes about a minute and a half on a 2-core CPU;
+# `MARGINS_QUICK=1` takes the config's `quick` variant, 20 steps). A new folder each time: a run
+# kept from an earlier version of the library would show that version's network.
 #
 # Fast settings like notebook 02's (8x8 digits, BatchNorm, batches of 64) at a learning rate
 # of 0.05 do not suit this 32-D model: after 300 steps its embeddings had collapsed, nearly half
@@ -214,7 +215,7 @@ figure, axes = plt.subplots(figsize=(6.5, 5))
 evaluation.draw_roc(axes, {"ArcFace, 32-D": result, "raw pixels, mean-centred": pixel_result})
 for line, colour in zip(axes.get_lines(), (LOSS_COLORS["arcface"], PIXELS_COLOR)):
   line.set_color(colour)
-axes.legend(loc="lower right")  # Again, with the new colours.
+axes.legend(loc="upper left")  # Again, with the new colours; above the curves.
 axes.set_title("Verification ROC on unseen digits 6-9")
 save_figure(figure, "verification_roc.png")
 plt.show()

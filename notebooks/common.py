@@ -15,9 +15,9 @@ import numpy as np
 from margins import evaluation
 
 QUICK = os.environ.get("MARGINS_QUICK", "") not in ("", "0")
-FIGURES_DIR = pathlib.Path(
-    os.environ.get("MARGINS_FIGURES_DIR", pathlib.Path(__file__).resolve().parents[1] / "docs"
-                   / "figures"))
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPOSITORY / "configs"
+FIGURES_DIR = pathlib.Path(os.environ.get("MARGINS_FIGURES_DIR", REPOSITORY / "docs" / "figures"))
 
 # One colour per loss in every notebook, keyed by the loss zoo's names (``margins.<key>_loss``).
 LOSS_COLORS = {
