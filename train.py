@@ -16,6 +16,7 @@ import signal
 import sys
 import textwrap
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -46,7 +47,7 @@ def main(argv):
   try:
     distributed.initialize_from_flags(_DISTRIBUTED)
     logging.info("Config:\n%s", config)
-    train_lib.check_config(config, sharding_lib.make_mesh(config))
+    _check_config(config)
   except (app.UsageError, ValueError, FileNotFoundError) as error:
     sys.exit(f"FATAL {error}")
   try:
@@ -56,6 +57,17 @@ def main(argv):
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))
     sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.
+
+
+def _check_config(config) -> None:
+  """``train_lib.check_config``; where it fails in one process of several, the others, which
+  wait for this one in ``train_and_evaluate``, learn it and stop too."""
+  try:
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
+  except (ValueError, FileNotFoundError) as error:
+    if jax.process_count() > 1:
+      train_lib.check_processes_agree(config, _WORKDIR.value, error=error)  # Raises ``error``.
+    raise
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -23,8 +23,10 @@ the notebooks. It reads top to bottom:
 """
 
 import dataclasses
+import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,9 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from margins import checkpoints
 from margins import data as data_lib
@@ -769,16 +773,78 @@ def _check_resumed_data(train_source, workdir: str) -> None:
         "Train in a new workdir.")
 
 
+_WORKDIR_TOKEN = ".process_0_token"
+
+
+def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, train_source=None,
+                          error: Exception | None = None) -> None:
+  """Raises on every process of a multi-process run unless all of them can start: none has an
+  ``error`` of its own (which it raises here, once the others know), and all run one config on
+  the same data (class and image counts, image shape) in one shared ``workdir``.
+
+  A collective: every process calls it, from :func:`train_and_evaluate` or with the ``error``
+  that stops it before (``train.py``'s config check). Each process checks only its own side;
+  one that stopped alone would leave the others waiting on it until a collective timed out, and
+  processes that disagree would train on different things (a backbone initialised from two
+  seeds, shuffles of different image lists). A folder that is not shared would show only at the
+  first checkpoint, whose save never completes. Other processes raise :class:`CannotStart`.
+  """
+  if jax.process_index() == 0:  # Writes a token that every process then reads back.
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, _WORKDIR_TOKEN), "w") as file:
+        file.write(secrets.token_hex(16))
+    except OSError as os_error:
+      error = error or CannotStart(f"Cannot write in --workdir {workdir}: {os_error}")
+  multihost_utils.sync_global_devices("margins: the workdir token is written")
+  try:
+    with open(os.path.join(workdir, _WORKDIR_TOKEN)) as file:
+      token = file.read()
+  except OSError:
+    token = None
+  data = None if train_source is None else (
+      train_source.num_classes, len(train_source), tuple(train_source.image_shape))
+  facts = {"started": error is None, "config": config.to_json_best_effort(sort_keys=True),
+           "data": data, "workdir": token}
+  digests = np.array([int.from_bytes(hashlib.sha256(repr(fact).encode()).digest()[:4], "little")
+                      for fact in facts.values()], np.uint32)
+  differ = dict(zip(facts, (np.asarray(multihost_utils.process_allgather(digests))
+                            != digests[None]).any(axis=0)))
+  if jax.process_index() == 0:
+    os.remove(os.path.join(workdir, _WORKDIR_TOKEN))
+  if error is not None:
+    raise error
+  if differ["started"]:
+    raise CannotStart("Another process cannot start; its output says why.")
+  if differ["config"]:
+    raise CannotStart("The processes run different configs: give every process the same "
+                      "command, config and --workdir.")
+  if differ["data"]:
+    raise CannotStart(f"The processes read different data; this one reads {data[0]} classes, "
+                      f"{data[1]} images of {data[2]} from config.data. Give every process the "
+                      "same data.")
+  if differ["workdir"]:
+    raise CannotStart(f"--workdir {workdir} is not one folder shared by all processes (a token "
+                      "process 0 wrote there is not the one this process reads), so no "
+                      "checkpoint could complete: give every process the same shared folder.")
+
+
 def _train_and_evaluate(config, workdir, mesh):
   # The data and the .bin sets are read, and a resume checked, before the state is built: a
   # file that does not decode, or a resume that cannot be, is known at once.
+  train_source, error = None, None
   try:
     train_source, eval_sources = make_sources(config.data)
     eval_sources["bins"] = {
         eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
         for path in config.eval.bins}
-  except (ValueError, OSError) as error:  # A malformed file, an empty identity folder ...
-    raise CannotStart(str(error)) from error
+  except (ValueError, OSError) as source_error:  # A malformed file, an empty identity folder ...
+    error = CannotStart(str(source_error))
+    error.__cause__ = source_error
+  if jax.process_count() > 1:  # With that, the resume checks below agree on every process.
+    check_processes_agree(config, workdir, train_source, error)
+  elif error is not None:
+    raise error
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
   resuming = manager.latest_step() is not None

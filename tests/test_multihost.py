@@ -39,7 +39,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_processes(workdir, logs, **overrides):
+def _start_processes(workdir, logs, process_args=((), ()), **overrides):
+  """Two train.py processes; ``process_args``: each one's own extra arguments."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
              JAX_DEFAULT_PRNG_IMPL="rbg")
@@ -51,8 +52,8 @@ def _start_processes(workdir, logs, **overrides):
   processes = []
   for i in range(2):
     stdout, stderr = open(logs / f"stdout_{i}.txt", "w"), open(logs / f"stderr_{i}.txt", "w")
-    processes.append(subprocess.Popen(command + [f"--process_id={i}"], env=env, stdout=stdout,
-                                      stderr=stderr))
+    processes.append(subprocess.Popen(command + [f"--process_id={i}", *process_args[i]],
+                                      env=env, stdout=stdout, stderr=stderr))
     stdout.close()
     stderr.close()
   return processes
@@ -144,3 +145,32 @@ def test_sigterm_to_one_process_stops_both_after_one_step_saved(tmp_path):
   assert os.listdir(workdir / "checkpoints") == [str(step)]
   for name in ("state/ocdbt.process_0", "state/ocdbt.process_1"):
     assert os.path.exists(workdir / "checkpoints" / str(step) / name), name
+
+
+@pytest.mark.parametrize("process_1_args,process_0_error,process_1_error", [
+    # One config check fails in process 1 alone: process 0 learns it and stops too.
+    (["--config.loss.scale=-1"], "Another process cannot start; its output says why.",
+     "`scale` of ArcFace must be positive"),
+    (["--config.loss.margin=0.3"], "The processes run different configs", None),
+    ("separate workdir", "is not one folder shared by all processes", None),
+])
+def test_processes_that_cannot_start_together_all_stop_at_once(
+    tmp_path, process_1_args, process_0_error, process_1_error):
+  # Each used to go on alone: a different config trained (a backbone of two seeds), a process
+  # that stopped left the other waiting for a collective, a workdir not shared hung at the first
+  # checkpoint for 20 minutes.
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  if process_1_args == "separate workdir":
+    process_1_args = [f"--workdir={tmp_path / 'other'}"]
+  start = time.monotonic()
+  processes = _start_processes(tmp_path / "run", logs, ((), process_1_args))
+  codes = [p.wait(timeout=_TIMEOUT_S) for p in processes]
+  stderr = [(logs / f"stderr_{i}.txt").read_text() for i in range(2)]
+  assert codes == [1, 1], stderr
+  for text, error in zip(stderr, (process_0_error, process_1_error or process_0_error)):
+    fatal = [line for line in text.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and error in fatal[0], text[-3000:]
+  assert "Traceback" not in "".join(stderr)
+  assert time.monotonic() - start < 120  # Not a collective's timeout.
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Nothing was built.
