@@ -148,7 +148,8 @@ class SoftmaxEngine:
         error when the labels are concrete).
       margin: a :class:`~margins.Margin`.
       num_classes: the number of real classes; default ``C'``.
-      key: PRNG key, required when ``sample_rate < 1`` (and no ``sample``).
+      key: PRNG key, required when ``sample_rate < 1`` (and no ``sample``); pass a new one
+        each step (``jax.random.fold_in(key, step)``): the same key draws the same negatives.
       sample: ``weights`` holds only these rows of ``W`` (``self.take(W, sample)``): the loss
         over them, with gradients for them alone (Partial FC updating only its sampled rows).
         Every label must be among them (:meth:`sample` keeps the batch's classes); an example
@@ -159,6 +160,12 @@ class SoftmaxEngine:
       statistics folded in (the new state of CurricularFace / AdaFace).
     """
     check_margin(margin)
+    manual = set(_axes(self.axis_name or ())) & set(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:
+      raise ValueError(
+          f"sharded(mesh, {self.axis_name!r}) runs its own shard_map over {sorted(manual)}, "
+          "which this call is inside: call it on the global `weights`, embeddings and labels "
+          "(under jit), or inside your shard_map use dense() or chunked() with `weights` whole.")
     _common.check_embeddings_and_weights(embeddings, weights, (2, 3))
     # The labels' range is checked below, against ``W``'s rows: with ``sample`` they index all of
     # ``W``, not the sample's rows that ``weights`` holds.
@@ -207,7 +214,7 @@ class SoftmaxEngine:
       labels: ``[B]`` labels of the global batch (of every micro-batch the sample serves).
       num_rows: rows of ``W`` (:func:`padded_num_classes` rows for a sharded engine).
       num_classes: the number of real classes; default ``num_rows``.
-      key: PRNG key; the same key gives the same sample.
+      key: PRNG key; the same key gives the same sample, so pass a new one each step.
     """
     num_rows = check_int(num_rows, "num_rows", minimum=1, static=True)
     num_classes = num_rows if num_classes is None else check_int(

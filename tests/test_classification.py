@@ -908,6 +908,13 @@ def test_bad_types_and_hyperparameters():
   with pytest.raises(TypeError, match="`easy_margin` of ArcFace is static"):
     margins.arcface_loss(x, w, labels, easy_margin=jnp.array(True))
 
+  class Undecorated(margins.CosFace):  # Was JAX's "cannot interpret as an abstract array".
+    pass
+
+  with pytest.raises(TypeError, match="Undecorated must be decorated with "
+                     r"@margins.margin_dataclass \(a subclass of a margin too\)"):
+    margins.dense()(x, w, labels, Undecorated())
+
 
 def test_an_angular_margin_of_a_half_turn_or_more_is_refused():
   # An angle in degrees (ArcFace's 0.5 as 28.6) used to give a loss of 0 without a word.

@@ -498,6 +498,14 @@ def test_sharded_rejects_bad_shapes():
       with pytest.raises(ValueError, match=r"margins.sharded\(mesh, 'devices'\)"):
         jax.jit(lambda w_, e=engine: margins.margin_softmax_loss(
             x, w_, labels, margins.ArcFace(), engine=e, num_classes=13))(split_w)
+  # Inside a caller's shard_map (each device with its block of W, as in a port of insightface's
+  # model-parallel FC) the sharded engine said its block was too few rows for the classes.
+  in_own_shard_map = jax.shard_map(
+      lambda x_, w_, y_: margins.sharded(mesh)(x_, w_, y_, margins.ArcFace())[0], mesh=mesh,
+      in_specs=(jax.P("devices"),) * 3, out_specs=jax.P("devices"))
+  with pytest.raises(ValueError, match=r"runs its own shard_map over \['devices'\], which this "
+                     "call is inside: call it on the global `weights`"):
+    jax.jit(in_own_shard_map)(x, w2, labels)
 
 
 @pytest.mark.parametrize("engine", [
