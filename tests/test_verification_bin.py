@@ -67,11 +67,16 @@ def test_python2_pickle_loads(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
-def test_python3_pickles_load(tmp_path, protocol):
+@pytest.mark.parametrize("object_array", [False, True])  # Indexed as insightface reads it.
+def test_python3_pickles_load(tmp_path, protocol, object_array):
   images = _images(6)
   path = tmp_path / "py3.bin"
+  bins = [_png(image) for image in images]
+  if object_array:
+    bins = np.array(bins + [None])[:-1]  # Not an array of fixed-width bytes: objects.
+    assert bins.dtype == object
   with open(path, "wb") as file:
-    pickle.dump(([_png(image) for image in images], [False, True, True]), file, protocol=protocol)
+    pickle.dump((bins, [False, True, True]), file, protocol=protocol)
   loaded, issame = verification_bin.load_bin(path)
   np.testing.assert_array_equal(loaded, images)
   assert issame.tolist() == [False, True, True]

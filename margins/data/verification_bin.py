@@ -100,7 +100,9 @@ def load_bin(path: str | os.PathLike[str], *, image_size: Sequence[int] | None =
       np.issubdtype(issame.dtype, np.integer) and np.isin(issame, (0, 1)).all())):
     raise ValueError(f"{path}: `issame` must be a list of P booleans, got dtype {issame.dtype} "
                      f"and shape {issame.shape}.")
-  if not isinstance(bins, (list, tuple)):
+  # A list of them, as insightface writes; an object array of them indexes the same way.
+  if not (isinstance(bins, (list, tuple)) or (
+      isinstance(bins, np.ndarray) and bins.dtype == object and bins.ndim == 1)):
     raise ValueError(f"{path}: the images must be a list of encoded images, got "
                      f"{type(bins).__name__}.")
   if len(bins) != 2 * len(issame):
