@@ -127,7 +127,9 @@ def webface42m_vit(arg: str | None, *, model: str, drop_path_rate: float,
   their ``mask_ratio`` (:mod:`margins.models.vit`), so the ViT-B/L recipes pass 0.1.
 
   On 8 devices, ``--config.micro_batches=8`` keeps the global batch: 8 micro-batches of 384
-  images per device and step (insightface's 8-GPU ViT-B config accumulates 12 of 256).
+  images per device and step (insightface's 8-GPU ViT-B config accumulates 12 of 256). Its
+  configs evaluate nothing (``val_targets = []``); these evaluate the folder's ``.bin`` sets as
+  the other recipes do (``--config.eval.bins="()"``: none).
   """
   return arcface_torch(arg, dataset="webface42m", model=model,
                        loss=dict(name="cosface", scale=64.0, margin=0.4), weight_decay=0.1,

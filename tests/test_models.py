@@ -671,6 +671,38 @@ def test_sizes_are_any_integer_and_only_integers(name):
   assert jax.eval_shape(embed).shape == (2, 8)
   with pytest.raises(TypeError, match="`embedding_dim` must be an integer"):
     models.create(name, embedding_dim=8.0, rngs=nnx.Rngs(0))
+  # Sizes too (they were refused with "not iterable", or a bool taken as 1).
+  size = {"vit_t": 36}.get(name, 32)
+  for input_size, want in ((np.int64(size), (size, size)), (np.array([size, size + 4]),
+                                                             (size, size + 4))):
+    model = nnx.eval_shape(lambda s=input_size: models.create(name, input_size=s,
+                                                               rngs=nnx.Rngs(0)))
+    assert model.input_size == want and all(type(n) is int for n in model.input_size)
+  with pytest.raises(ValueError, match="`input_size` must be a positive int or"):
+    models.create(name, input_size=True, rngs=nnx.Rngs(0))
+
+
+def test_stage_counts_are_any_integers():
+  model = nnx.eval_shape(lambda: iresnet.IResNet(np.array([1, 2, 1, 1]), input_size=32,
+                                                 rngs=nnx.Rngs(0)))
+  assert len(model.blocks) == 5
+  small = nnx.eval_shape(lambda: models.create("mobilefacenet", blocks=(1, 2, 1, 1),
+                                               rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: models.create("mobilefacenet", blocks=np.array([1, 2, 1, 1]),
+                                               rngs=nnx.Rngs(0)))
+  assert nnx.graphdef(model) == nnx.graphdef(small)
+  with pytest.raises(ValueError, match=r"`layers` must be four positive ints \(blocks per stage"):
+    iresnet.IResNet((2, 2, True, 2), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])
+def test_a_batch_of_one_in_training_mode_is_refused(name):
+  # Its batch statistics made every image's embedding the features BatchNorm's bias.
+  model = models.create(name, input_size=32, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"a batch of one example in training mode.*model.eval\(\)"):
+    model(jnp.zeros((1, 32, 32, 3)))
+  model.eval()
+  assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 512)
 
 
 def test_check_int_gives_an_int_and_refuses_a_bool():

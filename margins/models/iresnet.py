@@ -32,12 +32,14 @@ References: Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Re
 CVPR 2019; insightface ``recognition/arcface_torch/backbones/iresnet.py``.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from margins._checks import check_int
 from margins.losses import _common
@@ -68,10 +70,22 @@ def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
   >>> image_size(112), image_size((112, 96))
   ((112, 112), (112, 96))
   """
-  size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-  if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-    raise ValueError(f"`input_size` must be a positive int or (height, width), got {input_size!r}.")
-  return size
+  sizes = (input_size, input_size) if np.ndim(input_size) == 0 else input_size
+  return positive_ints(sizes, "input_size", 2, "a positive int or (height, width)",
+                       given=input_size)
+
+
+def positive_ints(values: Any, name: str, count: int, expected: str, *,
+                  given: Any = None) -> tuple[int, ...]:
+  """``values`` as ``count`` positive ints (NumPy integers too); else a ``ValueError`` that says
+  ``name`` must be ``expected`` and shows ``given`` (default ``values``)."""
+  try:
+    ints = tuple(check_int(value, name, minimum=1) for value in values)
+  except (TypeError, ValueError):  # Not iterable, or not positive ints.
+    ints = ()
+  if len(ints) != count:
+    raise ValueError(f"`{name}` must be {expected}, got {values if given is None else given!r}.")
+  return ints
 
 
 def halved(size: int, times: int) -> int:
@@ -202,6 +216,10 @@ class BatchNorm(nnx.Module):
       mean = self.mean[...].reshape(stats_shape)
       var = self.var[...].reshape(stats_shape)
     else:
+      if math.prod(x.shape[:-1]) == 1:  # Every input would give ``bias``; PyTorch refuses too.
+        raise ValueError(
+            f"Batch statistics of a single value per channel (input {x.shape}): a batch of one "
+            "example in training mode. Embed single images in evaluation mode (model.eval()).")
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(y, axis=axes, keepdims=True)
       var = jnp.mean(jnp.square(y - mean), axis=axes, keepdims=True)
@@ -296,9 +314,7 @@ class IResNet(nnx.Module):
       dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    layers = tuple(layers)
-    if len(layers) != 4 or not all(isinstance(n, int) and n > 0 for n in layers):
-      raise ValueError(f"`layers` must be four positive ints (blocks per stage), got {layers!r}.")
+    layers = positive_ints(layers, "layers", 4, "four positive ints (blocks per stage)")
     embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
     in_channels = check_int(in_channels, "in_channels", minimum=1)
     if not 0.0 <= dropout < 1.0:

@@ -152,9 +152,7 @@ class MobileFaceNet(nnx.Module):
       dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    blocks = tuple(blocks)
-    if len(blocks) != 4 or not all(isinstance(n, int) and n > 0 for n in blocks):
-      raise ValueError(f"`blocks` must be four positive ints, got {blocks!r}.")
+    blocks = iresnet.positive_ints(blocks, "blocks", 4, "four positive ints (blocks per stage)")
     embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
     scale = check_int(scale, "scale", minimum=1)
     in_channels = check_int(in_channels, "in_channels", minimum=1)
