@@ -462,7 +462,8 @@ def test_sharded_program_never_gathers_weights(axis_type):
   x = jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=split)
   w = jax.ShapeDtypeStruct((rows, D), jnp.float32, sharding=split)
   labels = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=split)
-  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(), num_classes=50)[0])  # noqa
+  loss = lambda x_, w_, y_: jnp.mean(engine(x_, w_, y_, margins.ArcFace(),
+                                              num_classes=num_classes)[0])
   with jax.set_mesh(mesh):
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, labels).compile().as_text()
   found = [(op, shape) for _, op, shapes in sharding.collectives(text) for shape in shapes]
