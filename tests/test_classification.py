@@ -915,6 +915,16 @@ def test_bad_types_and_hyperparameters():
                      r"@margins.margin_dataclass \(a subclass of a margin too\)"):
     margins.dense()(x, w, labels, Undecorated())
 
+  @margins.margin_dataclass
+  class PerExampleCosFace(margins.Margin):  # One leaf, a NumPy array: a decorated margin.
+    margin: np.ndarray
+
+    def target_logit(self, rows):
+      return 16.0 * (rows.cos - self.margin)
+
+  per_example = PerExampleCosFace(np.linspace(0.0, 0.3, B))
+  assert np.isfinite(margins.dense()(x, w, labels, per_example)[0]).all()
+
 
 def test_an_angular_margin_of_a_half_turn_or_more_is_refused():
   # An angle in degrees (ArcFace's 0.5 as 28.6) used to give a loss of 0 without a word.

@@ -848,7 +848,7 @@ def check_margin(margin: Any) -> Margin:
   """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields."""
   if not isinstance(margin, Margin):
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
-  if jax.tree_util.tree_leaves(margin) == [margin]:  # Not a pytree: jit cannot take it.
+  if any(leaf is margin for leaf in jax.tree_util.tree_leaves(margin)):  # Not a pytree.
     raise TypeError(f"{type(margin).__name__} must be decorated with @margins.margin_dataclass "
                     "(a subclass of a margin too), which makes it a pytree.")
   _check_static_fields(margin)
