@@ -16,7 +16,6 @@ import signal
 import sys
 import textwrap
 
-import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,7 +24,6 @@ from ml_collections import config_flags
 from margins import checkpoints
 from margins import distributed
 from margins import run_log
-from margins import sharding as sharding_lib
 from margins import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -47,7 +45,7 @@ def main(argv):
   try:
     distributed.initialize_from_flags(_DISTRIBUTED)
     logging.info("Config:\n%s", config)
-    _check_config(config)
+    train_lib.checked_mesh(config, _WORKDIR.value)
   except (app.UsageError, ValueError, FileNotFoundError) as error:
     sys.exit(f"FATAL {error}")
   try:
@@ -57,17 +55,6 @@ def main(argv):
   except checkpoints.Preempted as preempted:
     run_log.report(str(preempted))
     sys.exit(128 + signal.SIGTERM)  # As if SIGTERM had ended it: the job did not finish.
-
-
-def _check_config(config) -> None:
-  """``train_lib.check_config``; where it fails in one process of several, the others, which
-  wait for this one in ``train_and_evaluate``, learn it and stop too."""
-  try:
-    train_lib.check_config(config, sharding_lib.make_mesh(config))
-  except (ValueError, FileNotFoundError) as error:
-    if jax.process_count() > 1:
-      train_lib.check_processes_agree(config, _WORKDIR.value, error=error)  # Raises ``error``.
-    raise
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -22,6 +22,7 @@ the notebooks. It reads top to bottom:
    verification files; at the end, plots (ROC, features on the circle or sphere) in ``workdir``.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -715,10 +716,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   :class:`margins.checkpoints.Preempted` after saving the current step when the job gets SIGTERM
   (:func:`margins.checkpoints.preemption_notice`).
   """
-  mesh = sharding_lib.make_mesh(config)
-  check_config(config, mesh)
+  mesh = checked_mesh(config, workdir)
   with jax.set_mesh(mesh):
     return _train_and_evaluate(config, workdir, mesh)
+
+
+def checked_mesh(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
+  """``config``'s mesh, with :func:`check_config` passed on it. Where the check fails in one
+  process of several, the others, which wait for this one in :func:`train_and_evaluate`,
+  learn it (:func:`check_processes_agree`) and stop too."""
+  try:
+    mesh = sharding_lib.make_mesh(config)
+    check_config(config, mesh)
+  except (ValueError, FileNotFoundError) as error:
+    if jax.process_count() > 1:
+      check_processes_agree(config, workdir, error=error)  # Raises ``error``.
+    raise
+  return mesh
 
 
 class CannotStart(ValueError):
@@ -773,45 +787,44 @@ def _check_resumed_data(train_source, workdir: str) -> None:
         "Train in a new workdir.")
 
 
-_WORKDIR_TOKEN = ".process_0_token"
-
-
 def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, train_source=None,
                           error: Exception | None = None) -> None:
   """Raises on every process of a multi-process run unless all of them can start: none has an
   ``error`` of its own (which it raises here, once the others know), and all run one config on
   the same data (class and image counts, image shape) in one shared ``workdir``.
 
-  A collective: every process calls it, from :func:`train_and_evaluate` or with the ``error``
-  that stops it before (``train.py``'s config check). Each process checks only its own side;
-  one that stopped alone would leave the others waiting on it until a collective timed out, and
-  processes that disagree would train on different things (a backbone initialised from two
-  seeds, shuffles of different image lists). A folder that is not shared would show only at the
-  first checkpoint, whose save never completes. Other processes raise :class:`CannotStart`.
+  A collective: every process calls it, from :func:`train_and_evaluate`, or from
+  :func:`checked_mesh` with the ``error`` that stops it there. Each process checks only its own
+  side; one that stopped alone would leave the others waiting on it until a collective timed
+  out, and processes that disagree would train on different things (a backbone initialised from
+  two seeds, shuffles of different image lists). A folder that is not shared would show only at
+  the first checkpoint, whose save never completes. Other processes raise :class:`CannotStart`.
   """
-  if jax.process_index() == 0:  # Writes a token that every process then reads back.
+  # Process 0 writes a file under a name new to every run (no network file system's cache can
+  # know it), which every process then looks for.
+  name = np.asarray(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(secrets.token_bytes(16), np.uint32)))
+  token = os.path.join(workdir, f".process_0_token_{name.tobytes().hex()}")
+  written = False
+  if jax.process_index() == 0:
     try:
       os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, _WORKDIR_TOKEN), "w") as file:
-        file.write(secrets.token_hex(16))
+      open(token, "w").close()
+      written = True
     except OSError as os_error:
       error = error or CannotStart(f"Cannot write in --workdir {workdir}: {os_error}")
   multihost_utils.sync_global_devices("margins: the workdir token is written")
-  try:
-    with open(os.path.join(workdir, _WORKDIR_TOKEN)) as file:
-      token = file.read()
-  except OSError:
-    token = None
   data = None if train_source is None else (
       train_source.num_classes, len(train_source), tuple(train_source.image_shape))
   facts = {"started": error is None, "config": config.to_json_best_effort(sort_keys=True),
-           "data": data, "workdir": token}
+           "data": data, "workdir": os.path.exists(token)}
   digests = np.array([int.from_bytes(hashlib.sha256(repr(fact).encode()).digest()[:4], "little")
                       for fact in facts.values()], np.uint32)
   differ = dict(zip(facts, (np.asarray(multihost_utils.process_allgather(digests))
                             != digests[None]).any(axis=0)))
-  if jax.process_index() == 0:
-    os.remove(os.path.join(workdir, _WORKDIR_TOKEN))
+  if written:
+    with contextlib.suppress(OSError):  # Never in place of the error that stops the run.
+      os.remove(token)
   if error is not None:
     raise error
   if differ["started"]:
@@ -824,9 +837,9 @@ def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, train
                       f"{data[1]} images of {data[2]} from config.data. Give every process the "
                       "same data.")
   if differ["workdir"]:
-    raise CannotStart(f"--workdir {workdir} is not one folder shared by all processes (a token "
-                      "process 0 wrote there is not the one this process reads), so no "
-                      "checkpoint could complete: give every process the same shared folder.")
+    raise CannotStart(f"--workdir {workdir} is not one folder shared by all processes (a file "
+                      "process 0 wrote there is not there for every process), so no checkpoint "
+                      "could complete: give every process the same shared folder.")
 
 
 def _train_and_evaluate(config, workdir, mesh):

@@ -147,24 +147,31 @@ def test_sigterm_to_one_process_stops_both_after_one_step_saved(tmp_path):
     assert os.path.exists(workdir / "checkpoints" / str(step) / name), name
 
 
-@pytest.mark.parametrize("process_1_args,process_0_error,process_1_error", [
+@pytest.mark.parametrize("case,process_0_error,process_1_error", [
     # One config check fails in process 1 alone: process 0 learns it and stops too.
-    (["--config.loss.scale=-1"], "Another process cannot start; its output says why.",
+    ("scale -1 on process 1", "Another process cannot start; its output says why.",
      "`scale` of ArcFace must be positive"),
-    (["--config.loss.margin=0.3"], "The processes run different configs", None),
-    ("separate workdir", "is not one folder shared by all processes", None),
+    ("margin 0.3 on process 1", "The processes run different configs", None),
+    ("separate workdirs", "is not one folder shared by all processes", None),
+    ("process 0 cannot write its workdir", "Cannot write in --workdir",
+     "Another process cannot start; its output says why."),
 ])
 def test_processes_that_cannot_start_together_all_stop_at_once(
-    tmp_path, process_1_args, process_0_error, process_1_error):
+    tmp_path, case, process_0_error, process_1_error):
   # Each used to go on alone: a different config trained (a backbone of two seeds), a process
   # that stopped left the other waiting for a collective, a workdir not shared hung at the first
   # checkpoint for 20 minutes.
   logs = tmp_path / "logs"
   logs.mkdir()
-  if process_1_args == "separate workdir":
-    process_1_args = [f"--workdir={tmp_path / 'other'}"]
+  (tmp_path / "a_file").touch()
+  process_args = {
+      "scale -1 on process 1": ((), ["--config.loss.scale=-1"]),
+      "margin 0.3 on process 1": ((), ["--config.loss.margin=0.3"]),
+      "separate workdirs": ((), [f"--workdir={tmp_path / 'other'}"]),
+      "process 0 cannot write its workdir": ([f"--workdir={tmp_path / 'a_file' / 'run'}"], ()),
+  }[case]
   start = time.monotonic()
-  processes = _start_processes(tmp_path / "run", logs, ((), process_1_args))
+  processes = _start_processes(tmp_path / "run", logs, process_args)
   codes = [p.wait(timeout=_TIMEOUT_S) for p in processes]
   stderr = [(logs / f"stderr_{i}.txt").read_text() for i in range(2)]
   assert codes == [1, 1], stderr
@@ -174,3 +181,4 @@ def test_processes_that_cannot_start_together_all_stop_at_once(
   assert "Traceback" not in "".join(stderr)
   assert time.monotonic() - start < 120  # Not a collective's timeout.
   assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Nothing was built.
+  assert not list(tmp_path.glob("*/.process_0_token_*"))  # Removed once read.
