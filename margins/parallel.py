@@ -160,12 +160,14 @@ class SoftmaxEngine:
       statistics folded in (the new state of CurricularFace / AdaFace).
     """
     check_margin(margin)
-    manual = set(_axes(self.axis_name or ())) & set(jax.sharding.get_abstract_mesh().manual_axes)
+    manual = set(self.mesh.axis_names if self.mesh else ()) & set(
+        jax.sharding.get_abstract_mesh().manual_axes)
     if manual:
       raise ValueError(
-          f"sharded(mesh, {self.axis_name!r}) runs its own shard_map over {sorted(manual)}, "
-          "which this call is inside: call it on the global `weights`, embeddings and labels "
-          "(under jit), or inside your shard_map use dense() or chunked() with `weights` whole.")
+          f"sharded(mesh, {self.axis_name!r}) runs its own shard_map over its mesh, whose axes "
+          f"{sorted(manual)} this call is inside: call it on the global `weights`, embeddings "
+          "and labels (under jit), or inside your shard_map use dense() or chunked() with "
+          "`weights` whole.")
     _common.check_embeddings_and_weights(embeddings, weights, (2, 3))
     # The labels' range is checked below, against ``W``'s rows: with ``sample`` they index all of
     # ``W``, not the sample's rows that ``weights`` holds.

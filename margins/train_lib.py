@@ -650,6 +650,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     raise ValueError(f"config.micro_batches = {parts} must be a positive divisor of each "
                      f"device's {config.batch_size // mesh.size} examples (config.batch_size = "
                      f"{config.batch_size} over {mesh.size} devices).")
+  if config.batch_size == parts:  # Normalised over one example, every embedding is a bias.
+    raise ValueError(f"config.batch_size / config.micro_batches = 1 example per micro-batch: the "
+                     "backbones' BatchNorm needs a batch of more than one.")
   missing = [path for path in config.eval.bins if not os.path.exists(path)]
   if missing:
     raise FileNotFoundError(f"config.eval.bins: {missing} not found; list the .bin files that "

@@ -504,9 +504,15 @@ def test_sharded_rejects_bad_shapes():
   in_own_shard_map = jax.shard_map(
       lambda x_, w_, y_: margins.sharded(mesh)(x_, w_, y_, margins.ArcFace())[0], mesh=mesh,
       in_specs=(jax.P("devices"),) * 3, out_specs=jax.P("devices"))
-  with pytest.raises(ValueError, match=r"runs its own shard_map over \['devices'\], which this "
-                     "call is inside: call it on the global `weights`"):
+  with pytest.raises(ValueError, match=r"runs its own shard_map over its mesh, whose axes "
+                     r"\['devices'\] this call is inside: call it on the global `weights`"):
     jax.jit(in_own_shard_map)(x, w2, labels)
+  grid = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  over_data = jax.shard_map(  # The batch split over another axis of the engine's mesh.
+      lambda x_, y_: margins.sharded(grid, "model")(x_, w2, y_, margins.ArcFace())[0], mesh=grid,
+      in_specs=(jax.P("data"),) * 2, out_specs=jax.P("data"))
+  with pytest.raises(ValueError, match=r"whose axes \['data', 'model'\] this call is inside"):
+    jax.jit(over_data)(x, labels)
 
 
 @pytest.mark.parametrize("engine", [

@@ -1025,6 +1025,16 @@ def test_micro_batches_must_divide_each_devices_batch(parts):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
+def test_micro_batches_of_one_example_are_refused():
+  # BatchNorm over one example made every embedding its bias; the step failed while tracing.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape, config.batch_size, config.micro_batches = (1,), 4, 4
+  with pytest.raises(ValueError, match="1 example per micro-batch: the backbones' BatchNorm"):
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
+  config.micro_batches = 2
+  train_lib.check_config(config, sharding_lib.make_mesh(config))
+
+
 def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.loss = dict(name="elasticface", scale=64.0, margin=0.5)
