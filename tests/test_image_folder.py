@@ -77,9 +77,15 @@ def test_exif_orientation_turns_the_image_upright(image_format):
                                   err_msg=f"orientation {orientation}")
 
 
-def test_codec_rejects_bad_input():
+def test_codec_rejects_bad_input(monkeypatch):
   with pytest.raises(ValueError, match="cannot decode image \\(7 bytes\\)"):
     image_folder.decode_image(b"garbage")
+  # A header claiming billions of pixels (a damaged one) got past the callers that name the
+  # file or record: Pillow's DecompressionBombError, here for 64 pixels against a limit of 10.
+  monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10)
+  png = image_folder.encode_image(np.zeros((8, 8, 3), np.uint8), image_format="png")
+  with pytest.raises(ValueError, match="cannot decode image .*exceeds limit"):
+    image_folder.decode_image(png)
   with pytest.raises(ValueError, match="`image_shape`"):
     image_folder.decode_image(b"", image_shape=(4, 4, 2))
   with pytest.raises(ValueError, match="`channels` must be 1 or 3, got 4"):

@@ -402,6 +402,11 @@ def test_write_identity_dataset_rejects_labels_that_do_not_match_the_images(tmp_
       pack_recordio.write_identity_dataset(prefix, np.array(labels), iter(images),
                                            num_classes=2, image_size=(8, 8))
     assert not list(tmp_path.iterdir())  # Nothing left behind, not even a partial file.
+  # Float32 labels would merge classes past 2**24 (16777217 was read back as 16777216).
+  with pytest.raises(ValueError, match=r"exact for up to 2\*\*24 classes; got 16777217"):
+    pack_recordio.write_identity_dataset(prefix, np.array([0, 2**24]), [image] * 2,
+                                         num_classes=2**24 + 1, image_size=(8, 8))
+  assert not list(tmp_path.iterdir())
   pack_recordio.write_identity_dataset(prefix, np.array([0, 1, 1], np.uint8), [image] * 3,
                                        num_classes=2, image_size=(8, 8))
   source = recordio.RecordIOSource(str(prefix) + ".rec")

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import PIL.Image
 import pytest
 from flax import nnx
 
@@ -608,6 +609,17 @@ def test_data_and_bin_sets_are_read_before_the_state_is_built(tmp_path, monkeypa
   config.data = dict(name="image_folder", path=str(tmp_path / "faces"), image_shape=(16, 16, 1))
   with pytest.raises(train_lib.CannotStart, match="alice"):
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_face_data_without_an_image_shape_take_the_first_images(tmp_path):
+  # As the sources document; make_sources failed with "'NoneType' object is not iterable".
+  for name in ("alice", "bob"):
+    (tmp_path / name).mkdir()
+    PIL.Image.new("RGB", (12, 10)).save(tmp_path / name / "0.png")
+  for data in (dict(name="image_folder", path=str(tmp_path), image_shape=None),
+               dict(name="image_folder", path=str(tmp_path))):
+    train_source, _ = train_lib.make_sources(ml_collections.ConfigDict(data))
+    assert tuple(train_source.image_shape) == (10, 12, 3) and train_source.num_classes == 2
 
 
 def test_a_run_with_nothing_to_evaluate_says_so_and_writes_no_empty_lines(tmp_path, monkeypatch,

@@ -74,7 +74,8 @@ def decode_image(data: bytes, *, image_shape: Sequence[int] | None = None,
       # Upright by its EXIF orientation, as viewers and OpenCV 4's decoder show it.
       PIL.ImageOps.exif_transpose(opened, in_place=True)
       image = _eight_bit(opened).convert(_MODES[channels])
-  except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad image data.
+  # Pillow's errors for bad image data; a damaged header can also claim billions of pixels.
+  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
     raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
   if shape is not None and image.size != (shape[1], shape[0]):
     image = image.resize((shape[1], shape[0]), PIL.Image.Resampling.BILINEAR)

@@ -13,7 +13,8 @@ them. ``cflag`` 0 is a record in one piece.
 
 **Image records.** The payload starts with an ``IRHeader`` (``struct '<IfQQ'``: flag, label, id,
 id2). When ``flag > 0``, ``flag`` float32 labels follow and the header's label is 0. The encoded
-image (JPEG/PNG) is the rest.
+image (JPEG/PNG) is the rest. Labels being float32, class ids are exact up to ``2**24``
+(16,777,216 classes; WebFace42M has 2,059,906), which ``pack_recordio`` checks.
 
 **insightface's layout** (MS1MV2/V3, Glint360K, WebFace42M: ``train.rec``, ``train.idx``,
 ``property``): key 0 is a header record whose labels ``[N + 1, N + 1 + K]`` give the range of

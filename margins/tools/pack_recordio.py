@@ -124,6 +124,9 @@ def write_identity_dataset(output_prefix: str | os.PathLike[str], labels: np.nda
   if labels.size and (np.any(labels[1:] < labels[:-1]) or labels[0] < 0
                       or labels[-1] >= num_classes):
     raise ValueError(f"`labels` must be non-decreasing in [0, {num_classes}).")
+  if num_classes > 2**24:  # Past it, float32 labels merge neighbouring classes.
+    raise ValueError(f"RecordIO stores labels as float32, exact for up to 2**24 classes; got "
+                     f"{num_classes}.")
   output_prefix = resolve_output(output_prefix)
   folder = os.path.dirname(output_prefix) or "."
   created, missing = [], folder  # The folders made here, deepest first.
