@@ -653,7 +653,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                      f"device's {config.batch_size // mesh.size} examples (config.batch_size = "
                      f"{config.batch_size} over {mesh.size} devices).")
   if config.batch_size == parts:  # Normalised over one example, every embedding is a bias.
-    raise ValueError(f"config.batch_size / config.micro_batches = 1 example per micro-batch: the "
+    raise ValueError("config.batch_size / config.micro_batches = 1 example per micro-batch: the "
                      "backbones' BatchNorm needs a batch of more than one.")
   missing = [path for path in config.eval.bins if not os.path.exists(path)]
   if missing:
