@@ -4,6 +4,7 @@ the tools."""
 import numbers
 import operator
 import os
+from typing import Any
 
 
 def check_int(value, name: str, *, minimum: int, static: bool = False) -> int:
@@ -26,6 +27,19 @@ def check_int(value, name: str, *, minimum: int, static: bool = False) -> int:
   if value < minimum:
     raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
   return value
+
+
+def positive_ints(values: Any, name: str, count: int, expected: str, *,
+                  given: Any = None) -> tuple[int, ...]:
+  """``values`` as ``count`` positive ints (NumPy integers too); else a ``ValueError`` that says
+  ``name`` must be ``expected`` and shows ``given`` (default ``values``)."""
+  try:
+    ints = tuple(check_int(value, name, minimum=1) for value in values)
+  except (TypeError, ValueError):  # Not iterable, or not positive ints.
+    ints = ()
+  if len(ints) != count:
+    raise ValueError(f"`{name}` must be {expected}, got {values if given is None else given!r}.")
+  return ints
 
 
 def names_folder(path: str) -> bool:

@@ -278,8 +278,15 @@ def pair_angles(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
   (array([45.]), array([90., 45.]))
   """
   embeddings, labels = _check_labelled(embeddings, labels)
-  chunks = list(_pair_angle_chunks(sklearn.preprocessing.normalize(embeddings), labels))
-  return tuple(np.concatenate([chunk[k] for chunk in chunks]) for k in (0, 1))
+  class_sizes = np.unique(labels, return_counts=True)[1]
+  num_same = int(np.sum(class_sizes * (class_sizes - 1) // 2))
+  angles = (np.empty(num_same), np.empty(labels.size * (labels.size - 1) // 2 - num_same))
+  filled = [0, 0]
+  for chunk in _pair_angle_chunks(sklearn.preprocessing.normalize(embeddings), labels):
+    for kind, chunk_angles in enumerate(chunk):
+      angles[kind][filled[kind]:filled[kind] + chunk_angles.size] = chunk_angles
+      filled[kind] += chunk_angles.size
+  return angles
 
 
 def plot_angle_histograms(embeddings, labels, path, *, title: str = "Angles between embeddings",

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from margins._checks import check_int
+from margins._checks import positive_ints
 from margins.losses import _common
 
 Array = jax.Array
@@ -73,19 +74,6 @@ def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
   sizes = (input_size, input_size) if np.ndim(input_size) == 0 else input_size
   return positive_ints(sizes, "input_size", 2, "a positive int or (height, width)",
                        given=input_size)
-
-
-def positive_ints(values: Any, name: str, count: int, expected: str, *,
-                  given: Any = None) -> tuple[int, ...]:
-  """``values`` as ``count`` positive ints (NumPy integers too); else a ``ValueError`` that says
-  ``name`` must be ``expected`` and shows ``given`` (default ``values``)."""
-  try:
-    ints = tuple(check_int(value, name, minimum=1) for value in values)
-  except (TypeError, ValueError):  # Not iterable, or not positive ints.
-    ints = ()
-  if len(ints) != count:
-    raise ValueError(f"`{name}` must be {expected}, got {values if given is None else given!r}.")
-  return ints
 
 
 def halved(size: int, times: int) -> int:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from margins._checks import check_int
+from margins._checks import positive_ints
 from margins.models import iresnet
 
 Array = jax.Array
@@ -152,7 +153,7 @@ class MobileFaceNet(nnx.Module):
       dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    blocks = iresnet.positive_ints(blocks, "blocks", 4, "four positive ints (blocks per stage)")
+    blocks = positive_ints(blocks, "blocks", 4, "four positive ints (blocks per stage)")
     embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
     scale = check_int(scale, "scale", minimum=1)
     in_channels = check_int(in_channels, "in_channels", minimum=1)
