@@ -84,7 +84,9 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
   path, quick = parse_arg(arg)
   num_images = NUM_IMAGES[dataset]
   config = train_lib.default_config()
-  config.data = dict(name="recordio", path=path, image_shape=(112, 112, 3))
+  # ``num_classes``: for files with neither ``property`` nor identity records.
+  config.data = dict(name="recordio", path=path, image_shape=(112, 112, 3),
+                     num_classes=ml_collections.config_dict.placeholder(int))
   config.batch_size = batch_size
   config.num_steps = num_images // config.get_ref("batch_size") * num_epochs
   config.input = dict(random_flip=True, crop_padding=0, worker_count=8)

@@ -91,9 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Source and its fields: "digits" (image_size, open_set_train_classes), "synthetic"
-  # (num_classes, num_images, image_shape, seed, eval_classes, eval_images), "recordio" or
-  # "image_folder" (path, image_shape), "tfds" (tfds_name, split, data_dir, image_shape); a face
-  # dataset's image_shape None (or left out) takes the size of its `property` or first image.
+  # (num_classes, num_images, image_shape, seed, eval_classes, eval_images), "recordio" (path,
+  # image_shape, num_classes), "image_folder" (path, image_shape), "tfds" (tfds_name, split,
+  # data_dir, image_shape); a face dataset's image_shape None (or left out) takes the size of its
+  # `property` or first image; a RecordIO's num_classes None (or left out), `property`'s or the
+  # count of its identity records.
   c.data = dict(name="digits", image_size=16, open_set_train_classes=(0, 1, 2, 3, 4, 5))
   c.batch_size = 128  # Global, over all devices and processes.
   c.micro_batches = 1  # Parts of each batch whose gradients are averaged (``train_step``).
@@ -331,7 +333,8 @@ def make_sources(data_config: ml_collections.ConfigDict):
   # None (or left out): the size of ``property``, or of the first image.
   shape = None if data_config.get("image_shape") is None else tuple(data_config.image_shape)
   if name == "recordio":  # ``path``: the folder of train.rec, train.idx (and property).
-    return data_lib.RecordIOSource(data_config.path, image_shape=shape), {}
+    return data_lib.RecordIOSource(data_config.path, image_shape=shape,
+                                   num_classes=data_config.get("num_classes")), {}
   if name == "image_folder":  # ``path``: one sub-folder per identity.
     return data_lib.ImageFolderSource(data_config.path, image_shape=shape), {}
   # tfds: ``tfds_name``, ``split``, ``data_dir``: a dataset prepared locally.

@@ -56,7 +56,8 @@ def test_recipe_values_are_insightfaces(name):
   (model, loss, margin, weight_decay, epochs, images, sample_rate, steps, optimizer,
    model_kwargs) = EXPECTED[name]
   config = load_config(os.path.join(RECIPES, f"{name}.py"), "/data/set")
-  assert config.data.to_dict() == dict(name="recordio", path="/data/set", image_shape=(112, 112, 3))
+  assert config.data.to_dict() == dict(name="recordio", path="/data/set", image_shape=(112, 112, 3),
+                                       num_classes=None)
   assert (config.model.name, config.model.embedding_dim) == (model, 512)
   assert config.model.kwargs.to_dict() == model_kwargs
   # ArcFace's gradient flows through cos(theta + m), as in insightface until Dec 2022.

@@ -463,6 +463,21 @@ def test_source_header_variants(tmp_path):
   assert source.image_keys.tolist() == [1, 2] and source.identity_ranges() is None
 
 
+def test_property_that_disagrees_with_the_identity_records_is_refused(tmp_path):
+  # A `property` from another dataset: too many classes trained unused rows of W without a word,
+  # too few failed at the first record past them, mid-run.
+  _make_folder(tmp_path / "faces", COUNTS)
+  pack_recordio.pack_image_folder(tmp_path / "faces", str(tmp_path / "train"))
+  for num_classes in (2, 5):
+    (tmp_path / "property").write_text(f"{num_classes},16,16")
+    with pytest.raises(recordio.RecordIOError,
+                       match=f"gives {num_classes} classes, but .* lists 3 identities"):
+      recordio.RecordIOSource(tmp_path)
+    assert recordio.RecordIOSource(tmp_path, num_classes=5).num_classes == 5  # Chosen.
+  (tmp_path / "property").unlink()
+  assert recordio.RecordIOSource(tmp_path).num_classes == 3
+
+
 def test_source_past_2_to_the_24_images_where_float32_header_labels_are_rounded(tmp_path):
   # Glint360K and WebFace42M have more than 2**24 images, so the header's float32 labels
   # [N + 1, N + 1 + K] are rounded: here 2**24 + 3 is stored as 2**24 + 4. Every image key

@@ -622,6 +622,21 @@ def test_face_data_without_an_image_shape_take_the_first_images(tmp_path):
     assert tuple(train_source.image_shape) == (10, 12, 3) and train_source.num_classes == 2
 
 
+def test_recordio_data_take_num_classes_from_the_config(tmp_path):
+  # Files with neither `property` nor identity records could not be trained from train.py.
+  rec, idx = str(tmp_path / "train.rec"), str(tmp_path / "train.idx")
+  recordio = margins_data.recordio
+  image = margins_data.image_folder.encode_image(np.zeros((4, 4, 3), np.uint8), image_format="png")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    for key, label in enumerate([0, 3]):
+      writer.write(recordio.pack(recordio.IRHeader(0, label, key), image), key=key)
+  data = dict(name="recordio", path=str(tmp_path), image_shape=None)
+  with pytest.raises(ValueError, match="`num_classes` is needed"):
+    train_lib.make_sources(ml_collections.ConfigDict(data))
+  train_source, _ = train_lib.make_sources(ml_collections.ConfigDict(dict(data, num_classes=7)))
+  assert train_source.num_classes == 7 and int(train_source[1]["label"]) == 3
+
+
 def test_a_run_with_nothing_to_evaluate_says_so_and_writes_no_empty_lines(tmp_path, monkeypatch,
                                                                           capsys):
   # Face data have no held-out sets; with config.eval.bins=() the run wrote {"step": N} lines

@@ -550,10 +550,12 @@ class RecordIOSource:
       image_shape: ``(H, W, C)`` of the returned images (C = 1 or 3). ``None``: ``(H, W, 3)``
         from ``property``, else the size of the first image.
       num_classes: ``None``: from ``property`` (a file beside the ``.rec``), else from the
-        identity range of the header record; give it for files that have neither.
+        identity range of the header record (the two must agree); give it for files that have
+        neither.
 
     Raises:
-      RecordIOError: a file is malformed, or an image key is missing from the index.
+      RecordIOError: a file is malformed, an image key is missing from the index, or
+        ``property`` and the identity records give different class counts.
       ValueError: ``num_classes`` is not given and the files do not say it.
     """
     self.rec_path, self.idx_path = dataset_files(path)
@@ -588,13 +590,20 @@ class RecordIOSource:
     property_path = os.path.join(os.path.dirname(self.rec_path), "property")
     stored = _read_property(property_path) if os.path.exists(property_path) else None
     if num_classes is None:
+      if stored is not None and self._identity_keys is not None and (
+          stored[0] != len(self._identity_keys)):
+        raise RecordIOError(
+            f"{property_path} gives {stored[0]} classes, but {self.rec_path}'s header record lists "
+            f"{len(self._identity_keys)} identities: they describe different datasets. Pass "
+            "`num_classes` (train.py: config.data.num_classes) to choose.")
       if stored is not None:
         num_classes = stored[0]
       elif self._identity_keys is not None:
         num_classes = len(self._identity_keys)
       else:
-        raise ValueError(f"`num_classes` is needed: {self.rec_path} has no `property` file "
-                         "beside it and no header record with identity ranges.")
+        raise ValueError(f"`num_classes` is needed (train.py: config.data.num_classes): "
+                         f"{self.rec_path} has no `property` file beside it and no header record "
+                         "with identity ranges.")
     if num_classes <= 0:
       raise ValueError(f"`num_classes` must be positive, got {num_classes}.")
     self.num_classes = int(num_classes)
