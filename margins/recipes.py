@@ -23,8 +23,9 @@ of the batch do not fit).
 
 The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains the same number
 of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match). On fewer
-devices than insightface used, ``--config.micro_batches=k`` keeps the global batch and its
-results, in ``k`` micro-batches per step (insightface's ``gradient_acc``).
+devices than insightface used, ``--config.micro_batches=k`` keeps the global batch, in ``k``
+micro-batches per step whose gradients are averaged (insightface's ``gradient_acc``); as there,
+BatchNorm's statistics and Partial FC's sample are each micro-batch's own.
 """
 
 import os
