@@ -37,14 +37,19 @@ from margins.train_state import TrainState
 MIN_REPLICA_SLICE_BYTES = 8 << 20
 
 
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint's files are damaged or incomplete."""
+
+
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
-                       remove_unfinished: bool = False) -> ocp.CheckpointManager:
+                       remove_unfinished: bool = False,
+                       create: bool = True) -> ocp.CheckpointManager:
   """The run's orbax checkpoints, in ``workdir/checkpoints``; :func:`save` writes one.
 
   ``remove_unfinished``: delete the folders of saves that a killed run left unfinished (orbax
   ignores them, but they would stay, each as large as a checkpoint). Only the training run
   itself may: another process (an evaluation beside a running training) would delete the save
-  in progress.
+  in progress. ``create``: make ``workdir/checkpoints`` if it is missing (``False`` to read).
   """
   arrays = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
@@ -58,7 +63,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
                ocp.PyTreeCheckpointHandler(type_handler_registry=types))
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
                                            cleanup_tmp_directories=remove_unfinished),
       handler_registry=handlers)
 
@@ -198,10 +203,11 @@ def _restore(manager: ocp.CheckpointManager, step: int, fields: dict[str, Any],
   handler = ocp.PyTreeCheckpointHandler()
   restore_args = ocp.checkpoint_utils.construct_restore_args(fields, strict=not rows_differ)
   args = ocp.args.PyTreeRestore(fields, restore_args=restore_args, partial_restore=True)
-  try:
-    return {**handler.restore(manager.directory / str(step) / "state", args=args), **leafless}
-  finally:
-    handler.close()
+  with _reading(manager, step):
+    try:
+      return {**handler.restore(manager.directory / str(step) / "state", args=args), **leafless}
+    finally:
+      handler.close()
 
 
 def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -209,10 +215,30 @@ def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   # The item's handler reads it directly: a Checkpointer would also look for a step's
   # _CHECKPOINT_METADATA inside the item's folder and warn, on every restore, that it is missing.
   handler = ocp.StandardCheckpointHandler()
+  with _reading(manager, step):
+    try:
+      return handler.metadata(manager.directory / str(step) / "state").tree
+    finally:
+      handler.close()
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
+  """Raises :class:`UnreadableCheckpoint`, naming the other checkpoints, for whatever orbax or
+  TensorStore raise on damaged files (a plain ``Exception``, some 70 lines of them)."""
   try:
-    return handler.metadata(manager.directory / str(step) / "state").tree
-  finally:
-    handler.close()
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    root = error
+    while root.__cause__ is not None:  # TensorStore's own message, under orbax's.
+      root = root.__cause__
+    cause = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
+    others = sorted(set(manager.all_steps()) - {step})
+    raise UnreadableCheckpoint(
+        f"Checkpoint {step} in {manager.directory} cannot be read: its files are damaged or "
+        f"incomplete ({cause}). Its other checkpoints: {others}; evaluate and export restore one "
+        f"with --step, and training resumes from the latest once {step}/ is moved out of "
+        "the folder.") from error
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],

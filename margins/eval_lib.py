@@ -143,6 +143,10 @@ def load_bin_set(image_shape: tuple[int, int, int],
   set at 112 x 112: 450 MB)."""
   height, width, channels = image_shape
   images, issame = data_lib.load_bin(path, image_size=(height, width), channels=channels)
+  try:
+    evaluation.check_pairs(issame)
+  except ValueError as error:  # Known before its images are embedded, or a run trains.
+    raise ValueError(f"{path}: {error}") from error
   return data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1), issame
 
 

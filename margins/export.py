@@ -110,7 +110,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--platforms: {unknown or 'none given'}; choose among {PLATFORMS}.")
   try:
     experiment, state = train_lib.restore(workdir, cli_flags.STEP.value, parts="backbone")
-  except FileNotFoundError as error:
+  except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   exported = export_embedding_model(experiment, state, platforms=platforms)
   step = int(state.step)

@@ -698,7 +698,7 @@ def restore(workdir: str, step: int | None = None, *,
   mesh = sharding_lib.make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)
-  with checkpoints.checkpoint_manager(workdir, config) as manager:
+  with checkpoints.checkpoint_manager(workdir, config, create=False) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
@@ -876,9 +876,12 @@ def _train_and_evaluate(config, workdir, mesh):
                                          train_source.image_shape)
   if resuming:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore_checkpoint(
-        manager, manager.latest_step(), abstract,
-        new_fields=lambda names: {name: getattr(state, name) for name in names})
+    try:
+      state = checkpoints.restore_checkpoint(
+          manager, manager.latest_step(), abstract,
+          new_fields=lambda names: {name: getattr(state, name) for name in names})
+    except checkpoints.UnreadableCheckpoint as error:
+      raise CannotStart(str(error)) from error
     run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker

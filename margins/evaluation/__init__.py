@@ -19,6 +19,7 @@ from margins.evaluation.plots import plot_roc
 from margins.evaluation.retrieval import format_retrieval
 from margins.evaluation.retrieval import retrieval_metrics
 from margins.evaluation.verification import VerificationResult
+from margins.evaluation.verification import check_pairs
 from margins.evaluation.verification import evaluate_verification
 from margins.evaluation.verification import flip_embeddings
 from margins.evaluation.verification import format_verification

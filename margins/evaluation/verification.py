@@ -132,7 +132,19 @@ def flip_embeddings(embeddings, flipped_embeddings) -> np.ndarray:
   return sklearn.preprocessing.normalize(embeddings + flipped_embeddings)
 
 
-def _check_issame(issame, num_embeddings: int) -> np.ndarray:
+def check_pairs(issame, *, num_folds: int = 10) -> np.ndarray:
+  """``issame`` as ``bool [P]``; raises unless :func:`evaluate_verification` can score these
+  pairs in ``num_folds`` folds (both kinds of pair, at least one per fold): a ``.bin`` set is
+  checked when it is read, not after its images are embedded.
+
+  >>> from margins.evaluation import check_pairs
+  >>> check_pairs([1, 0, 1, 0], num_folds=2).tolist()
+  [True, False, True, False]
+  >>> check_pairs([True] * 12)
+  Traceback (most recent call last):
+  ...
+  ValueError: `issame` must contain both same and different pairs.
+  """
   issame = np.asarray(issame)
   if issame.ndim != 1:
     raise ValueError(f"`issame` must have rank 1 ([num_pairs]), got shape {issame.shape}.")
@@ -140,12 +152,11 @@ def _check_issame(issame, num_embeddings: int) -> np.ndarray:
     if not np.issubdtype(issame.dtype, np.integer) or not np.isin(issame, (0, 1)).all():
       raise TypeError(f"`issame` must be booleans (or 0/1), got dtype {issame.dtype}.")
     issame = issame.astype(bool)
-  if num_embeddings != 2 * issame.size:
-    raise ValueError(
-        f"`embeddings` must have 2 rows per pair: {2 * issame.size} for {issame.size} pairs, "
-        f"got {num_embeddings}.")
   if issame.all() or not issame.any():
     raise ValueError("`issame` must contain both same and different pairs.")
+  num_folds = check_int(num_folds, "num_folds", minimum=1)
+  if num_folds > issame.size:
+    raise ValueError(f"`num_folds` ({num_folds}) must not exceed the {issame.size} pairs.")
   return issame
 
 
@@ -249,10 +260,11 @@ def evaluate_verification(
     ``calculate_val``).
   """
   embeddings = _check_embeddings("embeddings", embeddings)
-  issame = _check_issame(issame, embeddings.shape[0])
-  num_folds = check_int(num_folds, "num_folds", minimum=1)
-  if num_folds > issame.size:
-    raise ValueError(f"`num_folds` ({num_folds}) must not exceed the {issame.size} pairs.")
+  if embeddings.shape[0] != 2 * np.size(issame):
+    raise ValueError(
+        f"`embeddings` must have 2 rows per pair: {2 * np.size(issame)} for {np.size(issame)} "
+        f"pairs, got {embeddings.shape[0]}.")
+  issame = check_pairs(issame, num_folds=num_folds)
   far_targets = tuple(_check_far("far_targets", far) for far in far_targets)
   val_far_target = _check_far("val_far_target", val_far_target)
 
