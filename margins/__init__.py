@@ -2,7 +2,14 @@
 
 The public API at a glance: the loss zoo (one function per paper), the margins they are built
 from, and the softmax engines that run any margin dense, chunked, class-sharded or sampled.
+
+The rest is in subpackages, imported on first use (``margins.models.create``, ``margins.data``,
+``margins.evaluation``, ``margins.train_lib`` ...), so that the losses alone need no Flax, grain or
+Pillow at import.
 """
+
+import importlib
+import pkgutil
 
 from margins.losses.center import center_loss
 from margins.losses.center import update_centers
@@ -111,3 +118,16 @@ __all__ = [  # The public API: the names imported above.
     "triplet_loss",
     "update_centers",
 ]
+
+_SUBMODULES = frozenset(module.name for module in pkgutil.iter_modules(__path__)
+                        if not module.name.startswith("_"))
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:  # Python sets it as an attribute, so this runs once.
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | _SUBMODULES)

@@ -4,6 +4,8 @@ import doctest
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +49,18 @@ def test_public_api_is_all_and_every_function_has_an_example():
   without_reference = [name for name in set(functions) - helpers
                        if "References:" not in getattr(margins, name).__doc__]
   assert not without_reference, f"no References line in {sorted(without_reference)}"
+
+
+def test_subpackages_are_imported_on_first_use():
+  # The README's margins.models.create, margins.evaluation ... raised AttributeError after a plain
+  # `import margins`; the losses alone import no Flax, grain or Pillow.
+  code = ("import sys, margins; heavy = {'flax', 'grain', 'PIL'} & set(sys.modules); "
+          "print(sorted(heavy), margins.models.create.__name__, margins.data.write_bin.__name__, "
+          "'train_lib' in dir(margins)); margins.nothing")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+  assert result.stdout.split() == ["[]", "create", "write_bin", "True"], result.stderr
+  assert "AttributeError: module 'margins' has no attribute 'nothing'" in result.stderr
 
 
 @pytest.mark.parametrize("package", ["margins.evaluation", "margins.data"])
