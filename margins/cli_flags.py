@@ -19,7 +19,15 @@ OUT = flags.DEFINE_string(
     "out", None, "Where to write: the exported model's folder (export), the .npy file "
     "(embed_folder), the cleaned dataset's folder (tools.subcenter_drop) or the ROC plot "
     "(evaluate; default <workdir>/roc_<step>.png).")
-_SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT)
+FLIP = flags.DEFINE_bool(
+    "flip", None, "The flip test: add each image's embedding and its mirror image's (default: on "
+    "in evaluate, as insightface's protocol; off in embed_folder).")
+_SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT, FLIP)
+
+
+def flip_test(default: bool) -> bool:
+  """``--flip`` or ``--noflip`` if given, else the tool's ``default``."""
+  return default if FLIP.value is None else FLIP.value
 
 
 def refuse_unused(*used: flags.FlagHolder) -> None:

@@ -36,8 +36,7 @@ METADATA_FILE = "model.json"
 _MODEL = flags.DEFINE_string("model", None, "Folder of an exported model (python -m "
                              "margins.export).")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to embed (searched recursively).")
-_FLIP = flags.DEFINE_bool("flip", False, "Flip test: add the embedding of each mirror image.")
-for _name in ("out", "batch_size"):
+for _name in ("out", "batch_size", "flip"):
   flags.declare_key_flag(_name)
 DEFAULT_BATCH_SIZE = 256
 
@@ -51,9 +50,18 @@ def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, 
     raise FileNotFoundError(f"{', '.join(missing)} not found: is {directory!r} a folder written "
                             "by python -m margins.export?")
   with open(paths[0], "rb") as file:
-    exported = jax.export.deserialize(bytearray(file.read()))
+    serialized = bytearray(file.read())
+  try:
+    exported = jax.export.deserialize(serialized)
+  except Exception as error:  # flatbuffers' struct.error, IndexError ... on damaged bytes.
+    raise ValueError(f"{paths[0]} ({len(serialized)} bytes) is not a model jax.export can read: "
+                     f"damaged or cut short? Export it again ({type(error).__name__}: "
+                     f"{error}).") from error
   with open(paths[1]) as file:
-    return exported, json.load(file)
+    try:
+      return exported, json.load(file)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"{paths[1]} is not JSON ({error}): export the model again.") from error
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
@@ -95,7 +103,7 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli_flags.refuse_unused(cli_flags.BATCH_SIZE, cli_flags.OUT)
+  cli_flags.refuse_unused(cli_flags.BATCH_SIZE, cli_flags.OUT, cli_flags.FLIP)
   cli_flags.quiet_library_logs()
   for name, holder in (("model", _MODEL), ("images", _IMAGES), ("out", cli_flags.OUT)):
     if not holder.value:
@@ -113,12 +121,12 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"File names with a line break cannot be listed one per line: "
                            f"{broken[:3]}; rename them.")
     exported, _ = load_model(_MODEL.value)
-  except FileNotFoundError as error:
+  except (FileNotFoundError, ValueError) as error:
     raise app.UsageError(str(error)) from error
   try:
     embeddings = embed_files(exported, [os.path.join(_IMAGES.value, name) for name in names],
                              batch_size=cli_flags.BATCH_SIZE.value or DEFAULT_BATCH_SIZE,
-                             flip=_FLIP.value)
+                             flip=cli_flags.flip_test(False))
   except (ValueError, OSError) as error:  # An image that does not decode or cannot be read
     # (a broken link): its path is in the message.
     raise app.UsageError(str(error)) from error

@@ -150,30 +150,33 @@ def load_bin_set(image_shape: tuple[int, int, int],
   return data_lib.ArraySource(images, np.zeros(len(images), np.int32), num_classes=1), issame
 
 
-def evaluate_bin(experiment, state, path: str, *, embed_fn) -> evaluation.VerificationResult:
-  """insightface's protocol on the ``.bin`` verification set at ``path``, with the flip test."""
+def evaluate_bin(experiment, state, path: str, *, embed_fn,
+                 flip: bool = True) -> evaluation.VerificationResult:
+  """insightface's protocol on the ``.bin`` verification set at ``path``, with the flip test
+  unless ``flip`` is false."""
   return verify_bin_set(experiment, state, *load_bin_set(experiment.image_shape, path),
-                        embed_fn=embed_fn)
+                        embed_fn=embed_fn, flip=flip)
 
 
-def verify_bin_set(experiment, state, source, issame: np.ndarray, *,
-                   embed_fn) -> evaluation.VerificationResult:
-  """insightface's protocol on a :func:`load_bin_set`, with the flip test."""
-  embeddings, xnorm = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
+def verify_bin_set(experiment, state, source, issame: np.ndarray, *, embed_fn,
+                   flip: bool = True) -> evaluation.VerificationResult:
+  """insightface's protocol on a :func:`load_bin_set`, with the flip test unless ``flip`` is
+  false."""
+  embeddings, xnorm = compute_embeddings(experiment, state, source, flip=flip, embed_fn=embed_fn,
                                          with_xnorm=True)
   return dataclasses.replace(evaluation.evaluate_verification(embeddings, issame), xnorm=xnorm)
 
 
-def evaluate_ijb(experiment, state, folder: str, *, embed_fn,
-                 operating_point: str = "at_most") -> evaluation.IJBResult:
-  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test
-  (``operating_point``: :func:`margins.evaluation.evaluate_ijb`'s).
+def evaluate_ijb(experiment, state, folder: str, *, embed_fn, operating_point: str = "at_most",
+                 flip: bool = True) -> evaluation.IJBResult:
+  """insightface's IJB-B/C 1:1 template verification on an IJB folder, with the flip test unless
+  ``flip`` is false (``operating_point``: :func:`margins.evaluation.evaluate_ijb`'s).
 
   Its crops (469,375 for IJB-C) are decoded and aligned by one thread per CPU: about 1 ms each
   for a 250 x 250 JPEG on this machine's CPU, 1.4x faster with its 2 threads than with one.
   """
   source = data_lib.IJBSource(folder, image_shape=experiment.image_shape)
-  embeddings = compute_embeddings(experiment, state, source, flip=True, embed_fn=embed_fn,
+  embeddings = compute_embeddings(experiment, state, source, flip=flip, embed_fn=embed_fn,
                                   read_threads=os.cpu_count() or 1)
   return evaluation.evaluate_ijb(embeddings, source.protocol, operating_point=operating_point)
 

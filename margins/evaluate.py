@@ -2,17 +2,17 @@ r"""Evaluates a training run's checkpoint on ``.bin`` verification sets (LFW, CF
 and on IJB-B / IJB-C.
 
   python -m margins.evaluate --workdir <run> --bin lfw.bin --bin cfp_fp.bin \
-      [--ijb /data/IJBC [--ijb_operating_point nearest]] [--step N] [--batch_size 256]
+      [--ijb /data/IJBC [--ijb_operating_point nearest]] [--step N] [--batch_size 256] [--noflip]
 
 restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
-the flip test and prints one row per ``.bin`` set by insightface's protocol (10-fold accuracy mean
-+- std, TAR@FAR 1e-3 and 1e-4 from the ROC of all pairs, AUC, XNorm; ``n/a`` where a set has too
-few different pairs to measure the FAR), then writes their ROC curves to ``<run>/roc_<step>.png``
-(``--out``: another file).
-Each ``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C)
-is scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC;
-``--ijb_operating_point nearest`` reads TAR@FAR off the ROC as insightface's ``eval_ijbc.py``
-does, for comparison with published tables.
+the flip test (``--noflip``: each image alone, as a deployment without it runs) and prints one row
+per ``.bin`` set by insightface's protocol (10-fold accuracy mean +- std, TAR@FAR 1e-3 and 1e-4 from
+the ROC of all pairs, AUC, XNorm; ``n/a`` where a set has too few different pairs to measure the
+FAR), then writes their ROC curves to ``<run>/roc_<step>.png`` (``--out``: another file). Each
+``--ijb`` folder (``loose_crop/`` and ``meta/``, as insightface distributes IJB-B and IJB-C) is
+scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and the AUC;
+``--ijb_operating_point nearest`` reads TAR@FAR off the ROC as insightface's ``eval_ijbc.py`` does,
+for comparison with published tables.
 """
 
 import os
@@ -37,7 +37,7 @@ _IJB_OPERATING_POINT = flags.DEFINE_enum(
     "ijb_operating_point", "at_most", evaluation.ijb.OPERATING_POINTS,
     "How IJB TAR@FAR reads the ROC: the highest TAR whose FAR is at most the target, or "
     "insightface's eval_ijbc.py's point nearest the target (its FAR may exceed it).")
-for _name in ("workdir", "step", "batch_size", "out"):
+for _name in ("workdir", "step", "batch_size", "out", "flip"):
   flags.declare_key_flag(_name)
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
@@ -48,10 +48,10 @@ TABLE_FARS = (1e-3, 1e-4)
 
 def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequence[str] = (),
                  step: int | None = None, batch_size: int | None = None,
-                 ijb_operating_point: str = "at_most",
+                 ijb_operating_point: str = "at_most", flip: bool = True,
                  ) -> tuple[int, dict[str, evaluation.VerificationResult | evaluation.IJBResult]]:
   """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets and IJB folders (named
-  by their meta files' prefix, ``ijbc``), with the flip test.
+  by their meta files' prefix, ``ijbc``), with the flip test unless ``flip`` is false.
 
   Args:
     workdir: the training run's directory.
@@ -74,17 +74,19 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
                                                                   experiment.mesh.size)
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   with jax.set_mesh(experiment.mesh):
-    results = {name: eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn)
+    results = {name: eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn, flip=flip)
                for name, path in zip(names, bin_paths)}
     results.update({name: eval_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
-                                                operating_point=ijb_operating_point)
+                                                operating_point=ijb_operating_point, flip=flip)
                     for name, folder in zip(names[len(bin_paths):], ijb_folders)})
   return int(state.step), results
 
 
-def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
-  """One row per set: ``Accuracy-Flip`` (mean+-std over folds), TAR@FAR 1e-3 and 1e-4, AUC and
-  insightface's XNorm (mean embedding norm; ``n/a`` where not measured).
+def format_table(results: Mapping[str, evaluation.VerificationResult], *,
+                 flip: bool = True) -> str:
+  """One row per set: ``Accuracy-Flip`` (mean+-std over folds; ``Accuracy`` without the flip
+  test), TAR@FAR 1e-3 and 1e-4, AUC and insightface's XNorm (mean embedding norm; ``n/a`` where
+  not measured).
 
   >>> import numpy as np
   >>> from margins.evaluation import evaluate_verification
@@ -100,7 +102,7 @@ def format_table(results: Mapping[str, evaluation.VerificationResult]) -> str:
   |-----|------------------|---------------|---------------|---------|-------|
   | toy | 0.97750+-0.00873 | 0.75100       | n/a           | 0.99761 | n/a   |
   """
-  header = ["Set", "Accuracy-Flip", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC",
+  header = ["Set", "Accuracy-Flip" if flip else "Accuracy", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC",
             "XNorm"]
   cell = evaluation.verification.format_value
   rows = [[name, f"{r.accuracy:.5f}+-{r.accuracy_std:.5f}",
@@ -136,13 +138,14 @@ def main(argv: Sequence[str]) -> None:
   try:
     step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
                                  step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value,
-                                 ijb_operating_point=_IJB_OPERATING_POINT.value)
+                                 ijb_operating_point=_IJB_OPERATING_POINT.value,
+                                 flip=cli_flags.flip_test(True))
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() != 0:
     return
   bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
-  lines = [f"{workdir}, step {step}:", *([format_table(bins)] if bins else []),
+  lines = [f"{workdir}, step {step}:", *([format_table(bins, flip=cli_flags.flip_test(True))] if bins else []),
            *(evaluation.format_ijb(name, r) for name, r in results.items()
              if isinstance(r, evaluation.IJBResult))]
   print("\n".join(lines), flush=True)  # Before the plot, which may fail (a read-only run).

@@ -8,8 +8,11 @@ writes into ``<dir>``:
   [B, H, W, C]`` images in ``[-1, 1]`` to ``float32 [B, D]`` embeddings, for any ``B``; load it with
   ``jax.export.deserialize`` and call ``exported.call(images)``, on the platforms it was exported
   for (``--platforms``: any of cpu, cuda, rocm, tpu, whatever machine exports);
-- ``model.json``: what a user needs to feed it: the input shape and dtype, how uint8 pixels are
-  normalised (``x * 2 / 255 - 1``, i.e. ``(x / 255 - 0.5) / 0.5``), the embedding dimension, and
+- ``model.json``: what a user needs to feed it and read it: the input shape (``NHWC``, where
+  insightface's ONNX models take ``NCHW``), dtype and channels (RGB, as insightface's data are
+  decoded, or grey), how uint8 pixels are normalised (``x * 2 / 255 - 1``, i.e.
+  ``(x / 255 - 0.5) / 0.5``), how other sizes are resized, the embedding dimension (the embeddings
+  are not L2-normalised: compare them by cosine), the flip test the run's verification used, and
   the platforms, step and model name.
 
 ``python -m margins.embed_folder`` embeds a folder of images with it, without this code.
@@ -82,8 +85,14 @@ def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
   (images,), (embeddings,) = exported.in_avals, exported.out_avals
   metadata = dict(
       input_shape=[str(images.shape[0]), *images.shape[1:]], input_dtype=str(images.dtype),
-      input_normalization=NORMALIZATION, channels="grey" if images.shape[3] == 1 else "RGB",
-      embedding_dim=embeddings.shape[1], platforms=list(exported.platforms), **info)
+      input_layout="NHWC", input_normalization=NORMALIZATION,
+      channels="grey" if images.shape[3] == 1 else "RGB",
+      resize="bilinear, without keeping the aspect ratio (Pillow's; embed_folder does it)",
+      embedding_dim=embeddings.shape[1],
+      embeddings="not L2-normalised; compare by cosine similarity",
+      flip_test=("verification adds each image's embedding and its mirror image's "
+                 "(embed_folder --flip), as insightface's evaluation"),
+      platforms=list(exported.platforms), **info)
   with open(os.path.join(directory, embed_folder.METADATA_FILE), "w") as file:
     json.dump(metadata, file, indent=2)
 

@@ -145,6 +145,14 @@ def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
   table = evaluate.format_table({"digits": expected})
   assert f"{run}, step 2:\n{table}\n" in out, (out, table)
   assert os.path.getsize(os.path.join(run, "roc_2.png")) > 10_000
+  # Each image alone, as a deployment without the flip test embeds it.
+  unflipped = live_embeddings(*restored, grey, flip=False)
+  alone = dataclasses.replace(evaluation.evaluate_verification(unflipped, issame),
+                              xnorm=float(np.mean(np.linalg.norm(unflipped, axis=1))))
+  cli(evaluate, "--workdir", run, "--bin", path, "--noflip")
+  table = evaluate.format_table({"digits": alone}, flip=False)
+  assert "| Accuracy " in table and alone.auc != expected.auc
+  assert f"{run}, step 2:\n{table}\n" in capsys.readouterr().out
 
 
 def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):
@@ -164,6 +172,9 @@ def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys)
       "--ijb_operating_point", "nearest")
   out = capsys.readouterr().out
   assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', nearest)}\n", out
+  alone = evaluation.evaluate_ijb(live_embeddings(*restored, grey, flip=False), source.protocol)
+  cli(evaluate, "--workdir", run, "--ijb", str(folder), "--noflip")
+  assert capsys.readouterr().out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', alone)}\n"
   with pytest.raises(app.UsageError, match="--ijb: no such folder"):
     cli(evaluate, "--workdir", run, "--ijb", str(tmp_path / "IJBB"))
 
@@ -215,6 +226,8 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
   # The shared flags that a tool does not read are refused, not ignored.
   with pytest.raises(app.UsageError, match="--batch_size: this tool does not read it"):
     cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--batch_size", "7")
+  with pytest.raises(app.UsageError, match="--flip: this tool does not read it"):
+    cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--noflip")
   with pytest.raises(app.UsageError, match="--workdir, --step: this tool does not read them"):
     cli(embed_folder, "--model", str(tmp_path / "m"), "--images", str(tmp_path), "--out",
         str(tmp_path / "e.npy"), "--workdir", run, "--step", "2")
@@ -313,6 +326,12 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
   loaded, metadata = embed_folder.load_model(tmp_path)
   assert metadata["input_shape"] == ["b", 16, 16, 1] and metadata["embedding_dim"] == 32
   assert metadata["platforms"] == ["cpu", "cuda"] and metadata["step"] == 2
+  assert metadata["input_layout"] == "NHWC" and metadata["channels"] == "grey"
+  assert "not L2-normalised" in metadata["embeddings"] and "--flip" in metadata["flip_test"]
+  model = tmp_path / "model.stablehlo"
+  model.write_bytes(model.read_bytes()[:1000])  # A copy cut short: flatbuffers' struct.error.
+  with pytest.raises(ValueError, match=r"model.stablehlo \(1000 bytes\) is not a model jax"):
+    embed_folder.load_model(tmp_path)
   embed = jax.jit(lambda x: eval_lib.embed(experiment, state, x))
   rng = np.random.default_rng(0)
   for batch_size in (3, 8):

@@ -153,6 +153,8 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   assert not os.path.exists(tmp_path / "empty")
   with pytest.raises(app.UsageError, match="--out is required"):
     cli(subcenter_drop, "--workdir", run)
+  with pytest.raises(app.UsageError, match="--flip: this tool does not read it"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "flipped"), "--flip")
   # The data named by its .rec file, as RecordIOSource takes it: the same dataset and .bin sets.
   from_rec = tmp_path / "clean_from_rec"
   cli(subcenter_drop, "--workdir", run, "--out", str(from_rec), "--max_angle", str(max_angle),

@@ -208,6 +208,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.OUT, cli_flags.STEP, cli_flags.BATCH_SIZE)
   cli_flags.quiet_library_logs()
   # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
   # the dataset written by process 0 (else every task writes the same train.rec).
