@@ -965,3 +965,64 @@ def test_a_traced_flag_is_named_and_leaves_later_calls_working(loss_fn, flag):
   got = jax.jit(loss_fn, static_argnames=flag)(x, w, labels, **{flag: True})
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert np.isfinite(loss_fn(x, w, labels)).all()
+
+
+@pytest.mark.parametrize("make, field, values", [
+    (lambda **f: margins.MVSoftmax(**f), "t", np.linspace(0.0, 0.4, 6)),
+    (lambda **f: margins.MVSoftmax(adaptive=False, **f), "t", np.linspace(0.0, 0.4, 6)),
+    (lambda **f: margins.SphereFace2(bias=0.5, **f), "margin", np.linspace(0.1, 0.5, 6)),
+    (lambda **f: margins.SphereFace2(bias=0.5, **f), "t", np.linspace(1.0, 4.0, 6)),
+    (lambda **f: margins.SphereFace2(**f), "bias", np.linspace(-2.0, 2.0, 6)),
+    (lambda **f: margins.SphereFaceR(kind="v2", **f), "margin", np.linspace(1.1, 2.0, 6)),
+])
+def test_a_per_example_field_scores_each_example_with_its_own_value(make, field, values):
+  # Those the non-target logits read were laid across the classes: with as many classes as
+  # examples, silently wrong losses (17 apart for MV-Softmax's t); else a broadcasting error.
+  # The margins' code is the engines': chunked, in chunks of 4 of the 6 classes, runs it.
+  engine = margins.chunked(chunk_size=4)
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+  labels = jnp.arange(6)
+
+  @jax.jit
+  @functools.partial(jax.value_and_grad, argnums=(0, 1))
+  def example_loss(x, w, value, i):  # Example i's loss, every example scored with ``value``.
+    return engine(x, w, labels, make(**{field: value}))[0][i]
+
+  whole = jax.value_and_grad(lambda x, w: jnp.sum(engine(
+      x, w, labels, make(**{field: jnp.asarray(values, jnp.float32)}))[0]), argnums=(0, 1))
+  loss, grads = whole(x, w)
+  alone = [example_loss(x, w, jnp.float32(value), i) for i, value in enumerate(values)]
+  assert float(loss) == pytest.approx(sum(float(one) for one, _ in alone), rel=1e-5)
+  for got, each in zip(grads, zip(*(grad for _, grad in alone))):
+    np.testing.assert_allclose(got, sum(each), rtol=1e-5, atol=1e-5)
+
+
+def test_hyperparameters_outside_their_range_and_lists_are_refused():
+  # Each used to run: SphereFace-R's m = 0.5 to a loss of about 0, SphereFace2's alpha = 1.5 to
+  # negative losses, MagFace's margin slope from norms the wrong way round; a list as a margin
+  # failed inside the engine with a tracer's "unsupported operand".
+  x, w, labels = make_inputs()
+  refused = [
+      (lambda: margins.spherefacer_loss(x, w, labels, margin=0.5), "`margin` of SphereFaceR must "
+       r"be at least 1"),
+      (lambda: margins.sphereface2_loss(x, w, labels, 1.0, alpha=1.5), r"`alpha` of SphereFace2 "
+       r"must be a weight in \[0, 1\]"),
+      (lambda: margins.elasticface_loss(x, w, labels, jax.random.key(0), sigma=-0.1),
+       "`sigma` of ElasticFace must be a standard deviation"),
+      (lambda: margins.combined_margin_loss(x, w, labels, m1=0.0), "`m1` of CombinedMargin must "
+       "be positive"),
+      (lambda: margins.magface_loss(x, w, labels, lower_norm=120.0), "`lower_norm` of MagFace "
+       r"\(120.0\) must be below its `upper_norm` \(110.0\)"),
+  ]
+  for loss, message in refused:
+    with pytest.raises(ValueError, match=message):
+      loss()
+  with pytest.raises(TypeError, match=r"`margin` of CosFace must be a number or an array, got a "
+                     r"list: .* \(jnp.asarray\(\[0.1, 0.2"):
+    margins.cosface_loss(x, w, labels, margin=[0.1, 0.2, 0.3, 0.1, 0.2, 0.3])
+  # The edges of each range run.
+  for loss in (lambda: margins.spherefacer_loss(x, w, labels, margin=1.0),
+               lambda: margins.sphereface2_loss(x, w, labels, 1.0, alpha=1.0),
+               lambda: margins.elasticface_loss(x, w, labels, jax.random.key(0), sigma=0.0)):
+    assert np.isfinite(loss()).all()

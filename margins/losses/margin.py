@@ -22,12 +22,14 @@ for L-Softmax and plain softmax.
 
 A new margin is a small frozen dataclass with a ``target_logit`` method; hyperparameters that
 change during training (SphereFace's annealing ``lambda``, CurricularFace's ``t``) are array fields,
-so a margin is a pytree that passes through ``jit``. Flags and integer margins are static fields.
+so a margin is a pytree that passes through ``jit``. Flags, kinds, integer margins and constants
+(AdaFace's ``eps``) are static fields.
 Angular margins are in radians, less than a half turn (:func:`check_margin` says so otherwise).
 """
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -167,6 +169,12 @@ def capped_cos(angle: Array) -> Array:
   return jnp.cos(jnp.minimum(angle, math.pi))
 
 
+def _per_row(value: Array | float) -> Array | float:
+  """A hyperparameter as it broadcasts against ``[B, c]`` scores: a per-example ``[B]`` one
+  down the rows, not across the classes."""
+  return jnp.expand_dims(value, -1) if jnp.ndim(value) == 1 else value
+
+
 def _detached(cos: Array, adjusted: Array) -> Array:
   """``cos + stop_gradient(adjusted - cos)``: the value of ``adjusted``, the gradient of ``cos``."""
   return cos + jax.lax.stop_gradient(adjusted - cos)
@@ -265,6 +273,9 @@ class Softmax(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
   >>> margins.Softmax().target_logit(rows)  # |x| |W_y| cos: the raw dot product
   Array([2., 0.], dtype=float32)
+
+  References:
+    The softmax loss of every classifier; see NormFace (Wang et al., 2017) for its geometry.
   """
   normalize_embeddings = False
   normalize_weights = False
@@ -282,6 +293,9 @@ class NormFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.NormFace(scale=1.0).target_logit(rows)  # s cos
   Array([1., 0.], dtype=float32)
+
+  References:
+    Wang et al., "NormFace: L2 Hypersphere Embedding for Face Verification", ACM MM 2017.
   """
   scale: Array | float = 16.0
 
@@ -301,6 +315,9 @@ class LSoftmax(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
   >>> margins.LSoftmax(margin=2).target_logit(rows)  # |x| |W_y| psi(theta); psi(90 deg) = -1
   Array([ 2., -2.], dtype=float32)
+
+  References:
+    Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
   """
   margin: int = static_field(4)
   annealing: Array | float = 0.0
@@ -325,6 +342,9 @@ class SphereFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 2.0), weight_norm=jnp.ones(2))
   >>> margins.SphereFace(margin=2).target_logit(rows)  # |x| psi(theta)
   Array([ 2., -2.], dtype=float32)
+
+  References:
+    Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
   """
   margin: int = static_field(4)
   scale: Array | float | None = None
@@ -352,6 +372,10 @@ class CosFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.CosFace(scale=1.0).target_logit(rows)  # cos - 0.35
   Array([ 0.65, -0.35], dtype=float32)
+
+  References:
+    Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018;
+    Wang et al., "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.35
@@ -375,6 +399,9 @@ class ArcFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.ArcFace(scale=1.0).target_logit(rows)  # cos(theta + 0.5)
   Array([ 0.87758255, -0.47942555], dtype=float32)
+
+  References:
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.5
@@ -401,6 +428,9 @@ class CombinedMargin(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.CombinedMargin(scale=1.0).target_logit(rows)  # cos(theta + 0.3) - 0.2
   Array([ 0.7553365, -0.4955203], dtype=float32)
+
+  References:
+    Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
   """
   scale: Array | float = 64.0
   m1: Array | float = 1.0
@@ -428,6 +458,10 @@ class CurricularFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.CurricularFace(scale=1.0).target_logit(rows)  # ArcFace's target
   Array([ 0.87758255, -0.47942555], dtype=float32)
+
+  References:
+    Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
+    Recognition", CVPR 2020.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.5
@@ -470,6 +504,9 @@ class MVSoftmax(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.MVSoftmax(scale=1.0).target_logit(rows)  # cos - 0.35 where cos > 0 (easy_margin)
   Array([0.65, 0.  ], dtype=float32)
+
+  References:
+    Wang et al., "Mis-classified Vector Guided Softmax Loss for Face Recognition", AAAI 2020.
   """
   scale: Array | float = 32.0
   margin: Array | float = 0.35
@@ -497,8 +534,9 @@ class MVSoftmax(Margin):
   def nontarget_logits(self, similarity, rows):
     threshold = jax.lax.stop_gradient(self._margined(rows.cos))
     hard = similarity > threshold[:, None]
-    weight = 1 + self.t if self.adaptive else 1
-    return self.scale * jnp.where(hard, weight * similarity + self.t, similarity)
+    t = _per_row(self.t)
+    weight = 1 + t if self.adaptive else 1
+    return self.scale * jnp.where(hard, weight * similarity + t, similarity)
 
 
 @margin_dataclass
@@ -519,6 +557,9 @@ class AdaFace(Margin):
   >>> target = margins.AdaFace(scale=1.0).target_logit(rows)
   >>> [round(float(t), 4) for t in target]  # |x| at the mean: z = 0, cos(theta) - m
   [0.599, -0.4]
+
+  References:
+    Kim et al., "AdaFace: Quality Adaptive Margin for Face Recognition", CVPR 2022.
   """
   scale: Array | float = 64.0
   margin: Array | float = 0.4
@@ -565,6 +606,10 @@ class MagFace(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.full(2, 10.0), weight_norm=jnp.ones(2))
   >>> margins.MagFace(scale=1.0).target_logit(rows)  # |x| = l_a: m = 0.45, only where cos > 0
   Array([0.90044713, 0.        ], dtype=float32)
+
+  References:
+    Meng et al., "MagFace: A Universal Representation for Face Recognition and Quality
+    Assessment", CVPR 2021.
   """
   scale: Array | float = 64.0
   lower_norm: Array | float = 10.0
@@ -608,6 +653,9 @@ class ElasticFace(Margin):
   >>> elastic = margins.ElasticFace(key=jax.random.key(0), scale=1.0, sigma=0.0)
   >>> elastic.target_logit(rows)  # sigma 0: ArcFace's cos(theta + 0.5)
   Array([ 0.87758255, -0.47942555], dtype=float32)
+
+  References:
+    Boutros et al., "ElasticFace: Elastic Margin Loss for Deep Face Recognition", CVPRW 2022.
   """
   key: Array
   scale: Array | float = 64.0
@@ -660,6 +708,9 @@ class SphereFaceR(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.SphereFaceR(scale=1.0, margin=2.0).target_logit(rows)  # psi(theta) at m = 2
   Array([ 1., -1.], dtype=float32)
+
+  References:
+    Liu et al., "SphereFace Revived: Unifying Hyperspherical Face Recognition", TPAMI 2022.
   """
   scale: Array | float = 30.0
   margin: Array | float = 1.5
@@ -683,7 +734,7 @@ class SphereFaceR(Margin):
     del rows
     if self.kind != "v2":
       return self.scale * similarity
-    adjusted = jnp.cos(angle(jnp.clip(similarity, -1, 1)) / self.margin)
+    adjusted = jnp.cos(angle(jnp.clip(similarity, -1, 1)) / _per_row(self.margin))
     return self.scale * _detached(similarity, adjusted)
 
 
@@ -750,6 +801,10 @@ class SphereFace2(Margin):
   >>> rows = margins.Rows(cos, embedding_norm=jnp.ones(2), weight_norm=jnp.ones(2))
   >>> margins.SphereFace2(bias=0.0, scale=1.0).target_logit(rows)  # g(cos) - 0.4 (+ bias 0)
   Array([ 0.6 , -1.15], dtype=float32)
+
+  References:
+    Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
+    Recognition", ICLR 2022.
   """
   bias: Array | float
   scale: Array | float = 40.0
@@ -762,19 +817,21 @@ class SphereFace2(Margin):
   def __post_init__(self):
     _common.check_choice("kind", self.kind, SPHEREFACE2_KINDS)
 
-  def _logits(self, cos: Array, adjusted: Array) -> Array:
+  def _logits(self, cos: Array, adjusted: Array, bias: Array | float) -> Array:
     """The value of ``r adjusted + b``, the gradient of ``r cos + b``."""
-    return self.scale * _detached(cos, adjusted) + self.bias
+    return self.scale * _detached(cos, adjusted) + bias
 
   def target_logit(self, rows):
     adjusted = similarity_adjustment(
         _sphereface2_target_cos(rows.cos, self.margin, self.kind), self.t)
-    return self._logits(rows.cos, adjusted - self.margin if self.kind == "cos" else adjusted)
+    return self._logits(rows.cos, adjusted - self.margin if self.kind == "cos" else adjusted,
+                        self.bias)
 
   def nontarget_logits(self, similarity, rows):
     del rows
-    adjusted = similarity_adjustment(similarity, self.t)
-    return self._logits(similarity, adjusted + self.margin if self.kind == "cos" else adjusted)
+    margin, t, bias = (_per_row(value) for value in (self.margin, self.t, self.bias))
+    adjusted = similarity_adjustment(similarity, t)
+    return self._logits(similarity, adjusted + margin if self.kind == "cos" else adjusted, bias)
 
   def row_terms(self, logits, row_max):
     del row_max  # Always 0: softplus needs no shift.
@@ -852,6 +909,12 @@ def check_margin(margin: Any) -> Margin:
     raise TypeError(f"{type(margin).__name__} must be decorated with @margins.margin_dataclass "
                     "(a subclass of a margin too), which makes it a pytree.")
   _check_static_fields(margin)
+  for field in dataclasses.fields(margin):
+    value = getattr(margin, field.name)
+    if isinstance(value, (list, tuple)):  # Else a tracer's "unsupported operand" in the engine.
+      raise TypeError(f"`{field.name}` of {type(margin).__name__} must be a number or an array, "
+                      f"got a {type(value).__name__}: one value per example is an array "
+                      f"(jnp.asarray({value!r})).")
   scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
   if scale is not None:
     # One for the batch (margins may vary per row); a learnt one may be a [1] parameter.
@@ -877,7 +940,29 @@ def check_margin(margin: Any) -> Margin:
       raise ValueError(
           f"`{name}` of {type(margin).__name__} is an angle in radians and must lie in "
           f"(-pi, pi), got {angle} (ArcFace's 0.5 is 28.6 degrees).")
+  for name, holds, rule in _field_rules(margin):
+    value = getattr(margin, name)
+    if not isinstance(value, jax.core.Tracer) and not np.all(holds(np.asarray(value))):
+      raise ValueError(f"`{name}` of {type(margin).__name__} must be {rule}, got {value}.")
+  if isinstance(margin, MagFace) and not any(
+      isinstance(value, jax.core.Tracer) for value in (margin.lower_norm, margin.upper_norm)
+  ) and not np.all(np.asarray(margin.lower_norm) < np.asarray(margin.upper_norm)):
+    raise ValueError(f"`lower_norm` of MagFace ({margin.lower_norm}) must be below its "
+                     f"`upper_norm` ({margin.upper_norm}): the margin grows between them.")
   return margin
+
+
+def _field_rules(margin: Margin) -> tuple[tuple[str, Callable[[np.ndarray], Any], str], ...]:
+  """``(field, test, what it must be)`` of ``margin``'s fields whose values are bounded."""
+  if isinstance(margin, SphereFaceR):
+    return (("margin", lambda m: m >= 1, "at least 1 (1: no margin)"),)
+  if isinstance(margin, SphereFace2):
+    return (("alpha", lambda a: (a >= 0) & (a <= 1), "a weight in [0, 1]"),)
+  if isinstance(margin, ElasticFace):
+    return (("sigma", lambda sigma: sigma >= 0, "a standard deviation, at least 0"),)
+  if isinstance(margin, CombinedMargin):
+    return (("m1", lambda m: m > 0, "positive (1: no multiplicative margin)"),)
+  return ()
 
 
 def _angle_fields(margin: Margin) -> tuple[str, ...]:
