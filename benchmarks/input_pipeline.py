@@ -16,35 +16,26 @@ import tempfile
 import numpy as np
 
 from margins import data as data_lib
-from margins.data import recordio
 from margins.data.image_folder import encode_image
+from margins.tools import pack_recordio
 
 
 def write_dataset(folder: str, num_images: int, num_classes: int, size: int) -> None:
   """``num_images`` smooth random JPEGs in insightface's RecordIO layout."""
   rng = np.random.default_rng(0)
   y, x = np.mgrid[0:size, 0:size] / size
-  per_class = num_images // num_classes
-  rec, idx = os.path.join(folder, "train.rec"), os.path.join(folder, "train.idx")
-  with recordio.RecordIOWriter(rec, idx) as writer:
-    first_identity = num_images + 1
-    writer.write(recordio.pack(recordio.IRHeader(
-        0, [first_identity, first_identity + num_classes], 0), b""), key=0)
-    for key in range(1, num_images + 1):
+
+  def images():
+    for _ in range(num_images):
       phases = rng.uniform(0, 2 * np.pi, 3)
       image = np.stack([128 + 60 * np.sin(2 * np.pi * (k + 1) * (x + y) + p)
                         for k, p in enumerate(phases)], axis=-1)
       image = (image + rng.uniform(-20, 20, image.shape)).clip(0, 255).astype(np.uint8)
-      label = min((key - 1) // per_class, num_classes - 1)
-      writer.write(recordio.pack(recordio.IRHeader(0, label, key),
-                                 encode_image(image, image_format="jpeg")), key=key)
-    for label in range(num_classes):
-      start = 1 + label * per_class
-      end = num_images + 1 if label == num_classes - 1 else start + per_class
-      writer.write(recordio.pack(recordio.IRHeader(0, [start, end], first_identity + label), b""),
-                   key=first_identity + label)
-  with open(os.path.join(folder, "property"), "w") as f:
-    f.write(f"{num_classes},{size},{size}")
+      yield encode_image(image, image_format="jpeg")
+
+  labels = np.minimum(np.arange(num_images) // (num_images // num_classes), num_classes - 1)
+  pack_recordio.write_identity_dataset(os.path.join(folder, "train"), labels, images(),
+                                       num_classes=num_classes, image_size=(size, size))
 
 
 def main():

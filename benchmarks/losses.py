@@ -45,10 +45,6 @@ def _parse_args():
   return parser.parse_args()
 
 
-def _first(output):
-  return output[0] if isinstance(output, tuple) else output
-
-
 # name: (loss of (x, w, labels) -> [B] losses, weights with sub-centres).
 CLASSIFICATION = {
     "softmax": (margins.softmax_loss, False),

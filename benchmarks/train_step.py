@@ -23,7 +23,6 @@ backbone, float32, chunks of 256): a try on a CPU.
 
 import argparse
 import functools
-import importlib.util
 import os
 import statistics
 import time
@@ -65,10 +64,7 @@ def load_recipe(name: str, batch_size: int, sample_rate: float | None = None,
   quick variant, with the engine's sample rate and chunk size replaced where given (and its
   ``freeze_unsampled`` set if asked)."""
   path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "recipes", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("/unused,quick" if quick else "/unused")
+  config = train_lib.config_from_file(path, "/unused,quick" if quick else "/unused")
   config.batch_size = batch_size
   if sample_rate is not None:
     config.engine.sample_rate = sample_rate

@@ -536,8 +536,8 @@ def _unstack_last(values: Array) -> list[Array]:
 
 
 def _all_scores(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
-  """``[B, c K]`` float32 ``<x_in, W_j>`` of every centre of ``w [c, (K,) D]`` (``W_j``
-  normalised if asked)."""
+  """``[B, c K]`` ``<x_in, W_j>`` of every centre of ``w [c, (K,) D]`` (``W_j`` normalised if
+  asked): float32, float64 for float64 inputs."""
   flat = w.reshape(-1, x_in.shape[1])
   if normalize_weights:
     return _normalized_dot(x_in, flat, floor_dtype)
@@ -545,13 +545,13 @@ def _all_scores(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: 
 
 
 def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: Any) -> Array:
-  """``[B, c]`` float32 ``<x_in, W_j>`` (``W_j`` normalised if asked; max over sub-centres)."""
+  """``[B, c]`` ``<x_in, W_j>`` as :func:`_all_scores`, the best sub-centre's."""
   scores = _all_scores(x_in, w, normalize_weights=normalize_weights, floor_dtype=floor_dtype)
   return _best_subcentre(scores, w.shape)
 
 
 def similarity(x: Array, w: Array, margin: Margin) -> Array:
-  """``[B, C]`` float32 scores for closed-set prediction: the similarity the margin scores with.
+  """``[B, C]`` scores (float32, float64 for float64 inputs) for closed-set prediction: the similarity the margin scores with.
 
   ``cos(x, W_j)`` when the margin normalises both, ``<x, W_j / |W_j|>`` or ``<x, W_j>`` otherwise;
   the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class; for a
@@ -970,7 +970,7 @@ def _sample_layout(num_sampled: int, chunk_size: int | None) -> tuple[int, int |
 
 
 def _padded(index: Array, size: int, fill: int) -> Array:
-  return jnp.concatenate([index, jnp.full(size - index.shape[0], fill, index.dtype)])
+  return jnp.pad(index, (0, size - index.shape[0]), constant_values=fill)
 
 
 def _in_sample(index: Array, num_rows: int, local_labels: Array, num_valid: Array | int):
@@ -1130,10 +1130,7 @@ def _shard_labels(labels: Array, start: Array | int, rows_per_shard: int, num_cl
 
 
 def _shard_index(axis_name):
-  index = 0
-  for axis in _axes(axis_name):
-    index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
-  return index
+  return jax.lax.axis_index(_axes(axis_name))  # Over several axes: row-major, as W is split.
 
 
 def _explicit_split(engine: SoftmaxEngine) -> jax.NamedSharding | None:

@@ -25,6 +25,7 @@ the notebooks. It reads top to bottom:
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import secrets
@@ -82,11 +83,25 @@ _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
 # Building blocks, from the config.
 # ---------------------------------------------------------------------------------------------
 
+def config_from_file(path: str | os.PathLike[str], arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, as ``train.py --config=<path>:<arg>`` reads it (e.g.
+  ``config_from_file("configs/digits_arcface.py", "quick")``)."""
+  path = os.fspath(path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def default_config() -> ml_collections.ConfigDict:
-  """Every field the training loop reads, with the digits ArcFace run's values.
+  """The training loop's fields, with the digits ArcFace run's values.
 
   Experiment files in ``configs/`` start from this and change what differs; a field they do not
-  set keeps the value here, and a field not here is an error on the command line.
+  set keeps the value here. A ``--config.<field>`` override can only change a field the config
+  has: the optional ones (``loss.subcenters``, ``loss.lambda_schedule``, ``loss.bias``, each data
+  source's own fields below) are there only where a config sets them (the recipes declare
+  ``loss.subcenters``).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0

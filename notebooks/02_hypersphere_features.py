@@ -31,7 +31,6 @@
 # `docs/figures`).
 
 # %%
-import importlib.util
 import pathlib
 import tempfile
 import time
@@ -50,14 +49,6 @@ from margins import train_lib
 jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(tempfile.gettempdir())
                                                     / "margins_notebooks_jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
-def load_config(name):
-  """``get_config()`` of ``configs/NAME.py``."""
-  spec = importlib.util.spec_from_file_location(name, CONFIGS_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 # %% [markdown]
@@ -92,7 +83,7 @@ NUM_STEPS = 10 if QUICK else 800
 
 def digits_config(name, **changes):
   """``configs/NAME.py`` with this notebook's fast settings; ``changes``: config fields."""
-  config = load_config(name)
+  config = train_lib.config_from_file(CONFIGS_DIR / f"{name}.py")
   config.data.image_size = 8
   config.model.kwargs = dict(widths=(16, 32, 64), batch_norm=True)
   config.batch_size = 64

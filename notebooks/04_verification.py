@@ -33,7 +33,6 @@
 # `docs/figures`).
 
 # %%
-import importlib.util
 import pathlib
 import tempfile
 
@@ -65,10 +64,7 @@ WORKDIR = pathlib.Path(tempfile.mkdtemp(prefix="margins_04_")) / "digits_arcface
 # of all pairs at a cosine above 0.98, and verified the unseen digits at chance, 0.54.
 
 # %%
-spec = importlib.util.spec_from_file_location("digits_arcface", CONFIG_PATH)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config("quick" if QUICK else None)
+config = train_lib.config_from_file(CONFIG_PATH, "quick" if QUICK else None)
 
 train_lib.train_and_evaluate(config, str(WORKDIR))
 experiment, state = train_lib.restore(str(WORKDIR), parts="backbone")  # All embedding needs.

@@ -650,6 +650,7 @@ def test_create_passes_arguments_and_presets():
     (lambda r: models.create("mobilefacenet", blocks=(1, 4, 6), rngs=r), ValueError, "blocks"),
     (lambda r: models.create("small_cnn", input_size=4, rngs=r), ValueError, "too small"),
     (lambda r: models.create("small_cnn", widths=(8, 8), rngs=r), ValueError, "widths"),
+    (lambda r: models.create("small_cnn", widths=(8, True, 8), rngs=r), ValueError, "widths"),
     (lambda r: models.create("vit_t", num_heads=3, rngs=r), ValueError, "num_heads"),
     (lambda r: models.create("vit_t", input_size=8, rngs=r), ValueError, "patch_size"),
     (lambda r: models.create("vit_t", mask_ratio=1.0, rngs=r), ValueError, "mask_ratio"),
@@ -693,6 +694,9 @@ def test_stage_counts_are_any_integers():
   assert nnx.graphdef(model) == nnx.graphdef(small)
   with pytest.raises(ValueError, match=r"`layers` must be four positive ints \(blocks per stage"):
     iresnet.IResNet((2, 2, True, 2), rngs=nnx.Rngs(0))
+  widths = nnx.eval_shape(lambda: models.create("small_cnn", widths=np.array([4, 6, 8]),
+                                                rngs=nnx.Rngs(0)))
+  assert [unit.conv.out_features for unit in widths.units][::2] == [4, 6, 8]
 
 
 @pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])

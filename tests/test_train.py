@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -40,10 +39,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 def load_config(path: str, arg: str | None = "quick") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return train_lib.config_from_file(path, arg)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -1,11 +1,12 @@
 """IJB-B / IJB-C 1:1 template verification, as insightface's ``eval_ijbc.py`` scores it.
 
-Each image's embedding is the sum of the embeddings of the aligned face and its mirror image,
-kept unnormalised (its norm weighs it, insightface's "N1") and multiplied by the face detector's
-score ("D1"). A template's feature is the sum over its media (a photo, or the frames of one video)
-of the mean of the media's images, L2-normalised; a pair of templates is scored by the cosine of
-their features. Reported: the true-accept rate at false-accept rates 1e-6 ... 1e-1 on the ROC of
-all pairs (IJB-C has 19,557 same and 15,638,932 different pairs), and the AUC.
+Each image's embedding is the sum of the embeddings of the aligned face and its mirror image (the
+flip test; ``python -m margins.evaluate --noflip``: the face's alone), kept unnormalised (its norm
+weighs it, insightface's "N1") and multiplied by the face detector's score ("D1"). A template's
+feature is the sum over its media (a photo, or the frames of one video) of the mean of the media's
+images, L2-normalised; a pair of templates is scored by the cosine of their features. Reported: the
+true-accept rate at false-accept rates 1e-6 ... 1e-1 on the ROC of all pairs (IJB-C has 19,557 same
+and 15,638,932 different pairs), and the AUC.
 
 TAR@FAR reads the ROC one of two ways (``operating_point``): by default the highest TAR whose FAR
 is at most the target; or, as ``eval_ijbc.py`` does, the TAR of the ROC point whose FAR is nearest
@@ -86,7 +87,7 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
 
   Args:
     image_features: ``[N, D]`` embeddings of ``protocol``'s images in its order, each summed
-      with its mirror image's (the flip test), not normalised.
+      with its mirror image's (the flip test) in insightface's recipe, not normalised.
     protocol: :func:`margins.data.read_ijb`'s.
     far_targets: false-accept rates to report the true-accept rate at.
     detector_scores: weigh each image by its face detector score (insightface's default).
@@ -161,7 +162,7 @@ def nearest_tar_at_far(issame, scores, far_targets: Sequence[float]) -> dict[flo
 
 
 def format_ijb(name: str, result: IJBResult) -> str:
-  """One line: ``[ijbc] TAR@FAR=1e-06: 0.89 ... AUC 0.99``.
+  """One line: ``[ijbc] TAR@FAR=1e-06: 0.89000 ... AUC: 0.99000``.
 
   >>> import numpy as np
   >>> result = IJBResult({1e-4: 0.9712, 1e-5: float("nan")}, 0.99, *[np.zeros(0)] * 4)

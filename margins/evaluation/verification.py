@@ -71,7 +71,7 @@ class VerificationResult:
     xnorm: insightface's ``XNorm``, the mean L2 norm of the embeddings of the images and of their
       mirror images before they are summed and normalised; NaN unless the caller measured it
       (:func:`evaluate_verification` sees only the sums: set it with ``dataclasses.replace``, as
-      :func:`margins.eval_lib.evaluate_bin` does).
+      :func:`margins.eval_lib.verify_bin_set` does).
   """
 
   accuracy: float

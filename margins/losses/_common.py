@@ -113,10 +113,9 @@ def check_embeddings_and_weights(embeddings: Any, weights: Any,
                      "least 1.")
 
 
-def check_classification_inputs(
-    embeddings: Any, weights: Any, labels: Any, *, weights_rank: int = 2) -> None:
-  """Checks ``embeddings [B, D]``, ``weights [C, D]`` (``[C, K, D]`` with sub-centres), ``labels [B]``."""
-  check_embeddings_and_weights(embeddings, weights, weights_rank)
+def check_classification_inputs(embeddings: Any, weights: Any, labels: Any) -> None:
+  """Checks ``embeddings [B, D]``, ``weights [C, D]`` and ``labels [B]``."""
+  check_embeddings_and_weights(embeddings, weights)
   check_labels(labels, np.shape(embeddings)[0], np.shape(weights)[0])
 
 

@@ -122,8 +122,9 @@ class PReLU(nnx.Module):
   References: He et al., "Delving Deep into Rectifiers", ICCV 2015.
   """
 
-  def __init__(self, num_features: int, *, negative_slope_init: float = 0.25):
-    self.negative_slope = nnx.Param(jnp.full((num_features,), negative_slope_init, jnp.float32))
+  def __init__(self, num_features: int):
+    # torch.nn.PReLU's initial slope, as insightface's models start.
+    self.negative_slope = nnx.Param(jnp.full((num_features,), 0.25, jnp.float32))
 
   def __call__(self, x: Array) -> Array:
     return jnp.where(x >= 0, x, broadcast_param(self.negative_slope[...], x) * x)

@@ -24,21 +24,23 @@ import jax
 import jax.numpy as jnp
 
 from margins._checks import check_int
+from margins._checks import positive_ints
 from margins.models import iresnet
 
 Array = jax.Array
 
 POOL_SIZES = (2, 2, 3)
+POOL_STRIDE = 2
 _KERNEL_INIT = nnx.initializers.lecun_uniform()
 
 
-def pooled_size(size: int, window: int, stride: int = 2) -> int:
-  """Output side of Caffe's unpadded max pool: ``ceil((size - window) / stride) + 1``.
+def pooled_size(size: int, window: int) -> int:
+  """Output side of Caffe's unpadded max pool: ``ceil((size - window) / POOL_STRIDE) + 1``.
 
   >>> pooled_size(7, 3), pooled_size(8, 3)
   (3, 4)
   """
-  return -(-(size - window) // stride) + 1
+  return -(-(size - window) // POOL_STRIDE) + 1
 
 
 class Conv(nnx.Conv):
@@ -116,9 +118,7 @@ class SmallCNN(nnx.Module):
       dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    widths = tuple(widths)
-    if len(widths) != len(POOL_SIZES) or not all(isinstance(w, int) and w > 0 for w in widths):
-      raise ValueError(f"`widths` must be {len(POOL_SIZES)} positive ints, got {widths!r}.")
+    widths = positive_ints(widths, "widths", len(POOL_SIZES), f"{len(POOL_SIZES)} positive ints")
     embedding_dim = check_int(embedding_dim, "embedding_dim", minimum=1)
     in_channels = check_int(in_channels, "in_channels", minimum=1)
     self.input_size = iresnet.image_size(input_size)
@@ -133,7 +133,7 @@ class SmallCNN(nnx.Module):
           f"`input_size` {self.input_size} is too small: the pooled maps would be {sizes[1:]}.")
     # High-side padding that makes an unpadded pool round up like Caffe's.
     self.pool_padding = tuple(
-        tuple((0, (out - 1) * 2 + window - size) for size, out in zip(before, after))
+        tuple((0, (out - 1) * POOL_STRIDE + window - size) for size, out in zip(before, after))
         for window, before, after in zip(POOL_SIZES, sizes, sizes[1:]))
 
     units = []
@@ -153,6 +153,6 @@ class SmallCNN(nnx.Module):
     x = images.astype(self.dtype)
     for stage, (window, padding) in enumerate(zip(POOL_SIZES, self.pool_padding)):
       x = self.units[2 * stage + 1](self.units[2 * stage](x))
-      x = nnx.max_pool(x, (window, window), strides=(2, 2), padding=padding)
+      x = nnx.max_pool(x, (window, window), strides=(POOL_STRIDE, POOL_STRIDE), padding=padding)
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)  # NHWC flatten: (h, w, c) order.
     return self.prelu(self.fc(x))
