@@ -877,6 +877,10 @@ def _train_and_evaluate(config, workdir, mesh):
   except (ValueError, OSError) as source_error:  # A malformed file, an empty identity folder ...
     error = CannotStart(str(source_error))
     error.__cause__ = source_error
+  except Exception as unexpected:  # A bug, a MemoryError ...: its traceback, once others know.
+    if jax.process_count() == 1:
+      raise
+    error = unexpected
   if jax.process_count() > 1:  # With that, the resume checks below agree on every process.
     check_processes_agree(config, workdir, train_source, error)
   elif error is not None:

@@ -607,6 +607,26 @@ def test_data_and_bin_sets_are_read_before_the_state_is_built(tmp_path, monkeypa
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+def test_an_unexpected_error_reading_the_data_reaches_the_other_processes(tmp_path, monkeypatch):
+  # Only ValueError and OSError did: any other left the other processes waiting for a collective
+  # until it timed out. One process alone raises it as it is.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  monkeypatch.setattr(train_lib, "make_sources", lambda data: [][0])  # An IndexError.
+  with pytest.raises(IndexError):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  agreed = []
+
+  def agree(config, workdir, train_source, error):  # As it does: the others learn, this raises.
+    agreed.append(error)
+    raise error
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(train_lib, "check_processes_agree", agree)
+  with pytest.raises(IndexError):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(agreed) == 1 and isinstance(agreed[0], IndexError)
+
+
 def test_face_data_without_an_image_shape_take_the_first_images(tmp_path):
   # As the sources document; make_sources failed with "'NoneType' object is not iterable".
   for name in ("alice", "bob"):
