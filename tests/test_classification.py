@@ -362,6 +362,23 @@ def test_curricularface_value_and_state():
   np.testing.assert_allclose(t, want_t, rtol=1e-6)
 
 
+def test_curricularface_gradient_treats_t_as_a_constant():
+  # The updated t (from the batch's mean target cosine) and its use are detached, as the paper's
+  # code: the gradient is that of the loss at the new t held fixed. A test at momentum 0 never saw
+  # whether it was.
+  x, w, labels = make_inputs()
+  _, t_new = margins.curricularface_loss(x, w, labels, 0.3, momentum=0.5)
+
+  def grads(t, momentum):
+    return jax.grad(lambda x, w: jnp.mean(margins.curricularface_loss(
+        x, w, labels, t, momentum=momentum)[0]), argnums=(0, 1))(x, w)
+
+  for got, want in zip(grads(0.3, 0.5), grads(t_new, 0.0)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  t_grad = jax.grad(lambda t: jnp.sum(margins.curricularface_loss(x, w, labels, t)[0]))(0.3)
+  assert float(t_grad) == 0.0
+
+
 def test_adaface_value_and_state():
   x, w, labels = make_inputs(norm_scale=10.0)
   state = margins.AdaFaceState(norm_mean=15.0, norm_std=40.0)

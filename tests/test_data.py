@@ -354,6 +354,25 @@ def test_random_crop_is_a_shift_of_the_zero_padded_image():
   assert len(offsets) > 5  # offsets vary
 
 
+def test_random_crop_offsets_cover_every_shift_uniformly():
+  # Each of the 2p + 1 offsets a side, the extremes included: a crop that never shifted by +p
+  # still produced most offsets and passed the test above.
+  padding, image = 2, np.arange(1, 43, dtype=np.uint8).reshape(7, 6, 1)
+  crop = data.RandomFlipAndCrop(random_flip=False, crop_padding=padding)
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  tops, lefts = [], []
+  for seed in range(400):
+    cropped = crop.random_map({"image": image, "label": 0}, np.random.default_rng(seed))["image"]
+    (top, left), = [(top, left) for top in range(2 * padding + 1)
+                    for left in range(2 * padding + 1)
+                    if np.array_equal(padded[top:top + 7, left:left + 6], cropped)]
+    tops.append(top)
+    lefts.append(left)
+  for offsets in (tops, lefts):
+    counts = np.bincount(offsets, minlength=2 * padding + 1)
+    assert len(counts) == 2 * padding + 1 and counts.min() > 50, counts  # 80 expected each.
+
+
 def test_augmentation_differs_between_epochs():
   source = data.ArraySource(np.arange(20 * 16, dtype=np.uint8).reshape(20, 4, 4, 1),
                             np.arange(20))

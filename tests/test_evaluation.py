@@ -95,6 +95,18 @@ def _pairs_with_separation(rng, num_pairs, dim, noise):
   return np.stack([first, second], axis=1).reshape(2 * num_pairs, dim), issame
 
 
+def test_val_accepts_nothing_when_no_threshold_reaches_the_target_far():
+  # Same pairs at distance 0, different ones at 4: no grid threshold (below 4) accepts a different
+  # pair, so insightface's VAL threshold is 0, which accepts nothing (distance < 0), not the
+  # pairs at distance 0.
+  issame = np.arange(20) % 2 == 0
+  first = np.tile([1.0, 0.0], (20, 1))
+  second = np.where(issame[:, None], first, -first)
+  embeddings = np.stack([first, second], 1).reshape(40, 2)
+  result = evaluation.evaluate_verification(embeddings, issame, num_folds=2)
+  assert (result.val, result.far) == (0.0, 0.0) and result.accuracy == 1.0
+
+
 @pytest.mark.parametrize("seed, num_pairs, noise", [(0, 300, 0.8), (1, 157, 1.2), (2, 64, 0.3)])
 def test_verification_matches_insightface_protocol(seed, num_pairs, noise):
   embeddings, issame = _pairs_with_separation(np.random.default_rng(seed), num_pairs, 8, noise)

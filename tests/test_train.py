@@ -1148,6 +1148,20 @@ def test_only_sphereface2_adds_an_optimizer_group():
       "backbone", "head", "head_bias"}
 
 
+def test_only_the_backbone_gradient_is_clipped():
+  # As insightface's clip_grad_norm_(backbone.parameters(), 5): the head's gradient, often far
+  # larger, is not clipped; no test built one past the norm.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.optimizer.update(learning_rate=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=5.0,
+                          warmup_steps=0)
+  params = {"backbone": {"kernel": jnp.zeros((3, 4))}, "head": jnp.zeros((10, 4))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+  optimizer = train_lib.make_optimizer(config)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  assert float(optax.tree.norm(updates["backbone"])) == pytest.approx(5.0, rel=1e-6)
+  np.testing.assert_allclose(updates["head"], -grads["head"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("parts", train_lib.RESTORE_PARTS)
 def test_backbone_with_dropout_keys_restores(parts, tmp_path):
   # ViT's drop path and token masking (IResNet's dropout too) keep typed PRNG keys in the model
