@@ -20,6 +20,16 @@ def rot90_point(points, width):
   return np.stack([points[..., 1], width - 1 - points[..., 0]], axis=-1)
 
 
+def test_the_template_is_insightfaces_arcface_dst():
+  # Every other test draws its landmarks from this constant, so a wrong or reordered one would
+  # align to itself and pass. insightface's arcface_dst (112 x 112): left eye, right eye, nose,
+  # left and right mouth corners.
+  np.testing.assert_array_equal(ijb.ARCFACE_LANDMARKS, [
+      [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+      [70.7299, 92.2041]])
+  assert ijb.ARCFACE_SIZE == 112
+
+
 def test_align_face_undoes_shifts_and_quarter_turns():
   face = _smooth_image(0, size=112)
   template = ijb.ARCFACE_LANDMARKS

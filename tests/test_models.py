@@ -639,6 +639,19 @@ def test_create_passes_arguments_and_presets():
   assert model.fc.kernel.shape == (3 * 3 * 128, 3)
 
 
+@pytest.mark.parametrize("name, head", [("iresnet18", 1e-5), ("mobilefacenet", 1e-5),
+                                        ("vit_t", 2e-5)])
+def test_normalisation_epsilons_are_insightfaces(name, head):
+  # PyTorch's 1e-5 for BatchNorm and LayerNorm; 2e-5 in the ViT's feature head (BatchNorm1d(...,
+  # eps=2e-5)). With running variances near 1, as in the tests' models, a wrong one changes
+  # outputs by about 1e-5, inside every tolerance.
+  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))
+  epsilons = {"/".join(map(str, path)): module.epsilon for path, module in nnx.iter_graph(model)
+              if isinstance(module, (iresnet.BatchNorm, nnx.LayerNorm))}
+  assert epsilons and all(epsilon == (head if path in ("bn1", "features") else 1e-5)
+                          for path, epsilon in epsilons.items()), epsilons
+
+
 @pytest.mark.parametrize("make, error, match", [
     (lambda r: models.create("resnet50", rngs=r), ValueError, "iresnet50.*vit_b"),
     (lambda r: models.create("iresnet50", depth=3, rngs=r), TypeError, "depth"),
