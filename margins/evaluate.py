@@ -102,8 +102,8 @@ def format_table(results: Mapping[str, evaluation.VerificationResult], *,
   |-----|------------------|---------------|---------------|---------|-------|
   | toy | 0.97750+-0.00873 | 0.75100       | n/a           | 0.99761 | n/a   |
   """
-  header = ["Set", "Accuracy-Flip" if flip else "Accuracy", *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC",
-            "XNorm"]
+  header = ["Set", "Accuracy-Flip" if flip else "Accuracy",
+            *(f"TAR@FAR={far:.0e}" for far in TABLE_FARS), "AUC", "XNorm"]
   cell = evaluation.verification.format_value
   rows = [[name, f"{r.accuracy:.5f}+-{r.accuracy_std:.5f}",
            *(cell(r.tar_at_far[far]) for far in TABLE_FARS), cell(r.auc), cell(r.xnorm)]
@@ -135,17 +135,17 @@ def main(argv: Sequence[str]) -> None:
   missing = [folder for folder in _IJB.value if not os.path.isdir(folder)]
   if missing:
     raise app.UsageError(f"--ijb: no such folder: {', '.join(missing)}")
+  flip = cli_flags.flip_test(True)
   try:
     step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
                                  step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value,
-                                 ijb_operating_point=_IJB_OPERATING_POINT.value,
-                                 flip=cli_flags.flip_test(True))
+                                 ijb_operating_point=_IJB_OPERATING_POINT.value, flip=flip)
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() != 0:
     return
   bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
-  lines = [f"{workdir}, step {step}:", *([format_table(bins, flip=cli_flags.flip_test(True))] if bins else []),
+  lines = [f"{workdir}, step {step}:", *([format_table(bins, flip=flip)] if bins else []),
            *(evaluation.format_ijb(name, r) for name, r in results.items()
              if isinstance(r, evaluation.IJBResult))]
   print("\n".join(lines), flush=True)  # Before the plot, which may fail (a read-only run).

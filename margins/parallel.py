@@ -551,7 +551,8 @@ def _similarity(x_in: Array, w: Array, *, normalize_weights: bool, floor_dtype: 
 
 
 def similarity(x: Array, w: Array, margin: Margin) -> Array:
-  """``[B, C]`` scores (float32, float64 for float64 inputs) for closed-set prediction: the similarity the margin scores with.
+  """``[B, C]`` scores for closed-set prediction (float32, float64 for float64 inputs): the
+  similarity the margin scores with.
 
   ``cos(x, W_j)`` when the margin normalises both, ``<x, W_j / |W_j|>`` or ``<x, W_j>`` otherwise;
   the best sub-centre for ``w [C, K, D]``. ``argmax`` over classes is the predicted class; for a

@@ -268,11 +268,13 @@ def test_tools_refuse_a_checkpoint_of_another_config_and_write_nothing_in_the_ru
   config = json.loads((workdir / "config.json").read_text())
   config["model"]["embedding_dim"] += 1
   (workdir / "config.json").write_text(json.dumps(config))
-  for tool, args in ((evaluate, ("--bin", digits_bin[0])), (export, ("--out", str(tmp_path / "m")))):
+  for tool, args in ((evaluate, ("--bin", digits_bin[0])),
+                     (export, ("--out", str(tmp_path / "m")))):
     with pytest.raises(app.UsageError, match="Checkpoint 2 .* does not fit this config"):
       cli(tool, "--workdir", str(workdir), *args)  # export printed a traceback.
   shutil.rmtree(workdir / "checkpoints")
-  for tool, args in ((evaluate, ("--bin", digits_bin[0])), (export, ("--out", str(tmp_path / "m")))):
+  for tool, args in ((evaluate, ("--bin", digits_bin[0])),
+                     (export, ("--out", str(tmp_path / "m")))):
     with pytest.raises(app.UsageError, match="No checkpoint in"):
       cli(tool, "--workdir", str(workdir), *args)
   assert not (workdir / "checkpoints").exists()  # They made an empty one.
