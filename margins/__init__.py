@@ -127,7 +127,3 @@ def __getattr__(name: str):
   if name in _SUBMODULES:  # Python sets it as an attribute, so this runs once.
     return importlib.import_module(f"{__name__}.{name}")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | _SUBMODULES)

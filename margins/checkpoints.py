@@ -224,10 +224,13 @@ def _stored_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
-  """Raises :class:`UnreadableCheckpoint`, naming the other checkpoints, for whatever orbax or
-  TensorStore raise on damaged files (a plain ``Exception``, some 70 lines of them)."""
+  """Raises :class:`UnreadableCheckpoint`, naming the other checkpoints, for what orbax and
+  TensorStore raise on files they cannot read (on damaged ones, a plain ``Exception`` and some
+  70 lines); the device's or the host's memory running out is raised as it is."""
   try:
     yield
+  except (MemoryError, jax.errors.JaxRuntimeError):  # Out of memory: the files may be fine.
+    raise
   except Exception as error:  # pylint: disable=broad-except
     root = error
     while root.__cause__ is not None:  # TensorStore's own message, under orbax's.
@@ -235,10 +238,10 @@ def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
     cause = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
     others = sorted(set(manager.all_steps()) - {step})
     raise UnreadableCheckpoint(
-        f"Checkpoint {step} in {manager.directory} cannot be read: its files are damaged or "
-        f"incomplete ({cause}). Its other checkpoints: {others}; evaluate and export restore one "
-        f"with --step, and training resumes from the latest once {step}/ is moved out of "
-        "the folder.") from error
+        f"Checkpoint {step} in {manager.directory} cannot be read ({cause}). Its other "
+        f"checkpoints: {others}. If its files are damaged or incomplete, evaluate and export "
+        f"restore another with --step, and training resumes from the latest once {step}/ is "
+        "moved out of the folder.") from error
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],

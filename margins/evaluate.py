@@ -73,9 +73,13 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
   experiment.config.eval.batch_size = eval_lib.global_batch_size(batch_size,
                                                                   experiment.mesh.size)
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
+  # Every .bin set is read (and checked) before any is embedded.
+  bin_sets = {name: eval_lib.load_bin_set(experiment.image_shape, path)
+              for name, path in zip(names, bin_paths)}
   with jax.set_mesh(experiment.mesh):
-    results = {name: eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn, flip=flip)
-               for name, path in zip(names, bin_paths)}
+    results = {name: eval_lib.verify_bin_set(experiment, state, *bin_set, embed_fn=embed_fn,
+                                             flip=flip)
+               for name, bin_set in bin_sets.items()}
     results.update({name: eval_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
                                                 operating_point=ijb_operating_point, flip=flip)
                     for name, folder in zip(names[len(bin_paths):], ijb_folders)})

@@ -12,8 +12,10 @@ writes into ``<dir>``:
   insightface's ONNX models take ``NCHW``), dtype and channels (RGB, as insightface's data are
   decoded, or grey), how uint8 pixels are normalised (``x * 2 / 255 - 1``, i.e.
   ``(x / 255 - 0.5) / 0.5``), how other sizes are resized, the embedding dimension (the embeddings
-  are not L2-normalised: compare them by cosine), the flip test the run's verification used, and
-  the platforms, step and model name.
+  are not L2-normalised: compare them by cosine), and the platforms, step and model name; from
+  the command line also ``flip_test``, whether the run's verification added each image's embedding
+  and its mirror image's (``embed_folder --flip`` does): always for ``.bin`` sets, as
+  insightface's, else as ``config.eval.flip``.
 
 ``python -m margins.embed_folder`` embeds a folder of images with it, without this code.
 """
@@ -90,8 +92,6 @@ def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
       resize="bilinear, without keeping the aspect ratio (Pillow's; embed_folder does it)",
       embedding_dim=embeddings.shape[1],
       embeddings="not L2-normalised; compare by cosine similarity",
-      flip_test=("verification adds each image's embedding and its mirror image's "
-                 "(embed_folder --flip), as insightface's evaluation"),
       platforms=list(exported.platforms), **info)
   with open(os.path.join(directory, embed_folder.METADATA_FILE), "w") as file:
     json.dump(metadata, file, indent=2)
@@ -125,7 +125,9 @@ def main(argv: Sequence[str]) -> None:
   step = int(state.step)
   if jax.process_index():
     return
-  save_model(exported, out, step=step, model=experiment.config.model.name)
+  evaluated = experiment.config.eval
+  save_model(exported, out, step=step, model=experiment.config.model.name,
+             flip_test=bool(evaluated.bins) or bool(evaluated.flip))
   print(f"Exported {experiment.config.model.name} at step {step} for "
         f"{', '.join(exported.platforms)} to {out}.", flush=True)
 

@@ -1038,6 +1038,17 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
   with pytest.raises(TypeError, match=r"`margin` of CosFace must be a number or an array, got a "
                      r"list: .* \(jnp.asarray\(\[0.1, 0.2"):
     margins.cosface_loss(x, w, labels, margin=[0.1, 0.2, 0.3, 0.1, 0.2, 0.3])
+  # A batch statistic's momentum is one for the batch: [B] made CurricularFace's t a [B] vector.
+  for margin in (margins.CurricularFace(momentum=jnp.full(B, 0.01)),
+                 margins.AdaFace(momentum=jnp.full(B, 0.5))):
+    with pytest.raises(ValueError, match="`momentum` of .* must be a scalar"):
+      margins.dense()(x, w, labels, margin)
+
+  @margins.margin_dataclass
+  class SteppedCosFace(margins.CosFace):  # A static tuple of numbers is a custom margin's own.
+    steps: tuple = margins.losses.margin.static_field((0.2, 0.35))
+
+  assert np.isfinite(margins.dense()(x, w, labels, SteppedCosFace())[0]).all()
   # The edges of each range run.
   for loss in (lambda: margins.spherefacer_loss(x, w, labels, margin=1.0),
                lambda: margins.sphereface2_loss(x, w, labels, 1.0, alpha=1.0),

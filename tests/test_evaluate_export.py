@@ -254,6 +254,13 @@ def test_damaged_checkpoints_are_named_with_the_others(run, digits_bin, tmp_path
     with pytest.raises(app.UsageError, match=f"Checkpoint {others}"):
       cli(evaluate, "--workdir", str(workdir), "--bin", digits_bin[0], *step)
   cli(export, "--workdir", str(workdir), "--out", str(tmp_path / "m"), "--step", "2")
+  with pytest.MonkeyPatch.context() as monkeypatch:  # Memory running out is no damaged file.
+    def out_of_memory(*args, **kwargs):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+    monkeypatch.setattr(checkpoints.ocp.PyTreeCheckpointHandler, "restore", out_of_memory)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+      train_lib.restore(str(workdir), 2)
   config = checkpoints.load_config(str(workdir))
   config.num_steps = 3
   with pytest.raises(train_lib.CannotStart, match=r"Checkpoint 9 .* once 9/ is moved out"):
@@ -280,14 +287,21 @@ def test_tools_refuse_a_checkpoint_of_another_config_and_write_nothing_in_the_ru
   assert not (workdir / "checkpoints").exists()  # They made an empty one.
 
 
-def test_a_bin_set_that_cannot_be_scored_is_named_before_anything_runs(run, tmp_path, cli):
+def test_a_bin_set_that_cannot_be_scored_is_named_before_anything_runs(
+    run, digits_bin, tmp_path, cli, monkeypatch):
   grey = np.zeros((40, 16, 16, 3), np.uint8)
+  embedded = []
+  compute_embeddings = eval_lib.compute_embeddings
+  monkeypatch.setattr(eval_lib, "compute_embeddings",
+                      lambda *args, **kwargs: embedded.append(1) or compute_embeddings(*args,
+                                                                                       **kwargs))
   for name, issame, message in (("same.bin", np.ones(20, bool), "both same and different"),
                                 ("few.bin", np.arange(4) % 2 == 0, r"\(10\) must not exceed")):
     path = str(tmp_path / name)
     data_lib.write_bin(path, grey[:2 * len(issame)], issame, image_format="png")
     with pytest.raises(app.UsageError, match=f"{path}: .*{message}"):
-      cli(evaluate, "--workdir", run, "--bin", path)
+      cli(evaluate, "--workdir", run, "--bin", digits_bin[0], "--bin", path)
+  assert not embedded  # Not even the good set named first.
   config = checkpoints.load_config(run)
   config.eval.bins = (path,)
   with pytest.raises(train_lib.CannotStart, match=f"{path}: .*must not exceed"):
@@ -329,7 +343,7 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
   assert metadata["input_shape"] == ["b", 16, 16, 1] and metadata["embedding_dim"] == 32
   assert metadata["platforms"] == ["cpu", "cuda"] and metadata["step"] == 2
   assert metadata["input_layout"] == "NHWC" and metadata["channels"] == "grey"
-  assert "not L2-normalised" in metadata["embeddings"] and "--flip" in metadata["flip_test"]
+  assert "not L2-normalised" in metadata["embeddings"]
   model = tmp_path / "model.stablehlo"
   model.write_bytes(model.read_bytes()[:1000])  # A copy cut short: flatbuffers' struct.error.
   with pytest.raises(ValueError, match=r"model.stablehlo \(1000 bytes\) is not a model jax"):
@@ -361,7 +375,9 @@ def test_export_cli_then_embed_a_folder(run, restored, tmp_path, cli, caplog):
   finally:
     flags.FLAGS.unparse_flags()  # Back to absl's default verbosity.
   with open(os.path.join(model_dir, "model.json")) as f:
-    assert json.load(f)["model"] == "small_cnn"
+    metadata = json.load(f)
+  # The run verified its .bin set with the flip test (its digits without: config.eval.flip).
+  assert metadata["model"] == "small_cnn" and metadata["flip_test"] is True
 
   digits = data_lib.digits("open_test", image_size=16).images[:, :, :, 0]
   small = data_lib.digits("open_test", image_size=8).images[0, :, :, 0]

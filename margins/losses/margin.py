@@ -911,7 +911,10 @@ def check_margin(margin: Any) -> Margin:
   _check_static_fields(margin)
   for field in dataclasses.fields(margin):
     value = getattr(margin, field.name)
-    if isinstance(value, (list, tuple)):  # Else a tracer's "unsupported operand" in the engine.
+    if (not field.metadata.get("static") and isinstance(value, (list, tuple))
+        and all(isinstance(item, (int, float)) for item in value)):
+      # Numbers in a list: a tracer's "unsupported operand" in the engine. (A custom margin's
+      # tuple of arrays is a pytree node of its own.)
       raise TypeError(f"`{field.name}` of {type(margin).__name__} must be a number or an array, "
                       f"got a {type(value).__name__}: one value per example is an array "
                       f"(jnp.asarray({value!r})).")
@@ -928,8 +931,8 @@ def check_margin(margin: Any) -> Margin:
       or margin.margin < 1):
     raise ValueError(f"`margin` of {type(margin).__name__} must be an integer >= 1, got "
                      f"{margin.margin!r}.")
-  states = ["t"] if isinstance(margin, CurricularFace) else (
-      ["norm_mean", "norm_std"] if isinstance(margin, AdaFace) else [])
+  states = ["t", "momentum"] if isinstance(margin, CurricularFace) else (
+      ["norm_mean", "norm_std", "momentum"] if isinstance(margin, AdaFace) else [])
   for name in states:  # One value for the batch, which would otherwise broadcast over classes.
     if np.ndim(getattr(margin, name)) != 0:
       raise ValueError(f"`{name}` of {type(margin).__name__} must be a scalar, got shape "

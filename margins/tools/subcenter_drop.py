@@ -159,7 +159,9 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
     if not os.path.exists(data):  # A relative path, from where the run was started.
       raise FileNotFoundError(f"The run's config.data.path {data!r} is not found from here "
                               f"({os.getcwd()}); name its RecordIO folder with --data.")
-  source = data_lib.RecordIOSource(data, image_shape=image_shape)
+  # As the run read it: files with neither ``property`` nor identity records need the config's.
+  given_classes = trained_on.get("num_classes") if trained_on.name == "recordio" else None
+  source = data_lib.RecordIOSource(data, image_shape=image_shape, num_classes=given_classes)
   folder = os.path.dirname(source.rec_path)  # ``data`` may name the folder or its .rec file.
   if os.path.realpath(output) == os.path.realpath(folder):
     raise ValueError(f"--out {output} is the folder being cleaned: writing there would truncate "
