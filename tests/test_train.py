@@ -722,6 +722,32 @@ def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
              for _, speed, seconds_left in reported), reported
 
 
+def test_eta_is_the_steps_left_at_the_latest_speed(tmp_path, monkeypatch):
+  # Each step takes 1 s (its batch is placed on the devices then): at step s of 6 the ETA is
+  # 6 - s seconds. The test above, on a clock the steps do not move, saw every formula give 0.
+  now = [0.0]
+  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  global_batch = sharding_lib.global_batch
+
+  def one_second(*args, **kwargs):
+    now[0] += 1.0
+    return global_batch(*args, **kwargs)
+
+  monkeypatch.setattr(sharding_lib, "global_batch", one_second)
+  reported = []
+  progress_line = run_log.progress_line
+
+  def spy(step, num_steps, metrics, speed, seconds_left):
+    reported.append((step, seconds_left))
+    return progress_line(step, num_steps, metrics, speed, seconds_left)
+
+  monkeypatch.setattr(run_log, "progress_line", spy)
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=6)
+  config.log_every, config.eval_every = 2, 0
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert reported == [(2, 4.0), (4, 2.0), (6, 0.0)], reported
+
+
 def test_killed_run_resumes_exactly(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   steps, every = 12, 3
@@ -1049,6 +1075,8 @@ def test_micro_batches_carry_the_margin_state_and_centres_from_one_to_the_next()
   (one, one_metrics), (two, two_metrics) = (
       _step_on_copies(config, copies=2, parts=parts) for parts in (1, 2))
   assert np.isfinite(one_metrics["center_loss"]) and np.isfinite(two_metrics["center_loss"])
+  assert one_metrics["loss"] == pytest.approx(  # The weight, once.
+      one_metrics["softmax_loss"] + 0.01 * one_metrics["center_loss"], rel=1e-6)
   assert float(two.margin.t) == pytest.approx(1.99 * float(one.margin.t), rel=1e-5)
   # The centres move once per part, from c = 0 towards the same mean x of a class's n examples
   # in each part: c = a x with a = alpha n / (1 + n) after one move, a (2 - a) x after two; one
@@ -1146,6 +1174,26 @@ def test_only_sphereface2_adds_an_optimizer_group():
   params["head_bias"] = jnp.zeros(())
   assert set(train_lib.make_optimizer(config).init(params).inner_states) == {
       "backbone", "head", "head_bias"}
+
+
+def test_the_head_has_its_own_learning_rate_scale_and_weight_decay():
+  # head_lr_scale and head_weight_decay reach the head's rows alone; no test set either.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.optimizer.update(learning_rate=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0,
+                          warmup_steps=0)
+  params = {"backbone": {"kernel": jnp.ones((3, 4))}, "head": jnp.ones((10, 4))}
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def updates(**optimizer):
+    changed = config.copy_and_resolve_references()
+    changed.optimizer.update(**optimizer)
+    transform = train_lib.make_optimizer(changed)
+    return transform.update(grads, transform.init(params), params)[0]
+
+  for changed, head in ((dict(head_lr_scale=10.0), -10.0), (dict(head_weight_decay=0.5), -1.5)):
+    got = updates(**changed)  # SGD at lr 1: -(gradient + decay * weight), times the head's scale.
+    np.testing.assert_allclose(got["head"], np.full((10, 4), head), rtol=1e-6)
+    np.testing.assert_allclose(got["backbone"]["kernel"], -np.ones((3, 4)), rtol=1e-6)
 
 
 def test_only_the_backbone_gradient_is_clipped():
