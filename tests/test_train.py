@@ -696,24 +696,35 @@ def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation
     assert sorted(os.listdir(tmp_path / "failed" / "checkpoints")) == ["2", "4"]
 
 
-def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
-  # On a clock that moves only while the run saves and evaluates, the steps take no time: any
-  # reported speed short of that (or an ETA above zero) counted the saves or evaluations.
-  now = [0.0]
-  def takes_1000_seconds(fn):
-    def timed(*args, **kwargs):
-      now[0] += 1000.0
-      return fn(*args, **kwargs)
-    return timed
+def _progress_on_a_fake_clock(monkeypatch):
+  """``(now, reported, taking)``: the training loop's clock reads ``now[0]``; each progress line
+  appends its ``(step, speed, seconds_left)`` to ``reported``; ``taking(fn, seconds)`` is ``fn``
+  moving the clock on by ``seconds`` at each call."""
+  now, reported = [0.0], []
   monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-  monkeypatch.setattr(eval_lib, "evaluate", takes_1000_seconds(eval_lib.evaluate))
-  monkeypatch.setattr(checkpoints, "save", takes_1000_seconds(checkpoints.save))
-  reported = []
   progress_line = run_log.progress_line
+
   def spy(step, num_steps, metrics, speed, seconds_left):
     reported.append((step, speed, seconds_left))
     return progress_line(step, num_steps, metrics, speed, seconds_left)
+
   monkeypatch.setattr(run_log, "progress_line", spy)
+
+  def taking(fn, seconds):
+    def timed(*args, **kwargs):
+      now[0] += seconds
+      return fn(*args, **kwargs)
+    return timed
+
+  return now, reported, taking
+
+
+def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
+  # On a clock that moves only while the run saves and evaluates, the steps take no time: any
+  # reported speed short of that (or an ETA above zero) counted the saves or evaluations.
+  now, reported, taking = _progress_on_a_fake_clock(monkeypatch)
+  monkeypatch.setattr(eval_lib, "evaluate", taking(eval_lib.evaluate, 1000.0))
+  monkeypatch.setattr(checkpoints, "save", taking(checkpoints.save, 1000.0))
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=3)
   config.eval_every = config.checkpoint_every = 1
   train_lib.train_and_evaluate(config, str(tmp_path))
@@ -725,27 +736,12 @@ def test_speed_and_eta_count_the_training_steps_only(tmp_path, monkeypatch):
 def test_eta_is_the_steps_left_at_the_latest_speed(tmp_path, monkeypatch):
   # Each step takes 1 s (its batch is placed on the devices then): at step s of 6 the ETA is
   # 6 - s seconds. The test above, on a clock the steps do not move, saw every formula give 0.
-  now = [0.0]
-  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-  global_batch = sharding_lib.global_batch
-
-  def one_second(*args, **kwargs):
-    now[0] += 1.0
-    return global_batch(*args, **kwargs)
-
-  monkeypatch.setattr(sharding_lib, "global_batch", one_second)
-  reported = []
-  progress_line = run_log.progress_line
-
-  def spy(step, num_steps, metrics, speed, seconds_left):
-    reported.append((step, seconds_left))
-    return progress_line(step, num_steps, metrics, speed, seconds_left)
-
-  monkeypatch.setattr(run_log, "progress_line", spy)
+  _, reported, taking = _progress_on_a_fake_clock(monkeypatch)
+  monkeypatch.setattr(sharding_lib, "global_batch", taking(sharding_lib.global_batch, 1.0))
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=6)
   config.log_every, config.eval_every = 2, 0
   train_lib.train_and_evaluate(config, str(tmp_path))
-  assert reported == [(2, 4.0), (4, 2.0), (6, 0.0)], reported
+  assert [(step, left) for step, _, left in reported] == [(2, 4.0), (4, 2.0), (6, 0.0)], reported
 
 
 def test_killed_run_resumes_exactly(tmp_path):
@@ -1176,22 +1172,23 @@ def test_only_sphereface2_adds_an_optimizer_group():
       "backbone", "head", "head_bias"}
 
 
-def test_the_head_has_its_own_learning_rate_scale_and_weight_decay():
-  # head_lr_scale and head_weight_decay reach the head's rows alone; no test set either.
+def _plain_sgd_updates(params, grads, **optimizer):
+  """One step's updates of ``make_optimizer``: SGD at learning rate 1, without momentum, weight
+  decay or clipping unless ``optimizer`` sets them."""
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.optimizer.update(learning_rate=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0,
                           warmup_steps=0)
+  config.optimizer.update(**optimizer)
+  transform = train_lib.make_optimizer(config)
+  return transform.update(grads, transform.init(params), params)[0]
+
+
+def test_the_head_has_its_own_learning_rate_scale_and_weight_decay():
+  # head_lr_scale and head_weight_decay reach the head's rows alone; no test set either.
   params = {"backbone": {"kernel": jnp.ones((3, 4))}, "head": jnp.ones((10, 4))}
   grads = jax.tree.map(jnp.ones_like, params)
-
-  def updates(**optimizer):
-    changed = config.copy_and_resolve_references()
-    changed.optimizer.update(**optimizer)
-    transform = train_lib.make_optimizer(changed)
-    return transform.update(grads, transform.init(params), params)[0]
-
   for changed, head in ((dict(head_lr_scale=10.0), -10.0), (dict(head_weight_decay=0.5), -1.5)):
-    got = updates(**changed)  # SGD at lr 1: -(gradient + decay * weight), times the head's scale.
+    got = _plain_sgd_updates(params, grads, **changed)  # -(gradient + decay * weight) x scale.
     np.testing.assert_allclose(got["head"], np.full((10, 4), head), rtol=1e-6)
     np.testing.assert_allclose(got["backbone"]["kernel"], -np.ones((3, 4)), rtol=1e-6)
 
@@ -1199,13 +1196,9 @@ def test_the_head_has_its_own_learning_rate_scale_and_weight_decay():
 def test_only_the_backbone_gradient_is_clipped():
   # As insightface's clip_grad_norm_(backbone.parameters(), 5): the head's gradient, often far
   # larger, is not clipped; no test built one past the norm.
-  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
-  config.optimizer.update(learning_rate=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=5.0,
-                          warmup_steps=0)
   params = {"backbone": {"kernel": jnp.zeros((3, 4))}, "head": jnp.zeros((10, 4))}
   grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
-  optimizer = train_lib.make_optimizer(config)
-  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  updates = _plain_sgd_updates(params, grads, grad_clip_norm=5.0)
   assert float(optax.tree.norm(updates["backbone"])) == pytest.approx(5.0, rel=1e-6)
   np.testing.assert_allclose(updates["head"], -grads["head"], rtol=1e-6)
 
