@@ -957,7 +957,7 @@ def test_an_angular_margin_of_a_half_turn_or_more_is_refused():
       (lambda: margins.sphereface2_loss(x, w, labels, 1.0, margin=28.6, kind="arc"), "SphereFace2"),
       (lambda: margins.dense()(x, w, labels, margins.AdaFace(margin=20.0)), "of AdaFace")]
   for loss, name in refused:
-    with pytest.raises(ValueError, match=rf"{name}.* in radians and must lie in \(-pi, pi\)"):
+    with pytest.raises(ValueError, match=rf"{name}.* must be an angle in radians, in \(-pi, pi\)"):
       loss()
   # Negative margins, per-example margins and cosine margins of any size still run.
   per_example = np.linspace(-3.1, 3.1, B).astype(np.float32)
@@ -1054,3 +1054,35 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
                lambda: margins.sphereface2_loss(x, w, labels, 1.0, alpha=1.0),
                lambda: margins.elasticface_loss(x, w, labels, jax.random.key(0), sigma=0.0)):
     assert np.isfinite(loss()).all()
+
+
+def test_a_margin_of_your_own_declares_its_ranges_in_check():
+  # Every engine calls the margin's own check (through check_margin) before any other work; a
+  # subclass of a zoo margin keeps the zoo's checks, and a value known only under jit passes.
+  x, w, labels = make_inputs()
+
+  @margins.margin_dataclass
+  class BoundedCosFace(margins.CosFace):
+    def check(self):
+      super().check()
+      margins.losses.margin.require(self, "margin", lambda m: m < 1, "below 1, a cosine's range")
+
+  mesh = jax.make_mesh((2,), ("classes",), devices=jax.devices()[:2])
+  for engine in (margins.dense(), margins.chunked(4), margins.dense(sample_rate=0.5),
+                 margins.sharded(mesh)):
+    with pytest.raises(ValueError, match=r"`margin` of BoundedCosFace must be below 1, a cosine's "
+                       r"range, got \[0.2 1.5 "):
+      engine(x, w, labels, BoundedCosFace(margin=np.array([0.2, 1.5] * (B // 2))),
+             key=jax.random.key(0))
+    with pytest.raises(ValueError, match="`scale` of BoundedCosFace must be positive"):
+      engine(x, w, labels, BoundedCosFace(scale=0.0), key=jax.random.key(0))
+  assert np.isfinite(margins.dense()(x, w, labels, BoundedCosFace(margin=0.5))[0]).all()
+  traced = jax.jit(lambda m: margins.dense()(x, w, labels, BoundedCosFace(margin=m))[0])
+  assert np.isfinite(traced(2.0)).all()
+
+  @margins.margin_dataclass
+  class MyArcFace(margins.ArcFace):
+    pass
+
+  with pytest.raises(ValueError, match="`margin` of MyArcFace must be an angle in radians"):
+    margins.dense()(x, w, labels, MyArcFace(margin=28.6))

@@ -128,6 +128,10 @@ class Margin:
     del rows
     return None
 
+  def check(self) -> None:
+    """Raises ``ValueError`` naming a field whose value is out of range (see :func:`require`);
+    every engine calls it, through :func:`check_margin`."""
+
   # How logits become a loss: the softmax cross-entropy, unless a margin sets ``one_vs_all`` and
   # overrides the two methods below (SphereFace2's binary classifiers). Engines sum
   # ``row_terms`` over the non-target classes chunk by chunk, after subtracting a running row
@@ -141,6 +145,44 @@ class Margin:
   def loss(self, target: Array, row_max: Array, row_sum: Array) -> Array:
     """``[B]`` losses from the target logits and the sums of :meth:`row_terms`."""
     return row_max + jnp.log(row_sum + jnp.exp(target - row_max)) - target
+
+
+def require(margin: Margin, name: str, holds: Callable[[np.ndarray], Any], rule: str) -> None:
+  """Raises ``ValueError`` unless ``holds(value)`` is true for every element of ``margin``'s field
+  ``name``; ``rule`` says what the field must be. A tracer is not checked (its value is unknown).
+
+  >>> import margins
+  >>> require(margins.CosFace(margin=-2.0), "margin", lambda m: m > -1, "above -1")
+  Traceback (most recent call last):
+  ValueError: `margin` of CosFace must be above -1, got -2.0.
+  """
+  value = getattr(margin, name)
+  if not isinstance(value, jax.core.Tracer) and not np.all(holds(np.asarray(value))):
+    raise ValueError(f"`{name}` of {type(margin).__name__} must be {rule}, got {value}.")
+
+
+def require_angles(margin: Margin, *names: str) -> None:
+  """Raises ``ValueError`` unless the additive angular margins ``names`` lie in ``(-pi, pi)``:
+  radians, not degrees."""
+  for name in names:
+    require(margin, name, lambda angle: np.abs(angle) < np.pi,
+            "an angle in radians, in (-pi, pi) (ArcFace's 0.5 is 28.6 degrees)")
+
+
+def require_scalars(margin: Margin, *names: str) -> None:
+  """Raises ``ValueError`` unless fields ``names`` hold one value: a batch statistic or its
+  momentum, which would otherwise broadcast over the classes."""
+  for name in names:
+    if np.ndim(getattr(margin, name)) != 0:
+      raise ValueError(f"`{name}` of {type(margin).__name__} must be a scalar, got shape "
+                       f"{np.shape(getattr(margin, name))}.")
+
+
+def _require_integer_margin(margin: Margin) -> None:
+  """Raises ``ValueError`` unless the multiplicative margin is a Python integer ``m >= 1``."""
+  m = margin.margin
+  if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+    raise ValueError(f"`margin` of {type(margin).__name__} must be an integer >= 1, got {m!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +366,9 @@ class LSoftmax(Margin):
   normalize_embeddings = False
   normalize_weights = False
 
+  def check(self):
+    _require_integer_margin(self)
+
   def target_logit(self, rows):
     psi = annealed(multiplicative_psi(rows.cos, self.margin), rows.cos, self.annealing)
     return rows.embedding_norm * rows.weight_norm * psi
@@ -350,6 +395,9 @@ class SphereFace(Margin):
   scale: Array | float | None = None
   annealing: Array | float = 0.0
   normalize_weights = True
+
+  def check(self):
+    _require_integer_margin(self)
 
   @property
   def normalize_embeddings(self):
@@ -408,6 +456,9 @@ class ArcFace(Margin):
   easy_margin: bool = static_field(False)
   detach_margin: bool = static_field(False)
 
+  def check(self):
+    require_angles(self, "margin")
+
   def target_logit(self, rows):
     target = arcface_cos(rows.cos, self.margin, easy_margin=self.easy_margin)
     if self.detach_margin:
@@ -436,6 +487,10 @@ class CombinedMargin(Margin):
   m1: Array | float = 1.0
   m2: Array | float = 0.3
   m3: Array | float = 0.2
+
+  def check(self):
+    require_angles(self, "m2")
+    require(self, "m1", lambda m: m > 0, "positive (1: no multiplicative margin)")
 
   def target_logit(self, rows):
     shifted = self.m1 * angle(rows.cos) + self.m2
@@ -467,6 +522,10 @@ class CurricularFace(Margin):
   margin: Array | float = 0.5
   t: Array | float = 0.0
   momentum: Array | float = 0.01
+
+  def check(self):
+    require_angles(self, "margin")
+    require_scalars(self, "t", "momentum")
 
   def prepare(self, rows):
     mean_cos, _, count = batch_moments(jax.lax.stop_gradient(rows.cos), rows.valid)
@@ -517,6 +576,10 @@ class MVSoftmax(Margin):
 
   def __post_init__(self):
     _common.check_choice("kind", self.kind, ("cos", "arc"))
+
+  def check(self):
+    if self.kind == "arc":
+      require_angles(self, "margin")
 
   def _margined(self, cos: Array) -> Array:
     """The margined target cosine that decides which negatives are mis-classified."""
@@ -569,6 +632,10 @@ class AdaFace(Margin):
   norm_std: Array | float = 100.0
   eps: float = static_field(1e-3)
 
+  def check(self):
+    require_angles(self, "margin")
+    require_scalars(self, "norm_mean", "norm_std", "momentum")
+
   def prepare(self, rows):
     norms = jax.lax.stop_gradient(jnp.clip(rows.embedding_norm, 1e-3, 100.0))
     batch_mean, batch_std, count = batch_moments(norms, rows.valid)
@@ -619,6 +686,13 @@ class MagFace(Margin):
   lambda_g: Array | float = 20.0
   easy_margin: bool = static_field(True)
 
+  def check(self):
+    require_angles(self, "lower_margin", "upper_margin")
+    if not any(isinstance(value, jax.core.Tracer) for value in (self.lower_norm, self.upper_norm)
+               ) and not np.all(np.asarray(self.lower_norm) < np.asarray(self.upper_norm)):
+      raise ValueError(f"`lower_norm` of MagFace ({self.lower_norm}) must be below its "
+                       f"`upper_norm` ({self.upper_norm}): the margin grows between them.")
+
   def _clipped_norm(self, rows):
     return jnp.clip(rows.embedding_norm, self.lower_norm, self.upper_norm)
 
@@ -666,6 +740,11 @@ class ElasticFace(Margin):
 
   def __post_init__(self):
     _common.check_choice("kind", self.kind, ("arc", "cos"))
+
+  def check(self):
+    if self.kind == "arc":
+      require_angles(self, "margin")
+    require(self, "sigma", lambda sigma: sigma >= 0, "a standard deviation, at least 0")
 
   def sampled_margins(self, rows: Rows) -> Array:
     """``[B]`` margins for this batch, from ``key``.
@@ -718,6 +797,9 @@ class SphereFaceR(Margin):
 
   def __post_init__(self):
     _common.check_choice("kind", self.kind, SPHEREFACE_R_KINDS)
+
+  def check(self):
+    require(self, "margin", lambda m: m >= 1, "at least 1 (1: no margin)")
 
   def target_logit(self, rows):
     if self.kind == "v2":
@@ -816,6 +898,11 @@ class SphereFace2(Margin):
 
   def __post_init__(self):
     _common.check_choice("kind", self.kind, SPHEREFACE2_KINDS)
+
+  def check(self):
+    if self.kind == "arc":
+      require_angles(self, "margin")
+    require(self, "alpha", lambda a: (a >= 0) & (a <= 1), "a weight in [0, 1]")
 
   def _logits(self, cos: Array, adjusted: Array, bias: Array | float) -> Array:
     """The value of ``r adjusted + b``, the gradient of ``r cos + b``."""
@@ -924,58 +1011,6 @@ def check_margin(margin: Any) -> Margin:
     if np.size(scale) != 1:
       raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
                        f"{np.shape(scale)}.")
-    if not isinstance(scale, jax.core.Tracer) and not np.all(np.asarray(scale) > 0):
-      raise ValueError(f"`scale` of {type(margin).__name__} must be positive, got {scale}.")
-  if isinstance(margin, (LSoftmax, SphereFace)) and (
-      isinstance(margin.margin, bool) or not isinstance(margin.margin, (int, np.integer))
-      or margin.margin < 1):
-    raise ValueError(f"`margin` of {type(margin).__name__} must be an integer >= 1, got "
-                     f"{margin.margin!r}.")
-  states = ["t", "momentum"] if isinstance(margin, CurricularFace) else (
-      ["norm_mean", "norm_std", "momentum"] if isinstance(margin, AdaFace) else [])
-  for name in states:  # One value for the batch, which would otherwise broadcast over classes.
-    if np.ndim(getattr(margin, name)) != 0:
-      raise ValueError(f"`{name}` of {type(margin).__name__} must be a scalar, got shape "
-                       f"{np.shape(getattr(margin, name))}.")
-  for name in _angle_fields(margin):
-    angle = getattr(margin, name)
-    if not isinstance(angle, jax.core.Tracer) and not np.all(np.abs(angle) < np.pi):
-      raise ValueError(
-          f"`{name}` of {type(margin).__name__} is an angle in radians and must lie in "
-          f"(-pi, pi), got {angle} (ArcFace's 0.5 is 28.6 degrees).")
-  for name, holds, rule in _field_rules(margin):
-    value = getattr(margin, name)
-    if not isinstance(value, jax.core.Tracer) and not np.all(holds(np.asarray(value))):
-      raise ValueError(f"`{name}` of {type(margin).__name__} must be {rule}, got {value}.")
-  if isinstance(margin, MagFace) and not any(
-      isinstance(value, jax.core.Tracer) for value in (margin.lower_norm, margin.upper_norm)
-  ) and not np.all(np.asarray(margin.lower_norm) < np.asarray(margin.upper_norm)):
-    raise ValueError(f"`lower_norm` of MagFace ({margin.lower_norm}) must be below its "
-                     f"`upper_norm` ({margin.upper_norm}): the margin grows between them.")
+    require(margin, "scale", lambda s: s > 0, "positive")
+  margin.check()
   return margin
-
-
-def _field_rules(margin: Margin) -> tuple[tuple[str, Callable[[np.ndarray], Any], str], ...]:
-  """``(field, test, what it must be)`` of ``margin``'s fields whose values are bounded."""
-  if isinstance(margin, SphereFaceR):
-    return (("margin", lambda m: m >= 1, "at least 1 (1: no margin)"),)
-  if isinstance(margin, SphereFace2):
-    return (("alpha", lambda a: (a >= 0) & (a <= 1), "a weight in [0, 1]"),)
-  if isinstance(margin, ElasticFace):
-    return (("sigma", lambda sigma: sigma >= 0, "a standard deviation, at least 0"),)
-  if isinstance(margin, CombinedMargin):
-    return (("m1", lambda m: m > 0, "positive (1: no multiplicative margin)"),)
-  return ()
-
-
-def _angle_fields(margin: Margin) -> tuple[str, ...]:
-  """The names of ``margin``'s fields that are additive angular margins, in radians."""
-  if isinstance(margin, (ArcFace, CurricularFace, AdaFace)):
-    return ("margin",)
-  if isinstance(margin, (MVSoftmax, ElasticFace, SphereFace2)) and margin.kind == "arc":
-    return ("margin",)
-  if isinstance(margin, CombinedMargin):
-    return ("m2",)
-  if isinstance(margin, MagFace):
-    return ("lower_margin", "upper_margin")
-  return ()
