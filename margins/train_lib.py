@@ -86,8 +86,13 @@ _LOOP_LOSS_FIELDS = ("name", "subcenters", "lambda_schedule")
 def config_from_file(path: str | os.PathLike[str], arg: str | None = None
                      ) -> ml_collections.ConfigDict:
   """``get_config(arg)`` of a config file, as ``train.py --config=<path>:<arg>`` reads it (e.g.
-  ``config_from_file("configs/digits_arcface.py", "quick")``)."""
+  ``config_from_file("configs/digits_arcface.py", "quick")``, or ``train.py``'s spelling,
+  ``"configs/digits_arcface.py:quick"``)."""
   path = os.fspath(path)
+  if arg is None and ":" in path and not os.path.isfile(path):
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file {path!r}.")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -77,6 +77,11 @@ def test_every_config_refuses_an_argument_it_does_not_take():
                                          "none or 'quick'"):
       load_config(path, "quik")
     assert load_config(path, None).num_steps > load_config(path).num_steps
+  # train.py's spelling, "<path>:<arg>", reads the same; a missing file is named.
+  path = os.path.join(ROOT, "configs", "digits_arcface.py")
+  assert train_lib.config_from_file(f"{path}:quick") == load_config(path)
+  with pytest.raises(FileNotFoundError, match="No config file 'configs/no_such.py'"):
+    train_lib.config_from_file("configs/no_such.py:quick")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
