@@ -1109,8 +1109,13 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
                           floor_dtype, None, keep_scores)
 
   margin, num_valid = jax.tree.map(jnp.asarray, (margin, num_valid))
+  # A per-example ``[B]`` field (MV-Softmax's ``t``, say) is split like the examples it scores.
+  per_example = jax.tree.map(lambda v: v.shape == x_in.shape[:1], margin)
+  margin = jax.tree.map(lambda v, split_it: _common.split_like(v, x_in) if split_it else v,
+                        margin, per_example)
+  margin_specs = jax.tree.map(lambda split_it: split if split_it else whole, per_example)
   return jax.shard_map(local_stats, mesh=jax.typeof(x_in).sharding.mesh,
-                       in_specs=(split, whole, split, whole, split, whole, split),
+                       in_specs=(split, whole, split, margin_specs, split, whole, split),
                        out_specs=split)(x_in, w, rows, margin, local_labels, num_valid, stabilizer)
 
 

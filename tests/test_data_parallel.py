@@ -42,6 +42,11 @@ LOSSES = {
         x, w, y, margins.CurricularFace(scale=8.0, t=0.2)),
     "chunked_subcenter": lambda x, w, w3, y: margins.chunked(5)(
         x, w3, y, margins.ArcFace(scale=8.0)),
+    # Per-example [B] fields that the non-target logits read: split with the examples.
+    "chunked_per_example_t": lambda x, w, w3, y: margins.chunked(5)(
+        x, w, y, margins.MVSoftmax(scale=8.0, t=jnp.linspace(0.0, 0.4, B))),
+    "chunked_per_example_margin": lambda x, w, w3, y: margins.chunked(5)(
+        x, w, y, margins.SphereFace2(-1.0, scale=8.0, margin=jnp.linspace(0.1, 0.4, B))),
     # 48 classes (W four times over), 16 of them sampled: the batch's 4 and 12 others.
     "sampled_engine": lambda x, w, w3, y: margins.chunked(5, sample_rate=0.25)(
         x, jnp.tile(w, (4, 1)), y, margins.CosFace(scale=8.0), key=KEY),
