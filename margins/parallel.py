@@ -34,10 +34,9 @@ the ``[B, C]`` logits are never gathered or scattered.
 import dataclasses
 import fractions
 import functools
-import itertools
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -1018,9 +1017,12 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # vector's would with float32's floor).
   floor_dtype = _common.floor_dtype_of(x, w, matmul_dtype)
   dtype = _common.compute_dtype(x, w, matmul_dtype)  # The scores' and the statistics' dtype.
-  param_dtypes = [jnp.result_type(p) for p in _floating_leaves(margin)[0]]
-  # A bfloat16 learnt scale: no mixed arithmetic; returned in its own dtype.
-  margin = _cast_params(margin, itertools.repeat(dtype))
+  # Each floating leaf's dtype, ``None`` for the others: a bfloat16 learnt scale is computed in
+  # ``dtype`` (no mixed arithmetic) and returned in its own; an integer state (CurricularFace's
+  # ``t = 0``) comes back as ``prepare`` makes it, a float.
+  param_dtypes = [jnp.result_type(leaf) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+                  else None for leaf in jax.tree.leaves(margin)]
+  margin = _cast_params(margin, [dtype if d is not None else None for d in param_dtypes])
   x_wide = x.astype(dtype)  # Gathered and reduce-scattered in ``dtype``.
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   if axis_name is not None:
@@ -1079,12 +1081,14 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   return losses, _cast_params(margin, param_dtypes)
 
 
-def _cast_params(margin: Margin, dtypes: Iterable[Any]) -> Margin:
-  """``margin`` with its floating array leaves cast, in order, to ``dtypes``; Python numbers
-  (weakly typed) stay as they are."""
-  params, rebuild = _floating_leaves(margin)
-  return rebuild([jnp.asarray(p).astype(d) if isinstance(p, (jax.Array, np.ndarray, np.generic))
-                  else p for p, d in zip(params, dtypes)])
+def _cast_params(margin: Margin, dtypes: list[Any]) -> Margin:
+  """``margin`` with each array leaf cast to its entry of ``dtypes`` (one per leaf, in order;
+  ``None``: as it is); Python numbers (weakly typed) stay as they are."""
+  leaves, treedef = jax.tree.flatten(margin)
+  return treedef.unflatten([
+      jnp.asarray(leaf).astype(d)
+      if d is not None and isinstance(leaf, (jax.Array, np.ndarray, np.generic)) else leaf
+      for leaf, d in zip(leaves, dtypes, strict=True)])
 
 
 def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:

@@ -1086,3 +1086,23 @@ def test_a_margin_of_your_own_declares_its_ranges_in_check():
 
   with pytest.raises(ValueError, match="`margin` of MyArcFace must be an angle in radians"):
     margins.dense()(x, w, labels, MyArcFace(margin=28.6))
+
+
+def test_integer_states_come_back_as_floats_on_every_engine():
+  # CurricularFace's t = 0 or AdaFace's norm statistics given as integers raised a bare
+  # StopIteration: prepare() made the state a float, one more floating leaf than came in.
+  x, w, labels = make_inputs()
+  key = jax.random.key(0)
+  pairs = [(margins.CurricularFace(t=0), margins.CurricularFace(t=0.0)),
+           (margins.AdaFace(norm_mean=20, norm_std=jnp.array(100)),
+            margins.AdaFace(norm_mean=20.0, norm_std=100.0))]
+  for engine in (margins.dense(), margins.chunked(4), margins.dense(sample_rate=0.5)):
+    for as_int, as_float in pairs:
+      got_losses, got = engine(x, w, labels, as_int, key=key)
+      want_losses, want = engine(x, w, labels, as_float, key=key)
+      np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
+      for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert jnp.result_type(got_leaf) == jnp.float32, got
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6)
+  t = margins.curricularface_loss(x, w, labels, 0)[1]
+  assert t.dtype == jnp.float32 and t == margins.curricularface_loss(x, w, labels, 0.0)[1]
