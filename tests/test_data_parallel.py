@@ -116,6 +116,21 @@ def test_every_loss_data_parallel_equals_one_device(single_device, axis_type, pl
   assert new_centers.sharding.is_equivalent_to(shardings[1], 2) or not placed
 
 
+def test_every_loss_with_only_the_labels_split_equals_one_device(single_device):
+  # The embeddings whole on each device and the labels split (Explicit axes), as a loader may
+  # place them: CurricularFace and MV-Softmax compared split per-row thresholds with whole scores
+  # (a ShardingTypeError); the labels now follow the embeddings.
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  replicated = NamedSharding(mesh, jax.P())
+  shardings = (replicated, replicated, replicated, NamedSharding(mesh, jax.P("batch")))
+  with jax.set_mesh(mesh):
+    got = jax.jit(losses_and_grads)(*jax.device_put(inputs(), shardings))
+  for name, (aux, grads) in got.items():
+    want_aux, want_grads = single_device[name]
+    for leaf, want_leaf in zip(jax.tree.leaves((aux, grads)),
+                               jax.tree.leaves((want_aux, want_grads)), strict=True):
+      np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
 def test_every_loss_inside_a_callers_shard_map_equals_one_device(single_device):
   # The caller's own shard_map over the batch (each device a quarter of it, the centres whole on
   # each): the pairwise losses and update_centers still see every pair and every example of the

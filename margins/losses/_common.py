@@ -199,11 +199,12 @@ def gathered(x: Array) -> Array:
 
 
 def split_like(x: Array, reference: Array) -> Array:
-  """``x [B, ...]`` split over the mesh like ``reference [B, ...]`` on the leading axis, if
-  Explicit mesh axes split ``reference`` (else as is)."""
+  """``x [B, ...]`` split over the mesh like ``reference [B, ...]`` on the leading axis, where
+  Explicit mesh axes split either: split as ``reference`` is, or whole where it is whole."""
   sharding = jax.typeof(reference).sharding
   if sharding.spec[0] is None:
-    return x
+    own = jax.typeof(x).sharding
+    return jax.reshard(x, own.update(spec=jax.P())) if own.spec[0] is not None else x
   return jax.reshard(x, sharding.update(spec=jax.P(sharding.spec[0])))
 
 
