@@ -1134,6 +1134,9 @@ def _shard_labels(labels: Array, start: Array | int, rows_per_shard: int, num_cl
   """``(local labels, num_valid)`` of the shard whose rows start at ``start``: each label's row
   there, -1 where its class lives elsewhere (or past ``num_classes``), and the shard's rows before
   its padding."""
+  # int32 as the shard's index (int64 labels under jax_enable_x64 too); a label outside
+  # [0, num_classes) stays outside, so no shard takes it for one of its rows.
+  labels = jnp.clip(labels, -1, num_classes).astype(jnp.int32)
   num_valid = jnp.clip(num_classes - start, 0, rows_per_shard)
   local = labels - start
   return jnp.where((local >= 0) & (local < num_valid), local, -1), num_valid

@@ -640,6 +640,21 @@ def test_partial_fc_samples_with_x64_enabled():
   assert np.isfinite(np.asarray(got)).all()
 
 
+def test_sharded_engine_takes_int64_labels_with_x64_enabled():
+  # jax.numpy's arrays of labels are int64 there; the shard's row index is int32 (a promotion
+  # error under strict promotion before).
+  x, w2, _, labels = make_inputs(40, 40)
+  mesh = make_mesh(2)
+  with jax.enable_x64(True):
+    for engine in (margins.sharded(mesh, chunk_size=5),
+                   margins.sharded(mesh, chunk_size=5, sample_rate=0.5)):
+      got = engine(x, w2, jnp.asarray(labels, jnp.int64), MARGINS["arcface"], key=KEY)[0]
+      want = engine(x, w2, labels, MARGINS["arcface"], key=KEY)[0]
+      np.testing.assert_array_equal(got, want)
+    sample = engine.sample(jnp.asarray(labels, jnp.int64), num_rows=40, key=KEY)
+    np.testing.assert_array_equal(sample.index, engine.sample(labels, num_rows=40, key=KEY).index)
+
+
 @pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5),
                                     margins.sharded(make_mesh(2), chunk_size=3)],
                          ids=["dense", "chunked", "sharded"])
