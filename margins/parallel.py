@@ -580,7 +580,7 @@ def _chunk_logits(scores, w_shape, start, rows, margin, local_labels, num_valid)
   (``w_shape``: the chunk's ``[c, D]`` or ``[c, K, D]``), in the rows' dtype (float64 for float64
   embeddings, whatever the matmul's); target and padding ``-inf``."""
   scores = _best_subcentre(scores, w_shape).astype(rows.cos.dtype)
-  logits = margin.nontarget_logits(scores, rows)
+  logits = _shaped(margin, "nontarget_logits", margin.nontarget_logits(scores, rows), scores.shape)
   ids = start + jnp.arange(w_shape[0], dtype=local_labels.dtype)
   excluded = (local_labels[:, None] == ids[None, :]) | (ids >= num_valid)[None, :]
   return jnp.where(excluded, -jnp.inf, logits)
@@ -1052,7 +1052,7 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
     w = jnp.asarray(w).at[index].get(mode="fill", fill_value=0)
     local_labels, num_valid = _in_sample(index, num_rows, local_labels, num_valid)
   margin = margin.prepare(rows)
-  target = margin.target_logit(rows).astype(dtype)
+  target = _shaped(margin, "target_logit", margin.target_logit(rows), rows.cos.shape).astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = x_unit if margin.normalize_embeddings else x_wide
@@ -1075,10 +1075,21 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # A softmax's max_ >= target and is one of the logits, so its sum (+ the target's) is >= 1.
   losses = margin.loss(target, jax.lax.stop_gradient(max_), sum_)
   extra = margin.regularizer(rows)
-  losses = losses if extra is None else losses + extra
+  if extra is not None:
+    losses = losses + _shaped(margin, "regularizer", extra, losses.shape)
   if sample is not None:  # An example whose class is not in the sample has no target.
     losses = jnp.where(rows.valid, losses, jnp.nan)
   return losses, _cast_params(margin, param_dtypes)
+
+
+def _shaped(margin: Margin, method: str, value: Array, shape: tuple[int, ...]) -> Array:
+  """``value``, what ``margin.<method>`` returned, unless its shape is not ``shape``: a margin of
+  one's own returning one logit for the batch would be broadcast over it without a word."""
+  if jnp.shape(value) != shape:
+    raise ValueError(f"{type(margin).__name__}.{method} must return shape {shape} (one value "
+                     f"per example{'' if len(shape) == 1 else ' and class'}), got "
+                     f"{jnp.shape(value)}.")
+  return value
 
 
 def _cast_params(margin: Margin, dtypes: list[Any]) -> Margin:

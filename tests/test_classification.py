@@ -1106,3 +1106,38 @@ def test_integer_states_come_back_as_floats_on_every_engine():
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6)
   t = margins.curricularface_loss(x, w, labels, 0)[1]
   assert t.dtype == jnp.float32 and t == margins.curricularface_loss(x, w, labels, 0.0)[1]
+
+
+def test_a_margin_of_your_own_returning_the_wrong_shape_is_named():
+  # A target logit reduced over the batch was broadcast over it by the dense engine without a
+  # word (another loss), and failed in the chunked engine's scan with no name.
+  x, w, labels = make_inputs()
+
+  @margins.margin_dataclass
+  class MeanTarget(margins.CosFace):
+    def target_logit(self, rows):
+      return self.scale * jnp.mean(rows.cos)
+
+  @margins.margin_dataclass
+  class ColumnTarget(margins.CosFace):
+    def target_logit(self, rows):
+      return super().target_logit(rows)[:, None]
+
+  @margins.margin_dataclass
+  class RowNontarget(margins.CosFace):
+    def nontarget_logits(self, similarity, rows):
+      return super().nontarget_logits(similarity, rows)[:1]
+
+  @margins.margin_dataclass
+  class ScalarRegularizer(margins.CosFace):
+    def regularizer(self, rows):
+      return jnp.mean(rows.embedding_norm)
+
+  for engine in (margins.dense(), margins.chunked(4)):
+    for margin, method, shape in ((MeanTarget(), "target_logit", r"\(\)"),
+                                  (ColumnTarget(), "target_logit", rf"\({B}, 1\)"),
+                                  (RowNontarget(), "nontarget_logits", r"\(1, \d+\)"),
+                                  (ScalarRegularizer(), "regularizer", r"\(\)")):
+      with pytest.raises(ValueError, match=rf"{type(margin).__name__}.{method} must return shape "
+                                           rf"\({B},.*\), got {shape}"):
+        engine(x, w, labels, margin)
