@@ -227,6 +227,17 @@ def test_sphereface2_bias_where_the_balance_is_exact_and_the_exponential_underfl
   assert margins.sphereface2_bias(2, scale=1e4, alpha=0.5) == pytest.approx(7500.0, rel=1e-12)
 
 
+def test_sphereface2_bias_inside_a_trace_and_for_a_count_that_is_not_whole():
+  # A model initialised under jit or nnx.eval_shape calls it there: it raised a
+  # ConcretizationTypeError; 10.5 classes were taken for a count.
+  want = margins.sphereface2_bias(10)
+  assert jax.jit(lambda: jnp.float32(margins.sphereface2_bias(10)))() == np.float32(want)
+  assert jax.eval_shape(lambda: jnp.asarray(margins.sphereface2_bias(10))).shape == ()
+  assert margins.sphereface2_bias(np.int64(10)) == want
+  with pytest.raises(TypeError, match="`num_classes` must be an integer, got float"):
+    margins.sphereface2_bias(10.5)
+
+
 def test_subcenter_arcface_matches_reference():
   x, w, labels = make_inputs(subcenters=3)
   got = margins.subcenter_arcface_loss(x, w, labels)
@@ -1031,6 +1042,10 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
        "be positive"),
       (lambda: margins.magface_loss(x, w, labels, lower_norm=120.0), "`lower_norm` of MagFace "
        r"\(120.0\) must be below its `upper_norm` \(110.0\)"),
+      (lambda: margins.sphereface2_loss(x, w, labels, 1.0, t=0.0), "`t` of SphereFace2 must be "
+       "positive"),  # Every example had the same loss.
+      (lambda: margins.arcface_loss(x, w, labels, scale=np.inf), "`scale` of ArcFace must be "
+       "positive and finite, got inf"),  # NaN losses.
   ]
   for loss, message in refused:
     with pytest.raises(ValueError, match=message):

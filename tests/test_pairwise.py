@@ -474,3 +474,12 @@ def test_bad_options_name_the_argument():
     pairwise.triplet_loss(x, LABELS, average="mean")
   with pytest.raises(ValueError, match="`average`"):
     pairwise.contrastive_loss(x, LABELS, average="non_zero")
+  # A flag picks the formula: "no" read as true, and a traced one failed inside the loss.
+  for loss_fn in (pairwise.triplet_loss, pairwise.contrastive_loss):
+    with pytest.raises(TypeError, match="`squared` must be a bool .*, got 'no'"):
+      loss_fn(x, LABELS, squared="no")
+    with pytest.raises(TypeError, match="`normalize` must be a bool"):
+      jax.jit(lambda x, flag, f=loss_fn: f(x, LABELS, normalize=flag))(x, True)
+  with pytest.raises(ValueError, match=r"`gamma` must be positive \(a scale\), got -5.0"):
+    pairwise.circle_loss(x, LABELS, gamma=-5.0)  # It inverted the loss.
+  assert np.isfinite(pairwise.triplet_loss(x, LABELS, squared=np.bool_(False))).all()

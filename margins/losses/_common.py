@@ -64,6 +64,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
+def check_flag(name: str, value: Any) -> None:
+  """Raises unless ``value`` is a Python (or NumPy) bool: it picks the formula, so a traced one
+  cannot, and ``"no"`` would read as true."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool (it picks the formula), got {value!r}.")
+
+
 def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> Any:
   """Raises unless ``labels`` is an integer vector of length ``batch_size``.
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from margins._checks import check_int
 from margins.losses import _common
 
 Array = jax.Array
@@ -903,6 +904,7 @@ class SphereFace2(Margin):
     if self.kind == "arc":
       require_angles(self, "margin")
     require(self, "alpha", lambda a: (a >= 0) & (a <= 1), "a weight in [0, 1]")
+    require(self, "t", lambda t: t > 0, "positive (1: no similarity adjustment)")
 
   def _logits(self, cos: Array, adjusted: Array, bias: Array | float) -> Array:
     """The value of ``r adjusted + b``, the gradient of ``r cos + b``."""
@@ -945,12 +947,14 @@ def sphereface2_bias(num_classes: int, *, scale: float = 40.0, margin: float = 0
     Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
     Recognition", ICLR 2022.
   """
-  if num_classes < 2:
+  if check_int(num_classes, "num_classes", minimum=0) < 2:
     raise ValueError(f"SphereFace2 needs at least 2 classes, got {num_classes}.")
   if not 0 < alpha < 1:
     raise ValueError(f"`alpha` must lie in (0, 1), got {alpha}.")
   untrained = SphereFace2(bias=0.0, scale=scale, margin=margin, t=t, alpha=alpha, kind=kind)
-  with jax.enable_x64(True):  # Logits of thousands (large scales) to float64's precision.
+  # Logits of thousands (large scales) to float64's precision; computed now, also where a
+  # caller traces (a model's initialisation under jit or nnx.eval_shape).
+  with jax.enable_x64(True), jax.ensure_compile_time_eval():
     zeros = jnp.zeros((1,), jnp.float64)
     rows = Rows(cos=zeros, embedding_norm=jnp.ones_like(zeros), weight_norm=jnp.ones_like(zeros))
     target = float(untrained.target_logit(rows)[0])
@@ -1011,6 +1015,6 @@ def check_margin(margin: Any) -> Margin:
     if np.size(scale) != 1:
       raise ValueError(f"`scale` of {type(margin).__name__} must be a scalar, got shape "
                        f"{np.shape(scale)}.")
-    require(margin, "scale", lambda s: s > 0, "positive")
+    require(margin, "scale", lambda s: (s > 0) & np.isfinite(s), "positive and finite")
   margin.check()
   return margin

@@ -65,6 +65,7 @@ def _pair_masks(labels: Array) -> tuple[Array, Array]:
 
 def _prepared(embeddings: Array, normalize: bool) -> Array:
   """Embeddings in the compute dtype, L2-normalised when ``normalize``."""
+  _common.check_flag("normalize", normalize)
   x = embeddings.astype(_common.compute_dtype(embeddings))
   return _common.l2_normalize(x, floor_dtype=embeddings.dtype) if normalize else x
 
@@ -90,6 +91,7 @@ def pairwise_distances(x: Array, *, squared: bool) -> Array:
   References:
     The Gram-matrix form used by FaceNet's and pytorch-metric-learning's batch losses.
   """
+  _common.check_flag("squared", squared)
   gram = _gram(x)
   squared_norms = jnp.diagonal(gram)
   squared_distances = jnp.maximum(squared_norms[:, None] + squared_norms[None, :] - 2 * gram, 0)
@@ -323,6 +325,8 @@ def circle_loss(embeddings: Array, labels: Array, *, margin: float = 0.25,
   References:
     Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization", CVPR 2020.
   """
+  if not isinstance(gamma, jax.core.Tracer) and not np.all(np.asarray(gamma) > 0):
+    raise ValueError(f"`gamma` must be positive (a scale), got {gamma}.")
   x = _prepared(embeddings, True)
   similarity = _gram(x)
   positive, negative = _pair_masks(labels)
