@@ -184,6 +184,8 @@ def test_bad_input_names_the_argument():
   for alpha in (1.5, -0.1, np.float32(1.5), jnp.float32(1.5)):  # Any concrete number.
     with pytest.raises(ValueError, match="`alpha`"):
       center.update_centers(centers, x, LABELS, alpha=alpha)
+  with pytest.raises(ValueError, match=r"`alpha` must be a scalar, got shape \(4,\)"):
+    center.update_centers(centers, x, LABELS, alpha=np.full(4, 0.5))  # A rank error before.
   for alpha in (0.0, 1.0):  # The ends of [0, 1] are steps, given eagerly as concrete numbers.
     np.testing.assert_allclose(center.update_centers(centers, x, LABELS, alpha=alpha),
                                ref_update_centers(centers, x, LABELS, alpha), rtol=1e-6, atol=1e-7)

@@ -846,6 +846,9 @@ def test_narrow_integer_labels_equal_int32_labels(dtype, num_classes):
   for loss_fn in (margins.arcface_loss, jax.jit(margins.arcface_loss)):
     np.testing.assert_allclose(loss_fn(x, w, labels.astype(dtype)), want, rtol=1e-6)
   np.testing.assert_array_equal(margins.arcface_loss(x, w, labels.tolist()), want)  # a list
+  # A list of labels under jit or vmap is a list of tracers (np.asarray raised on them).
+  traced = jax.jit(lambda x_, *ys: margins.arcface_loss(x_, w, list(ys)))(x, *labels.tolist())
+  np.testing.assert_allclose(traced, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,labels,error,match", [
@@ -1050,6 +1053,12 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
   for loss, message in refused:
     with pytest.raises(ValueError, match=message):
       loss()
+  # A per-example field of another length: a bare broadcasting error before.
+  for engine in (margins.dense(), margins.chunked(4)):
+    with pytest.raises(ValueError, match=rf"`margin` of ArcFace must be one value or one per "
+                                         rf"example \({B}\), got shape \(3,\)"):
+      engine(x, w, labels, margins.ArcFace(margin=jnp.full(3, 0.5)))
+  assert np.isfinite(margins.arcface_loss(x, w, labels, margin=jnp.full(B, 0.5))).all()
   with pytest.raises(TypeError, match=r"`margin` of CosFace must be a number or an array, got a "
                      r"list: .* \(jnp.asarray\(\[0.1, 0.2"):
     margins.cosface_loss(x, w, labels, margin=[0.1, 0.2, 0.3, 0.1, 0.2, 0.3])

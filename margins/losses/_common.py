@@ -82,8 +82,9 @@ def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -
     cannot overflow their dtype (``uint8`` labels and 256 classes) and -1 can mark an example
     (an unsigned label of ``2^31`` or more, out of range anyway, becomes negative).
   """
-  if not isinstance(labels, (jax.Array, np.ndarray)):
-    labels = np.asarray(labels)
+  if not isinstance(labels, (jax.Array, np.ndarray)):  # A list, of tracers under jit or vmap.
+    traced = any(isinstance(label, jax.core.Tracer) for label in jax.tree.leaves(labels))
+    labels = jnp.asarray(labels) if traced else np.asarray(labels)
   shape = np.shape(labels)
   if len(shape) != 1:
     raise ValueError(f"`labels` must have rank 1 ([batch]), got shape {shape}.")

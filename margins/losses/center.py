@@ -100,6 +100,8 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   if not isinstance(alpha, jax.core.Tracer) and not np.all((0 <= np.asarray(alpha)) &
                                                           (np.asarray(alpha) <= 1)):
     raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+  if np.ndim(alpha) != 0:
+    raise ValueError(f"`alpha` must be a scalar, got shape {np.shape(alpha)}.")
   dtype = _common.compute_dtype(embeddings, centers)
   # Each class's examples are grouped over the whole batch (all of it on every device where
   # mesh axes split it: Explicit axes, or a caller's ``shard_map``).

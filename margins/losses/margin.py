@@ -992,8 +992,9 @@ def _check_static_fields(margin: Margin) -> None:
       raise TypeError(f"`{field.name}` of {name} must be a {kind.__name__}, got {value!r}.")
 
 
-def check_margin(margin: Any) -> Margin:
-  """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields."""
+def check_margin(margin: Any, batch_size: int | None = None) -> Margin:
+  """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields; with
+  ``batch_size``, a field of one value per example must have that many."""
   if not isinstance(margin, Margin):
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
   if any(leaf is margin for leaf in jax.tree_util.tree_leaves(margin)):  # Not a pytree.
@@ -1009,6 +1010,11 @@ def check_margin(margin: Any) -> Margin:
       raise TypeError(f"`{field.name}` of {type(margin).__name__} must be a number or an array, "
                       f"got a {type(value).__name__}: one value per example is an array "
                       f"(jnp.asarray({value!r})).")
+    if (batch_size is not None and not field.metadata.get("static") and np.ndim(value) == 1
+        and np.shape(value)[0] not in (1, batch_size)
+        and jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
+      raise ValueError(f"`{field.name}` of {type(margin).__name__} must be one value or one per "
+                       f"example ({batch_size}), got shape {np.shape(value)}.")
   scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
   if scale is not None:
     # One for the batch (margins may vary per row); a learnt one may be a [1] parameter.
