@@ -158,7 +158,7 @@ class SoftmaxEngine:
       ``(losses [B], margin)``: float32 (or wider) losses, and the margin with this batch's
       statistics folded in (the new state of CurricularFace / AdaFace).
     """
-    check_margin(margin, np.shape(embeddings)[0])
+    check_margin(margin, np.shape(embeddings)[0])  # In a shard_map, the device's examples.
     manual = set(self.mesh.axis_names if self.mesh else ()) & set(
         jax.sharding.get_abstract_mesh().manual_axes)
     if manual:

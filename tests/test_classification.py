@@ -919,7 +919,7 @@ def test_bad_types_and_hyperparameters():
   np.testing.assert_array_equal(margins.sphereface2_loss(x, w, labels, 0),  # a Python int is fine
                                 margins.sphereface2_loss(x, w, labels, 0.0))
   for scale in (0.0, -64.0):  # A negative scale trains away from the classes.
-    with pytest.raises(ValueError, match=f"`scale` of ArcFace must be positive, got {scale}"):
+    with pytest.raises(ValueError, match=f"`scale` of ArcFace must be positive and finite, got {scale}"):
       margins.arcface_loss(x, w, labels, scale=scale)
   with pytest.raises(ValueError, match=r"`scale` of CosFace must be a scalar, got shape \(6,\)"):
     margins.cosface_loss(x, w, labels, scale=jnp.full(B, 64.0))

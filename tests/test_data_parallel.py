@@ -138,7 +138,9 @@ def test_every_loss_inside_a_callers_shard_map_equals_one_device(single_device):
   # states come back whole (out_specs P()), as on one device. Partial FC's sample is each
   # device's own there (drawn from its own examples' classes): left out.
   mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
-  names = tuple(name for name in LOSSES if not name.startswith("sampled"))
+  # Per-example fields there are the device's own examples' (the test below).
+  names = tuple(name for name in LOSSES if not name.startswith("sampled")
+                and "per_example" not in name)
   split, whole = jax.P("batch"), jax.P()
 
   # The centres are the same on every device: JAX sums their gradients over the devices.
@@ -150,6 +152,26 @@ def test_every_loss_inside_a_callers_shard_map_equals_one_device(single_device):
     for leaf, want_leaf in zip(jax.tree.leaves((aux, grads)),
                                jax.tree.leaves((want_aux, want_grads)), strict=True):
       np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(5)], ids=["dense", "chunked"])
+def test_per_example_fields_inside_a_callers_shard_map_are_the_devices_own(engine):
+  # Split like the examples they belong to (in_specs), the target's margin and the non-target
+  # logits' t give each example what one device gives it.
+  x, w, _, labels = inputs()
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+  for margin in (margins.ArcFace(scale=8.0, margin=jnp.linspace(0.1, 0.5, B)),
+                 margins.MVSoftmax(scale=8.0, t=jnp.linspace(0.0, 0.4, B))):
+    specs = jax.tree.map(lambda v: jax.P("batch") if jnp.shape(v) == (B,) else jax.P(),
+                         jax.tree.map(jnp.asarray, margin))
+    per_device = jax.shard_map(lambda x_, y_, m_: engine(x_, w, y_, m_)[0], mesh=mesh,
+                               in_specs=(jax.P("batch"), jax.P("batch"), specs),
+                               out_specs=jax.P("batch"))
+    np.testing.assert_allclose(jax.jit(per_device)(x, labels, jax.tree.map(jnp.asarray, margin)),
+                               engine(x, w, labels, margin)[0], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"one per example \(4\), got shape \(16,\)"):
+      jax.jit(jax.shard_map(lambda x_, y_: engine(x_, w, y_, margin)[0], mesh=mesh,
+                            in_specs=jax.P("batch"), out_specs=jax.P("batch")))(x, labels)
 
 
 # What the data-parallel chunked program may move between devices: W's gradient, summed once

@@ -1010,11 +1010,6 @@ def check_margin(margin: Any, batch_size: int | None = None) -> Margin:
       raise TypeError(f"`{field.name}` of {type(margin).__name__} must be a number or an array, "
                       f"got a {type(value).__name__}: one value per example is an array "
                       f"(jnp.asarray({value!r})).")
-    if (batch_size is not None and not field.metadata.get("static") and np.ndim(value) == 1
-        and np.shape(value)[0] not in (1, batch_size)
-        and jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
-      raise ValueError(f"`{field.name}` of {type(margin).__name__} must be one value or one per "
-                       f"example ({batch_size}), got shape {np.shape(value)}.")
   scale = getattr(margin, "scale", None)  # None: SphereFace's logits scale with |x|.
   if scale is not None:
     # One for the batch (margins may vary per row); a learnt one may be a [1] parameter.
@@ -1023,4 +1018,11 @@ def check_margin(margin: Any, batch_size: int | None = None) -> Margin:
                        f"{np.shape(scale)}.")
     require(margin, "scale", lambda s: (s > 0) & np.isfinite(s), "positive and finite")
   margin.check()
+  for field in dataclasses.fields(margin) if batch_size is not None else ():
+    value = getattr(margin, field.name)
+    if (not field.metadata.get("static") and np.ndim(value) == 1
+        and np.shape(value)[0] not in (1, batch_size)
+        and jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
+      raise ValueError(f"`{field.name}` of {type(margin).__name__} must be one value or one per "
+                       f"example ({batch_size}), got shape {np.shape(value)}.")
   return margin
