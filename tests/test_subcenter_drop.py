@@ -4,6 +4,7 @@ sub-centre, the angle threshold, and the cleaned RecordIO folder written from a 
 import json
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -94,6 +95,22 @@ def test_drop_noisy_equals_drop_py_on_random_classes():
   assert np.flatnonzero(cleaning.keep).tolist() == keep
 
 
+def test_cosines_gather_only_the_labels_rows_of_a_split_head():
+  # The run's head [C, K, D] split by rows over 8 devices: each image's K rows reach it (an
+  # all-reduce of [N, K, D]); the whole head was copied to the host of every process before.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(64, 3, 32)).astype(np.float32)
+  embeddings, labels = rng.normal(size=(16, 32)).astype(np.float32), np.arange(16) * 4
+  with jax.set_mesh(mesh):
+    head = jax.device_put(centres, jax.NamedSharding(mesh, jax.P("data")))
+    hlo = subcenter_drop.subcenter_cosines.lower(embeddings, head, labels).compile().as_text()
+    got = subcenter_drop.subcenter_cosines(embeddings, head, labels)
+  collectives = re.findall(r"= (\S+) (all-gather|all-reduce|collective-permute|all-to-all)\(", hlo)
+  assert {(shape.split("{")[0], op) for shape, op in collectives} == {
+      ("f32[16,3,32]", "all-reduce")}, collectives
+  np.testing.assert_allclose(got, subcenter_drop.subcenter_cosines(embeddings, centres, labels),
+                             rtol=1e-6)
 def test_zero_vectors_and_bad_input():
   cosines = subcenter_drop.subcenter_cosines(np.zeros((2, 3)), np.ones((2, 2, 3)), [0, 1])
   assert cosines.tolist() == [[0, 0], [0, 0]]

@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -74,20 +75,21 @@ class Cleaning:
   cosines: np.ndarray
 
 
-def subcenter_cosines(embeddings, centres, labels) -> np.ndarray:
+@jax.jit
+def subcenter_cosines(embeddings, centres, labels) -> jax.Array:
   """``float32 [N, K]``: the cosine of each embedding ``[N, D]`` to each sub-centre of its own
-  class, of ``centres [C, K, D]`` (or ``[C, D]``: ``K = 1``); zero vectors give 0."""
-  embeddings = np.asarray(embeddings, np.float32)
-  centres = np.asarray(centres, np.float32)
+  class, of ``centres [C, K, D]`` (or ``[C, D]``: ``K = 1``); zero vectors give 0. ``centres``
+  may be a run's head split over the devices by rows: only the labels' rows are gathered."""
+  embeddings = jnp.asarray(embeddings, jnp.float32)
+  centres = jnp.asarray(centres, jnp.float32)
   centres = centres[:, None] if centres.ndim == 2 else centres
-  labels = np.asarray(labels)
-  embedding_norms = np.linalg.norm(embeddings, axis=1)
-  cosines = np.zeros((len(labels), centres.shape[1]), np.float32)
-  for k in range(centres.shape[1]):
-    own = centres[labels, k]  # [N, D]
-    norms = embedding_norms * np.linalg.norm(own, axis=1)
-    np.divide(np.einsum("nd,nd->n", embeddings, own), norms, out=cosines[:, k], where=norms > 0)
-  return cosines
+  labels = jnp.asarray(labels)
+  # [N, K, D]; under a mesh (Explicit axes) whole on each device: the rows gathered, not the head.
+  own = (centres[labels] if jax.sharding.get_abstract_mesh().empty
+         else centres.at[labels].get(out_sharding=jax.P()))
+  dots = jnp.einsum("nd,nkd->nk", embeddings, own, precision=jax.lax.Precision.HIGHEST)
+  norms = jnp.linalg.norm(embeddings, axis=1)[:, None] * jnp.linalg.norm(own, axis=2)
+  return jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1), 0)
 
 
 def drop_noisy(cosines, labels, num_classes: int, *, max_angle: float = 75.0) -> Cleaning:
@@ -174,7 +176,6 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   batch_size = eval_lib.global_batch_size(batch_size, jax.device_count())  # restore's mesh
   experiment, state = train_lib.restore(workdir, step, parts="params")
   experiment.config.eval.batch_size = batch_size
-  centres = sharding_lib.to_host(state.params["head"])[:experiment.num_classes]
   labels = source.labels
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
   cosines = []
@@ -183,7 +184,8 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
       rows = _Rows(source, start, min(start + _BLOCK, len(source)))
       embeddings = eval_lib.compute_embeddings(experiment, state, rows, flip=False,
                                                embed_fn=embed_fn)
-      cosines.append(subcenter_cosines(embeddings, centres, labels[rows.start:rows.stop]))
+      cosines.append(sharding_lib.to_host(subcenter_cosines(
+          embeddings, state.params["head"], labels[rows.start:rows.stop])))
   cleaning = drop_noisy(np.concatenate(cosines), labels, source.num_classes, max_angle=max_angle)
   if not cleaning.num_classes:
     raise ValueError(f"No image of {data} lies within {max_angle:g} degrees of its class's "
