@@ -208,6 +208,28 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
   for issame in np.zeros_like(protocol.issame), np.ones_like(protocol.issame):
     with pytest.raises(ValueError, match="both same and different pairs"):
       evaluation.evaluate_ijb(np.ones((18, 4)), dataclasses.replace(protocol, issame=issame))
+  # issame as 0/1, as insightface's eval_ijbc.py builds it: the same result, booleans kept (ints
+  # made `~issame` negative, so TAR@FAR below 1 / different pairs was a number, not NaN).
+  features = np.random.default_rng(0).normal(size=(18, 4))
+  want = evaluation.evaluate_ijb(features, protocol, far_targets=(1e-3, 0.5))
+  got = evaluation.evaluate_ijb(features, dataclasses.replace(
+      protocol, issame=protocol.issame.astype(np.int64)), far_targets=(1e-3, 0.5))
+  assert np.isnan(got.tar_at_far[1e-3]) and got.tar_at_far[0.5] == want.tar_at_far[0.5]
+  assert got.issame.dtype == bool
+  with pytest.raises(TypeError, match="`issame` must be booleans"):
+    evaluation.evaluate_ijb(features, dataclasses.replace(protocol, issame=protocol.issame * 0.5))
+  for far in (0.0, -1.0, 2.0, np.nan):
+    with pytest.raises(ValueError, match=r"`far_targets` must be in \(0, 1\]"):
+      evaluation.evaluate_ijb(features, protocol, far_targets=(far,))
+    with pytest.raises(ValueError, match=r"`far_targets` must be in \(0, 1\]"):
+      evaluation.nearest_tar_at_far(protocol.issame, np.zeros(len(protocol.issame)), (far,))
+  # template_features alone: 1-D features were read as one feature per template, [] raised an
+  # IndexError and NaN scikit-learn's message.
+  for bad, message in ((np.ones(2), r"\[N, D\] with N >= 1, got \(2,\)"),
+                       (np.ones((0, 2)), r"\[N, D\] with N >= 1, got \(0, 2\)"),
+                       (np.full((2, 2), np.nan), "must be finite")):
+    with pytest.raises(ValueError, match=message):
+      evaluation.template_features(bad, [1, 2][:len(bad)], [1, 2][:len(bad)])
   meta = folder / "meta"
   pairs = meta / "ijbc_template_pair_label.txt"
   pairs.write_text(pairs.read_text() + "10 99 0\n")

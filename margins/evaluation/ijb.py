@@ -62,6 +62,10 @@ def template_features(image_features, templates, media) -> tuple[np.ndarray, np.
   """
   image_features = np.asarray(image_features, np.float64)
   templates, media = np.asarray(templates), np.asarray(media)
+  if image_features.ndim != 2 or not len(image_features):
+    raise ValueError(f"`image_features` must be [N, D] with N >= 1, got {image_features.shape}.")
+  if not np.isfinite(image_features).all():
+    raise ValueError("`image_features` must be finite.")
   if not templates.shape == media.shape == image_features.shape[:1]:
     raise ValueError(f"`templates` {templates.shape} and `media` {media.shape} must give one id "
                      f"per image of `image_features` {image_features.shape}.")
@@ -117,8 +121,8 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
     raise ValueError(f"`operating_point` must be one of {OPERATING_POINTS}, got "
                      f"{operating_point!r}.")
   features = np.asarray(image_features, np.float64)
-  if protocol.issame.all() or not protocol.issame.any():
-    raise ValueError("The protocol's pairs must include both same and different pairs.")
+  issame = verification.check_pairs(protocol.issame, num_folds=1)  # Booleans (or 0/1), both kinds.
+  far_targets = tuple(verification.check_far("far_targets", far) for far in far_targets)
   if features.ndim != 2 or len(features) != len(protocol.files):
     raise ValueError(f"`image_features` must be [{len(protocol.files)}, D], one row per image "
                      f"of the protocol, got {features.shape}.")
@@ -137,14 +141,14 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
   scores = np.concatenate([  # 100,000 pairs at a time: IJB-C has 15.7 million.
       np.sum(unit[part[:, 0]] * unit[part[:, 1]], axis=1)
       for part in np.array_split(rows, max(1, -(-len(rows) // 100_000)))])
-  fpr, tpr, _ = sklearn.metrics.roc_curve(protocol.issame, scores, drop_intermediate=False)
+  fpr, tpr, _ = sklearn.metrics.roc_curve(issame, scores, drop_intermediate=False)
   if operating_point == "nearest":
-    tar_at_far = nearest_tar_at_far(protocol.issame, scores, far_targets)
+    tar_at_far = nearest_tar_at_far(issame, scores, far_targets)
   else:
-    tar_at_far = verification.tar_at_far(fpr, tpr, np.sum(~protocol.issame), far_targets)
+    tar_at_far = verification.tar_at_far(fpr, tpr, np.sum(~issame), far_targets)
   return IJBResult(
       tar_at_far=tar_at_far, auc=float(sklearn.metrics.auc(fpr, tpr)), scores=scores,
-      issame=protocol.issame, fpr=fpr, tpr=tpr)
+      issame=issame, fpr=fpr, tpr=tpr)
 
 
 def nearest_tar_at_far(issame, scores, far_targets: Sequence[float]) -> dict[float, float]:
@@ -155,6 +159,8 @@ def nearest_tar_at_far(issame, scores, far_targets: Sequence[float]) -> dict[flo
   >>> nearest_tar_at_far([True, False, True, False], [0.9, 0.8, 0.7, 0.1], [0.4])  # At FAR 0.5.
   {0.4: 1.0}
   """
+  issame = verification.check_pairs(issame, num_folds=1)
+  far_targets = tuple(verification.check_far("far_targets", far) for far in far_targets)
   fpr, tpr, _ = sklearn.metrics.roc_curve(issame, scores)
   # Reversed, the first of the nearest points is the one with the larger FAR, then TAR.
   fpr, tpr = fpr[::-1], tpr[::-1]

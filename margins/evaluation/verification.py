@@ -211,7 +211,8 @@ def _folds(num_pairs: int, num_folds: int) -> list[tuple[np.ndarray, np.ndarray]
       np.zeros(num_pairs)))
 
 
-def _check_far(name: str, far: float) -> float:
+def check_far(name: str, far: float) -> float:
+  """``far`` as a float; raises unless it is a false-accept rate in ``(0, 1]``."""
   far = float(far)
   if not 0 < far <= 1:
     raise ValueError(f"`{name}` must be in (0, 1], got {far}.")
@@ -265,8 +266,8 @@ def evaluate_verification(
         f"`embeddings` must have 2 rows per pair: {2 * np.size(issame)} for {np.size(issame)} "
         f"pairs, got {embeddings.shape[0]}.")
   issame = check_pairs(issame, num_folds=num_folds)
-  far_targets = tuple(_check_far("far_targets", far) for far in far_targets)
-  val_far_target = _check_far("val_far_target", val_far_target)
+  far_targets = tuple(check_far("far_targets", far) for far in far_targets)
+  val_far_target = check_far("val_far_target", val_far_target)
 
   unit = sklearn.preprocessing.normalize(embeddings)
   distances = np.sum(np.square(unit[0::2] - unit[1::2]), axis=1)
