@@ -57,11 +57,12 @@ def _ranks_of_relevant(positive: np.ndarray, negative: np.ndarray) -> np.ndarray
 def retrieval_metrics(embeddings, labels, *, chunk_size: int = 512) -> dict[str, float]:
   """Precision@1, R-precision and MAP@R of every example queried against all the others.
 
-  Exact (no approximate search): the similarities are computed in float64, ``chunk_size`` queries
-  at a time (memory ``chunk_size * N`` floats); each query sorts only its ``R`` most similar
-  examples of other classes with its ``R`` of its own, so the cost is ``O(N^2 D)`` for the
-  similarities plus ``O(N (N + R log R))``: 1.5-6 s for ``N = 10^4``, ``D = 128`` on 2 CPU
-  cores (the more examples per class, the slower).
+  Exact (no approximate search): the similarities are computed in float64, ``chunk_size`` queries at
+  a time (memory a few times ``chunk_size * N`` floats: 167 MB at ``N = 20,000`` in classes of ten,
+  500 MB in one class: tracemalloc's peak at the default chunks); each query sorts only its ``R``
+  most similar examples of other classes with its ``R`` of its own, so the cost is ``O(N^2 D)`` for
+  the similarities plus ``O(N (N + R log R))``: 1.5-6 s for ``N = 10^4``, ``D = 128`` on 2 CPU cores
+  (the more examples per class, the slower).
 
   Args:
     embeddings: ``[N, D]`` embeddings (L2-normalised here; a zero row stays zero).

@@ -225,8 +225,10 @@ def evaluate_verification(
 ) -> VerificationResult:
   """Verification accuracy (10-fold LFW protocol), VAL@FAR, TAR@FAR, AUC and EER.
 
-  The embeddings are L2-normalised (in float64) and pair ``i`` is scored by the squared distance
-  ``|e_{2i} - e_{2i+1}|^2``; a pair is accepted as "same" when its distance is below a threshold.
+  The embeddings are L2-normalised (in float64; a zero row stays zero, as in insightface, so two
+  zero rows are 0 apart and accepted as "same" at every threshold) and pair ``i`` is scored by the
+  squared distance ``|e_{2i} - e_{2i+1}|^2``; a pair is accepted as "same" when its distance is
+  below a threshold.
   The fold statistics (accuracy, best thresholds, VAL, FAR) are exactly those of insightface's
   ``evaluate(normalize(embeddings), issame)`` (see the module docstring); TAR@FAR, the AUC, the
   EER and the ROC come from the ROC of all pairs together.
