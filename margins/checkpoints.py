@@ -126,13 +126,20 @@ def load_data_info(workdir: str) -> tuple[int, tuple[int, int, int]]:
   return data["num_classes"], tuple(data["image_shape"])
 
 
+def load_image_count(workdir: str) -> int | None:
+  """The number of training images of the run in ``workdir``; ``None`` where its ``data.json``
+  was written before 2026-12-07 without it."""
+  return _read_json(workdir, "data.json").get("num_images")
+
+
 def write_run_files(workdir, config, train_source) -> None:
   """``config.json`` and ``data.json`` (what :func:`margins.train_lib.restore` needs without the
   training data)."""
   run_log.write_atomically(os.path.join(workdir, "config.json"),
                            config.to_json_best_effort(indent=2))
   run_log.write_atomically(os.path.join(workdir, "data.json"), json.dumps(
-      {"num_classes": train_source.num_classes, "image_shape": list(train_source.image_shape)}))
+      {"num_classes": train_source.num_classes, "image_shape": list(train_source.image_shape),
+       "num_images": len(train_source)}))
 
 
 def restore_model(manager: ocp.CheckpointManager, step: int, abstract: TrainState, *,

@@ -101,8 +101,11 @@ def report(line: str) -> None:
 def progress_line(step, num_steps, metrics, images_per_second, seconds_left) -> str:
   """The line a run prints every ``config.log_every`` steps: loss, learning rate, speed, ETA."""
   eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+  # float16's steps skipped on an overflow so far, where there are any.
+  skipped = f" | {int(metrics['skipped'])} skipped" if metrics.get("skipped", 0) > 0 else ""
   return (f"step {step}/{num_steps} | loss {float(metrics['loss']):.4f} | "
-          f"lr {float(metrics['learning_rate']):.4g} | {images_per_second:,.0f} img/s | ETA {eta}")
+          f"lr {float(metrics['learning_rate']):.4g}{skipped} | {images_per_second:,.0f} img/s | "
+          f"ETA {eta}")
 
 
 def summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:

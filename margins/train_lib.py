@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import secrets
 import time
@@ -155,8 +156,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # The latest ones kept in ``workdir/checkpoints``.
   c.eval_every = 0  # 0: only at the end.
   # ``num_pairs``: open-set verification pairs of held-out identities, half of them of one
-  # identity; ``flip``: the flip test (sum of an image's and its mirror's embedding); not for
-  # digits.
+  # identity; ``flip``: the flip test (sum of an image's and its mirror's embedding) on those
+  # pairs, not for digits (``.bin`` sets are always flip-tested, as insightface's).
   # ``bins``: paths of insightface ``.bin`` verification sets, decoded once when the run starts
   # and held in memory (uint8: 450 MB for 12,000 images at 112 x 112).
   c.eval = dict(batch_size=256, flip=False, num_pairs=3000, bins=())
@@ -628,6 +629,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   """Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the field at fault,
   before anything is built; ``train.py`` prints it without a traceback."""
   margin_lib.check_margin(make_margin(config.loss))  # Its scale, say: a tracer in the step.
+  try:
+    initial_head_bias(config.loss, num_classes=2)  # SphereFace2's needs alpha in (0, 1).
+  except ValueError as error:
+    raise ValueError(f"config.loss: {error}") from error
   models.check_name(config.model.name)
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
@@ -659,6 +664,19 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if config[name] < 0:
       raise ValueError(f"config.{name} must be a number of steps ({meaning}), got "
                        f"{config[name]}.")
+  for name, holds, rule in (
+      ("loss_scale.initial", lambda v: 0 < v < math.inf,
+       "positive and finite (a scale of 0 skips every step)"),
+      ("optimizer.learning_rate", lambda v: v > 0, "positive"),
+      ("center_loss.weight", lambda v: v >= 0, "at least 0 (0: off)"),
+      ("center_loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the centres' step)")):
+    section, field = name.split(".")
+    if not holds(config[section][field]):
+      raise ValueError(f"config.{name} must be {rule}, got {config[section][field]}.")
+  num_pairs = config.eval.num_pairs
+  if num_pairs < 2 or num_pairs % 2:
+    raise ValueError(f"config.eval.num_pairs must be even and at least 2 (half of the open "
+                     f"set's pairs show one identity), got {num_pairs}.")
   if config.loss_scale.growth_interval < 1:
     raise ValueError(f"config.loss_scale.growth_interval must be a positive number of steps, got "
                      f"{config.loss_scale.growth_interval}.")
@@ -801,6 +819,23 @@ def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> No
           "or train in a new workdir.")
 
 
+def _state_mismatch(config: ml_collections.ConfigDict, workdir: str, error: ValueError) -> str:
+  """What to say when the checkpoint's state does not fit the one ``config`` builds: the
+  fields of ``config.model`` and ``config.optimizer`` that differ from the run's (its backbone's
+  settings, momentum or clipping switched on or off), else ``error``'s own message."""
+  stored_config = checkpoints.load_config(workdir).to_dict()
+  given_config = json.loads(config.to_json_best_effort())
+  changed = {f"config.{section}.{name}": (stored_config[section].get(name), value)
+             for section in ("model", "optimizer")
+             for name, value in given_config[section].items()
+             if stored_config[section].get(name) != value}
+  if not changed:
+    return str(error)
+  return (f"The checkpoint in {workdir} holds a state of another structure than this config "
+          f"builds; these fields differ from the run's (run's, given): {changed}. Resume with "
+          "the run's values, or train in a new workdir.")
+
+
 def _check_resumed_data(train_source, workdir: str) -> None:
   """Raises :class:`ResumeMismatch` if ``train_source`` has other classes or images than the
   data the run in ``workdir`` trained on (its ``data.json``): ``W``'s rows are its classes."""
@@ -813,6 +848,12 @@ def _check_resumed_data(train_source, workdir: str) -> None:
         f"config.data gives {given[0]} classes of {given[1]} images where the run in {workdir} "
         f"trained on {stored[0]} classes of {stored[1]}; a resumed run trains on its own data. "
         "Train in a new workdir.")
+  stored_count = checkpoints.load_image_count(workdir)
+  if stored_count is not None and stored_count != len(train_source):
+    raise ResumeMismatch(
+        f"config.data gives {len(train_source)} images where the run in {workdir} trained on "
+        f"{stored_count}; a resumed run trains on its own data (and resumes its order). Train "
+        "in a new workdir.")
 
 
 def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, train_source=None,
@@ -870,6 +911,18 @@ def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, train
                       "could complete: give every process the same shared folder.")
 
 
+def _check_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> None:
+  """Raises ``ValueError`` naming ``config.model`` unless its backbone can be built for these
+  images (only its shapes are traced): e.g. the digits configs' ``kwargs.widths`` left beside
+  another ``model.name``."""
+  try:
+    nnx.eval_shape(_model_fn(config, image_shape))
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"config.model (name {config.model.name!r}, kwargs "
+                     f"{dict(config.model.kwargs)}) cannot be built for {tuple(image_shape)} "
+                     f"images: {error}") from error
+
+
 def _train_and_evaluate(config, workdir, mesh):
   # The data and the .bin sets are read, and a resume checked, before the state is built: a
   # file that does not decode, or a resume that cannot be, is known at once.
@@ -879,6 +932,7 @@ def _train_and_evaluate(config, workdir, mesh):
     eval_sources["bins"] = {
         eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
         for path in config.eval.bins}
+    _check_model(config, train_source.image_shape)
   except (ValueError, OSError) as source_error:  # A malformed file, an empty identity folder ...
     error = CannotStart(str(source_error))
     error.__cause__ = source_error
@@ -906,6 +960,8 @@ def _train_and_evaluate(config, workdir, mesh):
           new_fields=lambda names: {name: getattr(state, name) for name in names})
     except checkpoints.UnreadableCheckpoint as error:
       raise CannotStart(str(error)) from error
+    except ValueError as error:  # A state of another structure than this config builds.
+      raise ResumeMismatch(_state_mismatch(config, workdir, error)) from error
     run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker

@@ -583,6 +583,19 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
       train_lib.train_and_evaluate(config, str(tmp_path))
     config.data.update(open_set_train_classes=tuple(range(6)), image_size=16)
   assert (tmp_path / "data.json").read_text() == data
+  # As many classes, other images: digit 9 for digit 5 (W's row of 5 would train on 9s).
+  config.data.update(open_set_train_classes=(0, 1, 2, 3, 4, 9))
+  with pytest.raises(train_lib.ResumeMismatch, match=r"config.data gives \d+ images where the run "
+                                                     r"in .* trained on \d+; a resumed run"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  config.data.update(open_set_train_classes=tuple(range(6)))
+  # Clipping switched off: the optimizer's state has another structure. Named, where the
+  # restore listed the state's leaves.
+  config.optimizer.update(grad_clip_norm=None)
+  with pytest.raises(train_lib.ResumeMismatch, match=r"these fields differ from the run's "
+                     r"\(run's, given\): \{'config.optimizer.grad_clip_norm': \(5.0, None\)\}"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  config.optimizer.update(grad_clip_norm=5.0)
   # Another backbone or optimizer: named, where restoring into it listed every leaf of the state.
   for section, change, kept in (("model", dict(embedding_dim=16), "the backbone"),
                                 ("optimizer", dict(name="adamw"), "the optimizer's state")):
@@ -897,7 +910,8 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.loss.update(name="nope"), "Unknown loss 'nope'"),
     (lambda c: c.loss.update(name="cosface", gamma=2.0), r"\['gamma'\]"),
     # In the step the margin is traced: its scale is checked here or never.
-    (lambda c: c.loss.update(scale=-16.0), "`scale` of ArcFace must be positive, got -16.0"),
+    (lambda c: c.loss.update(scale=-16.0),
+     "`scale` of ArcFace must be positive and finite, got -16.0"),
     (lambda c: c.model.update(name="resnet"), "Unknown model 'resnet'"),
     (lambda c: c.update(batch_size=60), "batch_size = 60 is not divisible by the 8"),
     (lambda c: c.update(batch_size=0), "config.batch_size must be at least 1, got 0"),
@@ -931,6 +945,21 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.loss.update(lambda_schedule=dict(base=100.0)), "loss 'arcface' has none"),
     (lambda c: c.loss.update(name="sphereface", margin=4, lambda_schedule=dict(bse=1.0)),
      "config.loss.lambda_schedule: .*'bse'"),
+    # Each ran: float16 skipping every step at a scale of 0, a loss climbing, the centres pushed
+    # away, an evaluation failing after the whole run, a traceback while the head was built.
+    (lambda c: c.loss_scale.update(initial=0.0), "config.loss_scale.initial must be positive and "
+                                                 r"finite \(a scale of 0 skips every step\)"),
+    (lambda c: c.optimizer.update(learning_rate=-0.01), "config.optimizer.learning_rate must be "
+                                                        "positive, got -0.01"),
+    (lambda c: c.center_loss.update(weight=-0.5), "config.center_loss.weight must be at least 0"),
+    (lambda c: c.center_loss.update(alpha=2.0), r"config.center_loss.alpha must be in \[0, 1\]"),
+    (lambda c: c.eval.update(num_pairs=301), "config.eval.num_pairs must be even and at least 2"),
+    (lambda c: c.eval.update(num_pairs=0), "config.eval.num_pairs must be even and at least 2"),
+    (lambda c: c.update(loss=dict(name="sphereface2", alpha=1.0)),
+     r"config.loss: `alpha` must lie in \(0, 1\)"),
+    # The digits' small_cnn widths beside another backbone: a traceback, after the workdir.
+    (lambda c: c.model.update(name="iresnet18"), r"config.model \(name 'iresnet18', kwargs "
+                                                 r"\{'widths': .*\}\) cannot be built for"),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
@@ -1434,3 +1463,13 @@ def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
   counts = lambda s: [leaf for leaf in jax.tree.leaves(s.opt_state) if leaf.ndim]  # noqa: E731
   jax.tree.map(np.testing.assert_array_equal, counts(new), counts(state))
   assert _schedule_counts(new.opt_state) == [1, 1]
+
+
+def test_progress_line_shows_the_skipped_float16_steps():
+  # A float16 run whose every step overflowed printed ordinary lines; metrics.jsonl alone said so.
+  metrics = {"loss": 1.0, "learning_rate": 0.1, "skipped": np.float32(3)}
+  assert "lr 0.1 | 3 skipped | 100 img/s" in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
+  metrics["skipped"] = np.float32(0)
+  assert "skipped" not in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
+  del metrics["skipped"]  # float32 and bfloat16 runs
+  assert "skipped" not in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
