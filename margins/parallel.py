@@ -45,7 +45,7 @@ import numpy as np
 
 from margins._checks import check_int
 from margins.losses import _common
-from margins.losses.margin import Margin, Rows, check_margin
+from margins.losses.margin import Margin, Rows, check_batch_fields, check_margin, is_per_example
 
 Array = jax.Array
 AxisName = str | tuple[str, ...]
@@ -158,7 +158,7 @@ class SoftmaxEngine:
       ``(losses [B], margin)``: float32 (or wider) losses, and the margin with this batch's
       statistics folded in (the new state of CurricularFace / AdaFace).
     """
-    check_margin(margin, np.shape(embeddings)[0])  # In a shard_map, the device's examples.
+    check_margin(margin)
     manual = set(self.mesh.axis_names if self.mesh else ()) & set(
         jax.sharding.get_abstract_mesh().manual_axes)
     if manual:
@@ -168,6 +168,7 @@ class SoftmaxEngine:
           "and labels (under jit), or inside your shard_map use dense() or chunked() with "
           "`weights` whole.")
     _common.check_embeddings_and_weights(embeddings, weights, (2, 3))
+    check_batch_fields(margin, np.shape(embeddings)[0])  # In a shard_map, the device's examples.
     # The labels' range is checked below, against ``W``'s rows: with ``sample`` they index all of
     # ``W``, not the sample's rows that ``weights`` holds.
     _common.check_labels(labels, np.shape(embeddings)[0])
@@ -580,7 +581,8 @@ def _chunk_logits(scores, w_shape, start, rows, margin, local_labels, num_valid)
   (``w_shape``: the chunk's ``[c, D]`` or ``[c, K, D]``), in the rows' dtype (float64 for float64
   embeddings, whatever the matmul's); target and padding ``-inf``."""
   scores = _best_subcentre(scores, w_shape).astype(rows.cos.dtype)
-  logits = _shaped(margin, "nontarget_logits", margin.nontarget_logits(scores, rows), scores.shape)
+  logits = _checked_shape(margin, "nontarget_logits", margin.nontarget_logits(scores, rows),
+                          scores.shape)
   ids = start + jnp.arange(w_shape[0], dtype=local_labels.dtype)
   excluded = (local_labels[:, None] == ids[None, :]) | (ids >= num_valid)[None, :]
   return jnp.where(excluded, -jnp.inf, logits)
@@ -1052,7 +1054,8 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
     w = jnp.asarray(w).at[index].get(mode="fill", fill_value=0)
     local_labels, num_valid = _in_sample(index, num_rows, local_labels, num_valid)
   margin = margin.prepare(rows)
-  target = _shaped(margin, "target_logit", margin.target_logit(rows), rows.cos.shape).astype(dtype)
+  target = _checked_shape(margin, "target_logit", margin.target_logit(rows), rows.cos.shape)
+  target = target.astype(dtype)
   # ``w`` keeps its dtype: each chunk is cast to ``matmul_dtype`` as it is multiplied (``_dot``),
   # so its gradient accumulates in ``w``'s dtype with no ``[C, D]`` copy in ``matmul_dtype``.
   x_in = x_unit if margin.normalize_embeddings else x_wide
@@ -1076,13 +1079,13 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   losses = margin.loss(target, jax.lax.stop_gradient(max_), sum_)
   extra = margin.regularizer(rows)
   if extra is not None:
-    losses = losses + _shaped(margin, "regularizer", extra, losses.shape)
+    losses = losses + _checked_shape(margin, "regularizer", extra, losses.shape)
   if sample is not None:  # An example whose class is not in the sample has no target.
     losses = jnp.where(rows.valid, losses, jnp.nan)
   return losses, _cast_params(margin, param_dtypes)
 
 
-def _shaped(margin: Margin, method: str, value: Array, shape: tuple[int, ...]) -> Array:
+def _checked_shape(margin: Margin, method: str, value: Array, shape: tuple[int, ...]) -> Array:
   """``value``, what ``margin.<method>`` returned, unless its shape is not ``shape``: a margin of
   one's own returning one logit for the batch would be broadcast over it without a word."""
   if jnp.shape(value) != shape:
@@ -1125,7 +1128,7 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
 
   margin, num_valid = jax.tree.map(jnp.asarray, (margin, num_valid))
   # A per-example ``[B]`` field (MV-Softmax's ``t``, say) is split like the examples it scores.
-  per_example = jax.tree.map(lambda v: v.shape == x_in.shape[:1], margin)
+  per_example = jax.tree.map(lambda v: is_per_example(v, x_in.shape[0]), margin)
   margin = jax.tree.map(lambda v, split_it: _common.split_like(v, x_in) if split_it else v,
                         margin, per_example)
   margin_specs = jax.tree.map(lambda split_it: split if split_it else whole, per_example)

@@ -91,7 +91,7 @@ def config_from_file(path: str | os.PathLike[str], arg: str | None = None
   ``"configs/digits_arcface.py:quick"``)."""
   path = os.fspath(path)
   if arg is None and ":" in path and not os.path.isfile(path):
-    path, arg = path.rsplit(":", 1)
+    path, arg = path.split(":", 1)  # As ml_collections: the argument may hold colons (gs://).
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No config file {path!r}.")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -674,9 +674,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if not holds(config[section][field]):
       raise ValueError(f"config.{name} must be {rule}, got {config[section][field]}.")
   num_pairs = config.eval.num_pairs
-  if num_pairs < 2 or num_pairs % 2:
-    raise ValueError(f"config.eval.num_pairs must be even and at least 2 (half of the open "
-                     f"set's pairs show one identity), got {num_pairs}.")
+  if num_pairs < 10 or num_pairs % 2:
+    raise ValueError(f"config.eval.num_pairs must be even (half of the open set's pairs show one "
+                     f"identity) and at least 10 (the protocol's folds), got {num_pairs}.")
   if config.loss_scale.growth_interval < 1:
     raise ValueError(f"config.loss_scale.growth_interval must be a positive number of steps, got "
                      f"{config.loss_scale.growth_interval}.")
@@ -819,21 +819,27 @@ def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> No
           "or train in a new workdir.")
 
 
+# Fields that give the state its structure beside those of ``_KEPT_ON_RESUME``.
+_SHAPING_THE_STATE = (("model", "kwargs"), ("optimizer", "momentum"), ("optimizer", "nesterov"),
+                      ("optimizer", "grad_clip_norm"))
+
+
 def _state_mismatch(config: ml_collections.ConfigDict, workdir: str, error: ValueError) -> str:
-  """What to say when the checkpoint's state does not fit the one ``config`` builds: the
-  fields of ``config.model`` and ``config.optimizer`` that differ from the run's (its backbone's
-  settings, momentum or clipping switched on or off), else ``error``'s own message."""
+  """What to say when the checkpoint's state does not fit the one ``config`` builds: the fields
+  that shape the state (the backbone's ``kwargs``, momentum or clipping switched on or off) and
+  differ from the run's, then ``error``'s own message."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return str(error)
   stored_config = checkpoints.load_config(workdir).to_dict()
   given_config = json.loads(config.to_json_best_effort())
-  changed = {f"config.{section}.{name}": (stored_config[section].get(name), value)
-             for section in ("model", "optimizer")
-             for name, value in given_config[section].items()
-             if stored_config[section].get(name) != value}
-  if not changed:
-    return str(error)
+  changed = {f"config.{section}.{name}": (stored_config[section].get(name),
+                                          given_config[section].get(name))
+             for section, name in _SHAPING_THE_STATE
+             if stored_config[section].get(name) != given_config[section].get(name)}
+  named = (f"these fields that shape it differ from the run's (run's, given): {changed}. Resume "
+           "with the run's values, or train in a new workdir. " if changed else "")
   return (f"The checkpoint in {workdir} holds a state of another structure than this config "
-          f"builds; these fields differ from the run's (run's, given): {changed}. Resume with "
-          "the run's values, or train in a new workdir.")
+          f"builds; {named}{error}")
 
 
 def _check_resumed_data(train_source, workdir: str) -> None:

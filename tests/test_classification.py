@@ -919,7 +919,8 @@ def test_bad_types_and_hyperparameters():
   np.testing.assert_array_equal(margins.sphereface2_loss(x, w, labels, 0),  # a Python int is fine
                                 margins.sphereface2_loss(x, w, labels, 0.0))
   for scale in (0.0, -64.0):  # A negative scale trains away from the classes.
-    with pytest.raises(ValueError, match=f"`scale` of ArcFace must be positive and finite, got {scale}"):
+    with pytest.raises(ValueError,
+                       match=f"`scale` of ArcFace must be positive and finite, got {scale}"):
       margins.arcface_loss(x, w, labels, scale=scale)
   with pytest.raises(ValueError, match=r"`scale` of CosFace must be a scalar, got shape \(6,\)"):
     margins.cosface_loss(x, w, labels, scale=jnp.full(B, 64.0))
@@ -1059,6 +1060,17 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
                                          rf"example \({B}\), got shape \(3,\)"):
       engine(x, w, labels, margins.ArcFace(margin=jnp.full(3, 0.5)))
   assert np.isfinite(margins.arcface_loss(x, w, labels, margin=jnp.full(B, 0.5))).all()
+  with pytest.raises(ValueError, match="`embeddings` must"):  # Its rank named first.
+    margins.dense()(np.float32(1.0), w, labels, margins.ArcFace())
+
+  @margins.margin_dataclass
+  class PolynomialTarget(margins.Margin):  # A vector of its own: not a per-example field.
+    coefficients: jax.Array = dataclasses.field(default_factory=lambda: jnp.array([1.0, -0.3]))
+
+    def target_logit(self, rows):
+      return 16.0 * jnp.polyval(self.coefficients, rows.cos)
+
+  assert np.isfinite(margins.dense()(x, w, labels, PolynomialTarget())[0]).all()
   with pytest.raises(TypeError, match=r"`margin` of CosFace must be a number or an array, got a "
                      r"list: .* \(jnp.asarray\(\[0.1, 0.2"):
     margins.cosface_loss(x, w, labels, margin=[0.1, 0.2, 0.3, 0.1, 0.2, 0.3])

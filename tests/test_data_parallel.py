@@ -131,6 +131,8 @@ def test_every_loss_with_only_the_labels_split_equals_one_device(single_device):
     for leaf, want_leaf in zip(jax.tree.leaves((aux, grads)),
                                jax.tree.leaves((want_aux, want_grads)), strict=True):
       np.testing.assert_allclose(leaf, want_leaf, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_every_loss_inside_a_callers_shard_map_equals_one_device(single_device):
   # The caller's own shard_map over the batch (each device a quarter of it, the centres whole on
   # each): the pairwise losses and update_centers still see every pair and every example of the

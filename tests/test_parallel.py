@@ -580,6 +580,7 @@ def test_centre_below_the_norm_floor_is_divided_by_the_floor():
   for got_part, want_part in zip(got, want, strict=True):
     np.testing.assert_allclose(got_part, want_part, rtol=1e-5, atol=1e-6)
 
+
 def test_engines_mix_float32_and_float64():
   # float32 embeddings with float64 centres, or float64 matmuls of float32 inputs: every engine
   # computes in float64, as the dense one does.

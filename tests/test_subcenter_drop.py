@@ -111,6 +111,10 @@ def test_cosines_gather_only_the_labels_rows_of_a_split_head():
       ("f32[16,3,32]", "all-reduce")}, collectives
   np.testing.assert_allclose(got, subcenter_drop.subcenter_cosines(embeddings, centres, labels),
                              rtol=1e-6)
+  # A label past the rows gives NaN, not another class's sub-centres.
+  assert np.isnan(subcenter_drop.subcenter_cosines(embeddings[:1], centres, [64])).all()
+
+
 def test_zero_vectors_and_bad_input():
   cosines = subcenter_drop.subcenter_cosines(np.zeros((2, 3)), np.ones((2, 2, 3)), [0, 1])
   assert cosines.tolist() == [[0, 0], [0, 0]]

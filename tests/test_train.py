@@ -80,6 +80,9 @@ def test_every_config_refuses_an_argument_it_does_not_take():
   # train.py's spelling, "<path>:<arg>", reads the same; a missing file is named.
   path = os.path.join(ROOT, "configs", "digits_arcface.py")
   assert train_lib.config_from_file(f"{path}:quick") == load_config(path)
+  recipe = os.path.join(ROOT, "configs", "recipes", "ms1mv3_r50.py")  # Its argument: a path.
+  assert train_lib.config_from_file(f"{recipe}:gs://bucket/ms1mv3,quick").data.path == (
+      "gs://bucket/ms1mv3")
   with pytest.raises(FileNotFoundError, match="No config file 'configs/no_such.py'"):
     train_lib.config_from_file("configs/no_such.py:quick")
 
@@ -592,8 +595,9 @@ def test_resuming_with_other_margin_settings_is_refused(tmp_path):
   # Clipping switched off: the optimizer's state has another structure. Named, where the
   # restore listed the state's leaves.
   config.optimizer.update(grad_clip_norm=None)
-  with pytest.raises(train_lib.ResumeMismatch, match=r"these fields differ from the run's "
-                     r"\(run's, given\): \{'config.optimizer.grad_clip_norm': \(5.0, None\)\}"):
+  with pytest.raises(train_lib.ResumeMismatch, match=r"these fields that shape it differ from "
+                     r"the run's \(run's, given\): \{'config.optimizer.grad_clip_norm': "
+                     r"\(5.0, None\)\}. Resume .* does not fit this config"):
     train_lib.train_and_evaluate(config, str(tmp_path))
   config.optimizer.update(grad_clip_norm=5.0)
   # Another backbone or optimizer: named, where restoring into it listed every leaf of the state.
@@ -953,8 +957,8 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
                                                         "positive, got -0.01"),
     (lambda c: c.center_loss.update(weight=-0.5), "config.center_loss.weight must be at least 0"),
     (lambda c: c.center_loss.update(alpha=2.0), r"config.center_loss.alpha must be in \[0, 1\]"),
-    (lambda c: c.eval.update(num_pairs=301), "config.eval.num_pairs must be even and at least 2"),
-    (lambda c: c.eval.update(num_pairs=0), "config.eval.num_pairs must be even and at least 2"),
+    (lambda c: c.eval.update(num_pairs=301), r"config.eval.num_pairs must be even \(half"),
+    (lambda c: c.eval.update(num_pairs=4), r"and at least 10 \(the protocol's folds\), got 4"),
     (lambda c: c.update(loss=dict(name="sphereface2", alpha=1.0)),
      r"config.loss: `alpha` must lie in \(0, 1\)"),
     # The digits' small_cnn widths beside another backbone: a traceback, after the workdir.

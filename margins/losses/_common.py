@@ -65,9 +65,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_flag(name: str, value: Any) -> None:
-  """Raises unless ``value`` is a Python (or NumPy) bool: it picks the formula, so a traced one
-  cannot, and ``"no"`` would read as true."""
-  if not isinstance(value, (bool, np.bool_)):
+  """Raises unless ``value`` is a Python (or NumPy) bool, or 0 or 1: it picks the formula, so a
+  traced one cannot, and ``"no"`` would read as true."""
+  if not (isinstance(value, (bool, np.bool_))
+          or isinstance(value, (int, np.integer)) and value in (0, 1)):
     raise TypeError(f"`{name}` must be a bool (it picks the formula), got {value!r}.")
 
 

@@ -130,8 +130,8 @@ class Margin:
     return None
 
   def check(self) -> None:
-    """Raises ``ValueError`` naming a field whose value is out of range (see :func:`require`);
-    every engine calls it, through :func:`check_margin`."""
+    """Where a margin overrides it: raises ``ValueError`` naming a field whose value is out of
+    range (see :func:`require`). Every engine calls it, through :func:`check_margin`."""
 
   # How logits become a loss: the softmax cross-entropy, unless a margin sets ``one_vs_all`` and
   # overrides the two methods below (SphereFace2's binary classifiers). Engines sum
@@ -992,9 +992,8 @@ def _check_static_fields(margin: Margin) -> None:
       raise TypeError(f"`{field.name}` of {name} must be a {kind.__name__}, got {value!r}.")
 
 
-def check_margin(margin: Any, batch_size: int | None = None) -> Margin:
-  """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields; with
-  ``batch_size``, a field of one value per example must have that many."""
+def check_margin(margin: Any) -> Margin:
+  """Raises a clear error unless ``margin`` is a :class:`Margin` with valid fields."""
   if not isinstance(margin, Margin):
     raise TypeError(f"`margin` must be a margins.Margin (e.g. margins.ArcFace()), got {margin!r}.")
   if any(leaf is margin for leaf in jax.tree_util.tree_leaves(margin)):  # Not a pytree.
@@ -1018,11 +1017,25 @@ def check_margin(margin: Any, batch_size: int | None = None) -> Margin:
                        f"{np.shape(scale)}.")
     require(margin, "scale", lambda s: (s > 0) & np.isfinite(s), "positive and finite")
   margin.check()
-  for field in dataclasses.fields(margin) if batch_size is not None else ():
-    value = getattr(margin, field.name)
-    if (not field.metadata.get("static") and np.ndim(value) == 1
-        and np.shape(value)[0] not in (1, batch_size)
-        and jnp.issubdtype(jnp.result_type(value), jnp.inexact)):
-      raise ValueError(f"`{field.name}` of {type(margin).__name__} must be one value or one per "
-                       f"example ({batch_size}), got shape {np.shape(value)}.")
   return margin
+
+
+def is_per_example(value: Any, batch_size: int) -> bool:
+  """Whether a margin's field ``value`` holds one float per example of a batch of
+  ``batch_size``: a ``[B]`` array (not a PRNG key's data, not a learnt ``[1]`` scale)."""
+  return (isinstance(value, (jax.Array, np.ndarray)) and value.shape == (batch_size,)
+          and jnp.issubdtype(value.dtype, jnp.inexact))
+
+
+def check_batch_fields(margin: Margin, batch_size: int) -> None:
+  """Raises ``ValueError`` where a field of a zoo margin is a vector of another length than the
+  batch: its fields hold one value or one per example. (A margin of your own may hold vectors of
+  its own: not checked.)"""
+  if type(margin).__module__ != __name__:
+    return
+  for field in dataclasses.fields(margin):
+    value = getattr(margin, field.name)
+    if (isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 1
+        and value.shape[0] not in (1, batch_size) and jnp.issubdtype(value.dtype, jnp.inexact)):
+      raise ValueError(f"`{field.name}` of {type(margin).__name__} must be one value or one per "
+                       f"example ({batch_size}), got shape {value.shape}.")

@@ -83,13 +83,16 @@ def subcenter_cosines(embeddings, centres, labels) -> jax.Array:
   embeddings = jnp.asarray(embeddings, jnp.float32)
   centres = jnp.asarray(centres, jnp.float32)
   centres = centres[:, None] if centres.ndim == 2 else centres
-  labels = jnp.asarray(labels)
-  # [N, K, D]; under a mesh (Explicit axes) whole on each device: the rows gathered, not the head.
-  own = (centres[labels] if jax.sharding.get_abstract_mesh().empty
-         else centres.at[labels].get(out_sharding=jax.P()))
+  # [N, K, D], NaN for a label past the rows; from a head split over Explicit mesh axes, whole on
+  # each device: the rows are gathered, not the head.
+  split = jax.typeof(centres).sharding.spec[0] is not None
+  own = centres.at[jnp.asarray(labels)].get(mode="fill", fill_value=jnp.nan,
+                                            out_sharding=jax.P() if split else None)
   dots = jnp.einsum("nd,nkd->nk", embeddings, own, precision=jax.lax.Precision.HIGHEST)
   norms = jnp.linalg.norm(embeddings, axis=1)[:, None] * jnp.linalg.norm(own, axis=2)
-  return jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1), 0)
+  # A zero vector's cosine is 0; a missing row's stays NaN.
+  cosines = dots / jnp.where(norms > 0, norms, 1)
+  return jnp.where(norms > 0, cosines, jnp.where(norms == 0, 0, norms))
 
 
 def drop_noisy(cosines, labels, num_classes: int, *, max_angle: float = 75.0) -> Cleaning:
