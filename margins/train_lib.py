@@ -797,13 +797,23 @@ _KEPT_ON_RESUME = (("loss", None, "the margin"),
                    ("optimizer", ("name",), "the optimizer's state"))
 
 
+def _run_and_given_configs(config: ml_collections.ConfigDict,
+                           workdir: str) -> tuple[dict, dict] | None:
+  """The config the run in ``workdir`` trained with (its ``config.json``) and ``config``, as
+  dicts alike (tuples as lists); ``None`` where the workdir holds no ``config.json``."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return None
+  return (checkpoints.load_config(workdir).to_dict(),
+          json.loads(config.to_json_best_effort()))
+
+
 def _check_resumed_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises :class:`ResumeMismatch` if ``config`` sets the margin (scale, margin ...), the
   backbone or the optimizer otherwise than the run in ``workdir`` did (its ``config.json``)."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  configs = _run_and_given_configs(config, workdir)
+  if configs is None:
     return
-  stored_config = checkpoints.load_config(workdir).to_dict()
-  given_config = json.loads(config.to_json_best_effort())  # As config.json (tuples as lists).
+  stored_config, given_config = configs
   for section, fields, kept in _KEPT_ON_RESUME:
     stored, given = stored_config[section], given_config[section]
     names = set(stored) | set(given) if fields is None else fields
@@ -828,10 +838,10 @@ def _state_mismatch(config: ml_collections.ConfigDict, workdir: str, error: Valu
   """What to say when the checkpoint's state does not fit the one ``config`` builds: the fields
   that shape the state (the backbone's ``kwargs``, momentum or clipping switched on or off) and
   differ from the run's, then ``error``'s own message."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  configs = _run_and_given_configs(config, workdir)
+  if configs is None:
     return str(error)
-  stored_config = checkpoints.load_config(workdir).to_dict()
-  given_config = json.loads(config.to_json_best_effort())
+  stored_config, given_config = configs
   changed = {f"config.{section}.{name}": (stored_config[section].get(name),
                                           given_config[section].get(name))
              for section, name in _SHAPING_THE_STATE

@@ -126,8 +126,6 @@ def evaluate_ijb(image_features, protocol: IJBProtocol, *,
   if features.ndim != 2 or len(features) != len(protocol.files):
     raise ValueError(f"`image_features` must be [{len(protocol.files)}, D], one row per image "
                      f"of the protocol, got {features.shape}.")
-  if not np.isfinite(features).all():
-    raise ValueError("`image_features` must be finite.")
   if detector_scores:
     if not np.isfinite(protocol.detector_scores).all():
       raise ValueError("The protocol's detector scores must be finite.")

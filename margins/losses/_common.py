@@ -6,6 +6,7 @@ into NaN instead (see :func:`nan_where_invalid`).
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -70,6 +71,13 @@ def check_flag(name: str, value: Any) -> None:
   if not (isinstance(value, (bool, np.bool_))
           or isinstance(value, (int, np.integer)) and value in (0, 1)):
     raise TypeError(f"`{name}` must be a bool (it picks the formula), got {value!r}.")
+
+
+def check_range(label: str, value: Any, holds: Callable[[np.ndarray], Any], rule: str) -> None:
+  """Raises ``ValueError`` (``"<label> must be <rule>, got <value>."``) unless ``holds`` is true
+  for every element of ``value``; a tracer passes (its value is unknown)."""
+  if not isinstance(value, jax.core.Tracer) and not np.all(holds(np.asarray(value))):
+    raise ValueError(f"{label} must be {rule}, got {value}.")
 
 
 def check_labels(labels: Any, batch_size: int, num_classes: int | None = None) -> Any:

@@ -97,9 +97,7 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   labels = _check_center_inputs(embeddings, centers, labels)
   given = jnp.asarray(centers)
   centers = _common.whole_rows(given)  # D whole on each device; split back as given at the end.
-  if not isinstance(alpha, jax.core.Tracer) and not np.all((0 <= np.asarray(alpha)) &
-                                                          (np.asarray(alpha) <= 1)):
-    raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+  _common.check_range("`alpha`", alpha, lambda a: (a >= 0) & (a <= 1), "in [0, 1]")
   if np.ndim(alpha) != 0:
     raise ValueError(f"`alpha` must be a scalar, got shape {np.shape(alpha)}.")
   dtype = _common.compute_dtype(embeddings, centers)

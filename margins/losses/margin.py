@@ -157,9 +157,7 @@ def require(margin: Margin, name: str, holds: Callable[[np.ndarray], Any], rule:
   Traceback (most recent call last):
   ValueError: `margin` of CosFace must be above -1, got -2.0.
   """
-  value = getattr(margin, name)
-  if not isinstance(value, jax.core.Tracer) and not np.all(holds(np.asarray(value))):
-    raise ValueError(f"`{name}` of {type(margin).__name__} must be {rule}, got {value}.")
+  _common.check_range(f"`{name}` of {type(margin).__name__}", getattr(margin, name), holds, rule)
 
 
 def require_angles(margin: Margin, *names: str) -> None:

@@ -325,8 +325,7 @@ def circle_loss(embeddings: Array, labels: Array, *, margin: float = 0.25,
   References:
     Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization", CVPR 2020.
   """
-  if not isinstance(gamma, jax.core.Tracer) and not np.all(np.asarray(gamma) > 0):
-    raise ValueError(f"`gamma` must be positive (a scale), got {gamma}.")
+  _common.check_range("`gamma`", gamma, lambda g: g > 0, "positive (a scale)")
   x = _prepared(embeddings, True)
   similarity = _gram(x)
   positive, negative = _pair_masks(labels)
