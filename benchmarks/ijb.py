@@ -61,12 +61,12 @@ def main():
   args = _parse_args()
   with tempfile.TemporaryDirectory() as root:
     source = data_lib.IJBSource(write_crops(pathlib.Path(root), args.crops, args.crop_size))
-    print(f"Reading and aligning {args.crops} JPEG crops of {args.crop_size}x{args.crop_size} "
-          "(flip test), batches of 32:")
+    print(f"Reading and aligning {args.crops} JPEG crops of {args.crop_size}x{args.crop_size}, "
+          "batches of 32:")
     for threads in args.read_threads:
       start = time.perf_counter()
-      for _ in data_lib.eval_dataset(source, batch_size=32, with_flipped=True,
-                                     read_threads=threads, shard_index=0, shard_count=1):
+      for _ in data_lib.eval_dataset(source, batch_size=32, read_threads=threads, shard_index=0,
+                                     shard_count=1):
         pass
       print(f"  {threads} read thread(s): {args.crops / (time.perf_counter() - start):,.0f} "
             "images/s")

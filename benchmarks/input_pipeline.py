@@ -2,9 +2,10 @@
 
 Writes a temporary ``train.rec``/``train.idx``/``property`` of 112x112 JPEG images (as
 insightface's datasets store them), then reads it with ``margins.data.train_dataset`` (shuffle,
-decode, random flip, batch, normalise) with 0 (in-process) and more grain worker processes,
-and prints images/s for each. Compare with what the training step consumes: e.g. insightface
-reports ~5,000 images/s for an IResNet-50 on 8 V100s, i.e. ~625 per GPU process.
+decode, random flip, batch; the images stay uint8, normalised later on the devices) with 0
+(in-process) and more grain worker processes, and prints images/s for each. Compare with what
+the training step consumes: e.g. insightface reports ~5,000 images/s for an IResNet-50 on 8
+V100s, i.e. ~625 per GPU process.
 
   python benchmarks/input_pipeline.py --images 4096 --workers 0 1 2
 """

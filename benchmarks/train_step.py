@@ -78,7 +78,7 @@ def load_recipe(name: str, batch_size: int, sample_rate: float | None = None,
 def _random_batch(experiment, seed):
   rng = np.random.default_rng(seed)
   batch_size = experiment.config.batch_size
-  batch = {"image": rng.uniform(-1, 1, (batch_size, *experiment.image_shape)).astype(np.float32),
+  batch = {"image": rng.integers(0, 256, (batch_size, *experiment.image_shape), dtype=np.uint8),
            "label": rng.integers(0, experiment.num_classes, batch_size, dtype=np.int32)}
   return jax.device_put(batch, experiment.batch_sharding)
 

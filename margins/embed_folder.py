@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -84,7 +85,8 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *,
   image_shape = tuple(exported.in_avals[0].shape[1:])
   if not paths:
     return np.zeros((0, exported.out_avals[0].shape[1]), np.float32)
-  embed = jax.jit(exported.call)
+  # The pixels cross to the device as uint8 and are normalised (and mirrored) there.
+  embed = jax.jit(lambda images: exported.call(pipeline.normalize_images(images)))
   batch_size = min(batch_size, len(paths))
   embeddings = []
   for start in range(0, len(paths), batch_size):
@@ -92,10 +94,10 @@ def embed_files(exported: jax.export.Exported, paths: Sequence[str], *,
     chunk = paths[start:start + batch_size]
     for row, path in enumerate(chunk):
       batch[row] = image_folder.read_image(path, image_shape=image_shape)
-    images = pipeline.normalize_images(batch)
+    images = jax.device_put(batch)
     out = embed(images)
     if flip:
-      out = out + embed(np.ascontiguousarray(images[:, :, ::-1]))
+      out = out + embed(jnp.flip(images, axis=2))
     embeddings.append(np.asarray(out)[:len(chunk)])
   return np.concatenate(embeddings)
 

@@ -37,7 +37,14 @@ def global_batch_size(batch_size: int | None, num_devices: int) -> int:
 
 
 def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
-  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout)."""
+  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout).
+
+  ``images``: ``uint8 [B, H, W, C]`` pixels as the pipelines yield them, normalised here by
+  ``margins.data.normalize_images``, or floats already normalised to ``[-1, 1]`` (the exported
+  model's input).
+  """
+  if images.dtype == jnp.uint8:
+    images = data_lib.normalize_images(images)
   model = nnx.merge(experiment.graphdef, state.params["backbone"], state.model_state)
   model.eval()
   return model(images).astype(jnp.float32)
@@ -66,20 +73,17 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
   devices = experiment.mesh.size
   batch_size = min(experiment.config.eval.batch_size, max(-(-len(source) // devices), 1) * devices)
   per_process = batch_size // jax.process_count()
-  dataset = data_lib.eval_dataset(source, batch_size=per_process, with_flipped=flip,
-                                  shard_index=jax.process_index(),
+  dataset = data_lib.eval_dataset(source, batch_size=per_process, shard_index=jax.process_index(),
                                   shard_count=jax.process_count(), read_threads=read_threads)
   embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
   norm_sum = 0.0
   for batch in dataset:
     local = {k: batch[k] for k in ("image", "index", "mask")}
-    if flip:
-      local["image_flipped"] = batch["image_flipped"]
     sharded = sharding_lib.global_batch(experiment.batch_sharding, local)
     out = embed_fn(state, sharded["image"])
     norms = jnp.linalg.norm(out, axis=-1)
-    if flip:
-      flipped = embed_fn(state, sharded["image_flipped"])
+    if flip:  # The mirror images, made on the devices.
+      flipped = embed_fn(state, jnp.flip(sharded["image"], axis=2))
       out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
     out, norms, index, mask = (sharding_lib.to_host(a)
                                for a in (out, norms, sharded["index"], sharded["mask"]))

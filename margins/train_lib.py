@@ -444,6 +444,9 @@ def _optional_fields(config, num_classes: int) -> dict[str, Any]:
 def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Array]):
   """One optimizer step on a global batch; returns the new state and the step's metrics.
 
+  ``batch``: ``{"image": uint8 [B, H, W, C], "label": int32 [B]}`` as the pipeline yields it;
+  the images are normalised (``margins.data.normalize_images``) here, on the devices.
+
   With ``config.micro_batches = k`` the batch ``[B, ...]`` is processed as ``k`` micro-batches
   of ``B / k`` examples one after the other (``jax.lax.scan``), as insightface's
   ``gradient_acc``: the gradients are averaged, batch statistics, the margin's state, the
@@ -474,7 +477,7 @@ def train_step(experiment: Experiment, state: TrainState, batch: Mapping[str, Ar
     margin = _step_margin(margin, config.loss, state.step, margin_key, params)
     labels = batch["label"]
     model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
-    embeddings = model(batch["image"]).astype(jnp.float32)
+    embeddings = model(data_lib.normalize_images(batch["image"])).astype(jnp.float32)
     losses, new_margin = engine(embeddings, params["head"], labels, margin,
                                 num_classes=experiment.num_classes, key=sample_key, sample=sample)
     loss = jnp.mean(losses)

@@ -4,6 +4,8 @@ import pickle
 
 from absl import flags
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
@@ -215,17 +217,34 @@ def test_synthetic_rejects_bad_arguments():
 # Training pipeline.
 
 
-def test_train_batches_are_normalized_shuffled_permutations_of_each_epoch():
+def test_normalize_images_on_the_host_and_on_the_device():
+  images = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+  want = _normalized_reference(images)
+  on_host = data.normalize_images(images)
+  assert type(on_host) is np.ndarray and on_host.dtype == np.float32
+  np.testing.assert_allclose(on_host, want, rtol=0, atol=1e-6)
+  on_device = data.normalize_images(jnp.asarray(images))
+  traced = jax.jit(data.normalize_images)(jnp.asarray(images))
+  for out in (on_device, traced):
+    assert isinstance(out, jax.Array) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+  for bad in (want.astype(np.float32), jnp.asarray(want, jnp.float32), images.astype(np.int32)):
+    with pytest.raises(TypeError, match="`images` must be uint8"):
+      data.normalize_images(bad)
+  with pytest.raises(TypeError, match="`images` must be uint8"):
+    jax.jit(data.normalize_images)(jnp.asarray(want, jnp.float32))
+
+
+def test_train_batches_are_uint8_shuffled_permutations_of_each_epoch():
   source = _indexed_source(num_examples=12)
   batches = list(data.train_dataset(
       source, batch_size=4, num_epochs=2, seed=0, shard_index=0, shard_count=1))
   assert len(batches) == 6
   for batch in batches:
     assert set(batch) == {"image", "label"}
-    assert batch["image"].dtype == np.float32 and batch["image"].shape == (4, 6, 5, 3)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 6, 5, 3)
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
-    np.testing.assert_allclose(batch["image"], _normalized_reference(source.images[batch["label"]]),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(batch["image"], source.images[batch["label"]])
   labels = _labels(batches)
   first, second = labels[:12], labels[12:]
   assert sorted(first) == sorted(second) == list(range(12))
@@ -327,12 +346,11 @@ def test_flip_gives_the_mirrored_image():
   flipped = 0
   for batch in batches:
     for label, image in zip(batch["label"], batch["image"]):
-      original = _normalized_reference(source.images[label])
-      mirrored = original[:, ::-1]
-      if np.allclose(image, mirrored, atol=1e-6):
+      original = source.images[label]
+      if np.array_equal(image, original[:, ::-1]):
         flipped += 1
       else:
-        np.testing.assert_allclose(image, original, atol=1e-6)
+        np.testing.assert_array_equal(image, original)
   assert 4 <= flipped <= 28  # about half, by chance
 
 
@@ -344,11 +362,9 @@ def test_random_crop_is_a_shift_of_the_zero_padded_image():
   offsets = set()
   for batch in batches:
     for label, image in zip(batch["label"], batch["image"]):
-      pixels = np.round((image + 1.0) * 255.0 / 2.0).astype(np.int64)
-      padded = np.pad(source.images[label].astype(np.int64),
-                      ((padding, padding), (padding, padding), (0, 0)))
+      padded = np.pad(source.images[label], ((padding, padding), (padding, padding), (0, 0)))
       matches = [(top, left) for top in range(2 * padding + 1) for left in range(2 * padding + 1)
-                 if np.array_equal(padded[top:top + 7, left:left + 6], pixels)]
+                 if np.array_equal(padded[top:top + 7, left:left + 6], image)]
       assert matches, f"example {label} is no crop of its padded image"
       offsets.update(matches)
   assert len(offsets) > 5  # offsets vary
@@ -517,11 +533,11 @@ def test_train_rejects_bad_arguments():
 # Evaluation pipeline.
 
 
-def test_eval_covers_every_example_once_with_mask_and_flips():
+def test_eval_covers_every_example_once_with_mask():
   source = _indexed_source(num_examples=23)
   shard_count, batch_size = 2, 4
-  shards = [list(data.eval_dataset(source, batch_size=batch_size, with_flipped=True,
-                                   shard_index=i, shard_count=shard_count))
+  shards = [list(data.eval_dataset(source, batch_size=batch_size, shard_index=i,
+                                   shard_count=shard_count))
             for i in range(shard_count)]
   assert [len(shard) for shard in shards] == [3, 3]  # 23 padded to 24, 12 per process
   seen = []
@@ -534,13 +550,12 @@ def test_eval_covers_every_example_once_with_mask_and_flips():
       indices = batch["index"][valid]
       seen.extend(indices.tolist())
       np.testing.assert_array_equal(batch["label"][valid], source.labels[indices])
-      expected = _normalized_reference(source.images[indices])
-      np.testing.assert_allclose(batch["image"][valid], expected, atol=1e-6)
-      np.testing.assert_allclose(batch["image_flipped"][valid], expected[:, :, ::-1], atol=1e-6)
+      assert batch["image"].dtype == np.uint8
+      np.testing.assert_array_equal(batch["image"][valid], source.images[indices])
+      assert not batch["image"][~valid].any()  # black padding
   assert sorted(seen) == list(range(23))
   single = list(data.eval_dataset(source, batch_size=10, shard_index=0, shard_count=1))
   assert [b["mask"].sum() for b in single] == [10, 10, 3]
-  assert "image_flipped" not in single[0]
   assert np.concatenate([b["index"] for b in single]).tolist() == list(range(30))
   # The same every pass.
   again = list(data.eval_dataset(source, batch_size=10, shard_index=0, shard_count=1))
@@ -553,9 +568,9 @@ def test_pipeline_runs_on_digits_and_synthetic_sources():
   assert digits_batch["image"].shape == (8, 16, 16, 1)
   assert digits_batch["label"].max() < 6
   synthetic = data.SyntheticSource(num_classes=100, num_images=64, image_shape=(12, 12, 3))
-  batch = next(iter(data.eval_dataset(synthetic, batch_size=16, with_flipped=True)))
-  assert batch["image"].shape == batch["image_flipped"].shape == (16, 12, 12, 3)
-  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+  batch = next(iter(data.eval_dataset(synthetic, batch_size=16)))
+  assert batch["image"].shape == (16, 12, 12, 3) and batch["image"].dtype == np.uint8
+  assert batch["image"].min() < 64 and batch["image"].max() > 192  # pixels, not [-1, 1]
 
 
 def test_measure_throughput_counts_images():

@@ -155,7 +155,7 @@ def test_vit_recipe_quick_mode_traces_a_micro_batched_adamw_step(tmp_path):
   with jax.set_mesh(mesh), jax.numpy_dtype_promotion("standard"):
     experiment, state = train_lib.create_train_state(config, mesh, 100, (32, 32, 3),
                                                      abstract=True)
-    batch = {"image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.float32,
+    batch = {"image": jax.ShapeDtypeStruct((64, 32, 32, 3), np.uint8,
                                            sharding=experiment.batch_sharding),
              "label": jax.ShapeDtypeStruct((64,), np.int32, sharding=experiment.batch_sharding)}
     new_state, metrics = jax.eval_shape(

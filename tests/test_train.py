@@ -63,9 +63,9 @@ def tiny(config: ml_collections.ConfigDict, num_steps: int = 2) -> ml_collection
 def digits_batch(config: ml_collections.ConfigDict,
                  size: int) -> tuple[margins_data.ArraySource, dict]:
   """``(source, batch)``: the digits training source at ``config``'s image size and a batch of
-  its first ``size`` images (normalised) and labels."""
+  its first ``size`` images (uint8, as the pipeline's) and labels."""
   source = margins_data.digits("open_train", image_size=config.data.image_size)
-  return source, {"image": margins_data.normalize_images(source.images[:size]),
+  return source, {"image": source.images[:size],
                   "label": jnp.asarray(source.labels[:size])}
 
 
@@ -1069,7 +1069,7 @@ def _step_on_copies(config, copies, parts):
   ``copies`` copies of each of 16 digits (rows ``i * copies .. (i + 1) * copies - 1``: every
   micro-batch of rows ``k, k + parts, ...`` holds the 16 digits when ``parts == copies``)."""
   source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": np.repeat(margins_data.normalize_images(source.images[:16]), copies, axis=0),
+  batch = {"image": np.repeat(source.images[:16], copies, axis=0),
            "label": np.repeat(source.labels[:16], copies)}
   config.micro_batches = parts
   mesh = sharding_lib.make_mesh(config)
@@ -1145,7 +1145,7 @@ def test_elasticface_margins_and_partial_fc_sample_draw_from_independent_keys():
   config.loss = dict(name="elasticface", scale=64.0, margin=0.5)
   config.engine.sample_rate = 0.5
   source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:16]),
+  batch = {"image": source.images[:16],
            "label": source.labels[:16].astype(np.int32)}
   experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config),
                                                    source.num_classes, source.image_shape)
@@ -1174,7 +1174,7 @@ def test_sphereface2_learns_its_bias_with_the_head():
   # resolves to 1e-3 of itself.
   config.optimizer.head_lr_scale = 100.0
   source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:16]),
+  batch = {"image": source.images[:16],
            "label": source.labels[:16].astype(np.int32)}
   mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
@@ -1186,7 +1186,8 @@ def test_sphereface2_learns_its_bias_with_the_head():
 
   params, model_state = jax.device_get((state.params, state.model_state))  # off the mesh
   model = nnx.merge(experiment.graphdef, params["backbone"], model_state, copy=True)
-  embeddings = model(jnp.asarray(batch["image"])).astype(jnp.float32)
+  embeddings = model(jnp.asarray(margins_data.normalize_images(batch["image"]))).astype(
+      jnp.float32)
   head = params["head"][:source.num_classes]
   gradient = jax.grad(lambda b: jnp.mean(margins.sphereface2_loss(
       embeddings, head, batch["label"], b, **{k: v for k, v in config.loss.items()
@@ -1380,7 +1381,7 @@ def test_freeze_unsampled_steps_the_sampled_rows_as_the_full_gradient_does(optim
   config.engine.update(kind="sharded", chunk_size=24, sample_rate=0.6)
   source, _ = train_lib.make_sources(config.data)
   records = [source[i] for i in range(config.batch_size)]
-  batch = {"image": margins_data.normalize_images(np.stack([r["image"] for r in records])),
+  batch = {"image": np.stack([r["image"] for r in records]),
            "label": np.array([r["label"] for r in records], np.int32)}
   mesh = sharding_lib.make_mesh(config)
   results = {}
@@ -1419,7 +1420,7 @@ def _step_temp_bytes(config, num_classes):
   mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, num_classes, (28, 28, 1),
                                                    abstract=True)
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 28, 28, 1), jnp.float32,
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, 28, 28, 1), jnp.uint8,
                                          sharding=experiment.batch_sharding),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                          sharding=experiment.batch_sharding)}
@@ -1452,7 +1453,7 @@ def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
   config.engine.update(kind="sharded", chunk_size=2, sample_rate=0.5, freeze_unsampled=True)
   config.model.kwargs.batch_norm = True
   source = margins_data.digits("open_train", image_size=config.data.image_size)
-  batch = {"image": margins_data.normalize_images(source.images[:16]),
+  batch = {"image": source.images[:16],
            "label": jnp.asarray(source.labels[:16])}
   mesh = sharding_lib.make_mesh(config)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,

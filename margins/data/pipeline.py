@@ -1,9 +1,12 @@
-"""The grain input pipeline: from a data source to batches of normalised images.
+"""The grain input pipeline: from a data source to batches of images.
 
 :func:`train_dataset` and :func:`eval_dataset` turn any source of ``margins.data`` (records
 ``{"image": uint8 [H, W, C], "label": int32 []}``) into a ``grain.IterDataset`` of batches
-``{"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b], ...}`` with the
-*per-process* batch size ``b``. Both are built from grain's dataset API (``MapDataset`` up to the
+``{"image": uint8 [b, H, W, C], "label": int32 [b], ...}`` with the *per-process* batch size
+``b``. The images stay ``uint8`` on their way to the accelerators (a quarter of float32's bytes
+between processes and to the devices): :func:`normalize_images` maps them to the model's
+``float32`` input in ``[-1, 1]`` on the device, inside the jitted step (``margins.train_lib``
+and ``margins.eval_lib`` do). Both are built from grain's dataset API (``MapDataset`` up to the
 batch, then ``to_iter_dataset`` and ``mp_prefetch``), so everything up to the batch is a pure
 function of the example's position: shuffling and augmentation are deterministic given the
 seed, the output does not depend on ``worker_count``, and the iterator's position is a small
@@ -44,6 +47,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -52,14 +56,20 @@ from margins._checks import check_int
 _PREFETCH_BATCHES = 2
 
 
-def normalize_images(images: np.ndarray) -> np.ndarray:
+def normalize_images(images):
   """Maps ``uint8`` pixels to ``float32`` in ``[-1, 1]``: :math:`(x / 255 - 0.5) / 0.5`.
 
+  A NumPy array is normalised on the host; a ``jax.Array`` (traced under ``jit`` too) on its
+  devices, as the training and evaluation steps do with the pipelines' batches.
+
   Args:
-    images: ``uint8 [..., H, W, C]``.
+    images: ``uint8 [..., H, W, C]``, NumPy or JAX.
 
   Returns:
-    ``float32`` of the same shape.
+    ``float32`` of the same shape, of the same kind (NumPy or JAX).
+
+  Raises:
+    TypeError: ``images`` are not ``uint8``.
 
   >>> import numpy as np
   >>> from margins.data.pipeline import normalize_images
@@ -70,7 +80,8 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
   References:
     insightface arcface_torch ``dataset.py`` (``Normalize(mean=0.5, std=0.5)`` after ``ToTensor``).
   """
-  images = np.asarray(images)
+  xp = jnp if isinstance(images, jax.Array) else np
+  images = xp.asarray(images)
   if images.dtype != np.uint8:
     raise TypeError(f"`images` must be uint8, got dtype {images.dtype}.")
   return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
@@ -121,20 +132,6 @@ class RandomFlipAndCrop(grain.transforms.RandomMap):
     if self.random_flip and flip_draw < 0.5:
       image = image[:, ::-1]
     return {**element, "image": np.ascontiguousarray(image)}
-
-
-class _NormalizeBatch(grain.transforms.Map):
-  """Batch map: ``uint8`` images to ``float32`` in ``[-1, 1]``, plus their mirror images."""
-
-  def __init__(self, *, with_flipped: bool = False):
-    self.with_flipped = with_flipped
-
-  def map(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    images = normalize_images(element["image"])
-    batch = {**element, "image": images}
-    if self.with_flipped:
-      batch["image_flipped"] = np.ascontiguousarray(images[:, :, ::-1])
-    return batch
 
 
 class _PaddedRecord(grain.transforms.Map):
@@ -203,9 +200,10 @@ def train_dataset(
   ``shard_count * batch_size`` positions, of which this one reads the ``batch_size`` from
   ``shard_index * batch_size``; with a finite ``num_epochs`` the stream is cut to a multiple of
   ``shard_count`` and a last, smaller global batch is split likewise, so every process gets as
-  many batches) and normalised by :func:`normalize_images`. Batches run across epoch
-  boundaries, as after ``repeat`` then ``batch`` in tf.data; ``drop_remainder`` concerns only
-  the end of a finite stream. Everything is deterministic given ``seed``.
+  many batches). The images stay ``uint8``: normalise them with :func:`normalize_images` on the
+  device. Batches run across epoch boundaries, as after ``repeat`` then ``batch`` in tf.data;
+  ``drop_remainder`` concerns only the end of a finite stream. Everything is deterministic given
+  ``seed``.
 
   Args:
     source: a random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``.
@@ -225,7 +223,7 @@ def train_dataset(
       ``start_batch`` steps with the batches it would have drawn next.
 
   Returns:
-    A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, C], "label": int32 [b]}``; its
+    A ``grain.IterDataset`` of ``{"image": uint8 [b, H, W, C], "label": int32 [b]}``; its
     iterator has grain's ``get_state``/``set_state``.
 
   Raises:
@@ -236,7 +234,7 @@ def train_dataset(
   >>> source = ArraySource(np.zeros((10, 4, 4, 1), np.uint8), np.arange(10) % 2)
   >>> batches = list(train_dataset(source, batch_size=4, num_epochs=2, seed=1))
   >>> len(batches), batches[0]["image"].shape, batches[0]["image"].dtype
-  (5, (4, 4, 4, 1), dtype('float32'))
+  (5, (4, 4, 4, 1), dtype('uint8'))
   >>> iterator = iter(train_dataset(source, batch_size=4, seed=1))  # forever
   >>> _ = next(iterator)
   >>> iterator.get_state()
@@ -244,7 +242,7 @@ def train_dataset(
 
   References:
     grain, https://google-grain.readthedocs.io (the dataset API); insightface arcface_torch
-    ``dataset.py`` (flip augmentation, normalisation).
+    ``dataset.py`` (flip augmentation).
   """
   length = _check_source(source)
   batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -281,7 +279,6 @@ def train_dataset(
       start = span + shard_index * rest
       parts.append(ds[start:start + rest].batch(rest))
     ds = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
-  ds = ds.map(_NormalizeBatch())
   if start_batch > len(ds):
     raise ValueError(f"`start_batch` = {start_batch} is past the end of the stream "
                      f"({len(ds)} batches).")
@@ -289,8 +286,8 @@ def train_dataset(
 
 
 def eval_dataset(
-    source, *, batch_size: int, with_flipped: bool = False, shard_index: int | None = None,
-    shard_count: int | None = None, worker_count: int = 0, read_threads: int = 1,
+    source, *, batch_size: int, shard_index: int | None = None, shard_count: int | None = None,
+    worker_count: int = 0, read_threads: int = 1,
 ) -> grain.IterDataset:
   """Evaluation batches: every example once, in order, no augmentation, padded to full batches.
 
@@ -298,41 +295,40 @@ def eval_dataset(
   split position by position over the shards, so every process gets the same number of full
   batches (as multi-host evaluation under ``jit`` needs). ``mask`` tells real examples from
   padding, and ``index`` is each example's index in ``source``: over all shards, the examples
-  with ``mask`` true are each of ``source`` exactly once.
+  with ``mask`` true are each of ``source`` exactly once. The images stay ``uint8``, as in
+  :func:`train_dataset`; the flip test's mirror images are best made on the device too
+  (``images[:, :, ::-1]``, as ``margins.eval_lib.compute_embeddings`` does).
 
   Args:
     source: a random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``.
     batch_size: examples per batch *in this process*.
-    with_flipped: also return the horizontally mirrored images (``"image_flipped"``), for the
-      flip test of face verification (embeddings of an image and its mirror are summed).
     shard_index: this process's shard; ``None`` (with ``shard_count``): ``jax.process_index()``.
     shard_count: number of shards; ``None`` (with ``shard_index``): ``jax.process_count()``.
     worker_count: worker processes producing batches (0: in the calling process).
     read_threads: threads producing batches ahead in each process (0: produced on demand).
 
   Returns:
-    A ``grain.IterDataset`` of ``{"image": float32 [b, H, W, C], "label": int32 [b],
-    "index": int32 [b], "mask": bool [b]}`` (plus ``"image_flipped"``), each pass the same.
+    A ``grain.IterDataset`` of ``{"image": uint8 [b, H, W, C], "label": int32 [b],
+    "index": int32 [b], "mask": bool [b]}``, each pass the same.
 
   >>> import numpy as np
   >>> from margins.data import ArraySource, eval_dataset
   >>> source = ArraySource(np.zeros((5, 4, 4, 1), np.uint8), np.arange(5))
-  >>> batches = list(eval_dataset(source, batch_size=4, with_flipped=True))
+  >>> batches = list(eval_dataset(source, batch_size=4))
   >>> [batch["index"].tolist() for batch in batches], batches[1]["mask"].tolist()
   ([[0, 1, 2, 3], [4, 5, 6, 7]], [True, False, False, False])
   >>> sorted(batches[0])
-  ['image', 'image_flipped', 'index', 'label', 'mask']
+  ['image', 'index', 'label', 'mask']
 
   References:
-    insightface ``eval/verification.py`` (flip test); grain, https://google-grain.readthedocs.io.
+    grain, https://google-grain.readthedocs.io.
   """
   length = _check_source(source)
   batch_size = check_int(batch_size, "batch_size", minimum=1)
   shard_index, shard_count = _shard(shard_index, shard_count)
   padded_length = math.ceil(length / (batch_size * shard_count)) * batch_size * shard_count
   ds = grain.MapDataset.range(padded_length).map(_PaddedRecord(source))
-  ds = ds[shard_index::shard_count].batch(batch_size).map(
-      _NormalizeBatch(with_flipped=with_flipped))
+  ds = ds[shard_index::shard_count].batch(batch_size)
   return _iterate(ds, worker_count=worker_count, read_threads=read_threads)
 
 
