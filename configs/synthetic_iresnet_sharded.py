@@ -6,7 +6,8 @@ The scale run, like insightface's synthetic mode: 100k procedurally generated id
 on disk) at 112x112, the head ``W [100k, 512]`` split by rows over all devices (Partial FC's
 model-parallel FC), chunked within each device, SGD with momentum (learning rate 0.2 after 1,000
 warm-up steps, polynomial decay; insightface's recipes use 0.1 per 1,024 images, no warm-up), the
-backbone in bfloat16 as in the recipes (``:quick`` in float32).
+backbone in bfloat16 and each device's BatchNorm statistics its own, as in the recipes (``:quick``
+in float32).
 On CPU, try it with fake devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 ``:quick`` runs an IResNet-18 at 32x32 on 1,000 identities for a few steps.
 """
@@ -19,7 +20,7 @@ def get_config(arg=None):
   config.data = dict(name="synthetic", num_classes=100_000, num_images=10_000_000,
                      image_shape=(112, 112, 3), seed=0, eval_classes=500, eval_images=5000)
   config.input = dict(random_flip=True, crop_padding=0, worker_count=4)
-  config.model = dict(name="iresnet50", embedding_dim=512, kwargs={})
+  config.model = dict(name="iresnet50", embedding_dim=512, batch_stats="device", kwargs={})
   config.loss = dict(name="arcface", scale=64.0, margin=0.5)
   config.engine = dict(kind="sharded", chunk_size=8192, sample_rate=1.0, freeze_unsampled=False)
   config.batch_size = 512

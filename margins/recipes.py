@@ -25,7 +25,9 @@ The number of steps follows ``batch_size``: ``--config.batch_size=4096`` trains 
 of epochs in a quarter of the steps (set ``--config.optimizer.learning_rate`` to match). On fewer
 devices than insightface used, ``--config.micro_batches=k`` keeps the global batch, in ``k``
 micro-batches per step whose gradients are averaged (insightface's ``gradient_acc``); as there,
-BatchNorm's statistics and Partial FC's sample are each micro-batch's own.
+BatchNorm's statistics and Partial FC's sample are each micro-batch's own. BatchNorm's statistics
+are each device's rows' (``config.model.batch_stats="device"``), as insightface's DDP normalises
+each GPU's: 128 images with its batch on 8 GPUs, or on one with ``micro_batches=8``.
 """
 
 import os
@@ -91,7 +93,9 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
   config.batch_size = batch_size
   config.num_steps = num_images // config.get_ref("batch_size") * num_epochs
   config.input = dict(random_flip=True, crop_padding=0, worker_count=8)
-  config.model = dict(name=model, embedding_dim=512, kwargs=model_kwargs or {})
+  # Each GPU's BatchNorm statistics, as insightface's DDP training.
+  config.model = dict(name=model, embedding_dim=512, batch_stats="device",
+                      kwargs=model_kwargs or {})
   # ``subcenters``: sub-centre ArcFace's K (``--config.loss.subcenters=3``), with any margin.
   config.loss = dict(loss, subcenters=ml_collections.config_dict.placeholder(int))
   config.engine = dict(kind="sharded", chunk_size=8192, sample_rate=sample_rate,

@@ -125,7 +125,10 @@ def default_config() -> ml_collections.ConfigDict:
   # left-right mirror with ``random_flip``; ``worker_count`` decoding processes (0: this one).
   c.input = dict(random_flip=False, crop_padding=2, worker_count=0)
   # LeNets++ at half the paper's widths: the 8x8 digits need no more, and it trains 6x faster.
-  c.model = dict(name="small_cnn", embedding_dim=32, kwargs=dict(widths=(16, 32, 64)))
+  # ``batch_stats``: "global", BatchNorm's statistics over the global batch (synchronised), or
+  # "device", each device's rows (insightface's DDP; no collective in the backbone's passes).
+  c.model = dict(name="small_cnn", embedding_dim=32, batch_stats="global",
+                 kwargs=dict(widths=(16, 32, 64)))
   # ``name`` is a key of ``MARGINS``; the other fields are the margin's, plus ``subcenters``
   # (sub-centre ArcFace's K) and ``lambda_schedule`` (SphereFace's annealing, a dict of
   # ``sphereface_lambda``'s keywords); SphereFace2's ``bias`` is where its learnt bias starts
@@ -370,10 +373,18 @@ def make_sources(data_config: ml_collections.ConfigDict):
 
 def _model_fn(config, image_shape):
   dtype = jnp.dtype(config.compute_dtype)
-  return lambda: models.create(
-      config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
-      input_size=tuple(image_shape[:2]), in_channels=image_shape[2], dtype=dtype,
-      **config.model.kwargs)
+
+  def build():
+    model = models.create(
+        config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
+        input_size=tuple(image_shape[:2]), in_channels=image_shape[2], dtype=dtype,
+        **config.model.kwargs)
+    # Runs written before 2026-12-07 have no ``batch_stats``: theirs were global.
+    model.set_attributes(stats_per_device=config.model.get("batch_stats", "global") == "device",
+                         raise_if_not_found=False)
+    return model
+
+  return build
 
 
 def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, int, int], *,
@@ -637,6 +648,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   except ValueError as error:
     raise ValueError(f"config.loss: {error}") from error
   models.check_name(config.model.name)
+  if config.model.get("batch_stats", "global") not in ("global", "device"):
+    raise ValueError(f"config.model.batch_stats must be 'global' or 'device', got "
+                     f"{config.model.batch_stats!r}.")
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")

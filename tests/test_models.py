@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import pytest
 
 from margins import models
+from margins import sharding as sharding_lib
 from margins._checks import check_int
 from margins.models import iresnet
 from margins.models import small_cnn
@@ -355,6 +356,61 @@ def test_prelu_and_batch_norm_gradients():
 
   args = (x, jnp.array([0.1, 0.2, 0.3]), jnp.array([1.0, -2.0, 0.5]), jnp.array([0.0, 1.0, 2.0]))
   jax.test_util.check_grads(jax.jit(layers), args, order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+def test_batch_norm_statistics_per_device():
+  # 8 examples over 4 devices: each device's 2 rows normalised by their own statistics, as
+  # 4 separate BatchNorms would; no all-reduce in the passes, unlike the global statistics.
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:4])
+  x = np.random.default_rng(5).normal(size=(8, 2, 2, 3)) * 2 + 1
+  scale, bias = np.array([1.0, -2.0, 0.5]), np.array([0.0, 1.0, 2.0])
+  weights = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)
+
+  def batch_norm(stats_per_device):
+    bn = iresnet.BatchNorm(3, stats_per_device=stats_per_device)
+    bn.scale[...], bn.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+    return nnx.split(bn)
+
+  def forward(graphdef, state, x):  # outputs, new running statistics
+    bn = nnx.merge(graphdef, state)
+    y = bn(x)
+    return y, (bn.mean[...], bn.var[...])
+
+  def loss(graphdef, state, x):
+    return jnp.sum(forward(graphdef, state, x)[0] * weights)
+
+  graphdef, state = batch_norm(True)
+  sharded = jax.device_put(jnp.asarray(x, jnp.float32), jax.NamedSharding(mesh, jax.P("data")))
+  with jax.set_mesh(mesh):
+    y, (mean, var) = jax.jit(forward, static_argnums=0)(graphdef, state, sharded)
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(graphdef, state, sharded)
+    hlo = {per_device: jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0).lower(
+        *batch_norm(per_device), sharded).compile().as_text() for per_device in (True, False)}
+  groups = x.reshape(4, 2, 2, 2, 3)
+  np.testing.assert_allclose(y, np.concatenate([_np_batch_norm(g, scale, bias) for g in groups]),
+                             atol=1e-5)
+  np.testing.assert_allclose(mean, 0.1 * groups.mean(axis=(1, 2, 3)).mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(var, 0.9 + 0.1 * groups.var(axis=(1, 2, 3)).mean(axis=0), rtol=1e-5)
+  # Gradients: as four unsharded BatchNorms of the global statistics, one per device's rows.
+  global_graphdef, global_state = batch_norm(False)
+  separate = lambda state, x: sum(  # noqa: E731
+      jnp.sum(forward(global_graphdef, state, x[2 * i:2 * i + 2])[0] * weights[2 * i:2 * i + 2])
+      for i in range(4))
+  want = jax.jit(jax.grad(separate, argnums=(0, 1)))(global_state, jnp.asarray(x, jnp.float32))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), grads, want)
+  reductions = {k: [op for op in sharding_lib.collectives(text) if op.op == "all-reduce"]
+                for k, text in hlo.items()}
+  # Per device, only the parameters' gradients are summed over the devices (one all-reduce).
+  assert [op.shapes for op in reductions[True]] == [["f32[3]", "f32[3]"]], reductions
+  assert len(reductions[False]) >= 3, reductions  # the statistics, forward and backward
+  # A batch whose type does not say it is split: the whole batch's statistics.
+  np.testing.assert_allclose(forward(graphdef, state, jnp.asarray(x, jnp.float32))[0],
+                             _np_batch_norm(x, scale, bias), atol=1e-5)
+  one_each = jax.device_put(jnp.asarray(x[:4, 0, 0], jnp.float32),  # one value per device
+                            jax.NamedSharding(mesh, jax.P("data")))
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="one example per device"):
+    forward(graphdef, state, one_each)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

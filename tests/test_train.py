@@ -860,6 +860,36 @@ def test_unknown_command_line_field_is_an_error_that_names_it(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def test_batch_statistics_per_device_take_the_collectives_out_of_the_backbone():
+  # LeNets++ with a BatchNorm after each of its 6 convolutions, on 4 devices. Synchronised
+  # statistics sum channel vectors over the devices in every layer, forward and backward, one
+  # after the other (25 all-reduces here); per device (insightface's DDP), the step's
+  # all-reduces are those the data-parallel step needs anyway (1 here: XLA combines the
+  # gradients' and the running statistics' sums).
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.model.kwargs.batch_norm = True
+  config.mesh.shape = (4,)
+  source, batch = digits_batch(config, 16)
+  reductions, losses = {}, {}
+  for stats in ("global", "device"):
+    config.model.batch_stats = stats
+    mesh = sharding_lib.make_mesh(config)
+    train_lib.check_config(config, mesh)
+    experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
+                                                     source.image_shape)
+    global_batch = jax.device_put(batch, experiment.batch_sharding)
+    step = jax.jit(lambda s, b, e=experiment: train_lib.train_step(e, s, b)).lower(
+        state, global_batch).compile()
+    reductions[stats] = [op for op in sharding_lib.collectives(step.as_text())
+                         if op.op == "all-reduce"]
+    losses[stats] = float(step(state, global_batch)[1]["loss"])
+  assert len(reductions["device"]) <= 2 and len(reductions["global"]) >= 2 * 6, reductions
+  assert np.isfinite(losses["device"]) and losses["device"] != losses["global"]
+  config.model.batch_stats = "devices"
+  with pytest.raises(ValueError, match="config.model.batch_stats must be 'global' or 'device'"):
+    train_lib.check_config(config, sharding_lib.make_mesh(config))
+
+
 def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
   """Each process loads ``batch_size / processes`` examples for its devices: with 3 and 1
   devices the run would fail later, inside orbax, with "cannot reshape array of size 4"."""

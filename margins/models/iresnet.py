@@ -20,8 +20,10 @@ Differences from the PyTorch model worth knowing when porting weights:
   below ``sum(p.numel() for p in model.parameters())``.
 - BatchNorm momentum 0.9 here is PyTorch's default 0.1; eps 1e-5 as in insightface. The running
   variance averages the biased batch variance (PyTorch: the unbiased one). Under ``jax.jit`` with a
-  batch sharded over devices the batch statistics are global (synchronised BatchNorm), where
-  insightface's DDP training normalises each GPU's 128 images on their own.
+  batch sharded over devices the batch statistics are global (synchronised BatchNorm) unless the
+  BatchNorms' ``stats_per_device`` is set (``model.set_attributes(stats_per_device=True)``;
+  train.py's ``config.model.batch_stats="device"``): then each device normalises its own rows, as
+  insightface's DDP training normalises each GPU's 128 images.
 - Conv kernels are drawn from N(0, 0.1^2) as insightface does; ``fc`` uses PyTorch's default
   U(+-1/sqrt(fan_in)) kernel and a zero bias (the feature BatchNorm removes any bias in training).
 
@@ -144,6 +146,17 @@ def broadcast_param(param: Array, like: Array) -> Array:
       like.dtype)
 
 
+def _batch_shards(x: Array) -> int:
+  """How many devices split ``x``'s leading (batch) axis, by its type: the sizes of the Explicit
+  mesh axes it is split over (1 where it is not split, or its type does not say)."""
+  spec = jax.typeof(x).sharding.spec
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1
+  mesh_shape = jax.typeof(x).sharding.mesh.shape
+  return math.prod(mesh_shape[name] for name in (axes if isinstance(axes, tuple) else (axes,)))
+
+
 class BatchNorm(nnx.Module):
   """Batch normalisation over every axis but the last, computed in float32, returning ``x.dtype``.
 
@@ -167,6 +180,14 @@ class BatchNorm(nnx.Module):
   Training mode uses the biased batch variance for normalising and for the running average
   (PyTorch averages the unbiased one).
 
+  ``stats_per_device`` (an attribute, like ``use_running_average``; ``set_view`` and
+  ``set_attributes`` set it): in training mode, each device's rows of the batch are normalised by
+  their own statistics where the batch axis is split over devices by Explicit mesh axes (its
+  type says so under ``jit``), as PyTorch's unsynchronised BatchNorm under DDP; the running
+  statistics move by the devices' mean. The forward and backward passes then need no collective
+  but the running statistics' one all-reduce. Otherwise (the default, or a batch whose type says
+  nothing of devices) the statistics are the whole batch's.
+
   >>> bn = BatchNorm(3)
   >>> y = bn(jnp.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], jnp.bfloat16))
   >>> y.dtype, y.tolist()
@@ -179,43 +200,54 @@ class BatchNorm(nnx.Module):
 
   def __init__(
       self, num_features: int, *, use_scale: bool = True, use_bias: bool = True,
-      epsilon: float = BN_EPSILON, momentum: float = BN_MOMENTUM):
+      epsilon: float = BN_EPSILON, momentum: float = BN_MOMENTUM, stats_per_device: bool = False):
     self.num_features = num_features
     self.epsilon = epsilon
     self.momentum = momentum
     self.use_running_average = False
+    self.stats_per_device = stats_per_device
     self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32)) if use_scale else None
     self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32)) if use_bias else None
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None,
+               stats_per_device: bool | None = None):
     """Used by ``nnx.view``.
 
     Args:
       use_running_average: if True, normalise with the running statistics (evaluation mode).
+      stats_per_device: if True, batch statistics of each device's rows (see the class).
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+    if stats_per_device is not None:
+      self.stats_per_device = stats_per_device
 
   def __call__(self, x: Array) -> Array:
     stats_shape = (1,) * (x.ndim - 1) + (self.num_features,)
     y = x.astype(jnp.float32)
     if self.use_running_average:
-      mean = self.mean[...].reshape(stats_shape)
-      var = self.var[...].reshape(stats_shape)
+      y = (y - self.mean[...].reshape(stats_shape)) * jax.lax.rsqrt(
+          self.var[...].reshape(stats_shape) + self.epsilon)
     else:
-      if math.prod(x.shape[:-1]) == 1:  # Every input would give ``bias``; PyTorch refuses too.
+      groups = _batch_shards(x) if self.stats_per_device else 1
+      if math.prod(x.shape[:-1]) == groups:  # Every input would give ``bias``; PyTorch refuses too.
+        per_device = f" per device ({groups} devices)" if groups > 1 else ""
         raise ValueError(
             f"Batch statistics of a single value per channel (input {x.shape}): a batch of one "
-            "example in training mode. Embed single images in evaluation mode (model.eval()).")
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(y, axis=axes, keepdims=True)
-      var = jnp.mean(jnp.square(y - mean), axis=axes, keepdims=True)
+            f"example{per_device} in training mode. Embed single images in evaluation mode "
+            "(model.eval()).")
+      # ``[groups, rows, ..., C]``: a leading axis split as the batch is, one group per device.
+      grouped = y.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+      axes = tuple(range(1, grouped.ndim - 1))
+      mean = jnp.mean(grouped, axis=axes, keepdims=True)
+      var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
       for running, batch in ((self.mean, mean), (self.var, var)):
+        batch = jnp.mean(batch.reshape(groups, self.num_features), axis=0)
         running.set_value(jax.lax.stop_gradient(
-            self.momentum * running[...] + (1.0 - self.momentum) * batch.reshape(-1)))
-    y = (y - mean) * jax.lax.rsqrt(var + self.epsilon)
+            self.momentum * running[...] + (1.0 - self.momentum) * batch))
+      y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     if self.scale is not None:
       y = y * self.scale[...].reshape(stats_shape)
     if self.bias is not None:
