@@ -128,7 +128,7 @@ def default_config() -> ml_collections.ConfigDict:
   # ``batch_stats``: "global", BatchNorm's statistics over the global batch (synchronised), or
   # "device", each device's rows (insightface's DDP; no collective in the backbone's passes).
   c.model = dict(name="small_cnn", embedding_dim=32, batch_stats="global",
-                 kwargs=dict(widths=(16, 32, 64)))
+                 kwargs=dict(widths=(16, 32, 64), batch_norm=False))
   # ``name`` is a key of ``MARGINS``; the other fields are the margin's, plus ``subcenters``
   # (sub-centre ArcFace's K) and ``lambda_schedule`` (SphereFace's annealing, a dict of
   # ``sphereface_lambda``'s keywords); SphereFace2's ``bias`` is where its learnt bias starts

@@ -27,9 +27,12 @@ import pytest
 from margins import train_lib
 from tests.test_train import ROOT, load_config, read_metrics
 
+# ``eval.flip``: the mirror images are made on the devices, from a batch split over processes;
+# BatchNorm's statistics are each device's rows', which the processes' batches must keep.
 _OVERRIDES = {"num_steps": 3, "log_every": 1, "checkpoint_every": 3, "eval.num_pairs": 100,
-              "engine.kind": "sharded", "engine.chunk_size": 2, "engine.sample_rate": 0.5,
-              "micro_batches": 2}
+              "eval.flip": True, "engine.kind": "sharded", "engine.chunk_size": 2,
+              "engine.sample_rate": 0.5, "micro_batches": 2, "model.kwargs.batch_norm": True,
+              "model.batch_stats": "device"}
 _TIMEOUT_S = 240
 
 

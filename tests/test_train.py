@@ -992,8 +992,9 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.update(loss=dict(name="sphereface2", alpha=1.0)),
      r"config.loss: `alpha` must lie in \(0, 1\)"),
     # The digits' small_cnn widths beside another backbone: a traceback, after the workdir.
-    (lambda c: c.model.update(name="iresnet18"), r"config.model \(name 'iresnet18', kwargs "
-                                                 r"\{'widths': .*\}\) cannot be built for"),
+    (lambda c: c.model.update(name="iresnet18"),
+     r"config.model \(name 'iresnet18', kwargs \{'batch_norm': False, 'widths': .*\}\) cannot be "
+     r"built for"),
 ])
 def test_bad_config_gives_a_clear_error(change, message, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
