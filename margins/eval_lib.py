@@ -77,6 +77,14 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
                                   shard_count=jax.process_count(), read_threads=read_threads)
   embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
   norm_sum = 0.0
+
+  def collect(out, norms, index, mask):  # Waits for a batch's results and files them.
+    nonlocal norm_sum
+    out, norms, index, mask = (sharding_lib.to_host(a) for a in (out, norms, index, mask))
+    embeddings[index[mask]] = out[mask]
+    norm_sum += float(np.sum(norms[mask], dtype=np.float64))
+
+  pending = None
   for batch in dataset:
     local = {k: batch[k] for k in ("image", "index", "mask")}
     sharded = sharding_lib.global_batch(experiment.batch_sharding, local)
@@ -85,10 +93,13 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
     if flip:  # The mirror images, made on the devices.
       flipped = embed_fn(state, jnp.flip(sharded["image"], axis=2))
       out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
-    out, norms, index, mask = (sharding_lib.to_host(a)
-                               for a in (out, norms, sharded["index"], sharded["mask"]))
-    embeddings[index[mask]] = out[mask]
-    norm_sum += float(np.sum(norms[mask], dtype=np.float64))
+    # The previous batch's results are fetched while the devices embed this one (dispatch is
+    # asynchronous); fetched at once, the devices would wait for the copies and the next batch.
+    if pending is not None:
+      collect(*pending)
+    pending = (out, norms, sharded["index"], sharded["mask"])
+  if pending is not None:
+    collect(*pending)
   if not with_xnorm:
     return embeddings
   return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)
