@@ -68,7 +68,9 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
   With ``with_xnorm``, ``(embeddings, xnorm)``: also insightface's ``XNorm``, the mean L2 norm of
   the embeddings of the ``N`` images (and of their ``N`` mirror images), each before any sum.
   A set smaller than ``config.eval.batch_size`` is embedded in one batch of its own size (rounded
-  up to the devices), not padded to the full batch.
+  up to the devices), not padded to the full batch. ``embed_fn(state, images)`` receives the
+  pipeline's ``uint8 [B, H, W, C]`` images (and, with ``flip``, their mirror images, also
+  ``uint8``), split over the devices, as :func:`embed` takes them.
   """
   devices = experiment.mesh.size
   batch_size = min(experiment.config.eval.batch_size, max(-(-len(source) // devices), 1) * devices)
@@ -77,10 +79,11 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
                                   shard_count=jax.process_count(), read_threads=read_threads)
   embeddings = np.zeros((len(source), experiment.config.model.embedding_dim), np.float32)
   norm_sum = 0.0
+  everywhere = jax.NamedSharding(experiment.mesh, jax.P())  # every device holds all of it
 
-  def collect(out, norms, index, mask):  # Waits for a batch's results and files them.
+  def collect(results):  # Waits for a batch's gathered results and files them.
     nonlocal norm_sum
-    out, norms, index, mask = (sharding_lib.to_host(a) for a in (out, norms, index, mask))
+    out, norms, index, mask = (np.asarray(a.addressable_data(0)) for a in results)
     embeddings[index[mask]] = out[mask]
     norm_sum += float(np.sum(norms[mask], dtype=np.float64))
 
@@ -93,13 +96,15 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
     if flip:  # The mirror images, made on the devices.
       flipped = embed_fn(state, jnp.flip(sharded["image"], axis=2))
       out, norms = out + flipped, norms + jnp.linalg.norm(flipped, axis=-1)
-    # The previous batch's results are fetched while the devices embed this one (dispatch is
-    # asynchronous); fetched at once, the devices would wait for the copies and the next batch.
+    # Gathered onto every device now, read one batch later: dispatch is asynchronous, so the
+    # devices embed this batch while the host reads the previous one, each process its own copy
+    # (fetched at once, the devices would wait for the copies and the next batch).
+    gathered = jax.device_put((out, norms, sharded["index"], sharded["mask"]), everywhere)
     if pending is not None:
-      collect(*pending)
-    pending = (out, norms, sharded["index"], sharded["mask"])
+      collect(pending)
+    pending = gathered
   if pending is not None:
-    collect(*pending)
+    collect(pending)
   if not with_xnorm:
     return embeddings
   return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)

@@ -10,7 +10,7 @@ writes into ``<dir>``:
   for (``--platforms``: any of cpu, cuda, rocm, tpu, whatever machine exports);
 - ``model.json``: what a user needs to feed it and read it: the input shape (``NHWC``, where
   insightface's ONNX models take ``NCHW``), dtype and channels (RGB, as insightface's data are
-  decoded, or grey), how uint8 pixels are normalised (``x * 2 / 255 - 1``, i.e.
+  decoded, or grey), how uint8 pixels are normalised (``(x - 127.5) / 127.5``, i.e.
   ``(x / 255 - 0.5) / 0.5``), how other sizes are resized, the embedding dimension (the embeddings
   are not L2-normalised: compare them by cosine), and the platforms, step and model name; from
   the command line also ``flip_test``, whether the run's verification added each image's embedding
@@ -45,8 +45,8 @@ for _name in ("workdir", "step", "out"):
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
 
-# How the pipeline (``margins.data.normalize_images``) maps uint8 pixels ``x`` to the input.
-NORMALIZATION = "x * 2 / 255 - 1, i.e. (x / 255 - 0.5) / 0.5, for uint8 pixels x"
+# How ``margins.data.normalize_images`` maps uint8 pixels ``x`` to the model's input.
+NORMALIZATION = "(x - 127.5) / 127.5, i.e. (x / 255 - 0.5) / 0.5, for uint8 pixels x"
 
 
 def export_embedding_model(experiment: train_state.Experiment, state: train_state.TrainState, *,

@@ -27,7 +27,8 @@ devices than insightface used, ``--config.micro_batches=k`` keeps the global bat
 micro-batches per step whose gradients are averaged (insightface's ``gradient_acc``); as there,
 BatchNorm's statistics and Partial FC's sample are each micro-batch's own. BatchNorm's statistics
 are each device's rows' (``config.model.batch_stats="device"``), as insightface's DDP normalises
-each GPU's: 128 images with its batch on 8 GPUs, or on one with ``micro_batches=8``.
+each GPU's: 128 images in the IResNet and MobileFaceNet recipes (384 in the ViT ones) with their
+batch on 8 GPUs (64), or on one with ``micro_batches=8`` (64).
 """
 
 import os

@@ -60,6 +60,7 @@ def test_recipe_values_are_insightfaces(name):
                                        num_classes=None)
   assert (config.model.name, config.model.embedding_dim) == (model, 512)
   assert config.model.kwargs.to_dict() == model_kwargs
+  assert config.model.batch_stats == "device"  # each GPU's BatchNorm statistics, as DDP
   # ArcFace's gradient flows through cos(theta + m), as in insightface until Dec 2022.
   detach = dict(detach_margin=False) if loss == "arcface" else {}
   assert config.loss.to_dict() == dict(name=loss, scale=64.0, margin=margin, subcenters=None,

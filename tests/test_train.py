@@ -890,6 +890,23 @@ def test_batch_statistics_per_device_take_the_collectives_out_of_the_backbone():
     train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
+def test_batch_stats_reach_every_batch_norm_and_older_runs_keep_global_ones():
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.model.kwargs.batch_norm = True
+  mesh = sharding_lib.make_mesh(config)
+  for stats, per_device in (("device", True), ("global", False), (None, False)):
+    if stats is None:  # A run's config.json written before the field (2026-12-07).
+      config.unlock()
+      del config.model["batch_stats"]
+    else:
+      config.model.batch_stats = stats
+    experiment, state = train_lib.create_train_state(config, mesh, 6, (16, 16, 1), abstract=True)
+    model = nnx.merge(experiment.graphdef, state.params["backbone"], state.model_state)
+    flags = [module.stats_per_device for _, module in nnx.iter_graph(model)
+             if isinstance(module, margins.models.iresnet.BatchNorm)]
+    assert len(flags) == 6 and set(flags) == {per_device}, (stats, flags)
+
+
 def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
   """Each process loads ``batch_size / processes`` examples for its devices: with 3 and 1
   devices the run would fail later, inside orbax, with "cannot reshape array of size 4"."""

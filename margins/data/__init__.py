@@ -2,7 +2,8 @@
 
 Sources are grain random-access data sources of ``{"image": uint8 [H, W, C], "label": int32 []}``
 with ``num_classes``, ``image_shape`` and ``labels`` (``int32 [N]``, read without decoding the
-images); the pipeline turns one into batches of ``float32`` images in ``[-1, 1]``.
+images); the pipeline turns one into batches of ``uint8`` images, which ``normalize_images`` maps
+to ``float32`` in ``[-1, 1]`` on the devices.
 """
 
 from margins.data.pipeline import RandomFlipAndCrop
