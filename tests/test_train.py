@@ -1147,6 +1147,21 @@ def test_micro_batches_average_their_gradients(freeze_unsampled):
     assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-5), name
 
 
+def test_micro_batches_of_different_examples_average_to_the_batch_gradient():
+  # 16 different digits in 4 micro-batches of 4 (rows k, k + 4, ...), no BatchNorm nor sampling:
+  # the parts' gradients average to the whole batch's, which keeping one part, or summing them,
+  # does not give (the test above, with every part the same examples, cannot tell).
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape = (2,)
+  (one, one_metrics), (four, four_metrics) = (
+      _step_on_copies(config, copies=1, parts=parts) for parts in (1, 4))
+  assert one_metrics["learning_rate"] > 0 and one_metrics["grad_norm"] > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one.params,
+               four.params)
+  for name in ("loss", "grad_norm"):
+    assert four_metrics[name] == pytest.approx(one_metrics[name], rel=1e-5), name
+
+
 def test_micro_batches_carry_the_margin_state_and_centres_from_one_to_the_next():
   # CurricularFace's t <- 0.01 mean(cos_y) + 0.99 t from t = 0: with every micro-batch the same
   # examples (and parameters), one part gives t = 0.01 c, two give 0.0199 c = 1.99 times that.
@@ -1494,28 +1509,41 @@ def test_freeze_unsampled_float16_step_holds_no_copy_of_w(optimizer):
   assert temps["float16"] - temps["float32"] < w_bytes / 4, (temps, w_bytes)
 
 
-def test_freeze_unsampled_float16_overflow_leaves_the_state_as_it_was():
+@pytest.mark.parametrize("freeze_unsampled", [False, True])
+def test_float16_overflow_leaves_the_state_as_it_was(freeze_unsampled):
+  # Every running statistic too: BatchNorm's, CurricularFace's t, the centres (an overflowed
+  # forward pass would leave NaN in them), on either path of the optimizer step.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.compute_dtype, config.mesh.shape = "float16", (2,)
   config.loss_scale = dict(initial=2.0**40, growth_interval=2)  # Overflows at first.
-  config.engine.update(kind="sharded", chunk_size=2, sample_rate=0.5, freeze_unsampled=True)
+  config.loss = dict(name="curricularface", scale=16.0, margin=0.5)
+  config.center_loss.weight = 0.01
+  config.engine.update(kind="sharded", chunk_size=2, sample_rate=0.5,
+                       freeze_unsampled=freeze_unsampled)
   config.model.kwargs.batch_norm = True
   source = margins_data.digits("open_train", image_size=config.data.image_size)
   batch = {"image": source.images[:16],
            "label": jnp.asarray(source.labels[:16])}
   mesh = sharding_lib.make_mesh(config)
+  train_lib.check_config(config, mesh)
   experiment, state = train_lib.create_train_state(config, mesh, source.num_classes,
                                                    source.image_shape)
   step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b))
   with jax.set_mesh(mesh):
     new, metrics = step(state, jax.device_put(batch, experiment.batch_sharding))
   assert metrics["skipped"] == 1
-  jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
-  # Nor the batch statistics: a float16 forward pass that overflowed would leave NaN in them.
-  jax.tree.map(np.testing.assert_array_equal, new.model_state, state.model_state)
+  for name in ("params", "model_state", "margin", "centers"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(new, name), getattr(state, name))
   counts = lambda s: [leaf for leaf in jax.tree.leaves(s.opt_state) if leaf.ndim]  # noqa: E731
-  jax.tree.map(np.testing.assert_array_equal, counts(new), counts(state))
+  jax.tree.map(np.testing.assert_array_equal, counts(new), counts(state))  # the moments
   assert _schedule_counts(new.opt_state) == [1, 1]
+  # A finite step (the scale halved until one is) moves them all.
+  while int(metrics["skipped"]) == int(new.skipped_steps) and not int(
+      new.loss_scale.finite_steps):
+    with jax.set_mesh(mesh):
+      new, metrics = step(new, jax.device_put(batch, experiment.batch_sharding))
+  assert float(new.margin.t) != float(state.margin.t)
+  assert not np.array_equal(new.centers, state.centers)
 
 
 def test_progress_line_shows_the_skipped_float16_steps():
