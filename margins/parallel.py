@@ -1108,10 +1108,9 @@ def _cast_params(margin: Margin, dtypes: list[Any]) -> Margin:
 def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:
   """The Explicit mesh axes that split the batch ``x_in`` while every device holds all of
   ``w`` (data parallel); empty otherwise."""
-  batch_spec, w_spec = jax.typeof(x_in).sharding.spec, jax.typeof(w).sharding.spec
-  if batch_spec[0] is None or any(axis is not None for axis in w_spec):
+  if any(axis is not None for axis in jax.typeof(w).sharding.spec):
     return ()
-  return _axes(batch_spec[0])
+  return _common.batch_axes(x_in)
 
 
 def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,

@@ -50,6 +50,7 @@ from margins import models
 from margins import parallel
 from margins import run_log
 from margins import sharding as sharding_lib
+from margins.losses import _common
 from margins.losses import center as center_lib
 from margins.losses import margin as margin_lib
 from margins.train_state import Experiment
@@ -371,6 +372,11 @@ def make_sources(data_config: ml_collections.ConfigDict):
 # ---------------------------------------------------------------------------------------------
 
 
+def _batch_stats(config) -> str:
+  """``config.model.batch_stats``; "global" for runs written before 2026-12-07 without it."""
+  return config.model.get("batch_stats", "global")
+
+
 def _model_fn(config, image_shape):
   dtype = jnp.dtype(config.compute_dtype)
 
@@ -379,8 +385,7 @@ def _model_fn(config, image_shape):
         config.model.name, rngs=nnx.Rngs(config.seed), embedding_dim=config.model.embedding_dim,
         input_size=tuple(image_shape[:2]), in_channels=image_shape[2], dtype=dtype,
         **config.model.kwargs)
-    # Runs written before 2026-12-07 have no ``batch_stats``: theirs were global.
-    model.set_attributes(stats_per_device=config.model.get("batch_stats", "global") == "device",
+    model.set_attributes(stats_per_device=_batch_stats(config) == "device",
                          raise_if_not_found=False)
     return model
 
@@ -627,10 +632,9 @@ def _next_loss_scale(loss_scale: LossScale, finite: Array, growth_interval: int)
 def _micro_batches(x: Array, parts: int) -> Array:
   """``[parts, B / parts, ...]``: ``x [B, ...]``'s rows ``i, i + parts, ...`` in part ``i``,
   split over the devices as ``x``'s rows were."""
-  sharding = jax.typeof(x).sharding
-  split = sharding.spec[0] if len(sharding.spec) else None  # Explicit axes splitting the batch.
-  rows = jnp.reshape(x, (x.shape[0] // parts, parts, *x.shape[1:]), out_sharding=None
-                     if split is None else jax.NamedSharding(sharding.mesh, jax.P(split)))
+  split = _common.batch_axes(x)  # Explicit axes splitting the batch.
+  rows = jnp.reshape(x, (x.shape[0] // parts, parts, *x.shape[1:]), out_sharding=jax.NamedSharding(
+      jax.typeof(x).sharding.mesh, jax.P(split)) if split else None)
   return jnp.swapaxes(rows, 0, 1)
 
 
@@ -648,9 +652,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   except ValueError as error:
     raise ValueError(f"config.loss: {error}") from error
   models.check_name(config.model.name)
-  if config.model.get("batch_stats", "global") not in ("global", "device"):
+  if _batch_stats(config) not in ("global", "device"):
     raise ValueError(f"config.model.batch_stats must be 'global' or 'device', got "
-                     f"{config.model.batch_stats!r}.")
+                     f"{_batch_stats(config)!r}.")
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")

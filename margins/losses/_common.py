@@ -206,6 +206,14 @@ def varying_axes(a: Any) -> frozenset[str]:
   return jax.typeof(a).manual_axis_type.varying
 
 
+def batch_axes(x: Array) -> tuple[str, ...]:
+  """The Explicit mesh axes that split ``x``'s leading (batch) axis, in order; empty where none
+  do (or its type does not say, as under Auto axes)."""
+  spec = jax.typeof(x).sharding.spec
+  axes = spec[0] if len(spec) else None
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def gathered(x: Array) -> Array:
   """``x`` whole on every device, if Explicit mesh axes split it (else as is): for work that needs
   the whole batch at once, such as comparing its examples with each other or sorting them."""

@@ -149,12 +149,8 @@ def broadcast_param(param: Array, like: Array) -> Array:
 def _batch_shards(x: Array) -> int:
   """How many devices split ``x``'s leading (batch) axis, by its type: the sizes of the Explicit
   mesh axes it is split over (1 where it is not split, or its type does not say)."""
-  spec = jax.typeof(x).sharding.spec
-  axes = spec[0] if len(spec) else None
-  if axes is None:
-    return 1
   mesh_shape = jax.typeof(x).sharding.mesh.shape
-  return math.prod(mesh_shape[name] for name in (axes if isinstance(axes, tuple) else (axes,)))
+  return math.prod(mesh_shape[name] for name in _common.batch_axes(x))
 
 
 class BatchNorm(nnx.Module):
