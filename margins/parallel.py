@@ -1024,7 +1024,9 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
   # ``t = 0``) comes back as ``prepare`` makes it, a float.
   param_dtypes = [jnp.result_type(leaf) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
                   else None for leaf in jax.tree.leaves(margin)]
-  margin = _cast_params(margin, [dtype if d is not None else None for d in param_dtypes])
+  scale_shape = np.shape(getattr(margin, "scale", None))
+  margin = _cast_params(_with_scale_shape(margin, ()),
+                        [dtype if d is not None else None for d in param_dtypes])
   x_wide = x.astype(dtype)  # Gathered and reduce-scattered in ``dtype``.
   norms = _common.safe_norm(x_wide, floor_dtype=floor_dtype)
   if axis_name is not None:
@@ -1082,7 +1084,7 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
     losses = losses + _checked_shape(margin, "regularizer", extra, losses.shape)
   if sample is not None:  # An example whose class is not in the sample has no target.
     losses = jnp.where(rows.valid, losses, jnp.nan)
-  return losses, _cast_params(margin, param_dtypes)
+  return losses, _with_scale_shape(_cast_params(margin, param_dtypes), scale_shape)
 
 
 def _checked_shape(margin: Margin, method: str, value: Array, shape: tuple[int, ...]) -> Array:
@@ -1093,6 +1095,16 @@ def _checked_shape(margin: Margin, method: str, value: Array, shape: tuple[int, 
                      f"per example{'' if len(shape) == 1 else ' and class'}), got "
                      f"{jnp.shape(value)}.")
   return value
+
+
+def _with_scale_shape(margin: Margin, shape: tuple[int, ...]) -> Margin:
+  """``margin`` with its ``scale`` (one value, or ``None``) reshaped to ``shape``: a learnt ``[1]``
+  scale is computed as a scalar, which broadcasts without rank promotion (refused under
+  ``jax_numpy_rank_promotion="raise"``), and comes back ``[1]``."""
+  scale = getattr(margin, "scale", None)
+  if scale is None or np.shape(scale) == shape:
+    return margin
+  return dataclasses.replace(margin, scale=jnp.reshape(scale, shape))
 
 
 def _cast_params(margin: Margin, dtypes: list[Any]) -> Margin:

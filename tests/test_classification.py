@@ -929,12 +929,23 @@ def test_bad_types_and_hyperparameters():
     margins.adaface_loss(x, w, labels, (20.0, 100.0))
   with pytest.raises(TypeError, match="`easy_margin` of ArcFace must be a bool, got 'yes'"):
     margins.arcface_loss(x, w, labels, easy_margin="yes")
-  # A learnt scale kept as a [1] parameter (JAX's default rank promotion), and 1 for True, work
-  # as they did.
-  with jax.numpy_rank_promotion("allow"):
-    np.testing.assert_allclose(
-        margins.dense()(x, w, labels, margins.ArcFace(scale=jnp.ones(1)))[0],
-        margins.arcface_loss(x, w, labels, scale=1.0), rtol=1e-6)
+  # A learnt scale kept as a [1] parameter works on every engine, here under rank promotion
+  # "raise" (conftest), with its gradient, and comes back [1]; and 1 for True works as True.
+  mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+  padded = np.pad(w, ((0, margins.padded_num_classes(C, 2) - C), (0, 0)))
+  for engine, rows in ((margins.dense(), w), (margins.chunked(chunk_size=3), w),
+                       (margins.sharded(mesh, "model"), padded)):
+    def loss_fn(scale, engine=engine, rows=rows):
+      losses, margin = engine(x, rows, labels, margins.ArcFace(scale=scale), num_classes=C)
+      return jnp.mean(losses), margin.scale
+
+    with jax.set_mesh(mesh):
+      (loss, returned), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.full(1, 2.0))
+    expected, expected_grad = jax.value_and_grad(
+        lambda s: jnp.mean(margins.arcface_loss(x, w, labels, scale=s)))(2.0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, [expected_grad], rtol=1e-5)
+    assert returned.shape == (1,)
   np.testing.assert_array_equal(margins.arcface_loss(x, w, labels, easy_margin=1),
                                 margins.arcface_loss(x, w, labels, easy_margin=True))
   with pytest.raises(TypeError, match="`easy_margin` of ArcFace is static"):
