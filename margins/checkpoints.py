@@ -167,12 +167,12 @@ def restore_checkpoint(
   """Checkpoint ``step``'s ``state``, restored into ``abstract`` (other items a checkpoint may
   hold, as the data iterator's position that runs saved before 2026-12-05, are not read).
 
-  ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices
-  its rows and their optimizer state are padded with zeros or truncated to this mesh's count
-  (the rows past ``num_classes`` never score). Any other difference of shape is an error. A
-  field of the state that the checkpoint does not have (it was saved before the field existed)
-  must be ``None`` in ``abstract``, and stays ``None``: a float32 or bfloat16 run saved before
-  ``loss_scale`` existed restores.
+  ``W`` has ``padded_num_classes`` rows for the devices of its run; on another number of devices its
+  rows, their optimizer state and the centres' rows are padded with zeros or truncated to this
+  mesh's count (the rows past ``num_classes`` never score; centres saved before 2026-12-07 have
+  ``num_classes`` rows). Any other difference of shape is an error. A field of the state that the
+  checkpoint does not have (it was saved before the field existed) must be ``None`` in ``abstract``,
+  and stays ``None``: a float32 or bfloat16 run saved before ``loss_scale`` existed restores.
 
   ``new_fields``: ``names -> {name: field}``, the :data:`OPTIONAL_FIELDS` named as a new run of
   this config starts them (the training loop's new state holds them). An optional field that the
@@ -254,21 +254,21 @@ def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
 def _check_fits(manager: ocp.CheckpointManager, step: int, stored_tree: dict[str, Any],
                 fields: dict[str, Any], head: tuple[int, ...], *, partial: bool = False) -> bool:
   """Whether the leaves of ``fields`` differ in shape from those of checkpoint ``step``'s
-  ``stored_tree``: only in their rows, and only ``W`` and its optimizer state (leaves under
-  ``head`` with the head's shape ``head``, on another device count); any other difference is an
-  error, a backbone's or the centres' that happen to have ``W``'s shape too.
-  ``partial``: the checkpoint may hold more leaves than ``fields``."""
+  ``stored_tree``: only in their rows, and only those with a row per class (``W``, its optimizer
+  state and the centres: :func:`margins.sharding.is_class_rows`, with the head's shape ``head``),
+  on another device count; any other difference is an error, a backbone's that happens to have
+  ``W``'s shape too. ``partial``: the checkpoint may hold more leaves than ``fields``."""
   stored = _flat_shapes(stored_tree)
   serialized = ocp.tree.serialize_tree(fields, keep_empty_nodes=True)
   target = _flat_shapes(serialized)
-  head_rows = {jax.tree_util.keystr(path)
-               for path, leaf in jax.tree_util.tree_leaves_with_path(serialized)
-               if sharding.is_head_rows(path, leaf, head)}
+  class_rows = {jax.tree_util.keystr(path)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(serialized)
+                if sharding.is_class_rows(path, leaf, head)}
   differ = {path: (stored.get(path), shape) for path, shape in target.items()
             if stored.get(path) != shape}
   only_stored = set() if partial else set(stored) - set(target)
-  if only_stored or any(old is None or path not in head_rows or old[1:] != head[1:]
-                        for path, (old, _) in differ.items()):
+  if only_stored or any(old is None or path not in class_rows or old[1:] != new[1:]
+                        for path, (old, new) in differ.items()):
     raise ValueError(f"Checkpoint {step} in {manager.directory} does not fit this config: "
                      f"(stored, wanted) shapes {differ}, leaves only stored "
                      f"{sorted(only_stored)}.")

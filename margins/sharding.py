@@ -69,15 +69,23 @@ def is_head_rows(path, leaf, head_shape) -> bool:
   return _is_head(path) and leaf.shape == head_shape
 
 
+def is_class_rows(path, leaf, head_shape) -> bool:
+  """Whether a leaf of the state has ``W``'s rows, one per class: :func:`is_head_rows`, or
+  center loss's centres (``TrainState.centers``, or a checkpoint's ``centers``)."""
+  is_centers = bool(path) and getattr(path[0], "name", getattr(path[0], "key", None)) == "centers"
+  return is_centers or is_head_rows(path, leaf, head_shape)
+
+
 def state_shardings(state_shapes: TrainState, mesh, engine: parallel.SoftmaxEngine):
-  """Replicated everywhere, but ``W`` and its optimizer state split by rows for ``sharded``."""
+  """Replicated everywhere, but split by rows for ``sharded``: ``W``, its optimizer state and
+  center loss's centres."""
   replicated = jax.NamedSharding(mesh, jax.P())
   if engine.mesh is None:
     return jax.tree.map(lambda _: replicated, state_shapes)
   rows = jax.NamedSharding(mesh, jax.P(engine.axis_name))
   head_shape = state_shapes.params["head"].shape
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: rows if is_head_rows(path, leaf, head_shape) else replicated,
+      lambda path, leaf: rows if is_class_rows(path, leaf, head_shape) else replicated,
       state_shapes)
 
 

@@ -423,7 +423,7 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizer.init(params),
                       margin=jax.tree.map(_strongly_typed, margin),
-                      **_optional_fields(config, num_classes))
+                      **_optional_fields(config, rows))
 
   shapes = jax.eval_shape(init, *jax.eval_shape(init_model))
   shardings = sharding_lib.state_shardings(shapes, mesh, engine)
@@ -444,13 +444,13 @@ def _strongly_typed(leaf: Any) -> Array:
   return jnp.asarray(leaf, jnp.asarray(leaf).dtype)
 
 
-def _optional_fields(config, num_classes: int) -> dict[str, Any]:
-  """A new run's :data:`~margins.checkpoints.OPTIONAL_FIELDS`: center loss's centres (zero)
-  and float16's loss scale (``config.loss_scale.initial``) and count of skipped steps (zero),
-  each ``None`` where ``config`` does not use it."""
+def _optional_fields(config, num_rows: int) -> dict[str, Any]:
+  """A new run's :data:`~margins.checkpoints.OPTIONAL_FIELDS`: center loss's centres (zero, one
+  row per row of ``W``: ``num_rows``) and float16's loss scale (``config.loss_scale.initial``)
+  and count of skipped steps (zero), each ``None`` where ``config`` does not use it."""
   centers = loss_scale = skipped_steps = None
   if config.center_loss.weight:
-    centers = jnp.zeros((num_classes, config.model.embedding_dim))
+    centers = jnp.zeros((num_rows, config.model.embedding_dim))
   if config.compute_dtype == "float16":
     loss_scale = LossScale(jnp.float32(config.loss_scale.initial), jnp.zeros((), jnp.int32))
     skipped_steps = jnp.zeros((), jnp.int32)
@@ -768,9 +768,11 @@ def restore(workdir: str, step: int | None = None, *,
     if parts == "state":
       def new_fields(names):
         def named():  # Under ``jit``: the fields not named are never computed.
-          fields = _optional_fields(config, num_classes)
+          fields = _optional_fields(config, abstract.params["head"].shape[0])
           return {name: fields[name] for name in names}
-        return jax.jit(named, out_shardings=abstract.step.sharding)()
+        shardings = {name: jax.tree.map(lambda leaf: leaf.sharding, getattr(abstract, name))
+                     for name in names}
+        return jax.jit(named, out_shardings=shardings)()
       return experiment, checkpoints.restore_checkpoint(manager, step, abstract,
                                                         new_fields=new_fields)
     return experiment, checkpoints.restore_model(manager, step, abstract, head=parts == "params")

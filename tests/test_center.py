@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from margins import sharding as sharding_lib
 from margins.losses import center
 from tests import jaxprs
 
@@ -163,6 +164,30 @@ def test_update_centers_under_vmap():
   for k in range(2):
     want = ref_update_centers(centers, stacked_x[k], stacked_labels[k], 0.5)
     np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_centres_split_by_rows_beside_a_sharded_head_are_never_gathered():
+  # Centres split over "model" as a class-sharded W is, the batch over both axes of a 2 x 4
+  # mesh: each device reads and writes its own rows; only [B] labels and [B, D] rows cross.
+  num_classes, batch = 40, 8
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(batch, D)).astype(np.float32)
+  centers = rng.normal(size=(num_classes, D)).astype(np.float32)
+  labels = np.array([3, 39, 3, 17, 0, 39, 3, 22], np.int32)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    split_centers = jax.device_put(centers, jax.P("model"))
+    split_x, split_labels = (jax.device_put(a, jax.P(("data", "model"))) for a in (x, labels))
+    for fn, want in ((center.center_loss, ref_center_loss(x, centers, labels)),
+                     (lambda x_, c_, l_: center.update_centers(c_, x_, l_, alpha=0.5),
+                      ref_update_centers(centers, x, labels, 0.5))):
+      compiled = jax.jit(fn).lower(split_x, split_centers, split_labels).compile()
+      got = compiled(split_x, split_centers, split_labels)
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+      collectives = sharding_lib.collectives(compiled.as_text())
+      assert collectives and not [shape for _, _, shapes in collectives for shape in shapes
+                                  if shape.startswith(f"f32[{num_classes},")], collectives
+  assert got.sharding.spec == jax.P("model", None)  # The new centres stay split.
 
 
 def test_bad_input_names_the_argument():

@@ -245,6 +245,7 @@ def test_float16_skipped_steps_are_counted_and_checkpointed(tmp_path):
 
 def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.center_loss.weight = 0.01
   source, batch = digits_batch(config, 64)
   results = []
   # chunked on 8 devices: data parallel, W whole on each device, the batch split over a 2 x 4
@@ -260,9 +261,13 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
     step = jax.jit(lambda s, b: train_lib.train_step(experiment, s, b)).lower(
         state, global_batch).compile()
     state, metrics = step(state, global_batch)
-    if kind == "sharded":  # W and its momentum live split over the 8 devices.
-      assert state.params["head"].sharding.is_equivalent_to(
-          jax.sharding.NamedSharding(mesh, jax.P("data")), 2)
+    if kind == "sharded":  # W, its momentum and the centres live split over the 8 devices,
+      # and no collective of the step moves their rows (16: 10 classes padded for 8 devices).
+      for rows in state.params["head"], state.centers:
+        assert rows.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.P("data")), 2)
+      collectives = sharding_lib.collectives(step.as_text())
+      assert not [shape for _, _, shapes in collectives for shape in shapes
+                  if shape.startswith("f32[16,")], collectives
     if kind == "chunked":  # The engine's data-parallel program: W's gradient is summed once,
       # after the chunk loops, and nothing crosses devices chunk by chunk (Auto mesh axes would
       # sum each chunk's gradient inside the loop).
@@ -273,6 +278,7 @@ def test_eight_devices_sharded_and_chunked_steps_equal_one_device_dense_step():
       assert len(head_sums) == 1, collectives
     params = jax.device_get(state.params)
     params["head"] = params["head"][:source.num_classes]  # Without the padding rows.
+    params["centers"] = jax.device_get(state.centers)[:source.num_classes]
     results.append((params, float(metrics["loss"])))
   (one, one_loss), *others = results
   for eight, eight_loss in others:
@@ -303,10 +309,12 @@ def test_backbone_is_the_seeded_model_replicated_on_every_device():
 
 
 def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
-  # 6 classes: W has 6 rows split over 2 devices, 8 over 8 (2 padding rows that never score).
+  # 6 classes: W has 6 rows split over 2 devices, 8 over 8 (2 padding rows that never score);
+  # so have the centres of a center loss, split beside W.
   config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=4)
   config.checkpoint_every = 2
   config.engine.kind, config.engine.chunk_size = "sharded", 2
+  config.center_loss.weight = 0.01
   config.mesh.shape = (2,)
   whole, moved = tmp_path / "whole", tmp_path / "moved"
   train_lib.train_and_evaluate(config, str(whole))
@@ -316,11 +324,15 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
   train_lib.train_and_evaluate(config, str(moved))  # Resumes from step 2 with W padded.
   want, got = losses_by_step(str(whole)), losses_by_step(str(moved))
   np.testing.assert_allclose([got[3], got[4]], [want[3], want[4]], rtol=1e-5)
-  whole_head, moved_head = (np.asarray(train_lib.restore(str(workdir))[1].params["head"])
-                            for workdir in (whole, moved))
-  assert whole_head.shape == moved_head.shape == (8, 32)
+  (whole_head, whole_centers), (moved_head, moved_centers) = (
+      (np.asarray(state.params["head"]), np.asarray(state.centers)) for state in (
+          train_lib.restore(str(workdir))[1] for workdir in (whole, moved)))
+  assert whole_head.shape == moved_head.shape == whole_centers.shape == (8, 32)
   np.testing.assert_array_equal(whole_head[6:], 0)  # Padded on the 8 devices.
   np.testing.assert_allclose(moved_head[:6], whole_head[:6], rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(whole_centers[6:], 0)
+  np.testing.assert_allclose(moved_centers[:6], whole_centers[:6], rtol=1e-4, atol=1e-6)
+  assert np.abs(whole_centers[:6]).sum() > 0  # They moved.
   # The model alone, without the optimizer state: the same 6 rows, padded to 8 the same way.
   model = train_lib.restore(str(whole), parts="params")[1]
   assert model.opt_state is None and model.loss_scale is None
@@ -340,6 +352,8 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
         continue
       state = checkpoints.restore_checkpoint(manager, 4, abstract)
       np.testing.assert_array_equal(state.params["head"], moved_head[:6])
+      np.testing.assert_array_equal(state.centers, moved_centers[:6])
+      assert state.centers.sharding.spec == jax.P("data")  # Split beside W.
 
 
 def test_checkpoints_write_small_replicated_arrays_whole_compiling_nothing(tmp_path,
@@ -541,21 +555,23 @@ def _train_command(workdir, num_steps, checkpoint_every):
           f"--config.checkpoint_every={checkpoint_every}", "--config.eval.num_pairs=100"]
 
 
-def test_only_w_and_its_optimizer_state_may_change_rows_on_restore():
-  # On another device count W's padding rows change; an array elsewhere that happens to have
-  # W's shape (a backbone's kernel, the centres) must not be cut or padded with it.
+def test_only_w_its_optimizer_state_and_the_centres_may_change_rows_on_restore():
+  # On another device count the padding rows of W, and of the centres split beside it, change;
+  # an array elsewhere that happens to have W's shape (a backbone's kernel) must not be cut or
+  # padded with them, nor may the centres' dimension change.
   shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)  # noqa: E731
-  def state(head_rows, kernel_rows, centre_rows):
+  def state(head_rows, kernel_rows, centre_rows, centre_dim=4):
     return {"params": {"backbone": {"fc": {"kernel": shape(kernel_rows, 4)}},
                        "head": shape(head_rows, 4)},
             "opt_state": {"trace": {"head": shape(head_rows, 4)}},
-            "centers": shape(centre_rows, 4)}
+            "centers": shape(centre_rows, centre_dim)}
   manager = types.SimpleNamespace(directory="/run/checkpoints")
   fits = lambda stored, wanted: checkpoints._check_fits(  # noqa: E731
       manager, 3, stored, wanted, wanted["params"]["head"].shape)
   assert fits(state(8, 6, 6), state(6, 6, 6))  # Rows of W and its momentum: fitted.
+  assert fits(state(6, 6, 5), state(6, 6, 6))  # The centres' (5: saved before 2026-12-07).
   assert not fits(state(6, 6, 6), state(6, 6, 6))
-  for stored in state(8, 8, 6), state(8, 6, 8):
+  for stored in state(8, 8, 6), state(8, 6, 8, centre_dim=2):
     with pytest.raises(ValueError, match=r"Checkpoint 3 in /run/checkpoints does not fit"):
       fits(stored, state(6, 6, 6))
 

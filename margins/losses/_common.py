@@ -272,5 +272,10 @@ def take_rows(table: Array, indices: Array) -> Array:
   the mesh like ``indices``. Where Explicit mesh axes split the batch and each device holds the
   whole table, each device takes the rows of the whole batch and keeps its own, so that the
   gradient reaches ``table`` by an all-gather of ``[B, ...]`` rather than a sum of ``[N, ...]``
-  over the devices."""
-  return split_like(jnp.asarray(table)[gathered(indices)], indices)
+  over the devices. Where they split the table's rows (a sharded head's, or centres beside it),
+  each device takes the rows it holds and a sum of ``[B, ...]`` over the devices completes them:
+  the table is not gathered."""
+  table = jnp.asarray(table)
+  sharding = jax.typeof(table).sharding
+  whole = sharding.update(spec=jax.P()) if sharding.spec[0] is not None else None
+  return split_like(table.at[gathered(indices)].get(out_sharding=whole), indices)

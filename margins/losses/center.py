@@ -8,6 +8,11 @@ a softmax-family loss and with ``centers`` kept in the training state::
 
   loss = softmax_loss + lambda_c * center_loss(x, centers, labels).mean()
   centers = update_centers(centers, jax.lax.stop_gradient(x), labels, alpha=0.5)
+
+Under ``jit`` with Explicit mesh axes, the centres may be split over the devices by rows, as a
+class-sharded head's ``W`` is (``margins.sharded``): each device reads and writes the rows it
+holds, and the centres are never gathered (the batch's ``[B, D]`` rows are summed over the
+devices instead).
 """
 
 import jax
@@ -113,8 +118,14 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   slots = slots.reshape(batch_size)
   counts = jax.ops.segment_sum(jnp.ones((batch_size,), dtype), slots, num_segments=batch_size)
   sums = jax.ops.segment_sum(embeddings.astype(dtype), slots, num_segments=batch_size)
-  current = centers.at[classes].get(mode="fill", fill_value=0).astype(dtype)
+  # Where mesh axes split the centres' rows, each device reads and writes the rows it holds.
+  sharding = jax.typeof(centers).sharding
+  rows_split = sharding.spec[0] is not None
+  current = centers.at[classes].get(
+      mode="fill", fill_value=0,
+      out_sharding=sharding.update(spec=jax.P()) if rows_split else None).astype(dtype)
   counts = counts[:, None]
   step = jnp.asarray(alpha, dtype) * (counts * current - sums) / (1 + counts)
-  updated = centers.at[classes].set((current - step).astype(centers.dtype), mode="drop")
+  updated = centers.at[classes].set((current - step).astype(centers.dtype), mode="drop",
+                                    out_sharding=sharding if rows_split else None)
   return updated if centers is given else jax.reshard(updated, jax.typeof(given).sharding)
