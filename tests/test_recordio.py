@@ -20,6 +20,7 @@ import PIL.Image
 import pytest
 
 from margins import data
+from margins.data import _shared_memory
 from margins.data import recordio
 from margins.data.image_folder import encode_image
 from margins.tools import pack_recordio
@@ -432,8 +433,9 @@ def test_source_is_picklable_and_the_copy_reads_the_same(tmp_path):
 
 def test_large_indexes_share_their_offsets_with_grain_workers(tmp_path, monkeypatch):
   # WebFace42M's 44.5M offsets were unpickled by each grain worker: +711 MB of private memory
-  # each. From _SHARED_MIN_BYTES on (here from any size) they are mapped from shared memory.
-  monkeypatch.setattr(recordio, "_SHARED_MIN_BYTES", 0)
+  # each. From _shared_memory.MIN_BYTES on (here from any size) they are mapped from shared
+  # memory.
+  monkeypatch.setattr(_shared_memory, "MIN_BYTES", 0)
   _make_folder(tmp_path / "faces", COUNTS)
   pack_recordio.pack_image_folder(tmp_path / "faces", tmp_path / "train")
   source = recordio.RecordIOSource(tmp_path / "train.rec")
@@ -451,11 +453,11 @@ def test_large_indexes_share_their_offsets_with_grain_workers(tmp_path, monkeypa
   gc.collect()
   assert not os.path.exists(os.path.join("/dev/shm", name))  # Freed with the reader.
   # Where shared memory lacks the room (or there is none), the offsets stay private.
-  monkeypatch.setattr(recordio, "_SHARED_MEMORY_FOLDER", str(tmp_path / "no-shm"))
+  monkeypatch.setattr(_shared_memory, "FOLDER", str(tmp_path / "no-shm"))
   assert type(recordio.RecordIOSource(tmp_path / "train.rec").reader.offsets) is np.ndarray
-  monkeypatch.setattr(recordio.os, "statvfs", lambda path: types.SimpleNamespace(
+  monkeypatch.setattr(_shared_memory.os, "statvfs", lambda path: types.SimpleNamespace(
       f_bavail=0, f_frsize=4096))
-  monkeypatch.setattr(recordio, "_SHARED_MEMORY_FOLDER", "/dev/shm")
+  monkeypatch.setattr(_shared_memory, "FOLDER", "/dev/shm")
   assert type(recordio.RecordIOSource(tmp_path / "train.rec").reader.offsets) is np.ndarray
 
 

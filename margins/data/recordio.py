@@ -28,14 +28,13 @@ import bisect
 import functools
 import os
 import struct
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Callable, NamedTuple
 
-import grain
 import numpy as np
 
 from margins._checks import check_int
+from margins.data import _shared_memory
 from margins.data import image_folder
 
 MAGIC = 0xCED7230A
@@ -46,9 +45,6 @@ _FRAME = struct.Struct("<II")
 _IR_HEADER = struct.Struct("<IfQQ")
 _CFLAG_SHIFT = 29
 _WHOLE, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
-# Offsets of at least this many bytes (2M records) are held in shared memory (``_shared``).
-_SHARED_MIN_BYTES = 16 * 2**20
-_SHARED_MEMORY_FOLDER = "/dev/shm"
 
 
 class RecordIOError(ValueError):
@@ -367,7 +363,7 @@ class RecordIOReader:
       raise RecordIOError(
           f"{self.idx_path}: key {keys[first]} points to byte offset {self.offsets[first]}, "
           f"past the end of {self.rec_path} ({size} bytes).")
-    self.offsets = _shared(self.offsets)
+    self.offsets = _shared_memory.shared(self.offsets)
     in_order = bool(np.all(keys[1:] > keys[:-1]))
     self._order = None if in_order else np.argsort(keys)
     self.key_range, self._sorted_keys = None, keys if in_order else keys[self._order]
@@ -482,26 +478,6 @@ class RecordIOReader:
     state = self.__dict__.copy()
     state.pop("_fd", None)  # A descriptor means nothing in another process.
     return state
-
-
-def _shared(array: np.ndarray) -> np.ndarray:
-  """``array`` in shared memory, pickled by name, from ``_SHARED_MIN_BYTES`` on and where
-  ``/dev/shm`` has room for it (twice over: grain's batches pass there too); else as it is."""
-  if array.nbytes < _SHARED_MIN_BYTES:
-    return array
-  try:
-    folder = os.statvfs(_SHARED_MEMORY_FOLDER)
-  except OSError:  # No /dev/shm (not Linux).
-    return array
-  if folder.f_bavail * folder.f_frsize < 2 * array.nbytes:  # Writing past it: SIGBUS.
-    return array
-  shared = grain.multiprocessing.SharedMemoryArray(array.shape, array.dtype)
-  shared[...] = array
-  # Freed when this process's array goes, or at its exit if the array outlives it (a pipeline's
-  # iterator may hold the source to the end): else Python's resource tracker frees it and warns
-  # of a leak. The workers' arrays only close it.
-  weakref.finalize(shared, shared.shm.unlink)
-  return shared
 
 
 def _key_array(keys: range | np.ndarray) -> np.ndarray:
