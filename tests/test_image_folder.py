@@ -1,14 +1,18 @@
 """Tests of the image codec and the image-folder source."""
 
+import gc
 import io
 import os
 import pickle
 import re
 
+import grain
 import numpy as np
 import PIL.Image
 import pytest
 
+from margins import data
+from margins.data import _shared_memory
 from margins.data import image_folder
 
 
@@ -132,22 +136,24 @@ def test_listing_reads_a_folder_reached_twice_once(tmp_path):
   assert [os.path.relpath(path, tmp_path) for path in paths] == [
       "alice/1.png", "alice/sub/2.png", "bob/1.png"]
   assert labels.tolist() == [0, 0, 1]
-  # A single string would be taken as its characters, each a suffix ("g" matched "log").
-  with pytest.raises(TypeError, match="`extensions` must be a sequence of suffixes"):
-    image_folder.list_image_folder(tmp_path, extensions=".png")
 
 
-def test_listing_errors(tmp_path):
+@pytest.mark.parametrize("lister", [image_folder.list_image_folder,
+                                    image_folder.ImageFolderSource])
+def test_listing_errors(tmp_path, lister):
   with pytest.raises(ValueError, match="`root` must be a folder"):
-    image_folder.list_image_folder(tmp_path / "missing")
+    lister(tmp_path / "missing")
   with pytest.raises(ValueError, match="no identity sub-folders"):
-    image_folder.list_image_folder(tmp_path)
+    lister(tmp_path)
   os.makedirs(tmp_path / "a")
   (tmp_path / "a" / "x.png").touch()
+  # A single string would be taken as its characters, each a suffix ("g" matched "log").
+  with pytest.raises(TypeError, match="`extensions` must be a sequence of suffixes"):
+    lister(tmp_path, extensions=".png")
   os.makedirs(tmp_path / "b")
   (tmp_path / "b" / "notes.txt").touch()
   with pytest.raises(ValueError, match="1 identity folder\\(s\\) hold no image.*\\['b'\\]"):
-    image_folder.list_image_folder(tmp_path)
+    lister(tmp_path)
 
 
 # Source.
@@ -200,3 +206,82 @@ def test_source_names_an_undecodable_file(tmp_path):
   path = re.escape(str(tmp_path / "a" / "1.jpg"))
   with pytest.raises(ValueError, match=f"{path}: cannot decode image"):
     source[1]
+
+
+def _write_images(root, names):
+  """Random PNGs at ``root/<name>`` (``str`` or ``bytes`` names); returns them by name."""
+  images = {}
+  for name in names:
+    path = os.path.join(os.fsencode(root), os.fsencode(name))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images[name] = _random_image(len(images))
+    with open(path, "wb") as file:
+      file.write(image_folder.encode_image(images[name], image_format="png"))
+  return images
+
+
+# Non-ASCII names, a name that is not UTF-8 (read as os.fsdecode does) and nested folders.
+_ODD_NAMES = ["zoë/été.png", "zoë/深/1.png", "bob/0.png", b"bob/\xff.png", "bob/a/b/2.png"]
+
+
+def test_source_packs_its_paths_and_reads_what_the_listing_lists(tmp_path):
+  images = _write_images(tmp_path, _ODD_NAMES)
+  source = image_folder.ImageFolderSource(tmp_path)
+  paths, labels, names = image_folder.list_image_folder(tmp_path)
+  assert [os.fsencode(os.path.relpath(path, tmp_path)) for path in paths] == [
+      b"bob/0.png", b"bob/a/b/2.png", b"bob/\xff.png", "zoë/été.png".encode(),
+      "zoë/深/1.png".encode()]
+  assert list(source.paths) == paths and source.paths[-1] == paths[-1]
+  assert source.labels.tolist() == labels.tolist() == [0, 0, 0, 1, 1]
+  assert source.class_names == names == ["bob", "zoë"]
+  # One byte buffer of the paths relative to the root, and where each ends.
+  relative = [os.fsencode(os.path.relpath(path, tmp_path)) for path in paths]
+  assert source.paths.data.tobytes() == b"".join(relative)
+  assert source.paths.offsets.tolist() == np.cumsum([0] + [len(r) for r in relative]).tolist()
+  copy = pickle.loads(pickle.dumps(source))
+  for index, path in enumerate(paths):
+    name = os.path.relpath(path, tmp_path)
+    image = images[name if name in images else os.fsencode(name)]
+    np.testing.assert_array_equal(source[index]["image"], image)
+    np.testing.assert_array_equal(copy[index]["image"], image)
+    assert copy[index]["label"] == labels[index] and copy.paths[index] == path
+  with pytest.raises(IndexError):
+    source.paths[len(paths)]
+
+
+def test_source_pickles_far_smaller_than_a_list_of_its_paths(tmp_path):
+  # Each grain worker unpickled the source's list of full paths: ~5 GB at WebFace42M's size.
+  root = tmp_path / ("a_long_dataset_folder_name_" * 4)
+  for identity in range(100):
+    os.makedirs(root / f"{identity:03d}")
+    for image in range(30):
+      (root / f"{identity:03d}" / f"{image:03d}.jpg").touch()
+  source = image_folder.ImageFolderSource(root, image_shape=(4, 4, 3))  # Nothing decoded.
+  paths, labels, _ = image_folder.list_image_folder(root)
+  assert len(source) == len(paths) == 3000 and list(source.paths) == paths
+  relative_bytes = 3000 * len("000/000.jpg")
+  # The relative paths, 8-byte offsets and 4-byte labels, and about a kilobyte of the rest.
+  assert len(pickle.dumps(source)) < relative_bytes + 3000 * (8 + 4) + 2048
+  assert len(pickle.dumps(source)) < len(pickle.dumps(paths)) / 3
+  copy = pickle.loads(pickle.dumps(source))
+  assert list(copy.paths) == paths and copy.labels.tolist() == labels.tolist()
+
+
+def test_large_listings_share_their_arrays_with_grain_workers(tmp_path, monkeypatch):
+  monkeypatch.setattr(_shared_memory, "MIN_BYTES", 0)  # As from 16 MiB on (2M images).
+  _write_images(tmp_path, _ODD_NAMES[:4])
+  source = image_folder.ImageFolderSource(tmp_path)
+  arrays = [source.paths.data, source.paths.offsets, source.labels]
+  assert all(isinstance(array, grain.multiprocessing.SharedMemoryArray) for array in arrays)
+  names = [array.shm.name for array in arrays]
+  copy = pickle.loads(pickle.dumps(source))  # What a worker process receives: the names.
+  assert [array.shm.name for array in (copy.paths.data, copy.paths.offsets, copy.labels)] == names
+  assert len(pickle.dumps(source)) < 2048 and list(copy.paths) == list(source.paths)
+  batches = [list(data.train_dataset(source, batch_size=2, num_epochs=1, seed=3, shard_index=0,
+                                     shard_count=1, worker_count=workers)) for workers in (0, 1)]
+  for here, there in zip(*batches, strict=True):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(here[key], there[key])
+  del source, copy, arrays, batches
+  gc.collect()
+  assert not any(os.path.exists(os.path.join("/dev/shm", name)) for name in names)

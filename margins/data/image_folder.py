@@ -10,15 +10,17 @@ and exposes ``num_classes`` and ``image_shape``; :func:`decode_image` gives all 
 decoding (Pillow) and the same resizing to ``image_shape``.
 """
 
+import array
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
 from margins._checks import check_int
+from margins.data import _shared_memory
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -175,7 +177,15 @@ def list_image_folder(
   References:
     The layout of torchvision's ``ImageFolder`` and of unpacked insightface datasets.
   """
-  root = os.fspath(root)
+  class_names, images, counts = _listing(os.fspath(root), extensions)
+  paths = list(images)
+  return paths, _labels(counts), class_names
+
+
+def _listing(root: str, extensions: Sequence[str]) -> tuple[list[str], Iterator[str], list[int]]:
+  """``(class_names, images, counts)`` of :func:`list_image_folder`: ``images`` yields the image
+  paths one identity folder at a time, appending each identity's number of images to ``counts``,
+  and raises ``ValueError`` after the last if an identity has none."""
   if not os.path.isdir(root):
     raise ValueError(f"`root` must be a folder with one sub-folder per identity, got {root!r}.")
   if isinstance(extensions, str):  # Its characters would each be a suffix.
@@ -187,18 +197,25 @@ def list_image_folder(
         entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
   if not class_names:
     raise ValueError(f"{root}: no identity sub-folders found.")
-  paths, labels, empty = [], [], []
-  for label, name in enumerate(class_names):
-    found = image_files(os.path.join(root, name), suffixes)
-    if not found:
-      empty.append(name)
-    paths.extend(found)
-    labels.extend([label] * len(found))
-  if empty:
-    raise ValueError(
-        f"{root}: {len(empty)} identity folder(s) hold no image with an extension in "
-        f"{list(suffixes)}: {empty[:5]}.")
-  return paths, np.asarray(labels, dtype=np.int32), class_names
+  counts = []
+
+  def images() -> Iterator[str]:
+    for name in class_names:
+      found = image_files(os.path.join(root, name), suffixes)
+      counts.append(len(found))
+      yield from found
+    empty = [name for name, count in zip(class_names, counts) if not count]
+    if empty:
+      raise ValueError(
+          f"{root}: {len(empty)} identity folder(s) hold no image with an extension in "
+          f"{list(suffixes)}: {empty[:5]}.")
+
+  return class_names, images(), counts
+
+
+def _labels(counts: Sequence[int]) -> np.ndarray:
+  """``int32 [N]``: label ``k`` repeated ``counts[k]`` times."""
+  return np.repeat(np.arange(len(counts), dtype=np.int32), counts)
 
 
 def image_files(folder: str, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
@@ -222,16 +239,57 @@ def image_files(folder: str, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> li
   return sorted(found)
 
 
+class PackedPaths(Sequence[str]):
+  """A sequence of paths below ``root`` packed into two arrays, held in shared memory from 16 MiB
+  on: grain's worker processes map them, where each unpickled its own copy of a list of ``str``.
+
+  At WebFace42M's layout (``/data/WebFace42M/0000123/001.jpg``) a path takes 23 bytes here, 89
+  in a list of ``str``.
+
+  Attributes:
+    root: the folder.
+    data: ``uint8 [B]``: the paths relative to ``root``, ``os.fsencode``-d, end to end.
+    offsets: ``int64 [N + 1]``: path ``i`` is ``root`` joined with
+      ``data[offsets[i]:offsets[i + 1]]``.
+
+  >>> from margins.data.image_folder import PackedPaths
+  >>> paths = PackedPaths("/data", ["/data/alice/1.jpg", "/data/bob/1.jpg"])
+  >>> len(paths), paths[1], paths.data.nbytes, paths.offsets.tolist()
+  (2, '/data/bob/1.jpg', 20, [0, 11, 20])
+  """
+
+  def __init__(self, root: str, paths: Iterable[str]):
+    """Packs ``paths``, each ``os.path.join(root, relative_path)``, reading one at a time."""
+    start = len(os.path.join(root, ""))
+    data, offsets = bytearray(), array.array("q", [0])
+    for path in paths:
+      data += os.fsencode(path[start:])
+      offsets.append(len(data))
+    self.root = root
+    self.data = _shared_memory.shared(np.frombuffer(data, np.uint8))
+    self.offsets = _shared_memory.shared(np.frombuffer(offsets, np.int64))
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, index: int) -> str:
+    index = range(len(self))[index]  # A negative index counts from the end; IndexError past it.
+    relative = self.data[self.offsets[index]:self.offsets[index + 1]].tobytes()
+    return os.path.join(self.root, os.fsdecode(relative))
+
+
 class ImageFolderSource:
   """Grain random-access source over a folder with one sub-folder per identity.
 
   Records are ``{"image": uint8 [H, W, C], "label": int32 []}``; images are decoded (and, when
-  their size differs from ``image_shape``, resized) in ``__getitem__``. The source holds only
-  paths and labels, so it pickles cheaply into grain's worker processes.
+  their size differs from ``image_shape``, resized) in ``__getitem__``. The source holds its paths
+  packed (:class:`PackedPaths`) and its labels, in shared memory from 16 MiB on: grain's worker
+  processes map them, where each unpickled its own list of paths (about 4 GB at WebFace42M's
+  size, see ``docs/benchmarks.md``).
 
   Attributes:
     root: the dataset folder.
-    paths: image paths (see :func:`list_image_folder` for the order).
+    paths: :class:`PackedPaths`, the image paths (see :func:`list_image_folder` for the order).
     labels: ``int32 [N]`` label of each path.
     class_names: identity folder of each label.
     num_classes: number of identities ``K``.
@@ -268,7 +326,9 @@ class ImageFolderSource:
       extensions: file name endings counted as images.
     """
     self.root = os.fspath(root)
-    self.paths, self.labels, self.class_names = list_image_folder(root, extensions=extensions)
+    self.class_names, images, counts = _listing(self.root, extensions)
+    self.paths = PackedPaths(self.root, images)
+    self.labels = _shared_memory.shared(_labels(counts))
     self.num_classes = len(self.class_names)
     if image_shape is None:
       height, width, channels = self._decode(0, None).shape
