@@ -2,9 +2,10 @@
 what a compiled program moves between devices (:func:`collectives`).
 
 The batch is split over all the mesh's devices (``Experiment.batch_sharding``); the state is
-replicated, but with the ``sharded`` engine the head ``W [C', D]`` and its per-row optimizer state
-are split by rows. Each process holds its own rows of a batch: :func:`global_batch` joins them
-into one array and :func:`to_host` gathers one back on every process.
+replicated, but with the ``sharded`` engine the head ``W [C', D]``, its per-row optimizer state
+and center loss's centres ``[C', D]`` are split by rows. Each process holds its own rows of a
+batch: :func:`global_batch` joins them into one array and :func:`to_host` gathers one back on
+every process.
 """
 
 import collections

@@ -356,6 +356,23 @@ def test_sharded_head_resumes_and_restores_on_another_device_count(tmp_path):
       assert state.centers.sharding.spec == jax.P("data")  # Split beside W.
 
 
+def test_restore_builds_missing_centres_split_beside_a_sharded_head(tmp_path):
+  # A checkpoint saved without a center loss, read under a config with one (config.json as a
+  # resume that added it leaves it): the centres start as a new run's on this mesh would, with
+  # W's padded rows (6 classes: 8 on the 8 devices) and split like W.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")), num_steps=1)
+  config.engine.kind, config.engine.chunk_size = "sharded", 2
+  config.mesh.shape = (2,)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["center_loss"]["weight"] = 0.01
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  state = train_lib.restore(str(tmp_path))[1]
+  assert state.centers.shape == state.params["head"].shape == (8, 32)
+  assert state.centers.sharding.spec == state.params["head"].sharding.spec == jax.P("data")
+  np.testing.assert_array_equal(state.centers, 0.0)
+
+
 def test_checkpoints_write_small_replicated_arrays_whole_compiling_nothing(tmp_path,
                                                                           monkeypatch):
   # orbax's default splits an array replicated over the devices among them, each share cut out
@@ -560,15 +577,24 @@ def test_only_w_its_optimizer_state_and_the_centres_may_change_rows_on_restore()
   # an array elsewhere that happens to have W's shape (a backbone's kernel) must not be cut or
   # padded with them, nor may the centres' dimension change.
   shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)  # noqa: E731
-  def state(head_rows, kernel_rows, centre_rows, centre_dim=4):
+  def state(head_rows, kernel_rows, centre_rows, centre_dim=4, subcentres=()):
     return {"params": {"backbone": {"fc": {"kernel": shape(kernel_rows, 4)}},
-                       "head": shape(head_rows, 4)},
-            "opt_state": {"trace": {"head": shape(head_rows, 4)}},
+                       "head": shape(head_rows, *subcentres, 4)},
+            "opt_state": {"trace": {"head": shape(head_rows, *subcentres, 4)}},
             "centers": shape(centre_rows, centre_dim)}
   manager = types.SimpleNamespace(directory="/run/checkpoints")
   fits = lambda stored, wanted: checkpoints._check_fits(  # noqa: E731
       manager, 3, stored, wanted, wanted["params"]["head"].shape)
   assert fits(state(8, 6, 6), state(6, 6, 6))  # Rows of W and its momentum: fitted.
+  # Beside sub-centres, W [rows, K, D]: the centres' rows change, their [D] stays.
+  assert fits(state(8, 6, 8, subcentres=(3,)), state(6, 6, 6, subcentres=(3,)))
+  # Which leaves have a row per class: the state's centres (an attribute, or a checkpoint's key)
+  # beside any head, not a backbone's leaf that happens to be named so.
+  key, attribute = jax.tree_util.DictKey, jax.tree_util.GetAttrKey
+  for path in (attribute("centers"),), (key("centers"),):
+    assert sharding_lib.is_class_rows(path, shape(6, 4), (6, 3, 4))
+  assert not sharding_lib.is_class_rows(
+      (attribute("params"), key("backbone"), key("centers")), shape(6, 4), (6, 4))
   assert fits(state(6, 6, 5), state(6, 6, 6))  # The centres' (5: saved before 2026-12-07).
   assert not fits(state(6, 6, 6), state(6, 6, 6))
   for stored in state(8, 8, 6), state(8, 6, 8, centre_dim=2):

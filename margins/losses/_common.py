@@ -276,6 +276,13 @@ def take_rows(table: Array, indices: Array) -> Array:
   each device takes the rows it holds and a sum of ``[B, ...]`` over the devices completes them:
   the table is not gathered."""
   table = jnp.asarray(table)
+  return split_like(table.at[gathered(indices)].get(out_sharding=gathered_rows_sharding(table)),
+                    indices)
+
+
+def gathered_rows_sharding(table: Array) -> jax.sharding.NamedSharding | None:
+  """The ``out_sharding`` for rows taken from ``table [N, ...]`` by indices every device holds:
+  whole on every device where Explicit mesh axes split the table's rows (each device takes those
+  it holds, and XLA sums them over the devices), ``None`` (indexing's own) otherwise."""
   sharding = jax.typeof(table).sharding
-  whole = sharding.update(spec=jax.P()) if sharding.spec[0] is not None else None
-  return split_like(table.at[gathered(indices)].get(out_sharding=whole), indices)
+  return sharding.update(spec=jax.P()) if sharding.spec[0] is not None else None

@@ -119,13 +119,12 @@ def update_centers(centers: Array, embeddings: Array, labels: Array, *,
   counts = jax.ops.segment_sum(jnp.ones((batch_size,), dtype), slots, num_segments=batch_size)
   sums = jax.ops.segment_sum(embeddings.astype(dtype), slots, num_segments=batch_size)
   # Where mesh axes split the centres' rows, each device reads and writes the rows it holds.
-  sharding = jax.typeof(centers).sharding
-  rows_split = sharding.spec[0] is not None
-  current = centers.at[classes].get(
-      mode="fill", fill_value=0,
-      out_sharding=sharding.update(spec=jax.P()) if rows_split else None).astype(dtype)
+  rows_sharding = _common.gathered_rows_sharding(centers)
+  current = centers.at[classes].get(mode="fill", fill_value=0,
+                                    out_sharding=rows_sharding).astype(dtype)
   counts = counts[:, None]
   step = jnp.asarray(alpha, dtype) * (counts * current - sums) / (1 + counts)
-  updated = centers.at[classes].set((current - step).astype(centers.dtype), mode="drop",
-                                    out_sharding=sharding if rows_split else None)
+  updated = centers.at[classes].set(
+      (current - step).astype(centers.dtype), mode="drop",
+      out_sharding=None if rows_sharding is None else jax.typeof(centers).sharding)
   return updated if centers is given else jax.reshard(updated, jax.typeof(given).sharding)

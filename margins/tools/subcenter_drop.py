@@ -40,6 +40,7 @@ from margins import eval_lib
 from margins import sharding as sharding_lib
 from margins import train_lib
 from margins.data import image_folder
+from margins.losses import _common
 from margins.tools import pack_recordio
 
 _DATA = flags.DEFINE_string(
@@ -85,9 +86,8 @@ def subcenter_cosines(embeddings, centres, labels) -> jax.Array:
   centres = centres[:, None] if centres.ndim == 2 else centres
   # [N, K, D], NaN for a label past the rows; from a head split over Explicit mesh axes, whole on
   # each device: the rows are gathered, not the head.
-  split = jax.typeof(centres).sharding.spec[0] is not None
-  own = centres.at[jnp.asarray(labels)].get(mode="fill", fill_value=jnp.nan,
-                                            out_sharding=jax.P() if split else None)
+  own = centres.at[jnp.asarray(labels)].get(
+      mode="fill", fill_value=jnp.nan, out_sharding=_common.gathered_rows_sharding(centres))
   dots = jnp.einsum("nd,nkd->nk", embeddings, own, precision=jax.lax.Precision.HIGHEST)
   norms = jnp.linalg.norm(embeddings, axis=1)[:, None] * jnp.linalg.norm(own, axis=2)
   # A zero vector's cosine is 0; a missing row's stays NaN.
