@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import types
 
 import grain
 import numpy as np
@@ -173,7 +174,7 @@ def test_source_contract_and_values(tmp_path):
   images = _folder(tmp_path, {"b": [(6, 5, 3)], "a": [(6, 5, 3), (6, 5, 3)]})
   source = image_folder.ImageFolderSource(tmp_path)
   assert (len(source), source.num_classes, source.image_shape) == (3, 2, (6, 5, 3))
-  assert source.class_names == ["a", "b"]
+  assert list(source.class_names) == ["a", "b"]
   expected = [(images["a", 0], 0), (images["a", 1], 0), (images["b", 0], 1)]
   for index, (image, label) in enumerate(expected):
     record = source[index]
@@ -232,8 +233,9 @@ def test_source_packs_its_paths_and_reads_what_the_listing_lists(tmp_path):
       b"bob/0.png", b"bob/a/b/2.png", b"bob/\xff.png", "zoë/été.png".encode(),
       "zoë/深/1.png".encode()]
   assert list(source.paths) == paths and source.paths[-1] == paths[-1]
+  assert source.paths[1:4:2] == paths[1:4:2] and source.paths[::-1] == paths[::-1]
   assert source.labels.tolist() == labels.tolist() == [0, 0, 0, 1, 1]
-  assert source.class_names == names == ["bob", "zoë"]
+  assert list(source.class_names) == names == ["bob", "zoë"]
   # One byte buffer of the paths relative to the root, and where each ends.
   relative = [os.fsencode(os.path.relpath(path, tmp_path)) for path in paths]
   assert source.paths.data.tobytes() == b"".join(relative)
@@ -245,12 +247,16 @@ def test_source_packs_its_paths_and_reads_what_the_listing_lists(tmp_path):
     np.testing.assert_array_equal(source[index]["image"], image)
     np.testing.assert_array_equal(copy[index]["image"], image)
     assert copy[index]["label"] == labels[index] and copy.paths[index] == path
+  assert list(copy.class_names) == names
   with pytest.raises(IndexError):
     source.paths[len(paths)]
+  # Packed without the prefix, which each string must have (else it would lose its start).
+  with pytest.raises(ValueError, match="'/other/b.png' does not begin with the prefix '/data/'"):
+    image_folder.PackedStrings(["/data/a.png", "/other/b.png"], prefix="/data/")
 
 
 def test_source_pickles_far_smaller_than_a_list_of_its_paths(tmp_path):
-  # Each grain worker unpickled the source's list of full paths: ~5 GB at WebFace42M's size.
+  # Each grain worker unpickled the source's list of full paths: 4 to 5 GB at WebFace42M's size.
   root = tmp_path / ("a_long_dataset_folder_name_" * 4)
   for identity in range(100):
     os.makedirs(root / f"{identity:03d}")
@@ -267,21 +273,49 @@ def test_source_pickles_far_smaller_than_a_list_of_its_paths(tmp_path):
   assert list(copy.paths) == paths and copy.labels.tolist() == labels.tolist()
 
 
+def test_source_of_a_root_given_with_a_trailing_slash(tmp_path):
+  # "--config.data.path=/data/faces/": the paths are packed without the folder all the same.
+  images = _write_images(tmp_path, ["a/1.png", "b/2.png"])
+  root = str(tmp_path) + os.sep
+  source = image_folder.ImageFolderSource(root)
+  assert list(source.paths) == image_folder.list_image_folder(root)[0]
+  np.testing.assert_array_equal(source[1]["image"], images["b/2.png"])
+
+
+def test_shared_memory_needs_room_for_the_array_twice_over(monkeypatch):
+  # grain's batches pass through /dev/shm too: writing past its room would be a SIGBUS.
+  monkeypatch.setattr(_shared_memory, "MIN_BYTES", 0)
+  array = np.arange(1024, dtype=np.int64)  # 8 KiB
+  def room(blocks):
+    return lambda path: types.SimpleNamespace(f_bavail=blocks, f_frsize=4096)
+
+  monkeypatch.setattr(_shared_memory.os, "statvfs", room(3))  # Room for 1.5 copies.
+  assert type(_shared_memory.shared(array)) is np.ndarray
+  monkeypatch.setattr(_shared_memory.os, "statvfs", room(4))  # Twice over.
+  shared = _shared_memory.shared(array)
+  assert isinstance(shared, grain.multiprocessing.SharedMemoryArray)
+  np.testing.assert_array_equal(shared, array)
+
+
 def test_large_listings_share_their_arrays_with_grain_workers(tmp_path, monkeypatch):
   monkeypatch.setattr(_shared_memory, "MIN_BYTES", 0)  # As from 16 MiB on (2M images).
   _write_images(tmp_path, _ODD_NAMES[:4])
   source = image_folder.ImageFolderSource(tmp_path)
-  arrays = [source.paths.data, source.paths.offsets, source.labels]
-  assert all(isinstance(array, grain.multiprocessing.SharedMemoryArray) for array in arrays)
-  names = [array.shm.name for array in arrays]
+  def arrays(source):
+    return [source.paths.data, source.paths.offsets, source.labels, source.class_names.data,
+            source.class_names.offsets]
+
+  assert all(isinstance(array, grain.multiprocessing.SharedMemoryArray) for array in arrays(source))
+  names = [array.shm.name for array in arrays(source)]
   copy = pickle.loads(pickle.dumps(source))  # What a worker process receives: the names.
-  assert [array.shm.name for array in (copy.paths.data, copy.paths.offsets, copy.labels)] == names
+  assert [array.shm.name for array in arrays(copy)] == names
   assert len(pickle.dumps(source)) < 2048 and list(copy.paths) == list(source.paths)
+  assert list(copy.class_names) == list(source.class_names) == ["bob", "zoë"]
   batches = [list(data.train_dataset(source, batch_size=2, num_epochs=1, seed=3, shard_index=0,
                                      shard_count=1, worker_count=workers)) for workers in (0, 1)]
   for here, there in zip(*batches, strict=True):
     for key in ("image", "label"):
       np.testing.assert_array_equal(here[key], there[key])
-  del source, copy, arrays, batches
+  del source, copy, batches
   gc.collect()
   assert not any(os.path.exists(os.path.join("/dev/shm", name)) for name in names)

@@ -17,7 +17,11 @@ FOLDER = "/dev/shm"
 
 def shared(array: np.ndarray) -> np.ndarray:
   """``array`` in shared memory, pickled by name, from ``MIN_BYTES`` on and where ``FOLDER`` has
-  room for it (twice over: grain's batches pass there too); else as it is."""
+  room for it (twice over: grain's batches pass there too); else as it is.
+
+  The returned array owns the memory, freed when it goes: a copy (what a worker unpickles) maps
+  it only while the original lives, so hand new workers the original's holder, not a copy.
+  """
   if array.nbytes < MIN_BYTES:
     return array
   try:

@@ -239,43 +239,53 @@ def image_files(folder: str, suffixes: tuple[str, ...] = IMAGE_EXTENSIONS) -> li
   return sorted(found)
 
 
-class PackedPaths(Sequence[str]):
-  """A sequence of paths below ``root`` packed into two arrays, held in shared memory from 16 MiB
-  on: grain's worker processes map them, where each unpickled its own copy of a list of ``str``.
+class PackedStrings(Sequence[str]):
+  """Strings that all begin with ``prefix``, packed into two arrays without it, held in shared
+  memory from 16 MiB on: grain's worker processes map them, where each unpickled its own copy of
+  a list of ``str``. Indexing (slices give lists) and iteration decode them one at a time.
 
-  At WebFace42M's layout (``/data/WebFace42M/0000123/001.jpg``) a path takes 23 bytes here, 89
-  in a list of ``str``.
+  An image folder's paths at WebFace42M's layout (``/data/WebFace42M/0000123/001.jpg``, prefix
+  ``/data/WebFace42M/``) take 23 bytes each here, 89 in a list of ``str``.
 
   Attributes:
-    root: the folder.
-    data: ``uint8 [B]``: the paths relative to ``root``, ``os.fsencode``-d, end to end.
-    offsets: ``int64 [N + 1]``: path ``i`` is ``root`` joined with
-      ``data[offsets[i]:offsets[i + 1]]``.
+    prefix: what every string begins with.
+    data: ``uint8 [B]``: the strings without ``prefix``, ``os.fsencode``-d, end to end.
+    offsets: ``int64 [N + 1]``: string ``i`` is ``prefix`` and ``data[offsets[i]:offsets[i + 1]]``.
 
-  >>> from margins.data.image_folder import PackedPaths
-  >>> paths = PackedPaths("/data", ["/data/alice/1.jpg", "/data/bob/1.jpg"])
+  >>> from margins.data.image_folder import PackedStrings
+  >>> paths = PackedStrings(["/data/alice/1.jpg", "/data/bob/1.jpg"], prefix="/data/")
   >>> len(paths), paths[1], paths.data.nbytes, paths.offsets.tolist()
   (2, '/data/bob/1.jpg', 20, [0, 11, 20])
   """
 
-  def __init__(self, root: str, paths: Iterable[str]):
-    """Packs ``paths``, each ``os.path.join(root, relative_path)``, reading one at a time."""
-    start = len(os.path.join(root, ""))
+  def __init__(self, strings: Iterable[str], *, prefix: str = ""):
+    """Packs ``strings``, reading one at a time (a generator's need not all be held).
+
+    Raises:
+      ValueError: a string does not begin with ``prefix``.
+    """
     data, offsets = bytearray(), array.array("q", [0])
-    for path in paths:
-      data += os.fsencode(path[start:])
+    for string in strings:
+      if not string.startswith(prefix):
+        raise ValueError(f"{string!r} does not begin with the prefix {prefix!r}.")
+      data += os.fsencode(string[len(prefix):])
       offsets.append(len(data))
-    self.root = root
+    self.prefix = prefix
     self.data = _shared_memory.shared(np.frombuffer(data, np.uint8))
     self.offsets = _shared_memory.shared(np.frombuffer(offsets, np.int64))
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index: int | slice) -> str | list[str]:
+    if isinstance(index, slice):
+      return [self[i] for i in range(len(self))[index]]
     index = range(len(self))[index]  # A negative index counts from the end; IndexError past it.
-    relative = self.data[self.offsets[index]:self.offsets[index + 1]].tobytes()
-    return os.path.join(self.root, os.fsdecode(relative))
+    stored = self.data[self.offsets[index]:self.offsets[index + 1]].tobytes()
+    return self.prefix + os.fsdecode(stored)
+
+  def __repr__(self) -> str:
+    return f"PackedStrings({len(self)} strings, prefix={self.prefix!r})"
 
 
 class ImageFolderSource:
@@ -283,15 +293,15 @@ class ImageFolderSource:
 
   Records are ``{"image": uint8 [H, W, C], "label": int32 []}``; images are decoded (and, when
   their size differs from ``image_shape``, resized) in ``__getitem__``. The source holds its paths
-  packed (:class:`PackedPaths`) and its labels, in shared memory from 16 MiB on: grain's worker
-  processes map them, where each unpickled its own list of paths (about 4 GB at WebFace42M's
-  size, see ``docs/benchmarks.md``).
+  and identity names packed (:class:`PackedStrings`) and its labels, in shared memory from 16 MiB
+  on: grain's worker processes map them, where each unpickled its own list of paths (about 4 GB
+  at WebFace42M's size, see ``docs/benchmarks.md``).
 
   Attributes:
     root: the dataset folder.
-    paths: :class:`PackedPaths`, the image paths (see :func:`list_image_folder` for the order).
+    paths: :class:`PackedStrings`, the image paths (see :func:`list_image_folder` for the order).
     labels: ``int32 [N]`` label of each path.
-    class_names: identity folder of each label.
+    class_names: :class:`PackedStrings`, the identity folder of each label.
     num_classes: number of identities ``K``.
     image_shape: ``(H, W, C)`` of every image returned.
 
@@ -326,9 +336,10 @@ class ImageFolderSource:
       extensions: file name endings counted as images.
     """
     self.root = os.fspath(root)
-    self.class_names, images, counts = _listing(self.root, extensions)
-    self.paths = PackedPaths(self.root, images)
+    class_names, images, counts = _listing(self.root, extensions)
+    self.paths = PackedStrings(images, prefix=os.path.join(self.root, ""))
     self.labels = _shared_memory.shared(_labels(counts))
+    self.class_names = PackedStrings(class_names)
     self.num_classes = len(self.class_names)
     if image_shape is None:
       height, width, channels = self._decode(0, None).shape
