@@ -266,8 +266,10 @@ def test_source_pickles_far_smaller_than_a_list_of_its_paths(tmp_path):
   paths, labels, _ = image_folder.list_image_folder(root)
   assert len(source) == len(paths) == 3000 and list(source.paths) == paths
   relative_bytes = 3000 * len("000/000.jpg")
-  # The relative paths, 8-byte offsets and 4-byte labels, and about a kilobyte of the rest.
-  assert len(pickle.dumps(source)) < relative_bytes + 3000 * (8 + 4) + 2048
+  # The relative paths, 8-byte offsets and 4-byte labels, the names and their offsets, the root
+  # (twice: the source's and the paths' prefix), and about a kilobyte of the rest.
+  packed = relative_bytes + 3000 * (8 + 4) + 100 * (len("000") + 8) + 2 * len(str(root))
+  assert len(pickle.dumps(source)) < packed + 2048
   assert len(pickle.dumps(source)) < len(pickle.dumps(paths)) / 3
   copy = pickle.loads(pickle.dumps(source))
   assert list(copy.paths) == paths and copy.labels.tolist() == labels.tolist()
