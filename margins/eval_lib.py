@@ -3,7 +3,7 @@ verification (held-out identities, ``.bin`` sets, IJB-B/C), retrieval and plots.
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -154,6 +154,19 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
 def bin_set_name(path: str) -> str:
   """The name a ``.bin`` set is reported under: its file name without extension (``lfw``)."""
   return os.path.splitext(os.path.basename(path))[0]
+
+
+def check_set_names(names: Sequence[str], *, given_as: str, reserved: Sequence[str] = ()) -> None:
+  """Raises ``ValueError`` where two evaluation sets share a name (results are reported by name)
+  or one takes a ``reserved`` one; ``given_as`` says where they were named."""
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise ValueError(f"Several {given_as} are named {repeated}: rename one, as results are "
+                     "reported by name.")
+  taken = sorted(set(names) & set(reserved))
+  if taken:
+    raise ValueError(f"{given_as} named {taken}: the held-out sets' results are reported under "
+                     f"{list(reserved)}; rename the file.")
 
 
 def load_bin_set(image_shape: tuple[int, int, int],

@@ -3,8 +3,10 @@ and on IJB-B / IJB-C.
 
   python -m margins.evaluate --workdir <run> --bin lfw.bin --bin cfp_fp.bin \
       [--ijb /data/IJBC [--ijb_operating_point nearest]] [--step N] [--batch_size 256] [--noflip]
+      [--compute_dtype float32]
 
-restores the run's latest checkpoint (or ``--step``) on the devices present, embeds every set with
+restores the run's latest checkpoint (or ``--step``) on the devices present, with the network in
+float32 whatever the run trained in (``--compute_dtype``), embeds every set with
 the flip test (``--noflip``: each image alone, as a deployment without it runs) and prints one row
 per ``.bin`` set by insightface's protocol (10-fold accuracy mean +- std, TAR@FAR 1e-3 and 1e-4 from
 the ROC of all pairs, AUC, XNorm; ``n/a`` where a set has too few different pairs to measure the
@@ -33,6 +35,11 @@ _BINS = flags.DEFINE_multi_string(
     "bin", [], "A .bin verification file; repeat the flag for several sets.")
 _IJB = flags.DEFINE_multi_string(
     "ijb", [], "An IJB-B or IJB-C folder (loose_crop/, meta/); repeat the flag for both.")
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", "float32", ["float32", "bfloat16", "float16", "run"],
+    "The network's arithmetic while embedding: float32 (as insightface's eval_ijbc.py, for "
+    "comparison with published tables), another, or the run's own config.compute_dtype (the "
+    "recipes train in bfloat16, which moves pair cosines by about 1e-3).")
 _IJB_OPERATING_POINT = flags.DEFINE_enum(
     "ijb_operating_point", "at_most", evaluation.ijb.OPERATING_POINTS,
     "How IJB TAR@FAR reads the ROC: the highest TAR whose FAR is at most the target, or "
@@ -49,6 +56,7 @@ TABLE_FARS = (1e-3, 1e-4)
 def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequence[str] = (),
                  step: int | None = None, batch_size: int | None = None,
                  ijb_operating_point: str = "at_most", flip: bool = True,
+                 compute_dtype: str | None = "float32",
                  ) -> tuple[int, dict[str, evaluation.VerificationResult | evaluation.IJBResult]]:
   """``(step, {set name: result})``: a run's checkpoint on ``.bin`` sets and IJB folders (named
   by their meta files' prefix, ``ijbc``), with the flip test unless ``flip`` is false.
@@ -62,14 +70,14 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
       :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one.
     ijb_operating_point: how IJB TAR@FAR reads the ROC
       (:func:`margins.evaluation.evaluate_ijb`'s ``operating_point``).
+    compute_dtype: the network's arithmetic (:func:`margins.train_lib.restore`'s); ``None``: the
+      run's ``config.compute_dtype``.
   """
   names = [eval_lib.bin_set_name(path) for path in bin_paths]
   names += [data_lib.ijb.benchmark_name(folder) for folder in ijb_folders]
-  repeated = sorted({name for name in names if names.count(name) > 1})
-  if repeated:
-    raise ValueError(f"Several --bin files or --ijb folders are named {repeated}: rename one, "
-                     "as results are reported by name.")
-  experiment, state = train_lib.restore(workdir, step, parts="backbone")
+  eval_lib.check_set_names(names, given_as="--bin files or --ijb folders")
+  experiment, state = train_lib.restore(workdir, step, parts="backbone",
+                                        compute_dtype=compute_dtype)
   experiment.config.eval.batch_size = eval_lib.global_batch_size(batch_size,
                                                                   experiment.mesh.size)
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
@@ -140,16 +148,20 @@ def main(argv: Sequence[str]) -> None:
   if missing:
     raise app.UsageError(f"--ijb: no such folder: {', '.join(missing)}")
   flip = cli_flags.flip_test(True)
+  compute_dtype = None if _COMPUTE_DTYPE.value == "run" else _COMPUTE_DTYPE.value
   try:
     step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
                                  step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value,
-                                 ijb_operating_point=_IJB_OPERATING_POINT.value, flip=flip)
+                                 ijb_operating_point=_IJB_OPERATING_POINT.value, flip=flip,
+                                 compute_dtype=compute_dtype)
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() != 0:
     return
   bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
-  lines = [f"{workdir}, step {step}:", *([format_table(bins, flip=flip)] if bins else []),
+  arithmetic = _COMPUTE_DTYPE.value if compute_dtype else "the run's compute_dtype"
+  lines = [f"{workdir}, step {step}, in {arithmetic}:",
+           *([format_table(bins, flip=flip)] if bins else []),
            *(evaluation.format_ijb(name, r) for name, r in results.items()
              if isinstance(r, evaluation.IJBResult))]
   print("\n".join(lines), flush=True)  # Before the plot, which may fail (a read-only run).

@@ -722,6 +722,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     raise FileNotFoundError(f"config.eval.bins: {missing} not found; list the .bin files that "
                             "exist, e.g. --config.eval.bins=\"('/data/lfw.bin',)\", or none: "
                             "--config.eval.bins=\"()\".")
+  eval_lib.check_set_names([eval_lib.bin_set_name(path) for path in config.eval.bins],
+                           given_as="config.eval.bins", reserved=("closed", "open"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,8 +734,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 RESTORE_PARTS = ("state", "params", "backbone")
 
 
-def restore(workdir: str, step: int | None = None, *,
-            parts: str = "state") -> tuple[Experiment, TrainState]:
+def restore(workdir: str, step: int | None = None, *, parts: str = "state",
+            compute_dtype: str | None = None) -> tuple[Experiment, TrainState]:
   """The experiment and state of a run's checkpoint (the latest one by default), for inference.
 
   The mesh is rebuilt on the devices present now, which may differ from the training run's
@@ -742,7 +744,9 @@ def restore(workdir: str, step: int | None = None, *,
   ``"params"``, the model alone (parameters, batch statistics, margin state, step), the
   optimizer state, the centres and the loss scale neither read nor held (``None``);
   ``"backbone"``, the same without the head ``W`` either (``params`` holds only the backbone's):
-  all that embedding needs.
+  all that embedding needs. ``compute_dtype``: the model's arithmetic (as ``config.compute_dtype``
+  names it) in place of the run's, for ``"params"`` and ``"backbone"``: the stored parameters and
+  statistics are float32 whatever a run computes in, so a bfloat16 run embeds in float32 too.
 
   A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
   run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
@@ -751,9 +755,14 @@ def restore(workdir: str, step: int | None = None, *,
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
+  if compute_dtype is not None and parts == "state":
+    raise ValueError("compute_dtype changes the model, not the training state: restore "
+                     "parts='params' or 'backbone' with it.")
   config = checkpoints.load_config(workdir)
   num_classes, image_shape = checkpoints.load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
+  if compute_dtype is not None:
+    config.compute_dtype = compute_dtype
   mesh = sharding_lib.make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)

@@ -143,7 +143,7 @@ def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
   cli(evaluate, "--workdir", run, "--bin", path, "--batch_size", "16")  # 200 images: padded.
   out = capsys.readouterr().out
   table = evaluate.format_table({"digits": expected})
-  assert f"{run}, step 2:\n{table}\n" in out, (out, table)
+  assert f"{run}, step 2, in float32:\n{table}\n" in out, (out, table)
   assert os.path.getsize(os.path.join(run, "roc_2.png")) > 10_000
   # Each image alone, as a deployment without the flip test embeds it.
   unflipped = live_embeddings(*restored, grey, flip=False)
@@ -152,7 +152,36 @@ def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
   cli(evaluate, "--workdir", run, "--bin", path, "--noflip")
   table = evaluate.format_table({"digits": alone}, flip=False)
   assert "| Accuracy " in table and alone.auc != expected.auc
-  assert f"{run}, step 2:\n{table}\n" in capsys.readouterr().out
+  assert f"{run}, step 2, in float32:\n{table}\n" in capsys.readouterr().out
+
+
+def test_evaluate_embeds_in_float32_unless_told_to_use_the_runs_dtype(
+    run, restored, digits_bin, cli, tmp_path, capsys):
+  # insightface's eval_ijbc.py embeds in float32; the recipes train in bfloat16. The parameters
+  # are float32 either way: this run's checkpoint under a config.json saying bfloat16 is one.
+  bf16_run = str(tmp_path / "bf16")
+  shutil.copytree(run, bf16_run)
+  config_path = pathlib.Path(bf16_run) / "config.json"
+  config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                     "compute_dtype": "bfloat16"}))
+  path, grey, _ = digits_bin
+  as_float32, as_run = (train_lib.restore(bf16_run, parts="backbone", compute_dtype=dtype)
+                        for dtype in ("float32", None))
+  np.testing.assert_array_equal(live_embeddings(*as_float32, grey, flip=False),
+                                live_embeddings(*restored, grey, flip=False))
+  assert not np.array_equal(live_embeddings(*as_run, grey, flip=False),
+                            live_embeddings(*restored, grey, flip=False))
+  float32_result, bf16_result, own_result = (
+      evaluate.evaluate_run(workdir, [path], **kwargs)[1]["digits"]
+      for workdir, kwargs in ((run, {}), (bf16_run, {}), (bf16_run, {"compute_dtype": None})))
+  assert float32_result.xnorm == bf16_result.xnorm != own_result.xnorm
+  np.testing.assert_array_equal(float32_result.tpr, bf16_result.tpr)
+  capsys.readouterr()
+  cli(evaluate, "--workdir", bf16_run, "--bin", path, "--compute_dtype", "run")
+  table = evaluate.format_table({"digits": own_result})
+  assert f"{bf16_run}, step 2, in the run's compute_dtype:\n{table}\n" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="compute_dtype changes the model"):
+    train_lib.restore(bf16_run, compute_dtype="float32")
 
 
 def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):
@@ -164,17 +193,18 @@ def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys)
   capsys.readouterr()
   cli(evaluate, "--workdir", run, "--ijb", str(folder), "--batch_size", "16")
   out = capsys.readouterr().out
-  assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', expected)}\n", out
+  assert out == f"{run}, step 2, in float32:\n{evaluation.format_ijb('ijbc', expected)}\n", out
   nearest = evaluation.evaluate_ijb(live_embeddings(*restored, grey, flip=True), source.protocol,
                                     operating_point="nearest")
   assert nearest.tar_at_far != expected.tar_at_far  # 12 different pairs: FAR 1e-2 reads 0.
   cli(evaluate, "--workdir", run, "--ijb", str(folder), "--batch_size", "16",
       "--ijb_operating_point", "nearest")
   out = capsys.readouterr().out
-  assert out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', nearest)}\n", out
+  assert out == f"{run}, step 2, in float32:\n{evaluation.format_ijb('ijbc', nearest)}\n", out
   alone = evaluation.evaluate_ijb(live_embeddings(*restored, grey, flip=False), source.protocol)
   cli(evaluate, "--workdir", run, "--ijb", str(folder), "--noflip")
-  assert capsys.readouterr().out == f"{run}, step 2:\n{evaluation.format_ijb('ijbc', alone)}\n"
+  assert capsys.readouterr().out == (
+      f"{run}, step 2, in float32:\n{evaluation.format_ijb('ijbc', alone)}\n")
   with pytest.raises(app.UsageError, match="--ijb: no such folder"):
     cli(evaluate, "--workdir", run, "--ijb", str(tmp_path / "IJBB"))
 

@@ -977,6 +977,17 @@ def test_missing_data_folder_is_a_config_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"lfw.bin'\] not found; .* or none: "
                                               r"--config.eval.bins=\"\(\)\""):
     train_lib.check_config(config, sharding_lib.make_mesh(config))
+  # Two sets of one name would report as one; "open" would overwrite the held-out set's results.
+  for folder in "a", "b":
+    (tmp_path / folder).mkdir()
+    for name in "lfw.bin", "open.bin":
+      (tmp_path / folder / name).write_bytes(b"")
+  for bins, message in (((tmp_path / "a" / "lfw.bin", tmp_path / "b" / "lfw.bin"),
+                         r"Several config.eval.bins are named \['lfw'\]"),
+                        ((tmp_path / "a" / "open.bin",), r"config.eval.bins named \['open'\]")):
+    config.eval.bins = tuple(map(str, bins))
+    with pytest.raises(ValueError, match=message):
+      train_lib.check_config(config, sharding_lib.make_mesh(config))
 
 
 @pytest.mark.parametrize("flag, message", [
