@@ -22,12 +22,22 @@ OUT = flags.DEFINE_string(
 FLIP = flags.DEFINE_bool(
     "flip", None, "The flip test: add each image's embedding and its mirror image's (default: on "
     "in evaluate, as insightface's protocol; off in embed_folder).")
-_SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT, FLIP)
+COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype", "float32", ["float32", "bfloat16", "float16", "run"],
+    "The network's arithmetic (evaluate, export): float32 whatever the run trained in, as "
+    "insightface evaluates (eval_ijbc.py) and exports (float32 ONNX), another, or 'run': the "
+    "run's config.compute_dtype (the recipes' bfloat16 moves pair cosines by about 1e-3).")
+_SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT, FLIP, COMPUTE_DTYPE)
 
 
 def flip_test(default: bool) -> bool:
   """``--flip`` or ``--noflip`` if given, else the tool's ``default``."""
   return default if FLIP.value is None else FLIP.value
+
+
+def compute_dtype() -> str | None:
+  """``--compute_dtype``; ``None`` for ``run``, the run's own."""
+  return None if COMPUTE_DTYPE.value == "run" else COMPUTE_DTYPE.value
 
 
 def refuse_unused(*used: flags.FlagHolder) -> None:

@@ -35,16 +35,11 @@ _BINS = flags.DEFINE_multi_string(
     "bin", [], "A .bin verification file; repeat the flag for several sets.")
 _IJB = flags.DEFINE_multi_string(
     "ijb", [], "An IJB-B or IJB-C folder (loose_crop/, meta/); repeat the flag for both.")
-_COMPUTE_DTYPE = flags.DEFINE_enum(
-    "compute_dtype", "float32", ["float32", "bfloat16", "float16", "run"],
-    "The network's arithmetic while embedding: float32 (as insightface's eval_ijbc.py, for "
-    "comparison with published tables), another, or the run's own config.compute_dtype (the "
-    "recipes train in bfloat16, which moves pair cosines by about 1e-3).")
 _IJB_OPERATING_POINT = flags.DEFINE_enum(
     "ijb_operating_point", "at_most", evaluation.ijb.OPERATING_POINTS,
     "How IJB TAR@FAR reads the ROC: the highest TAR whose FAR is at most the target, or "
     "insightface's eval_ijbc.py's point nearest the target (its FAR may exceed it).")
-for _name in ("workdir", "step", "batch_size", "out", "flip"):
+for _name in ("workdir", "step", "batch_size", "out", "flip", "compute_dtype"):
   flags.declare_key_flag(_name)
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
@@ -148,7 +143,7 @@ def main(argv: Sequence[str]) -> None:
   if missing:
     raise app.UsageError(f"--ijb: no such folder: {', '.join(missing)}")
   flip = cli_flags.flip_test(True)
-  compute_dtype = None if _COMPUTE_DTYPE.value == "run" else _COMPUTE_DTYPE.value
+  compute_dtype = cli_flags.compute_dtype()
   try:
     step, results = evaluate_run(workdir, _BINS.value, ijb_folders=_IJB.value,
                                  step=cli_flags.STEP.value, batch_size=cli_flags.BATCH_SIZE.value,
@@ -159,7 +154,7 @@ def main(argv: Sequence[str]) -> None:
   if jax.process_index() != 0:
     return
   bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
-  arithmetic = _COMPUTE_DTYPE.value if compute_dtype else "the run's compute_dtype"
+  arithmetic = compute_dtype or "the run's compute_dtype"
   lines = [f"{workdir}, step {step}, in {arithmetic}:",
            *([format_table(bins, flip=flip)] if bins else []),
            *(evaluation.format_ijb(name, r) for name, r in results.items()

@@ -1,18 +1,21 @@
 r"""Exports a run's embedding network as serialized StableHLO (``jax.export``), any batch size.
 
-  python -m margins.export --workdir <run> --out <dir> [--step N] [--platforms cpu,cuda]
+  python -m margins.export --workdir <run> --out <dir> [--step N] [--platforms cpu,cuda] \
+      [--compute_dtype float32]
 
 writes into ``<dir>``:
 
 - ``model.stablehlo``: the network in evaluation mode with its weights, from ``float32
   [B, H, W, C]`` images in ``[-1, 1]`` to ``float32 [B, D]`` embeddings, for any ``B``; load it with
   ``jax.export.deserialize`` and call ``exported.call(images)``, on the platforms it was exported
-  for (``--platforms``: any of cpu, cuda, rocm, tpu, whatever machine exports);
+  for (``--platforms``: any of cpu, cuda, rocm, tpu, whatever machine exports), computing in
+  float32 whatever the run trained in (``--compute_dtype``: another, or ``run``, the run's own);
 - ``model.json``: what a user needs to feed it and read it: the input shape (``NHWC``, where
   insightface's ONNX models take ``NCHW``), dtype and channels (RGB, as insightface's data are
   decoded, or grey), how uint8 pixels are normalised (``(x - 127.5) / 127.5``, i.e.
   ``(x / 255 - 0.5) / 0.5``), how other sizes are resized, the embedding dimension (the embeddings
-  are not L2-normalised: compare them by cosine), and the platforms, step and model name; from
+  are not L2-normalised: compare them by cosine), and the platforms, step, model name and
+  ``compute_dtype``; from
   the command line also ``flip_test``, whether the run's verification added each image's embedding
   and its mirror image's (``embed_folder --flip`` does): always for ``.bin`` sets, as
   insightface's, else as ``config.eval.flip``.
@@ -40,7 +43,7 @@ _PLATFORMS = flags.DEFINE_list(
     "platforms", ["cpu"], "Platforms to export for: cpu, cuda (or gpu), rocm, tpu (any machine "
     "can export for any of them).")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-for _name in ("workdir", "step", "out"):
+for _name in ("workdir", "step", "out", "compute_dtype"):
   flags.declare_key_flag(_name)
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
@@ -100,7 +103,8 @@ def save_model(exported: jax.export.Exported, directory: str | os.PathLike[str],
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.STEP, cli_flags.OUT)
+  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.STEP, cli_flags.OUT,
+                          cli_flags.COMPUTE_DTYPE)
   cli_flags.quiet_library_logs()
   # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
   # written by process 0 (else every task restores alone, on all its node's GPUs, and writes).
@@ -118,7 +122,8 @@ def main(argv: Sequence[str]) -> None:
   if unknown or not platforms:
     raise app.UsageError(f"--platforms: {unknown or 'none given'}; choose among {PLATFORMS}.")
   try:
-    experiment, state = train_lib.restore(workdir, cli_flags.STEP.value, parts="backbone")
+    experiment, state = train_lib.restore(workdir, cli_flags.STEP.value, parts="backbone",
+                                          compute_dtype=cli_flags.compute_dtype())
   except (FileNotFoundError, ValueError) as error:  # Not a run's workdir, no such step, ...
     raise app.UsageError(str(error)) from error
   exported = export_embedding_model(experiment, state, platforms=platforms)
@@ -127,6 +132,7 @@ def main(argv: Sequence[str]) -> None:
     return
   evaluated = experiment.config.eval
   save_model(exported, out, step=step, model=experiment.config.model.name,
+             compute_dtype=experiment.config.compute_dtype,
              flip_test=bool(evaluated.bins) or bool(evaluated.flip))
   print(f"Exported {experiment.config.model.name} at step {step} for "
         f"{', '.join(exported.platforms)} to {out}.", flush=True)

@@ -155,9 +155,9 @@ def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
   assert f"{run}, step 2, in float32:\n{table}\n" in capsys.readouterr().out
 
 
-def test_evaluate_embeds_in_float32_unless_told_to_use_the_runs_dtype(
+def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtype(
     run, restored, digits_bin, cli, tmp_path, capsys):
-  # insightface's eval_ijbc.py embeds in float32; the recipes train in bfloat16. The parameters
+  # insightface evaluates and exports in float32; the recipes train in bfloat16. The parameters
   # are float32 either way: this run's checkpoint under a config.json saying bfloat16 is one.
   bf16_run = str(tmp_path / "bf16")
   shutil.copytree(run, bf16_run)
@@ -182,6 +182,16 @@ def test_evaluate_embeds_in_float32_unless_told_to_use_the_runs_dtype(
   assert f"{bf16_run}, step 2, in the run's compute_dtype:\n{table}\n" in capsys.readouterr().out
   with pytest.raises(ValueError, match="compute_dtype changes the model"):
     train_lib.restore(bf16_run, compute_dtype="float32")
+  images = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)
+  exported = {}
+  for args, dtype in (((), "float32"), (("--compute_dtype", "run"), "bfloat16")):
+    cli(export, "--workdir", bf16_run, "--out", str(tmp_path / dtype), *args)
+    model, metadata = embed_folder.load_model(tmp_path / dtype)
+    assert metadata["compute_dtype"] == dtype
+    exported[dtype] = np.asarray(model.call(images), np.float64)
+  np.testing.assert_allclose(exported["float32"], live_embeddings(*restored, grey, flip=False),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(exported["bfloat16"], exported["float32"], rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):
