@@ -993,24 +993,28 @@ def _train_and_evaluate(config, workdir, mesh):
   elif error is not None:
     raise error
   os.makedirs(workdir, exist_ok=True)
+  # The checks and the restore read the checkpoints through a manager of their own: the training
+  # loop's removes a killed run's unfinished saves in a thread from its creation on, which fails
+  # with a traceback if the interpreter shuts down first (a refused resume exits at once).
+  with checkpoints.checkpoint_manager(workdir, config) as reader:
+    resuming = reader.latest_step() is not None
+    if resuming:
+      _check_resumed_config(config, workdir)
+      _check_resumed_data(train_source, workdir)
+    experiment, state = create_train_state(config, mesh, train_source.num_classes,
+                                           train_source.image_shape)
+    if resuming:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+      try:
+        state = checkpoints.restore_checkpoint(
+            reader, reader.latest_step(), abstract,
+            new_fields=lambda names: {name: getattr(state, name) for name in names})
+      except checkpoints.UnreadableCheckpoint as error:
+        raise CannotStart(str(error)) from error
+      except ValueError as error:  # A state of another structure than this config builds.
+        raise ResumeMismatch(_state_mismatch(config, workdir, error)) from error
+      run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   manager = checkpoints.checkpoint_manager(workdir, config, remove_unfinished=True)
-  resuming = manager.latest_step() is not None
-  if resuming:
-    _check_resumed_config(config, workdir)
-    _check_resumed_data(train_source, workdir)
-  experiment, state = create_train_state(config, mesh, train_source.num_classes,
-                                         train_source.image_shape)
-  if resuming:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-      state = checkpoints.restore_checkpoint(
-          manager, manager.latest_step(), abstract,
-          new_fields=lambda names: {name: getattr(state, name) for name in names})
-    except checkpoints.UnreadableCheckpoint as error:
-      raise CannotStart(str(error)) from error
-    except ValueError as error:  # A state of another structure than this config builds.
-      raise ResumeMismatch(_state_mismatch(config, workdir, error)) from error
-    run_log.report(f"Resumed from step {int(state.step)} in {workdir}.")
   start = int(state.step)
   # One batch per step: the data resumes at batch ``start`` of the stream, whatever the worker
   # count (grain's iterator state differs with it) or the number of processes.
