@@ -576,6 +576,48 @@ def test_source_resizes_to_image_shape_and_converts_channels(tmp_path):
   np.testing.assert_array_equal(record["image"][:, :, 0], np.asarray(want))
 
 
+def test_labels_read_at_once_equal_the_records_read_one_by_one(tmp_path, monkeypatch):
+  # `labels` gathers the headers from a memory map, in blocks (of 3 here); records framed in
+  # parts, or that end where the file does before the bytes it gathers, are read one by one.
+  monkeypatch.setattr(recordio, "_HEADS_PER_READ", 3)
+  magic = struct.pack("<I", recordio.MAGIC)
+  records = {  # key: (IRHeader label, data); the index lists the keys out of order.
+      7: (4, b"jpeg"), 2: ([1, 8.0], b"png!"), 9: (0, b"ab" + magic + magic + b"cdefgh"),
+      3: ([3, 0.0, 5.0], b""), 4: (2, b"x" * 40), 8: ([0], magic * 3), 5: (1, b"")}
+  rec, idx = str(tmp_path / "odd.rec"), str(tmp_path / "odd.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    for key, (label, body) in records.items():
+      writer.write(recordio.pack(recordio.IRHeader(0, label, key), body), key=key)
+  source = recordio.RecordIOSource(rec, num_classes=5, image_shape=(4, 4, 3))
+  assert source.reader.key_range is None
+  read_one_by_one = []
+  monkeypatch.setattr(source.reader, "read",
+                      lambda key: read_one_by_one.append(key) or recordio.RecordIOReader.read(
+                          source.reader, key))
+  expected = [np.atleast_1d(records[key][0])[0] for key in source.image_keys]
+  assert source.labels.dtype == np.int32 and source.labels.tolist() == expected
+  # Key 8's data is three magic words at a 4-aligned offset, so it is framed in four parts
+  # (key 9's words sit at offset 26, not aligned, so it is whole); key 5, 24 bytes and last
+  # in the file, ends before the 28 bytes gathered.
+  assert sorted(read_one_by_one) == [5, 8]
+
+
+@pytest.mark.parametrize("payload, match", [
+    (struct.pack("<IfQQ", 0, 4.0, 1, 0) + b"data", r"key 1 \(byte offset 36\) has label 4.0"),
+    (struct.pack("<IfQQf", 3, 0.0, 1, 0, 1.0), "too short for the 3 labels"),
+    (struct.pack("<IfQQ", 0, float("nan"), 1, 0) + b"data", "has label nan, not a class"),
+], ids=["outside", "labels cut short", "nan"])
+def test_labels_name_the_record_that_has_no_class(tmp_path, payload, match):
+  rec, idx = str(tmp_path / "bad.rec"), str(tmp_path / "bad.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    writer.write(recordio.pack(recordio.IRHeader(0, 1, 0), b"data"), key=0)
+    writer.write(payload, key=1)
+    writer.write(recordio.pack(recordio.IRHeader(0, 2, 2), b"data"), key=2)
+  source = recordio.RecordIOSource(rec, num_classes=3, image_shape=(4, 4, 3))
+  with pytest.raises(recordio.RecordIOError, match=match):
+    source.labels
+
+
 def test_source_rejects_labels_outside_num_classes(tmp_path):
   rec, _ = _write_image_records(tmp_path, [0, 4])
   source = recordio.RecordIOSource(rec, num_classes=3)
