@@ -25,6 +25,17 @@ Array = jax.Array
 DEFAULT_BATCH_SIZE = 256
 
 
+class NonFiniteEmbeddings(ValueError):
+  """Some embeddings of a set are NaN or infinite: :func:`compute_embeddings` raises it, and a
+  training run's evaluation reports the set's ``count`` instead of its metrics."""
+
+  def __init__(self, count: int, total: int):
+    super().__init__(f"{count} of {total} embeddings are not finite (NaN or infinite): the "
+                     "network's forward pass overflowed (float16?) or its parameters are not "
+                     "finite.")
+    self.count = count
+
+
 def global_batch_size(batch_size: int | None, num_devices: int) -> int:
   """``batch_size``, checked to be a multiple of ``num_devices``; ``None``:
   ``DEFAULT_BATCH_SIZE`` rounded up to one."""
@@ -105,6 +116,9 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
     pending = gathered
   if pending is not None:
     collect(pending)
+  non_finite = int(np.count_nonzero(~np.isfinite(embeddings).all(axis=-1)))
+  if non_finite:
+    raise NonFiniteEmbeddings(non_finite, len(source))
   if not with_xnorm:
     return embeddings
   return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)
@@ -119,34 +133,45 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
 
   Returns flat metrics (``name/metric``: float) plus ``"_results"`` (the verification results and
   embeddings, for plots) and ``"_class_names"`` (the closed and open sets' names of their labels,
-  where the sources have them).
+  where the sources have them). A set whose embeddings are not all finite (a float16 network that
+  overflowed) has only ``name/non_finite_embeddings``, their count, and the run goes on (stopped,
+  it would stop at the same evaluation again when resumed).
   """
   eval_config = experiment.config.eval
-  metrics, results = {}, {}
-  metrics["_class_names"] = {name: getattr(eval_sources[name], "class_names", None)
-                             for name in ("closed", "open") if name in eval_sources}
-  if "closed" in eval_sources:
-    source = eval_sources["closed"]
+
+  def closed(source):
     embeddings = compute_embeddings(experiment, state, source, flip=False, embed_fn=embed_fn)
     predictions = np.argmax(np.asarray(scores_fn(state, jnp.asarray(embeddings))), axis=-1)
-    metrics["closed/accuracy"] = float(np.mean(predictions == source.labels))
-    results["closed"] = (embeddings, source.labels)
-  if "open" in eval_sources:
-    source = eval_sources["open"]
+    return {"accuracy": float(np.mean(predictions == source.labels))}, (embeddings, source.labels)
+
+  def held_out(source):
     embeddings, xnorm = compute_embeddings(experiment, state, source, flip=eval_config.flip,
                                            embed_fn=embed_fn, with_xnorm=True)
     labels = source.labels
     pairs, issame = evaluation.make_pairs(labels, eval_config.num_pairs, seed=0)
     result = dataclasses.replace(
         evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame), xnorm=xnorm)
-    metrics.update(_verification_metrics("open", result))
-    metrics.update({f"open/{k}": v for k, v in evaluation.retrieval_metrics(
-        embeddings, labels).items()})
-    results["open"] = (embeddings, labels, result)
-  for name, (source, issame) in eval_sources.get("bins", {}).items():
+    return ({**_verification_metrics(result), **evaluation.retrieval_metrics(embeddings, labels)},
+            (embeddings, labels, result))
+
+  def bin_set(source, issame):
     result = verify_bin_set(experiment, state, source, issame, embed_fn=embed_fn)
-    metrics.update(_verification_metrics(name, result))
-    results[name] = (None, None, result)
+    return _verification_metrics(result), (None, None, result)
+
+  sets = {name: (evaluate_set, (eval_sources[name],))
+          for name, evaluate_set in (("closed", closed), ("open", held_out))
+          if name in eval_sources}
+  sets.update({name: (bin_set, bin_source)
+               for name, bin_source in eval_sources.get("bins", {}).items()})
+  metrics, results = {}, {}
+  metrics["_class_names"] = {name: getattr(eval_sources[name], "class_names", None)
+                             for name in ("closed", "open") if name in eval_sources}
+  for name, (evaluate_set, args) in sets.items():
+    try:
+      set_metrics, results[name] = evaluate_set(*args)
+    except NonFiniteEmbeddings as error:
+      set_metrics = {"non_finite_embeddings": error.count}
+    metrics.update({f"{name}/{key}": value for key, value in set_metrics.items()})
   metrics["_results"] = results
   return metrics
 
@@ -214,11 +239,11 @@ def evaluate_ijb(experiment, state, folder: str, *, embed_fn, operating_point: s
   return evaluation.evaluate_ijb(embeddings, source.protocol, operating_point=operating_point)
 
 
-def _verification_metrics(name, result) -> dict[str, float]:
-  metrics = {f"{name}/verification_accuracy": result.accuracy,
-             f"{name}/verification_accuracy_std": result.accuracy_std, f"{name}/auc": result.auc,
-             f"{name}/eer": result.eer, f"{name}/xnorm": result.xnorm}
-  metrics.update({f"{name}/tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
+def _verification_metrics(result) -> dict[str, float]:
+  metrics = {"verification_accuracy": result.accuracy,
+             "verification_accuracy_std": result.accuracy_std, "auc": result.auc,
+             "eer": result.eer, "xnorm": result.xnorm}
+  metrics.update({f"tar_at_far_{far:g}": tar for far, tar in result.tar_at_far.items()})
   return metrics
 
 

@@ -17,6 +17,7 @@ scored by template (:mod:`margins.evaluation.ijb`): TAR at FAR 1e-6 ... 1e-1 and
 for comparison with published tables.
 """
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 
@@ -79,13 +80,18 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
   # Every .bin set is read (and checked) before any is embedded.
   bin_sets = {name: eval_lib.load_bin_set(experiment.image_shape, path)
               for name, path in zip(names, bin_paths)}
+  evaluations = {name: functools.partial(eval_lib.verify_bin_set, experiment, state, *bin_set)
+                 for name, bin_set in bin_sets.items()}
+  evaluations.update({name: functools.partial(eval_lib.evaluate_ijb, experiment, state, folder,
+                                              operating_point=ijb_operating_point)
+                      for name, folder in zip(names[len(bin_paths):], ijb_folders)})
+  results = {}
   with jax.set_mesh(experiment.mesh):
-    results = {name: eval_lib.verify_bin_set(experiment, state, *bin_set, embed_fn=embed_fn,
-                                             flip=flip)
-               for name, bin_set in bin_sets.items()}
-    results.update({name: eval_lib.evaluate_ijb(experiment, state, folder, embed_fn=embed_fn,
-                                                operating_point=ijb_operating_point, flip=flip)
-                    for name, folder in zip(names[len(bin_paths):], ijb_folders)})
+    for name, evaluate_set in evaluations.items():
+      try:
+        results[name] = evaluate_set(embed_fn=embed_fn, flip=flip)
+      except eval_lib.NonFiniteEmbeddings as error:
+        raise ValueError(f"{name}: {error}") from error
   return int(state.step), results
 
 

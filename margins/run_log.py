@@ -118,4 +118,8 @@ def summary_lines(metrics: Mapping[str, Any], *, open_flip: bool) -> list[str]:
     if len(result) == 3:
       flip = open_flip if name == "open" else True
       lines.append(evaluation.format_verification(name, result[2], flip=flip))
+  suffix = "/non_finite_embeddings"
+  lines.extend(f"[{key[:-len(suffix)]}] not evaluated: {count} of its embeddings are not finite "
+               "(NaN or infinite: a float16 forward pass that overflowed?)"
+               for key, count in metrics.items() if key.endswith(suffix))
   return lines

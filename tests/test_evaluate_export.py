@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -192,6 +193,18 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
   np.testing.assert_allclose(exported["float32"], live_embeddings(*restored, grey, flip=False),
                              rtol=1e-5, atol=1e-6)
   assert not np.allclose(exported["bfloat16"], exported["float32"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_names_the_set_whose_embeddings_are_not_finite(run, digits_bin, cli,
+                                                                monkeypatch):
+  embed = eval_lib.embed
+  def first_image_of_each_batch_infinite(experiment, state, images):
+    embeddings = embed(experiment, state, images)
+    return jnp.where(jnp.arange(len(images))[:, None] == 0, jnp.inf, embeddings)
+  monkeypatch.setattr(eval_lib, "embed", first_image_of_each_batch_infinite)
+  with pytest.raises(app.UsageError, match=r"^digits: 2 of 200 embeddings are not finite \(NaN "
+                                           r"or infinite\): the network's forward pass overflowed"):
+    cli(evaluate, "--workdir", run, "--bin", digits_bin[0], "--batch_size", "128")
 
 
 def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):

@@ -766,6 +766,32 @@ def test_checkpoint_saved_before_a_failing_evaluation_is_kept_and_the_evaluation
     assert sorted(os.listdir(tmp_path / "failed" / "checkpoints")) == ["2", "4"]
 
 
+def test_evaluation_with_embeddings_that_are_not_finite_is_counted_and_the_run_goes_on(
+    tmp_path, monkeypatch, capsys):
+  # A float16 network whose forward pass overflowed at an evaluation stopped the run there, and
+  # again at the same evaluation each time it was resumed. Here every embedding of step 1's
+  # evaluation is NaN, and step 2's are the network's.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")))
+  config.eval_every = 1
+  embed = eval_lib.embed
+  monkeypatch.setattr(eval_lib, "embed", lambda experiment, state, images: jnp.where(
+      state.step == 1, jnp.nan, embed(experiment, state, images)))
+  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  evaluated = [line for line in read_metrics(str(tmp_path)) if "loss" not in line]
+  sizes = {name: len(margins_data.digits(split, image_size=config.data.image_size))
+           for name, split in (("closed", "open_val"), ("open", "open_test"))}
+  assert evaluated[0] == {"step": 1, "closed/non_finite_embeddings": sizes["closed"],
+                          "open/non_finite_embeddings": sizes["open"]}
+  assert evaluated[1]["step"] == 2 and 0 < evaluated[1]["closed/accuracy"] <= 1
+  assert 0 < evaluated[1]["open/auc"] <= 1
+  assert not any("non_finite" in key for key in evaluated[1])
+  assert final["closed/accuracy"] == evaluated[1]["closed/accuracy"]
+  out = capsys.readouterr().out
+  assert (f"[step 1] [closed] not evaluated: {sizes['closed']} of its embeddings are not "
+          "finite (NaN or infinite: a float16 forward pass that overflowed?)") in out
+  assert f"[step 1] [open] not evaluated: {sizes['open']} of its embeddings" in out
+
+
 def _progress_on_a_fake_clock(monkeypatch):
   """``(now, reported, taking)``: the training loop's clock reads ``now[0]``; each progress line
   appends its ``(step, speed, seconds_left)`` to ``reported``; ``taking(fn, seconds)`` is ``fn``
