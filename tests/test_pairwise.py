@@ -15,7 +15,7 @@ from tests import jaxprs
 # Label 2 is a singleton (an anchor without positives); the others have 2-3 examples.
 LABELS = np.array([0, 0, 1, 1, 1, 2, 3, 3], np.int32)
 B, D = len(LABELS), 4
-AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero")
+AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero", "batch")
 
 
 def make_embeddings(seed=7, *, batch=B, dim=D, scale=3.0):
@@ -54,12 +54,15 @@ def ref_negatives(labels, a):
 def ref_average(terms_per_anchor, average):
   """Per-anchor value from each anchor's list of terms."""
   total_non_zero = sum(sum(t > 0 for t in terms) for terms in terms_per_anchor)
+  total = sum(len(terms) for terms in terms_per_anchor)
   out = []
   for terms in terms_per_anchor:
     if average == "anchor":
       count = len(terms)
     elif average == "anchor_non_zero":
       count = sum(t > 0 for t in terms)
+    elif average == "batch":
+      count = total
     else:
       count = total_non_zero
     out.append(sum(terms) / count if count else 0.0)
@@ -189,7 +192,7 @@ def test_contrastive_batch_non_zero_sums_to_pml_reduction():
 
 TRIPLET_CASES = [
     dict(mining=mining, average=average, squared=squared)
-    for mining in ("all", "semi_hard") for average, squared in zip(AVERAGES, (True, False, True))
+    for mining in ("all", "semi_hard") for average, squared in zip(AVERAGES, (True, False, True, False))
 ] + [dict(mining="all", squared=False), dict(mining="semi_hard", squared=False),
      dict(mining="batch_hard"), dict(mining="batch_hard", squared=False, average="batch_non_zero"),
      dict(mining="all", margin=2.0, normalize=False),
@@ -484,3 +487,36 @@ def test_bad_options_name_the_argument():
     pairwise.circle_loss(x, LABELS, gamma=-5.0)  # It inverted the loss.
   np.testing.assert_array_equal(pairwise.triplet_loss(x, LABELS, squared=np.bool_(False)),
                                 pairwise.triplet_loss(x, LABELS, squared=0))  # 0/1 as bools
+
+
+def test_batch_average_sums_to_the_mean_over_all_terms():
+  # pytorch-metric-learning's MeanReducer: the mean over all the batch's pairs (contrastive:
+  # positive and negative pairs separately) or triplets; with one term per positive pair,
+  # TensorFlow's triplet_semihard_loss (sum over positive pairs / number of positive pairs).
+  x = make_embeddings(3)
+  mean_of = lambda terms: np.mean([t for ts in terms for t in ts])
+  positives, negatives = ref_contrastive_terms(x, LABELS, 0.0, 1.0, False, True)
+  got = pairwise.contrastive_loss(x, LABELS, average="batch")
+  np.testing.assert_allclose(got.sum(), mean_of(positives) + mean_of(negatives), rtol=1e-5)
+  for mining, squared in [("all", False), ("semi_hard", True), ("batch_hard", False)]:
+    terms, _ = ref_triplet_terms(x, LABELS, margin=0.2, mining=mining, squared=squared,
+                                 normalize=True)
+    got = pairwise.triplet_loss(x, LABELS, mining=mining, squared=squared, average="batch")
+    np.testing.assert_allclose(got.sum(), mean_of(terms), rtol=1e-5, err_msg=mining)
+  # TensorFlow Addons' triplet_semihard_loss, as its code computes it (margin 1, squared
+  # distances of unit embeddings): every positive pair's term, averaged over those pairs.
+  unit = x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  distances = np.sum((unit[:, None] - unit[None]) ** 2, axis=-1)
+  same = LABELS[:, None] == LABELS[None]
+  tf_terms = []
+  for a, p in zip(*np.nonzero(same & ~np.eye(B, dtype=bool))):
+    negatives = distances[a][~same[a]]
+    farther = negatives[negatives > distances[a, p]]
+    chosen = farther.min() if farther.size else negatives.max()
+    tf_terms.append(max(1.0 + distances[a, p] - chosen, 0.0))
+  got = pairwise.triplet_loss(x, LABELS, margin=1.0, mining="semi_hard", average="batch")
+  np.testing.assert_allclose(got.sum(), np.mean(tf_terms), rtol=1e-5)
+  # Unequal classes and a singleton: "anchor" and loss.mean() is not this number.
+  anchor = pairwise.triplet_loss(x, LABELS, mining="semi_hard").mean()
+  assert abs(anchor - mean_of(ref_triplet_terms(x, LABELS, margin=0.2, mining="semi_hard",
+                                                squared=True, normalize=True)[0])) > 1e-3

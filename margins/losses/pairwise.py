@@ -23,6 +23,11 @@ How the pair (or triplet) terms of one anchor become its loss is set by ``averag
 * ``"batch_non_zero"``: the anchor's sum divided by the number of non-zero terms in the whole batch,
   so that ``loss.sum()`` is pytorch-metric-learning's number (its ``AvgNonZeroReducer``) for the
   same distance and margins.
+* ``"batch"``: the anchor's sum divided by the number of terms in the whole batch, so that
+  ``loss.sum()`` is the mean over all the batch's pairs (triplets): pytorch-metric-learning's
+  ``MeanReducer``, and TensorFlow's ``triplet_semihard_loss`` (the mean over all positive pairs)
+  where every anchor has a negative. ``"anchor"`` and ``loss.mean()`` instead weight the anchors
+  equally and count those without pairs as 0.
 
 Contrastive losses average their positive and negative terms separately, as pytorch-metric-learning
 does, so that a batch's many negatives do not drown its few positives.
@@ -38,7 +43,7 @@ from margins.losses import _common
 
 Array = jax.Array
 
-AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero")
+AVERAGES = ("anchor", "anchor_non_zero", "batch_non_zero", "batch")
 MININGS = ("all", "batch_hard", "semi_hard")
 
 
@@ -104,6 +109,8 @@ def _average(total: Array, num_terms: Array, num_non_zero: Array, average: str) 
     count = num_terms
   elif average == "anchor_non_zero":
     count = num_non_zero
+  elif average == "batch":
+    count = jnp.sum(num_terms)
   else:
     count = jnp.sum(num_non_zero)
   return total / jnp.maximum(count, 1).astype(total.dtype)
@@ -142,7 +149,7 @@ def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.
     neg_margin: ``m_-``.
     squared: compare squared distances :math:`d^2` with the margins instead.
     normalize: L2-normalise the embeddings first.
-    average: ``"anchor"``, ``"anchor_non_zero"`` or ``"batch_non_zero"``.
+    average: ``"anchor"``, ``"anchor_non_zero"``, ``"batch_non_zero"`` or ``"batch"``.
 
   Returns:
     ``[B]`` losses.
@@ -250,7 +257,10 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
 
   Each anchor's triplet terms are averaged as ``average`` says (see the module docstring);
   ``mining="all", squared=False, margin=0.05, average="batch_non_zero"`` and ``loss.sum()`` give
-  ``pytorch_metric_learning.losses.TripletMarginLoss()``. Memory is ``O(B^2)`` for every mode.
+  ``pytorch_metric_learning.losses.TripletMarginLoss()``; ``mining="semi_hard", margin=1.0,
+  average="batch"`` and ``loss.sum()`` give TensorFlow Addons' ``triplet_semihard_loss`` with its
+  default squared L2 distance, on unit embeddings (it does not normalise them) of a batch where
+  every anchor has a negative. Memory is ``O(B^2)`` for every mode.
 
   Args:
     embeddings: ``[B, D]``.
@@ -259,7 +269,7 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
     mining: ``"all"``, ``"batch_hard"`` or ``"semi_hard"``.
     squared: use squared distances.
     normalize: L2-normalise the embeddings first.
-    average: ``"anchor"``, ``"anchor_non_zero"`` or ``"batch_non_zero"``.
+    average: ``"anchor"``, ``"anchor_non_zero"``, ``"batch_non_zero"`` or ``"batch"``.
 
   Returns:
     ``[B]`` losses.
