@@ -87,35 +87,37 @@ def ref_contrastive(x, labels, *, pos_margin=0.0, neg_margin=1.0, squared=False,
   return ref_average(positives, average) + ref_average(negatives, average)
 
 
-def ref_triplet_terms(x, labels, *, margin, mining, squared, normalize):
+def ref_triplet_terms(x, labels, *, margin, mining, squared, normalize, soft=False):
   """Each anchor's triplet terms, and how many semi-hard choices fell back to the farthest."""
   x = ref_unit(x) if normalize else np.asarray(x, np.float64)
   d = lambda i, j: ref_distance(x, i, j, squared)
+  # The term of d(a, p) - d(a, n): the hinge, or Hermans et al.'s soft margin.
+  term = (lambda gap: np.log1p(np.exp(gap))) if soft else (lambda gap: max(gap + margin, 0.0))
   terms_per_anchor, fallbacks = [], 0
   for a in range(len(labels)):
     positives, negatives = ref_positives(labels, a), ref_negatives(labels, a)
     terms = []
     if positives and negatives:
       if mining == "all":
-        terms = [max(d(a, p) - d(a, n) + margin, 0.0) for p in positives for n in negatives]
+        terms = [term(d(a, p) - d(a, n)) for p in positives for n in negatives]
       elif mining == "batch_hard":
         hardest_p = max(d(a, p) for p in positives)
         hardest_n = min(d(a, n) for n in negatives)
-        terms = [max(hardest_p - hardest_n + margin, 0.0)]
+        terms = [term(hardest_p - hardest_n)]
       else:
         for p in positives:
           farther = [d(a, n) for n in negatives if d(a, n) > d(a, p)]
           fallbacks += not farther
           chosen = min(farther) if farther else max(d(a, n) for n in negatives)
-          terms.append(max(d(a, p) - chosen + margin, 0.0))
+          terms.append(term(d(a, p) - chosen))
     terms_per_anchor.append(terms)
   return terms_per_anchor, fallbacks
 
 
 def ref_triplet(x, labels, *, margin=0.2, mining="all", squared=True, normalize=True,
-                average="anchor"):
+                average="anchor", soft=False):
   terms, _ = ref_triplet_terms(x, labels, margin=margin, mining=mining, squared=squared,
-                               normalize=normalize)
+                               normalize=normalize, soft=soft)
   return ref_average(terms, average)
 
 
@@ -191,12 +193,15 @@ def test_contrastive_batch_non_zero_sums_to_pml_reduction():
 
 
 TRIPLET_CASES = [
-    dict(mining=mining, average=average, squared=squared)
-    for mining in ("all", "semi_hard") for average, squared in zip(AVERAGES, (True, False, True, False))
+    dict(mining=mining, average=average, squared=squared) for mining in ("all", "semi_hard")
+    for average, squared in zip(AVERAGES, (True, False, True, False))
 ] + [dict(mining="all", squared=False), dict(mining="semi_hard", squared=False),
      dict(mining="batch_hard"), dict(mining="batch_hard", squared=False, average="batch_non_zero"),
      dict(mining="all", margin=2.0, normalize=False),
-     dict(mining="semi_hard", margin=1.0, squared=False, average="anchor_non_zero")]
+     dict(mining="semi_hard", margin=1.0, squared=False, average="anchor_non_zero"),
+     dict(mining="batch_hard", squared=False, soft=True),
+     dict(mining="semi_hard", soft=True, average="batch"),
+     dict(mining="batch_hard", soft=True, normalize=False, average="anchor_non_zero")]
 
 
 @pytest.mark.parametrize("kwargs", TRIPLET_CASES, ids=str)
@@ -269,6 +274,8 @@ LOSSES = [
     ("triplet_batch_hard", pairwise.triplet_loss, dict(mining="batch_hard", squared=False)),
     ("triplet_semi_hard", pairwise.triplet_loss, dict(mining="semi_hard")),
     ("triplet_batch_non_zero", pairwise.triplet_loss, dict(average="batch_non_zero")),
+    ("triplet_batch_hard_soft", pairwise.triplet_loss,
+     dict(mining="batch_hard", squared=False, soft=True)),
     ("circle", pairwise.circle_loss, dict(gamma=32.0)),
 ]
 LOSS_IDS = [case[0] for case in LOSSES]
@@ -333,6 +340,11 @@ GRADIENT_CASES = [
     ("triplet_semi_hard_unsquared_batch_non_zero", pairwise.triplet_loss,
      lambda x, x0, **kw: ref_triplet(x, LABELS, **kw),
      dict(mining="semi_hard", squared=False, average="batch_non_zero")),
+    ("triplet_batch_hard_soft", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw),
+     dict(mining="batch_hard", squared=False, soft=True)),
+    ("triplet_semi_hard_soft", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw), dict(mining="semi_hard", soft=True)),
     ("circle", pairwise.circle_loss,
      lambda x, x0, **kw: ref_circle(x, LABELS, frozen_at=x0, **kw), dict(gamma=32.0)),
 ]
@@ -483,6 +495,10 @@ def test_bad_options_name_the_argument():
       loss_fn(x, LABELS, squared="no")
     with pytest.raises(TypeError, match="`normalize` must be a bool"):
       jax.jit(lambda x, flag, f=loss_fn: f(x, LABELS, normalize=flag))(x, True)
+  with pytest.raises(ValueError, match='`soft` needs mining="batch_hard" or "semi_hard"'):
+    pairwise.triplet_loss(x, LABELS, soft=True)
+  with pytest.raises(TypeError, match="`soft` must be a bool"):
+    pairwise.triplet_loss(x, LABELS, mining="batch_hard", soft="yes")
   with pytest.raises(ValueError, match=r"`gamma` must be positive \(a scale\), got -5.0"):
     pairwise.circle_loss(x, LABELS, gamma=-5.0)  # It inverted the loss.
   np.testing.assert_array_equal(pairwise.triplet_loss(x, LABELS, squared=np.bool_(False)),

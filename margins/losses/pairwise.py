@@ -206,7 +206,7 @@ def _all_triplets(distances, positive, negative, margin, average):
                   average)
 
 
-def _semi_hard_triplets(distances, positive, negative, margin, average):
+def _semi_hard_triplets(distances, positive, negative, hinge, average):
   # FaceNet / TensorFlow's triplet_semihard_loss: for each (a, p), the closest negative farther
   # than d_ap; when there is none, the farthest negative.
   keys, values, num_negatives = _sorted_negative_distances(distances, negative)
@@ -215,10 +215,10 @@ def _semi_hard_triplets(distances, positive, negative, margin, average):
   chosen = jnp.where(first_farther < num_negatives[:, None], first_farther, farthest)
   negative_distances = jnp.take_along_axis(values, chosen, axis=1)
   valid = positive & (num_negatives > 0)[:, None]
-  return _average_pairs(jax.nn.relu(distances - negative_distances + margin), valid, average)
+  return _average_pairs(hinge(distances - negative_distances), valid, average)
 
 
-def _batch_hard_triplets(distances, positive, negative, margin, average):
+def _batch_hard_triplets(distances, positive, negative, hinge, average):
   # Hermans et al.: the farthest positive and the closest negative of each anchor.
   has_positive, has_negative = jnp.any(positive, axis=1), jnp.any(negative, axis=1)
   # The initial values, those of the masked entries, are for a batch of none.
@@ -226,13 +226,13 @@ def _batch_hard_triplets(distances, positive, negative, margin, average):
   hardest_negative = jnp.min(jnp.where(negative, distances, jnp.inf), axis=1, initial=jnp.inf)
   hardest_negative = jnp.where(has_negative, hardest_negative, 0)
   valid = has_positive & has_negative
-  terms = jnp.where(valid, jax.nn.relu(hardest_positive - hardest_negative + margin), 0)
+  terms = jnp.where(valid, hinge(hardest_positive - hardest_negative), 0)
   dtype = terms.dtype
   return _average(terms, valid.astype(dtype), (terms > 0).astype(dtype), average)
 
 
+# The miners that choose one negative per term, whose term is any function of d_ap - d_an.
 _MINERS = {
-    "all": _all_triplets,
     "batch_hard": _batch_hard_triplets,
     "semi_hard": _semi_hard_triplets,
 }
@@ -240,7 +240,8 @@ _MINERS = {
 
 @_whole_batch
 def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, mining: str = "all",
-                 squared: bool = True, normalize: bool = True, average: str = "anchor") -> Array:
+                 squared: bool = True, normalize: bool = True, average: str = "anchor",
+                 soft: bool = False) -> Array:
   r"""Triplet loss :math:`[d(a, p) - d(a, n) + m]_+` with in-batch mining.
 
   Anchors ``a`` are all examples, positives ``p != a`` share the anchor's label, negatives ``n``
@@ -262,6 +263,13 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   default squared L2 distance, on unit embeddings (it does not normalise them) of a batch where
   every anchor has a negative. Memory is ``O(B^2)`` for every mode.
 
+  ``soft=True`` takes Hermans et al.'s soft margin :math:`\log(1 + e^{d(a, p) - d(a, n)})` for
+  the hinge (no ``m``; TensorFlow Addons' ``triplet_hard_loss(soft=True)``,
+  pytorch-metric-learning's ``smooth_loss``), which keeps pulling on triplets the hinge has
+  satisfied; every term is then non-zero. It takes ``"batch_hard"`` (the paper's pairing) or
+  ``"semi_hard"`` mining: ``"all"`` computes its hinge terms by sorting each anchor's negatives,
+  which a soft term does not allow.
+
   Args:
     embeddings: ``[B, D]``.
     labels: ``[B]`` integers.
@@ -270,6 +278,7 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
     squared: use squared distances.
     normalize: L2-normalise the embeddings first.
     average: ``"anchor"``, ``"anchor_non_zero"``, ``"batch_non_zero"`` or ``"batch"``.
+    soft: the soft margin instead of the hinge (``margin`` is then not used).
 
   Returns:
     ``[B]`` losses.
@@ -286,9 +295,17 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   """
   _common.check_choice("mining", mining, MININGS)
   _common.check_choice("average", average, AVERAGES)
+  _common.check_flag("soft", soft)
+  if soft and mining == "all":
+    raise ValueError('`soft` needs mining="batch_hard" or "semi_hard": mining="all" sums its '
+                     "hinge terms from each anchor's sorted negatives, which soft terms do not "
+                     "allow.")
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
   positive, negative = _pair_masks(labels)
-  return _MINERS[mining](distances, positive, negative, margin, average)
+  if mining == "all":
+    return _all_triplets(distances, positive, negative, margin, average)
+  hinge = jax.nn.softplus if soft else lambda gap: jax.nn.relu(gap + margin)
+  return _MINERS[mining](distances, positive, negative, hinge, average)
 
 
 def _masked_logsumexp(logits: Array, mask: Array) -> Array:
