@@ -113,6 +113,7 @@ RUNS = [
 ]
 RUN_3D = ("arcface", "ArcFace 3-D (s=32, m=0.3)", digits_config(
     "digits_arcface", model=dict(embedding_dim=3), loss=dict(scale=32.0, margin=0.3)))
+ARCFACE_2D = RUNS[-1][1]  # Its band between classes is closed on some machines (text below).
 if QUICK:  # Under CI: two of the losses, to keep the compilations few.
   RUNS = [RUNS[0], RUNS[-1]]
 CHECK_TEXT = True  # The text is about these runs: set to False after editing them.
@@ -135,7 +136,7 @@ for key, title, config in RUNS + [RUN_3D]:
 # spokes from the origin, the center loss as tight clusters. The center loss pulls each class
 # much closer to its mean than softmax alone: a class's spread over the distance between
 # classes is 0.05 against softmax's 0.13. The margin losses do not make the spokes narrower in
-# angle than softmax does on these easy digits (mean angle within a class 5-8° for softmax,
+# angle than softmax does on these easy digits (mean angle within a class 4-8° for softmax,
 # SphereFace, CosFace and ArcFace alike, in the histograms below; which is narrowest changes
 # from one machine to another), and they leave some classes closer to their neighbours than
 # softmax's evenly spread six (CosFace's 2 and 5, ArcFace's 2 and 3, 0 and 5). Little of this
@@ -177,9 +178,10 @@ for key, title, _ in RUNS + [RUN_3D]:
   compactness[key if title != RUN_3D[1] else "arcface_3d"] = within / between
   print(f"{title:<30} {within / between:>16.3f} {np.percentile(same, 95):>15.1f}° "
         f"{np.percentile(different, 5):>15.1f}°")
-  if CHECK_TEXT and not QUICK:  # The text says: classified, and a band between.
+  if CHECK_TEXT and not QUICK:  # The text: classified, a band between (not 2-D ArcFace).
     assert results[title]["metrics"]["closed/accuracy"] >= 0.97, title
-    assert np.percentile(same, 95) < np.percentile(different, 5), title
+    if title != ARCFACE_2D:
+      assert np.percentile(same, 95) < np.percentile(different, 5), title
 if CHECK_TEXT and not QUICK:
   assert compactness["center"] < compactness["softmax"] / 2, compactness
 
@@ -205,8 +207,8 @@ save_figure(figure, "features_2d.png")
 # And ArcFace with a 3-D embedding, normalised onto the unit sphere. The six training
 # classes take six separated caps. The unseen digits spread over much of the sphere, some in
 # regions of their own (many 9s along one arc, 8s low on the left), and verify a little better
-# than in any 2-D run (accuracy 0.60 against at most 0.58, table at the end), still far from
-# usable.
+# than in any 2-D run (accuracy 0.60-0.63 against at most 0.58-0.59 on the machines measured,
+# table at the end), still far from usable.
 
 # %%
 key, title, _ = RUN_3D
@@ -229,12 +231,14 @@ save_figure(figure, "features_3d.png")
 # For every pair of features: the angle between the two, for pairs of one digit (filled, the loss's
 # colour) and of two digits (navy). Top: the training digits' held-out examples; bottom: the unseen
 # digits (the open set, as in verification). A verification threshold on the angle has to fall
-# between the two histograms. On the training digits all six runs leave a band between the two that
-# only a few pairs fall in (the table above: one class's angles end, at the 95th percentile, at
-# 12-21°, 28° for ArcFace; two classes' begin, at the 5th, at 29-55°). On the unseen digits there
-# is no gap for any loss: pairs of one digit are only slightly more often at small angles than pairs
-# of two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them best (mean
-# angle about 67° within a digit against 90-92° between digits).
+# between the two histograms. On the training digits every run but 2-D ArcFace leaves a band between
+# the two that only a few pairs fall in (the table above: one class's angles end, at the 95th
+# percentile, at 12-29°; two classes' begin, at the 5th, at 29-55°). 2-D ArcFace's nearest classes
+# almost touch: its 95th percentile within a class meets its 5th between classes (28° against
+# at least 29° on one machine, 32.1° against 31.6° on another: no band). On the unseen digits
+# there is no gap for any loss: pairs of one digit are only slightly more often at small angles
+# than pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them
+# best (mean angle about 66-67° within a digit against 90-93° between digits).
 
 # %%
 runs = RUNS + [RUN_3D]
@@ -266,10 +270,11 @@ save_figure(figure, "angle_histograms.png")
 # (mean-centred 8x8 images, 64 numbers each) instead of a network's features.
 #
 # Every network classifies the training digits almost perfectly and verifies the unseen
-# digits little better than chance (0.53-0.58 in 2-D, 0.60 in 3-D), while the pixels
-# themselves reach 0.82 (AUC 0.90): what six training identities teach a 2-D or 3-D feature does
-# not transfer to new ones, and two or three numbers hold far less than 64 pixels. Notebook 04
-# takes a 32-D ArcFace embedding through the protocol step by step.
+# digits little better than chance (0.53-0.59 in 2-D, 0.60-0.63 in 3-D; one seed each, and
+# the 2-D losses differ by less than the folds' spread, ±0.02-0.035: do not rank them), while
+# the pixels themselves reach 0.82 (AUC 0.90): what six training identities teach a 2-D or 3-D
+# feature does not transfer to new ones, and two or three numbers hold far less than 64
+# pixels. Notebook 04 takes a 32-D ArcFace embedding through the protocol step by step.
 
 # %%
 open_source = data_lib.digits("open_test", image_size=data_config.image_size,
