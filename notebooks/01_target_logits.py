@@ -144,6 +144,98 @@ for m in range(1, 5):
                              target_curve(margins.SphereFace(margin=m, annealing=5.0)), rtol=1e-6)
 
 # %% [markdown]
+# ## What the scale does: the target's probability, and how hard the loss pulls
+#
+# The softmax sees $s$ times the curves above, against every other class. Take MS1MV2's 85,742
+# classes with every negative at 90° (logit 0: where the centres of a trained model sit from an
+# example, in 512 dimensions). The target's probability is then
+# $p_y = e^{s f(\theta)} / (e^{s f(\theta)} + C - 1)$, with $f$ the target logit per unit of scale,
+# and the loss $-\log p_y$ pulls the embedding towards its centre with
+# $\partial L / \partial\theta = (1 - p_y)\, s\, \partial(-f)/\partial\theta$ (JAX's gradient of
+# the margin's own `target_logit`, right, divided by $s$).
+#
+# At $s = 16$ ArcFace's $p_y$ reaches only 0.94 at the centre and is 0.5 at 16°: the loss pulls
+# on almost every example, however close (it falls below a tenth of its pull at 61° only within
+# 7° of the centre). At $s = 64$, $p_y$ is 0.5 at 51° and the pull dies within about 49°:
+# examples closer than that are left alone, and the margin decides how close that is. CosFace at
+# $s = 16$ cannot even reach $p_y = 0.5$ ($0.28$ at the centre): CosFace's paper bounds $s$ from
+# below with the number of classes for that reason, and NormFace's shows the same for softmax
+# on normalised features. The recipes' $s = 64$ is above both bounds. ArcFace's pull would
+# vanish at $\theta = \pi - m$, where $\cos(\theta + m)$ turns back up; the library's default
+# continuation $\cos\theta - m \sin m$ keeps pulling there (the jump at 151°).
+
+# %%
+NUM_CLASSES = 85742  # MS1MV2
+
+
+def loss_at_angle(margin, angle):
+  """``-log p_y`` at ``angle`` to the target, the other classes' logits 0."""
+  target = margin.target_logit(unit_rows(jnp.cos(angle)[None]))[0]
+  return jax.nn.softplus(jnp.log(NUM_CLASSES - 1.0) - target)
+
+
+def probability_and_pull(margin):
+  """``p_y`` and ``dL/dθ`` at each angle of ``theta``."""
+  angles = jnp.asarray(theta, jnp.float32)
+  losses = jax.vmap(lambda a: loss_at_angle(margin, a))(angles)
+  pulls = jax.vmap(jax.grad(lambda a: loss_at_angle(margin, a)))(angles)
+  return np.exp(-np.asarray(losses)), np.asarray(pulls)
+
+
+scales = (16.0, 32.0, 64.0)
+curves = [(f"ArcFace (m=0.5), s={s:g}", margins.ArcFace(scale=s, margin=0.5), color, "-")
+          for s, color in zip(scales, variants(LOSS_COLORS["arcface"], 3))]
+curves += [("CosFace (m=0.35), s=16", margins.CosFace(scale=16.0, margin=0.35),
+            LOSS_COLORS["cosface"], "--"),
+           ("CosFace (m=0.35), s=64", margins.CosFace(scale=64.0, margin=0.35),
+            LOSS_COLORS["cosface"], "-"),
+           ("NormFace, s=64", margins.NormFace(scale=64.0), LOSS_COLORS["normface"], "-")]
+figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+measured = {}
+for label, margin, color, linestyle in curves:
+  probability, pull = probability_and_pull(margin)
+  measured[label] = probability, pull
+  left.plot(degrees, probability, color=color, linestyle=linestyle, linewidth=2, label=label)
+  right.plot(degrees, pull / float(margin.scale), color=color, linestyle=linestyle, linewidth=2,
+             label=label)
+style_angle_axes(left, f"Target probability, {NUM_CLASSES:,} classes, negatives at 90°",
+                 ylabel=r"$p_y$")
+style_angle_axes(right, "How hard the loss pulls the embedding to its centre",
+                 ylabel=r"$\partial L / \partial\theta$ / s")
+left.legend(fontsize=8, loc="upper right")
+save_figure(figure, "target_probability.png")
+
+
+def angle_where(values, level):
+  """The smallest angle (degrees) at which ``values`` fall to ``level`` or below."""
+  return float(degrees[np.argmax(values <= level)])
+
+
+def pull_starts(pull):
+  """The smallest angle (degrees) at which ``pull`` reaches a tenth of its peak."""
+  return float(degrees[np.argmax(pull >= pull.max() / 10)])
+
+
+for s in scales:
+  probability, pull = measured[f"ArcFace (m=0.5), s={s:g}"]
+  print(f"ArcFace s={s:g}: p_y at the centre {probability[0]:.3f}, 0.5 at "
+        f"{angle_where(probability, 0.5):.0f}°, pull below a tenth of its peak "
+        f"({degrees[np.argmax(pull)]:.0f}°) within {pull_starts(pull):.0f}°")
+print(f"CosFace s=16: p_y at the centre {measured['CosFace (m=0.35), s=16'][0][0]:.2f}")
+
+# The text above.
+step = degrees[1]
+arc16, arc64 = measured["ArcFace (m=0.5), s=16"], measured["ArcFace (m=0.5), s=64"]
+assert abs(arc16[0][0] - 0.94) < 0.005 and abs(angle_where(arc16[0], 0.5) - 16) <= step
+assert abs(angle_where(arc64[0], 0.5) - 51) <= step
+assert abs(pull_starts(arc16[1]) - 7) <= step + 0.5
+assert abs(pull_starts(arc64[1]) - 49) <= step + 0.5
+assert abs(degrees[np.argmax(arc16[1])] - 61) <= step + 0.5
+# Just past pi - m the continuation pulls with s sin(theta), about 0.45 s.
+assert arc64[1][(degrees > 152) & (degrees < 154)].min() > 0.4 * 64
+assert measured["CosFace (m=0.35), s=16"][0].max() < 0.5
+
+# %% [markdown]
 # ## Annealing, overflow modes, combined margins and hard negatives
 #
 # - SphereFace anneals $\lambda$ with the step (`margins.sphereface_lambda`): the target starts as
