@@ -113,7 +113,7 @@ RUNS = [
 ]
 RUN_3D = ("arcface", "ArcFace 3-D (s=32, m=0.3)", digits_config(
     "digits_arcface", model=dict(embedding_dim=3), loss=dict(scale=32.0, margin=0.3)))
-ARCFACE_2D = RUNS[-1][1]  # Its band between classes is closed on some machines (text below).
+ARCFACE_2D = RUNS[-1][1]  # The one run whose band between classes is closed (text below).
 if QUICK:  # Under CI: two of the losses, to keep the compilations few.
   RUNS = [RUNS[0], RUNS[-1]]
 CHECK_TEXT = True  # The text is about these runs: set to False after editing them.
@@ -138,7 +138,7 @@ for key, title, config in RUNS + [RUN_3D]:
 # classes is 0.05 against softmax's 0.13. The margin losses do not make the spokes narrower in
 # angle than softmax does on these easy digits (mean angle within a class 4-8° for softmax,
 # SphereFace, CosFace and ArcFace alike, in the histograms below; which is narrowest changes
-# from one machine to another), and they leave some classes closer to their neighbours than
+# with float32 rounding: another was before 8d4390d, which normalises the images on the devices), and they leave some classes closer to their neighbours than
 # softmax's evenly spread six (CosFace's 2 and 5, ArcFace's 2 and 3, 0 and 5). Little of this
 # transfers to the unseen digits: they have no class centre of their own and fall into the trained
 # spokes or between them, the four digits largely mixed, for every loss.
@@ -207,8 +207,8 @@ save_figure(figure, "features_2d.png")
 # And ArcFace with a 3-D embedding, normalised onto the unit sphere. The six training
 # classes take six separated caps. The unseen digits spread over much of the sphere, some in
 # regions of their own (many 9s along one arc, 8s low on the left), and verify a little better
-# than in any 2-D run (accuracy 0.60-0.63 against at most 0.58-0.59 on the machines measured,
-# table at the end), still far from usable.
+# than in any 2-D run (accuracy 0.63 against at most 0.59, table at the end), still far from
+# usable.
 
 # %%
 key, title, _ = RUN_3D
@@ -233,12 +233,12 @@ save_figure(figure, "features_3d.png")
 # digits (the open set, as in verification). A verification threshold on the angle has to fall
 # between the two histograms. On the training digits every run but 2-D ArcFace leaves a band between
 # the two that only a few pairs fall in (the table above: one class's angles end, at the 95th
-# percentile, at 12-29°; two classes' begin, at the 5th, at 29-55°). 2-D ArcFace's nearest classes
-# almost touch: its 95th percentile within a class meets its 5th between classes (28° against
-# at least 29° on one machine, 32.1° against 31.6° on another: no band). On the unseen digits
-# there is no gap for any loss: pairs of one digit are only slightly more often at small angles
-# than pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace separates them
-# best (mean angle about 66-67° within a digit against 90-93° between digits).
+# percentile, at 16-29°; two classes' begin, at the 5th, at 30-53°). 2-D ArcFace's nearest classes
+# (its 2 and 3, 29° apart) touch: its 95th percentile within a class, 32.1°, passes its 5th between
+# classes, 31.6° (before 8d4390d's rounding change, 28° against 29°: the band is that thin). On
+# the unseen digits there is no gap for any loss: pairs of one digit are only slightly more often
+# at small angles than pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace
+# separates them best (mean angle 66° within a digit against 92.5° between digits).
 
 # %%
 runs = RUNS + [RUN_3D]
@@ -270,8 +270,8 @@ save_figure(figure, "angle_histograms.png")
 # (mean-centred 8x8 images, 64 numbers each) instead of a network's features.
 #
 # Every network classifies the training digits almost perfectly and verifies the unseen
-# digits little better than chance (0.53-0.59 in 2-D, 0.60-0.63 in 3-D; one seed each, and
-# the 2-D losses differ by less than the folds' spread, ±0.02-0.035: do not rank them), while
+# digits little better than chance (0.55-0.59 in 2-D, 0.63 in 3-D; one seed each, and the 2-D
+# losses differ by less than the folds' spread, ±0.02-0.035: do not rank them), while
 # the pixels themselves reach 0.82 (AUC 0.90): what six training identities teach a 2-D or 3-D
 # feature does not transfer to new ones, and two or three numbers hold far less than 64
 # pixels. Notebook 04 takes a 32-D ArcFace embedding through the protocol step by step.

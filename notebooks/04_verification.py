@@ -103,17 +103,17 @@ print(evaluation.format_verification("pixels", pixel_result, flip=False))
 # embeddings, right the centred pixels. The overlap of the two histograms is where verification
 # fails; the dotted lines are the ten folds' thresholds (next section).
 #
-# The numbers below are one full run's. XLA's arithmetic differs a little from one CPU to
-# another, and a run elsewhere prints other numbers (on a second machine: accuracy 0.692, AUC
-# 0.756, medians 0.58 and 0.07, 418 false accepts and 507 false rejects); what they say holds.
+# The numbers below are those of a full run on 2026-12-07 (commit 203849c). A change of float32
+# rounding anywhere in the 400 training steps moves them: before 8d4390d, which normalises the
+# images on the devices, the same run verified at 0.657 (AUC 0.710). What they say held for both.
 #
-# ArcFace's pairs of one digit lean towards 1 (median cosine 0.57), but its pairs of two digits
-# spread from −0.73 to above 0.9 (median 0.16) and the two overlap over most of the range: at
-# the folds' threshold, a cosine near 0.41, 444 of the 1,500 pairs of two digits are accepted
-# and 584 of the 1,500 pairs of one digit rejected. The centred pixels keep the two further
+# ArcFace's pairs of one digit lean towards 1 (median cosine 0.58), but its pairs of two digits
+# spread from −0.74 to above 0.9 (median 0.07) and the two overlap over most of the range: at
+# the folds' threshold, a cosine near 0.40, 418 of the 1,500 pairs of two digits are accepted
+# and 507 of the 1,500 pairs of one digit rejected. The centred pixels keep the two further
 # apart (medians 0.45 and −0.16; at their threshold, 0.16, 166 false accepts and 319 false
-# rejects): they verify the unseen digits better than the network, 0.838 against 0.657, AUC
-# 0.910 against 0.710.
+# rejects): they verify the unseen digits better than the network, 0.838 against 0.692, AUC
+# 0.910 against 0.756.
 #
 # Raw pixels beating the network is what the setting predicts, not a bug: the network learned
 # to tell apart six identities, the digits 0-5 (closed-set accuracy 0.99), and nothing in its
@@ -121,13 +121,12 @@ print(evaluation.format_verification("pixels", pixel_result, flip=False))
 # do not teach features that transfer to new ones; face models get there by training on tens
 # of thousands of identities or more. Nor does training longer help the unseen digits. On
 # the same 3,000 pairs (measured separately), the network untrained (`config.num_steps = 0`)
-# verifies at 0.645, AUC 0.698; after the quick run's 20 steps at 0.707, AUC 0.783; after the
-# full 400 at 0.657-0.692, AUC 0.710-0.756 (two machines). Along the 400-step run the score
-# wanders with no trend (second machine, checkpoints at steps 50, 100, 200, 300, 400: 0.676, 0.604,
-# 0.687, 0.694, 0.692), and over seeds 0-2 the untrained networks verify at 0.62-0.70, the
-# trained ones at 0.63-0.69, one of the three below its own untrained start: learning the six
-# digits neither steadily helps nor steadily hurts the other four. (The quick run's own
-# evaluation scores 300 pairs: 0.650.)
+# verifies at 0.645, AUC 0.698; after the quick run's 20 steps at 0.706, AUC 0.783; after the
+# full 400 at 0.692, AUC 0.756. Along the 400-step run the score wanders with no trend
+# (checkpoints at steps 50, 100, 200, 300, 400: 0.676, 0.604, 0.687, 0.694, 0.692), and over
+# seeds 0-2 the untrained networks verify at 0.62-0.70, the trained ones at 0.63-0.69, one of
+# the three below its own untrained start: learning the six digits neither steadily helps nor
+# steadily hurts the other four. (The quick run's own evaluation scores 300 pairs: 0.650.)
 
 # %%
 similarity = 1 - result.distances / 2
@@ -206,7 +205,7 @@ np.testing.assert_allclose([correct[result.fold_index == index].mean()
 # Every threshold at once: the true-accept rate (same pairs accepted) against the false-accept
 # rate (different pairs accepted), drawn by `margins.evaluation.draw_roc`, for the network and
 # the pixel baseline. The pixels' curve lies above the network's at every false-accept rate: at
-# FAR = 1e-2 the pixels accept 48 % of the pairs of one digit, the network 10 %.
+# FAR = 1e-2 the pixels accept 48 % of the pairs of one digit, the network 7 %.
 #
 # TAR@FAR = 1e-4 is `nan`, not a failure: with 1,500 pairs of different digits the smallest
 # false-accept rate the pairs can measure is one false accept in 1,500, 6.7e-4, so a target of
@@ -249,8 +248,9 @@ if not QUICK:
 # The pairs the protocol gets wrong: **false accepts**, two different digits accepted (the most
 # similar first), and **false rejects**, one digit rejected (the least similar first), with
 # their cosine and their fold's threshold. In the full run the most similar false accepts are
-# 9s paired with 8s and 6s at a cosine of 0.94-0.96, and most of the least similar false rejects
-# are two 9s written differently (one closed, one open or slanted), at cosines down to −0.70.
+# 9s paired with 8s and 6s (and an 8 with a 6) at a cosine of 0.95-0.96, and the least similar
+# false rejects are all two 9s written differently (one closed, one open or slanted), at
+# cosines down to −0.68.
 
 # %%
 NUM_SHOWN = 8
