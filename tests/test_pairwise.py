@@ -201,7 +201,8 @@ TRIPLET_CASES = [
      dict(mining="semi_hard", margin=1.0, squared=False, average="anchor_non_zero"),
      dict(mining="batch_hard", squared=False, soft=True),
      dict(mining="semi_hard", soft=True, average="batch"),
-     dict(mining="batch_hard", soft=True, normalize=False, average="anchor_non_zero")]
+     dict(mining="batch_hard", soft=True, normalize=False, average="anchor_non_zero"),
+     dict(mining="all", soft=True, squared=False), dict(mining="all", soft=True, average="batch")]
 
 
 @pytest.mark.parametrize("kwargs", TRIPLET_CASES, ids=str)
@@ -276,6 +277,7 @@ LOSSES = [
     ("triplet_batch_non_zero", pairwise.triplet_loss, dict(average="batch_non_zero")),
     ("triplet_batch_hard_soft", pairwise.triplet_loss,
      dict(mining="batch_hard", squared=False, soft=True)),
+    ("triplet_all_soft", pairwise.triplet_loss, dict(soft=True)),
     ("circle", pairwise.circle_loss, dict(gamma=32.0)),
 ]
 LOSS_IDS = [case[0] for case in LOSSES]
@@ -345,6 +347,9 @@ GRADIENT_CASES = [
      dict(mining="batch_hard", squared=False, soft=True)),
     ("triplet_semi_hard_soft", pairwise.triplet_loss,
      lambda x, x0, **kw: ref_triplet(x, LABELS, **kw), dict(mining="semi_hard", soft=True)),
+    ("triplet_all_soft_non_zero", pairwise.triplet_loss,
+     lambda x, x0, **kw: ref_triplet(x, LABELS, **kw),
+     dict(soft=True, average="batch_non_zero")),
     ("circle", pairwise.circle_loss,
      lambda x, x0, **kw: ref_circle(x, LABELS, frozen_at=x0, **kw), dict(gamma=32.0)),
 ]
@@ -495,8 +500,6 @@ def test_bad_options_name_the_argument():
       loss_fn(x, LABELS, squared="no")
     with pytest.raises(TypeError, match="`normalize` must be a bool"):
       jax.jit(lambda x, flag, f=loss_fn: f(x, LABELS, normalize=flag))(x, True)
-  with pytest.raises(ValueError, match='`soft` needs mining="batch_hard" or "semi_hard"'):
-    pairwise.triplet_loss(x, LABELS, soft=True)
   with pytest.raises(TypeError, match="`soft` must be a bool"):
     pairwise.triplet_loss(x, LABELS, mining="batch_hard", soft="yes")
   with pytest.raises(ValueError, match=r"`gamma` must be positive \(a scale\), got -5.0"):

@@ -206,6 +206,21 @@ def _all_triplets(distances, positive, negative, margin, average):
                   average)
 
 
+def _all_soft_triplets(distances, positive, negative, average):
+  # Every triplet's soft term: no sorted sums, so one anchor's [B, B] (p, n) terms at a time.
+  def anchor_sums(row):
+    anchor_distances, anchor_positives, anchor_negatives = row
+    terms = jnp.where(anchor_positives[:, None] & anchor_negatives[None, :],
+                      jax.nn.softplus(anchor_distances[:, None] - anchor_distances[None, :]), 0)
+    return jnp.sum(terms), jnp.sum(terms > 0, dtype=terms.dtype)
+
+  # Rematerialised: else the backward pass keeps every anchor's [B, B] terms, B^3 in all.
+  totals, num_non_zero = jax.lax.map(jax.checkpoint(anchor_sums), (distances, positive, negative))
+  dtype = distances.dtype
+  num_triplets = jnp.sum(positive, axis=1, dtype=dtype) * jnp.sum(negative, axis=1, dtype=dtype)
+  return _average(totals, num_triplets, num_non_zero, average)
+
+
 def _semi_hard_triplets(distances, positive, negative, hinge, average):
   # FaceNet / TensorFlow's triplet_semihard_loss: for each (a, p), the closest negative farther
   # than d_ap; when there is none, the farthest negative.
@@ -266,9 +281,9 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   ``soft=True`` takes Hermans et al.'s soft margin :math:`\log(1 + e^{d(a, p) - d(a, n)})` for
   the hinge (no ``m``; TensorFlow Addons' ``triplet_hard_loss(soft=True)``,
   pytorch-metric-learning's ``smooth_loss``), which keeps pulling on triplets the hinge has
-  satisfied; every term is then non-zero. It takes ``"batch_hard"`` (the paper's pairing) or
-  ``"semi_hard"`` mining: ``"all"`` computes its hinge terms by sorting each anchor's negatives,
-  which a soft term does not allow.
+  satisfied; every term is then non-zero (Hermans et al. pair it with batch-hard mining). With
+  ``"all"``, whose hinge sums come from each anchor's sorted negatives, soft terms are summed one
+  anchor at a time instead: ``O(B^3)`` work, still ``O(B^2)`` memory.
 
   Args:
     embeddings: ``[B, D]``.
@@ -296,13 +311,11 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   _common.check_choice("mining", mining, MININGS)
   _common.check_choice("average", average, AVERAGES)
   _common.check_flag("soft", soft)
-  if soft and mining == "all":
-    raise ValueError('`soft` needs mining="batch_hard" or "semi_hard": mining="all" sums its '
-                     "hinge terms from each anchor's sorted negatives, which soft terms do not "
-                     "allow.")
   distances = pairwise_distances(_prepared(embeddings, normalize), squared=squared)
   positive, negative = _pair_masks(labels)
   if mining == "all":
+    if soft:
+      return _all_soft_triplets(distances, positive, negative, average)
     return _all_triplets(distances, positive, negative, margin, average)
   hinge = jax.nn.softplus if soft else lambda gap: jax.nn.relu(gap + margin)
   return _MINERS[mining](distances, positive, negative, hinge, average)
