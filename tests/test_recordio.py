@@ -663,3 +663,17 @@ def test_property_file_gives_num_classes_and_shape(tmp_path):
     file.write("10;6;4")
   with pytest.raises(recordio.RecordIOError, match="property: expected 'num_classes,height"):
     recordio.RecordIOSource(rec)
+
+
+def test_labels_refuse_a_last_record_the_file_cuts_short(tmp_path):
+  # A partly copied train.rec: the last record's frame and the header gathered are there, its
+  # payload is not. Read one by one, `labels` raised; the memory map must not take its label.
+  rec, idx = str(tmp_path / "cut.rec"), str(tmp_path / "cut.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    for key in range(3):
+      writer.write(recordio.pack(recordio.IRHeader(0, key % 2, key), b"x" * 100), key=key)
+  with open(rec, "r+b") as f:
+    f.truncate(os.path.getsize(rec) - 60)
+  source = recordio.RecordIOSource(rec, num_classes=2, image_shape=(4, 4, 3))
+  with pytest.raises(recordio.RecordIOError, match="is truncated: 124 bytes announced"):
+    source.labels

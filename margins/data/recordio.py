@@ -418,16 +418,19 @@ class RecordIOReader:
 
     Returns:
       ``(heads, sizes)``: ``uint8 [N, length]``, and ``int64 [N]`` each payload's size where the
-      record is framed in one piece and the file holds ``length`` bytes of it, else -1. Bytes past
-      a payload's size, and the heads of rows with -1, mean nothing: read those records with
-      :meth:`read_at`, whose errors name what is wrong.
+      record is framed in one piece and the file holds all of it and ``length`` bytes past its
+      frame, else -1. Bytes past a payload's size, and the heads of rows with -1, mean nothing:
+      read those records with :meth:`read_at`, whose errors name what is wrong.
     """
     file_size = os.path.getsize(self.rec_path)
     span = offsets[:, None] + np.arange(_FRAME.size + length)
     raw = np.memmap(self.rec_path, np.uint8, mode="r")[np.minimum(span, file_size - 1)]
     magic, lrec = np.ascontiguousarray(raw[:, :_FRAME.size]).view("<u4").T
-    whole = (span[:, -1] < file_size) & (magic == MAGIC) & (lrec >> _CFLAG_SHIFT == _WHOLE)
-    sizes = np.where(whole, (lrec & MAX_PART_LENGTH).astype(np.int64), -1)
+    lengths = (lrec & MAX_PART_LENGTH).astype(np.int64)
+    # The whole payload in the file: a record the file cuts short is read (and refused) by read_at.
+    whole = ((span[:, -1] < file_size) & (magic == MAGIC) & (lrec >> _CFLAG_SHIFT == _WHOLE)
+             & (offsets + _FRAME.size + lengths <= file_size))
+    sizes = np.where(whole, lengths, -1)
     return raw[:, _FRAME.size:], sizes
 
   def _position(self, key: int) -> int | None:
