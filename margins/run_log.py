@@ -87,9 +87,13 @@ def _is_whole_and_until(line: str, step: int) -> bool:
 
 
 def _holds_any(line: str, step: int, names: Mapping[str, Any]) -> bool:
-  """Whether a whole ``metrics.jsonl`` line is of ``step`` and holds any metric of ``names``."""
+  """Whether a whole ``metrics.jsonl`` line is of ``step`` and holds any metric of ``names``, or
+  any of the evaluation sets they name (``lfw`` of ``lfw/auc``)."""
   values = json.loads(line)
-  return values["step"] == step and any(name in values for name in names)
+  # A set's metrics differ with its outcome (``lfw/auc`` ... or ``lfw/non_finite_embeddings``).
+  sets = {name.split("/")[0] for name in names if "/" in name}
+  return values["step"] == step and any(
+      name in names or name.split("/")[0] in sets for name in values if name != "step")
 
 
 def report(line: str) -> None:

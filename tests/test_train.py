@@ -1640,3 +1640,18 @@ def test_progress_line_shows_the_skipped_float16_steps():
   assert "skipped" not in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
   del metrics["skipped"]  # float32 and bfloat16 runs
   assert "skipped" not in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
+
+
+def test_replaced_evaluation_line_goes_whether_or_not_its_sets_were_finite(tmp_path):
+  # A run evaluated step 2 in float16 (lfw not finite), was stopped before its next checkpoint,
+  # and resumed from 2 with config.compute_dtype = "float32": the step's evaluation is done
+  # again and its line replaced; the old one, whose keys differ, stayed beside it.
+  writer = run_log.MetricWriter(str(tmp_path), 0)
+  writer.write(2, {"loss": 1.0})
+  writer.write(2, {"lfw/non_finite_embeddings": 12})
+  writer.close()
+  writer = run_log.MetricWriter(str(tmp_path), 2)
+  writer.write(2, {"lfw/verification_accuracy": 0.9, "lfw/auc": 0.95}, replace=True)
+  writer.close()
+  assert read_metrics(str(tmp_path)) == [
+      {"step": 2, "loss": 1.0}, {"step": 2, "lfw/verification_accuracy": 0.9, "lfw/auc": 0.95}]
