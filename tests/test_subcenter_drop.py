@@ -7,11 +7,13 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
 
 from margins import data as data_lib
+from margins import eval_lib
 from margins import recipes
 from margins import train_lib
 from margins.tools import subcenter_drop
@@ -182,6 +184,13 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
       "--batch_size", "16", "--data", str(data / "train.rec"))
   assert {name: (from_rec / name).read_bytes() for name in os.listdir(from_rec)} == {
       name: (out / name).read_bytes() for name in os.listdir(out)}
+  # Embeddings that are not finite (a float16 network that overflowed) stop it, naming the images.
+  embed = eval_lib.embed
+  monkeypatch.setattr(eval_lib, "embed", lambda experiment, state, images: embed(
+      experiment, state, images) * jnp.inf)
+  with pytest.raises(app.UsageError, match="images 0 to 47: 48 of 48 embeddings are not finite"):
+    cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "nan"), "--batch_size", "16")
+  monkeypatch.setattr(eval_lib, "embed", embed)
   # Bad arguments are caught before the checkpoint is read.
   monkeypatch.setattr(train_lib, "restore", lambda *args, **kwargs: pytest.fail("restored"))
   with pytest.raises(app.UsageError, match="not the data the run trained on"):

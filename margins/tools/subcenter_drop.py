@@ -185,8 +185,11 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   with jax.set_mesh(experiment.mesh):
     for start in range(0, len(source), _BLOCK):
       rows = _Rows(source, start, min(start + _BLOCK, len(source)))
-      embeddings = eval_lib.compute_embeddings(experiment, state, rows, flip=False,
-                                               embed_fn=embed_fn)
+      try:
+        embeddings = eval_lib.compute_embeddings(experiment, state, rows, flip=False,
+                                                 embed_fn=embed_fn)
+      except eval_lib.NonFiniteEmbeddings as error:
+        raise ValueError(f"{data}, images {rows.start} to {rows.stop - 1}: {error}") from error
       cosines.append(sharding_lib.to_host(subcenter_cosines(
           embeddings, state.params["head"], labels[rows.start:rows.stop])))
   cleaning = drop_noisy(np.concatenate(cosines), labels, source.num_classes, max_angle=max_angle)
