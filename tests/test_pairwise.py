@@ -522,19 +522,23 @@ def test_batch_average_sums_to_the_mean_over_all_terms():
                                  normalize=True)
     got = pairwise.triplet_loss(x, LABELS, mining=mining, squared=squared, average="batch")
     np.testing.assert_allclose(got.sum(), mean_of(terms), rtol=1e-5, err_msg=mining)
-  # TensorFlow Addons' triplet_semihard_loss, as its code computes it (margin 1, squared
-  # distances of unit embeddings): every positive pair's term, averaged over those pairs.
+  # TensorFlow Addons' triplet_semihard_loss, as its code computes it (margin 1, distances of
+  # unit embeddings: "L2", its default, or "squared-L2"): every positive pair's term, averaged
+  # over those pairs.
   unit = x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-  distances = np.sum((unit[:, None] - unit[None]) ** 2, axis=-1)
   same = LABELS[:, None] == LABELS[None]
-  tf_terms = []
-  for a, p in zip(*np.nonzero(same & ~np.eye(B, dtype=bool))):
-    negatives = distances[a][~same[a]]
-    farther = negatives[negatives > distances[a, p]]
-    chosen = farther.min() if farther.size else negatives.max()
-    tf_terms.append(max(1.0 + distances[a, p] - chosen, 0.0))
-  got = pairwise.triplet_loss(x, LABELS, margin=1.0, mining="semi_hard", average="batch")
-  np.testing.assert_allclose(got.sum(), np.mean(tf_terms), rtol=1e-5)
+  for squared in (False, True):
+    distances = np.sum((unit[:, None] - unit[None]) ** 2, axis=-1)
+    distances = distances if squared else np.sqrt(distances)
+    tf_terms = []
+    for a, p in zip(*np.nonzero(same & ~np.eye(B, dtype=bool))):
+      negatives = distances[a][~same[a]]
+      farther = negatives[negatives > distances[a, p]]
+      chosen = farther.min() if farther.size else negatives.max()
+      tf_terms.append(max(1.0 + distances[a, p] - chosen, 0.0))
+    got = pairwise.triplet_loss(x, LABELS, margin=1.0, mining="semi_hard", squared=squared,
+                                average="batch")
+    np.testing.assert_allclose(got.sum(), np.mean(tf_terms), rtol=1e-5, err_msg=squared)
   # Unequal classes and a singleton: "anchor" and loss.mean() is not this number.
   anchor = pairwise.triplet_loss(x, LABELS, mining="semi_hard").mean()
   assert abs(anchor - mean_of(ref_triplet_terms(x, LABELS, margin=0.2, mining="semi_hard",

@@ -274,14 +274,17 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   Each anchor's triplet terms are averaged as ``average`` says (see the module docstring);
   ``mining="all", squared=False, margin=0.05, average="batch_non_zero"`` and ``loss.sum()`` give
   ``pytorch_metric_learning.losses.TripletMarginLoss()``; ``mining="semi_hard", margin=1.0,
-  average="batch"`` and ``loss.sum()`` give TensorFlow Addons' ``triplet_semihard_loss`` with its
-  default squared L2 distance, on unit embeddings (it does not normalise them) of a batch where
-  every anchor has a negative. Memory is ``O(B^2)`` for every mode.
+  average="batch"`` and ``loss.sum()`` give TensorFlow Addons' ``triplet_semihard_loss`` on unit
+  embeddings (it does not normalise them) of a batch where every anchor has a negative: with
+  ``squared=False`` at its default ``distance_metric="L2"`` (not squared), with ``squared=True``
+  at ``"squared-L2"`` (and at the default of its early releases, ``"L_2"``, which squared).
+  Memory is ``O(B^2)`` for every mode.
 
   ``soft=True`` takes Hermans et al.'s soft margin :math:`\log(1 + e^{d(a, p) - d(a, n)})` for
   the hinge (no ``m``; TensorFlow Addons' ``triplet_hard_loss(soft=True)``,
   pytorch-metric-learning's ``smooth_loss``), which keeps pulling on triplets the hinge has
-  satisfied; every term is then non-zero (Hermans et al. pair it with batch-hard mining). With
+  satisfied; every term is then non-zero unless it underflows (Hermans et al. pair it with
+  batch-hard mining). With
   ``"all"``, whose hinge sums come from each anchor's sorted negatives, soft terms are summed one
   anchor at a time instead: ``O(B^3)`` work, still ``O(B^2)`` memory.
 
