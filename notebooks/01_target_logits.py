@@ -158,9 +158,10 @@ for m in range(1, 5):
 # on almost every example, however close (it falls below a tenth of its pull at 61° only within
 # 7° of the centre). At $s = 64$, $p_y$ is 0.5 at 51° and the pull dies within about 49°:
 # examples closer than that are left alone, and the margin decides how close that is. CosFace at
-# $s = 16$ cannot even reach $p_y = 0.5$ ($0.28$ at the centre): CosFace's paper bounds $s$ from
-# below with the number of classes for that reason, and NormFace's shows the same for softmax
-# on normalised features. The recipes' $s = 64$ is above both bounds. ArcFace's pull would
+# $s = 16$ cannot even reach $p_y = 0.5$ ($0.28$ at the centre): its margin takes $s m$ off the
+# target, so $p_y = 0.5$ needs $s (1 - m) > \log(C - 1)$: $s > 17.48$ here. NormFace's and
+# CosFace's papers bound $s$ from below with the number of classes in the same way (without a
+# margin, $s$ above 11.4 for $p_y = 0.5$); the recipes' $s = 64$ is far above. ArcFace's pull would
 # vanish at $\theta = \pi - m$, where $\cos(\theta + m)$ turns back up; the library's default
 # continuation $\cos\theta - m \sin m$ keeps pulling there (the jump at 151°).
 
@@ -234,6 +235,7 @@ assert abs(degrees[np.argmax(arc16[1])] - 61) <= step + 0.5
 # Just past pi - m the continuation pulls with s sin(theta), about 0.45 s.
 assert arc64[1][(degrees > 152) & (degrees < 154)].min() > 0.4 * 64
 assert measured["CosFace (m=0.35), s=16"][0].max() < 0.5
+assert 16 < np.log(NUM_CLASSES - 1) / (1 - 0.35) < 17.5 and 11 < np.log(NUM_CLASSES - 1) < 11.4
 
 # %% [markdown]
 # ## Annealing, overflow modes, combined margins and hard negatives

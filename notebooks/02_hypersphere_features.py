@@ -130,18 +130,18 @@ for key, title, config in RUNS + [RUN_3D]:
 # %% [markdown]
 # ## The features, coloured by class
 #
-# Top: held-out examples of the training digits; bottom: the unseen digits. On the training
-# digits every loss separates the six classes by angle with empty angles between them
-# (closed-set accuracy 0.97 or more for all, table at the end): softmax and the margin losses as
-# spokes from the origin, the center loss as tight clusters. The center loss pulls each class
-# much closer to its mean than softmax alone: a class's spread over the distance between
-# classes is 0.05 against softmax's 0.13. The margin losses do not make the spokes narrower in
-# angle than softmax does on these easy digits (mean angle within a class 4-8° for softmax,
-# SphereFace, CosFace and ArcFace alike, in the histograms below; which is narrowest changes
-# with float32 rounding: another was before 8d4390d, which normalises the images on the devices), and they leave some classes closer to their neighbours than
-# softmax's evenly spread six (CosFace's 2 and 5, ArcFace's 2 and 3, 0 and 5). Little of this
-# transfers to the unseen digits: they have no class centre of their own and fall into the trained
-# spokes or between them, the four digits largely mixed, for every loss.
+# Top: held-out examples of the training digits; bottom: the unseen digits. On the training digits
+# every loss separates the six classes by angle with empty angles between them (closed-set accuracy
+# 0.97 or more for all, table at the end): softmax and the margin losses as spokes from the origin,
+# the center loss as tight clusters. The center loss pulls each class much closer to its mean than
+# softmax alone: a class's spread over the distance between classes is 0.05 against softmax's 0.13.
+# The margin losses do not make the spokes narrower in angle than softmax does on these easy digits
+# (mean angle within a class 4-8° for softmax, SphereFace, CosFace and ArcFace alike, in the
+# histograms below; which is narrowest changes with float32 rounding: another was before 8d4390d,
+# which normalises the images on the devices), and they leave some classes closer to their
+# neighbours than softmax's evenly spread six (CosFace's 2 and 5, ArcFace's 2 and 3, 0 and 5).
+# Little of this transfers to the unseen digits: they have no class centre of their own and fall
+# into the trained spokes or between them, the four digits largely mixed, for every loss.
 #
 # The numbers behind these words (training digits, held-out examples): *within / between*, the
 # mean distance of a feature to its class mean over the mean distance between class means (how
@@ -235,9 +235,9 @@ save_figure(figure, "features_3d.png")
 # the two that only a few pairs fall in (the table above: one class's angles end, at the 95th
 # percentile, at 16-29°; two classes' begin, at the 5th, at 30-53°). 2-D ArcFace's nearest classes
 # (its 2 and 3, 29° apart) touch: its 95th percentile within a class, 32.1°, passes its 5th between
-# classes, 31.6° (before 8d4390d's rounding change, 28° against 29°: the band is that thin). On
-# the unseen digits there is no gap for any loss: pairs of one digit are only slightly more often
-# at small angles than pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace
+# classes, 31.6° (before 8d4390d's rounding change, 28° against 29°: the band is that thin). On the
+# unseen digits there is no gap for any loss: pairs of one digit are only slightly more often at
+# small angles than pairs of two, and the two histograms overlap almost everywhere; 3-D ArcFace
 # separates them best (mean angle 66° within a digit against 92.5° between digits).
 
 # %%
