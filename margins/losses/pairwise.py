@@ -25,8 +25,8 @@ How the pair (or triplet) terms of one anchor become its loss is set by ``averag
   same distance and margins.
 * ``"batch"``: the anchor's sum divided by the number of terms in the whole batch, so that
   ``loss.sum()`` is the mean over all the batch's pairs (triplets): pytorch-metric-learning's
-  ``MeanReducer``, and TensorFlow's ``triplet_semihard_loss`` (the mean over all positive pairs)
-  where every anchor has a negative. ``"anchor"`` and ``loss.mean()`` instead weight the anchors
+  ``MeanReducer``, and TensorFlow Addons' ``triplet_semihard_loss`` (the mean over all positive
+  pairs) where every anchor has a negative. ``"anchor"`` and ``loss.mean()`` instead weight the anchors
   equally and count those without pairs as 0.
 
 Contrastive losses average their positive and negative terms separately, as pytorch-metric-learning
@@ -284,9 +284,8 @@ def triplet_loss(embeddings: Array, labels: Array, *, margin: float = 0.2, minin
   the hinge (no ``m``; TensorFlow Addons' ``triplet_hard_loss(soft=True)``,
   pytorch-metric-learning's ``smooth_loss``), which keeps pulling on triplets the hinge has
   satisfied; every term is then non-zero unless it underflows (Hermans et al. pair it with
-  batch-hard mining). With
-  ``"all"``, whose hinge sums come from each anchor's sorted negatives, soft terms are summed one
-  anchor at a time instead: ``O(B^3)`` work, still ``O(B^2)`` memory.
+  batch-hard mining). With ``"all"``, whose hinge sums come from each anchor's sorted negatives,
+  soft terms are summed one anchor at a time instead: ``O(B^3)`` work, still ``O(B^2)`` memory.
 
   Args:
     embeddings: ``[B, D]``.
