@@ -195,16 +195,19 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
   assert not np.allclose(exported["bfloat16"], exported["float32"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size, count", [("128", 2), ("256", 1)])
 def test_evaluate_names_the_set_whose_embeddings_are_not_finite(run, digits_bin, cli,
-                                                                monkeypatch):
+                                                                monkeypatch, batch_size, count):
   embed = eval_lib.embed
   def first_image_of_each_batch_infinite(experiment, state, images):
     embeddings = embed(experiment, state, images)
     return jnp.where(jnp.arange(len(images))[:, None] == 0, jnp.inf, embeddings)
   monkeypatch.setattr(eval_lib, "embed", first_image_of_each_batch_infinite)
-  with pytest.raises(app.UsageError, match=r"^digits: 2 of 200 embeddings are not finite \(NaN "
-                                           r"or infinite\): the network's forward pass overflowed"):
-    cli(evaluate, "--workdir", run, "--bin", digits_bin[0], "--batch_size", "128")
+  # One batch of 256: a single embedding that is not finite is refused too.
+  with pytest.raises(app.UsageError, match=rf"^digits: {count} of 200 embeddings are not finite "
+                                           r"\(NaN or infinite\): the network's forward pass "
+                                           r"overflowed"):
+    cli(evaluate, "--workdir", run, "--bin", digits_bin[0], "--batch_size", batch_size)
 
 
 def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys):
@@ -230,6 +233,16 @@ def test_evaluate_cli_scores_an_ijb_folder(run, restored, cli, tmp_path, capsys)
       f"{run}, step 2, in float32:\n{evaluation.format_ijb('ijbc', alone)}\n")
   with pytest.raises(app.UsageError, match="--ijb: no such folder"):
     cli(evaluate, "--workdir", run, "--ijb", str(tmp_path / "IJBB"))
+
+
+def test_evaluate_run_names_each_result_by_its_own_set_with_bins_and_ijb_together(
+    run, digits_bin, tmp_path):
+  folder, _ = write_ijb(tmp_path, image_size=16)
+  step, results = evaluate.evaluate_run(run, [digits_bin[0]], ijb_folders=[folder],
+                                        batch_size=16)
+  assert step == 2 and sorted(results) == ["digits", "ijbc"]
+  assert isinstance(results["digits"], evaluation.VerificationResult)
+  assert isinstance(results["ijbc"], evaluation.IJBResult)
 
 
 def test_missing_files_give_errors_naming_them(run, digits_bin, tmp_path, cli):

@@ -237,6 +237,22 @@ def test_triplet_ties_between_positive_and_negative_distances(mining, margin):
                              ref_triplet(x, labels, **kwargs), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mining", ["all", "batch_hard"])
+@pytest.mark.parametrize("average", ["anchor_non_zero", "batch_non_zero"])
+def test_soft_terms_that_underflow_to_zero_are_not_counted(mining, average):
+  # Unnormalised points on a line: anchor 0's negative at 40 is 1600 farther (squared) than its
+  # positive, so its soft term underflows to 0 in float32 and float64 alike; the others do not.
+  x = np.array([[0.0], [1.0], [0.5], [40.0], [41.0]], np.float32)
+  labels = np.array([0, 0, 1, 2, 2], np.int32)
+  kwargs = dict(mining=mining, normalize=False, soft=True, average=average)
+  terms, _ = ref_triplet_terms(x, labels, margin=0.2, mining=mining, squared=True,
+                               normalize=False, soft=True)
+  flat = [t for ts in terms for t in ts]
+  assert 0 < sum(t == 0 for t in flat) and 0 < sum(t > 0 for t in flat)
+  np.testing.assert_allclose(pairwise.triplet_loss(x, labels, **kwargs),
+                             ref_triplet(x, labels, **kwargs), rtol=1e-5, atol=1e-6)
+
+
 def test_triplet_batch_non_zero_sums_to_pml_reduction():
   # pytorch-metric-learning's TripletMarginLoss(margin=0.05): unsquared distances of unit
   # vectors, mean over the triplets with a non-zero loss.

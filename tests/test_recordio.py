@@ -606,7 +606,11 @@ def test_labels_read_at_once_equal_the_records_read_one_by_one(tmp_path, monkeyp
     (struct.pack("<IfQQ", 0, 4.0, 1, 0) + b"data", r"key 1 \(byte offset 36\) has label 4.0"),
     (struct.pack("<IfQQf", 3, 0.0, 1, 0, 1.0), "too short for the 3 labels"),
     (struct.pack("<IfQQ", 0, float("nan"), 1, 0) + b"data", "has label nan, not a class"),
-], ids=["outside", "labels cut short", "nan"])
+    (struct.pack("<IfQQ", 0, 3.0, 1, 0) + b"data", r"has label 3.0, not a class"),
+    (struct.pack("<IfQQ", 0, 1.5, 1, 0) + b"data", r"has label 1.5, not a class"),
+    (struct.pack("<IfQQff", 3, 0.0, 1, 0, 1.0, 2.0), "too short for the 3 labels"),
+], ids=["outside", "labels cut short", "nan", "num_classes", "not an integer",
+        "one label short"])
 def test_labels_name_the_record_that_has_no_class(tmp_path, payload, match):
   rec, idx = str(tmp_path / "bad.rec"), str(tmp_path / "bad.idx")
   with recordio.RecordIOWriter(rec, idx) as writer:
@@ -616,6 +620,23 @@ def test_labels_name_the_record_that_has_no_class(tmp_path, payload, match):
   source = recordio.RecordIOSource(rec, num_classes=3, image_shape=(4, 4, 3))
   with pytest.raises(recordio.RecordIOError, match=match):
     source.labels
+
+
+def test_labels_read_at_once_from_keys_that_start_past_zero_and_single_list_labels(
+    tmp_path, monkeypatch):
+  # Consecutive keys from 5 (a key range not at 0), and labels stored as one-element lists
+  # (flag 1, the header's label 0), whole records all: every label comes from the memory map.
+  monkeypatch.setattr(recordio, "_HEADS_PER_READ", 3)
+  labels = [4, 1, 3, 0, 2, 4, 1]
+  rec, idx = str(tmp_path / "range.rec"), str(tmp_path / "range.idx")
+  with recordio.RecordIOWriter(rec, idx) as writer:
+    for key, label in enumerate(labels, start=5):
+      stored = [float(label)] if key % 2 else label
+      writer.write(recordio.pack(recordio.IRHeader(0, stored, key), b"x" * 40), key=key)
+  source = recordio.RecordIOSource(rec, num_classes=5, image_shape=(4, 4, 3))
+  assert source.reader.key_range == range(5, 5 + len(labels))
+  monkeypatch.setattr(source.reader, "read", lambda key: pytest.fail(f"read key {key}"))
+  assert source.labels.tolist() == labels
 
 
 def test_source_rejects_labels_outside_num_classes(tmp_path):

@@ -151,6 +151,20 @@ def test_log_lines_say_accuracy_flip_when_the_open_set_is_flip_tested(open_flip)
       "[open] Accuracy-Flip" if open_flip else "[open] Accuracy", "[lfw] Accuracy-Flip"]
 
 
+def test_log_lines_name_only_the_sets_whose_embeddings_are_not_finite():
+  issame = np.arange(40) % 2 == 0
+  result = evaluation.evaluate_verification(
+      np.random.default_rng(0).normal(size=(80, 4)), issame, num_folds=2)
+  lines = run_log.summary_lines(
+      {"closed/accuracy": 0.5, "open/auc": 0.75, "lfw/non_finite_embeddings": 12,
+       "_results": {"closed": (None, None), "open": (None, None, result)}}, open_flip=True)
+  assert lines[0] == "[closed set] accuracy: 0.5000"
+  assert [line for line in lines if "not evaluated" in line] == [
+      "[lfw] not evaluated: 12 of its embeddings are not finite (NaN or infinite: a float16 "
+      "forward pass that overflowed?)"]
+  assert lines[-1].startswith("[lfw] not evaluated")
+
+
 def test_float16_run_learns_and_restores_its_loss_scale(tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
   config.compute_dtype = "float16"
