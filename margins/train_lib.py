@@ -997,7 +997,8 @@ def _train_and_evaluate(config, workdir, mesh):
   # loop's removes a killed run's unfinished saves in a thread from its creation on, which fails
   # with a traceback if the interpreter shuts down first (a refused resume exits at once).
   with checkpoints.checkpoint_manager(workdir, config) as reader:
-    resuming = reader.latest_step() is not None
+    latest = reader.latest_step()
+    resuming = latest is not None
     if resuming:
       _check_resumed_config(config, workdir)
       _check_resumed_data(train_source, workdir)
@@ -1007,7 +1008,7 @@ def _train_and_evaluate(config, workdir, mesh):
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
       try:
         state = checkpoints.restore_checkpoint(
-            reader, reader.latest_step(), abstract,
+            reader, latest, abstract,
             new_fields=lambda names: {name: getattr(state, name) for name in names})
       except checkpoints.UnreadableCheckpoint as error:
         raise CannotStart(str(error)) from error
