@@ -48,7 +48,8 @@ def global_batch_size(batch_size: int | None, num_devices: int) -> int:
 
 
 def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
-  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout).
+  """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout),
+  the network computing in ``config.eval.compute_dtype``.
 
   ``images``: ``uint8 [B, H, W, C]`` pixels as the pipelines yield them, normalised here by
   ``margins.data.normalize_images``, or floats already normalised to ``[-1, 1]`` (the exported
@@ -56,7 +57,7 @@ def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
   """
   if images.dtype == jnp.uint8:
     images = data_lib.normalize_images(images)
-  model = nnx.merge(experiment.graphdef, state.params["backbone"], state.model_state)
+  model = nnx.merge(experiment.eval_graphdef, state.params["backbone"], state.model_state)
   model.eval()
   return model(images).astype(jnp.float32)
 

@@ -132,7 +132,7 @@ def main(argv: Sequence[str]) -> None:
     return
   evaluated = experiment.config.eval
   save_model(exported, out, step=step, model=experiment.config.model.name,
-             compute_dtype=experiment.config.compute_dtype,
+             compute_dtype=train_lib.eval_compute_dtype(experiment.config),
              flip_test=bool(evaluated.bins) or bool(evaluated.flip))
   print(f"Exported {experiment.config.model.name} at step {step} for "
         f"{', '.join(exported.platforms)} to {out}.", flush=True)

@@ -108,7 +108,7 @@ def arcface_torch(arg: str | None, *, dataset: str, model: str, loss: dict, weig
   config.compute_dtype = "bfloat16"
   config.log_every = 50
   config.checkpoint_every = config.eval_every = eval_every
-  config.eval = dict(batch_size=512, flip=True, num_pairs=3000,
+  config.eval.update(batch_size=512, flip=True, num_pairs=3000,
                      bins=tuple(os.path.join(path, f"{name}.bin") for name in VERIFICATION_SETS))
   if quick:
     config = train_lib.quick(config)

@@ -164,7 +164,10 @@ def default_config() -> ml_collections.ConfigDict:
   # pairs, not for digits (``.bin`` sets are always flip-tested, as insightface's).
   # ``bins``: paths of insightface ``.bin`` verification sets, decoded once when the run starts
   # and held in memory (uint8: 450 MB for 12,000 images at 112 x 112).
-  c.eval = dict(batch_size=256, flip=False, num_pairs=3000, bins=())
+  # ``compute_dtype``: the network's arithmetic when it embeds, "float32" whatever the run
+  # trains in, as ``margins.evaluate`` and insightface's ``eval_ijbc.py`` (its verification
+  # during training runs in the training's fp16), another, or "run": ``c.compute_dtype``.
+  c.eval = dict(batch_size=256, flip=False, num_pairs=3000, bins=(), compute_dtype="float32")
   return c
 
 
@@ -377,8 +380,15 @@ def _batch_stats(config) -> str:
   return config.model.get("batch_stats", "global")
 
 
-def _model_fn(config, image_shape):
-  dtype = jnp.dtype(config.compute_dtype)
+def eval_compute_dtype(config: ml_collections.ConfigDict) -> str:
+  """The network's arithmetic when it embeds, ``config.eval.compute_dtype``; ``"run"`` (or no
+  such field, as in a config that replaced ``config.eval`` whole) means ``config.compute_dtype``."""
+  name = config.eval.get("compute_dtype", "run")
+  return config.compute_dtype if name == "run" else name
+
+
+def _model_fn(config, image_shape, compute_dtype: str):
+  dtype = jnp.dtype(compute_dtype)
 
   def build():
     model = models.create(
@@ -399,8 +409,11 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   With ``abstract``, the state's leaves are only ``jax.ShapeDtypeStruct`` with their shardings
   (what a checkpoint is restored into), and nothing is computed.
   """
-  model_fn = _model_fn(config, image_shape)
-  graphdef, _, _ = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+  def graphdef(compute_dtype):
+    return nnx.split(nnx.eval_shape(_model_fn(config, image_shape, compute_dtype)),
+                     nnx.Param, ...)[0]
+
+  model_fn = _model_fn(config, image_shape, config.compute_dtype)
   engine = make_engine(config, mesh)
   optimizer = make_optimizer(config)
   margin = make_margin(config.loss)
@@ -433,7 +446,8 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   else:
     model = sharding_lib.on_host(init_model, (shardings.params["backbone"], shardings.model_state))
     state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
-  return Experiment(config, mesh, graphdef, engine, optimizer, num_classes,
+  return Experiment(config, mesh, graphdef(config.compute_dtype),
+                    graphdef(eval_compute_dtype(config)), engine, optimizer, num_classes,
                     tuple(image_shape)), state
 
 
@@ -658,6 +672,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")
+  if config.eval.get("compute_dtype", "run") not in ("float32", "bfloat16", "float16", "run"):
+    raise ValueError(f"config.eval.compute_dtype must be 'float32', 'bfloat16', 'float16' or "
+                     f"'run', got {config.eval.compute_dtype!r}.")
   make_engine(config, mesh)
   make_optimizer(config)
   check_data(config.data)
@@ -744,9 +761,10 @@ def restore(workdir: str, step: int | None = None, *, parts: str = "state",
   ``"params"``, the model alone (parameters, batch statistics, margin state, step), the
   optimizer state, the centres and the loss scale neither read nor held (``None``);
   ``"backbone"``, the same without the head ``W`` either (``params`` holds only the backbone's):
-  all that embedding needs. ``compute_dtype``: the model's arithmetic (as ``config.compute_dtype``
-  names it) in place of the run's, for ``"params"`` and ``"backbone"``: the stored parameters and
-  statistics are float32 whatever a run computes in, so a bfloat16 run embeds in float32 too.
+  all that embedding needs. ``compute_dtype``: the network's arithmetic when it embeds
+  (``config.eval.compute_dtype``'s values); ``None``: the run's ``config.compute_dtype``. The stored
+  parameters and statistics are float32 whatever a run computes in, so a bfloat16 run embeds in
+  float32 too.
 
   A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
   run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
@@ -755,14 +773,10 @@ def restore(workdir: str, step: int | None = None, *, parts: str = "state",
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
-  if compute_dtype is not None and parts == "state":
-    raise ValueError("compute_dtype changes the model, not the training state: restore "
-                     "parts='params' or 'backbone' with it.")
   config = checkpoints.load_config(workdir)
   num_classes, image_shape = checkpoints.load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
-  if compute_dtype is not None:
-    config.compute_dtype = compute_dtype
+  config.eval.compute_dtype = compute_dtype or "run"
   mesh = sharding_lib.make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)
@@ -964,7 +978,7 @@ def _check_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
   images (only its shapes are traced): e.g. the digits configs' ``kwargs.widths`` left beside
   another ``model.name``."""
   try:
-    nnx.eval_shape(_model_fn(config, image_shape))
+    nnx.eval_shape(_model_fn(config, image_shape, config.compute_dtype))
   except (TypeError, ValueError) as error:
     raise ValueError(f"config.model (name {config.model.name!r}, kwargs "
                      f"{dict(config.model.kwargs)}) cannot be built for {tuple(image_shape)} "

@@ -51,7 +51,8 @@ class Experiment:
   """What the jitted functions close over: the static parts of a run."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  graphdef: Any
+  graphdef: Any  # the backbone's graph, computing in ``config.compute_dtype``
+  eval_graphdef: Any  # the same, computing in ``config.eval.compute_dtype`` (embedding)
   engine: parallel.SoftmaxEngine
   optimizer: optax.GradientTransformation
   num_classes: int

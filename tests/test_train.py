@@ -179,6 +179,17 @@ def test_float16_run_learns_and_restores_its_loss_scale(tmp_path):
   assert all(m["loss_scale"] > 1 for m in metrics)
   _, state = train_lib.restore(str(tmp_path))
   assert state.loss_scale.scale.dtype == jnp.float32 and state.loss_scale.scale >= 1
+  # It evaluated in float32, as margins.evaluate does: its figures are those of the checkpoint.
+  experiment, params = train_lib.restore(str(tmp_path), parts="params", compute_dtype="float32")
+  _, sources = train_lib.make_sources(config.data)
+  with jax.set_mesh(experiment.mesh):
+    again = eval_lib.evaluate(
+        experiment, params, {**sources, "bins": {}},
+        embed_fn=jax.jit(functools.partial(eval_lib.embed, experiment)),
+        scores_fn=jax.jit(functools.partial(eval_lib.class_scores, experiment)))
+  for name in ("closed/accuracy", "open/auc", "open/xnorm",
+               "open/mean_average_precision_at_r"):
+    assert again[name] == pytest.approx(final[name], rel=1e-6), name
 
 
 def _schedule_counts(opt_state) -> list[int]:
@@ -995,6 +1006,38 @@ def test_batch_stats_reach_every_batch_norm_and_older_runs_keep_global_ones():
     assert len(flags) == 6 and set(flags) == {per_device}, (stats, flags)
 
 
+def test_evaluation_embeds_in_its_own_compute_dtype():
+  # A bfloat16 or float16 run evaluates as margins.evaluate does, in float32 (a float16 run's
+  # evaluation overflowed where float32's would not); "run" keeps the training's arithmetic.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape = (1,)
+  mesh = sharding_lib.make_mesh(config)
+  images = margins_data.digits("open_test", image_size=16).images[:8]
+
+  def embed(experiment, state):
+    with jax.set_mesh(mesh):
+      return np.asarray(jax.jit(functools.partial(eval_lib.embed, experiment))(state, images))
+
+  def embeddings(compute_dtype, eval_compute_dtype):
+    config.compute_dtype, config.eval.compute_dtype = compute_dtype, eval_compute_dtype
+    train_lib.check_config(config, mesh)
+    return embed(*train_lib.create_train_state(config, mesh, 6, (16, 16, 1)))
+
+  float32, in_run = embeddings("float32", "float32"), {}
+  for dtype in ("bfloat16", "float16"):
+    np.testing.assert_array_equal(embeddings(dtype, "float32"), float32)
+    in_run[dtype] = embeddings(dtype, "run")
+    np.testing.assert_array_equal(in_run[dtype], embeddings("float32", dtype))
+    assert not np.array_equal(in_run[dtype], float32)
+    np.testing.assert_allclose(in_run[dtype], float32, rtol=0.05, atol=0.05)
+  # A config without the field (config.eval replaced whole) embeds in the run's arithmetic.
+  config.unlock()
+  del config.eval["compute_dtype"]
+  config.compute_dtype = "bfloat16"
+  np.testing.assert_array_equal(
+      embed(*train_lib.create_train_state(config, mesh, 6, (16, 16, 1))), in_run["bfloat16"])
+
+
 def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
   """Each process loads ``batch_size / processes`` examples for its devices: with 3 and 1
   devices the run would fail later, inside orbax, with "cannot reshape array of size 4"."""
@@ -1078,6 +1121,8 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
     (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
     (lambda c: c.update(compute_dtype="float64"), "compute_dtype must be 'float32', "),
+    (lambda c: c.eval.update(compute_dtype="float64"),
+     "config.eval.compute_dtype must be 'float32', 'bfloat16', 'float16' or 'run', got"),
     (lambda c: c.update(log_every=0), "config.log_every must be a positive"),
     (lambda c: c.update(checkpoint_every=0), "config.checkpoint_every must be a positive"),
     # orbax's max_to_keep=0 would delete every checkpoint, the final one included.
