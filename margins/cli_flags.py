@@ -24,9 +24,10 @@ FLIP = flags.DEFINE_bool(
     "in evaluate, as insightface's protocol; off in embed_folder).")
 COMPUTE_DTYPE = flags.DEFINE_enum(
     "compute_dtype", "float32", ["float32", "bfloat16", "float16", "run"],
-    "The network's arithmetic (evaluate, export): float32 whatever the run trained in, as "
-    "insightface evaluates (eval_ijbc.py) and exports (float32 ONNX), another, or 'run': the "
-    "run's config.compute_dtype (the recipes' bfloat16 moves pair cosines by about 1e-3).")
+    "The network's arithmetic (evaluate, export, subcenter_drop): float32 whatever the run "
+    "trained in, as insightface evaluates (eval_ijbc.py) and exports (float32 ONNX), another, "
+    "or 'run': the run's config.compute_dtype (the recipes' bfloat16 moves pair cosines by "
+    "about 1e-3).")
 _SHARED = (WORKDIR, STEP, BATCH_SIZE, OUT, FLIP, COMPUTE_DTYPE)
 
 

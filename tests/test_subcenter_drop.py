@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,18 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   bins = sorted(f"{name}.bin" for name in recipes.VERIFICATION_SETS)  # As the recipes read them.
   assert sorted(os.listdir(out)) == [*bins, "property", "train.idx", "train.rec"]
   assert all((out / name).read_bytes() == (data / name).read_bytes() for name in bins)
+  # A bfloat16 run (this one's checkpoint under a config.json saying so) is cleaned in float32,
+  # unless told to use its own arithmetic.
+  bf16_run = str(tmp_path / "bf16_run")
+  shutil.copytree(run, bf16_run)
+  stored = json.loads((tmp_path / "bf16_run" / "config.json").read_text())
+  (tmp_path / "bf16_run" / "config.json").write_text(json.dumps({**stored,
+                                                                 "compute_dtype": "bfloat16"}))
+  expected = subcenter_drop.drop_noisy(cosines, source.labels, 12).cosines
+  for kwargs, same in (({}, True), ({"compute_dtype": None}, False)):
+    got = subcenter_drop.clean_run(bf16_run, str(tmp_path / f"bf16_{same}"), batch_size=16,
+                                   max_angle=max_angle, **kwargs).cosines
+    assert np.allclose(got, expected, rtol=1e-6, atol=1e-6) == same, kwargs
   with pytest.raises(app.UsageError, match="No image of .* lies within 0 degrees"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "empty"), "--max_angle", "0")
   assert not os.path.exists(tmp_path / "empty")

@@ -1,14 +1,15 @@
 r"""Cleans a RecordIO dataset with a sub-centre ArcFace run: drops its noisy images.
 
   python -m margins.tools.subcenter_drop --workdir <run> --out <folder> \
-      [--data <folder>] [--max_angle 75] [--step N] [--batch_size 256]
+      [--data <folder>] [--max_angle 75] [--step N] [--batch_size 256] [--compute_dtype float32]
 
 The second step of sub-centre ArcFace's recipe for noisy web faces (Deng et al., ECCV 2020;
 insightface's ``subcenter_arcface/drop.py``): train with ``K`` sub-centres per class (``K = 3``,
 ``config.loss.subcenters``), then
 
 - embed every image of the training set (``--data``, by default the run's own
-  ``config.data.path``), without the flip test;
+  ``config.data.path``), without the flip test, the network computing in float32 whatever the run
+  trained in (``--compute_dtype``, as ``margins.evaluate``);
 - per class, the dominant sub-centre is the one nearest (by cosine) to most of its images, the
   first on a tie: the clean faces gather there, noisy and hard ones at the others;
 - keep the images within ``--max_angle`` degrees of their class's dominant sub-centre (75 in the
@@ -48,7 +49,7 @@ _DATA = flags.DEFINE_string(
 _MAX_ANGLE = flags.DEFINE_float(
     "max_angle", 75.0, "Keep images within this angle (degrees) of their class's dominant "
     "sub-centre.", lower_bound=0.0, upper_bound=180.0)
-for _name in ("workdir", "out", "step", "batch_size"):
+for _name in ("workdir", "out", "step", "batch_size", "compute_dtype"):
   flags.declare_key_flag(_name)
 _DISTRIBUTED = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
@@ -148,11 +149,14 @@ class _Rows:
 
 
 def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: float = 75.0,
-              step: int | None = None, batch_size: int | None = None) -> Cleaning:
+              step: int | None = None, batch_size: int | None = None,
+              compute_dtype: str | None = "float32") -> Cleaning:
   """Cleans the RecordIO folder ``data`` (default: the run's) by the run's checkpoint ``step``
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
   docstring. ``batch_size``: images embedded at once over all devices (a multiple of their
-  number; ``None``: :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one)."""
+  number; ``None``: :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one).
+  ``compute_dtype``: the network's arithmetic (:func:`margins.train_lib.restore`'s); ``None``:
+  the run's ``config.compute_dtype``."""
   # Checked before the checkpoint is read, which can take minutes.
   trained_on = checkpoints.load_config(workdir).data
   num_classes, image_shape = checkpoints.load_data_info(workdir)
@@ -177,7 +181,7 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
     raise ValueError(f"{data} has {source.num_classes} classes, the run's head "
                      f"{num_classes}: not the data the run trained on.")
   batch_size = eval_lib.global_batch_size(batch_size, jax.device_count())  # restore's mesh
-  experiment, state = train_lib.restore(workdir, step, parts="params")
+  experiment, state = train_lib.restore(workdir, step, parts="params", compute_dtype=compute_dtype)
   experiment.config.eval.batch_size = batch_size
   labels = source.labels
   embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
@@ -218,7 +222,8 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.OUT, cli_flags.STEP, cli_flags.BATCH_SIZE)
+  cli_flags.refuse_unused(cli_flags.WORKDIR, cli_flags.OUT, cli_flags.STEP, cli_flags.BATCH_SIZE,
+                          cli_flags.COMPUTE_DTYPE)
   cli_flags.quiet_library_logs()
   # Several tasks (srun / mpirun, --multihost, --coordinator_address): one job over all of them,
   # the dataset written by process 0 (else every task writes the same train.rec).
@@ -229,7 +234,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     cleaning = clean_run(cli_flags.WORKDIR.value, cli_flags.OUT.value, data=_DATA.value,
                          max_angle=_MAX_ANGLE.value, step=cli_flags.STEP.value,
-                         batch_size=cli_flags.BATCH_SIZE.value)
+                         batch_size=cli_flags.BATCH_SIZE.value,
+                         compute_dtype=cli_flags.compute_dtype())
   except (FileNotFoundError, ValueError) as error:  # Not a run, not its data, ...
     raise app.UsageError(str(error)) from error
   if jax.process_index() == 0:
