@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 import margins
 from margins import parallel
 from margins import sharding
+from tests import reference
 
 B, D = 16, 16  # B <= D: the chunked engines keep their scores (keep_scores=False recomputes)
 KEY = jax.random.key(7)
@@ -519,14 +520,16 @@ def test_sharded_rejects_bad_shapes():
     margins.chunked(5), margins.chunked(5, sample_rate=0.5),
     margins.sharded(make_mesh(4), chunk_size=3)], ids=["chunked", "sampled", "sharded"])
 def test_batch_statistics_leave_out_out_of_range_labels(engine):
-  # Under jit: that example's loss is NaN; the state is that of the others (on every shard).
+  # Under jit: those examples' losses are NaN; the state is that of the others (on every
+  # shard). A negative label too: clipped to 0, it was class 0 on the first shard.
   x, w2, _, labels = make_inputs(13, 16)
-  bad = labels.copy(); bad[5] = 13
-  keep = np.delete(np.arange(B), 5)
+  bad = labels.copy(); bad[5] = 13; bad[9] = -1
+  keep = np.delete(np.arange(B), [5, 9])
   for margin in (MARGINS["curricularface"], MARGINS["adaface"]):
     losses, state = jax.jit(lambda x_, y_, e=engine, m=margin: e(
         x_, w2, y_, m, num_classes=13, key=KEY))(x, bad)
-    assert np.isnan(losses[5]) and np.isfinite(np.delete(losses, 5)).all()
+    losses = np.asarray(losses)
+    assert np.isnan(losses[[5, 9]]).all() and np.isfinite(losses[keep]).all()
     _, want = margins.dense()(x[keep], w2, labels[keep], margin, num_classes=13)
     for got_leaf, want_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
       np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6)
@@ -559,6 +562,41 @@ def test_engines_are_finite_at_the_edges(engine):
     for leaf in jax.tree.leaves(leaves):
       assert np.all(np.isfinite(leaf)), margin
 
+
+
+@margins.margin_dataclass
+class _ArcCosMargin(margins.Margin):
+  """ArcFace written as a user might: the arccos of ``rows.cos``, NaN outside [-1, 1]."""
+  scale: float = 8.0
+
+  def target_logit(self, rows):
+    return self.scale * jnp.cos(jnp.arccos(rows.cos) + 0.5)
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(7),
+                                    margins.sharded(make_mesh(2), chunk_size=7)],
+                         ids=["dense", "chunked", "sharded"])
+def test_margins_get_target_cosines_within_minus_one_and_one(engine):
+  # Embeddings along their centres: float32 rounds some of these cosines to 1 + 1 ulp.
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(64, 8)).astype(np.float32)
+  x = w[:16] * np.float32(1.7)
+  labels = np.arange(16, dtype=np.int32)
+  losses = jax.jit(lambda x_, w_: engine(x_, w_, labels, _ArcCosMargin())[0])(x, w)
+  # A float32 cosine at 1 is off by an ulp, which sqrt(1 - cos^2) magnifies to about 1e-3.
+  np.testing.assert_allclose(losses, reference.arcface(x, w, labels, scale=8.0), rtol=3e-3)
+
+
+@pytest.mark.parametrize("engine", [margins.dense(), margins.chunked(3)], ids=["dense", "chunked"])
+def test_short_vectors_above_the_floor_are_divided_by_their_norm(engine):
+  # Norms of 1e-8: above the floor (1e-12), though their squares are below it.
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(4, 8)), rng.normal(size=(7, 8))
+  x[1] *= 1e-8 / np.linalg.norm(x[1])
+  w[3] *= 1e-8 / np.linalg.norm(w[3])
+  labels = np.array([0, 2, 3, 6], np.int32)
+  got = engine(x.astype(np.float32), w.astype(np.float32), labels, margins.NormFace(scale=8.0))[0]
+  np.testing.assert_allclose(got, reference.normface(x, w, labels, scale=8.0), rtol=1e-5)
 
 
 def test_centre_below_the_norm_floor_is_divided_by_the_floor():
@@ -764,6 +802,18 @@ def test_sample_classes_takes_no_row_for_labels_that_live_elsewhere():
   draws = jax.jit(jax.vmap(lambda k: parallel.sample_classes(
       jnp.array([-1, 5, -1], jnp.int32), 100, 100, 1, k)))(jax.random.split(KEY, 16))
   np.testing.assert_array_equal(draws, 5)
+  # ... and a class of the batch at row 0 is kept whichever -1s come after it (they scatter to
+  # row 0 too).
+  for labels in ([0, -1, -1], [-1, 0, -1], [-1, -1, 0]):
+    draws = jax.jit(jax.vmap(lambda k, y=jnp.array(labels, jnp.int32): parallel.sample_classes(
+        y, 50, 50, 2, k)))(jax.random.split(KEY, 8))
+    assert np.all(np.any(np.asarray(draws) == 0, axis=1)), labels
+  # So in a sharded sample: shard 1's local labels are [0, -1], its row 0 the batch's class 8.
+  engine = margins.sharded(make_mesh(2), sample_rate=0.25)  # 2 of each shard's 8 rows
+  index = jax.jit(jax.vmap(lambda k: engine.sample(jnp.array([8, 1], jnp.int32), num_rows=16,
+                                                   key=k).index))(jax.random.split(KEY, 8))
+  index = np.asarray(index).reshape(8, 2, -1)
+  assert np.all(np.any(index[:, 0] == 1, axis=1)) and np.all(np.any(index[:, 1] == 0, axis=1))
   # 8-bit labels: the rows' ids (here up to 299) and -1 fit only after the cast to 32 bits.
   draws = parallel.sample_classes(jnp.array([200, 250], jnp.uint8), 300, 300, 4, KEY)
   assert {200, 250} <= set(np.asarray(draws).tolist()) and np.all(np.diff(draws) > 0)
