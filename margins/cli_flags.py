@@ -36,9 +36,9 @@ def flip_test(default: bool) -> bool:
   return default if FLIP.value is None else FLIP.value
 
 
-def compute_dtype() -> str | None:
-  """``--compute_dtype``; ``None`` for ``run``, the run's own."""
-  return None if COMPUTE_DTYPE.value == "run" else COMPUTE_DTYPE.value
+def compute_dtype() -> str:
+  """``--compute_dtype``: a dtype's name, or ``run``, the run's ``config.compute_dtype``."""
+  return COMPUTE_DTYPE.value
 
 
 def refuse_unused(*used: flags.FlagHolder) -> None:

@@ -66,8 +66,8 @@ def evaluate_run(workdir: str, bin_paths: Sequence[str], *, ijb_folders: Sequenc
       :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one.
     ijb_operating_point: how IJB TAR@FAR reads the ROC
       (:func:`margins.evaluation.evaluate_ijb`'s ``operating_point``).
-    compute_dtype: the network's arithmetic (:func:`margins.train_lib.restore`'s); ``None``: the
-      run's ``config.compute_dtype``.
+    compute_dtype: the network's arithmetic (:func:`margins.train_lib.restore`'s: ``"run"``, the
+      run's ``config.compute_dtype``; ``None``, its ``config.eval.compute_dtype``).
   """
   names = [eval_lib.bin_set_name(path) for path in bin_paths]
   names += [data_lib.ijb.benchmark_name(folder) for folder in ijb_folders]
@@ -160,7 +160,7 @@ def main(argv: Sequence[str]) -> None:
   if jax.process_index() != 0:
     return
   bins = {name: r for name, r in results.items() if isinstance(r, evaluation.VerificationResult)}
-  arithmetic = compute_dtype or "the run's compute_dtype"
+  arithmetic = "the run's compute_dtype" if compute_dtype == "run" else compute_dtype
   lines = [f"{workdir}, step {step}, in {arithmetic}:",
            *([format_table(bins, flip=flip)] if bins else []),
            *(evaluation.format_ijb(name, r) for name, r in results.items()

@@ -380,9 +380,14 @@ def _batch_stats(config) -> str:
   return config.model.get("batch_stats", "global")
 
 
+# ``config.eval.compute_dtype``'s values: a dtype's name, or the run's ``config.compute_dtype``.
+EVAL_COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "run")
+
+
 def eval_compute_dtype(config: ml_collections.ConfigDict) -> str:
   """The network's arithmetic when it embeds, ``config.eval.compute_dtype``; ``"run"`` (or no
-  such field, as in a config that replaced ``config.eval`` whole) means ``config.compute_dtype``."""
+  such field: a run's config.json written before 2026-12-07, or a config that replaced
+  ``config.eval`` whole) means ``config.compute_dtype``."""
   name = config.eval.get("compute_dtype", "run")
   return config.compute_dtype if name == "run" else name
 
@@ -672,9 +677,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")
-  if config.eval.get("compute_dtype", "run") not in ("float32", "bfloat16", "float16", "run"):
-    raise ValueError(f"config.eval.compute_dtype must be 'float32', 'bfloat16', 'float16' or "
-                     f"'run', got {config.eval.compute_dtype!r}.")
+  if config.eval.get("compute_dtype", "run") not in EVAL_COMPUTE_DTYPES:
+    raise ValueError(f"config.eval.compute_dtype must be one of {EVAL_COMPUTE_DTYPES}, got "
+                     f"{config.eval.compute_dtype!r}.")
   make_engine(config, mesh)
   make_optimizer(config)
   check_data(config.data)
@@ -761,10 +766,11 @@ def restore(workdir: str, step: int | None = None, *, parts: str = "state",
   ``"params"``, the model alone (parameters, batch statistics, margin state, step), the
   optimizer state, the centres and the loss scale neither read nor held (``None``);
   ``"backbone"``, the same without the head ``W`` either (``params`` holds only the backbone's):
-  all that embedding needs. ``compute_dtype``: the network's arithmetic when it embeds
-  (``config.eval.compute_dtype``'s values); ``None``: the run's ``config.compute_dtype``. The stored
-  parameters and statistics are float32 whatever a run computes in, so a bfloat16 run embeds in
-  float32 too.
+  all that embedding needs. ``compute_dtype``: the network's arithmetic when it embeds, in place
+  of the run's ``config.eval.compute_dtype`` (``None``: that one; a run's config.json written
+  before 2026-12-07 has none, and its network embeds as it evaluated, in ``"run"``, the run's
+  ``config.compute_dtype``). The stored parameters and statistics are float32 whatever a run
+  computes in, so a bfloat16 run embeds in float32 too.
 
   A step saved under another ``compute_dtype`` or center-loss weight than ``config.json``'s (a
   run resumed in float32 after float16) restores as training resumes it: a loss scale or centres
@@ -773,10 +779,12 @@ def restore(workdir: str, step: int | None = None, *, parts: str = "state",
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
+  if compute_dtype not in (None, *EVAL_COMPUTE_DTYPES):
+    raise ValueError(f"compute_dtype={compute_dtype!r}; choose among {EVAL_COMPUTE_DTYPES}.")
   config = checkpoints.load_config(workdir)
   num_classes, image_shape = checkpoints.load_data_info(workdir)
   config.mesh = dict(shape=(-1,), axis_names=tuple(config.mesh.axis_names)[:1])
-  config.eval.compute_dtype = compute_dtype or "run"
+  config.eval.compute_dtype = compute_dtype or eval_compute_dtype(config)
   mesh = sharding_lib.make_mesh(config)
   experiment, abstract = create_train_state(config, mesh, num_classes, image_shape,
                                             abstract=True)

@@ -166,15 +166,25 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
   config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
                                      "compute_dtype": "bfloat16"}))
   path, grey, _ = digits_bin
-  as_float32, as_run = (train_lib.restore(bf16_run, parts="backbone", compute_dtype=dtype)
-                        for dtype in ("float32", None))
-  np.testing.assert_array_equal(live_embeddings(*as_float32, grey, flip=False),
-                                live_embeddings(*restored, grey, flip=False))
-  assert not np.array_equal(live_embeddings(*as_run, grey, flip=False),
-                            live_embeddings(*restored, grey, flip=False))
+  # By default as the run evaluated, in its config.eval.compute_dtype (float32 by default).
+  as_evaluated, as_run = (train_lib.restore(bf16_run, parts="backbone", compute_dtype=dtype)
+                          for dtype in (None, "run"))
+  float32_embeddings = live_embeddings(*restored, grey, flip=False)
+  np.testing.assert_array_equal(live_embeddings(*as_evaluated, grey, flip=False),
+                                float32_embeddings)
+  run_embeddings = live_embeddings(*as_run, grey, flip=False)
+  assert not np.array_equal(run_embeddings, float32_embeddings)
+  # A run's config.json written before 2026-12-07, without the field: it evaluated in its own.
+  stored = json.loads(config_path.read_text())
+  del stored["eval"]["compute_dtype"]
+  config_path.write_text(json.dumps(stored))
+  np.testing.assert_array_equal(live_embeddings(
+      *train_lib.restore(bf16_run, parts="backbone"), grey, flip=False), run_embeddings)
+  with pytest.raises(ValueError, match=r"compute_dtype='float64'; choose among \('float32'"):
+    train_lib.restore(bf16_run, compute_dtype="float64")
   float32_result, bf16_result, own_result = (
       evaluate.evaluate_run(workdir, [path], **kwargs)[1]["digits"]
-      for workdir, kwargs in ((run, {}), (bf16_run, {}), (bf16_run, {"compute_dtype": None})))
+      for workdir, kwargs in ((run, {}), (bf16_run, {}), (bf16_run, {"compute_dtype": "run"})))
   assert float32_result.xnorm == bf16_result.xnorm != own_result.xnorm
   np.testing.assert_array_equal(float32_result.tpr, bf16_result.tpr)
   capsys.readouterr()
@@ -184,8 +194,7 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
   # The whole training state too: its network trains in the run's bfloat16, embeds in float32.
   whole = train_lib.restore(bf16_run, compute_dtype="float32")
   assert whole[0].config.compute_dtype == "bfloat16"
-  np.testing.assert_array_equal(live_embeddings(*whole, grey, flip=False),
-                                live_embeddings(*restored, grey, flip=False))
+  np.testing.assert_array_equal(live_embeddings(*whole, grey, flip=False), float32_embeddings)
   images = ((grey / 255.0 - 0.5) / 0.5).astype(np.float32)
   exported = {}
   for args, dtype in (((), "float32"), (("--compute_dtype", "run"), "bfloat16")):
@@ -193,8 +202,7 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
     model, metadata = embed_folder.load_model(tmp_path / dtype)
     assert metadata["compute_dtype"] == dtype
     exported[dtype] = np.asarray(model.call(images), np.float64)
-  np.testing.assert_allclose(exported["float32"], live_embeddings(*restored, grey, flip=False),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(exported["float32"], float32_embeddings, rtol=1e-5, atol=1e-6)
   assert not np.allclose(exported["bfloat16"], exported["float32"], rtol=1e-5, atol=1e-6)
 
 

@@ -1122,7 +1122,8 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.optimizer.update(name="lion"), "Unknown config.optimizer.name 'lion'"),
     (lambda c: c.update(compute_dtype="float64"), "compute_dtype must be 'float32', "),
     (lambda c: c.eval.update(compute_dtype="float64"),
-     "config.eval.compute_dtype must be 'float32', 'bfloat16', 'float16' or 'run', got"),
+     r"config.eval.compute_dtype must be one of \('float32', 'bfloat16', 'float16', 'run'\), "
+     "got 'float64'"),
     (lambda c: c.update(log_every=0), "config.log_every must be a positive"),
     (lambda c: c.update(checkpoint_every=0), "config.checkpoint_every must be a positive"),
     # orbax's max_to_keep=0 would delete every checkpoint, the final one included.

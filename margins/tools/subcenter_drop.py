@@ -155,8 +155,8 @@ def clean_run(workdir: str, output: str, *, data: str | None = None, max_angle: 
   (default: the latest) and, on process 0, writes the kept images to ``output``; see the module
   docstring. ``batch_size``: images embedded at once over all devices (a multiple of their
   number; ``None``: :data:`margins.eval_lib.DEFAULT_BATCH_SIZE` rounded up to one).
-  ``compute_dtype``: the network's arithmetic (:func:`margins.train_lib.restore`'s); ``None``:
-  the run's ``config.compute_dtype``."""
+  ``compute_dtype``: the network's arithmetic (:func:`margins.train_lib.restore`'s: ``"run"``,
+  the run's ``config.compute_dtype``; ``None``, its ``config.eval.compute_dtype``)."""
   # Checked before the checkpoint is read, which can take minutes.
   trained_on = checkpoints.load_config(workdir).data
   num_classes, image_shape = checkpoints.load_data_info(workdir)
