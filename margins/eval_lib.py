@@ -49,7 +49,8 @@ def global_batch_size(batch_size: int | None, num_devices: int) -> int:
 
 def embed(experiment: Experiment, state: TrainState, images: Array) -> Array:
   """``[B, D]`` float32 embeddings in evaluation mode (running batch statistics, no dropout),
-  the network computing in ``config.eval.compute_dtype``.
+  the network computing in ``experiment.eval_graphdef``'s arithmetic (``config.eval.compute_dtype``
+  when the experiment was made).
 
   ``images``: ``uint8 [B, H, W, C]`` pixels as the pipelines yield them, normalised here by
   ``margins.data.normalize_images``, or floats already normalised to ``[-1, 1]`` (the exported

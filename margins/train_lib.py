@@ -419,6 +419,9 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
                      nnx.Param, ...)[0]
 
   model_fn = _model_fn(config, image_shape, config.compute_dtype)
+  train_graphdef = graphdef(config.compute_dtype)
+  eval_dtype = eval_compute_dtype(config)
+  eval_graphdef = train_graphdef if eval_dtype == config.compute_dtype else graphdef(eval_dtype)
   engine = make_engine(config, mesh)
   optimizer = make_optimizer(config)
   margin = make_margin(config.loss)
@@ -451,8 +454,7 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   else:
     model = sharding_lib.on_host(init_model, (shardings.params["backbone"], shardings.model_state))
     state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(*model)
-  return Experiment(config, mesh, graphdef(config.compute_dtype),
-                    graphdef(eval_compute_dtype(config)), engine, optimizer, num_classes,
+  return Experiment(config, mesh, train_graphdef, eval_graphdef, engine, optimizer, num_classes,
                     tuple(image_shape)), state
 
 
@@ -779,7 +781,8 @@ def restore(workdir: str, step: int | None = None, *, parts: str = "state",
   """
   if parts not in RESTORE_PARTS:
     raise ValueError(f"parts={parts!r}; choose among {RESTORE_PARTS}.")
-  if compute_dtype not in (None, *EVAL_COMPUTE_DTYPES):
+  if compute_dtype is not None and not (isinstance(compute_dtype, str)
+                                        and compute_dtype in EVAL_COMPUTE_DTYPES):
     raise ValueError(f"compute_dtype={compute_dtype!r}; choose among {EVAL_COMPUTE_DTYPES}.")
   config = checkpoints.load_config(workdir)
   num_classes, image_shape = checkpoints.load_data_info(workdir)

@@ -52,7 +52,9 @@ class Experiment:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   graphdef: Any  # the backbone's graph, computing in ``config.compute_dtype``
-  eval_graphdef: Any  # the same, computing in ``config.eval.compute_dtype`` (embedding)
+  # The same, computing in ``config.eval.compute_dtype`` as it was when the experiment was made:
+  # what :func:`margins.eval_lib.embed` runs.
+  eval_graphdef: Any
   engine: parallel.SoftmaxEngine
   optimizer: optax.GradientTransformation
   num_classes: int

@@ -180,8 +180,9 @@ def test_evaluate_and_export_compute_in_float32_unless_told_to_use_the_runs_dtyp
   config_path.write_text(json.dumps(stored))
   np.testing.assert_array_equal(live_embeddings(
       *train_lib.restore(bf16_run, parts="backbone"), grey, flip=False), run_embeddings)
-  with pytest.raises(ValueError, match=r"compute_dtype='float64'; choose among \('float32'"):
-    train_lib.restore(bf16_run, compute_dtype="float64")
+  for bad in ("float64", np.dtype("float16")):  # A NumPy dtype equals its name.
+    with pytest.raises(ValueError, match=r"compute_dtype=.*; choose among \('float32'"):
+      train_lib.restore(bf16_run, compute_dtype=bad)
   float32_result, bf16_result, own_result = (
       evaluate.evaluate_run(workdir, [path], **kwargs)[1]["digits"]
       for workdir, kwargs in ((run, {}), (bf16_run, {}), (bf16_run, {"compute_dtype": "run"})))

@@ -81,7 +81,7 @@ def test_recipe_values_are_insightfaces(name):
   assert (opt.weight_decay, opt.head_weight_decay, opt.head_lr_scale) == (weight_decay, None, 1.0)
   assert opt.warmup_steps == images // batch * optimizer["warmup_epochs"]
   assert (opt.decay_power, opt.grad_clip_norm) == (2.0, 5.0)
-  assert config.compute_dtype == "bfloat16"
+  assert config.compute_dtype == "bfloat16" and config.eval.compute_dtype == "float32"
   assert config.input.random_flip and config.eval.flip
   assert config.eval.bins == ("/data/set/lfw.bin", "/data/set/cfp_fp.bin",
                               "/data/set/agedb_30.bin")

@@ -204,6 +204,15 @@ def test_cli_writes_the_kept_images_of_a_subcentre_run(tmp_path, cli, monkeypatc
   with pytest.raises(app.UsageError, match="images 0 to 47: 48 of 48 embeddings are not finite"):
     cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "nan"), "--batch_size", "16")
   monkeypatch.setattr(eval_lib, "embed", embed)
+  # The command line's --compute_dtype reaches it (float32 unless given).
+  given = []
+  with monkeypatch.context() as patched:
+    patched.setattr(subcenter_drop, "clean_run", lambda *args, **kwargs: given.append(
+        kwargs["compute_dtype"]) or subcenter_drop.Cleaning(np.ones(1, bool), np.zeros(1), 1,
+                                                            np.zeros(1), np.ones(1)))
+    for args in ((), ("--compute_dtype", "run"), ("--compute_dtype", "bfloat16")):
+      cli(subcenter_drop, "--workdir", run, "--out", str(tmp_path / "x"), *args)
+  assert given == ["float32", "run", "bfloat16"]
   # Bad arguments are caught before the checkpoint is read.
   monkeypatch.setattr(train_lib, "restore", lambda *args, **kwargs: pytest.fail("restored"))
   with pytest.raises(app.UsageError, match="not the data the run trained on"):

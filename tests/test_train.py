@@ -1018,10 +1018,13 @@ def test_evaluation_embeds_in_its_own_compute_dtype():
     with jax.set_mesh(mesh):
       return np.asarray(jax.jit(functools.partial(eval_lib.embed, experiment))(state, images))
 
-  def embeddings(compute_dtype, eval_compute_dtype):
+  def embeddings(compute_dtype, eval_compute_dtype, *, trained=False):
     config.compute_dtype, config.eval.compute_dtype = compute_dtype, eval_compute_dtype
     train_lib.check_config(config, mesh)
-    return embed(*train_lib.create_train_state(config, mesh, 6, (16, 16, 1)))
+    experiment, state = train_lib.create_train_state(config, mesh, 6, (16, 16, 1))
+    if trained:  # What the training step's graph computes, in evaluation mode.
+      experiment = dataclasses.replace(experiment, eval_graphdef=experiment.graphdef)
+    return embed(experiment, state)
 
   float32, in_run = embeddings("float32", "float32"), {}
   for dtype in ("bfloat16", "float16"):
@@ -1030,6 +1033,8 @@ def test_evaluation_embeds_in_its_own_compute_dtype():
     np.testing.assert_array_equal(in_run[dtype], embeddings("float32", dtype))
     assert not np.array_equal(in_run[dtype], float32)
     np.testing.assert_allclose(in_run[dtype], float32, rtol=0.05, atol=0.05)
+    # The training still computes in the run's dtype.
+    np.testing.assert_array_equal(embeddings(dtype, "float32", trained=True), in_run[dtype])
   # A config without the field (config.eval replaced whole) embeds in the run's arithmetic.
   config.unlock()
   del config.eval["compute_dtype"]
