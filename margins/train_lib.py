@@ -414,14 +414,14 @@ def create_train_state(config, mesh, num_classes: int, image_shape: tuple[int, i
   With ``abstract``, the state's leaves are only ``jax.ShapeDtypeStruct`` with their shardings
   (what a checkpoint is restored into), and nothing is computed.
   """
-  def graphdef(compute_dtype):
-    return nnx.split(nnx.eval_shape(_model_fn(config, image_shape, compute_dtype)),
-                     nnx.Param, ...)[0]
+  def graphdef(model_fn):
+    return nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)[0]
 
   model_fn = _model_fn(config, image_shape, config.compute_dtype)
-  train_graphdef = graphdef(config.compute_dtype)
+  train_graphdef = graphdef(model_fn)
   eval_dtype = eval_compute_dtype(config)
-  eval_graphdef = train_graphdef if eval_dtype == config.compute_dtype else graphdef(eval_dtype)
+  eval_graphdef = train_graphdef if eval_dtype == config.compute_dtype else graphdef(
+      _model_fn(config, image_shape, eval_dtype))
   engine = make_engine(config, mesh)
   optimizer = make_optimizer(config)
   margin = make_margin(config.loss)
