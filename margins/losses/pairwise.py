@@ -26,8 +26,8 @@ How the pair (or triplet) terms of one anchor become its loss is set by ``averag
 * ``"batch"``: the anchor's sum divided by the number of terms in the whole batch, so that
   ``loss.sum()`` is the mean over all the batch's pairs (triplets): pytorch-metric-learning's
   ``MeanReducer``, and TensorFlow Addons' ``triplet_semihard_loss`` (the mean over all positive
-  pairs) where every anchor has a negative. ``"anchor"`` and ``loss.mean()`` instead weight the anchors
-  equally and count those without pairs as 0.
+  pairs) where every anchor has a negative. ``"anchor"`` and ``loss.mean()`` instead weight the
+  anchors equally and count those without pairs as 0.
 
 Contrastive losses average their positive and negative terms separately, as pytorch-metric-learning
 does, so that a batch's many negatives do not drown its few positives.
