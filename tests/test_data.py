@@ -354,6 +354,22 @@ def test_flip_gives_the_mirrored_image():
   assert 4 <= flipped <= 28  # about half, by chance
 
 
+def test_flip_probability_is_one_half():
+  # insightface's RandomHorizontalFlip mirrors with probability 1/2. 1000 images, each black on
+  # the left and white on the right, so that its first pixel tells whether it was mirrored: at
+  # 1/2, 500 +- 16 are; the test above also passed at 1/4.
+  images = np.zeros((1000, 2, 3, 1), np.uint8)
+  images[:, :, 2] = 255
+  source = data.ArraySource(images, np.arange(1000))
+  for seed in (0, 1):
+    batch, = data.train_dataset(source, batch_size=1000, num_epochs=1, random_flip=True,
+                                seed=seed, shard_index=0, shard_count=1)
+    flipped = batch["image"][:, 0, 0, 0] == 255
+    assert np.all(batch["image"][flipped, :, ::-1] == images[0])  # Mirrored, or as they were.
+    assert np.all(batch["image"][~flipped] == images[0])
+    assert 440 <= flipped.sum() <= 560, flipped.sum()
+
+
 def test_random_crop_is_a_shift_of_the_zero_padded_image():
   source = _indexed_source(num_examples=30, shape=(7, 6, 1))
   padding = 2

@@ -263,3 +263,68 @@ def test_crops_are_decoded_upright_as_every_other_source(tmp_path):
   grey = data_lib.IJBSource(folder, image_shape=(112, 112, 1))[0]["image"]
   np.testing.assert_allclose(grey[..., 0], np.asarray(PIL.Image.fromarray(
       _smooth_image(100, 112)).convert("L")), atol=1)
+
+
+def test_read_ijb_takes_each_column_where_the_meta_files_put_it(tmp_path):
+  # Every column holds values no other column does, so a column read from the wrong place shows:
+  # the scores and templates and media are what the scoring trusts, and the scoring test above
+  # reads them back from the protocol, so it cannot tell.
+  meta = tmp_path / "IJBC" / "meta"
+  meta.mkdir(parents=True)
+  (meta / "ijbc_name_5pts_score.txt").write_text(
+      "a.jpg 1 2 3 4 5 6 7 8 9 10 0.25\n"
+      "b.jpg 11 12 13 14 15 16 17 18 19 20 0.75\n")
+  (meta / "ijbc_face_tid_mid.txt").write_text("a.jpg 301 4001\nb.jpg 302 4002\n")
+  (meta / "ijbc_template_pair_label.txt").write_text("301 302 0\n302 301 1\n")
+  protocol = data_lib.read_ijb(tmp_path / "IJBC")
+  assert protocol.files == ["a.jpg", "b.jpg"]
+  # x1 y1 ... x5 y5: landmark k is (x_k, y_k).
+  np.testing.assert_array_equal(protocol.landmarks[0], [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
+  np.testing.assert_array_equal(protocol.landmarks[1, 4], [19, 20])
+  assert protocol.detector_scores.tolist() == [0.25, 0.75]
+  assert protocol.templates.tolist() == [301, 302] and protocol.media.tolist() == [4001, 4002]
+  assert protocol.pairs.tolist() == [[301, 302], [302, 301]]
+  assert protocol.issame.tolist() == [False, True]
+
+
+def test_template_scores_average_within_media_as_the_meta_files_group_them(tmp_path):
+  # One template of three images, two of them frames of one video: its feature is the photo's
+  # plus the mean of the frames, (1, 0) + ((0, 1) + (0, 3)) / 2 = (1, 2), not the mean of all
+  # three; the other template is one image at (2, 1). Cosine of (1, 2) and (2, 1): 4 / 5.
+  meta = tmp_path / "IJBC" / "meta"
+  meta.mkdir(parents=True)
+  (meta / "ijbc_name_5pts_score.txt").write_text(
+      "".join(f"{name}.jpg" + " 50" * 10 + " 1.0\n" for name in "abcd"))
+  (meta / "ijbc_face_tid_mid.txt").write_text(
+      "a.jpg 1 10\nb.jpg 1 11\nc.jpg 1 11\nd.jpg 2 12\n")
+  (meta / "ijbc_template_pair_label.txt").write_text("1 2 1\n2 1 0\n")
+  protocol = data_lib.read_ijb(tmp_path / "IJBC")
+  features = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0], [2.0, 1.0]])
+  result = evaluation.evaluate_ijb(features, protocol, far_targets=(1.0,))
+  np.testing.assert_allclose(result.scores, [0.8, 0.8], rtol=1e-12)
+
+
+def test_tar_at_far_keeps_the_operating_points_of_tied_scores():
+  # Template 0 at angle 0; templates 2k + 1 (same as 0) and 2k + 2 (different) both at angle
+  # 10 (k + 1) degrees: each score is shared by one same and one different pair, so the ROC
+  # climbs the diagonal through (k / 8, k / 8), every point a real threshold. The highest TAR at
+  # FAR <= 1/2 is 1/2 (accept scores >= cos 40 degrees); a ROC without the collinear inner points
+  # (scikit-learn's default) has none between (0, 0) and (1, 1), and read 0.
+  angles = np.radians(np.concatenate([[0.0], np.repeat(10.0 * np.arange(1, 9), 2)]))
+  features = np.stack([np.cos(angles), np.sin(angles)], 1)
+  pairs = np.array([[0, k] for k in range(1, 17)])
+  issame = np.arange(1, 17) % 2 == 1
+  protocol = data_lib.IJBProtocol(
+      folder="", name="toy", files=[f"{k}.jpg" for k in range(17)],
+      landmarks=np.zeros((17, 5, 2)), detector_scores=np.ones(17), templates=np.arange(17),
+      media=np.arange(17), pairs=pairs, issame=issame)
+  result = evaluation.evaluate_ijb(features, protocol, far_targets=(0.125, 0.5, 0.75))
+  # Brute force: accept the pairs scoring at least t, for every score t.
+  scores = np.cos(angles[1:])
+  points = [(np.mean(scores[~issame] >= t), np.mean(scores[issame] >= t)) for t in scores]
+  for target in (0.125, 0.5, 0.75):
+    want = max([0.0] + [tar for far, tar in points if far <= target + 1e-12])
+    assert result.tar_at_far[target] == pytest.approx(want, abs=1e-12), target
+  assert result.tar_at_far == pytest.approx({0.125: 0.125, 0.5: 0.5, 0.75: 0.75}, abs=1e-12)
+  np.testing.assert_allclose(result.fpr, np.arange(9) / 8, atol=1e-12)
+  np.testing.assert_allclose(result.tpr, np.arange(9) / 8, atol=1e-12)

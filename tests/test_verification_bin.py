@@ -97,6 +97,25 @@ def test_numpy_buffers_and_bool_array_load(tmp_path, protocol, column):
   assert issame.tolist() == [True]
 
 
+def test_grey_images_are_pillows_luma_of_each_image_resized(tmp_path):
+  # channels=1 (a grey model): each image converted by Pillow's luma (L = R * 299/1000 +
+  # G * 587/1000 + B * 114/1000), then resized bilinearly, pair order and labels kept.
+  images = _images(4)
+  path = tmp_path / "grey.bin"
+  with open(path, "wb") as file:
+    pickle.dump(([_png(image) for image in images], [False, True]), file)
+  loaded, issame = verification_bin.load_bin(path, image_size=(5, 4), channels=1)
+  assert loaded.dtype == np.uint8 and loaded.shape == (4, 5, 4, 1)
+  assert issame.tolist() == [False, True]
+  for image, grey in zip(images, loaded):
+    want = PIL.Image.fromarray(image).convert("L").resize((4, 5), PIL.Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(grey[:, :, 0], np.asarray(want))
+  # At the stored size, the luma by its formula (Pillow rounds it to within one grey level).
+  same_size, _ = verification_bin.load_bin(path, image_size=(7, 6), channels=1)
+  luma = images.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(same_size[..., 0], luma, atol=1)
+
+
 def test_write_bin_round_trip(tmp_path):
   images = _images(4)
   path = tmp_path / "pairs.bin"
@@ -146,6 +165,7 @@ def test_bad_files_name_the_file(tmp_path):
   for obj, message in [
       ({"bins": []}, "expected a pickled pair"),
       (([png], [True]), "1 images for 1 pairs"),
+      (([png, png, png], [True]), "3 images for 1 pairs"),  # One image too many: refused too.
       (([png, png], [[True]]), "`issame` must be a list of P booleans"),
       (([png, png], [0.5]), "`issame` must be a list of P booleans"),
       (([png, b"junk"], [True]), "image 1: cannot decode image"),
