@@ -91,6 +91,20 @@ def test_out_of_range_labels():
                              rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bad", [-1, -2, -3, -4, C])
+def test_update_centers_under_jit_drops_negative_labels_instead_of_wrapping_them(bad):
+  # Only class 0 is in the batch, so a label -k read NumPy-style as class C - k would move a
+  # centre that must keep its value bit for bit (classes 1 to 4 are absent); C is dropped too.
+  # (test_out_of_range_labels' -1 wraps to class 4, which its batch has: the scatter's duplicate
+  # index hid the wrong write.)
+  x, centers = make_inputs(8)
+  labels = np.array([0, bad, 0, bad, 0, 0, bad], np.int32)
+  got = jax.jit(center.update_centers)(centers, x, labels)
+  np.testing.assert_allclose(got, ref_update_centers(centers, x, labels, 0.5), rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(got)[1:], centers[1:])
+
+
 def test_uint8_labels_of_256_classes_and_numpy_centres():
   # Every label is valid (255 < 256): the comparison with the class count must not wrap.
   x, _ = make_inputs()
@@ -139,6 +153,21 @@ def test_update_centers_keeps_the_centres_dtype_and_rounds_once(dtype):
   want = ref_update_centers(np.asarray(centers, np.float64), np.asarray(x, dtype).astype(
       np.float64), LABELS, 0.5)
   np.testing.assert_array_equal(got, jnp.asarray(want, dtype))
+
+
+def test_one_float64_input_makes_loss_and_update_compute_in_float64():
+  # "float32 (float64 when an input is)": the float64 input may be either of the two.
+  x, centers = make_inputs(9)
+  rng = np.random.default_rng(9)
+  x64, centers64 = rng.normal(size=x.shape), rng.normal(size=centers.shape)  # not float32 values
+  with jax.enable_x64(True):
+    loss = jax.jit(center.center_loss)(x, jnp.asarray(centers64), LABELS)
+    new_centers = jax.jit(center.update_centers)(centers, jnp.asarray(x64), LABELS)
+  assert loss.dtype == jnp.float64 and new_centers.dtype == jnp.float32
+  np.testing.assert_allclose(loss, ref_center_loss(x, centers64, LABELS), rtol=1e-12)
+  # The centres keep float32, rounded once from the float64 update (as the 16-bit case above).
+  np.testing.assert_array_equal(new_centers,
+                                ref_update_centers(centers, x64, LABELS, 0.5).astype(np.float32))
 
 
 def test_update_centers_cost_does_not_grow_with_classes_times_batch():
