@@ -456,6 +456,39 @@ def test_adaface_clips_the_shifted_angle_and_divides_by_std_plus_eps():
       np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
+@pytest.mark.parametrize("t_alpha", [0.0, 1.0])
+def test_adaface_clips_the_norms_at_100_for_the_margin_and_the_statistics(t_alpha):
+  # The official code's safe_norms: clip(|x|, 0.001, 100) sets both z (frozen statistics,
+  # t_alpha=0: norms 150 and 300 give z = 0.27, not 0.43 and 0.93) and the batch statistics
+  # (t_alpha=1: mean 65 and std 41 of [100, 40, 100, 20], not 127.5 and 128).
+  angles = np.array([0.3, 1.0, 2.0, 2.5])
+  norms = np.array([150.0, 40.0, 300.0, 20.0])
+  x = (norms[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
+  w = np.array([[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8]], np.float32)
+  labels = np.array([0, 1, 0, 2], np.int32)
+  losses, state = margins.adaface_loss(x, w, labels, scale=8.0, t_alpha=t_alpha)
+  want, want_state = reference.adaface(x, w, labels, scale=8.0, t_alpha=t_alpha)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+  np.testing.assert_allclose(state, want_state, rtol=1e-5)
+
+
+def test_adaface_statistics_of_a_single_example_take_its_std_as_0():
+  # Bessel's correction divides by B - 1, which is 0 for one example: its std is 0 (the
+  # batch_moments contract), not 0 / 0, which would turn the state and the loss into NaN.
+  x, w, labels = make_inputs(norm_scale=10.0)
+  x, labels = x[:1], labels[:1]
+  losses, state = margins.adaface_loss(x, w, labels, margins.AdaFaceState(15.0, 40.0),
+                                       t_alpha=0.5)
+  norm = np.linalg.norm(x[0].astype(np.float64))
+  want_state = (0.5 * norm + 0.5 * 15.0, 0.5 * 0.0 + 0.5 * 40.0)
+  np.testing.assert_allclose(state, want_state, rtol=1e-6)
+  # The loss at those statistics: the reference with them frozen (t_alpha=0), given the example
+  # twice (its own std of one value is NumPy's warning).
+  want = reference.adaface(np.concatenate([x, x]), w, np.concatenate([labels, labels]),
+                           *want_state, t_alpha=0.0)[0][:1]
+  np.testing.assert_allclose(losses, want, rtol=2e-5, atol=2e-4)
+
+
 # A target at theta_y = pi - 0.2, past pi - m (m = 0.5): cos(theta_y + m) = -cos(0.3) = -0.955,
 # where ArcFace's target continues as cos_y - m sin m = -1.22. Centres of classes 1-3 at
 # cosines -0.97 (between the two), -0.9 and 0.3 with x.
@@ -480,6 +513,18 @@ def test_elasticface_arc_target_past_pi_minus_m_is_the_raw_cos_theta_plus_m():
   got = margins.elasticface_loss(PAST_PI_X, PAST_PI_W, labels, key, scale=8.0, sigma=0.0)
   want = reference.elasticface(PAST_PI_X, PAST_PI_W, labels, [0.5], scale=8.0)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("easy_margin", [True, False])
+def test_mv_softmax_arc_mask_past_pi_minus_m_is_the_raw_cos_theta_plus_m(easy_margin):
+  # As CurricularFace's: the authors' mask compares with cos(theta_y + m) = -0.955 as it is, not
+  # with the target's continuation (-1.22), so the class at -0.97 is not mis-classified and the
+  # one at -0.9 is, whichever target the easy margin picks. (Without the class at 0.3, whose
+  # logit would hide the others'; t = 0.5 sets the two masks' losses 0.03 apart.)
+  labels, w = np.array([0]), PAST_PI_W[:3]
+  kwargs = dict(scale=8.0, margin=0.5, t=0.5, kind="arc", easy_margin=easy_margin)
+  got = margins.mv_softmax_loss(PAST_PI_X, w, labels, **kwargs)
+  np.testing.assert_allclose(got, reference.mv_softmax(PAST_PI_X, w, labels, **kwargs), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,plus", [("arc", False), ("cos", False), ("arc", True),
@@ -509,6 +554,17 @@ def test_psi_is_monotone_and_continuous():
     np.testing.assert_allclose(values, reference.psi(np.cos(theta), m), atol=2e-4)
     assert np.all(np.diff(values) <= 1e-5)
     assert np.max(np.abs(np.diff(values))) < 0.02 * m
+
+
+def test_a_multiplicative_margin_of_1_is_plain_softmax():
+  # m = 1 is the smallest integer margin, psi(theta) = cos(theta): L-Softmax is then the softmax
+  # without bias, SphereFace the softmax on normalised centres.
+  x, w, labels = make_inputs()
+  np.testing.assert_allclose(margins.lsoftmax_loss(x, w, labels, margin=1),
+                             reference.softmax(x, w, labels), rtol=2e-5, atol=1e-5)
+  unit_w = w / np.linalg.norm(w, axis=1, keepdims=True)
+  np.testing.assert_allclose(margins.sphereface_loss(x, w, labels, margin=1),
+                             reference.softmax(x, unit_w, labels), rtol=2e-5, atol=1e-5)
 
 
 def test_sphereface_lambda_schedule():
@@ -552,6 +608,33 @@ def test_defaults_are_the_published_settings(targets, published):
     else:
       defaults = {name: p.default for name, p in inspect.signature(target).parameters.items()}
     assert {name: defaults[name] for name in published} == published, target.__name__
+
+
+# Every keyword of a loss function away from its default at once, against the reference given
+# the same values: a keyword the function did not hand to its margin (which would then run at
+# the margin's default) shows. (The value cases above leave most of these at their defaults.)
+KEYWORD_CASES = [
+    ("adaface",
+     lambda x, w, y, **kw: margins.adaface_loss(x, w, y, margins.AdaFaceState(15.0, 40.0), **kw)[0],
+     lambda x, w, y, **kw: reference.adaface(x, w, y, 15.0, 40.0, **kw)[0],
+     dict(scale=16.0, margin=0.3, h=0.6, t_alpha=0.4)),
+    ("magface", margins.magface_loss, reference.magface,
+     dict(scale=16.0, lower_norm=5.0, upper_norm=60.0, lower_margin=0.3, upper_margin=0.6,
+          lambda_g=5.0, easy_margin=False)),
+    ("curricularface", lambda x, w, y, **kw: margins.curricularface_loss(x, w, y, 0.3, **kw)[0],
+     lambda x, w, y, **kw: reference.curricularface(x, w, y, t=0.3, **kw)[0],
+     dict(scale=16.0, margin=0.4, momentum=0.2)),
+    ("mv_softmax", margins.mv_softmax_loss, reference.mv_softmax,
+     dict(scale=16.0, margin=0.3, t=0.25, kind="arc", adaptive=False, easy_margin=False)),
+]
+
+
+@pytest.mark.parametrize("loss_fn,reference_fn,kwargs", [c[1:] for c in KEYWORD_CASES],
+                         ids=[c[0] for c in KEYWORD_CASES])
+def test_every_keyword_of_a_loss_function_reaches_its_margin(loss_fn, reference_fn, kwargs):
+  x, w, labels = make_inputs(norm_scale=10.0)
+  np.testing.assert_allclose(loss_fn(x, w, labels, **kwargs),
+                             reference_fn(x, w, labels, **kwargs), rtol=2e-5, atol=2e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,6 +822,22 @@ def test_huge_scale_is_finite():
                                reference.arcface(x, w, labels, scale=scale), rtol=1e-4)
 
 
+def test_a_float32_annealing_anneals_a_users_own_float64_rows():
+  # The engines hand a margin its fields in the rows' dtype; a margin applied to a user's own
+  # float64 Rows casts the float32 schedule itself (strict promotion refuses the mix).
+  with jax.enable_x64(True):
+    cos = np.array([0.9, 0.2, -0.6])
+    rows = margins.Rows(jnp.asarray(cos), embedding_norm=jnp.full(3, 2.0, jnp.float64),
+                        weight_norm=jnp.ones(3, jnp.float64))
+    for margin in (margins.SphereFace(margin=3, annealing=margins.sphereface_lambda(1000)),
+                   margins.LSoftmax(margin=3, annealing=margins.sphereface_lambda(1000))):
+      got = margin.target_logit(rows)
+      lam = 1000.0 / (1 + 0.12 * 1000)
+      want = 2.0 * (lam * cos + reference.psi(cos, 3)) / (1 + lam)
+      assert got.dtype == jnp.float64
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_float64_with_x64():
   with jax.enable_x64(True):
     x, w, labels = make_inputs()
@@ -833,6 +932,9 @@ def test_batch_statistics_leave_out_examples_with_out_of_range_labels(label_dtyp
   # No valid example: the state stays.
   _, t = jax.jit(margins.curricularface_loss)(x, w, np.full(B, C, np.int32), 0.3)
   assert t == np.float32(0.3)
+  _, new_state = jax.jit(functools.partial(margins.adaface_loss, t_alpha=0.3))(
+      x, w, np.full(B, C, np.int32), state)
+  np.testing.assert_array_equal(new_state, (15.0, 40.0))
 
 
 @pytest.mark.parametrize("dtype,num_classes", [(np.uint8, 256), (np.int8, 300), (np.int16, 70000)])
@@ -1057,6 +1159,8 @@ def test_hyperparameters_outside_their_range_and_lists_are_refused():
        "be positive"),
       (lambda: margins.magface_loss(x, w, labels, lower_norm=120.0), "`lower_norm` of MagFace "
        r"\(120.0\) must be below its `upper_norm` \(110.0\)"),
+      (lambda: margins.magface_loss(x, w, labels, lower_norm=110.0), "`lower_norm` of MagFace "
+       r"\(110.0\) must be below its `upper_norm` \(110.0\)"),  # A slope of 0 / 0: NaN.
       (lambda: margins.sphereface2_loss(x, w, labels, 1.0, t=0.0), "`t` of SphereFace2 must be "
        "positive"),  # Every example had the same loss.
       (lambda: margins.arcface_loss(x, w, labels, scale=np.inf), "`scale` of ArcFace must be "
