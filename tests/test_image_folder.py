@@ -55,6 +55,27 @@ def test_decode_converts_and_resizes_like_pillow():
                                 expected_small)
 
 
+def test_decode_resizes_to_the_transposed_size_of_a_non_square_image():
+  # 8 high, 12 wide, asked for 12 high, 8 wide: the stored size read as (H, W) would match it
+  # and skip the resize, returning the image as stored.
+  image = _random_image(3, (8, 12, 3))
+  png = image_folder.encode_image(image, image_format="png")
+  expected = np.asarray(PIL.Image.fromarray(image).resize((8, 12), PIL.Image.Resampling.BILINEAR))
+  assert expected.shape == (12, 8, 3)
+  np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(12, 8, 3)), expected)
+  np.testing.assert_array_equal(image_folder.decode_image(png, image_shape=(8, 12, 3)), image)
+
+
+def test_jpeg_quality_reaches_the_encoder():
+  # Pillow's default quality is 75: a quality dropped on the way would go unnoticed in a decode.
+  image = _random_image(4, (16, 16, 3))
+  for quality in (30, 95):
+    expected = io.BytesIO()
+    PIL.Image.fromarray(image).save(expected, format="JPEG", quality=quality)
+    assert image_folder.encode_image(image, quality=quality) == expected.getvalue(), quality
+  assert image_folder.encode_image(image, quality=30) != image_folder.encode_image(image)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_16_bit_greyscale_png_is_scaled_to_8_bits(channels):
   # As OpenCV and MXNet decode it: the high byte (Pillow's own conversion clips at 255).
@@ -137,6 +158,22 @@ def test_listing_reads_a_folder_reached_twice_once(tmp_path):
   assert [os.path.relpath(path, tmp_path) for path in paths] == [
       "alice/1.png", "alice/sub/2.png", "bob/1.png"]
   assert labels.tolist() == [0, 0, 1]
+
+
+def test_listing_takes_extensions_in_any_case_and_follows_linked_folders(tmp_path):
+  # Extensions given in upper case match names in any case; a folder linked into an identity is
+  # read as a folder of it (a dataset assembled from links to the originals).
+  for name in ("photos/1.png", "photos/2.PNG", "photos/3.jpg", "ann/0.Png"):
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).touch()
+  os.makedirs(tmp_path / "faces")
+  os.symlink(tmp_path / "ann", tmp_path / "faces" / "ann")  # An identity that is a link.
+  os.makedirs(tmp_path / "faces" / "bob")
+  os.symlink(tmp_path / "photos", tmp_path / "faces" / "bob" / "linked")
+  paths, labels, names = image_folder.list_image_folder(tmp_path / "faces", extensions=[".PNG"])
+  assert names == ["ann", "bob"] and labels.tolist() == [0, 1, 1]
+  assert [os.path.relpath(path, tmp_path / "faces") for path in paths] == [
+      "ann/0.Png", "bob/linked/1.png", "bob/linked/2.PNG"]
 
 
 @pytest.mark.parametrize("lister", [image_folder.list_image_folder,

@@ -5,6 +5,7 @@ not produced by the code under test.
 """
 
 import gc
+import io
 import os
 import pickle
 import re
@@ -339,6 +340,29 @@ def test_pack_tool_writes_the_insightface_layout(tmp_path):
     assert error.mean() < 2 and error.max() < 24  # JPEG (4:2:0 chroma) of a smooth image.
   assert source.labels.dtype == np.int32
   assert source.labels.tolist() == [label for _, label in expected]
+
+
+def test_pack_tool_stores_each_image_as_a_jpeg_at_the_quality_given(tmp_path, monkeypatch):
+  # The payload after each image record's 24-byte IRHeader, read from the raw files, is Pillow's
+  # JPEG of the decoded image at that quality: not the default 75, 95, nor a lossless PNG. The
+  # images are encoded 2 at a time here (1024 in use): each, in order, once.
+  monkeypatch.setattr(pack_recordio, "_CHUNK", 2)
+  images = _make_folder(tmp_path / "faces", {"b": 1, "a": 2, "c": 2})
+  pack_recordio.pack_image_folder(tmp_path / "faces", str(tmp_path / "train"), quality=40,
+                                  num_threads=2)
+  with open(tmp_path / "train.idx") as file:
+    index = dict(tuple(int(field) for field in line.split("\t")) for line in file)
+  with open(tmp_path / "train.rec", "rb") as file:
+    data = file.read()
+  expected = [image for identity in ("a", "b", "c") for image in images[identity]]
+  assert sorted(index) == list(range(1 + 5 + 3))
+  for key, image in enumerate(expected, start=1):
+    magic, lrec, flag = struct.unpack_from("<III", data, index[key])
+    assert magic == 0xCED7230A and lrec >> 29 == 0 and flag == 0
+    payload = data[index[key] + 8 + 24:index[key] + 8 + (lrec & (2**29 - 1))]
+    jpeg = io.BytesIO()
+    PIL.Image.fromarray(image).save(jpeg, format="JPEG", quality=40)
+    assert payload == jpeg.getvalue(), key
 
 
 def test_pack_tool_command_line(tmp_path):

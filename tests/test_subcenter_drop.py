@@ -75,6 +75,19 @@ def test_dominant_subcentre_and_threshold_on_known_angles():
   assert cleaning.num_classes == 1
 
 
+def test_an_image_exactly_at_the_angle_limit_is_dropped():
+  # Kept only where the cosine exceeds cos(max_angle): cos 0 = 1 and cos 180° = -1 are exact, so
+  # an image on its sub-centre is dropped at 0 degrees, one opposite it at 180.
+  cosines = np.array([[1.0], [-1.0], [0.5]], np.float32)
+  labels = np.array([0, 0, 0])
+  assert subcenter_drop.drop_noisy(cosines, labels, 1, max_angle=0.0).keep.tolist() == [
+      False, False, False]
+  assert subcenter_drop.drop_noisy(cosines, labels, 1, max_angle=180.0).keep.tolist() == [
+      True, False, True]
+  assert subcenter_drop.drop_noisy(cosines, labels, 1, max_angle=61.0).keep.tolist() == [
+      True, False, True]
+
+
 def test_drop_noisy_equals_drop_py_on_random_classes():
   rng = np.random.default_rng(0)
   num_classes, subcentres = 30, 3

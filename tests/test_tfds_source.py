@@ -25,7 +25,7 @@ def _image(index, shape):
 
 def _png(image):
   buffer = io.BytesIO()
-  PIL.Image.fromarray(image).save(buffer, format="PNG")
+  PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
   return buffer.getvalue()
 
 
@@ -113,6 +113,22 @@ def test_source_with_unknown_image_size_and_non_class_label(tmp_path):
                                    label_key="count", num_classes=1)
   with pytest.raises(ValueError, match="has label 1, outside \\[0, 1\\)"):
     [too_few[i] for i in range(2)]
+
+
+@pytest.mark.parametrize("feature_shape", [(None, None, 1), (6, 5, 1)])
+def test_grey_images_keep_one_channel_and_their_height_and_width(tmp_path, feature_shape):
+  # Greyscale and not square: the first image's (height, width) and the feature's one channel,
+  # each image read back as stored, without a resize or a conversion to RGB.
+  _prepare(tmp_path, dataset_name="grey_faces", image_shape=feature_shape,
+           sizes=[(6, 5, 1)] * 4)
+  source = tfds_source.TfdsSource("grey_faces", data_dir=tmp_path, image_key="face",
+                                  label_key="identity")
+  assert source.image_shape == (6, 5, 1)
+  stored = [_image(i, (6, 5, 1)) for i in range(4)]
+  for index in range(4):
+    image = source[index]["image"]
+    assert image.shape == (6, 5, 1)
+    assert sum(np.array_equal(image, expected) for expected in stored) == 1
 
 
 def test_missing_features_and_datasets(tmp_path):
