@@ -23,6 +23,7 @@ from margins import models
 from margins import sharding as sharding_lib
 from margins._checks import check_int
 from margins.models import iresnet
+from margins.models import mobilefacenet
 from margins.models import small_cnn
 from margins.models import vit
 
@@ -138,14 +139,15 @@ def _vit_tally(width, depth, embedding_dim=512, patch=9, tokens=144, mlp_ratio=4
   return t
 
 
-def _lenets_tally(embedding_dim=2, size=28, widths=(32, 64, 128)):
+def _lenets_tally(embedding_dim=2, size=28, widths=(32, 64, 128), batch_norm=False):
   t = _Tally()
   cin = 1
   for width, window in zip(widths, (2, 2, 3)):
-    t.conv(cin, width, 5, bias=True)
-    t.prelu(width)
-    t.conv(width, width, 5, bias=True)
-    t.prelu(width)
+    for unit_in in (cin, width):
+      t.conv(unit_in, width, 5, bias=not batch_norm)
+      if batch_norm:
+        t.batch_norm(width)
+      t.prelu(width)
     cin = width
     size = math.ceil((size - window) / 2) + 1  # Caffe pooling rounds up
   t.linear(size * size * cin, embedding_dim, bias=True)
@@ -214,8 +216,12 @@ def test_output_shape(name):
 @pytest.mark.parametrize("name, kwargs, images_shape, layer, kernel_shape", [
     ("iresnet18", {"input_size": (112, 96)}, (3, 112, 96, 3), "fc", (7 * 6 * 512, 128)),
     ("iresnet18", {"input_size": 32}, (3, 32, 32, 3), "fc", (2 * 2 * 512, 128)),
+    # Odd sides round up at every stride 2: 100 -> 50 -> 25 -> 13 -> 7, 90 -> 45 -> 23 -> 12 -> 6.
+    ("iresnet18", {"input_size": (100, 90)}, (3, 100, 90, 3), "fc", (7 * 6 * 512, 128)),
     ("mobilefacenet", {"input_size": (112, 96)}, (3, 112, 96, 3), "gdc", (7, 6, 1, 512)),
+    ("mobilefacenet", {"input_size": (100, 90)}, (3, 100, 90, 3), "gdc", (7, 6, 1, 512)),
     ("vit_t", {"input_size": 36, "depth": 1}, (3, 36, 36, 3), "fc1", (16 * 256, 256)),
+    ("vit_t", {"input_size": (36, 45), "depth": 1}, (3, 36, 45, 3), "fc1", (4 * 5 * 256, 256)),
     ("small_cnn", {"input_size": 32}, (3, 32, 32, 1), "fc", (4 * 4 * 128, 128)),
 ])
 def test_input_size_and_embedding_dim(name, kwargs, images_shape, layer, kernel_shape):
@@ -300,11 +306,15 @@ def _small(key, seed=0, **overrides):
   return model, _images(shape)
 
 
-def _np_conv(x, kernel, *, stride=1, pad=0):
-  """NHWC convolution with a ``[kh, kw, cin, cout]`` kernel and PyTorch-style symmetric padding."""
+def _np_conv(x, kernel, *, stride=1, pad=0, groups=1):
+  """NHWC convolution with a ``[kh, kw, cin / groups, cout]`` kernel and PyTorch-style symmetric
+  padding; ``groups`` splits the input and output channels into that many consecutive groups."""
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   windows = sliding_window_view(x, kernel.shape[:2], axis=(1, 2))[:, ::stride, ::stride]
-  return np.einsum("bhwcij,ijco->bhwo", windows, kernel)
+  batch, height, width, channels = windows.shape[:4]
+  windows = windows.reshape(batch, height, width, groups, channels // groups, *kernel.shape[:2])
+  kernel = kernel.reshape(*kernel.shape[:3], groups, -1)
+  return np.einsum("bhwgcij,ijcgo->bhwgo", windows, kernel).reshape(batch, height, width, -1)
 
 
 def _np_prelu(x, slope):
@@ -312,12 +322,19 @@ def _np_prelu(x, slope):
 
 
 def _np_batch_norm(x, scale, bias, eps=1e-5):
-  mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  axes = tuple(range(x.ndim - 1))  # all but the channels
+  mean, var = x.mean(axis=axes), x.var(axis=axes)
   return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
 def _f64(variable):
   return np.asarray(variable[...], np.float64)
+
+
+def _bn(layer, y, eps=1e-5):
+  """``_np_batch_norm`` (batch statistics) with ``layer``'s scale (1 if it has none) and bias."""
+  scale = 1.0 if layer.scale is None else _f64(layer.scale)
+  return _np_batch_norm(y, scale, _f64(layer.bias), eps)
 
 
 def test_prelu_and_batch_norm_match_numpy():
@@ -432,23 +449,131 @@ def test_16_bit_gradients_of_slopes_and_biases_are_summed_in_float32(dtype):
     np.testing.assert_allclose(grad, expected, rtol=5e-3)
 
 
+def _np_iresnet_block(block, x, stride):
+  """insightface's IBasicBlock in training mode; the conv1x1 + BN projection where it has one."""
+  y = _np_conv(_bn(block.bn1, x), _f64(block.conv1.kernel), pad=1)
+  y = _np_prelu(_bn(block.bn2, y), _f64(block.prelu.negative_slope))
+  y = _bn(block.bn3, _np_conv(y, _f64(block.conv2.kernel), stride=stride, pad=1))
+  if block.downsample is None:
+    return y + x
+  conv, norm = block.downsample.layers
+  return y + _bn(norm, _np_conv(x, _f64(conv.kernel), stride=stride))
+
+
 def test_iresnet_block_matches_numpy():
   # An even input side tells PyTorch's padding=1 (a zero row on each side) from 'SAME' (0 before,
   # 1 after) in the stride-2 convolution.
   block = _concrete(lambda: iresnet.IBasicBlock(3, 5, strides=2, rngs=_rngs()))
   x = np.asarray(_images((2, 6, 6, 3)), np.float64)
   out = _run(block, jnp.asarray(x, jnp.float32))
+  assert block.downsample is not None and out.shape == (2, 3, 3, 5)
+  np.testing.assert_allclose(out, _np_iresnet_block(block, x, 2), rtol=1e-4, atol=1e-4)
 
-  def bn(layer, y):
-    return _np_batch_norm(y, _f64(layer.scale), _f64(layer.bias))
 
-  y = _np_conv(bn(block.bn1, x), _f64(block.conv1.kernel), pad=1)
-  y = _np_prelu(bn(block.bn2, y), _f64(block.prelu.negative_slope))
-  y = bn(block.bn3, _np_conv(y, _f64(block.conv2.kernel), stride=2, pad=1))
-  conv, norm = block.downsample.layers
-  y = y + bn(norm, _np_conv(x, _f64(conv.kernel), stride=2))
-  assert out.shape == (2, 3, 3, 5)
+def test_iresnet_matches_numpy_with_pytorchs_flatten_order():
+  # The whole network in training mode (batch statistics), insightface's topology written out: stem
+  # conv3x3 -> BN -> PReLU, the blocks, then BN -> flatten -> Linear -> BN without scale. A 32x48
+  # input leaves a 2x3x512 map, which the reference flattens as PyTorch does, in (c, h, w) order,
+  # with the PyTorch fc weight that the module docstring says maps to our kernel.
+  model = _concrete(lambda: iresnet.IResNet(
+      (1, 2, 1, 1), embedding_dim=8, input_size=(32, 48), rngs=_rngs()))
+  x = np.asarray(_images((3, 32, 48, 3)), np.float64)
+  out = _run(model, jnp.asarray(x, jnp.float32))
+  y = _np_conv(x, _f64(model.conv1.kernel), pad=1)
+  y = _np_prelu(_bn(model.bn1, y), _f64(model.prelu.negative_slope))
+  for block, stride in zip(model.blocks, (2, 2, 1, 2, 2), strict=True):
+    y = _np_iresnet_block(block, y, stride)
+  y = _bn(model.bn2, y)
+  assert y.shape == (3, 2, 3, 512)
+  kernel = _f64(model.fc.kernel)  # row (h * 3 + w) * 512 + c
+  torch_weight = np.empty((8, 512 * 2 * 3))  # column (c * 2 + h) * 3 + w
+  for h in range(2):
+    for w in range(3):
+      for c in range(512):
+        torch_weight[:, (c * 2 + h) * 3 + w] = kernel[(h * 3 + w) * 512 + c]
+  np.testing.assert_array_equal(  # The docstring's formula.
+      torch_weight.reshape(8, 512, 2, 3).transpose(2, 3, 1, 0).reshape(2 * 3 * 512, 8), kernel)
+  y = y.transpose(0, 3, 1, 2).reshape(3, -1) @ torch_weight.T + _f64(model.fc.bias)
+  np.testing.assert_allclose(out, _bn(model.features, y), rtol=1e-4, atol=1e-4)
+
+
+def test_iresnet_dropout_follows_the_head_batch_norm():
+  # insightface's head is bn2 -> dropout -> fc: each of the fc's inputs is then bn2's output scaled
+  # by 1 / (1 - rate), or 0. Seen here through an identity fc and an identity feature BatchNorm.
+  rate = 0.25
+  model = _concrete(lambda: iresnet.IResNet(
+      (1, 1, 1, 1), embedding_dim=512, input_size=16, dropout=rate, rngs=_rngs()))
+  model.fc.kernel[...] = jnp.eye(512, dtype=jnp.float32)
+  model.fc.bias[...] = jnp.zeros(512, jnp.float32)
+  model.features.use_running_average = True
+  model.features.mean[...] = jnp.zeros(512, jnp.float32)
+  model.features.var[...] = jnp.full(512, 1 - 1e-5, jnp.float32)
+  model.features.bias[...] = jnp.zeros(512, jnp.float32)
+  images = _images((4, 16, 16, 3))
+  model.dropout.deterministic = True
+  normalised = _run(model, images)  # bn2's output (batch statistics)
+  np.testing.assert_allclose(normalised.mean(axis=0), _f64(model.bn2.bias), atol=1e-4)
+  model.dropout.deterministic = False
+  dropped = _run(model, images)
+  zero = dropped == 0
+  assert 0.15 < zero.mean() < 0.35, zero.mean()  # 512 x 4 draws of rate 0.25
+  np.testing.assert_allclose(dropped[~zero], normalised[~zero] / (1 - rate), rtol=1e-5, atol=1e-6)
+
+
+def test_mobilefacenet_matches_numpy():
+  # Training mode, insightface's topology written out (strides, paddings and groups from its
+  # mobilefacenet.py, not from the model): the depthwise conv3x3 of a bottleneck carries its
+  # stride, residual bottlenecks add their input, the GDC covers the whole 2x3 map.
+  model = _concrete(lambda: mobilefacenet.MobileFaceNet(
+      embedding_dim=8, blocks=(1, 1, 2, 1), input_size=(32, 48), rngs=_rngs()))
+  x = np.asarray(_images((3, 32, 48, 3)), np.float64)
+  out = _run(model, jnp.asarray(x, jnp.float32))
+
+  def conv_block(block, y, stride=1, pad=0, groups=1):
+    y = _bn(block.bn, _np_conv(y, _f64(block.conv.kernel), stride=stride, pad=pad, groups=groups))
+    return y if block.prelu is None else _np_prelu(y, _f64(block.prelu.negative_slope))
+
+  def bottleneck(block, y, stride, residual):
+    hidden = block.expand.conv.kernel.shape[-1]
+    z = conv_block(block.expand, y)
+    z = conv_block(block.depthwise, z, stride=stride, pad=1, groups=hidden)
+    z = conv_block(block.project, z)
+    return y + z if residual else z
+
+  y = conv_block(model.layers[0], x, stride=2, pad=1)
+  y = conv_block(model.layers[1], y, pad=1, groups=64)  # blocks[0] == 1
+  for layer, stride in zip(model.layers[2:], (2, 1, 2, 1, 1, 2, 1), strict=True):
+    y = bottleneck(layer, y, stride, residual=stride == 1)
+  y = conv_block(model.conv_sep, y)
+  assert y.shape == (3, 2, 3, 512)
+  y = conv_block(model.gdc, y, groups=512).reshape(3, 512)
+  y = _bn(model.features, y @ _f64(model.linear.kernel))
   np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
+
+
+def _np_layer_norm(norm, y):
+  mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+  return (y - mean) / np.sqrt(var + 1e-5) * _f64(norm.scale) + _f64(norm.bias)
+
+
+def _np_encoder_block(block, x, keep_attention=1.0, keep_mlp=1.0):
+  """insightface's ViT block on ``x [B, N, width]``; ``keep_*`` multiply the residual branches (0
+  or ``1 / (1 - drop_path)`` where stochastic depth drops or keeps them)."""
+  attn = block.attn
+  batch, tokens, width = x.shape
+  num_heads = attn.num_heads
+  head_dim = width // num_heads
+  qkv = (_np_layer_norm(block.norm1, x) @ _f64(attn.qkv.kernel)).reshape(
+      batch, tokens, 3, num_heads, head_dim)
+  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, N, head_dim]
+  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  heads = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
+  y = x + keep_attention * (heads @ _f64(attn.proj.kernel) + _f64(attn.proj.bias))
+  hidden = np.clip(
+      _np_layer_norm(block.norm2, y) @ _f64(block.fc1.kernel) + _f64(block.fc1.bias), 0, 6)
+  return y + keep_mlp * (hidden @ _f64(block.fc2.kernel) + _f64(block.fc2.bias))
 
 
 def test_vit_encoder_block_matches_numpy():
@@ -458,34 +583,65 @@ def test_vit_encoder_block_matches_numpy():
   block.fc1.kernel[...] = 10 * block.fc1.kernel[...]  # so that ReLU6 clips
   x = np.asarray(_images((3, 5, 8)), np.float64)
   out = _run(block, jnp.asarray(x, jnp.float32))
-
-  def layer_norm(norm, y):
-    mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
-    return (y - mean) / np.sqrt(var + 1e-5) * _f64(norm.scale) + _f64(norm.bias)
-
-  attn = block.attn
-  qkv = (layer_norm(block.norm1, x) @ _f64(attn.qkv.kernel)).reshape(3, 5, 3, 2, 4)
-  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, heads, N, head_dim]
-  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(4)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  heads = (weights @ v).transpose(0, 2, 1, 3).reshape(3, 5, 8)
-  y = x + heads @ _f64(attn.proj.kernel) + _f64(attn.proj.bias)
-  hidden = np.clip(layer_norm(block.norm2, y) @ _f64(block.fc1.kernel) + _f64(block.fc1.bias), 0, 6)
-  y = y + hidden @ _f64(block.fc2.kernel) + _f64(block.fc2.bias)
-  np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out, _np_encoder_block(block, x), rtol=1e-4, atol=1e-5)
 
 
-def test_small_cnn_matches_numpy():
-  # 32x32 makes the last pool round up (8 -> 4), as Caffe does; the network is LeNets++.
+def test_vit_drop_path_drops_a_samples_whole_branch():
+  # Stochastic depth (timm's DropPath): per sample, each residual branch is dropped whole, or kept
+  # and scaled by 1 / (1 - rate); never element by element.
+  block = _concrete(lambda: vit.EncoderBlock(8, num_heads=2, drop_path=0.5, rngs=_rngs()))
+  x = np.asarray(_images((16, 5, 8)), np.float64)
+  out = _run(block, jnp.asarray(x, jnp.float32))
+  choices = [(a, m) for a in (0.0, 2.0) for m in (0.0, 2.0)]
+  candidates = [_np_encoder_block(block, x, a, m) for a, m in choices]
+  drawn = []
+  for sample in range(16):
+    matches = [choice for choice, candidate in zip(choices, candidates)
+               if np.allclose(out[sample], candidate[sample], rtol=1e-4, atol=1e-5)]
+    assert len(matches) == 1, (sample, matches)
+    drawn += matches
+  assert {a for a, _ in drawn} == {m for _, m in drawn} == {0.0, 2.0}, drawn
+
+
+def test_vit_matches_numpy_in_training_with_token_masking():
+  # Training mode with half the tokens masked: patch embedding + position embedding, the kept
+  # tokens through the blocks and the final LayerNorm, the mask token in the dropped places (not
+  # normalised), a token-major flatten, then Linear -> BN -> Linear -> BN (eps 2e-5).
+  model = _concrete(lambda: vit.VisionTransformer(
+      width=16, depth=2, num_heads=2, embedding_dim=8, input_size=(18, 27), mask_ratio=0.5,
+      drop_path_rate=0.0, rngs=_rngs()))
+  x = np.asarray(_images((4, 18, 27, 3)), np.float64)
+  # The draw the model's masking is about to make: a copy makes it first.
+  _, restore_ids = _jit(lambda m, t: m.masking.keep(t))(nnx.clone(model), jnp.zeros((4, 6, 16)))
+  out = _run(model, jnp.asarray(x, jnp.float32))
+  kept = np.asarray(restore_ids) < 3  # int(6 * 0.5) tokens: those restored from the kept ones
+  assert np.all(kept.sum(axis=1) == 3)
+  y = _np_conv(x, _f64(model.patch_embed.kernel), stride=9) + _f64(model.patch_embed.bias)
+  y = y.reshape(4, 6, 16) + _f64(model.pos_embed)  # the 2x3 patches row by row
+  tokens = np.broadcast_to(_f64(model.masking.mask_token), y.shape).copy()
+  for sample in range(4):
+    z = y[sample][kept[sample]][None]
+    for block in model.blocks:
+      z = _np_encoder_block(block, z)
+    tokens[sample][kept[sample]] = _np_layer_norm(model.norm, z)[0]
+  y = _bn(model.bn1, tokens.reshape(4, -1) @ _f64(model.fc1.kernel), eps=2e-5)
+  y = _bn(model.features, y @ _f64(model.fc2.kernel), eps=2e-5)
+  np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_small_cnn_matches_numpy(batch_norm):
+  # 32x32 makes the last pool round up (8 -> 4), as Caffe does; the network is LeNets++. With
+  # batch_norm, every unit is conv (no bias) -> BN -> PReLU.
   model = _concrete(lambda: small_cnn.SmallCNN(
-      embedding_dim=3, input_size=32, widths=(4, 6, 8), rngs=_rngs()))
+      embedding_dim=3, input_size=32, widths=(4, 6, 8), batch_norm=batch_norm, rngs=_rngs()))
   x = np.asarray(_images((2, 32, 32, 1)), np.float64)
   out = _run(model, jnp.asarray(x, jnp.float32))
   y = x
   for stage, window in enumerate((2, 2, 3)):
     for unit in model.units[2 * stage: 2 * stage + 2]:
-      y = _np_conv(y, _f64(unit.conv.kernel), pad=2) + _f64(unit.conv.bias)
+      y = _np_conv(y, _f64(unit.conv.kernel), pad=2)
+      y = _bn(unit.bn, y) if batch_norm else y + _f64(unit.conv.bias)
       y = _np_prelu(y, _f64(unit.prelu.negative_slope))
     size = y.shape[1]
     pooled = math.ceil((size - window) / 2) + 1
@@ -496,6 +652,8 @@ def test_small_cnn_matches_numpy():
   y = y.reshape(2, -1) @ _f64(model.fc.kernel) + _f64(model.fc.bias)
   y = _np_prelu(y, _f64(model.prelu.negative_slope))
   np.testing.assert_allclose(out, y, rtol=1e-4, atol=1e-5)
+  # The BatchNorm takes the place of the convolutions' biases.
+  assert _size(model, nnx.Param) == _lenets_tally(3, 32, (4, 6, 8), batch_norm=batch_norm).params
 
 
 def _snapshot(model, kind):
@@ -685,6 +843,75 @@ def test_initializers():
   for variable, value in ((block.bn1.scale, 1), (block.bn1.bias, 0), (block.bn1.mean, 0),
                           (block.bn1.var, 1)):
     np.testing.assert_array_equal(variable[...], np.full(64, value, np.float32))
+
+
+def _initialised(make):
+  """``make()`` with its own initialisers, run as one jitted program."""
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  return nnx.merge(graphdef, _jit(lambda: nnx.state(make()))())
+
+
+def _assert_drawn(name, values, std, bound=None):
+  """``values`` look drawn with mean 0 and standard deviation ``std`` (within 5 standard errors),
+  and within ``[-bound, bound]``."""
+  values = np.asarray(values, np.float64).ravel()
+  assert abs(values.std() / std - 1) < 5 / math.sqrt(2 * values.size), (name, values.std(), std)
+  assert abs(values.mean()) < 5 * std / math.sqrt(values.size), (name, values.mean(), std)
+  if bound is not None:
+    assert np.abs(values).max() <= bound, (name, np.abs(values).max(), bound)
+
+
+def _assert_uniform(name, values, bound):
+  _assert_drawn(name, values, bound / math.sqrt(3), bound)
+
+
+@pytest.mark.parametrize("key", ["iresnet", "mobilefacenet", "vit", "small_cnn"])
+def test_every_layer_starts_as_in_insightface(key):
+  # Kernels: IResNet's convs N(0, 0.1^2), its fc PyTorch's default U(+-1/sqrt(fan_in));
+  # MobileFaceNet's convs and Linear kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e.
+  # N(0, 2 / fan_out) with PyTorch's fan_out = out channels x kernel area, groups or not; ViT's
+  # Linear weights, position embedding and mask token N(0, 0.02^2), its patch Conv2d PyTorch's
+  # default; LeNets++ Caffe's xavier filler U(+-sqrt(3 / fan_in)). Biases 0, PReLU slopes 0.25,
+  # normalisation layers the identity.
+  make = {
+      "iresnet": lambda: iresnet.IResNet(
+          (1, 1, 1, 1), embedding_dim=64, input_size=16, rngs=nnx.Rngs(0)),
+      "mobilefacenet": lambda: mobilefacenet.MobileFaceNet(
+          blocks=(1, 1, 1, 1), embedding_dim=64, input_size=16, rngs=nnx.Rngs(0)),
+      "vit": lambda: vit.VisionTransformer(
+          width=32, depth=1, num_heads=2, embedding_dim=64, input_size=18, rngs=nnx.Rngs(0)),
+      "small_cnn": lambda: small_cnn.SmallCNN(embedding_dim=64, rngs=nnx.Rngs(0)),
+  }[key]
+  model = _initialised(make)
+  kernels = 0
+  for path, module in nnx.iter_graph(model):
+    name = "/".join(map(str, path))
+    if isinstance(module, (nnx.Conv, nnx.Linear)):
+      kernel = np.asarray(module.kernel[...])
+      fan_in = math.prod(kernel.shape[:-1])
+      if key == "iresnet" and isinstance(module, nnx.Conv):
+        _assert_drawn(name, kernel, 0.1)
+      elif key == "mobilefacenet":
+        _assert_drawn(name, kernel, math.sqrt(2 / (kernel.size // kernel.shape[-2])))
+      elif key == "vit" and isinstance(module, nnx.Linear):
+        _assert_drawn(name, kernel, 0.02)
+      else:  # IResNet's fc, ViT's patch embedding, LeNets++
+        _assert_uniform(name, kernel, math.sqrt((3 if key == "small_cnn" else 1) / fan_in))
+      if module.bias is not None:
+        np.testing.assert_array_equal(module.bias[...], 0)
+      kernels += 1
+    elif isinstance(module, iresnet.PReLU):
+      np.testing.assert_array_equal(module.negative_slope[...], 0.25)
+    elif isinstance(module, (iresnet.BatchNorm, nnx.LayerNorm)):
+      for attr, value in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1)):
+        if getattr(module, attr, None) is not None:
+          np.testing.assert_array_equal(getattr(module, attr)[...], value)
+  # Stem + 4 x (2 convs + projection) + fc; 2 + 6 bottlenecks x 3 + conv_sep + GDC + Linear;
+  # patch embedding + qkv, proj, fc1, fc2 + the head's two; 6 convs + fc.
+  assert kernels == {"iresnet": 14, "mobilefacenet": 23, "vit": 7, "small_cnn": 7}[key]
+  if key == "vit":
+    _assert_drawn("pos_embed", model.pos_embed[...], 0.02)
+    _assert_drawn("mask_token", model.masking.mask_token[...], 0.02)
 
 
 def test_create_passes_arguments_and_presets():
