@@ -4,7 +4,6 @@ events."""
 import json
 import math
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,7 +103,8 @@ def report(line: str) -> None:
 
 def progress_line(step, num_steps, metrics, images_per_second, seconds_left) -> str:
   """The line a run prints every ``config.log_every`` steps: loss, learning rate, speed, ETA."""
-  eta = time.strftime("%H:%M:%S", time.gmtime(max(seconds_left, 0)))
+  hours, seconds = divmod(int(max(seconds_left, 0)), 3600)  # Hours past 24 too: runs take days.
+  eta = f"{hours:02d}:{seconds // 60:02d}:{seconds % 60:02d}"
   # float16's steps skipped on an overflow so far, where there are any.
   skipped = f" | {int(metrics['skipped'])} skipped" if metrics.get("skipped", 0) > 0 else ""
   return (f"step {step}/{num_steps} | loss {float(metrics['loss']):.4f} | "

@@ -1990,6 +1990,15 @@ def test_progress_line_shows_the_skipped_float16_steps():
   assert "skipped" not in run_log.progress_line(5, 10, metrics, 100.0, 5.0)
 
 
+def test_progress_line_eta_counts_hours_past_a_day():
+  # The recipes train for days (ms1mv3_r50: 101,160 steps): an ETA of 25 h 1 min 1 s is
+  # 25:01:01, three days 72:00:00 (a clock's %H wrapped them to 01:01:01 and 00:00:00).
+  metrics = {"loss": 1.0, "learning_rate": 0.1}
+  for seconds, eta in ((25 * 3600 + 61.7, "25:01:01"), (3 * 86400, "72:00:00"),
+                       (59.9, "00:00:59"), (-1.0, "00:00:00")):
+    assert run_log.progress_line(5, 10, metrics, 100.0, seconds).endswith(f"| ETA {eta}"), eta
+
+
 def test_replaced_evaluation_line_leaves_the_other_steps_evaluations(tmp_path):
   # Redoing step 4's evaluation on a resume replaces step 4's line only: step 2's evaluation of
   # the same sets, and step 4's loss, stay.
