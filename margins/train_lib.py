@@ -380,8 +380,9 @@ def _batch_stats(config) -> str:
   return config.model.get("batch_stats", "global")
 
 
-# ``config.eval.compute_dtype``'s values: a dtype's name, or the run's ``config.compute_dtype``.
-EVAL_COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "run")
+# ``config.compute_dtype``'s values; ``config.eval.compute_dtype`` takes them or ``"run"``, the run's.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+EVAL_COMPUTE_DTYPES = (*COMPUTE_DTYPES, "run")
 
 
 def eval_compute_dtype(config: ml_collections.ConfigDict) -> str:
@@ -676,7 +677,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if _batch_stats(config) not in ("global", "device"):
     raise ValueError(f"config.model.batch_stats must be 'global' or 'device', got "
                      f"{_batch_stats(config)!r}.")
-  if config.compute_dtype not in ("float32", "bfloat16", "float16"):
+  if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'float16', got "
                      f"{config.compute_dtype!r}.")
   if config.eval.get("compute_dtype", "run") not in EVAL_COMPUTE_DTYPES:
