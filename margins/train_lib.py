@@ -380,7 +380,8 @@ def _batch_stats(config) -> str:
   return config.model.get("batch_stats", "global")
 
 
-# ``config.compute_dtype``'s values; ``config.eval.compute_dtype`` takes them or ``"run"``, the run's.
+# ``config.compute_dtype``'s values; ``config.eval.compute_dtype`` takes them or ``"run"``, the
+# run's.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 EVAL_COMPUTE_DTYPES = (*COMPUTE_DTYPES, "run")
 
