@@ -58,6 +58,8 @@ def test_notebook_is_paired_and_has_no_outputs(path):
 def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
   monkeypatch.setenv("MARGINS_QUICK", "1")
   monkeypatch.setenv("MARGINS_FIGURES_DIR", str(tmp_path))  # Leaves docs/figures alone.
+  # Notebooks 02 and 04 train into a tempfile.mkdtemp() they keep for the reader (about 9 MB).
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
   execute(nbformat.read(path, as_version=4))
   figures = sorted(p.name for p in tmp_path.glob("*.png"))
   assert figures, f"{path.name} saved no figure"

@@ -6,6 +6,7 @@ Skipped when the optional extra (tensorflow-datasets, array_record) is not insta
 import io
 import pickle
 import sys
+import tempfile
 
 import numpy as np
 import PIL.Image
@@ -17,6 +18,15 @@ pytest.importorskip("array_record")
 from margins.data import tfds_source  # noqa: E402  (after the optional imports)
 
 NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def _tfds_temporaries_in_tmp_path(tmp_path, monkeypatch):
+  # A builder's constructor makes an empty tempfile.mkdtemp("tfds") to copy dataset info from
+  # TFDS's bucket into (none here), and leaves it.
+  temporaries = tmp_path / "temporaries"
+  temporaries.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporaries))
 
 
 def _image(index, shape):
