@@ -21,6 +21,7 @@ from absl import logging
 
 from margins import checkpoints
 from margins import data as data_lib
+from margins import distributed
 from margins import embed_folder
 from margins import eval_lib
 from margins import evaluate
@@ -609,7 +610,42 @@ def test_tools_join_the_job_when_launched_as_several_tasks(tool, launch, expecte
      r"coordinator_address '10.0.0.1' must be host:port"),
     (["--coordinator_address=10.0.0.1:0", "--num_processes=2", "--process_id=0"],
      r"the port in \[1, 65535\]"),
+    # A timeout of 0 s would fail before any other process could join.
+    (["--distributed_timeout_s=0"], "--distributed_timeout_s=0: 0 is not a positive integer"),
 ])
 def test_tools_refuse_an_incomplete_job_on_the_command_line(launch, message, cli, tmp_path):
   with pytest.raises(flags.IllegalFlagValueError, match=message):
     cli(export, f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", *launch)
+
+
+def test_initialize_starts_the_runtime_only_for_a_job_of_several_processes(monkeypatch):
+  """Its result says whether it started ``jax.distributed``: not for one process alone, but under
+  Open MPI with two tasks (as under SLURM), and with explicit values; JAX waits 300 s unless told
+  otherwise; an IPv6 coordinator in brackets, as gRPC takes it, is a host:port too."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda *args, **kwargs: calls.append((args, kwargs)))
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")  # mpirun -np 1
+  assert distributed.initialize() is False and not calls
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # mpirun -np 2
+  assert distributed.initialize() is True
+  assert distributed.initialize("[::1]:1234", 2, 1, timeout_s=60) is True
+  assert calls == [((), {"initialization_timeout": 300}),
+                   (("[::1]:1234", 2, 1), {"initialization_timeout": 60})]
+
+
+@pytest.mark.parametrize("job, message", [
+    (("10.0.0.1:1234", 2, -1), r"process_id -1 is not in \[0, 2\)"),
+    ((":1234", 2, 0), r"coordinator_address ':1234' must be host:port"),  # No host.
+    # Not int()'s "invalid literal" message.
+    (("10.0.0.1:http", 2, 0), r"coordinator_address '10.0.0.1:http' must be host:port"),
+    (("10.0.0.1:65536", 2, 0), r"the port in \[1, 65535\]"),
+])
+def test_initialize_refuses_a_job_it_cannot_start_and_starts_nothing(job, message, monkeypatch):
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: pytest.fail(
+      f"jax.distributed.initialize{args} was called"))
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(*job)

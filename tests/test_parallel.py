@@ -480,6 +480,45 @@ def test_sharded_program_never_gathers_weights(axis_type):
   assert not [shape for op, shape in found if op == "all-reduce" and shape.endswith(f",{D}]")]
 
 
+def test_collectives_names_a_loop_bodys_ops_and_their_computation():
+  # A loop whose body sums over the devices and passes each device's rows to the next: both
+  # ops are found, each a [2, 4] block per device (16 rows over 8), in the computation that the
+  # while instruction names as its body, not in ENTRY.
+  mesh = make_mesh(8, AxisType.Explicit)
+  ring = [(i, (i + 1) % 8) for i in range(8)]
+
+  def step(_, c):
+    return jax.lax.psum(c, "devices") + jax.lax.ppermute(c, "devices", ring)
+
+  loop = jax.shard_map(lambda c: jax.lax.fori_loop(0, 3, step, c), mesh=mesh,
+                       in_specs=jax.P("devices"), out_specs=jax.P("devices"))
+  x = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, jax.P("devices")))
+  text = jax.jit(loop).lower(x).compile().as_text()
+  body = re.search(r"\bbody=(%[\w.\-]+)", text).group(1)
+  assert sorted(sharding.collectives(text)) == [
+      (body, "all-reduce", ["f32[2,4]"]), (body, "collective-permute", ["f32[2,4]"])]
+
+
+def test_collectives_counts_an_async_collective_once_by_its_start():
+  # XLA:GPU splits a collective into -start and -done (hand-written here in its text format, as
+  # a CPU program has none): one all-reduce of f32[8], counted at its start, not again at its end.
+  text = """HloModule jit_f, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+ENTRY %main.2 (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %all-reduce-start = f32[8]{0} all-reduce-start(%x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %all-reduce-done = f32[8]{0} all-reduce-done(%all-reduce-start)
+}
+"""
+  assert sharding.collectives(text) == [("ENTRY", "all-reduce", ["f32[8]"])]
+
+
 def test_sharded_rejects_bad_shapes():
   mesh = make_mesh(8)
   x, w2, _, labels = make_inputs(13, 13)

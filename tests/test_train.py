@@ -1114,6 +1114,25 @@ def test_evaluation_embeds_in_its_own_compute_dtype():
       embed(*train_lib.create_train_state(config, mesh, 6, (16, 16, 1))), in_run["bfloat16"])
 
 
+def test_mesh_fills_its_minus_one_with_the_devices_left_and_splits_the_batch_over_all():
+  # (2, -1) on 8 devices: 2 x 4. The batch is split over both axes: a [16] batch is 8 blocks of
+  # 2 rows, one on each device (not 2 blocks of 8 rows, each on 4 devices), in the mesh's
+  # row-major order: the device at (i, j) holds block 4 i + j, so that a row of the mesh (one
+  # process's devices in a run of two) holds one run of the batch, that process's part.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape, config.mesh.axis_names = (2, -1), ("hosts", "local")
+  mesh = sharding_lib.make_mesh(config)
+  assert dict(mesh.shape) == {"hosts": 2, "local": 4}
+  experiment, _ = train_lib.create_train_state(config, mesh, 10, (28, 28, 1), abstract=True)
+  batch = jax.device_put(np.arange(16, dtype=np.int32), experiment.batch_sharding)
+  rows = {shard.device: np.asarray(shard.data).tolist() for shard in batch.addressable_shards}
+  for (i, j), device in np.ndenumerate(mesh.devices):
+    assert rows[device] == [2 * (4 * i + j), 2 * (4 * i + j) + 1], (i, j, rows[device])
+  # A mesh of fewer devices than there are takes the first ones (make_mesh's docstring).
+  config.mesh.shape, config.mesh.axis_names = (2,), ("data",)
+  assert list(sharding_lib.make_mesh(config).devices.flat) == jax.devices()[:2]
+
+
 def test_processes_with_different_device_counts_are_a_config_error(monkeypatch):
   """Each process loads ``batch_size / processes`` examples for its devices: with 3 and 1
   devices the run would fail later, inside orbax, with "cannot reshape array of size 4"."""
@@ -1192,6 +1211,9 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
     (lambda c: c.mesh.update(shape=(-1, -1), axis_names=("a", "b")), "at most one -1"),
     (lambda c: c.mesh.update(shape=(0, -1), axis_names=("a", "b")), "sizes must be positive"),
     (lambda c: c.mesh.update(shape=(2, 4), axis_names=("a", "a")), "repeat a name"),
+    # JAX's own message would not name config.mesh.
+    (lambda c: c.mesh.update(shape=(2, 4), axis_names=("data",)), r"config.mesh.shape \(2, 4\) "
+     r"and config.mesh.axis_names \('data',\) differ in length"),
     (lambda c: c.engine.update(kind="fused"), "Unknown config.engine.kind 'fused'"),
     (lambda c: c.engine.update(sample_rate=1.5), "config.engine: `sample_rate` must be in"),
     (lambda c: c.data.update(name="mnist"), "Unknown config.data.name 'mnist'"),
