@@ -27,6 +27,7 @@ from margins import eval_lib
 from margins import evaluate
 from margins import evaluation
 from margins import export
+from margins import sharding as sharding_lib
 from margins import train_lib
 from tests.test_ijb import write_ijb
 from tests.test_train import ROOT
@@ -133,6 +134,18 @@ def test_evaluate_bin_reports_insightface_xnorm(run, restored, digits_bin):
       live_embeddings(experiment, state, grey, flip=True), issame).xnorm)
   with open(os.path.join(run, "metrics.jsonl")) as file:  # Training logs the open set's.
     assert json.loads(file.readlines()[-1])["open/xnorm"] > 0
+
+
+def test_evaluate_bin_without_the_flip_test_embeds_each_image_alone(restored, digits_bin):
+  experiment, state = restored
+  path, grey, issame = digits_bin
+  embed_fn = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
+  with jax.set_mesh(experiment.mesh):
+    result = eval_lib.evaluate_bin(experiment, state, path, embed_fn=embed_fn, flip=False)
+  alone = live_embeddings(experiment, state, grey, flip=False)
+  expected = evaluation.evaluate_verification(alone, issame)
+  np.testing.assert_allclose(result.distances, expected.distances, rtol=1e-5, atol=1e-6)
+  assert result.xnorm == pytest.approx(np.mean(np.linalg.norm(alone, axis=1)), rel=1e-5)
 
 
 def test_evaluate_cli_matches_the_protocol_on_independent_embeddings(
@@ -299,6 +312,8 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
     cli(evaluate, "--workdir", run, "--bin", path, "--bin", str(twin))
   with pytest.raises(app.UsageError, match=r"--platforms: \['metal'\]; choose among"):
     cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--platforms", "cpu,metal")
+  with pytest.raises(app.UsageError, match=r"--platforms: none given; choose among"):
+    cli(export, "--workdir", run, "--out", str(tmp_path / "m"), "--platforms=")
   (tmp_path / "file").write_text("")
   with pytest.raises(app.UsageError, match="is a file, not a folder"):
     cli(export, "--workdir", run, "--out", str(tmp_path / "file"))
@@ -434,6 +449,28 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
     with jax.set_mesh(experiment.mesh):
       live = embed(images)
     np.testing.assert_allclose(loaded.call(images), live, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_model_takes_images_of_its_height_and_width_when_they_differ(tmp_path):
+  # SphereFace's faces are 112 x 96: the input is [b, H, W, C], as the run's images are.
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.mesh.shape = (1,)
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 6,
+                                                   (16, 12, 1))
+  export.save_model(export.export_embedding_model(experiment, state), tmp_path)
+  loaded, metadata = embed_folder.load_model(tmp_path)
+  assert metadata["input_shape"] == ["b", 16, 12, 1]
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 12, 1)).astype(np.float32)
+  with jax.set_mesh(experiment.mesh):
+    live = jax.jit(lambda x: eval_lib.embed(experiment, state, x))(images)
+  np.testing.assert_allclose(loaded.call(images), live, rtol=1e-5, atol=1e-5)
+
+
+def test_export_takes_gpu_for_cuda(run, tmp_path, cli):
+  # As the flag's help says: gpu and cuda are one platform, listed once under JAX's name.
+  cli(export, "--workdir", run, "--out", str(tmp_path), "--platforms", "gpu,cpu,cuda")
+  with open(tmp_path / embed_folder.METADATA_FILE) as f:
+    assert json.load(f)["platforms"] == ["cuda", "cpu"]
 
 
 def _write_png(path, image: np.ndarray) -> None:

@@ -10,6 +10,7 @@ import math
 import os
 
 import matplotlib
+import matplotlib.collections
 import matplotlib.colors
 import matplotlib.figure
 import numpy as np
@@ -453,6 +454,28 @@ def test_retrieval_by_hand():
   assert metrics["mean_average_precision_at_r"] == pytest.approx(1 / 5)
 
 
+def test_retrieval_when_every_class_has_two_examples():
+  # As in a set of pairs (LFW's identities): R = 1 for every query. On a circle at angles
+  # (degrees) 0, 10 (class 0) and 50, 95 (class 1): the nearest neighbours are 10, 0, 10 and 50,
+  # so queries 0, 1 and 3 find their class first and query 2 does not.
+  angles = np.radians([0.0, 10.0, 50.0, 95.0])
+  embeddings = np.stack([np.cos(angles), np.sin(angles)], 1)
+  metrics = evaluation.retrieval_metrics(embeddings, np.array([0, 0, 1, 1]))
+  assert metrics == pytest.approx({"precision_at_1": 0.75, "r_precision": 0.75,
+                                   "mean_average_precision_at_r": 0.75})
+
+
+def test_retrieval_of_one_direction_at_any_norms_scores_zero():
+  # A model that maps everything to one direction, with norms of its own: the normalised
+  # embeddings differ in their last bits, and so do the cosines, which are all ties.
+  rng = np.random.default_rng(3)
+  for dim, size, chunk_size in (16, 40, 512), (128, 50, 1), (33, 101, 7):
+    embeddings = rng.normal(size=dim) * rng.uniform(0.5, 2.0, size=(size, 1))
+    metrics = evaluation.retrieval_metrics(embeddings, rng.integers(10, size=size),
+                                           chunk_size=chunk_size)
+    assert set(metrics.values()) == {0.0}, (dim, size, chunk_size, metrics)
+
+
 def test_retrieval_bad_input():
   embeddings = np.random.default_rng(0).normal(size=(4, 3))
   with pytest.raises(ValueError, match="no class with 2 examples"):
@@ -550,6 +573,69 @@ def test_pair_angles_and_their_histograms_count_every_pair_once():
     np.testing.assert_array_equal(counts[is_same], np.histogram(angles, bins=edges)[0])
     assert sums[is_same] == pytest.approx(sum(angles), rel=1e-12)
     np.testing.assert_allclose(got, angles, rtol=0, atol=1e-9)  # In the order of the pairs.
+
+
+def test_roc_axis_shows_every_curve_down_to_its_smallest_far():
+  # 100 different pairs measure FAR 0.01, 20 only 0.05: the axis starts at the smaller.
+  rng = np.random.default_rng(4)
+  results = {f"{num_pairs} pairs": evaluation.evaluate_verification(
+      *_pairs_with_separation(rng, num_pairs, 8, 0.8)) for num_pairs in (200, 40)}
+  axes = matplotlib.figure.Figure().add_subplot()
+  evaluation.draw_roc(axes, results)
+  smallest = min(np.min(r.fpr[r.fpr > 0]) for r in results.values())
+  assert smallest <= 0.011
+  assert axes.get_xlim()[0] == pytest.approx(smallest)
+  assert all(line.get_xdata().min() >= axes.get_xlim()[0] for line in axes.get_lines())
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_plot_embeddings_draws_the_features_and_their_directions(monkeypatch, tmp_path, dim):
+  # 2-D: the features as they are, then L2-normalised onto the circle; 3-D: onto the sphere.
+  figures = []
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda figure, *args, **kwargs: figures.append(figure))
+  rng = np.random.default_rng(dim)
+  labels = np.repeat(np.arange(3), 10)
+  features = 5 * rng.normal(size=(3, dim))[labels] + rng.normal(size=(30, dim))
+  evaluation.plot_embeddings(features, labels, tmp_path / "features.png")
+  unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+  (figure,) = figures
+  if dim == 2:
+    raw, normalised = figure.axes
+    drawn = {"raw": raw, "normalised": normalised}
+  else:
+    (normalised,) = figure.axes
+    drawn = {"normalised": normalised}
+  for name, axes in drawn.items():
+    scatters = [c for c in axes.collections  # One per class (not the sphere's wireframe).
+                if isinstance(c, matplotlib.collections.PathCollection)]
+    # A 3-D scatter's own offsets are its projection; its data points are _offsets3d.
+    points = [np.asarray(c.get_offsets()) if dim == 2 else np.stack(c._offsets3d, axis=1)
+              for c in scatters]
+    np.testing.assert_allclose(np.concatenate(points), features if name == "raw" else unit,
+                               rtol=1e-6, err_msg=name)
+
+
+def test_angle_histograms_give_each_kinds_fraction_of_pairs_per_bin():
+  # `bins` bins over [0, 180] degrees, each histogram normalised to its own pairs, against the
+  # angles of every pair i < j taken one by one.
+  rng = np.random.default_rng(5)
+  embeddings = rng.normal(size=(12, 3))
+  labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+  axes = matplotlib.figure.Figure().add_subplot()
+  evaluation.draw_angle_histograms(axes, embeddings, labels, bins=12)
+  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+  angles = {True: [], False: []}
+  for i in range(12):
+    for j in range(i + 1, 12):
+      angles[bool(labels[i] == labels[j])].append(
+          math.degrees(math.acos(max(-1.0, min(1.0, float(unit[i] @ unit[j]))))))
+  for patch, is_same in zip(axes.patches, (True, False)):
+    values, edges, _ = patch.get_data()
+    np.testing.assert_allclose(edges, np.arange(0, 181, 15))
+    counts = [sum(lo <= a < hi or (hi == 180 and a == 180) for a in angles[is_same])
+              for lo, hi in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(values, np.array(counts) / len(angles[is_same]), rtol=1e-12)
 
 
 def test_draw_functions_fill_the_callers_axes():

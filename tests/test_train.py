@@ -33,6 +33,7 @@ from margins import sharding as sharding_lib
 from margins import train_lib
 from margins import train_state
 from margins.losses import margin as margin_lib
+from tests.test_evaluation import _reference_retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -590,6 +591,100 @@ def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
     want = embed(state, jnp.asarray(margins_data.normalize_images(small.images[:8])))
   assert shapes == [16] and embeddings.shape == (11, 32)  # 11 images, 8 devices: 16, not 4096.
   np.testing.assert_allclose(embeddings[:8], want, rtol=1e-5, atol=1e-6)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_evaluate_reports_each_held_out_set_as_its_embeddings_give(flip):
+  # An untrained network, its head split over the 8 devices: 6 classes in 8 rows. The head is
+  # set to a closed-set image's embedding per class, and its 2 padding rows, which no
+  # prediction may take, to the mean of them all (the nearest row to most images). Checked
+  # against NumPy and the brute-force retrieval.
+  config = tiny(load_config(os.path.join(ROOT, "configs", "digits_arcface.py")))
+  config.engine.kind, config.eval.flip = "sharded", flip
+  mesh = sharding_lib.make_mesh(config)
+  _, sources = train_lib.make_sources(config.data)
+  experiment, state = train_lib.create_train_state(config, mesh, 6, (16, 16, 1))
+  assert state.params["head"].shape[0] == 8
+  embed = jax.jit(lambda x: eval_lib.embed(experiment, state, x))
+
+  def embeddings(source, mirrored=False):  # Normalised as insightface does; mirrored: width.
+    images = ((source.images / 255.0 - 0.5) / 0.5).astype(np.float32)
+    with jax.set_mesh(mesh):
+      return np.asarray(embed(images[:, :, ::-1] if mirrored else images), np.float64)
+
+  closed, labels = embeddings(sources["closed"]), sources["closed"].labels
+  head = np.concatenate([closed[[np.flatnonzero(labels == c)[0] for c in range(6)]],
+                         np.tile(closed.mean(axis=0), (2, 1))])
+  head = jax.device_put(head.astype(np.float32), state.params["head"].sharding)
+  state = state.replace(params={**state.params, "head": head})
+  with jax.set_mesh(mesh):
+    metrics = eval_lib.evaluate(
+        experiment, state, sources,
+        embed_fn=jax.jit(functools.partial(eval_lib.embed, experiment)),
+        scores_fn=jax.jit(functools.partial(eval_lib.class_scores, experiment)))
+  # Closed set: the nearest of the 6 real classes' rows by cosine (ArcFace's score).
+  cosines = _unit(closed) @ _unit(np.asarray(head, np.float64)[:6]).T
+  predictions = np.argmax(cosines, axis=1)
+  top_two = np.sort(cosines, axis=1)[:, -2:]
+  assert np.min(top_two[:, 1] - top_two[:, 0]) > 1e-5  # No tie that float32 rounding could turn.
+  assert np.mean(predictions == labels) > 0.3  # Well above chance (1/6): a real test.
+  assert metrics["closed/accuracy"] == np.mean(predictions == labels)
+  alone, mirrored = embeddings(sources["open"]), embeddings(sources["open"], mirrored=True)
+  open_embeddings, open_labels, result = metrics["_results"]["open"]
+  np.testing.assert_allclose(open_embeddings, alone + mirrored if flip else alone, rtol=1e-5,
+                             atol=1e-6)
+  norms = np.linalg.norm(np.concatenate([alone, mirrored] if flip else [alone]), axis=1)
+  assert metrics["open/xnorm"] == pytest.approx(np.mean(norms), rel=1e-5)
+  # In float64, as retrieval_metrics computes (float32 cosines of these embeddings tie).
+  for name, value in _reference_retrieval(open_embeddings.astype(np.float64),
+                                          open_labels).items():
+    assert metrics[f"open/{name}"] == pytest.approx(value, abs=1e-12), name
+  # The logged verification metrics are the result's (plotted and printed from it).
+  assert result.distances.size == config.eval.num_pairs
+  for name, value in (("verification_accuracy", result.accuracy),
+                      ("verification_accuracy_std", result.accuracy_std), ("auc", result.auc),
+                      ("eer", result.eer), ("tar_at_far_0.001", result.tar_at_far[1e-3])):
+    np.testing.assert_equal(metrics[f"open/{name}"], value, err_msg=name)
+
+
+def test_evaluation_embeds_with_the_running_statistics_whatever_the_batch():
+  # In evaluation mode a BatchNorm uses its running statistics: an image's embedding does not
+  # depend on the images embedded with it (with the batch's statistics, it does).
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  config.model.kwargs.batch_norm = True
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 6,
+                                                   (16, 16, 1))
+  images = margins_data.digits("open_test", image_size=16).images[:16]
+  embed = jax.jit(lambda x: eval_lib.embed(experiment, state, x))
+  with jax.set_mesh(experiment.mesh):
+    together, first, second = (np.asarray(embed(x)) for x in (images, images[:8], images[8:]))
+  np.testing.assert_allclose(np.concatenate([first, second]), together, rtol=1e-5, atol=1e-6)
+
+
+def test_an_embedding_with_one_coordinate_not_finite_is_counted():
+  # A float16 forward pass can overflow in one coordinate only: the set is still refused (its
+  # verification would otherwise fail later, stopping the run).
+  config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))
+  source = margins_data.digits("open_test", image_size=16)
+  small = margins_data.ArraySource(source.images[:11], source.labels[:11], num_classes=10)
+  experiment, state = train_lib.create_train_state(config, sharding_lib.make_mesh(config), 6,
+                                                   source.image_shape)
+  embed = jax.jit(lambda s, x: eval_lib.embed(experiment, s, x))
+
+  def one_coordinate_nan(s, x):  # The first coordinate of the batch's first two rows.
+    out = embed(s, x)
+    rows, columns = jnp.arange(out.shape[0])[:, None] < 2, jnp.arange(out.shape[1])[None] == 0
+    return jnp.where(rows & columns, jnp.nan, out)
+
+  with jax.set_mesh(experiment.mesh):
+    with pytest.raises(eval_lib.NonFiniteEmbeddings, match="^2 of 11 embeddings") as raised:
+      eval_lib.compute_embeddings(experiment, state, small, flip=False,
+                                  embed_fn=one_coordinate_nan)
+  assert raised.value.count == 2
 
 
 def test_partial_fc_sampling_resumes_exactly_and_freezes_unsampled_rows(tmp_path):
@@ -1831,6 +1926,16 @@ def test_feature_plots_name_their_classes(tmp_path, monkeypatch):
       "_results": {"closed": (features, labels), "open": (features, labels)},  # No ROC.
       "_class_names": {"closed": ["0", "1"], "open": ["6", "7"]}})
   assert legends == {"features_closed.png": ["0", "1"], "features_open.png": ["6", "7"]}
+
+
+def test_features_are_plotted_for_two_and_three_dimensional_embeddings_only(tmp_path):
+  # On the circle for 2-D embeddings, on the sphere for 3-D ones; wider ones have no such plot.
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 10)
+  eval_lib.write_plots(str(tmp_path), {"_results": {
+      name: (rng.normal(size=(30, dim)), labels) for name, dim in (("two", 2), ("three", 3),
+                                                                  ("four", 4))}})
+  assert sorted(os.listdir(tmp_path)) == ["features_three.png", "features_two.png"]
 
 
 def test_run_files_are_replaced_whole_or_not_at_all(tmp_path):
