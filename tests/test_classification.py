@@ -772,6 +772,16 @@ def test_float16_beside_float32_floors_the_norms_for_float16(x_dtype, w_dtype):
         assert np.isfinite(np.asarray(g, np.float32)).all(), (case, engine)
 
 
+def test_bfloat16_embeddings_beside_float16_centres_compute_in_float32():
+  # Neither 16-bit format holds the other: the mix is computed in float32, so the loss is the
+  # float64 reference's on the same (exactly widened) values, as for float32 inputs.
+  x, w, labels = make_inputs()
+  x16, w16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float16)
+  want = reference.arcface(np.asarray(x16, np.float64), np.asarray(w16, np.float64), labels)
+  got = jax.jit(margins.arcface_loss)(x16, w16, labels)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_margins_on_low_precision_rows_have_finite_gradients_at_cos_one(dtype):
   # The engines build Rows in float32; a margin applied to a user's own bfloat16 Rows must hold
@@ -911,6 +921,17 @@ def test_out_of_range_label_is_nan_under_jit():
   for _, loss_fn in ALL_LOSSES:
     got = np.asarray(jax.jit(loss_fn)(x, w, labels_bad))
     assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
+
+
+def test_a_uint64_label_past_int32_is_nan_under_jit_with_x64():
+  # Signed for the comparisons, but not cut to int32: the label 2**32 + 1 would wrap to the
+  # valid class 1 and be scored as it.
+  x, w, labels = make_inputs()
+  labels_bad = labels.astype(np.uint64)
+  labels_bad[3] = 2**32 + 1
+  with jax.enable_x64(True):
+    got = np.asarray(jax.jit(margins.arcface_loss)(x, w, labels_bad))
+  assert np.isnan(got[3]) and np.all(np.isfinite(np.delete(got, 3)))
 
 
 @pytest.mark.parametrize("label_dtype", [np.int32, np.uint32])

@@ -1,6 +1,7 @@
 """Tests of the offline sources (arrays, digits, synthetic identities) and the grain pipeline."""
 
 import pickle
+import time
 
 from absl import flags
 import grain
@@ -54,6 +55,19 @@ def test_array_source_records_and_checks():
     data.ArraySource(images, np.array([0, 1, 5]), num_classes=3)
   with pytest.raises(ValueError, match="`class_names`"):
     data.ArraySource(images, np.array([0, 1, 1]), class_names=["a"])
+
+
+def test_array_source_refuses_what_no_model_reads_and_names_classes_by_label():
+  # Two channels, no image at all and negative labels are each refused with the argument named
+  # (unchecked, an empty source would fail in NumPy's max, and a label of -1 would pass).
+  with pytest.raises(ValueError, match="`images`"):
+    data.ArraySource(np.zeros((3, 4, 4, 2), np.uint8), np.zeros(3, np.int32))
+  with pytest.raises(ValueError, match="`images`"):
+    data.ArraySource(np.zeros((0, 4, 4, 1), np.uint8), np.zeros(0, np.int32))
+  with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 3\)"):
+    data.ArraySource(np.zeros((3, 4, 4, 1), np.uint8), np.array([0, -1, 2]), num_classes=3)
+  source = data.ArraySource(np.zeros((3, 4, 4, 3), np.uint8), np.array([2, 0, 1]))
+  assert source.class_names == ["0", "1", "2"]  # str(label) by default
 
 
 # Digits.
@@ -143,6 +157,8 @@ def test_digits_rejects_bad_arguments():
     data.digits("open_train", open_set_train_classes=(1.5,))
   with pytest.raises(ValueError, match="`test_fraction`"):
     data.digits("test", test_fraction=1.0)
+  with pytest.raises(ValueError, match="`test_fraction`"):  # An empty "test" split.
+    data.digits("train", test_fraction=0.0)
   with pytest.raises(ValueError, match="`image_size`"):
     data.digits("train", image_size=0)
 
@@ -210,6 +226,8 @@ def test_synthetic_rejects_bad_arguments():
     data.SyntheticSource(num_images=2.5)
   with pytest.raises(ValueError, match="`image_shape`"):
     data.SyntheticSource(image_shape=(8, 8, 2))
+  with pytest.raises(ValueError, match="`image_shape`"):  # Images of no pixel.
+    data.SyntheticSource(image_shape=(0, 8, 3))
   with pytest.raises(ValueError, match="`seed`"):
     data.SyntheticSource(seed=-1)
 
@@ -449,6 +467,17 @@ def test_one_example_per_process_streams_forever():
     assert [int(next(shard)["label"][0]) for shard in shards] == next(single)["label"].tolist()
 
 
+def test_an_endless_stream_ignores_drop_remainder():
+  # drop_remainder concerns only the end of a finite stream; passed on to an endless one, it
+  # would overflow grain's length in batches of one.
+  source = _indexed_source(num_examples=7)
+  shards = [iter(data.train_dataset(source, batch_size=1, seed=3, drop_remainder=False,
+                                    shard_index=i, shard_count=2)) for i in range(2)]
+  # Positions 2t and 2t + 1 at step t: two epochs, each a permutation of the 7 examples.
+  labels = [int(next(shard)["label"][0]) for _ in range(7) for shard in shards]
+  assert sorted(labels[:7]) == sorted(labels[7:]) == list(range(7))
+
+
 def test_start_batch_resumes_the_stream_on_any_number_of_processes():
   source = _indexed_source(num_examples=20)
   common = dict(seed=5, random_flip=True, crop_padding=1)
@@ -475,6 +504,16 @@ def test_start_batch_resumes_the_stream_on_any_number_of_processes():
                        shard_count=1)
   with pytest.raises(ValueError, match="`start_batch`"):
     data.train_dataset(source, batch_size=3, start_batch=-1)
+
+
+def test_start_batch_at_the_end_resumes_a_finished_run_with_no_batch():
+  # 10 examples in batches of 3 make 3 batches: a run that drew all 3 resumes with none, and
+  # only a start past them is refused.
+  source = _indexed_source(num_examples=10)
+  kwargs = dict(batch_size=3, num_epochs=1, shard_index=0, shard_count=1)
+  assert list(data.train_dataset(source, start_batch=3, **kwargs)) == []
+  with pytest.raises(ValueError, match="`start_batch` = 4 is past the end"):
+    data.train_dataset(source, start_batch=4, **kwargs)
 
 
 @pytest.fixture
@@ -546,6 +585,39 @@ def test_train_rejects_bad_arguments():
     data.train_dataset(np.zeros((4, 2, 2, 1), np.uint8), batch_size=2)
 
 
+class _EmptySource:
+  image_shape = (4, 4, 1)
+
+  def __len__(self):
+    return 0
+
+  def __getitem__(self, index):
+    raise IndexError(index)
+
+
+def test_an_empty_source_is_refused():
+  # Refused by name: unchecked, it would give no batch at all.
+  for make in (data.train_dataset, data.eval_dataset):
+    with pytest.raises(ValueError, match="`source` is empty"):
+      make(_EmptySource(), batch_size=2, shard_index=0, shard_count=1)
+
+
+def test_the_shard_defaults_to_this_jax_process(monkeypatch):
+  # Faked as process 0, then 1, of 2: each reads its own part without being told which.
+  source = _indexed_source(num_examples=8)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    train = data.train_dataset(source, batch_size=2, num_epochs=1, shuffle=False)
+    # Global batches [0, 1, 2, 3] and [4, 5, 6, 7]: process i reads 2 of each, from 2i.
+    assert [batch["label"].tolist() for batch in train] == [
+        [2 * index, 2 * index + 1], [4 + 2 * index, 5 + 2 * index]]
+    # Evaluation deals the examples out position by position: i, i + 2, ...
+    evaluation = data.eval_dataset(source, batch_size=2)
+    assert np.concatenate([batch["index"] for batch in evaluation]).tolist() == list(
+        range(index, 8, 2))
+
+
 # Evaluation pipeline.
 
 
@@ -600,3 +672,17 @@ def test_measure_throughput_counts_images():
     data.measure_throughput(finite, 3)
   with pytest.raises(ValueError, match="`num_batches`"):
     data.measure_throughput(finite, 0)
+
+
+def test_measure_throughput_is_the_timed_images_over_the_timed_seconds(monkeypatch):
+  # A clock that moves 0.25 s with each batch drawn: after a warm-up batch of 7 images, 3 + 5 +
+  # 2 images (batches of 6 x 5 pixels, not to be counted as images) in 0.75 s, 13.33 images/s.
+  drawn = [0]
+
+  def batches():
+    for size in (7, 3, 5, 2):
+      drawn[0] += 1
+      yield {"image": np.zeros((size, 6, 5, 3), np.uint8)}
+
+  monkeypatch.setattr(time, "perf_counter", lambda: 0.25 * drawn[0])
+  assert data.measure_throughput(batches(), 3) == pytest.approx(10 / 0.75)

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from margins import checkpoints
+from margins import cli_flags
 from margins import data as data_lib
 from margins import distributed
 from margins import embed_folder
@@ -326,6 +327,22 @@ def test_bad_arguments_give_usage_errors(run, digits_bin, tmp_path, cli):
     cli(embed_folder, "--model", str(tmp_path / "m"), "--images", str(tmp_path), "--out",
         str(tmp_path / "e.npy"), "--workdir", run, "--step", "2")
   assert not (tmp_path / "m").exists()
+
+
+def test_shared_flags_are_checked_before_a_tool_reads_anything(tmp_path, cli):
+  # No run needed. embed_folder computes in the exported model's dtype: a --compute_dtype given
+  # to it is refused, not ignored; a batch of no image is refused when the flags are parsed
+  # (unchecked, 0 would read as unset: the default 256).
+  args = ("--model", str(tmp_path / "m"), "--images", str(tmp_path), "--out",
+          str(tmp_path / "e.npy"))
+  with pytest.raises(app.UsageError, match="--compute_dtype: this tool does not read it"):
+    cli(embed_folder, *args, "--compute_dtype", "bfloat16")
+  with pytest.raises(flags.IllegalFlagValueError, match="--batch_size"):
+    cli(embed_folder, *args, "--batch_size", "0")
+  # float16 is one of the dtypes the network may compute in (train_lib.COMPUTE_DTYPES).
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["evaluate", "--compute_dtype", "float16"])
+  assert cli_flags.compute_dtype() == "float16"
 
 
 # A failed read leaves orbax's reads of the other arrays pending; collected, each says that its

@@ -496,6 +496,19 @@ def test_bad_input_names_the_argument(loss_fn):
   np.testing.assert_array_equal(loss_fn(x, LABELS.tolist()), loss_fn(x, LABELS))  # A list.
 
 
+def test_a_scalar_label_is_refused_as_the_wrong_rank():
+  # Not a batch of labels: named, not an IndexError from reading its length.
+  with pytest.raises(ValueError, match=r"`labels` must have rank 1 \(\[batch\]\), got shape \(\)"):
+    pairwise.contrastive_loss(make_embeddings(), LABELS[0])
+
+
+def test_a_flag_takes_0_or_1_but_no_other_integer():
+  # A flag picks the formula: 2 is neither true nor false, and must not read as true.
+  for loss_fn in (pairwise.triplet_loss, pairwise.contrastive_loss):
+    with pytest.raises(TypeError, match="`squared` must be a bool .*, got 2"):
+      loss_fn(make_embeddings(), LABELS, squared=2)
+
+
 def test_an_empty_batch_has_no_losses():
   x = make_embeddings()
   for name, loss_fn, kwargs in LOSSES:  # Batch-hard mining's max and min included.

@@ -44,6 +44,9 @@ EXPECTED = {
     "webface42m_vit_l_pfc": ("vit_l", "cosface", 0.4, 0.1, 40, 42_474_557, 0.3, 69_120, ADAMW,
                              VIT_DP005_MASK005),
 }
+# insightface's ``verbose``, steps between evaluations (here checkpoints too): 2,000, but 10,000 in
+# wf42m_pfc02_r100.
+VERBOSE = {"webface42m_r100_pfc": 10_000}
 
 
 def test_every_recipe_is_in_the_table():
@@ -85,6 +88,7 @@ def test_recipe_values_are_insightfaces(name):
   assert config.input.random_flip and config.eval.flip
   assert config.eval.bins == ("/data/set/lfw.bin", "/data/set/cfp_fp.bin",
                               "/data/set/agedb_30.bin")
+  assert config.eval_every == config.checkpoint_every == VERBOSE.get(name, 2000)
   config.batch_size = batch // 4  # Same epochs, four times the steps (and warm-up steps).
   assert config.num_steps == images // (batch // 4) * epochs
   assert opt.warmup_steps == images // (batch // 4) * optimizer["warmup_epochs"]
@@ -97,6 +101,24 @@ def test_recipe_needs_the_dataset_folder():
     load_config(os.path.join(RECIPES, "ms1mv3_r50.py"), None)
   assert recipes.parse_arg("/a,b/ms1m,quick") == ("/a,b/ms1m", True)
   assert recipes.parse_arg("/a,b/ms1m") == ("/a,b/ms1m", False)
+  with pytest.raises(ValueError, match="needs the dataset folder"):  # An empty folder name.
+    recipes.parse_arg("")
+
+
+@pytest.mark.parametrize("name,model", [
+    ("ms1mv3_r50", "iresnet18"), ("glint360k_r100", "iresnet18"), ("ms1mv3_mbf", "mobilefacenet"),
+    ("webface42m_vit_s_pfc", "vit_t")])
+def test_quick_mode_is_a_small_float32_run_of_the_same_recipe(name, model):
+  # As recipes.arcface_torch says: IResNet-18, or the same MobileFaceNet or ViT-T, at 32x32
+  # with a 64-d embedding, 20 steps of 64 images, in float32; the same loss, head and data.
+  path = os.path.join(RECIPES, f"{name}.py")
+  full, config = load_config(path, "/data/set"), load_config(path, "/data/set,quick")
+  assert (config.model.name, config.model.embedding_dim) == (model, 64)
+  assert (config.data.path, config.data.image_shape) == ("/data/set", (32, 32, 3))
+  assert (config.num_steps, config.batch_size, config.compute_dtype) == (20, 64, "float32")
+  assert config.loss.to_dict() == full.loss.to_dict()
+  assert config.engine.sample_rate == full.engine.sample_rate
+  assert config.eval.bins == full.eval.bins
 
 
 def _write_dataset(folder, num_classes, per_class):
