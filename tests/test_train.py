@@ -33,6 +33,7 @@ from margins import sharding as sharding_lib
 from margins import train_lib
 from margins import train_state
 from margins.losses import margin as margin_lib
+from tests import reference
 from tests.test_evaluation import _reference_retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,10 +234,10 @@ def test_float16_loss_scale_skips_overflows_halves_and_grows():
   # The first finite step's update is the float32 step's from the same state (the same
   # parameters, the same step count): the gradients were unscaled.
   before = states["float32"].replace(step=state.step, opt_state=state.opt_state)
-  reference, _ = steps["float32"](before, batch)
+  float32_state, _ = steps["float32"](before, batch)
   for name in ("backbone", "head"):
     update = jax.tree.leaves(jax.tree.map(jnp.subtract, new.params[name], state.params[name]))
-    expected = jax.tree.leaves(jax.tree.map(jnp.subtract, reference.params[name],
+    expected = jax.tree.leaves(jax.tree.map(jnp.subtract, float32_state.params[name],
                                             before.params[name]))
     update, expected = (np.concatenate([np.ravel(a) for a in t]) for t in (update, expected))
     assert np.linalg.norm(update) == pytest.approx(np.linalg.norm(expected), rel=0.05)
@@ -593,10 +594,6 @@ def test_a_set_smaller_than_the_eval_batch_is_embedded_in_a_batch_of_its_size():
   np.testing.assert_allclose(embeddings[:8], want, rtol=1e-5, atol=1e-6)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-  return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 @pytest.mark.parametrize("flip", [False, True])
 def test_evaluate_reports_each_held_out_set_as_its_embeddings_give(flip):
   # An untrained network, its head split over the 8 devices: 6 classes in 8 rows. The head is
@@ -627,7 +624,7 @@ def test_evaluate_reports_each_held_out_set_as_its_embeddings_give(flip):
         embed_fn=jax.jit(functools.partial(eval_lib.embed, experiment)),
         scores_fn=jax.jit(functools.partial(eval_lib.class_scores, experiment)))
   # Closed set: the nearest of the 6 real classes' rows by cosine (ArcFace's score).
-  cosines = _unit(closed) @ _unit(np.asarray(head, np.float64)[:6]).T
+  cosines = reference.cosines(closed, np.asarray(head)[:6])
   predictions = np.argmax(cosines, axis=1)
   top_two = np.sort(cosines, axis=1)[:, -2:]
   assert np.min(top_two[:, 1] - top_two[:, 0]) > 1e-5  # No tie that float32 rounding could turn.
