@@ -1,4 +1,5 @@
-"""Float64 NumPy references written from the papers' formulas, independent of the package.
+"""Float64 NumPy references written from the papers' formulas (and, for retrieval,
+pytorch-metric-learning's definitions), independent of the package.
 
 Angles come from ``arccos`` and ``psi`` from its piecewise definition (the package uses
 Chebyshev polynomials and ``sqrt(1 - cos^2)``), and logits are filled in per example with loops.
@@ -235,3 +236,26 @@ def spherefacer_adjusted(x, w, labels, margin=1.5, kind="v0"):
 
 def spherefacer(x, w, labels, scale=30.0, margin=1.5, kind="v0"):
   return cross_entropy(scale * spherefacer_adjusted(x, w, labels, margin, kind), labels)
+
+
+def retrieval(embeddings, labels):
+  """Precision@1, R-precision and MAP@R, pytorch-metric-learning's definitions applied query by
+  query with a full sort: a query alone in its class is left out; ties rank the wrong class
+  first."""
+  unit = _unit(embeddings)
+  similarity = unit @ unit.T
+  precision_at_1, r_precision, map_at_r = [], [], []
+  for query in range(len(labels)):
+    num_relevant = np.sum(labels == labels[query]) - 1
+    if num_relevant == 0:
+      continue
+    others = [k for k in range(len(labels)) if k != query]
+    # Decreasing similarity; on ties an example of another class comes first (False < True).
+    ranked = sorted(others, key=lambda k: (-similarity[query, k], labels[k] == labels[query]))
+    relevant = [labels[k] == labels[query] for k in ranked[:num_relevant]]
+    precision_at_1.append(float(relevant[0]))
+    r_precision.append(sum(relevant) / num_relevant)
+    precisions = [sum(relevant[:i + 1]) / (i + 1) for i in range(num_relevant) if relevant[i]]
+    map_at_r.append(sum(precisions) / num_relevant)
+  return {"precision_at_1": np.mean(precision_at_1), "r_precision": np.mean(r_precision),
+          "mean_average_precision_at_r": np.mean(map_at_r)}

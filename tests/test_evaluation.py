@@ -19,6 +19,7 @@ import pytest
 
 from margins import evaluation
 from margins.evaluation import plots
+from tests import reference
 
 # ---------------------------------------------------------------------------------------------
 # insightface's verification protocol, re-implemented from its description.
@@ -384,33 +385,13 @@ def test_make_pairs_bad_input(labels, num_pairs, error, match):
 # Retrieval, against pytorch-metric-learning's definitions applied query by query.
 
 
-def _reference_retrieval(embeddings, labels):
-  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-  similarity = unit @ unit.T
-  precision_at_1, r_precision, map_at_r = [], [], []
-  for query in range(len(labels)):
-    num_relevant = np.sum(labels == labels[query]) - 1
-    if num_relevant == 0:
-      continue
-    others = [k for k in range(len(labels)) if k != query]
-    # Decreasing similarity; on ties an example of another class comes first (False < True).
-    ranked = sorted(others, key=lambda k: (-similarity[query, k], labels[k] == labels[query]))
-    relevant = [labels[k] == labels[query] for k in ranked[:num_relevant]]
-    precision_at_1.append(float(relevant[0]))
-    r_precision.append(sum(relevant) / num_relevant)
-    precisions = [sum(relevant[:i + 1]) / (i + 1) for i in range(num_relevant) if relevant[i]]
-    map_at_r.append(sum(precisions) / num_relevant)
-  return {"precision_at_1": np.mean(precision_at_1), "r_precision": np.mean(r_precision),
-          "mean_average_precision_at_r": np.mean(map_at_r)}
-
-
 @pytest.mark.parametrize("seed, chunk_size", [(0, 512), (1, 3), (2, 7)])
 def test_retrieval_matches_brute_force(seed, chunk_size):
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.repeat(np.arange(6), [1, 2, 4, 7, 12, 3]))  # Class 0 is lone.
   embeddings = 1.5 * rng.normal(size=(6, 5))[labels] + rng.normal(size=(29, 5))
   metrics = evaluation.retrieval_metrics(embeddings, labels, chunk_size=chunk_size)
-  expected = _reference_retrieval(embeddings, labels)
+  expected = reference.retrieval(embeddings, labels)
   assert metrics.keys() == expected.keys()
   for name in metrics:
     assert metrics[name] == pytest.approx(expected[name], abs=1e-12), name
@@ -423,7 +404,7 @@ def test_retrieval_ties_are_pessimistic():
   labels = rng.integers(4, size=40)
   embeddings = directions[rng.integers(5, size=40)]
   metrics = evaluation.retrieval_metrics(embeddings, labels, chunk_size=6)
-  expected = _reference_retrieval(embeddings, labels)
+  expected = reference.retrieval(embeddings, labels)
   for name in metrics:
     assert metrics[name] == pytest.approx(expected[name], abs=1e-12), name
   # One point for everything: all neighbours tie, and no tie is credited.

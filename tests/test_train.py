@@ -34,7 +34,6 @@ from margins import train_lib
 from margins import train_state
 from margins.losses import margin as margin_lib
 from tests import reference
-from tests.test_evaluation import _reference_retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -637,8 +636,8 @@ def test_evaluate_reports_each_held_out_set_as_its_embeddings_give(flip):
   norms = np.linalg.norm(np.concatenate([alone, mirrored] if flip else [alone]), axis=1)
   assert metrics["open/xnorm"] == pytest.approx(np.mean(norms), rel=1e-5)
   # In float64, as retrieval_metrics computes (float32 cosines of these embeddings tie).
-  for name, value in _reference_retrieval(open_embeddings.astype(np.float64),
-                                          open_labels).items():
+  for name, value in reference.retrieval(open_embeddings.astype(np.float64),
+                                         open_labels).items():
     assert metrics[f"open/{name}"] == pytest.approx(value, abs=1e-12), name
   # The logged verification metrics are the result's (plotted and printed from it).
   assert result.distances.size == config.eval.num_pairs
