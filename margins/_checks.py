@@ -6,6 +6,11 @@ import operator
 import os
 from typing import Any
 
+# A run's ``config.compute_dtype`` (its network's arithmetic); evaluation and the tools take one of
+# them or ``"run"``, the run's own.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+EVAL_COMPUTE_DTYPES = (*COMPUTE_DTYPES, "run")
+
 
 def check_int(value, name: str, *, minimum: int, static: bool = False) -> int:
   """``value`` as an ``int``: ``TypeError`` unless an integer, ``ValueError`` below ``minimum``.

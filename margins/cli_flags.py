@@ -9,6 +9,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from margins._checks import EVAL_COMPUTE_DTYPES
+
 WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its --workdir).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 BATCH_SIZE = flags.DEFINE_integer(
@@ -23,7 +25,7 @@ FLIP = flags.DEFINE_bool(
     "flip", None, "The flip test: add each image's embedding and its mirror image's (default: on "
     "in evaluate, as insightface's protocol; off in embed_folder).")
 COMPUTE_DTYPE = flags.DEFINE_enum(
-    "compute_dtype", "float32", ["float32", "bfloat16", "float16", "run"],
+    "compute_dtype", "float32", list(EVAL_COMPUTE_DTYPES),
     "The network's arithmetic (evaluate, export, subcenter_drop): float32 whatever the run "
     "trained in, as insightface evaluates (eval_ijbc.py) and exports (float32 ONNX), another, "
     "or 'run': the run's config.compute_dtype (the recipes' bfloat16 moves pair cosines by "

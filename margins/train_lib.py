@@ -50,6 +50,8 @@ from margins import models
 from margins import parallel
 from margins import run_log
 from margins import sharding as sharding_lib
+from margins._checks import COMPUTE_DTYPES
+from margins._checks import EVAL_COMPUTE_DTYPES
 from margins.losses import _common
 from margins.losses import center as center_lib
 from margins.losses import margin as margin_lib
@@ -378,12 +380,6 @@ def make_sources(data_config: ml_collections.ConfigDict):
 def _batch_stats(config) -> str:
   """``config.model.batch_stats``; "global" for runs written before 2026-12-07 without it."""
   return config.model.get("batch_stats", "global")
-
-
-# ``config.compute_dtype``'s values; ``config.eval.compute_dtype`` takes them or ``"run"``, the
-# run's.
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-EVAL_COMPUTE_DTYPES = (*COMPUTE_DTYPES, "run")
 
 
 def eval_compute_dtype(config: ml_collections.ConfigDict) -> str:

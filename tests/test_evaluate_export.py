@@ -339,7 +339,7 @@ def test_shared_flags_are_checked_before_a_tool_reads_anything(tmp_path, cli):
     cli(embed_folder, *args, "--compute_dtype", "bfloat16")
   with pytest.raises(flags.IllegalFlagValueError, match="--batch_size"):
     cli(embed_folder, *args, "--batch_size", "0")
-  # float16 is one of the dtypes the network may compute in (train_lib.COMPUTE_DTYPES).
+  # float16 is one of the dtypes the network may compute in (margins._checks.COMPUTE_DTYPES).
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["evaluate", "--compute_dtype", "float16"])
   assert cli_flags.compute_dtype() == "float16"
