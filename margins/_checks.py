@@ -1,5 +1,5 @@
 """Checks of arguments shared by the models, the engines, the data pipeline, the evaluation and
-the tools."""
+the tools, and the names of the dtypes a network computes in."""
 
 import numbers
 import operator
