@@ -711,11 +711,29 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
       ("loss_scale.initial", lambda v: 0 < v < math.inf,
        "positive and finite (a scale of 0 skips every step)"),
       ("optimizer.learning_rate", lambda v: v > 0, "positive"),
+      # Each of these out of its range trained on: a negative scale or decay turns the gradient
+      # or the weights' pull around, a negative power makes the rate grow without bound at the
+      # end, and Adam with b1 or b2 = 1 divides by zero (bias correction) at its first step.
+      ("optimizer.head_lr_scale", lambda v: v >= 0, "at least 0 (0: the head stays as it is)"),
+      ("optimizer.weight_decay", lambda v: v >= 0, "at least 0"),
+      ("optimizer.head_weight_decay", lambda v: v is None or v >= 0,
+       "at least 0 (None: weight_decay's)"),
+      ("optimizer.momentum", lambda v: v is None or 0 <= v < 1, "in [0, 1) (0: plain SGD)"),
+      ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+      ("optimizer.decay_power", lambda v: v >= 0, "at least 0 (0: no decay after the warm-up)"),
       ("center_loss.weight", lambda v: v >= 0, "at least 0 (0: off)"),
       ("center_loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the centres' step)")):
     section, field = name.split(".")
     if not holds(config[section][field]):
       raise ValueError(f"config.{name} must be {rule}, got {config[section][field]}.")
+  # The input pipeline checks these too, but only once the state is built, naming no field.
+  if not 0 <= config.seed < 2**32:
+    raise ValueError(f"config.seed must lie in [0, 2**32) (it seeds the data's order and "
+                     f"augmentation, as well as the model), got {config.seed}.")
+  if config.input.crop_padding < 0:
+    raise ValueError(f"config.input.crop_padding must be at least 0 (pixels each side; 0: no "
+                     f"random crop), got {config.input.crop_padding}.")
   num_pairs = config.eval.num_pairs
   if num_pairs < 10 or num_pairs % 2:
     raise ValueError(f"config.eval.num_pairs must be even (half of the open set's pairs show one "
@@ -994,6 +1012,20 @@ def _check_model(config: ml_collections.ConfigDict, image_shape: tuple[int, int,
                      f"images: {error}") from error
 
 
+def _check_open_set(config: ml_collections.ConfigDict, eval_sources) -> None:
+  """Raises ``ValueError`` naming ``config.data`` unless its held-out identities (``"open"``)
+  make the evaluation's verification pairs: at least two identities of two images or more (else
+  the run would fail at its first evaluation, after training)."""
+  if "open" in eval_sources:
+    try:
+      eval_lib.open_set_pairs(eval_sources["open"], config.eval.num_pairs)
+    except ValueError as error:
+      raise ValueError(
+          f"config.data's held-out identities ({len(eval_sources['open'])} images) cannot be "
+          f"evaluated: {error} Verification pairs need at least two identities of two images or "
+          "more (for digits, leave two digits or more out of open_set_train_classes).") from error
+
+
 def _train_and_evaluate(config, workdir, mesh):
   # The data and the .bin sets are read, and a resume checked, before the state is built: a
   # file that does not decode, or a resume that cannot be, is known at once.
@@ -1004,6 +1036,7 @@ def _train_and_evaluate(config, workdir, mesh):
         eval_lib.bin_set_name(path): eval_lib.load_bin_set(train_source.image_shape, path)
         for path in config.eval.bins}
     _check_model(config, train_source.image_shape)
+    _check_open_set(config, eval_sources)
   except (ValueError, OSError) as source_error:  # A malformed file, an empty identity folder ...
     error = CannotStart(str(source_error))
     error.__cause__ = source_error

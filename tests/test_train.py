@@ -1336,12 +1336,27 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
                                                  r"finite \(a scale of 0 skips every step\)"),
     (lambda c: c.optimizer.update(learning_rate=-0.01), "config.optimizer.learning_rate must be "
                                                         "positive, got -0.01"),
+    (lambda c: c.optimizer.update(head_lr_scale=-1.0), "head_lr_scale must be at least 0"),
+    (lambda c: c.optimizer.update(weight_decay=-1e-4), "weight_decay must be at least 0, got"),
+    (lambda c: c.optimizer.update(head_weight_decay=-1e-4), "head_weight_decay must be at least"),
+    (lambda c: c.optimizer.update(momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (lambda c: c.optimizer.update(name="adamw", b2=1.0), r"config.optimizer.b2 must be in \["),
+    (lambda c: c.optimizer.update(name="adamw", b1=-0.1), r"config.optimizer.b1 must be in \["),
+    (lambda c: c.optimizer.update(decay_power=-1.0), "decay_power must be at least 0"),
     (lambda c: c.center_loss.update(weight=-0.5), "config.center_loss.weight must be at least 0"),
     (lambda c: c.center_loss.update(alpha=2.0), r"config.center_loss.alpha must be in \[0, 1\]"),
     (lambda c: c.eval.update(num_pairs=301), r"config.eval.num_pairs must be even \(half"),
     (lambda c: c.eval.update(num_pairs=4), r"and at least 10 \(the protocol's folds\), got 4"),
     (lambda c: c.update(loss=dict(name="sphereface2", alpha=1.0)),
      r"config.loss: `alpha` must lie in \(0, 1\)"),
+    # The pipeline refused these with a traceback naming no field, once the state was built.
+    (lambda c: c.input.update(crop_padding=-1), "config.input.crop_padding must be at least 0"),
+    (lambda c: c.update(seed=-1), r"config.seed must lie in \[0, 2\*\*32\)"),
+    # One digit left out: the whole run trained, then its first evaluation failed (no pairs of
+    # two identities).
+    (lambda c: c.data.update(open_set_train_classes=tuple(range(9))),
+     r"config.data's held-out identities \(180 images\) cannot be evaluated: `labels` must hold "
+     "at least 2 classes, got 1"),
     # The digits' small_cnn widths beside another backbone: a traceback, after the workdir.
     (lambda c: c.model.update(name="iresnet18"),
      r"config.model \(name 'iresnet18', kwargs \{'batch_norm': False, 'widths': .*\}\) cannot be "
