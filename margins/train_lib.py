@@ -723,17 +723,16 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
       ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
       ("optimizer.decay_power", lambda v: v >= 0, "at least 0 (0: no decay after the warm-up)"),
       ("center_loss.weight", lambda v: v >= 0, "at least 0 (0: off)"),
-      ("center_loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the centres' step)")):
+      ("center_loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1] (the centres' step)"),
+      # The input pipeline checks these too, but only once the state is built, naming no field.
+      ("input.crop_padding", lambda v: v >= 0, "at least 0 (pixels each side; 0: no random crop)"),
+      ("input.worker_count", lambda v: v >= 0, "at least 0 (0: read in the training process)")):
     section, field = name.split(".")
     if not holds(config[section][field]):
       raise ValueError(f"config.{name} must be {rule}, got {config[section][field]}.")
-  # The input pipeline checks these too, but only once the state is built, naming no field.
-  if not 0 <= config.seed < 2**32:
+  if not 0 <= config.seed < 2**32:  # As the input pipeline's, which names no field.
     raise ValueError(f"config.seed must lie in [0, 2**32) (it seeds the data's order and "
                      f"augmentation, as well as the model), got {config.seed}.")
-  if config.input.crop_padding < 0:
-    raise ValueError(f"config.input.crop_padding must be at least 0 (pixels each side; 0: no "
-                     f"random crop), got {config.input.crop_padding}.")
   num_pairs = config.eval.num_pairs
   if num_pairs < 10 or num_pairs % 2:
     raise ValueError(f"config.eval.num_pairs must be even (half of the open set's pairs show one "

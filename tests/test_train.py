@@ -1351,6 +1351,7 @@ def test_config_that_cannot_run_is_a_message_not_a_traceback(flag, message, tmp_
      r"config.loss: `alpha` must lie in \(0, 1\)"),
     # The pipeline refused these with a traceback naming no field, once the state was built.
     (lambda c: c.input.update(crop_padding=-1), "config.input.crop_padding must be at least 0"),
+    (lambda c: c.input.update(worker_count=-2), "config.input.worker_count must be at least 0"),
     (lambda c: c.update(seed=-1), r"config.seed must lie in \[0, 2\*\*32\)"),
     # One digit left out: the whole run trained, then its first evaluation failed (no pairs of
     # two identities).
