@@ -1068,8 +1068,11 @@ def _scored_loss(x, w, local_labels, num_valid, margin, key, sample, *, engine, 
     scored_rows, stabilizer = jax.lax.pcast((scored_rows, stabilizer), _axes(axis_name),
                                             to="varying")
   x_in = x_in.astype(matmul_dtype)
-  args = (x_in, w, scored_rows, margin, local_labels, num_valid, stabilizer)
   batch_axes = _data_parallel_axes(x_in, w) if axis_name is None else ()
+  # Where the batch is split, so is a per-example [B] field (MV-Softmax's t, say) that scores it:
+  # whole beside the split logits, SphereFace2's per-example bias failed JAX's transpose.
+  scoring_margin = _split_per_example(margin, x_in) if batch_axes else margin
+  args = (x_in, w, scored_rows, scoring_margin, local_labels, num_valid, stabilizer)
   if chunk_size is None or chunk_size >= w.shape[0]:
     max_, sum_ = _dense_stats(*args, floor_dtype, axis_name)
   elif batch_axes:
@@ -1125,6 +1128,14 @@ def _data_parallel_axes(x_in: Array, w: Array) -> tuple[str, ...]:
   return _common.batch_axes(x_in)
 
 
+def _split_per_example(margin: Margin, x: Array) -> Margin:
+  """``margin`` with each per-example ``[B]`` field split over the mesh as the examples
+  ``x [B, ...]`` are (:func:`margins.losses._common.split_like`)."""
+  return jax.tree.map(
+      lambda v: _common.split_like(jnp.asarray(v), x) if is_per_example(v, x.shape[0]) else v,
+      margin)
+
+
 def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabilizer, chunk_size,
                          floor_dtype, keep_scores, batch_axes):
   """:func:`_chunked_stats` where the mesh axes ``batch_axes`` split the batch and every device
@@ -1138,11 +1149,9 @@ def _data_parallel_stats(x_in, w, rows, margin, local_labels, num_valid, stabili
                           floor_dtype, None, keep_scores)
 
   margin, num_valid = jax.tree.map(jnp.asarray, (margin, num_valid))
-  # A per-example ``[B]`` field (MV-Softmax's ``t``, say) is split like the examples it scores.
-  per_example = jax.tree.map(lambda v: is_per_example(v, x_in.shape[0]), margin)
-  margin = jax.tree.map(lambda v, split_it: _common.split_like(v, x_in) if split_it else v,
-                        margin, per_example)
-  margin_specs = jax.tree.map(lambda split_it: split if split_it else whole, per_example)
+  # Per-example ``[B]`` fields arrive split like the examples (:func:`_split_per_example`).
+  margin_specs = jax.tree.map(
+      lambda v: split if is_per_example(v, x_in.shape[0]) else whole, margin)
   return jax.shard_map(local_stats, mesh=jax.typeof(x_in).sharding.mesh,
                        in_specs=(split, whole, split, margin_specs, split, whole, split),
                        out_specs=split)(x_in, w, rows, margin, local_labels, num_valid, stabilizer)

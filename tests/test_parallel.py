@@ -351,6 +351,28 @@ def test_batch_split_over_explicit_axes(dense_results, engine, split_labels):
   assert_matches_dense(got, {name: dense_results[13][name] for name in got}, 13)
 
 
+@pytest.mark.parametrize("engine", [margins.chunked(5), margins.dense()], ids=["chunks", "dense"])
+def test_gradient_of_per_example_fields_with_the_batch_split_over_explicit_axes(engine):
+  # [B] fields that the non-target logits read, differentiated too: on the dense path (and a
+  # chunk holding every class) SphereFace2's per-example bias stayed whole beside the split
+  # logits, and JAX's transpose failed (an AssertionError) where one device's gradient is fine.
+  mesh = make_mesh(4, AxisType.Explicit)
+  x, w, _, labels = make_inputs(13, 13)
+  fields = {"bias": jnp.linspace(-1.0, 1.0, B), "margin": jnp.linspace(0.1, 0.4, B)}
+  weights = jnp.arange(1.0, B + 1.0)  # Each example's loss counts differently.
+
+  def loss(x, w, labels, fields):
+    losses, _ = engine(x, w, labels, margins.SphereFace2(scale=8.0, **fields))
+    return jnp.sum(weights * losses)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3)))
+  want = grad(x, w, labels, fields)
+  split = lambda a: jax.device_put(a, NamedSharding(mesh, jax.P("devices")))  # noqa: E731
+  with jax.set_mesh(mesh):
+    got = grad(split(x), w, split(labels), fields)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
 @pytest.mark.parametrize("engine", [
     margins.dense(), margins.chunked(5), margins.chunked(5, keep_scores=False),
     margins.chunked(5, sample_rate=0.5)], ids=["dense", "chunks", "recompute", "sampled"])
