@@ -58,10 +58,10 @@ def load_model(directory: str | os.PathLike[str]) -> tuple[jax.export.Exported, 
     raise ValueError(f"{paths[0]} ({len(serialized)} bytes) is not a model jax.export can read: "
                      f"damaged or cut short? Export it again ({type(error).__name__}: "
                      f"{error}).") from error
-  with open(paths[1]) as file:
+  with open(paths[1], encoding="utf-8") as file:
     try:
       return exported, json.load(file)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSON's errors, and bytes that are not UTF-8.
       raise ValueError(f"{paths[1]} is not JSON ({error}): export the model again.") from error
 
 

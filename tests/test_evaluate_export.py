@@ -468,6 +468,17 @@ def test_exported_model_equals_the_live_model_for_any_batch_size(restored, tmp_p
     np.testing.assert_allclose(loaded.call(images), live, rtol=1e-5, atol=1e-5)
 
 
+def test_load_model_names_a_metadata_file_that_is_not_utf8(tmp_path):
+  # A model.json of other bytes than UTF-8 raised a bare UnicodeDecodeError, naming no file. A tiny
+  # exported function stands in for a model.
+  exported = jax.export.export(jax.jit(lambda x: x.sum(axis=(1, 2))))(
+      jax.ShapeDtypeStruct((2, 4, 4, 3), np.float32))
+  (tmp_path / embed_folder.MODEL_FILE).write_bytes(exported.serialize())
+  (tmp_path / embed_folder.METADATA_FILE).write_bytes(b"\xff\xfe{}")
+  with pytest.raises(ValueError, match=r"model.json is not JSON \("):
+    embed_folder.load_model(tmp_path)
+
+
 def test_exported_model_takes_images_of_its_height_and_width_when_they_differ(tmp_path):
   # SphereFace's faces are 112 x 96: the input is [b, H, W, C], as the run's images are.
   config = load_config(os.path.join(ROOT, "configs", "digits_arcface.py"))

@@ -245,6 +245,26 @@ def test_bad_benchmarks_give_clear_errors(tmp_path):
     data_lib.read_ijb(folder)
   with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt not found"):
     data_lib.read_ijb(folder, "IJBB")
+  # An empty meta file raised an IndexError, and a field that is no number (or past int64) NumPy's
+  # error, neither naming the file.
+  grouped.write_text("\n".join(lines) + "\n")
+  pairs_text = pairs.read_text()
+  for path, text, message in [
+      (pairs, "", "ijbc_template_pair_label.txt: the file is empty"),
+      (pairs, "10 11 x\n", "ijbc_template_pair_label.txt: line 1 has 'x', not a number"),
+      (pairs, "10 99999999999999999999 1\n", "pair_label.txt: line 1 has '99999999999999999999'"),
+      (grouped, "\n".join([lines[0], lines[1].replace(" 10 ", " 10.0 "), *lines[2:]]),
+       "ijbc_face_tid_mid.txt: line 2 has '10.0', not a number of type int64")]:
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      data_lib.read_ijb(folder)
+    pairs.write_text(pairs_text)
+    grouped.write_text("\n".join(lines) + "\n")
+  scored = meta / "ijbc_name_5pts_score.txt"
+  first, *rest = scored.read_text().splitlines()
+  scored.write_text("\n".join([" ".join([first.split()[0], "abc", *first.split()[2:]]), *rest]))
+  with pytest.raises(ValueError, match="ijbc_name_5pts_score.txt: line 1 has 'abc', not a"):
+    data_lib.read_ijb(folder)
 
 
 def test_crops_are_decoded_upright_as_every_other_source(tmp_path):

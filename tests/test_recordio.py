@@ -522,6 +522,32 @@ def test_source_header_variants(tmp_path):
   assert source.image_keys.tolist() == [1, 2] and source.identity_ranges() is None
 
 
+def test_corrupt_header_record_is_refused_naming_the_file(tmp_path):
+  # A header label of 1e9 listed a billion image keys (8 GB, minutes) before finding them missing,
+  # NaN or inf failed in int() without naming the file, and a header one key short made the last
+  # image an "identity record": it was dropped from the images and identity_ranges() failed with a
+  # TypeError. An identity range of 2**40 keys raised MemoryError.
+  for header in ([1e9, 1e9 + 4], [2.0**40, 2.0**40]):
+    rec, _ = _write_image_records(tmp_path, [0, 1], header=header)
+    with pytest.raises(recordio.RecordIOError, match=f"{re.escape(rec[:-4])}.idx: the header"):
+      recordio.RecordIOSource(rec, num_classes=2)
+  rec, _ = _write_image_records(tmp_path, [0, 1], header=[3, 2.0**40])  # Identities: not there.
+  assert recordio.RecordIOSource(rec, num_classes=2).identity_ranges() is None
+  for header in ([float("nan"), 4], [float("inf"), 4]):
+    rec, _ = _write_image_records(tmp_path, [0, 1], header=header)
+    with pytest.raises(recordio.RecordIOError, match=f"{re.escape(rec)}: the header record"):
+      recordio.RecordIOSource(rec, num_classes=2)
+  _make_folder(tmp_path / "faces", {"alice": 2, "bob": 1})
+  pack_recordio.pack_image_folder(tmp_path / "faces", str(tmp_path / "train"))
+  rec = str(tmp_path / "train.rec")
+  for header, match in [([3, 5], "key 3 is an image record"),
+                        ([5, 7], "key 4 is an identity record")]:
+    with open(rec, "r+b") as file:  # Same frame length: the header record is rewritten in place.
+      file.write(recordio.frame(recordio.pack(recordio.IRHeader(0, header, 0), b"")))
+    with pytest.raises(recordio.RecordIOError, match=f"{re.escape(rec)}: .*{match}"):
+      recordio.RecordIOSource(tmp_path)
+
+
 def test_property_that_disagrees_with_the_identity_records_is_refused(tmp_path):
   # A `property` from another dataset: too many classes trained unused rows of W without a word,
   # too few failed at the first record past them, mid-run.
@@ -708,6 +734,12 @@ def test_property_file_gives_num_classes_and_shape(tmp_path):
     file.write("10;6;4")
   with pytest.raises(recordio.RecordIOError, match="property: expected 'num_classes,height"):
     recordio.RecordIOSource(rec)
+  # A size of 0 or less and bytes that are not UTF-8 raised errors that named no file (`image_shape`
+  # must be >= 1; UnicodeDecodeError).
+  for text in (b"10,0,4", b"10,6,-4", b"0,6,4", b"\xff\xfe1,2,3"):
+    (tmp_path / "property").write_bytes(text)
+    with pytest.raises(recordio.RecordIOError, match="property: expected 'num_classes,height"):
+      recordio.RecordIOSource(rec)
 
 
 def test_labels_refuse_a_last_record_the_file_cuts_short(tmp_path):

@@ -63,11 +63,28 @@ def _rows(path: str, num_columns: int) -> list[list[str]]:
     raise FileNotFoundError(f"{path} not found: an IJB folder has meta/<name>_*.txt files.")
   with open(path, encoding="utf-8") as lines:
     rows = [line.split() for line in lines if line.strip()]
+  if not rows:
+    raise ValueError(f"{path}: the file is empty.")
   bad = [index for index, row in enumerate(rows) if len(row) != num_columns]
   if bad:
     raise ValueError(f"{path}: line {bad[0] + 1} has {len(rows[bad[0]])} fields, not "
                      f"{num_columns}.")
   return rows
+
+
+def _numbers(path: str, rows: list[list[str]], dtype: type) -> np.ndarray:
+  """``rows`` as an array of ``dtype``; a field that is no such number is named with its file."""
+  try:
+    return np.array(rows, dtype)
+  except (ValueError, OverflowError):
+    for number, row in enumerate(rows, start=1):
+      for field in row:
+        try:
+          np.array(field, dtype)
+        except (ValueError, OverflowError) as error:
+          raise ValueError(f"{path}: line {number} has {field!r}, not a number of type "
+                           f"{dtype.__name__}.") from error
+    raise
 
 
 _SCORED_SUFFIX = "_name_5pts_score.txt"
@@ -88,8 +105,8 @@ def read_ijb(folder: str | os.PathLike[str], name: str | None = None) -> IJBProt
 
   Raises:
     FileNotFoundError: a meta file is missing.
-    ValueError: a line has the wrong number of fields, or the two per-image files list different
-      images.
+    ValueError: a meta file is empty, a line has the wrong number of fields or a field that is no
+      number, or the two per-image files list different images; the message names the file.
 
   >>> import os, tempfile
   >>> from margins.data import read_ijb
@@ -109,15 +126,17 @@ def read_ijb(folder: str | os.PathLike[str], name: str | None = None) -> IJBProt
   folder = os.fspath(folder)
   name = (name or benchmark_name(folder)).lower()
   meta = os.path.join(folder, "meta")
-  scored = _rows(os.path.join(meta, name + _SCORED_SUFFIX), 12)
-  grouped = _rows(os.path.join(meta, f"{name}_face_tid_mid.txt"), 3)
-  pairs = np.array(_rows(os.path.join(meta, f"{name}_template_pair_label.txt"), 3), np.int64)
+  scored_path = os.path.join(meta, name + _SCORED_SUFFIX)
+  grouped_path = os.path.join(meta, f"{name}_face_tid_mid.txt")
+  pairs_path = os.path.join(meta, f"{name}_template_pair_label.txt")
+  scored, grouped = _rows(scored_path, 12), _rows(grouped_path, 3)
+  pairs = _numbers(pairs_path, _rows(pairs_path, 3), np.int64)
   files = [row[0] for row in scored]
   if files != [row[0] for row in grouped]:
     raise ValueError(f"{meta}: {name}_name_5pts_score.txt and {name}_face_tid_mid.txt list "
                      "different images (or in another order).")
-  numbers = np.array([row[1:] for row in scored], np.float64)
-  ids = np.array([row[1:] for row in grouped], np.int64)
+  numbers = _numbers(scored_path, [row[1:] for row in scored], np.float64)
+  ids = _numbers(grouped_path, [row[1:] for row in grouped], np.int64)
   return IJBProtocol(folder=folder, name=name, files=files,
                      landmarks=numbers[:, :10].reshape(-1, 5, 2), detector_scores=numbers[:, 10],
                      templates=ids[:, 0], media=ids[:, 1], pairs=pairs[:, :2],

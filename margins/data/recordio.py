@@ -535,13 +535,16 @@ def dataset_files(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def _read_property(path: str) -> tuple[int, int, int]:
-  with open(path, encoding="utf-8") as file:
-    text = file.read()
+  with open(path, "rb") as file:
+    text = file.read().decode("utf-8", errors="replace").strip()
   try:
-    num_classes, height, width = (int(field) for field in text.strip().split(","))
+    num_classes, height, width = (int(field) for field in text.split(","))
   except ValueError as error:
     raise RecordIOError(
-        f"{path}: expected 'num_classes,height,width', got {text.strip()[:80]!r}.") from error
+        f"{path}: expected 'num_classes,height,width', got {text[:80]!r}.") from error
+  if min(num_classes, height, width) <= 0:
+    raise RecordIOError(f"{path}: expected 'num_classes,height,width' of positive integers, got "
+                        f"{text[:80]!r}.")
   return num_classes, height, width
 
 
@@ -613,18 +616,33 @@ class RecordIOSource:
       image_end = self._stored_key(
           header.label[0], lambda key: key not in self.reader or self._is_identity_record(key))
       self._image_keys = range(1, image_end)
-      missing = self.reader.missing(np.arange(1, image_end, dtype=np.int64))
+      # The index holds num_keys keys, key 0 among them: a header announcing more images has 6 or
+      # more of keys 1..num_keys + 5 missing, and is refused without listing them all (a corrupt
+      # 1e9 would take gigabytes).
+      num_keys = len(self.reader.offsets)
+      missing = self.reader.missing(
+          np.arange(1, min(image_end, num_keys + 6), dtype=np.int64))
       if missing.size:
         raise RecordIOError(
             f"{self.idx_path}: the header record (key 0) announces image keys 1..{image_end - 1}, "
             f"but keys {missing[:5].tolist()} are not in the index.")
+      if image_end > 1 and self._is_identity_record(image_end - 1):
+        raise RecordIOError(
+            f"{self.rec_path}: the header record (key 0) announces image keys 1..{image_end - 1}, "
+            f"but key {image_end - 1} is an identity record (labels, no image).")
       # Identity records [N + 1, N + 1 + K), when the header gives their range and they exist
       # (some tools write labels [N + 1, K] and no identity records).
       identity_end = image_end if header.flag < 2 else self._stored_key(
           header.label[1], lambda key: key not in self.reader or not self._is_identity_record(key),
           lowest=image_end)
-      identity_keys = np.arange(image_end, identity_end, dtype=np.int64)
+      # More identity keys than the index holds: some are missing (and not listed, as above).
+      identity_keys = np.arange(image_end, identity_end, dtype=np.int64) if (
+          0 < identity_end - image_end <= num_keys) else np.zeros([0], np.int64)
       if identity_keys.size and not self.reader.missing(identity_keys).size:
+        if not self._is_identity_record(image_end):
+          raise RecordIOError(
+              f"{self.rec_path}: the header record (key 0) announces identity records from key "
+              f"{image_end} on, but key {image_end} is an image record.")
         self._identity_keys = identity_keys
     else:
       self._image_keys = self.reader.key_range or self.reader.keys
@@ -726,6 +744,9 @@ class RecordIOSource:
     42.5M) the writer rounded the key to the nearest float32, and the key is the first one, from
     ``lowest`` on, within that rounding of ``stored`` for which ``is_key`` holds.
     """
+    if not np.isfinite(stored):
+      raise RecordIOError(f"{self.rec_path}: the header record (key 0) has label {stored}, not "
+                          "a record key.")
     rounding = int(np.spacing(np.float32(stored))) // 2
     if not rounding:  # Exact.
       return int(stored)
