@@ -526,7 +526,8 @@ def test_corrupt_header_record_is_refused_naming_the_file(tmp_path):
   # A header label of 1e9 listed a billion image keys (8 GB, minutes) before finding them missing,
   # NaN or inf failed in int() without naming the file, and a header one key short made the last
   # image an "identity record": it was dropped from the images and identity_ranges() failed with a
-  # TypeError. An identity range of 2**40 keys raised MemoryError.
+  # TypeError; one key long took the first identity record for an image, labelled. An identity
+  # range of 2**40 keys raised MemoryError.
   for header in ([1e9, 1e9 + 4], [2.0**40, 2.0**40]):
     rec, _ = _write_image_records(tmp_path, [0, 1], header=header)
     with pytest.raises(recordio.RecordIOError, match=f"{re.escape(rec[:-4])}.idx: the header"):
