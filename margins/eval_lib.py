@@ -126,10 +126,10 @@ def compute_embeddings(experiment, state, source, *, flip: bool, embed_fn,
   return embeddings, norm_sum / max(len(source) * (2 if flip else 1), 1)
 
 
-def open_set_pairs(source, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out identities' verification pairs ``(pairs [P, 2], issame [P])``, the same at every
-  evaluation (:func:`margins.evaluation.make_pairs` of ``source.labels``, seed 0)."""
-  return evaluation.make_pairs(source.labels, num_pairs, seed=0)
+def open_set_pairs(labels: np.ndarray, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+  """The held-out identities' verification pairs ``(pairs [P, 2], issame [P])`` of their
+  ``labels [N]``, the same at every evaluation (:func:`margins.evaluation.make_pairs`, seed 0)."""
+  return evaluation.make_pairs(labels, num_pairs, seed=0)
 
 
 def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def evaluate(experiment, state, eval_sources, *, embed_fn, scores_fn) -> dict[st
     embeddings, xnorm = compute_embeddings(experiment, state, source, flip=eval_config.flip,
                                            embed_fn=embed_fn, with_xnorm=True)
     labels = source.labels
-    pairs, issame = open_set_pairs(source, eval_config.num_pairs)
+    pairs, issame = open_set_pairs(labels, eval_config.num_pairs)
     result = dataclasses.replace(
         evaluation.evaluate_verification(embeddings[pairs.reshape(-1)], issame), xnorm=xnorm)
     return ({**_verification_metrics(result), **evaluation.retrieval_metrics(embeddings, labels)},

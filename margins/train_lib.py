@@ -1017,7 +1017,7 @@ def _check_open_set(config: ml_collections.ConfigDict, eval_sources) -> None:
   the run would fail at its first evaluation, after training)."""
   if "open" in eval_sources:
     try:
-      eval_lib.open_set_pairs(eval_sources["open"], config.eval.num_pairs)
+      eval_lib.open_set_pairs(eval_sources["open"].labels, config.eval.num_pairs)
     except ValueError as error:
       raise ValueError(
           f"config.data's held-out identities ({len(eval_sources['open'])} images) cannot be "
